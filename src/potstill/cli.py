@@ -1,0 +1,128 @@
+"""The `potstill` command line: run, demo, eval, objectives.
+
+A user's mistake (bad recipe, missing file, malformed data line) prints one paragraph and exits with
+code 2, without a traceback. A run that diverges (NaN/inf loss) exits with code 3.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from potstill.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="potstill: distil a large teacher model into a small, fast student.")
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
+                                                     help="override a recipe field, e.g. trainer.max_steps=200")]
+
+
+def _console():
+    from potstill.train.progress import console
+
+    return console
+
+
+def packaged_recipe(name: str) -> Path:
+    """Path of a recipe shipped with potstill (`demo`, `digits`)."""
+    path = Path(str(resources.files("potstill") / "recipes" / f"{name}.yaml"))
+    if not path.is_file():
+        raise UserError(f"no packaged recipe named {name!r}")
+    return path
+
+
+@app.command()
+def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+        set_: SetOption = None,
+        resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+        ) -> None:
+    """Run the distillation a recipe describes; output goes to <output_dir>/<name>/."""
+    from potstill.config import load_recipe
+    from potstill.train import run_recipe
+
+    cfg = load_recipe(recipe, set_ or [])
+    summary = run_recipe(cfg, resume=resume)
+    _print_summary(summary, cfg.run_dir)
+
+
+@app.command()
+def demo(set_: SetOption = None) -> None:
+    """Distil all-MiniLM-L6-v2 into a 2-layer student on BBC News, offline, and report before/after."""
+    from potstill.demo import run_demo
+
+    run_demo(set_ or [])
+
+
+@app.command("eval")
+def eval_(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (holds recipe.yaml and student/)")],
+          ) -> None:
+    """Score a run's saved student against its teacher on the recipe's held-out data."""
+    from potstill.evaluate import evaluate_run
+    from potstill.report import rich_table
+
+    rows = evaluate_run(run_dir)
+    _console().print(rich_table(f"evaluation of {run_dir}", rows))
+
+
+@app.command()
+def objectives() -> None:
+    """List every objective: formula, defaults and the paper it comes from."""
+    from rich.table import Table
+
+    from potstill.losses import OBJECTIVES
+
+    table = Table(title="potstill objectives", show_lines=True)
+    for col in ("name", "signal", "formula", "defaults", "paper"):
+        table.add_column(col, overflow="fold")
+    for info in OBJECTIVES.values():
+        defaults = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
+        table.add_row(info.name, info.kind, info.formula, defaults, info.paper)
+    _console().print(table)
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    if not summary:
+        return
+    from potstill.report import rich_table
+
+    _console().print(rich_table("teacher / student before / student after", summary["table"]))
+    _console().print(f"student saved to {summary['student_dir']}; report: {run_dir / 'report.html'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; maps user mistakes to exit code 2 and divergence to 3."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from potstill.train import TrainingDiverged
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        print(f"potstill: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"potstill: training diverged: {exc}", file=sys.stderr)
+        return 3
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

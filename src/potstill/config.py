@@ -1,0 +1,309 @@
+"""The recipe schema: one YAML file = one distillation run, validated by pydantic.
+
+Every field is documented here; unknown keys are errors with a "did you mean" hint, and every error names
+the recipe file, the line and the field path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from potstill.errors import UserError, did_you_mean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSource(_Strict):
+    """Where records come from: a file (JSONL/CSV/TSV/Parquet), a `datasets` folder, or `builtin:<name>`."""
+
+    path: str = Field(description="file, `datasets` folder, or builtin:digits / builtin:bbc / "
+                      "builtin:bbc-sentences / builtin:lee; relative paths are relative to the recipe")
+    split: str | None = Field(None, description="split of a DatasetDict folder or a builtin dataset")
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="canonical name -> column in the file, e.g. {text: sentence}")
+    limit: int | None = Field(None, ge=1, description="keep only the first N records")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class TeacherConfig(_Strict):
+    path: str | None = Field(None, description="Hugging Face model folder or id (offline), or builtin:minilm")
+    factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module teacher")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
+    weights: str | None = Field(None, description="optional .safetensors/.pt state dict for the factory's module")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.path is None) == (self.factory is None):
+            raise ValueError("give exactly one of teacher.path or teacher.factory")
+        return self
+
+
+class StudentConfig(_Strict):
+    init: Literal["layers_from_teacher", "from_config", "pretrained", "factory"] = Field(
+        "layers_from_teacher", description="how the student is built")
+    layers: list[int] | None = Field(None, description="teacher layers copied into the student (layers_from_teacher)")
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   description="config overrides for from_config, e.g. {num_hidden_layers: 2}")
+    path: str | None = Field(None, description="pretrained student folder (init: pretrained)")
+    factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module (init: factory)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
+
+    @model_validator(mode="after")
+    def _needs(self) -> StudentConfig:
+        need = {"layers_from_teacher": "layers", "pretrained": "path", "factory": "factory"}.get(self.init)
+        if need and getattr(self, need) is None:
+            raise ValueError(f"student.init is {self.init!r}, which needs student.{need}")
+        return self
+
+
+class ObjectiveConfig(_Strict):
+    name: str = Field(description="an objective listed by `potstill objectives`")
+    weight: float = Field(1.0, ge=0, description="weight of this term in the summed loss")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="keyword arguments of the loss, e.g. {temperature: 4}")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from potstill.losses import OBJECTIVES
+
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}{did_you_mean(name, OBJECTIVES)}; "
+                             f"valid: {', '.join(OBJECTIVES)}")
+        return name
+
+
+class DataConfig(_Strict):
+    train: DataSource = Field(description="training records")
+    eval: DataSource | None = Field(None, description="held-out records scored during and after training")
+    max_length: int = Field(128, ge=1, description="token limit for text inputs")
+
+
+class EvalConfig(_Strict):
+    every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0 = only at the end)")
+    compare_before: bool = Field(True, description="also evaluate the untrained student (the 'before' row)")
+    probe_train: DataSource | None = Field(None, description="embedding task: labelled texts to fit a linear probe")
+    probe_test: DataSource | None = Field(None, description="embedding task: labelled texts to score the probe")
+    pairs: DataSource | None = Field(None, description="embedding task: text_a/text_b/score pairs for Spearman "
+                                     "(builtin:lee gives the Lee 50-document ratings)")
+    throughput: bool = Field(True, description="measure teacher and student throughput (interleaved)")
+    batch_size: int = Field(64, ge=1, description="batch size for evaluation and teacher caching")
+
+
+class TrainerConfig(_Strict):
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored if max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(32, ge=1, description="micro-batch size per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps (overrides warmup_ratio)")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="warm-up as a fraction of all steps")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (null = off)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast for both models")
+    log_every: int = Field(10, ge=1, description="write a metrics.jsonl line every N steps")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    hard_label_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on gold labels")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+
+class Recipe(_Strict):
+    """A whole run. See recipes/*.yaml for examples and `potstill run --help`."""
+
+    name: str = Field("run", description="run name: output goes to <output_dir>/<name>/")
+    output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
+    task: Literal["classification", "embedding"] = Field(description="what the models do")
+    seed: int = 0
+    teacher: TeacherConfig
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig
+    objectives: list[ObjectiveConfig] = Field(default_factory=list, description="weighted distillation terms")
+    pooling: Literal["mean", "cls"] = Field("mean", description="embedding task: sentence pooling")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _has_loss(self) -> Recipe:
+        if not self.objectives and self.trainer.hard_label_weight == 0:
+            raise ValueError("no loss: give at least one objective or trainer.hard_label_weight > 0")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ---------------------------------------------------------------- loading, overrides, error messages
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b=c` overrides (values parsed as YAML; list items addressed by index)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.max_steps=200")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set {key}: {'.'.join(parts[:i]) or 'recipe'} is a list of "
+                                    f"{len(node)} items; {part!r} is not a valid index")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise UserError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
+            if last:
+                node[part] = yaml.safe_load(value)
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+    return raw
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """Line (1-based) of the YAML node at `loc`, or of its deepest existing parent."""
+    node, line = root, None
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+            if node is None:
+                # the key itself may exist (error about the key, e.g. an unknown one)
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _key_line(root: yaml.Node | None, loc: tuple) -> int | None:
+    parent = _line_of(root, loc[:-1]) if loc else None
+    node = root
+    for key in loc[:-1]:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return parent
+    if isinstance(node, yaml.MappingNode):
+        for k, _ in node.value:
+            if k.value == str(loc[-1]):
+                return k.start_mark.line + 1
+    return parent
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names allowed at `loc` (the parent of an unknown key)."""
+    model: Any = Recipe
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        ann = field.annotation
+        for candidate in (ann, *getattr(ann, "__args__", ())):
+            inner = getattr(candidate, "__args__", ())
+            for c in (candidate, *inner):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    model = c
+                    break
+            else:
+                continue
+            break
+    return list(getattr(model, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in ("function-after", "function-before"))
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function")))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            hint = did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))
+            msg = f"unknown key {str(loc[-1])!r}{hint}"
+            line = _key_line(root, loc)
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] not in ("missing", "value_error") and "input" in e:
+                msg += f" (got {e['input']!r})"
+            line = _line_of(root, loc) if e["type"] != "missing" else _line_of(root, loc[:-1])
+        where = f"{source}, line {line}" if line else source
+        lines.append(f"{where}: field {path}: {msg}")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every problem becomes a `UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{where}: not valid YAML ({problem})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping (key: value lines), got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    recipe = validate_recipe(raw, source=str(path), root=root)
+    recipe_dir = path.resolve().parent
+    _resolve_relative(recipe, recipe_dir)
+    return recipe
+
+
+def validate_recipe(raw: dict, *, source: str = "recipe", root: yaml.Node | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, source, root)) from None
+
+
+def _resolve_relative(recipe: Recipe, base: Path) -> None:
+    """Data and weight paths in a recipe are relative to the recipe's folder."""
+
+    def fix(p: str | None) -> str | None:
+        if p is None or p.startswith("builtin:") or Path(p).is_absolute():
+            return p
+        candidate = base / p
+        return str(candidate) if candidate.exists() or not Path(p).exists() else p
+
+    for src in (recipe.data.train, recipe.data.eval, recipe.eval.probe_train, recipe.eval.probe_test,
+                recipe.eval.pairs):
+        if src is not None:
+            src.path = fix(src.path)
+    recipe.teacher.weights = fix(recipe.teacher.weights)
+    if recipe.teacher.path and (base / recipe.teacher.path).exists():
+        recipe.teacher.path = str(base / recipe.teacher.path)
+    if recipe.student.path and (base / recipe.student.path).exists():
+        recipe.student.path = str(base / recipe.student.path)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

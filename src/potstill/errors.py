@@ -1,0 +1,22 @@
+"""Errors that are the user's mistake, not a bug.
+
+The CLI prints a `UserError` as one paragraph and exits with code 2, without a traceback. Everything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input: recipe, data file, CLI argument, missing asset.
+
+    The message must name the file / line / field at fault and say what was expected.
+    """
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
+    """Return ' (did you mean "x"?)' for the closest choice, or '' when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""

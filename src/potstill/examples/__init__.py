@@ -1,0 +1,1 @@
+"""Small, self-contained models used by the bundled recipes and tests."""

@@ -1,0 +1,138 @@
+"""The catalogue of distillation objectives, listed by `potstill objectives`."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .divergences import (
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    soft_cross_entropy,
+    tvd,
+)
+from .embedding import embedding_cosine, embedding_mse
+from .ranking import listwise_kl, margin_mse
+
+KINDS = ("logits", "scores", "embedding")
+
+
+@dataclass(frozen=True)
+class ObjectiveInfo:
+    """One objective: its function, the task signal it consumes (`kind`), formula, defaults and paper."""
+
+    name: str
+    fn: Callable
+    kind: str
+    formula: str
+    defaults: dict
+    paper: str
+    notes: str = ""
+
+
+_DATA_ARGS = ("mask", "labels")
+
+
+def _defaults(fn: Callable) -> dict:
+    params = inspect.signature(fn).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _DATA_ARGS
+    }
+
+
+def _entry(fn: Callable, kind: str, formula: str, paper: str, notes: str = "") -> ObjectiveInfo:
+    return ObjectiveInfo(fn.__name__, fn, kind, formula, _defaults(fn), paper, notes)
+
+
+_HINTON = 'Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"'
+_DISTILLM = 'Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large Language Models"'
+
+OBJECTIVES: dict[str, ObjectiveInfo] = {
+    info.name: info
+    for info in (
+        _entry(
+            forward_kl,
+            "logits",
+            "KL(p_t ‖ p_s) = Σ p_t (log p_t − log p_s), p = softmax(z/T)",
+            _HINTON,
+            "true KL (0 at a perfect match); scale_t2=True gives the usual T²-scaled KD loss",
+        ),
+        _entry(
+            reverse_kl,
+            "logits",
+            "KL(p_s ‖ p_t) = Σ p_s (log p_s − log p_t)",
+            'Gu et al. 2024, "MiniLLM: Knowledge Distillation of Large Language Models"',
+            "mode-seeking",
+        ),
+        _entry(
+            soft_cross_entropy,
+            "logits",
+            "H(p_t, p_s) = −Σ p_t log p_s",
+            _HINTON,
+            'the "KD" loss of TextBrewer / DistiLLM; equals forward_kl + teacher entropy',
+        ),
+        _entry(
+            generalized_jsd,
+            "logits",
+            "β·KL(p_t ‖ m) + (1−β)·KL(p_s ‖ m), m = β·p_t + (1−β)·p_s",
+            'Agarwal et al. 2024, "On-Policy Distillation of Language Models" (GKD)',
+            "β = 0 is forward_kl and β = 1 is reverse_kl (TRL's convention)",
+        ),
+        _entry(skew_kl, "logits", "KL(p_t ‖ α·p_t + (1−α)·p_s)", _DISTILLM, "α = 0 is forward_kl"),
+        _entry(skew_reverse_kl, "logits", "KL(p_s ‖ (1−α)·p_t + α·p_s)", _DISTILLM, "α = 0 is reverse_kl"),
+        _entry(
+            tvd,
+            "logits",
+            "½ Σ |p_t − p_s|",
+            'Wen et al. 2023, "f-Divergence Minimization for Sequence-Level Knowledge Distillation"',
+            "bounded in [0, 1]",
+        ),
+        _entry(
+            margin_mse,
+            "scores",
+            "mean over negatives of ((s⁺ − s⁻) − (t⁺ − t⁻))²",
+            "Hofstätter et al. 2020, "
+            '"Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge Distillation"',
+            "negatives (B,) or (B, N)",
+        ),
+        _entry(
+            listwise_kl,
+            "scores",
+            "KL(softmax(t/T) ‖ softmax(s/T)) over each query's candidates",
+            "RocketQAv2 (Ren et al. 2021) / sentence-transformers DistillKLDivLoss",
+            "mask (B, N) for candidates or (B,) for queries; T² only with scale_t2",
+        ),
+        _entry(
+            embedding_mse,
+            "embedding",
+            "(1/D) Σ (s − t)²",
+            "Reimers & Gurevych 2020, "
+            '"Making Monolingual Sentence Embeddings Multilingual using Knowledge Distillation"',
+            "normalize=True compares unit vectors; different D needs a projection",
+        ),
+        _entry(
+            embedding_cosine,
+            "embedding",
+            "1 − cos(s, t)",
+            "cosine embedding loss as used by DistilBERT (Sanh et al. 2019)",
+            "different D needs a projection",
+        ),
+    )
+}
+
+
+def get_objective(name: str) -> ObjectiveInfo:
+    """The catalogue entry called `name`; KeyError with a did-you-mean hint and the valid names otherwise."""
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(OBJECTIVES), n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        raise KeyError(f"unknown objective {name!r}{hint}; valid names: {', '.join(OBJECTIVES)}") from None

@@ -1,0 +1,91 @@
+"""Save students so they load without potstill: a Hugging Face folder or a sentence-transformers one."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from potstill.errors import did_you_mean
+from potstill.io import atomic_dir
+
+POOLING_MODES = ("mean", "cls", "max", "lasttoken")
+
+
+def _base_model(model: Any) -> Any:
+    """The bare encoder of a task model (BertForMaskedLM -> BertModel); the model itself otherwise."""
+    base = getattr(model, "base_model", None)
+    return base if base is not None else model
+
+
+def save_hf_student(model: Any, tokenizer: Any, path: str | os.PathLike) -> Path:
+    """`save_pretrained` the model (safetensors) and the tokenizer into `path`, replacing it atomically.
+
+    The folder loads with ``AutoModel*.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)``.
+    `tokenizer` may be None.
+    """
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return path
+
+
+def _st_modules():
+    try:  # sentence-transformers >= 5.4 / 6.x
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # older releases
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    return Transformer, Pooling, Normalize
+
+
+def save_sentence_transformer(
+    model: Any,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    *,
+    pooling: str = "mean",
+    normalize: bool = False,
+    max_seq_length: int | None = None,
+) -> Path:
+    """Write a full sentence-transformers folder (Transformer + Pooling (+ Normalize)) to `path` atomically.
+
+    ``SentenceTransformer(str(path))`` loads it without potstill and its embeddings are the `pooling` of the
+    encoder's last hidden states ("mean": average over attention-mask tokens; "cls": the first token),
+    L2-normalised when `normalize`. A task model (e.g. ``BertForMaskedLM``) is saved as its bare encoder.
+    A tokenizer without a pad token gets its EOS token as pad token (in the saved copy only).
+    """
+    if pooling not in POOLING_MODES:
+        raise ValueError(
+            f"unknown pooling {pooling!r}{did_you_mean(str(pooling), POOLING_MODES)}; "
+            f"choose one of {', '.join(POOLING_MODES)}"
+        )
+    if tokenizer is None:
+        raise ValueError("save_sentence_transformer needs the tokenizer")
+    from sentence_transformers import SentenceTransformer
+
+    Transformer, Pooling, Normalize = _st_modules()
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+
+    path = Path(path)
+    encoder = _base_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.hf.", dir=path.parent) as staging:
+        encoder.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        transformer = Transformer(staging, max_seq_length=max_seq_length)
+        dim = getattr(encoder.config, "hidden_size", None)
+        if dim is None:
+            dim = transformer.get_embedding_dimension()
+        modules = [transformer, Pooling(dim, pooling_mode=pooling)]
+        if normalize:
+            modules.append(Normalize())
+        st_model = SentenceTransformer(modules=modules, device="cpu")
+        with atomic_dir(path) as tmp:
+            st_model.save(str(tmp), create_model_card=False)
+    return path

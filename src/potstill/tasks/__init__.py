@@ -1,0 +1,24 @@
+"""Task adapters: one per kind of model output. The loop knows tasks only through `Task`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from potstill.config import Recipe
+from potstill.tasks.base import Task
+
+
+def build_task(recipe: Recipe, *, run_dir: Path, device: torch.device | str = "cpu") -> Task:
+    """The task adapter named by `recipe.task`."""
+    if recipe.task == "classification":
+        from potstill.tasks.classification import ClassificationTask
+
+        return ClassificationTask(recipe, run_dir=run_dir, device=device)
+    from potstill.tasks.embedding import EmbeddingTask
+
+    return EmbeddingTask(recipe, run_dir=run_dir, device=device)
+
+
+__all__ = ["Task", "build_task"]

@@ -1,0 +1,86 @@
+"""The task adapter: everything the Distiller loop knows about models and data goes through it.
+
+A task turns records into batches, runs the teacher and the student on a batch, says which rows of the
+batch count, scores a model, and saves the student in its native format. The loop itself is task-agnostic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from potstill.config import DataSource, Recipe
+from potstill.data import load_source
+from potstill.errors import UserError
+
+
+class Task(ABC):
+    """Base class of task adapters (`classification`, `embedding`, ...).
+
+    Subclasses set `signal_kind` to the kind of objective they feed ("logits", "embedding", "scores").
+    """
+
+    signal_kind: str = ""
+    name: str = ""
+
+    def __init__(self, recipe: Recipe, *, run_dir: Path, device: torch.device | str = "cpu") -> None:
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device)
+        self.teacher: torch.nn.Module | None = None
+        self.student: torch.nn.Module | None = None
+        self.train_records: list[dict] = []
+        self.eval_records: list[dict] = []
+
+    # ---- set-up
+    @abstractmethod
+    def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
+        """Load data, teacher and student. `barrier` syncs processes around one-time work (caches)."""
+
+    def load(self, source: DataSource, *, required: tuple[str, ...] = ()) -> list[dict]:
+        return load_source(source.path, columns=source.columns or None, required=required, split=source.split,
+                           limit=source.limit)
+
+    # ---- per batch
+    @abstractmethod
+    def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
+        """Tensors for one micro-batch; `indices` are the records' positions in `train_records`."""
+
+    @abstractmethod
+    def count_rows(self, batch: dict[str, Any]) -> int:
+        """Rows of the batch that count in the loss (samples, sentences or tokens)."""
+
+    @abstractmethod
+    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The teacher's signal for the batch (no autograd)."""
+
+    @abstractmethod
+    def student_signal(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The student's signal for the batch, with autograd."""
+
+    def signal_mask(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        return None
+
+    def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Summed cross-entropy on gold labels (normalised by the loop)."""
+        raise UserError(f"trainer.hard_label_weight > 0 needs gold labels, which the {self.name} task has not")
+
+    # ---- evaluation and output
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module, *, role: str = "student") -> dict[str, float]:
+        """Metrics of `model` on the held-out data; `role` is "teacher" or "student"."""
+
+    def measure(self, student: torch.nn.Module) -> dict[str, dict[str, float]]:
+        """Size and speed of teacher and student: {"teacher": {...}, "student": {...}}."""
+        return {}
+
+    @abstractmethod
+    def save_student(self, model: torch.nn.Module, path: Path) -> None:
+        """Save the student so that it loads without potstill."""
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}

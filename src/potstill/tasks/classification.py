@@ -1,0 +1,170 @@
+"""Classification: teacher and student map an input to class logits.
+
+Inputs are text (`text`, optional `text_pair`) for Hugging Face sequence classifiers, or a numeric
+`features` vector for any `torch.nn.Module` that returns logits. Gold `label`s are optional for training
+(pure distillation) and used for the hard-label loss and for accuracy / macro-F1.
+Metrics: accuracy, macro-F1, teacher–student top-1 agreement; size and throughput (samples/s).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from potstill.errors import UserError
+from potstill.eval import classification_metrics, compare_throughput, count_parameters
+from potstill.io import atomic_dir, atomic_write_json
+from potstill.tasks.base import Task
+from potstill.tasks.models import build_student, load_factory_teacher, load_hf_teacher
+
+
+class ClassificationTask(Task):
+    signal_kind = "logits"
+    name = "classification"
+
+    def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
+        r = self.recipe
+        self.hf = r.teacher.path is not None
+        if self.hf:
+            from transformers import AutoModelForSequenceClassification
+
+            self.teacher, self.tokenizer = load_hf_teacher(r.teacher.path, AutoModelForSequenceClassification)
+        else:
+            self.teacher, self.tokenizer = load_factory_teacher(r.teacher), None
+        self.teacher.to(self.device)
+        self.student = build_student(r.student, self.teacher, field_prefix="student")
+        inputs = ("text",) if self.hf else ("features",)
+        self.train_records = self.load(r.data.train, required=inputs)
+        self.eval_records = self.load(r.data.eval, required=inputs) if r.data.eval else []
+        self.label_ids = self._label_vocabulary(self.train_records + self.eval_records)
+        self._eval_cache: dict[str, Any] | None = None
+
+    # ---- labels
+    def _label_vocabulary(self, records: list[dict]) -> dict[Any, int] | None:
+        labels = {rec["label"] for rec in records if rec.get("label") is not None}
+        if not labels:
+            return None
+        config_map = getattr(getattr(self.teacher, "config", None), "label2id", None) or {}
+        if config_map and not all(str(k).startswith("LABEL_") for k in config_map):
+            unknown = sorted(str(x) for x in labels if x not in config_map)
+            if unknown:
+                raise UserError(f"data: labels {unknown[:5]} are not among the teacher's labels "
+                                f"{sorted(config_map)}")
+            return dict(config_map)
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+            return {x: x for x in labels}
+        return {x: i for i, x in enumerate(sorted(labels, key=str))}
+
+    def _label_tensor(self, records: list[dict]) -> torch.Tensor | None:
+        if self.label_ids is None:
+            return None
+        return torch.tensor([self.label_ids[rec["label"]] if rec.get("label") is not None else -100
+                             for rec in records], dtype=torch.long)
+
+    # ---- batches
+    def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
+        if self.hf:
+            texts = [rec["text"] for rec in records]
+            pairs = [rec["text_pair"] for rec in records] if "text_pair" in records[0] else None
+            batch: dict[str, Any] = dict(self.tokenizer(texts, pairs, padding=True, truncation=True,
+                                                        max_length=self.recipe.data.max_length,
+                                                        return_tensors="pt"))
+        else:
+            batch = {"features": torch.tensor([rec["features"] for rec in records], dtype=torch.float32)}
+        labels = self._label_tensor(records)
+        if labels is not None:
+            batch["labels"] = labels
+        batch["index"] = torch.tensor(indices)
+        return batch
+
+    def count_rows(self, batch: dict[str, Any]) -> int:
+        return int(batch["index"].numel())
+
+    def _forward(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        if self.hf:
+            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            return model(**inputs).logits
+        out = model(batch["features"])
+        return out.logits if hasattr(out, "logits") else out
+
+    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
+        from potstill.teachers import teacher_outputs
+
+        return teacher_outputs(self._forward, self.teacher, batch)
+
+    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return self._forward(model, batch)
+
+    def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        if "labels" not in batch:
+            raise UserError("trainer.hard_label_weight > 0 needs a 'label' column in data.train")
+        return nn.functional.cross_entropy(student_signal.float(), batch["labels"], reduction="sum",
+                                           ignore_index=-100)
+
+    # ---- evaluation
+    def _logits(self, model: nn.Module, records: list[dict]) -> torch.Tensor:
+        bs = self.recipe.eval.batch_size
+        was_training = model.training
+        model.eval()
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(records), bs):
+                batch = self.to_device(self.collate(records[i:i + bs], list(range(i, i + len(records[i:i + bs])))))
+                out.append(self._forward(model, batch).float().cpu())
+        model.train(was_training)
+        return torch.cat(out)
+
+    def evaluate(self, model: nn.Module, *, role: str = "student") -> dict[str, float]:
+        if not self.eval_records:
+            return {}
+        if self._eval_cache is None:
+            self._eval_cache = {"teacher": self._logits(self.teacher, self.eval_records),
+                                "labels": self._label_tensor(self.eval_records)}
+        logits = self._eval_cache["teacher"] if role == "teacher" else self._logits(model, self.eval_records)
+        labels = self._eval_cache["labels"]
+        if labels is not None and (labels == -100).any():
+            keep = labels != -100
+            metrics = classification_metrics(logits[keep], labels=labels[keep])
+            metrics["agreement"] = classification_metrics(logits, teacher_logits=self._eval_cache["teacher"])[
+                "agreement"]
+            return metrics
+        return classification_metrics(logits, labels=labels, teacher_logits=self._eval_cache["teacher"])
+
+    def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
+        records = self.eval_records or self.train_records
+        records = records[:512]
+        bs = self.recipe.eval.batch_size
+
+        def runner(model: nn.Module):
+            model.eval()
+
+            def run(chunk: list[dict]) -> Any:
+                return self._forward(model, self.to_device(self.collate(chunk, list(range(len(chunk))))))
+
+            return run
+
+        was_training = student.training
+        speed = compare_throughput({"teacher": runner(self.teacher), "student": runner(student)}, records,
+                                   batch_size=bs, rounds=3, min_seconds=0.5)
+        student.train(was_training)
+        return {role: {"params": count_parameters(m), "samples_per_s": speed[role]}
+                for role, m in (("teacher", self.teacher), ("student", student))}
+
+    # ---- output
+    def save_student(self, model: nn.Module, path: Path) -> None:
+        if hasattr(model, "save_pretrained"):
+            from potstill.students import save_hf_student
+
+            save_hf_student(model, self.tokenizer, path)
+            return
+        from safetensors.torch import save_file
+
+        with atomic_dir(path) as tmp:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            atomic_write_json(tmp / "potstill_student.json", {
+                "factory": self.recipe.student.factory, "kwargs": self.recipe.student.kwargs,
+                "labels": {str(k): v for k, v in (self.label_ids or {}).items()}})

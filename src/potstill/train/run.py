@@ -1,0 +1,55 @@
+"""From a validated recipe to a finished run folder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from potstill.config import Recipe, dump_recipe
+from potstill.errors import UserError
+from potstill.losses import get_objective
+from potstill.tasks import build_task
+from potstill.train.distiller import Distiller, Objective
+
+TASK_SIGNALS = {"classification": "logits", "embedding": "embedding"}
+
+
+def build_objectives(recipe: Recipe) -> list[Objective]:
+    """Objectives of the recipe, checked against what the task's signals can feed."""
+    import inspect
+
+    kind = TASK_SIGNALS[recipe.task]
+    objectives = []
+    for i, cfg in enumerate(recipe.objectives):
+        info = get_objective(cfg.name)
+        if info.kind != kind:
+            raise UserError(f"field objectives.{i}.name: {cfg.name!r} compares {info.kind}, but the {recipe.task} "
+                            f"task gives {kind}; see `potstill objectives`")
+        accepted = set(inspect.signature(info.fn).parameters)
+        for key in cfg.params:
+            if key not in accepted or key in ("mask", "reduction", "labels"):
+                from potstill.errors import did_you_mean
+
+                valid = sorted(accepted - {"mask", "reduction", "labels"} - set(list(accepted)[:2]))
+                raise UserError(f"field objectives.{i}.params.{key}: {cfg.name} has no parameter {key!r}"
+                                f"{did_you_mean(key, valid)}; valid: {', '.join(valid)}")
+        objectives.append(Objective(name=cfg.name, fn=info.fn, weight=cfg.weight, params=dict(cfg.params)))
+    return objectives
+
+
+def run_recipe(recipe: Recipe, *, resume: bool = False, accelerator: Any = None) -> dict[str, Any]:
+    """Train the student a recipe describes; returns the run summary (also in `<run>/summary.json`)."""
+    task = build_task(recipe, run_dir=recipe.run_dir)
+    distiller = Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir, seed=recipe.seed,
+                          eval_config=recipe.eval, recipe_text=dump_recipe(recipe), accelerator=accelerator)
+    summary = distiller.fit(resume=resume)
+    if distiller.is_main:
+        from potstill.report import write_report
+
+        write_report(recipe.run_dir, title=f"potstill run: {recipe.name}",
+                     tables=[("teacher / student before / student after", summary["table"])],
+                     summary={k: v for k, v in summary.items() if k != "table"},
+                     notes=[f"task: {recipe.task}", "objectives: " + ", ".join(
+                         f"{o.weight:g}·{o.name}({', '.join(f'{k}={v}' for k, v in o.params.items())})"
+                         for o in recipe.objectives) + (f" + {recipe.trainer.hard_label_weight:g}·hard-label CE"
+                                                        if recipe.trainer.hard_label_weight else "")])
+    return summary
