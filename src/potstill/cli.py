@@ -29,6 +29,13 @@ def _console():
     return console
 
 
+def _quiet_transformers() -> None:
+    """transformers' per-load tqdm bars drown the run's own progress; potstill shows its own."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def packaged_recipe(name: str) -> Path:
     """Path of a recipe shipped with potstill (`demo`, `digits`)."""
     path = Path(str(resources.files("potstill") / "recipes" / f"{name}.yaml"))
@@ -47,6 +54,7 @@ def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
     from potstill.train import run_recipe
 
     cfg = load_recipe(recipe, set_ or [])
+    _quiet_transformers()
     summary = run_recipe(cfg, resume=resume)
     _print_summary(summary, cfg.run_dir)
 
@@ -56,6 +64,7 @@ def demo(set_: SetOption = None) -> None:
     """Distil all-MiniLM-L6-v2 into a 2-layer student on BBC News, offline, and report before/after."""
     from potstill.demo import run_demo
 
+    _quiet_transformers()
     run_demo(set_ or [])
 
 
@@ -66,6 +75,7 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (h
     from potstill.evaluate import evaluate_run
     from potstill.report import rich_table
 
+    _quiet_transformers()
     rows = evaluate_run(run_dir)
     _console().print(rich_table(f"evaluation of {run_dir}", rows))
 
@@ -73,17 +83,18 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (h
 @app.command()
 def objectives() -> None:
     """List every objective: formula, defaults and the paper it comes from."""
-    from rich.table import Table
-
     from potstill.losses import OBJECTIVES
 
-    table = Table(title="potstill objectives", show_lines=True)
-    for col in ("name", "signal", "formula", "defaults", "paper"):
-        table.add_column(col, overflow="fold")
+    console = _console()
     for info in OBJECTIVES.values():
         defaults = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
-        table.add_row(info.name, info.kind, info.formula, defaults, info.paper)
-    _console().print(table)
+        console.print(f"[bold]{info.name}[/bold]  [dim]({info.kind})[/dim]", highlight=False)
+        console.print(f"  {info.formula}", highlight=False, markup=False)
+        console.print(f"  defaults: {defaults}", highlight=False, markup=False)
+        console.print(f"  paper: {info.paper}", highlight=False, markup=False)
+        if info.notes:
+            console.print(f"  note: {info.notes}", highlight=False, markup=False)
+        console.print()
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point; maps user mistakes to exit code 2 and divergence to 3."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from potstill.train import TrainingDiverged
 
     try:

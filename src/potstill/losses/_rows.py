@@ -7,6 +7,8 @@ the counted rows only, in one pass or `chunk_size` rows at a time, and reduces t
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -24,14 +26,18 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
-        raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+    if not _is_real(temperature) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
     return float(temperature)
 
 
 def check_weight(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+    if not _is_real(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return float(value)
 

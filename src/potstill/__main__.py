@@ -1,0 +1,5 @@
+import sys
+
+from potstill.cli import main
+
+sys.exit(main())

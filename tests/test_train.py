@@ -1,0 +1,211 @@
+"""The Distiller loop: accumulation equivalence, kill-and-resume, NaN guard, schedules, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import POTSTILL, REPO, write_yaml
+from safetensors.torch import load_file
+
+from potstill.config import validate_recipe
+from potstill.tasks import build_task
+from potstill.train import Distiller, TrainingDiverged, build_objectives, run_recipe
+from potstill.train import checkpoint as ckpt
+from potstill.train.distiller import lr_lambda
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+def test_accumulation_equivalence(digits_recipe):
+    """Batch 8 × accumulation 1 and batch 4 × accumulation 2 make the same updates."""
+    a = dict(digits_recipe, name="a", trainer={**digits_recipe["trainer"], "batch_size": 8, "grad_accum": 1})
+    b = dict(digits_recipe, name="b", trainer={**digits_recipe["trainer"], "batch_size": 4, "grad_accum": 2})
+    # a hard-label term too: both objectives and the CE go through the same normalisation
+    for raw in (a, b):
+        raw["trainer"]["hard_label_weight"] = 0.5
+    ra, rb = validate_recipe(a), validate_recipe(b)
+    run_recipe(ra)
+    run_recipe(rb)
+    wa, wb = _weights(ra.run_dir), _weights(rb.run_dir)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    # and training moved the weights at all (the test would be vacuous otherwise)
+    c = validate_recipe(dict(a, name="c", trainer={**a["trainer"], "max_steps": 1}))
+    run_recipe(c)
+    assert not torch.allclose(_weights(c.run_dir)["0.weight"], wa["0.weight"])
+
+
+def test_outputs_and_metrics(digits_recipe):
+    raw = dict(digits_recipe, eval={"compare_before": True, "throughput": True, "every": 5})
+    recipe = validate_recipe(raw)
+    summary = run_recipe(recipe)
+    run = recipe.run_dir
+    for name in ("summary.json", "metrics.jsonl", "report.html", "loss_curve.png", "recipe.yaml"):
+        assert (run / name).is_file(), name
+    assert [row["model"] for row in summary["table"]] == ["teacher", "student (before)", "student (after)"]
+    after = summary["table"][-1]
+    assert {"accuracy", "macro_f1", "agreement", "params", "samples_per_s"} <= after.keys()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [x["step"] for x in lines if "loss" in x]
+    assert train_steps == list(range(1, 11))
+    assert any("eval/accuracy" in x and x["step"] == 5 for x in lines)
+    assert all(math.isfinite(x["loss"]) and "obj/forward_kl" in x and "lr" in x for x in lines if "loss" in x)
+    # one checkpoint at the end, loadable
+    found = ckpt.list_checkpoints(run / "checkpoints")
+    assert [s for s, _ in found] == [10]
+
+
+def test_keep_last_checkpoints(digits_recipe):
+    raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 12, "save_every": 2,
+                                       "keep_last": 3})
+    recipe = validate_recipe(raw)
+    run_recipe(recipe)
+    steps = [s for s, _ in ckpt.list_checkpoints(recipe.run_dir / "checkpoints")]
+    assert steps == [8, 10, 12]
+    assert not [p for p in (recipe.run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_in_process_matches_uninterrupted(digits_recipe):
+    """Interrupt at step 8 (checkpoint at 6), resume: same weights and log as 12 straight steps."""
+    base = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 12, "save_every": 3})
+    straight = validate_recipe(dict(base, name="straight"))
+    run_recipe(straight)
+
+    halted = validate_recipe(dict(base, name="halted"))
+    task = build_task(halted, run_dir=halted.run_dir)
+    distiller = Distiller(task, build_objectives(halted), halted.trainer, run_dir=halted.run_dir,
+                          eval_config=halted.eval)
+    calls = {"n": 0}
+    original = task.teacher_signal
+
+    def interrupted(batch):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise _Interrupt
+        return original(batch)
+
+    task.teacher_signal = interrupted
+    with pytest.raises(_Interrupt):
+        distiller.fit()
+    assert [s for s, _ in ckpt.list_checkpoints(halted.run_dir / "checkpoints")] == [3, 6]
+    run_recipe(halted, resume=True)
+    wa, wb = _weights(straight.run_dir), _weights(halted.run_dir)
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    log_a = [json.loads(x) for x in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (halted.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["loss"]) for x in log_a if "loss" in x] == [(x["step"], x["loss"]) for x in log_b
+                                                                        if "loss" in x]
+
+
+def _run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
+    return subprocess.run(POTSTILL + args, capture_output=True, text=True, env=env, cwd=REPO, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_identical_weights(digits_recipe, tmp_path):
+    """Kill a real training process with SIGKILL at random moments; resuming ends with identical weights."""
+    raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 400, "save_every": 25,
+                                       "keep_last": 2, "log_every": 5})
+    ref = write_yaml(tmp_path / "ref.yaml", dict(raw, name="ref"))
+    victim = write_yaml(tmp_path / "victim.yaml", dict(raw, name="victim"))
+    done = _run_cli(["run", str(ref)])
+    assert done.returncode == 0, done.stderr
+    runs = Path(raw["output_dir"])
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(3):
+        args = POTSTILL + ["run", str(victim)] + (["--resume"] if attempt else [])
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+        # wait until this attempt has written a new checkpoint, then kill at a random moment
+        start_steps = {s for s, _ in ckpt.list_checkpoints(runs / "victim" / "checkpoints")}
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            steps = {s for s, _ in ckpt.list_checkpoints(runs / "victim" / "checkpoints")}
+            if steps - start_steps:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    finished = _run_cli(["run", str(victim), "--resume"])
+    assert finished.returncode == 0, finished.stderr
+    wa, wb = _weights(runs / "ref"), _weights(runs / "victim")
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    ref_log = [json.loads(x) for x in (runs / "ref" / "metrics.jsonl").read_text().splitlines()]
+    victim_log = [json.loads(x) for x in (runs / "victim" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in ref_log if "loss" in x] == [x["loss"] for x in victim_log if "loss" in x]
+
+
+def test_nan_guard_names_step_and_objective(digits_recipe):
+    raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 12, "save_every": 5})
+    recipe = validate_recipe(raw)
+    task = build_task(recipe, run_dir=recipe.run_dir)
+    distiller = Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir,
+                          eval_config=recipe.eval)
+    calls = {"n": 0}
+    original = task.teacher_signal
+
+    def poisoned(batch):
+        calls["n"] += 1
+        out = original(batch)
+        return out * float("nan") if calls["n"] == 7 else out
+
+    task.teacher_signal = poisoned
+    with pytest.raises(TrainingDiverged, match=r"step 7 in objective 'forward_kl'") as info:
+        distiller.fit()
+    assert "step-00000005" in str(info.value)
+    steps = [s for s, _ in ckpt.list_checkpoints(recipe.run_dir / "checkpoints")]
+    assert steps == [5]
+    state = load_file(str(recipe.run_dir / "checkpoints" / "step-00000005" / "student.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_nan_guard_cli_exit_code(digits_recipe, tmp_path):
+    raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "lr": 1e30, "max_grad_norm": None,
+                                       "max_steps": 30})
+    path = write_yaml(tmp_path / "r.yaml", raw)
+    out = _run_cli(["run", str(path)])
+    assert out.returncode == 3, out.stderr
+    assert "training diverged" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_lr_schedules():
+    cos = lr_lambda("cosine", warmup=2, total=10)
+    assert cos(0) == pytest.approx(1 / 3) and cos(1) == pytest.approx(2 / 3)
+    assert cos(2) == pytest.approx(1.0) and cos(10) == pytest.approx(0.0, abs=1e-12)
+    lin = lr_lambda("linear", warmup=0, total=4)
+    assert [lin(s) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert lr_lambda("constant", warmup=0, total=4)(3) == 1.0
+
+
+def test_too_little_data_is_a_user_error(digits_recipe):
+    from potstill.errors import UserError
+
+    raw = dict(digits_recipe, data={**digits_recipe["data"], "train": {"path": "builtin:digits", "split": "train",
+                                                                       "limit": 4}})
+    with pytest.raises(UserError, match="fewer than trainer.batch_size"):
+        run_recipe(validate_recipe(raw))
