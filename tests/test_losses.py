@@ -39,13 +39,20 @@ REDUCTIONS = ["mean", "sum", "none"]
 SHAPES = [(6, 11), (3, 5, 17), (23,)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads only add contention on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p * (p.log() - q.log())).sum(-1)
 
 
-def reference_rows(
-    name: str, s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0, **kw
-) -> torch.Tensor:
+def reference_rows(name: str, s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0, **kw) -> torch.Tensor:
     """Per-row divergence in float64 from plain softmax / log."""
     p_s = torch.softmax(s.double() / temperature, -1)
     p_t = torch.softmax(t.double() / temperature, -1)
@@ -173,12 +180,8 @@ def test_soft_cross_entropy_minus_forward_kl_is_teacher_entropy():
 def test_generalized_jsd_endpoints_are_forward_and_reverse_kl_exactly():
     s, t = logits_pair((4, 9, 21), seed=8)
     for reduction in REDUCTIONS:
-        assert torch.equal(
-            generalized_jsd(s, t, beta=0.0, reduction=reduction), forward_kl(s, t, reduction=reduction)
-        )
-        assert torch.equal(
-            generalized_jsd(s, t, beta=1.0, reduction=reduction), reverse_kl(s, t, reduction=reduction)
-        )
+        assert torch.equal(generalized_jsd(s, t, beta=0.0, reduction=reduction), forward_kl(s, t, reduction=reduction))
+        assert torch.equal(generalized_jsd(s, t, beta=1.0, reduction=reduction), reverse_kl(s, t, reduction=reduction))
 
 
 def test_generalized_jsd_half_is_symmetric_and_bounded():
@@ -294,9 +297,7 @@ def test_chunked_equals_unchunked(name, reduction, masked):
     mask = random_mask((5, 7), seed=19) if masked else None
     want = _value_and_grads(fn, s, t, mask=mask, reduction=reduction, temperature=1.5, **kw)
     for chunk_size in (4, 35, 1000):
-        got = _value_and_grads(
-            fn, s, t, mask=mask, reduction=reduction, temperature=1.5, chunk_size=chunk_size, **kw
-        )
+        got = _value_and_grads(fn, s, t, mask=mask, reduction=reduction, temperature=1.5, chunk_size=chunk_size, **kw)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 

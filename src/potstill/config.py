@@ -128,7 +128,7 @@ class Recipe(_Strict):
     task: Literal["classification", "embedding"] = Field(description="what the models do")
     seed: int = 0
     teacher: TeacherConfig
-    student: StudentConfig = Field(default_factory=StudentConfig)
+    student: StudentConfig = Field(description="how the student is built")
     data: DataConfig
     objectives: list[ObjectiveConfig] = Field(default_factory=list, description="weighted distillation terms")
     pooling: Literal["mean", "cls"] = Field("mean", description="embedding task: sentence pooling")

@@ -67,6 +67,15 @@ class Objective:
         return cls(name=name, fn=get_objective(name).fn, weight=weight, params=params)
 
 
+def _multi_process_without_accelerator() -> bool:
+    """Launched as several processes (torchrun / `accelerate launch --multi_gpu`) on a machine with no GPU:
+    Accelerate then needs `cpu=True` to form a gloo process group instead of running N lone copies."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    has_accelerator = getattr(torch, "accelerator", None)
+    return not (has_accelerator.is_available() if has_accelerator else torch.cuda.is_available())
+
+
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rate after `step` optimizer steps: linear warm-up, then decay to 0."""
 
@@ -107,7 +116,8 @@ class Distiller:
         self.eval_cfg = eval_config or EvalConfig()
         self.run_dir, self.seed, self.recipe_text = Path(run_dir), seed, recipe_text
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.accelerator = accelerator or Accelerator(mixed_precision=trainer.mixed_precision)
+        self.accelerator = accelerator or Accelerator(mixed_precision=trainer.mixed_precision,
+                                                      cpu=_multi_process_without_accelerator())
         self.task.device = self.accelerator.device
 
     # ------------------------------------------------------------------ helpers
