@@ -76,6 +76,18 @@ def _multi_process_without_accelerator() -> bool:
     return not (has_accelerator.is_available() if has_accelerator else torch.cuda.is_available())
 
 
+def _new_accelerator(mixed_precision: str) -> Any:
+    """An Accelerator for this run. Accelerate keeps one global state per process; a single-process Python
+    session that runs several recipes with different precisions gets a fresh state for each."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=_multi_process_without_accelerator())
+
+
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rate after `step` optimizer steps: linear warm-up, then decay to 0."""
 
@@ -110,14 +122,11 @@ class Distiller:
     def __init__(self, task: Task, objectives: list[Objective], trainer: TrainerConfig, *, run_dir: str | Path,
                  seed: int = 0, eval_config: EvalConfig | None = None, recipe_text: str | None = None,
                  accelerator: Any = None) -> None:
-        from accelerate import Accelerator
-
         self.task, self.objectives, self.cfg = task, objectives, trainer
         self.eval_cfg = eval_config or EvalConfig()
         self.run_dir, self.seed, self.recipe_text = Path(run_dir), seed, recipe_text
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.accelerator = accelerator or Accelerator(mixed_precision=trainer.mixed_precision,
-                                                      cpu=_multi_process_without_accelerator())
+        self.accelerator = accelerator or _new_accelerator(trainer.mixed_precision)
         self.task.device = self.accelerator.device
 
     # ------------------------------------------------------------------ helpers
