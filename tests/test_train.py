@@ -209,3 +209,28 @@ def test_too_little_data_is_a_user_error(digits_recipe):
                                                                        "limit": 4}})
     with pytest.raises(UserError, match="fewer than trainer.batch_size"):
         run_recipe(validate_recipe(raw))
+
+
+def test_existing_run_needs_resume_or_overwrite(digits_recipe):
+    from potstill.errors import UserError
+
+    raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 4, "save_every": 2})
+    recipe = validate_recipe(raw)
+    run_recipe(recipe)
+    with pytest.raises(UserError, match="already holds checkpoints up to step 4.*--resume.*--overwrite"):
+        run_recipe(recipe)
+    summary = run_recipe(recipe, overwrite=True)
+    assert summary["steps"] == 4
+
+
+def test_resume_refuses_a_changed_recipe(digits_recipe):
+    from potstill.errors import UserError
+
+    raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 4, "save_every": 2})
+    run_recipe(validate_recipe(raw))
+    changed = validate_recipe(dict(raw, trainer={**raw["trainer"], "lr": 0.5}))
+    with pytest.raises(UserError, match=r"recipe changed since the run started \(trainer.lr\)"):
+        run_recipe(changed, resume=True)
+    # logging / checkpoint cadence and evaluation settings may change
+    harmless = validate_recipe(dict(raw, trainer={**raw["trainer"], "log_every": 3}, eval={"every": 2}))
+    assert run_recipe(harmless, resume=True)["steps"] == 4

@@ -48,6 +48,7 @@ def packaged_recipe(name: str) -> Path:
 def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
         set_: SetOption = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier run of the same name")] = False,
         ) -> None:
     """Run the distillation a recipe describes; output goes to <output_dir>/<name>/."""
     from potstill.config import load_recipe
@@ -55,7 +56,7 @@ def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
 
     cfg = load_recipe(recipe, set_ or [])
     _quiet_transformers()
-    summary = run_recipe(cfg, resume=resume)
+    summary = run_recipe(cfg, resume=resume, overwrite=overwrite)
     _print_summary(summary, cfg.run_dir)
 
 

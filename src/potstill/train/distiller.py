@@ -252,13 +252,42 @@ class Distiller:
         return metrics
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, resume: bool = False) -> dict[str, Any]:
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to wipe an earlier run by accident, and to resume a run whose recipe has changed."""
+        from potstill.errors import UserError
+
+        done = ckpt.list_checkpoints(self.ckpt_root)
+        if not resume and not overwrite and (done or (self.run_dir / "summary.json").exists()):
+            where = f"checkpoints up to step {done[-1][0]}" if done else "a finished run"
+            raise UserError(f"{self.run_dir} already holds {where}; pass --resume to continue it, --overwrite "
+                            f"to start over, or choose another run name (--set name=...)")
+        stored = self.run_dir / "recipe.yaml"
+        if resume and done and self.recipe_text is not None and stored.exists():
+            import yaml
+
+            old, new = yaml.safe_load(stored.read_text()), yaml.safe_load(self.recipe_text)
+            harmless = {"eval", "output_dir", "name"}
+            trainer_harmless = {"log_every", "save_every", "keep_last", "num_threads"}
+            changed = [k for k in sorted(set(old) | set(new)) if k not in harmless | {"trainer"}
+                       and old.get(k) != new.get(k)]
+            old_t, new_t = old.get("trainer", {}), new.get("trainer", {})
+            changed += [f"trainer.{k}" for k in sorted(set(old_t) | set(new_t))
+                        if k not in trainer_harmless and old_t.get(k) != new_t.get(k)]
+            if changed:
+                raise UserError(f"{stored}: the recipe changed since the run started ({', '.join(changed)}); "
+                                f"resuming would not reproduce the run. Undo the change, or start a new run")
+
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Train, evaluate, save. `resume` continues from the newest checkpoint of `run_dir`; without it an
+        existing run in `run_dir` is an error unless `overwrite`."""
         from accelerate.utils import set_seed
 
         acc, cfg, task = self.accelerator, self.cfg, self.task
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         set_seed(self.seed)
+        self._check_run_dir(resume, overwrite)
+        acc.wait_for_everyone()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.recipe_text is not None:

@@ -36,12 +36,16 @@ def build_objectives(recipe: Recipe) -> list[Objective]:
     return objectives
 
 
-def run_recipe(recipe: Recipe, *, resume: bool = False, accelerator: Any = None) -> dict[str, Any]:
-    """Train the student a recipe describes; returns the run summary (also in `<run>/summary.json`)."""
+def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+               accelerator: Any = None) -> dict[str, Any]:
+    """Train the student a recipe describes; returns the run summary (also in `<run>/summary.json`).
+
+    `resume` continues from the run folder's newest checkpoint; `overwrite` replaces an earlier run there.
+    """
     task = build_task(recipe, run_dir=recipe.run_dir)
     distiller = Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir, seed=recipe.seed,
                           eval_config=recipe.eval, recipe_text=dump_recipe(recipe), accelerator=accelerator)
-    summary = distiller.fit(resume=resume)
+    summary = distiller.fit(resume=resume, overwrite=overwrite)
     if distiller.is_main:
         from potstill.report import write_report
 
