@@ -148,3 +148,21 @@ def test_shipped_recipes_validate(recipe):
     if not path.exists():
         pytest.skip(f"{recipe} not written yet")
     load_recipe(path)
+
+
+def test_eval_command_scores_a_finished_run(tmp_path, capsys, digits_recipe):
+    path = write_yaml(tmp_path / "r.yaml", digits_recipe)
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / digits_recipe["name"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "teacher" in text and "student" in text
+    # the same accuracy as the run's own final evaluation, shown with 3 decimals
+    assert f"{summary['table'][-1]['accuracy']:.3f}" in text
+
+
+def test_eval_command_on_a_non_run(tmp_path, capsys):
+    assert "not a finished potstill run" in _fail(capsys, ["eval", str(tmp_path)])
