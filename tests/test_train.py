@@ -81,6 +81,20 @@ class _Interrupt(Exception):
     pass
 
 
+def _distiller_with_teacher_hook(recipe, hook):
+    """A Distiller whose teacher signal at micro-batch n (1-based) goes through `hook(n, signal_fn, batch)`."""
+    task = build_task(recipe, run_dir=recipe.run_dir)
+    original, calls = task.teacher_signal, {"n": 0}
+
+    def hooked(batch):
+        calls["n"] += 1
+        return hook(calls["n"], original, batch)
+
+    task.teacher_signal = hooked
+    return Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir,
+                     eval_config=recipe.eval)
+
+
 def test_resume_in_process_matches_uninterrupted(digits_recipe):
     """Interrupt at step 8 (checkpoint at 6), resume: same weights and log as 12 straight steps."""
     base = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 12, "save_every": 3})
@@ -88,19 +102,13 @@ def test_resume_in_process_matches_uninterrupted(digits_recipe):
     run_recipe(straight)
 
     halted = validate_recipe(dict(base, name="halted"))
-    task = build_task(halted, run_dir=halted.run_dir)
-    distiller = Distiller(task, build_objectives(halted), halted.trainer, run_dir=halted.run_dir,
-                          eval_config=halted.eval)
-    calls = {"n": 0}
-    original = task.teacher_signal
 
-    def interrupted(batch):
-        calls["n"] += 1
-        if calls["n"] == 8:
+    def interrupt_at_8(n, signal, batch):
+        if n == 8:
             raise _Interrupt
-        return original(batch)
+        return signal(batch)
 
-    task.teacher_signal = interrupted
+    distiller = _distiller_with_teacher_hook(halted, interrupt_at_8)
     with pytest.raises(_Interrupt):
         distiller.fit()
     assert [s for s, _ in ckpt.list_checkpoints(halted.run_dir / "checkpoints")] == [3, 6]
@@ -163,18 +171,8 @@ def test_sigkill_and_resume_gives_identical_weights(digits_recipe, tmp_path):
 def test_nan_guard_names_step_and_objective(digits_recipe):
     raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 12, "save_every": 5})
     recipe = validate_recipe(raw)
-    task = build_task(recipe, run_dir=recipe.run_dir)
-    distiller = Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir,
-                          eval_config=recipe.eval)
-    calls = {"n": 0}
-    original = task.teacher_signal
-
-    def poisoned(batch):
-        calls["n"] += 1
-        out = original(batch)
-        return out * float("nan") if calls["n"] == 7 else out
-
-    task.teacher_signal = poisoned
+    distiller = _distiller_with_teacher_hook(
+        recipe, lambda n, signal, batch: signal(batch) * float("nan") if n == 7 else signal(batch))
     with pytest.raises(TrainingDiverged, match=r"step 7 in objective 'forward_kl'") as info:
         distiller.fit()
     assert "step-00000005" in str(info.value)

@@ -143,15 +143,7 @@ def forward_kl(
     Defaults: temperature=1.0, reduction="mean", scale_t2=False, chunk_size=None.
     """
     return _divergence(
-        _forward_kl_rows,
-        student_logits,
-        teacher_logits,
-        temperature,
-        mask,
-        labels,
-        reduction,
-        scale_t2,
-        chunk_size,
+        _forward_kl_rows, student_logits, teacher_logits, temperature, mask, labels, reduction, scale_t2, chunk_size
     )
 
 
@@ -172,15 +164,7 @@ def reverse_kl(
     Defaults: temperature=1.0, reduction="mean", scale_t2=False, chunk_size=None.
     """
     return _divergence(
-        _reverse_kl_rows,
-        student_logits,
-        teacher_logits,
-        temperature,
-        mask,
-        labels,
-        reduction,
-        scale_t2,
-        chunk_size,
+        _reverse_kl_rows, student_logits, teacher_logits, temperature, mask, labels, reduction, scale_t2, chunk_size
     )
 
 
@@ -202,14 +186,7 @@ def soft_cross_entropy(
     Defaults: temperature=1.0, reduction="mean", scale_t2=False, chunk_size=None.
     """
     return _divergence(
-        _soft_cross_entropy_rows,
-        student_logits,
-        teacher_logits,
-        temperature,
-        mask,
-        labels,
-        reduction,
-        scale_t2,
+        _soft_cross_entropy_rows, student_logits, teacher_logits, temperature, mask, labels, reduction, scale_t2,
         chunk_size,
     )
 
