@@ -61,6 +61,7 @@ def test_outputs_and_metrics(digits_recipe):
     train_steps = [x["step"] for x in lines if "loss" in x]
     assert train_steps == list(range(1, 11))
     assert any("eval/accuracy" in x and x["step"] == 5 for x in lines)
+    assert lines[0]["step"] == 0 and "eval/accuracy" in lines[0]  # the untrained student
     assert all(math.isfinite(x["loss"]) and "obj/forward_kl" in x and "lr" in x for x in lines if "loss" in x)
     # one checkpoint at the end, loadable
     found = ckpt.list_checkpoints(run / "checkpoints")

@@ -242,13 +242,16 @@ class Distiller:
         return metrics
 
     def _cached_eval(self, name: str, model: nn.Module, role: str) -> dict[str, float]:
-        """Score the teacher / the untrained student once per run (kept across resumes)."""
+        """Score the teacher / the untrained student once per run (kept across resumes). The untrained
+        student's scores also go into metrics.jsonl as step 0, so curves start from them."""
         path = self.run_dir / f"eval_{name}.json"
         if path.exists():
             return json.loads(path.read_text())
         metrics = self._evaluate(model, role)
         if self.is_main:
             atomic_write_json(path, metrics)
+            if name == "before" and metrics:
+                self._append_metrics({"step": 0, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 
     # ------------------------------------------------------------------ the loop
