@@ -72,17 +72,33 @@ def test_minilm_embedding_distillation_lowers_loss_and_saves_st_model(tmp_path):
     assert manifest["rows"] == 96 and len(manifest["sha256"]) == 64
 
 
+def _launch(tmp_path, path, *flags):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", *flags, "-m", "potstill", "run", str(path)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+@pytest.mark.slow
+def test_accelerate_cpu_flag_starts_two_processes(tmp_path, digits_recipe):
+    """`accelerate launch --cpu --num_processes 2` alone starts one process; potstill restarts as two (gloo)."""
+    raw = dict(digits_recipe, name="cpu2", trainer={**digits_recipe["trainer"], "batch_size": 4, "max_steps": 2})
+    proc = _launch(tmp_path, write_yaml(tmp_path / "cpu2.yaml", raw), "--cpu", "--main_process_port", "29561")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting 2 with torch.distributed.run" in proc.stderr
+    run = tmp_path / "runs" / "cpu2"
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    assert (run / "checkpoints" / "step-00000002" / "rng-rank1.pt").is_file()
+    assert (run / "student" / "model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_two_process_accelerate_run(tmp_path, digits_recipe):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine trains with gloo, writes one
     student, and matches one process with twice the batch."""
     raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "batch_size": 4, "max_steps": 6,
                                        "save_every": 3})
-    path = write_yaml(tmp_path / "ddp.yaml", dict(raw, name="ddp"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "potstill", "run", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = _launch(tmp_path, write_yaml(tmp_path / "ddp.yaml", dict(raw, name="ddp")), "--multi_gpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
     summary = json.loads((run / "summary.json").read_text())

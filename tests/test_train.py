@@ -233,3 +233,18 @@ def test_resume_refuses_a_changed_recipe(digits_recipe):
     # logging / checkpoint cadence and evaluation settings may change
     harmless = validate_recipe(dict(raw, trainer={**raw["trainer"], "log_every": 3}, eval={"every": 2}))
     assert run_recipe(harmless, resume=True)["steps"] == 4
+
+
+def test_lone_cpu_launch_size_reads_accelerate_command_line():
+    from potstill.train.launch import lone_cpu_launch_size, processes_requested
+
+    launch = ["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m", "potstill"]
+    assert processes_requested(launch) == 2
+    assert processes_requested(["accelerate", "launch", "--num_processes=3", "--cpu", "x.py"]) == 3
+    assert processes_requested(["python", "train.py", "--num_processes", "2"]) == 1  # not an accelerate launch
+    assert processes_requested(["accelerate", "launch", "--cpu", "x.py"]) == 1
+    env = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}
+    assert lone_cpu_launch_size(env, launch) == 2
+    assert lone_cpu_launch_size(dict(env, WORLD_SIZE="2"), launch) == 1  # already a process group
+    assert lone_cpu_launch_size(dict(env, ACCELERATE_USE_CPU="False"), launch) == 1
+    assert lone_cpu_launch_size({"ACCELERATE_USE_CPU": "True"}, launch) == 1  # not asked for several processes

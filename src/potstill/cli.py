@@ -53,8 +53,10 @@ def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
     """Run the distillation a recipe describes; output goes to <output_dir>/<name>/."""
     from potstill.config import load_recipe
     from potstill.train import run_recipe
+    from potstill.train.launch import relaunch_as_cpu_process_group
 
     cfg = load_recipe(recipe, set_ or [])
+    relaunch_as_cpu_process_group()
     _quiet_transformers()
     summary = run_recipe(cfg, resume=resume, overwrite=overwrite)
     _print_summary(summary, cfg.run_dir)
