@@ -15,6 +15,10 @@ Contracts:
   killed at any moment and resumed ends with the weights of an uninterrupted run (CPU, same seed).
 - A non-finite loss stops the run before the optimizer step, naming the step and the objective; no
   checkpoint is written after it.
+- Stateful objectives (e.g. TAID) get `on_optimizer_step(loss, step, total_steps)` once per optimizer step,
+  with their own loss averaged over the step's counted rows on all processes (the same value everywhere).
+- When evaluation reports a teacher–student divergence (`kl_to_teacher`), the teacher-hacking monitor
+  watches it (and the student's NLL on references, `nll`) and logs warnings; its state is checkpointed.
 """
 
 from __future__ import annotations
@@ -128,6 +132,9 @@ class Distiller:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.accelerator = accelerator or _new_accelerator(trainer.mixed_precision)
         self.task.device = self.accelerator.device
+        from potstill.eval.teacher_hacking import TeacherHackingMonitor
+
+        self.monitor = TeacherHackingMonitor()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -155,6 +162,11 @@ class Distiller:
             self._perm, self._perm_epoch = torch.randperm(n, generator=gen), epoch
         start = pos * bs * world + self.accelerator.process_index * bs
         return self._perm[start:start + bs].tolist()
+
+    def _epochs(self, step: int) -> float:
+        """Passes over the training records after `step` optimizer steps (how often each was seen)."""
+        seen = step * self.cfg.grad_accum * self.cfg.batch_size * self.accelerator.num_processes
+        return seen / max(1, len(self.task.train_records))
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         if not self.is_main:
@@ -199,6 +211,7 @@ class Distiller:
             ckpt.save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
             ckpt.save_torch({o.name: o.fn.state_dict() for o in self.objectives if isinstance(o.fn, nn.Module)},
                             tmp / "objectives.pt")
+            atomic_write_json(tmp / "monitor.json", self.monitor.state_dict())
             ckpt.write_state(tmp, {"step": step, "micro_batches": step * self.cfg.grad_accum,
                                    "world_size": acc.num_processes, "seed": self.seed})
         acc.wait_for_everyone()
@@ -229,6 +242,8 @@ class Distiller:
         for o in self.objectives:
             if isinstance(o.fn, nn.Module) and o.name in objective_states:
                 o.fn.load_state_dict(objective_states[o.name])
+        if (path / "monitor.json").exists():
+            self.monitor.load_state_dict(json.loads((path / "monitor.json").read_text()))
         ckpt.set_rng_state(ckpt.load_torch(path / f"rng-rank{acc.process_index}.pt"))
         return int(state["step"])
 
@@ -240,6 +255,15 @@ class Distiller:
             metrics = self.task.evaluate(model, role=role)
         self.accelerator.wait_for_everyone()
         return metrics
+
+    def _watch_teacher_hacking(self, step: int, metrics: dict[str, float], epochs: float) -> None:
+        """Feed one evaluation of the student to the teacher-hacking monitor; log its warnings."""
+        if not self.is_main or "kl_to_teacher" not in metrics:
+            return
+        golden = metrics.get("nll")
+        for message in self.monitor.update(step, metrics["kl_to_teacher"], golden, epochs_seen=epochs):
+            self._print(f"[yellow]warning:[/] {message}")
+            self._append_metrics({"step": step, "warning": message})
 
     def _cached_eval(self, name: str, model: nn.Module, role: str) -> dict[str, float]:
         """Score the teacher / the untrained student once per run (kept across resumes). The untrained
@@ -350,9 +374,11 @@ class Distiller:
             if before:
                 rows.append({"model": "student (before)", **before, **sizes.get("student", {})})
             rows.append({"model": "student (after)", **after, **sizes.get("student", {})})
+            self._watch_teacher_hacking(total, after, self._epochs(total))
             summary = {"steps": total, "final_loss": history.get("loss"), "train_seconds": history.get("seconds"),
                        "table": rows, "student_dir": str(self.run_dir / "student"),
-                       "world_size": world, "objectives": [o.name for o in self.objectives]}
+                       "world_size": world, "objectives": [o.name for o in self.objectives],
+                       "warnings": [w["message"] for w in self.monitor.warnings]}
             self._append_metrics({"step": total, **{f"eval/{k}": v for k, v in after.items()}})
             atomic_write_json(self.run_dir / "summary.json", summary)
         acc.wait_for_everyone()
@@ -414,6 +440,9 @@ class Distiller:
                 done = step + 1
                 rows_since += global_rows
                 per_row = term_sums / max(global_rows, 1.0)
+                for o, value in zip(self.objectives, per_row, strict=False):
+                    if hasattr(o.fn, "on_optimizer_step"):
+                        o.fn.on_optimizer_step(loss=float(value), step=done, total_steps=total)
                 loss_value = float((per_row * weights).sum())
                 if self.is_main:
                     elapsed = time.perf_counter() - tick
@@ -423,8 +452,9 @@ class Distiller:
                     elapsed = time.perf_counter() - tick
                     record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                               "rows_per_s": rows_since / elapsed if elapsed > 0 else None,
-                              "epoch": done * cfg.grad_accum * cfg.batch_size * acc.num_processes
-                              / len(task.train_records)}
+                              "epoch": self._epochs(done)}
+                    record.update({f"state/{o.name}.{k}": v for o in self.objectives
+                                   for k, v in getattr(o.fn, "log_values", dict)().items()})
                     record.update({f"obj/{k}": float(v) for k, v in zip(names, per_row, strict=True)})
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
@@ -437,6 +467,7 @@ class Distiller:
                     metrics = self._evaluate(acc.unwrap_model(student), "student")
                     student.train()
                     self._append_metrics({"step": done, **{f"eval/{k}": v for k, v in metrics.items()}})
+                    self._watch_teacher_hacking(done, metrics, self._epochs(done))
                 if cfg.save_every and done % cfg.save_every == 0 and done < total:
                     self._save_checkpoint(done, student, optimizer, scheduler)
         last["seconds"] = time.perf_counter() - t_start
