@@ -1,4 +1,4 @@
-"""Distillation losses: logit divergences, ranking losses, embedding losses, and their catalogue.
+"""Distillation losses: logit divergences, TAID, Sinkhorn, ranking losses, embedding losses, and their catalogue.
 
 Torch only; nothing here imports the rest of potstill.
 """
@@ -15,9 +15,12 @@ from .divergences import (
 )
 from .embedding import embedding_cosine, embedding_mse
 from .ranking import listwise_kl, margin_mse
+from .sinkhorn import sinkhorn, sinkhorn_plan
+from .taid import TAID
 
 __all__ = [
     "OBJECTIVES",
+    "TAID",
     "ObjectiveInfo",
     "embedding_cosine",
     "embedding_mse",
@@ -27,6 +30,8 @@ __all__ = [
     "listwise_kl",
     "margin_mse",
     "reverse_kl",
+    "sinkhorn",
+    "sinkhorn_plan",
     "skew_kl",
     "skew_reverse_kl",
     "soft_cross_entropy",

@@ -18,13 +18,22 @@ from .divergences import (
 )
 from .embedding import embedding_cosine, embedding_mse
 from .ranking import listwise_kl, margin_mse
+from .sinkhorn import sinkhorn
+from .taid import TAID
 
 KINDS = ("logits", "scores", "embedding")
 
 
 @dataclass(frozen=True)
 class ObjectiveInfo:
-    """One objective: its function, the task signal it consumes (`kind`), formula, defaults and paper."""
+    """One objective: its function, the task signal it consumes (`kind`), formula, defaults and paper.
+
+    `stateful` is False for a pure loss function, called as `fn(student, teacher, mask=…, reduction=…, **params)`.
+    It is True when `fn` is an `nn.Module` class: instantiate it once per run with the params (`fn(**params)`),
+    call the instance like a loss (`obj(student, teacher, mask=…, reduction=…)`), checkpoint its `state_dict()`,
+    and call its `on_optimizer_step(loss, step, total_steps)` once per optimizer step. `defaults` then lists the
+    constructor's keyword arguments.
+    """
 
     name: str
     fn: Callable
@@ -33,12 +42,14 @@ class ObjectiveInfo:
     defaults: dict
     paper: str
     notes: str = ""
+    stateful: bool = False
 
 
 _DATA_ARGS = ("mask", "labels")
 
 
 def _defaults(fn: Callable) -> dict:
+    """Keyword-only defaults of a loss function, or of a stateful objective class's constructor."""
     params = inspect.signature(fn).parameters.values()
     return {
         p.name: p.default
@@ -47,8 +58,9 @@ def _defaults(fn: Callable) -> dict:
     }
 
 
-def _entry(fn: Callable, kind: str, formula: str, paper: str, notes: str = "") -> ObjectiveInfo:
-    return ObjectiveInfo(fn.__name__, fn, kind, formula, _defaults(fn), paper, notes)
+def _entry(fn: Callable, kind: str, formula: str, paper: str, notes: str = "", name: str = "") -> ObjectiveInfo:
+    stateful = inspect.isclass(fn)
+    return ObjectiveInfo(name or fn.__name__, fn, kind, formula, _defaults(fn), paper, notes, stateful)
 
 
 _HINTON = 'Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"'
@@ -93,6 +105,22 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "½ Σ |p_t − p_s|",
             'Wen et al. 2023, "f-Divergence Minimization for Sequence-Level Knowledge Distillation"',
             "bounded in [0, 1]",
+        ),
+        _entry(
+            TAID,
+            "logits",
+            "KL(p_t ‖ p_s), p_t = softmax((1−t)·sg(z_s) + t·z_t), t: t_start → t_end, adaptive",
+            'Shing et al. 2025, "TAID: Temporally Adaptive Interpolated Distillation for Efficient Knowledge '
+            'Transfer in Language Models" (ICLR)',
+            "stateful (t, momentum, prev_loss); t = 1 is forward_kl; the official code uses H(p_t, p_s)",
+            name="taid",
+        ),
+        _entry(
+            sinkhorn,
+            "logits",
+            "Σ_ij Π_ij W_ij, W_ij = ‖p_s,i − p_t,j‖₁ over the batch's rows, Π = Sinkhorn(exp(−W/ε))",
+            'Cui et al. 2024, "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation" (LREC-COLING)',
+            "batch-wise OT (one problem per micro-batch, or per block_size rows); official weight 1e-3 next to KD",
         ),
         _entry(
             margin_mse,
