@@ -493,17 +493,21 @@ def test_embedding_errors():
 
 
 def test_catalogue_entries():
-    expected = set(NAMES) | {"margin_mse", "listwise_kl", "embedding_mse", "embedding_cosine"}
+    stateful = {"taid"}
+    logits = set(NAMES) | stateful | {"sinkhorn"}
+    expected = logits | {"margin_mse", "listwise_kl", "embedding_mse", "embedding_cosine"}
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
-        assert info.name == name == info.fn.__name__
+        assert info.name == name
+        assert info.stateful == (name in stateful)
+        assert info.stateful or info.fn.__name__ == name
         assert callable(info.fn)
         assert info.formula and "\n" not in info.formula
         assert info.paper
         params = inspect.signature(info.fn).parameters
         assert all(params[k].default == v for k, v in info.defaults.items())
     kinds = {name: info.kind for name, info in OBJECTIVES.items()}
-    assert {k for k, v in kinds.items() if v == "logits"} == set(NAMES)
+    assert {k for k, v in kinds.items() if v == "logits"} == logits
     assert {k for k, v in kinds.items() if v == "scores"} == {"margin_mse", "listwise_kl"}
     assert {k for k, v in kinds.items() if v == "embedding"} == {"embedding_mse", "embedding_cosine"}
     assert OBJECTIVES["generalized_jsd"].defaults["beta"] == 0.5
