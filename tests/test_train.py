@@ -248,3 +248,42 @@ def test_lone_cpu_launch_size_reads_accelerate_command_line():
     assert lone_cpu_launch_size(dict(env, WORLD_SIZE="2"), launch) == 1  # already a process group
     assert lone_cpu_launch_size(dict(env, ACCELERATE_USE_CPU="False"), launch) == 1
     assert lone_cpu_launch_size({"ACCELERATE_USE_CPU": "True"}, launch) == 1  # not asked for several processes
+
+
+def test_taid_state_advances_per_optimizer_step_and_resumes_exactly(digits_recipe):
+    """TAID's t moves once per optimizer step (not per micro-batch), is logged, checkpointed and resumed."""
+    taid = [{"name": "taid", "params": {"t_start": 0.4, "temperature": 2.0}}]
+    base = dict(digits_recipe, objectives=taid,
+                trainer={**digits_recipe["trainer"], "max_steps": 10, "save_every": 5, "grad_accum": 2,
+                         "log_every": 1})
+    straight = validate_recipe(dict(base, name="taid_straight"))
+    run_recipe(straight)
+    log = [json.loads(x) for x in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
+    ts = [x["state/taid.t"] for x in log if "state/taid.t" in x]
+    assert len(ts) == 10 and ts[0] == 0.4  # the first step only records the loss
+    assert all(b >= a for a, b in zip(ts, ts[1:], strict=False)) and ts[-1] == pytest.approx(1.0)
+    saved = ckpt.load_torch(straight.run_dir / "checkpoints" / "step-00000005" / "objectives.pt")
+    assert float(saved["taid"]["t"]) == ts[4]
+
+    halted = validate_recipe(dict(base, name="taid_halted"))
+
+    def interrupt_at_14(n, signal, batch):  # micro-batch 14 = optimizer step 7
+        if n == 14:
+            raise _Interrupt
+        return signal(batch)
+
+    with pytest.raises(_Interrupt):
+        _distiller_with_teacher_hook(halted, interrupt_at_14).fit()
+    run_recipe(halted, resume=True)
+    wa, wb = _weights(straight.run_dir), _weights(halted.run_dir)
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_bad_stateful_objective_params_are_user_errors(digits_recipe):
+    from potstill.errors import UserError
+
+    for params, match in (({"t_strat": 0.1}, 'did you mean "t_start"'), ({"t_start": 2.0}, "t_start")):
+        recipe = validate_recipe(dict(digits_recipe, objectives=[{"name": "taid", "params": params}]))
+        with pytest.raises(UserError, match=match):
+            build_objectives(recipe)

@@ -136,6 +136,10 @@ class TAID(nn.Module):
         """The interpolation weight the next forward pass uses."""
         return float(self.t)
 
+    def log_values(self) -> dict[str, float]:
+        """What the training loop logs for this objective each step: the interpolation weight t."""
+        return {"t": self.current_t}
+
     def forward(
         self,
         student_logits: Tensor,

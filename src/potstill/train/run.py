@@ -10,7 +10,7 @@ from potstill.losses import get_objective
 from potstill.tasks import build_task
 from potstill.train.distiller import Distiller, Objective
 
-TASK_SIGNALS = {"classification": "logits", "embedding": "embedding"}
+TASK_SIGNALS = {"classification": "logits", "embedding": "embedding", "causal_lm": "logits"}
 
 
 def build_objectives(recipe: Recipe) -> list[Objective]:
@@ -24,15 +24,23 @@ def build_objectives(recipe: Recipe) -> list[Objective]:
         if info.kind != kind:
             raise UserError(f"field objectives.{i}.name: {cfg.name!r} compares {info.kind}, but the {recipe.task} "
                             f"task gives {kind}; see `potstill objectives`")
-        accepted = set(inspect.signature(info.fn).parameters)
+        signature = list(inspect.signature(info.fn).parameters)
+        data_args = {"mask", "reduction", "labels"}
+        valid = sorted(set(signature if info.stateful else signature[2:]) - data_args)
         for key in cfg.params:
-            if key not in accepted or key in ("mask", "reduction", "labels"):
+            if key not in valid:
                 from potstill.errors import did_you_mean
 
-                valid = sorted(accepted - {"mask", "reduction", "labels"} - set(list(accepted)[:2]))
                 raise UserError(f"field objectives.{i}.params.{key}: {cfg.name} has no parameter {key!r}"
                                 f"{did_you_mean(key, valid)}; valid: {', '.join(valid)}")
-        objectives.append(Objective(name=cfg.name, fn=info.fn, weight=cfg.weight, params=dict(cfg.params)))
+        fn = info.fn
+        if info.stateful:
+            try:
+                fn = info.fn(**cfg.params)
+            except (TypeError, ValueError) as err:
+                raise UserError(f"field objectives.{i}.params: {cfg.name}: {err}") from None
+        objectives.append(Objective(name=cfg.name, fn=fn, weight=cfg.weight,
+                                    params={} if info.stateful else dict(cfg.params)))
     return objectives
 
 
