@@ -85,54 +85,76 @@ def _take(x: Tensor, idx: Tensor | None, start: int, stop: int) -> Tensor:
     return x[start:stop] if idx is None else x.index_select(0, idx[start:stop])
 
 
+Teacher = Tensor | tuple[Tensor, ...]
+
+
+def _call(rows_fn: Callable, s: Tensor, parts: list[Tensor], packed: bool) -> Tensor:
+    return rows_fn(s, tuple(parts)) if packed else rows_fn(s, parts[0])
+
+
 class _ChunkedRows(torch.autograd.Function):
-    """Per-row values of `rows_fn`, `chunk_size` rows at a time; backward recomputes each chunk."""
+    """Per-row values of `rows_fn`, `chunk_size` rows at a time; backward recomputes each chunk.
+
+    The teacher is one or more tensors (`packed` says whether `rows_fn` gets a tuple); each has the rows on
+    its first axis and any width after it, so only the chunk's rows of every input are materialised.
+    """
 
     @staticmethod
-    def forward(ctx, student, teacher, idx, rows_fn, chunk_size):
+    def forward(ctx, idx, rows_fn, chunk_size, packed, student, *teacher):
         n = student.shape[0] if idx is None else idx.numel()
         out = torch.empty(n, dtype=torch.float32, device=student.device)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            out[start:stop] = rows_fn(_take(student, idx, start, stop), _take(teacher, idx, start, stop))
-        ctx.save_for_backward(student, teacher, idx)
-        ctx.rows_fn, ctx.chunk_size, ctx.n = rows_fn, chunk_size, n
+            parts = [_take(t, idx, start, stop) for t in teacher]
+            out[start:stop] = _call(rows_fn, _take(student, idx, start, stop), parts, packed)
+        ctx.save_for_backward(idx, student, *teacher)
+        ctx.rows_fn, ctx.chunk_size, ctx.n, ctx.packed = rows_fn, chunk_size, n, packed
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        student, teacher, idx = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        idx, *inputs = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[4:])
         new = torch.empty_like if idx is None else torch.zeros_like
-        grad_s = new(student) if need_s else None
-        grad_t = new(teacher) if need_t else None
-        for start in range(0, ctx.n, ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, ctx.n)
-            s = _take(student, idx, start, stop).detach().requires_grad_(need_s)
-            t = _take(teacher, idx, start, stop).detach().requires_grad_(need_t)
-            inputs = [x for x, need in ((s, need_s), (t, need_t)) if need]
-            with torch.enable_grad():
-                grads = list(torch.autograd.grad(ctx.rows_fn(s, t), inputs, grad_out[start:stop]))
-            for full, need in ((grad_s, need_s), (grad_t, need_t)):
-                if need:
-                    g = grads.pop(0)
-                    if idx is None:
-                        full[start:stop] = g
-                    else:
-                        full.index_copy_(0, idx[start:stop], g)
-        return grad_s, grad_t, None, None, None
+        full = [new(x) if need else None for x, need in zip(inputs, needs, strict=True)]
+        if any(needs):
+            for start in range(0, ctx.n, ctx.chunk_size):
+                stop = min(start + ctx.chunk_size, ctx.n)
+                rows = [
+                    _take(x, idx, start, stop).detach().requires_grad_(need)
+                    for x, need in zip(inputs, needs, strict=True)
+                ]
+                with torch.enable_grad():
+                    value = _call(ctx.rows_fn, rows[0], rows[1:], ctx.packed)
+                    wanted = [r for r, need in zip(rows, needs, strict=True) if need]
+                    grads = list(torch.autograd.grad(value, wanted, grad_out[start:stop]))
+                for target, need in zip(full, needs, strict=True):
+                    if need:
+                        g = grads.pop(0)
+                        if idx is None:
+                            target[start:stop] = g
+                        else:
+                            target.index_copy_(0, idx[start:stop], g)
+        return (None, None, None, None, *full)
 
 
 def apply_rows(
-    rows_fn: RowsFn, student: Tensor, teacher: Tensor, idx: Tensor | None, chunk_size: int | None
+    rows_fn: RowsFn, student: Tensor, teacher: Teacher, idx: Tensor | None, chunk_size: int | None
 ) -> Tensor:
-    """`rows_fn` over the rows of `(R, C)` inputs selected by `idx` (all when None), as a `(n,)` tensor."""
+    """`rows_fn` over the rows of `(R, C)` inputs selected by `idx` (all when None), as a `(n,)` tensor.
+
+    `teacher` is one `(R, C)` tensor, or a tuple of tensors with `R` rows each and any trailing shape; a
+    tuple reaches `rows_fn` as a tuple of the selected rows of each.
+    """
+    packed = isinstance(teacher, tuple)
+    parts = list(teacher) if packed else [teacher]
     if chunk_size is None:
         if idx is not None:
-            student, teacher = student.index_select(0, idx), teacher.index_select(0, idx)
-        return rows_fn(student, teacher)
-    return _ChunkedRows.apply(student, teacher, idx, rows_fn, chunk_size)
+            student = student.index_select(0, idx)
+            parts = [t.index_select(0, idx) for t in parts]
+        return _call(rows_fn, student, parts, packed)
+    return _ChunkedRows.apply(idx, rows_fn, chunk_size, packed, student, *parts)
 
 
 def reduce_rows(values: Tensor, idx: Tensor | None, row_shape: torch.Size, reduction: str) -> Tensor:
@@ -147,10 +169,17 @@ def reduce_rows(values: Tensor, idx: Tensor | None, row_shape: torch.Size, reduc
     return values.reshape(row_shape)
 
 
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 def rowwise(
     rows_fn: RowsFn,
     student: Tensor,
-    teacher: Tensor,
+    teacher: Teacher,
     *,
     mask: Tensor | None = None,
     labels: Tensor | None = None,
@@ -162,20 +191,35 @@ def rowwise(
 
     `mask` (bool, `shape[:-1]`, True = counted) or `labels` (-100 = ignored) select the rows; masked rows
     are never computed, so garbage in them cannot leak NaN into values or gradients.
+
+    `teacher` is either a tensor of the student's shape, or a tuple of tensors whose leading axes are the
+    student's row axes `shape[:-1]` (each may have any trailing shape, e.g. `[..., k]` ids and log-probs
+    and a `[...]` tail); `rows_fn` then receives a tuple with the same rows of each, flattened to `(n, ...)`.
     """
-    check_same_shape(student, teacher, what)
+    packed = isinstance(teacher, tuple)
+    if not packed:
+        check_same_shape(student, teacher, what)
     check_reduction(reduction)
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     if student.dim() == 0:
         raise ValueError(f"{what} must have at least one dimension (the class axis), got a scalar")
     row_shape = student.shape[:-1]
+    if packed:
+        for i, part in enumerate(teacher):
+            if part.shape[: len(row_shape)] != row_shape:
+                raise ValueError(
+                    f"teacher tensor {i} must start with the student's row shape {tuple(row_shape)}, "
+                    f"got {tuple(part.shape)}"
+                )
     row_mask = resolve_mask(row_shape, mask, labels, student.device)
     idx = None
     if row_mask is not None and not bool(row_mask.all()):
         idx = row_mask.reshape(-1).nonzero().squeeze(1)
-    width = student.shape[-1]
-    values = apply_rows(rows_fn, student.reshape(-1, width), teacher.reshape(-1, width), idx, chunk_size)
+    n_rows = row_shape.numel()
+    flat_teacher = (
+        tuple(t.reshape(n_rows, *t.shape[len(row_shape):]) for t in teacher)
+        if packed
+        else teacher.reshape(-1, teacher.shape[-1])
+    )
+    values = apply_rows(rows_fn, student.reshape(-1, student.shape[-1]), flat_teacher, idx, chunk_size)
     return reduce_rows(values, idx, row_shape, reduction)
