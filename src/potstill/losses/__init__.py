@@ -1,4 +1,5 @@
-"""Distillation losses: logit divergences, TAID, Sinkhorn, ranking losses, embedding losses, and their catalogue.
+"""Distillation losses: logit divergences (dense and top-k sparse), TAID, Sinkhorn, ranking and embedding
+losses, and their catalogue.
 
 Torch only; nothing here imports the rest of potstill.
 """
@@ -16,11 +17,23 @@ from .divergences import (
 from .embedding import embedding_cosine, embedding_mse
 from .ranking import listwise_kl, margin_mse
 from .sinkhorn import sinkhorn, sinkhorn_plan
+from .sparse import (
+    TopKTeacher,
+    sparse_forward_kl,
+    sparse_generalized_jsd,
+    sparse_reverse_kl,
+    sparse_skew_kl,
+    sparse_skew_reverse_kl,
+    sparse_soft_cross_entropy,
+    sparse_tvd,
+    sparse_version,
+)
 from .taid import TAID
 
 __all__ = [
     "OBJECTIVES",
     "TAID",
+    "TopKTeacher",
     "ObjectiveInfo",
     "embedding_cosine",
     "embedding_mse",
@@ -35,5 +48,13 @@ __all__ = [
     "skew_kl",
     "skew_reverse_kl",
     "soft_cross_entropy",
+    "sparse_forward_kl",
+    "sparse_generalized_jsd",
+    "sparse_reverse_kl",
+    "sparse_skew_kl",
+    "sparse_skew_reverse_kl",
+    "sparse_soft_cross_entropy",
+    "sparse_tvd",
+    "sparse_version",
     "tvd",
 ]

@@ -58,11 +58,25 @@ class Objective:
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, student: torch.Tensor, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        """The objective's sum over the counted rows. A cached top-k teacher (`TopKTeacher`) switches a
+        divergence to its sparse form over the teacher's top-k ids plus one tail bucket."""
         kwargs = dict(self.params)
         if mask is not None:
             kwargs["mask"] = mask
-        return self.fn(student, teacher, reduction="sum", **kwargs)
+        fn = self.fn
+        if not isinstance(teacher, torch.Tensor):
+            from potstill.losses.sparse import TopKTeacher, sparse_version
+
+            if isinstance(teacher, TopKTeacher):
+                fn = sparse_version(self.name)
+                if fn is None:
+                    from potstill.errors import UserError
+
+                    raise UserError(f"objective {self.name!r} needs the teacher's full logits; a cached top-k "
+                                    f"teacher feeds only forward_kl, reverse_kl, soft_cross_entropy, "
+                                    f"generalized_jsd, skew_kl, skew_reverse_kl and tvd")
+        return fn(student, teacher, reduction="sum", **kwargs)
 
     @classmethod
     def from_name(cls, name: str, weight: float = 1.0, **params: Any) -> Objective:
