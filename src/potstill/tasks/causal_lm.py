@@ -1,0 +1,443 @@
+"""Causal language modelling: teacher and student predict the next token; the signals are logits `[B, T, V]`.
+
+Records become token sequences once, in `setup` (`data.format`, or inferred from the columns):
+
+- `text`: the text's tokens (with the tokenizer's special tokens, plus EOS when `data.add_eos`); every token
+  after the first is a target.
+- `prompt_completion`: the prompt's tokens (with special tokens) followed by the completion's tokens (plus
+  EOS); only completion tokens are targets.
+- `messages`: a chat (a list of {role, content}) rendered by the tokenizer's chat template; only the tokens
+  of assistant turns (content and end-of-turn marker) are targets. The turns are found by rendering the
+  conversation's prefixes (`messages[:k]` with the generation prompt, `messages[:k+1]`) and mapping those
+  character spans onto the tokens through the tokenizer's offsets; a template whose prefixes are not prefixes
+  of the whole falls back to locating the assistant's text.
+
+Each sequence is cut to `data.max_length` tokens; with `data.packing` the sequences are concatenated instead
+and the stream is cut into blocks of `max_length` tokens (the last block may be shorter), so that every
+block position has a target and attention runs across record boundaries inside a block.
+
+`train_records[i]` is example i: ``{"input_ids": [...], "targets": [...]}`` of equal length, where
+``targets[j]`` is the token the model should predict at position j (the sequence's token j + 1) or -100 when
+that token is not counted. Without packing example i is data record i, in file order; with packing it is
+block i of the stream. The rows of example i are its positions j with ``targets[j] != -100``, ascending.
+
+Teacher and student must share the tokenizer (their vocabularies are compared); a model whose output has
+more ids than the tokenizer (a padded vocabulary) has its logits cut to the tokenizer's ids, so only real
+tokens are compared.
+
+Metrics on `data.eval`: perplexity (exp of the mean token NLL over counted targets), token_accuracy (argmax
+equals the target), and for a student token_agreement (argmax equals the teacher's) and kl_to_teacher (mean
+per-token KL(teacher ‖ student) at temperature 1). `measure` gives parameters and tokens/s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from potstill.config import DataSource
+from potstill.errors import UserError
+from potstill.eval import compare_throughput, count_parameters
+from potstill.io import atomic_dir, atomic_write_json
+from potstill.tasks.base import Task
+from potstill.tasks.models import build_student, load_factory_teacher, load_hf_teacher, resolve_model_path
+
+FORMATS = ("text", "prompt_completion", "messages")
+FORMAT_FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+# Evaluation runs at most this many tokens per forward pass (bounds the [B, T, V] logits in memory).
+EVAL_TOKENS = 1024
+# Metric rows are reduced this many at a time (bounds the float32 log-softmax copies).
+EVAL_ROW_CHUNK = 256
+
+
+def shift_targets(ids: list[int], counted: list[bool]) -> list[int]:
+    """Targets of one sequence: position j predicts token j + 1 when that token is counted, else -100."""
+    targets = [tok if keep else -100 for tok, keep in zip(ids[1:], counted[1:], strict=True)]
+    return targets + [-100] if ids else []
+
+
+def pack(sequences: list[tuple[list[int], list[bool]]], block: int) -> list[dict[str, list[int]]]:
+    """Concatenate sequences and cut the stream into examples of `block` input tokens.
+
+    Example b holds stream tokens [b·block, (b+1)·block) as inputs; its targets are the next tokens, so the
+    block's last position predicts the first token of the next block. Every stream token but the first is
+    the target of exactly one position.
+    """
+    ids = [t for seq, _ in sequences for t in seq]
+    counted = [c for _, flags in sequences for c in flags]
+    out = []
+    for start in range(0, max(len(ids) - 1, 0), block):
+        inputs = ids[start:start + block]
+        nxt = range(start + 1, start + 1 + len(inputs))
+        targets = [ids[k] if k < len(ids) and counted[k] else -100 for k in nxt]
+        out.append({"input_ids": inputs, "targets": targets})
+    return out
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's vocabulary (token → id, added tokens included)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    return f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or '?'}, {len(tokenizer)} tokens)"
+
+
+def infer_format(record: dict, *, field: str) -> str:
+    """`messages`, else `prompt_completion` (prompt and completion), else `text`, from a record's fields."""
+    if "messages" in record:
+        return "messages"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    raise UserError(f"{field}: cannot tell the data format from the fields {sorted(record)}; a causal_lm record "
+                    f"needs `text`, or `prompt` and `completion`, or `messages` (map other column names with "
+                    f"columns: {{text: your_column}}), or set data.format")
+
+
+class CausalLMTask(Task):
+    signal_kind = "logits"
+    name = "causal_lm"
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        r = self.recipe
+        for field, path in (("teacher.path", r.teacher.path), ("teacher.tokenizer", r.teacher.tokenizer),
+                            ("student.path", r.student.path)):
+            if path and path.startswith("builtin:"):  # one-time conversions happen on the main process
+                if is_main:
+                    resolve_model_path(path, field=field)
+                barrier()
+        if r.teacher.path is not None:
+            self.teacher, self.tokenizer = load_hf_teacher(r.teacher.path, AutoModelForCausalLM)
+        else:
+            self.teacher, self.tokenizer = load_factory_teacher(r.teacher), None
+        if r.teacher.tokenizer:
+            path = resolve_model_path(r.teacher.tokenizer, field="teacher.tokenizer")
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"field teacher.tokenizer: cannot load a tokenizer from {path}: {exc}") from None
+        if self.tokenizer is None:
+            raise UserError("field teacher.tokenizer: the causal_lm task needs a tokenizer; a factory teacher "
+                            "has none, so give teacher.tokenizer (a tokenizer folder or builtin:smollm2)")
+        self.teacher.to(self.device)
+        self.student = build_student(r.student, self.teacher, auto_cls=AutoModelForCausalLM)
+        self._check_student_tokenizer()
+        self.vocab_size = len(self.tokenizer)
+        self.pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None),
+                           0)
+        for model, role in ((self.teacher, "teacher"), (self.student, "student")):
+            self._check_vocab(model, role)
+        self.train_records = self._examples(r.data.train, "data.train", is_main=is_main)
+        self.eval_records = self._examples(r.data.eval, "data.eval", is_main=is_main) if r.data.eval else []
+        if not any(t != -100 for ex in self.train_records for t in ex["targets"]):
+            raise UserError("data.train: no token is counted in any record (prompts longer than data.max_length, "
+                            "or no assistant turns); raise data.max_length or check data.format")
+
+    def _check_student_tokenizer(self) -> None:
+        """Different vocabularies cannot be compared token by token: refuse them with both names."""
+        cfg = self.recipe.student
+        if cfg.init != "pretrained":
+            return
+        from transformers import AutoTokenizer
+
+        path = resolve_model_path(cfg.path, field="student.path")
+        try:
+            student_tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError):
+            return  # a folder without a tokenizer uses the teacher's
+        if tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(self.tokenizer):
+            raise UserError(f"field student.path: the student's tokenizer {_tokenizer_name(student_tok)} differs "
+                            f"from the teacher's {_tokenizer_name(self.tokenizer)}; cross-tokenizer distillation "
+                            f"is not supported yet: teacher and student must share one tokenizer")
+
+    def _check_vocab(self, model: nn.Module, role: str) -> None:
+        probe = torch.tensor([[self.pad_id, self.pad_id]], device=self._device_of(model))
+        with torch.inference_mode():
+            logits = self._raw_logits(model, probe, torch.ones_like(probe))
+        if logits.ndim != 3 or logits.shape[:2] != probe.shape:
+            raise UserError(f"{role}: a causal_lm model must return logits [batch, tokens, vocab] (or an object "
+                            f"with .logits); got shape {tuple(logits.shape)} for input {tuple(probe.shape)}")
+        if logits.shape[-1] < self.vocab_size:
+            raise UserError(f"{role}: the model predicts {logits.shape[-1]} token ids but the tokenizer "
+                            f"{_tokenizer_name(self.tokenizer)} has {self.vocab_size}; they do not belong together")
+
+    @staticmethod
+    def _device_of(model: nn.Module) -> torch.device:
+        p = next(model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------ records → sequences
+    def _examples(self, source: DataSource, field: str, *, is_main: bool) -> list[dict[str, list[int]]]:
+        fmt = self.recipe.data.format
+        if fmt == "auto":
+            fmt = infer_format(self.load(DataSource(path=source.path, split=source.split, columns=source.columns,
+                                                    limit=1))[0], field=field)
+        records = self.load(source, required=FORMAT_FIELDS[fmt])
+        if fmt == "messages" and not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"{field}: chat `messages` need a tokenizer with a chat template, and "
+                            f"{_tokenizer_name(self.tokenizer)} has none; use prompt/completion or text records, "
+                            f"or give a tokenizer with a chat template (teacher.tokenizer)")
+        sequences = [self._sequence(rec, fmt, f"{field}, record {i}") for i, rec in enumerate(records)]
+        max_len = self.recipe.data.max_length
+        if self.recipe.data.packing:
+            examples = pack(sequences, max_len)
+            truncated = 0
+        else:
+            truncated = sum(len(ids) > max_len for ids, _ in sequences)
+            examples = [{"input_ids": ids[:max_len], "targets": shift_targets(ids[:max_len], counted[:max_len])}
+                        for ids, counted in sequences]
+        if not examples:
+            raise UserError(f"{field}: the records hold fewer than two tokens in all")
+        if is_main:
+            from potstill.train.progress import console
+
+            empty = sum(all(t == -100 for t in ex["targets"]) for ex in examples)
+            targets = sum(t != -100 for ex in examples for t in ex["targets"])
+            notes = [f"{truncated:,} cut to max_length {max_len}" if truncated else "",
+                     f"{empty:,} with no counted token" if empty else ""]
+            notes = [n for n in notes if n]
+            console.print(f"{field}: {len(records):,} {fmt} records → {len(examples):,} "
+                          f"{'packed blocks' if self.recipe.data.packing else 'sequences'}, {targets:,} target "
+                          f"tokens" + (f" ({'; '.join(notes)})" if notes else ""))
+        return examples
+
+    def _encode(self, text: str, *, special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _sequence(self, rec: dict, fmt: str, where: str) -> tuple[list[int], list[bool]]:
+        """Token ids of one record and, per token, whether it is a target."""
+        eos = [self.tokenizer.eos_token_id] if self.recipe.data.add_eos and self.tokenizer.eos_token_id is not None \
+            else []
+        if fmt == "text":
+            ids = self._encode(_string(rec["text"], "text", where), special=True) + eos
+            return ids, [True] * len(ids)
+        if fmt == "prompt_completion":
+            prompt = self._encode(_string(rec["prompt"], "prompt", where), special=True)
+            completion = self._encode(_string(rec["completion"], "completion", where), special=False) + eos
+            return prompt + completion, [False] * len(prompt) + [True] * len(completion)
+        messages = _messages(rec["messages"], where)
+        text = self._render(messages, where)
+        spans = self._assistant_spans(messages, text, where)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        counted = [any(s < end and e > start for start, end in spans) for s, e in enc["offset_mapping"]]
+        return list(enc["input_ids"]), counted
+
+    def _render(self, messages: list[dict], where: str, **kwargs: Any) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        except Exception as exc:  # jinja errors: the template rejects this conversation
+            raise UserError(f"{where}: the chat template cannot render these messages ({exc})") from None
+
+    def _assistant_spans(self, messages: list[dict], text: str, where: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in the rendered `text`."""
+        if not self.tokenizer.is_fast:
+            raise UserError(f"{where}: chat messages need a fast tokenizer (character offsets); "
+                            f"{_tokenizer_name(self.tokenizer)} is not one")
+        spans, cursor = [], 0
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            span = None
+            try:
+                before = self._render(messages[:k], where, add_generation_prompt=True) if k else None
+                through = self._render(messages[:k + 1], where)
+            except UserError:
+                before = through = None
+            if (before is not None and through is not None and cursor <= len(before) < len(through)
+                    and text.startswith(through) and through.startswith(before)):
+                span = (len(before), len(through))
+            else:  # the template is not prefix-stable here: find the assistant's words after the last turn
+                pos = text.find(message["content"], cursor)
+                if message["content"] and pos >= 0:
+                    span = (pos, pos + len(message["content"]))
+            if span is None:
+                raise UserError(f"{where}: cannot find assistant turn {k} in the chat template's rendering")
+            spans.append(span)
+            cursor = span[1]
+        return spans
+
+    # ------------------------------------------------------------------ batches
+    def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
+        width = max(len(ex["input_ids"]) for ex in records)
+        ids = torch.full((len(records), width), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(records), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(records), width), dtype=torch.long)
+        for b, ex in enumerate(records):
+            n = len(ex["input_ids"])
+            ids[b, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
+            targets[b, :n] = torch.tensor(ex["targets"], dtype=torch.long)
+            mask[b, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "targets": targets, "index": torch.tensor(indices)}
+
+    def count_rows(self, batch: dict[str, Any]) -> int:
+        return int((batch["targets"] != -100).sum())
+
+    def _raw_logits(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if hasattr(model, "config") and hasattr(model, "save_pretrained"):
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        else:
+            try:
+                takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+            except (TypeError, ValueError):
+                takes_mask = False
+            out = model(ids, attention_mask=mask) if takes_mask else model(ids)
+        if hasattr(out, "logits"):
+            return out.logits
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """`[B, T, V]` next-token logits over the tokenizer's ids (a padded vocabulary is cut off)."""
+        logits = self._raw_logits(model, batch["input_ids"], batch["attention_mask"])
+        return logits[..., :self.vocab_size] if logits.shape[-1] != self.vocab_size else logits
+
+    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
+        from potstill.teachers import teacher_outputs
+
+        return teacher_outputs(self.logits, self.teacher, batch)
+
+    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return self.logits(model, batch)
+
+    def signal_mask(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch["targets"] != -100
+
+    def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Summed token cross-entropy (float32) of the student on the targets."""
+        return nn.functional.cross_entropy(student_signal.flatten(0, 1).float(), batch["targets"].flatten(),
+                                           ignore_index=-100, reduction="sum")
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_batches(self, examples: list[dict]) -> list[list[int]]:
+        """Example indices grouped by length, at most EVAL_TOKENS padded tokens (and eval.batch_size) each."""
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+        batches: list[list[int]] = []
+        for i in order:
+            width = len(examples[batches[-1][0]]["input_ids"]) if batches else 0
+            if (batches and len(batches[-1]) < self.recipe.eval.batch_size
+                    and (len(batches[-1]) + 1) * width <= EVAL_TOKENS):
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
+
+    def token_stats(self, model: nn.Module, examples: list[dict], *, teacher: nn.Module | None = None
+                    ) -> dict[str, float]:
+        """Summed per-token statistics of `model` on `examples` (counted targets only): nll, correct, tokens;
+        with `teacher` also kl (teacher ‖ model) and agree (same argmax)."""
+        sums = {"nll": 0.0, "correct": 0.0, "tokens": 0.0, **({"kl": 0.0, "agree": 0.0} if teacher else {})}
+        models = [m for m in (model, teacher) if m is not None]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        with torch.inference_mode():
+            for idx in self._eval_batches(examples):
+                batch = self.to_device(self.collate([examples[i] for i in idx], idx))
+                keep = batch["targets"] != -100
+                if not keep.any():
+                    continue
+                rows = keep.nonzero(as_tuple=True)
+                gold = batch["targets"][rows]
+                s_all = self.logits(model, batch)
+                t_all = self.logits(teacher, batch) if teacher is not None else None
+                for start in range(0, gold.numel(), EVAL_ROW_CHUNK):
+                    part = tuple(r[start:start + EVAL_ROW_CHUNK] for r in rows)
+                    y = gold[start:start + EVAL_ROW_CHUNK]
+                    log_s = torch.log_softmax(s_all[part].float(), -1)
+                    sums["nll"] -= float(log_s.gather(-1, y[:, None]).sum())
+                    sums["correct"] += float((log_s.argmax(-1) == y).sum())
+                    sums["tokens"] += y.numel()
+                    if t_all is not None:
+                        log_t = torch.log_softmax(t_all[part].float(), -1)
+                        sums["kl"] += float((log_t.exp() * (log_t - log_s)).sum())
+                        sums["agree"] += float((log_t.argmax(-1) == log_s.argmax(-1)).sum())
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+        return sums
+
+    def evaluate(self, model: nn.Module, *, role: str = "student") -> dict[str, float]:
+        if not self.eval_records:
+            return {}
+        teacher = None if role == "teacher" or model is self.teacher else self.teacher
+        s = self.token_stats(model, self.eval_records, teacher=teacher)
+        n = max(s["tokens"], 1.0)
+        metrics = {"perplexity": _exp(s["nll"] / n), "token_accuracy": s["correct"] / n}
+        if teacher is not None:
+            metrics.update(token_agreement=s["agree"] / n, kl_to_teacher=s["kl"] / n)
+        return metrics
+
+    def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
+        examples = (self.eval_records or self.train_records)[:8]
+        mean_tokens = sum(len(ex["input_ids"]) for ex in examples) / len(examples)
+
+        def runner(model: nn.Module):
+            def run(chunk: list[dict]) -> torch.Tensor:
+                return self.logits(model, self.to_device(self.collate(chunk, list(range(len(chunk))))))
+
+            return run
+
+        modes = (self.teacher.training, student.training)
+        self.teacher.eval()
+        student.eval()
+        speed = compare_throughput({"teacher": runner(self.teacher), "student": runner(student)}, examples,
+                                   batch_size=min(4, self.recipe.eval.batch_size), rounds=2, min_seconds=0.5)
+        self.teacher.train(modes[0])
+        student.train(modes[1])
+        return {role: {"params": count_parameters(m), "tokens_per_s": speed[role] * mean_tokens}
+                for role, m in (("teacher", self.teacher), ("student", student))}
+
+    # ------------------------------------------------------------------ output
+    def save_student(self, model: nn.Module, path: Path) -> None:
+        """`save_pretrained` + tokenizer (loads with AutoModelForCausalLM, no potstill); else a state dict."""
+        if hasattr(model, "save_pretrained"):
+            from potstill.students import save_hf_student
+
+            save_hf_student(model, self.tokenizer, path)
+            return
+        from safetensors.torch import save_file
+
+        with atomic_dir(path) as tmp:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / "potstill_student.json", {"factory": self.recipe.student.factory,
+                                                              "kwargs": self.recipe.student.kwargs})
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
+
+
+def _string(value: Any, name: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {name!r} must be text, got {type(value).__name__}")
+    return value
+
+
+def _messages(value: Any, where: str) -> list[dict]:
+    """A chat: a list of {role, content} (a JSON string of one is accepted, e.g. from CSV)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise UserError(f"{where}: field 'messages' must be a list of {{role, content}}, got a string that "
+                            f"is not JSON") from None
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+    for k, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: messages[{k}] must be {{role: ..., content: ...}} with text values, "
+                            f"got {m!r}")
+    return value
