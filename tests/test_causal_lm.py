@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,14 +245,15 @@ def test_forward_kl_run_lowers_kl_and_saves_a_loadable_student(tmp_path, tok, fo
     assert student(**ids).logits.shape == (1, ids["input_ids"].shape[1], len(tok))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="Distiller._save_checkpoint writes the state dict with safetensors' save_file, which "
-                   "refuses tied weights (embed_tokens / lm_head share storage); fix in train/distiller.py, "
-                   "then drop this marker")
 def test_tied_student_run_checkpoints(tmp_path, folders):
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in SENTENCES])
     summary = run_recipe(recipe(tmp_path, folders["llama"], data, data, max_steps=1))
     assert AutoModelForCausalLM.from_pretrained(summary["student_dir"]).config.tie_word_embeddings
+    # `potstill eval` reloads the saved (non-factory) student and scores it like the run did
+    from potstill.evaluate import evaluate_run
+
+    rows = evaluate_run(Path(summary["student_dir"]).parent)
+    assert rows[1]["perplexity"] == pytest.approx(summary["table"][-1]["perplexity"], rel=1e-4)
 
 
 def test_perplexity_matches_a_direct_computation(tmp_path, tok, folders):

@@ -43,6 +43,9 @@ class TeacherConfig(_Strict):
     weights: str | None = Field(None, description="optional .safetensors/.pt state dict for the factory's module")
     tokenizer: str | None = Field(None, description="causal_lm task: tokenizer folder (or builtin:smollm2) shared by "
                                   "teacher and student; default: teacher.path. Needed with teacher.factory")
+    cache: str | None = Field(None, description="causal_lm task: top-k cache folder. `potstill cache RECIPE` writes "
+                              "the teacher's top-k log-probs there once; `potstill run` then reads them instead of "
+                              "running the teacher each step (sparse divergences: top-k ids + one tail bucket)")
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
@@ -132,6 +135,17 @@ class TrainerConfig(_Strict):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
 
 
+class GenerationConfig(_Strict):
+    lmbda: float = Field(0.0, ge=0, le=1, description="causal_lm task: probability that a micro-batch's completions "
+                         "are sampled from the student and scored by the teacher (on-policy, GKD's λ); 0 = off")
+    seq_kd: bool = Field(False, description="causal_lm task: train on teacher-generated completions of the "
+                         "prompts (sequence-level KD), generated once and stored with the cache or run")
+    max_new_tokens: int = Field(128, ge=1, description="tokens sampled per completion")
+    temperature: float = Field(0.9, ge=0, description="sampling temperature (0 = greedy)")
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens (0 = all)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1.0 = off)")
+
+
 class Recipe(_Strict):
     """A whole run. See recipes/*.yaml for examples and `potstill run --help`."""
 
@@ -146,11 +160,21 @@ class Recipe(_Strict):
     pooling: Literal["mean", "cls"] = Field("mean", description="embedding task: sentence pooling")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig,
+                                         description="causal_lm task: on-policy and sequence-level distillation")
 
     @model_validator(mode="after")
     def _has_loss(self) -> Recipe:
         if not self.objectives and self.trainer.hard_label_weight == 0:
             raise ValueError("no loss: give at least one objective or trainer.hard_label_weight > 0")
+        if self.task != "causal_lm":
+            if self.teacher.cache is not None:
+                raise ValueError("teacher.cache is for the causal_lm task")
+            if self.generation.lmbda or self.generation.seq_kd:
+                raise ValueError("generation (lmbda, seq_kd) is for the causal_lm task")
+        if self.generation.lmbda and self.teacher.cache is not None:
+            raise ValueError("generation.lmbda > 0 needs a live teacher to score the student's samples; "
+                             "remove teacher.cache or set generation.lmbda: 0")
         return self
 
     @property
@@ -311,6 +335,7 @@ def _resolve_relative(recipe: Recipe, base: Path) -> None:
         if src is not None:
             src.path = fix(src.path)
     recipe.teacher.weights = fix(recipe.teacher.weights)
+    recipe.teacher.cache = fix(recipe.teacher.cache)
     if recipe.teacher.tokenizer and (base / recipe.teacher.tokenizer).exists():
         recipe.teacher.tokenizer = str(base / recipe.teacher.tokenizer)
     if recipe.teacher.path and (base / recipe.teacher.path).exists():

@@ -21,7 +21,7 @@ def evaluate_run(run_dir: str | Path) -> list[dict[str, Any]]:
     recipe = load_recipe(run_dir / "recipe.yaml")
     factory_student = recipe.student.init == "factory"
     if not factory_student:
-        recipe.student.init, recipe.student.path = "pretrained", str(student_dir)
+        recipe.student = recipe.student.model_copy(update={"init": "pretrained", "path": str(student_dir)})
     task = build_task(recipe, run_dir=run_dir)
     task.setup()
     if factory_student:
