@@ -1,4 +1,4 @@
-"""The `potstill` command line: run, demo, eval, objectives.
+"""The `potstill` command line: run, demo, eval, cache, objectives.
 
 A user's mistake (bad recipe, missing file, malformed data line) prints one paragraph and exits with
 code 2, without a traceback. A run that diverges (NaN/inf loss) exits with code 3.
@@ -81,6 +81,48 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (h
     _quiet_transformers()
     rows = evaluate_run(run_dir)
     _console().print(rich_table(f"evaluation of {run_dir}", rows))
+
+
+@app.command()
+def cache(recipe: Annotated[Path, typer.Argument(help="causal_lm recipe YAML file")],
+          set_: SetOption = None,
+          k: Annotated[int, typer.Option("--k", min=1, help="token ids kept per position")] = 64,
+          temperature: Annotated[float, typer.Option(help="teacher logits are divided by this (the run's "
+                                                     "objectives must use the same temperature)")] = 1.0,
+          out: Annotated[Path | None, typer.Option(help="cache folder (default: the recipe's teacher.cache)")] = None,
+          batch_size: Annotated[int, typer.Option(min=1, help="sequences per teacher forward")] = 8,
+          overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing cache")] = False,
+          ) -> None:
+    """Run a causal_lm recipe's teacher once over its training data; store the top-k log-probs per token."""
+    from potstill.config import load_recipe
+    from potstill.tasks import build_task
+    from potstill.teachers.capture import capture_teacher_topk
+    from potstill.train.progress import make_progress
+
+    cfg = load_recipe(recipe, set_ or [])
+    if cfg.task != "causal_lm":
+        raise UserError(f"{recipe}: field task: `potstill cache` stores a causal LM's token log-probs; this recipe's "
+                        f"task is {cfg.task}")
+    target = out or (Path(cfg.teacher.cache) if cfg.teacher.cache else None)
+    if target is None:
+        raise UserError(f"{recipe}: say where the cache goes: --out DIR, or teacher.cache in the recipe")
+    _quiet_transformers()
+    if cfg.trainer.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.trainer.num_threads)
+    cfg.teacher.cache = str(target)
+    task = build_task(cfg, run_dir=cfg.run_dir)
+    task.setup(capture=True)
+    progress = make_progress()
+    with progress:
+        bar = progress.add_task("teacher top-k", total=len(task.train_records))
+        manifest = capture_teacher_topk(task, target, k=k, temperature=temperature, batch_size=batch_size,
+                                        overwrite=overwrite,
+                                        on_batch=lambda done, total: progress.update(bar, completed=done))
+    _console().print(f"cache written to {target}: {manifest['num_records']:,} sequences, "
+                     f"{manifest['num_tokens']:,} tokens, k={k}, T={temperature:g}, "
+                     f"{manifest['bytes_per_token']} bytes/token, {manifest['seconds']:.1f} s")
 
 
 @app.command()

@@ -15,6 +15,7 @@ from .divergences import (
     tvd,
 )
 from .embedding import embedding_cosine, embedding_mse
+from .fused import fused_linear_divergence
 from .ranking import listwise_kl, margin_mse
 from .sinkhorn import sinkhorn, sinkhorn_plan
 from .sparse import (
@@ -38,6 +39,7 @@ __all__ = [
     "embedding_cosine",
     "embedding_mse",
     "forward_kl",
+    "fused_linear_divergence",
     "generalized_jsd",
     "get_objective",
     "listwise_kl",

@@ -49,6 +49,11 @@ class Task(ABC):
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
         """Tensors for one micro-batch; `indices` are the records' positions in `train_records`."""
 
+    def prepare_batch(self, batch: dict[str, Any], student: torch.nn.Module, micro_batch: int) -> dict[str, Any]:
+        """Last change to a collated, on-device micro-batch before the forwards (e.g. on-policy sampling with
+        the unwrapped `student`); `micro_batch` is its global number. Default: unchanged."""
+        return batch
+
     @abstractmethod
     def count_rows(self, batch: dict[str, Any]) -> int:
         """Rows of the batch that count in the loss (samples, sentences or tokens)."""

@@ -109,7 +109,8 @@ class CausalLMTask(Task):
     name = "causal_lm"
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
+    def setup(self, *, is_main: bool = True, barrier=lambda: None, capture: bool = False) -> None:
+        """Load models and data. `capture=True` is `potstill cache` writing `teacher.cache` (not reading it)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         r = self.recipe
@@ -142,6 +143,25 @@ class CausalLMTask(Task):
             self._check_vocab(model, role)
         self.train_records = self._examples(r.data.train, "data.train", is_main=is_main)
         self.eval_records = self._examples(r.data.eval, "data.eval", is_main=is_main) if r.data.eval else []
+        gen = r.generation
+        if (gen.lmbda or gen.seq_kd) and (r.data.packing or self.train_format == "text"):
+            raise UserError("generation.lmbda and generation.seq_kd sample completions after each record's prompt: "
+                            "they need prompt/completion or messages records, without data.packing")
+        cache = None
+        if r.teacher.cache and not capture:
+            from potstill.teachers.cache import TopKCache
+
+            cache = TopKCache(r.teacher.cache)
+        self.seq_kd_file: dict[str, Any] | None = None
+        if gen.seq_kd:
+            self.train_records = self._seq_kd_examples(cache, is_main=is_main, barrier=barrier, capture=capture)
+        self.topk_cache = None
+        if cache is not None:
+            from potstill.teachers.capture import expected_cache_meta
+
+            cache.check_expect(expected_cache_meta(self))
+            self._check_objectives_for_cache(cache)
+            self.topk_cache = cache
         if not any(t != -100 for ex in self.train_records for t in ex["targets"]):
             raise UserError("data.train: no token is counted in any record (prompts longer than data.max_length, "
                             "or no assistant turns); raise data.max_length or check data.format")
@@ -186,6 +206,8 @@ class CausalLMTask(Task):
             fmt = infer_format(self.load(DataSource(path=source.path, split=source.split, columns=source.columns,
                                                     limit=1))[0], field=field)
         records = self.load(source, required=FORMAT_FIELDS[fmt])
+        if field == "data.train":
+            self.train_format = fmt
         if fmt == "messages" and not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"{field}: chat `messages` need a tokenizer with a chat template, and "
                             f"{_tokenizer_name(self.tokenizer)} has none; use prompt/completion or text records, "
@@ -303,7 +325,117 @@ class CausalLMTask(Task):
         logits = self._raw_logits(model, batch["input_ids"], batch["attention_mask"])
         return logits[..., :self.vocab_size] if logits.shape[-1] != self.vocab_size else logits
 
-    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
+    # ------------------------------------------------------------------ cached teacher, seq-KD, on-policy
+    def _check_objectives_for_cache(self, cache: Any) -> None:
+        """A cache holds top-k log-probs at one temperature: only divergences with a sparse form, at that T."""
+        from potstill.losses.sparse import sparse_version
+
+        for i, objective in enumerate(self.recipe.objectives):
+            if sparse_version(objective.name) is None:
+                raise UserError(f"field objectives.{i}.name: {objective.name} needs the teacher's full logits; with "
+                                f"teacher.cache use forward_kl, reverse_kl, soft_cross_entropy, generalized_jsd, "
+                                f"skew_kl, skew_reverse_kl or tvd (they switch to their top-k forms)")
+            t = float(objective.params.get("temperature", 1.0))
+            if t != cache.temperature:
+                raise UserError(f"field objectives.{i}.params.temperature: {t:g}, but {cache.path} holds the "
+                                f"teacher's log-probs at temperature {cache.temperature:g}; use that temperature, or "
+                                f"rebuild the cache with `potstill cache --temperature {t:g}`")
+
+    @staticmethod
+    def prompt_of(example: dict[str, list[int]]) -> list[int]:
+        """The tokens before the first counted target: the prompt a completion is sampled after."""
+        first = next((j for j, t in enumerate(example["targets"]) if t != -100), len(example["input_ids"]) - 1)
+        return list(example["input_ids"][:first + 1])
+
+    def with_completion(self, prompt: list[int], completion: list[int]) -> dict[str, list[int]]:
+        """An example of `prompt` + `completion` (cut to data.max_length) whose targets are the completion."""
+        max_len = self.recipe.data.max_length
+        ids = (prompt + completion)[:max_len]
+        counted = ([False] * len(prompt) + [True] * len(completion))[:max_len]
+        return {"input_ids": ids, "targets": shift_targets(ids, counted)}
+
+    def _sampling(self) -> Any:
+        from potstill.tasks.generation import SamplingSettings
+
+        gen = self.recipe.generation
+        return SamplingSettings(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+                                top_p=gen.top_p)
+
+    def _seq_kd_examples(self, cache: Any, *, is_main: bool, barrier, capture: bool) -> list[dict[str, list[int]]]:
+        """Training examples whose completions are the teacher's (sequence-level KD), generated once: stored in
+        the top-k cache (`potstill cache`) or in the run folder, and reused while prompts and settings match."""
+        from dataclasses import asdict
+
+        from potstill.io import atomic_write_json
+        from potstill.tasks.generation import sample_completions
+        from potstill.train.progress import task_progress
+
+        prompts = [self.prompt_of(ex) for ex in self.train_records]
+        settings = self._sampling()
+        key = hashlib.sha256(json.dumps({"prompts": prompts, "settings": asdict(settings), "seed": self.recipe.seed,
+                                         "teacher": self.recipe.teacher.path or self.recipe.teacher.factory},
+                                        sort_keys=True).encode()).hexdigest()
+        name = "seq_kd_completions.json"
+        if cache is not None:
+            raw = cache.read_file(name)
+            stored = json.loads(raw) if raw is not None else None
+            if stored is None or stored.get("key") != key:
+                raise UserError(f"teacher.cache {cache.path}: " + (
+                    "holds no seq-KD completions" if stored is None else
+                    "its seq-KD completions were generated for other prompts, teacher or generation settings")
+                    + "; rebuild it with `potstill cache` and this recipe (generation.seq_kd: true)")
+        else:
+            path = None if capture else self.run_dir / name
+            stored = json.loads(path.read_text()) if path is not None and path.exists() else None
+            if stored is None or stored.get("key") != key:
+                if is_main:
+                    completions, batch = [], 8
+                    pad = self.pad_id
+                    with task_progress("teacher completions (seq-KD)", len(prompts)) as advance:
+                        for first in range(0, len(prompts), batch):
+                            completions += sample_completions(
+                                self.teacher, prompts[first:first + batch], settings=settings, pad_token_id=pad,
+                                eos_token_id=self.tokenizer.eos_token_id, seed=self.recipe.seed * 1_000_003 + first)
+                            advance(len(prompts[first:first + batch]))
+                    stored = {"key": key, "teacher": self.recipe.teacher.path or self.recipe.teacher.factory,
+                              "settings": asdict(settings), "completions": completions}
+                    if path is not None:
+                        self.run_dir.mkdir(parents=True, exist_ok=True)
+                        atomic_write_json(path, stored)
+                barrier()
+                if not is_main:
+                    stored = json.loads(path.read_text())
+        self.seq_kd_file = stored
+        return [self.with_completion(p, c) for p, c in zip(prompts, stored["completions"], strict=True)]
+
+    def prepare_batch(self, batch: dict[str, Any], student: nn.Module, micro_batch: int) -> dict[str, Any]:
+        """On-policy distillation (GKD): with probability generation.lmbda, replace the micro-batch's completions
+        by the student's own samples, which the teacher then scores. The coin and the samples are seeded by
+        (seed, micro-batch, process), so a resumed run redraws exactly the same batches."""
+        lmbda = self.recipe.generation.lmbda
+        if not lmbda:
+            return batch
+        from potstill.tasks.generation import sample_completions
+
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = (self.recipe.seed * 1_000_003 + micro_batch) * 1_009 + rank
+        if float(torch.rand(1, generator=torch.Generator().manual_seed(seed))) >= lmbda:
+            return batch
+        indices = batch["index"].tolist()
+        prompts = [self.prompt_of(self.train_records[i]) for i in indices]
+        completions = sample_completions(student, prompts, settings=self._sampling(), pad_token_id=self.pad_id,
+                                         eos_token_id=self.tokenizer.eos_token_id, seed=seed)
+        new = self.collate([self.with_completion(p, c) for p, c in zip(prompts, completions, strict=True)], indices)
+        return {**self.to_device(new), "on_policy": True}
+
+    def teacher_signal(self, batch: dict[str, Any]) -> Any:
+        """The live teacher's logits `[B, T, V]`, or with `teacher.cache` its cached top-k (`TopKTeacher`)."""
+        if self.topk_cache is not None:
+            lengths = batch["attention_mask"].sum(1).tolist()
+            cached = self.topk_cache.get(batch["index"].tolist(), length=batch["input_ids"].shape[1],
+                                         expect_lengths=lengths)
+            return cached.to(self.device)
         from potstill.teachers import teacher_outputs
 
         return teacher_outputs(self.logits, self.teacher, batch)

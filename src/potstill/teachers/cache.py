@@ -173,6 +173,7 @@ class TopKCacheWriter:
         self._high_bits = id_high_bits(vocab_size)
         self._records: dict[int, tuple[int, int, int]] = {}  # record -> (shard, offset, length)
         self._shards: list[dict[str, Any]] = []
+        self._files: list[dict[str, Any]] = []
         self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._buffer_tokens = 0
         self._buffer_records = 0
@@ -303,6 +304,16 @@ class TopKCacheWriter:
         })
         self._buffer, self._buffer_tokens, self._buffer_records = [], 0, 0
 
+    def add_file(self, name: str, data: bytes) -> None:
+        """Store a companion file with the cache (e.g. the teacher's seq-KD completions), checksummed like the
+        shards; read it back with `TopKCache.read_file(name)`."""
+        if not self._open:
+            raise RuntimeError("this TopKCacheWriter is closed")
+        if Path(name).name != name or name in (MANIFEST, INDEX_FILE) or name.startswith("shard-"):
+            raise ValueError(f"companion file name {name!r} must be a plain file name, not a cache file's")
+        atomic_write_bytes(self._tmp / name, data)
+        self._files.append({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
     def close(self) -> dict[str, Any]:
         """Write the last shard, the index and the manifest, move the cache into place; return the manifest."""
         if not self._open:
@@ -333,6 +344,7 @@ class TopKCacheWriter:
                 "file_bytes_per_token": shard_bytes / self._num_tokens if self._num_tokens else None,
                 "index": {"file": INDEX_FILE, "bytes": len(index), "sha256": hashlib.sha256(index).hexdigest()},
                 "shards": self._shards,
+                "files": self._files,
                 "meta": self._meta,
             }
             atomic_write_json(self._tmp / MANIFEST, manifest)
@@ -381,6 +393,8 @@ class TopKCache:
         self._check_file(m["index"], "index", hash_it=True)
         for shard in m["shards"]:
             self._check_file(shard, "shard", hash_it=verify)
+        for extra in m.get("files", []):
+            self._check_file(extra, "file", hash_it=True)
         if expect:
             self._check_expect(expect)
         self._load_index()
@@ -437,6 +451,16 @@ class TopKCache:
         if field in TOP_LEVEL_FIELDS:
             return self._manifest.get(field, _MISSING)
         return self._manifest["meta"].get(field, _MISSING)
+
+    def read_file(self, name: str) -> bytes | None:
+        """A companion file stored with `TopKCacheWriter.add_file` (checksum verified on open), or None."""
+        if not any(entry["file"] == name for entry in self._manifest.get("files", [])):
+            return None
+        return (self.path / name).read_bytes()
+
+    def check_expect(self, expect: dict[str, Any]) -> None:
+        """Refuse (UserError) a cache whose manifest differs from `expect`, listing every differing field."""
+        self._check_expect(expect)
 
     def _check_expect(self, expect: dict[str, Any]) -> None:
         diffs = []

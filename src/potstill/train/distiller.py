@@ -422,8 +422,10 @@ class Distiller:
                 records = task.train_records
                 batches = []
                 for j in range(cfg.grad_accum):
-                    idx = self._micro_batch_indices(step * cfg.grad_accum + j)
-                    batches.append(task.to_device(task.collate([records[i] for i in idx], idx)))
+                    micro_batch = step * cfg.grad_accum + j
+                    idx = self._micro_batch_indices(micro_batch)
+                    batch = task.to_device(task.collate([records[i] for i in idx], idx))
+                    batches.append(task.prepare_batch(batch, acc.unwrap_model(student), micro_batch))
                 local_rows = torch.tensor(float(sum(task.count_rows(b) for b in batches)))
                 global_rows = float(self._reduce_sum(local_rows))
                 scale = acc.num_processes / max(global_rows, 1.0)

@@ -1,0 +1,83 @@
+"""`potstill cache`: run a causal-LM teacher once over a recipe's training data and store its top-k log-probs.
+
+The cache is keyed by training-sequence index (the task's `train_records`), so a run that reads it gets the
+rows of exactly the sequences in its batch, whatever the shuffling, accumulation or number of processes. Its
+manifest records what the rows depend on; a run whose teacher, tokenizer, data, k, temperature or vocabulary
+differ is refused (`expected_cache_meta` is what both sides compute).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from potstill.teachers.cache import TopKCacheWriter
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's parameters and buffers (names, dtypes, shapes and bytes), in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def sequences_fingerprint(records: list[dict[str, Any]]) -> str:
+    """sha256 of the token ids of every training sequence, in order (what the teacher's rows depend on)."""
+    h = hashlib.sha256()
+    for record in records:
+        h.update(torch.tensor(record["input_ids"], dtype=torch.int64).numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def teacher_name(task: Any) -> str:
+    recipe = task.recipe
+    return recipe.teacher.path or recipe.teacher.factory or type(task.teacher).__name__
+
+
+def expected_cache_meta(task: Any) -> dict[str, Any]:
+    """The facts a cache must match to feed this task's training run."""
+    from potstill.tasks.causal_lm import tokenizer_fingerprint
+
+    return {"teacher": teacher_name(task), "teacher_weights_sha256": weights_fingerprint(task.teacher),
+            "tokenizer_sha256": tokenizer_fingerprint(task.tokenizer),
+            "data_sha256": sequences_fingerprint(task.train_records), "max_length": task.recipe.data.max_length,
+            "vocab_size": task.vocab_size, "num_records": len(task.train_records)}
+
+
+def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, temperature: float = 1.0,
+                         batch_size: int = 8, overwrite: bool = False, on_batch=None) -> dict[str, Any]:
+    """Write the teacher's top-`k` log-probs at `temperature` for every position of every training sequence.
+
+    `task` is a set-up causal-LM task. `on_batch(done_sequences, total_sequences)` reports progress. Returns
+    the manifest, plus "seconds".
+    """
+    start = time.perf_counter()
+    records = task.train_records
+    meta = {key: value for key, value in expected_cache_meta(task).items() if key not in ("vocab_size",
+                                                                                          "num_records")}
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["input_ids"]))  # less padding per batch
+    with TopKCacheWriter(out_dir, k=k, temperature=temperature, vocab_size=task.vocab_size, meta=meta,
+                         overwrite=overwrite) as writer:
+        if getattr(task, "seq_kd_file", None) is not None:  # the teacher's seq-KD completions live with the cache
+            writer.add_file("seq_kd_completions.json", json.dumps(task.seq_kd_file).encode())
+        for first in range(0, len(order), batch_size):
+            idx = order[first:first + batch_size]
+            batch = task.to_device(task.collate([records[i] for i in idx], idx))
+            with torch.inference_mode():
+                logits = task.logits(task.teacher, batch)
+            for row, i in enumerate(idx):
+                writer.add(i, logits[row, :len(records[i]["input_ids"])].float().cpu())
+            if on_batch is not None:
+                on_batch(min(first + batch_size, len(order)), len(order))
+        manifest = writer.close()
+    return {**manifest, "seconds": time.perf_counter() - start}
