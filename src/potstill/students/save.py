@@ -20,6 +20,35 @@ def _base_model(model: Any) -> Any:
     return base if base is not None else model
 
 
+def safetensors_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict safetensors can write: detached, contiguous, on the CPU, and tied tensors (e.g. input
+    embeddings = lm_head) stored as separate copies (`load_state_dict` fills both keys back into one tensor)."""
+    out, seen = {}, set()
+    for key, value in state_dict.items():
+        value = value.detach().contiguous().cpu()
+        if value.data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.data_ptr())
+        out[key] = value
+    return out
+
+
+def save_factory_student(model: Any, path: str | os.PathLike, *, factory: str | None, kwargs: dict[str, Any],
+                         tokenizer: Any = None, extra: dict[str, Any] | None = None) -> Path:
+    """Save a plain torch student (made by a `factory`): `model.safetensors`, the tokenizer if any, and
+    `potstill_student.json` saying how to rebuild the module. Written atomically."""
+    from safetensors.torch import save_file
+
+    from potstill.io import atomic_write_json
+
+    with atomic_dir(path) as tmp:
+        save_file(safetensors_state(model.state_dict()), str(tmp / "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "potstill_student.json", {"factory": factory, "kwargs": kwargs, **(extra or {})})
+    return Path(path)
+
+
 def save_hf_student(model: Any, tokenizer: Any, path: str | os.PathLike) -> Path:
     """`save_pretrained` the model (safetensors) and the tokenizer into `path`, replacing it atomically.
 

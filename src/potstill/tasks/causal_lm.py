@@ -45,7 +45,7 @@ from torch import nn
 from potstill.config import DataSource
 from potstill.errors import UserError
 from potstill.eval import compare_throughput, count_parameters
-from potstill.io import atomic_dir, atomic_write_json
+from potstill.io import atomic_write_json
 from potstill.tasks.base import Task
 from potstill.tasks.models import build_student, load_factory_teacher, load_hf_teacher, resolve_model_path
 
@@ -366,7 +366,6 @@ class CausalLMTask(Task):
         the top-k cache (`potstill cache`) or in the run folder, and reused while prompts and settings match."""
         from dataclasses import asdict
 
-        from potstill.io import atomic_write_json
         from potstill.tasks.generation import sample_completions
         from potstill.train.progress import task_progress
 
@@ -538,14 +537,10 @@ class CausalLMTask(Task):
 
             save_hf_student(model, self.tokenizer, path)
             return
-        from safetensors.torch import save_file
+        from potstill.students.save import save_factory_student
 
-        with atomic_dir(path) as tmp:
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
-            self.tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / "potstill_student.json", {"factory": self.recipe.student.factory,
-                                                              "kwargs": self.recipe.student.kwargs})
+        save_factory_student(model, path, factory=self.recipe.student.factory, kwargs=self.recipe.student.kwargs,
+                             tokenizer=self.tokenizer)
 
 
 def _exp(x: float) -> float:

@@ -16,7 +16,6 @@ from torch import nn
 
 from potstill.errors import UserError
 from potstill.eval import classification_metrics, compare_throughput, count_parameters
-from potstill.io import atomic_dir, atomic_write_json
 from potstill.tasks.base import Task
 from potstill.tasks.models import build_student, load_factory_teacher, load_hf_teacher
 
@@ -160,11 +159,7 @@ class ClassificationTask(Task):
 
             save_hf_student(model, self.tokenizer, path)
             return
-        from safetensors.torch import save_file
+        from potstill.students.save import save_factory_student
 
-        with atomic_dir(path) as tmp:
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
-            atomic_write_json(tmp / "potstill_student.json", {
-                "factory": self.recipe.student.factory, "kwargs": self.recipe.student.kwargs,
-                "labels": {str(k): v for k, v in (self.label_ids or {}).items()}})
+        save_factory_student(model, path, factory=self.recipe.student.factory, kwargs=self.recipe.student.kwargs,
+                             extra={"labels": {str(k): v for k, v in (self.label_ids or {}).items()}})

@@ -219,14 +219,9 @@ class Distiller:
         if self.is_main:
             from safetensors.torch import save_file
 
-            tensors, seen = {}, set()
-            for key, value in state_dict.items():
-                value = value.detach().contiguous().cpu()
-                if value.data_ptr() in seen:  # tied weights (embeddings = lm_head): safetensors wants one copy each
-                    value = value.clone()
-                seen.add(value.data_ptr())
-                tensors[key] = value
-            save_file(tensors, str(tmp / "student.safetensors"))
+            from potstill.students.save import safetensors_state
+
+            save_file(safetensors_state(state_dict), str(tmp / "student.safetensors"))
             ckpt.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
             ckpt.save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
             ckpt.save_torch({o.name: o.fn.state_dict() for o in self.objectives if isinstance(o.fn, nn.Module)},
