@@ -149,3 +149,33 @@ def test_seq_kd_trains_on_teacher_completions_stored_once(tmp_path, raw):
     changed = dict(cached, name="changed", generation={**gen, "max_new_tokens": 3})
     with pytest.raises(UserError, match="seq-KD completions were generated for other"):
         run_recipe(load_recipe(_write(tmp_path, changed, "changed.yaml")))
+
+
+@pytest.mark.slow
+def test_cached_teacher_rows_align_across_two_processes(tmp_path, raw, folders):
+    """2 processes × batch 2 read the same cached rows as 1 process × batch 4: same student weights (the Llama
+    teacher: no dropout, so both runs compute the same thing; its vocabulary is also padded)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import REPO
+    from safetensors.torch import load_file
+
+    raw = dict(raw, teacher={**raw["teacher"], "path": str(folders["llama"])})
+    path = _write(tmp_path, raw)
+    assert main(["cache", str(path), "--k", "8"]) == 0
+    two = _write(tmp_path, dict(raw, name="two"), "two.yaml")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "29563",
+           "-m", "potstill", "run", str(two)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_recipe(_write(tmp_path, dict(raw, name="one", trainer={**raw["trainer"], "batch_size": 4}), "1.yaml"))
+    run_recipe(one)
+    a = load_file(str(tmp_path / "runs" / "two" / "student" / "model.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "one" / "student" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
