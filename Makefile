@@ -33,8 +33,11 @@ lint: venv
 test: venv lint
 	$(VENV)/bin/pytest -q
 
+# TRL (the `bench` extra) only for benchmarks/llm_step.py; `make test` never installs it.
 bench: venv
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/loss_memory.py
+	$(PY) benchmarks/llm_step.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
