@@ -14,11 +14,8 @@ The cache is written once by `capture_teacher_topk(task, dir, k=--k, temperature
 (payload: 4·k + 4 for this vocabulary) and `file_bytes_per_token` (shard bytes, headers included, / tokens).
 
 Variants, each a real `run_recipe(recipe, overwrite=True)` in a fresh subprocess, `--steps` optimizer steps:
-- `plain`: no objectives, `trainer.hard_label_weight: 1`, run as potstill runs it. NOTE: `Distiller._train_steps`
-  calls `task.teacher_signal(batch)` on every micro-batch whatever the objectives, so this variant still runs
-  the live teacher's forward each step and throws the logits away.
-- `student_only`: `plain` with `CausalLMTask.teacher_signal` replaced (in the worker process only) by a function
-  returning None, i.e. true student fine-tuning; the baseline of the 1.1× target.
+- `plain`: no objectives, `trainer.hard_label_weight: 1`: plain student fine-tuning on the same tokens, the
+  baseline of the 1.1× target (the loop runs no teacher when no objective reads it).
 - `cached`: objective `forward_kl` (T = 1) with `teacher.cache`; the Objective switches to `sparse_forward_kl`
   because the task hands it a `TopKTeacher` (`TopKCache.get` on the CPU, then `.to(device)`).
 - `cached_hl`: `cached` + `trainer.hard_label_weight: 1`.
@@ -34,12 +31,10 @@ inside each round from the per-run medians and reported as median (min–max) ov
 the same environment (THP_MEM_ALLOC_ENABLE as given to this script: `--thp` sets it, default leaves it alone).
 `os.getloadavg()` is printed before, between rounds and after: another job on the machine skews everything.
 
-Profile (`--profile auto`: only when cached/student_only > 1.1): one worker runs `cached` and `student_only`
-with per-phase timers (teacher signal = cache.get + `.to`, student forward, loss forward, backward, optimizer +
-rest), a `torch.profiler` table of one cached step, and a loss-only micro-benchmark on `[4, 256, 49152]` student
-logits and a real cached batch: cross-entropy vs `sparse_forward_kl` vs a single-pass sketch of the same sparse
-forward KL (a custom autograd function: one exp pass forward, one softmax pass backward; checked against
-`sparse_forward_kl` for value and gradient) that shows what a fused sparse loss would save.
+Every run has per-phase timers (teacher signal = cache.get + `.to`, student forward, loss forward, backward,
+optimizer + rest). Profile (`--profile auto`: only when cached/plain > 1.1; `always`): a `torch.profiler` table
+of one cached step, and a loss-only micro-benchmark on `[4, 256, 49152]` student logits and a real cached
+batch: cross-entropy vs `sparse_forward_kl` (unchunked and chunked).
 
 Usage: python benchmarks/cache_step.py [--rounds 3] [--steps 8] [--k 64] [--quick] [--profile auto|always|never]
 """
@@ -57,10 +52,9 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("plain", "student_only", "cached", "cached_hl", "live")
+VARIANTS = ("plain", "cached", "cached_hl", "live")
 DESCRIPTIONS = {
-    "plain": "hard-label CE, as potstill runs it (teacher forward still runs)",
-    "student_only": "hard-label CE, teacher_signal skipped (true fine-tuning)",
+    "plain": "hard-label CE only: student fine-tuning",
     "cached": "forward_kl from the top-k cache (sparse form)",
     "cached_hl": "cached + hard-label CE",
     "live": "forward_kl with the live teacher (dense)",
@@ -86,7 +80,7 @@ def recipe_dict(work: Path, variant: str, *, steps: int, articles: int, max_leng
                     "save_every": 0},
         "eval": {"every": 0, "compare_before": False, "throughput": False},
     }
-    if variant in ("plain", "student_only"):
+    if variant == "plain":
         r["trainer"]["hard_label_weight"] = 1.0
     else:
         r["objectives"] = [{"name": "forward_kl"}]
@@ -140,12 +134,6 @@ def worker_prepare(args) -> dict:
             "file_bytes_per_token": manifest["file_bytes_per_token"], "capture_s": manifest["seconds"],
             "setup_s": setup_s, "fingerprint_s": fingerprint_s, "folder_bytes": cache_bytes,
             "tokenizer_len": len(tokenizer)}
-
-
-def _patch_student_only() -> None:
-    from potstill.tasks.causal_lm import CausalLMTask
-
-    CausalLMTask.teacher_signal = lambda self, batch: None
 
 
 PHASES = ("teacher signal (cache.get + .to / live forward)", "  of which TopKCache.get + TopKTeacher.to",
@@ -207,8 +195,6 @@ def worker_run(args) -> dict:
 
     _quiet()
     work = Path(args.work)
-    if args.variant == "student_only":
-        _patch_student_only()
     rows: list[int] = []
     count_rows = CausalLMTask.count_rows
 
@@ -236,44 +222,6 @@ def worker_run(args) -> dict:
 
 
 # --- profiling ---------------------------------------------------------------------------------------------
-
-
-def _fused_sparse_forward_kl_sketch():
-    """A single-pass sparse forward KL (T = 1, sum over rows): the shape of the suggested fix, for timing only."""
-    import torch
-
-    class SparseFKL(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, z, ids, lp_t, tail_t):
-            z = z.float()
-            m = z.amax(-1, keepdim=True)
-            e = (z - m).exp_()                                   # the one full [n, V] buffer
-            total = e.sum(-1)
-            top = e.gather(-1, ids)
-            tail_sum = e.scatter_(-1, ids, 0.0).sum(-1)          # exact: no 1 − Σ cancellation
-            lse = total.log() + m.squeeze(-1)
-            log_q = torch.cat([z.gather(-1, ids) - lse[:, None], (tail_sum.log() + m.squeeze(-1) - lse)[:, None]],
-                              -1)
-            log_p = torch.log_softmax(torch.cat([lp_t.float(), tail_t.float()[:, None]], -1), -1)
-            p = log_p.exp()
-            ctx.save_for_backward(z, ids, p, lse, log_q[:, -1], top / total[:, None])
-            return (p * (log_p - log_q)).sum(-1)
-
-        @staticmethod
-        def backward(ctx, grad):
-            z, ids, p, lse, log_q_tail, q_top = ctx.saved_tensors
-            q = (z - lse[:, None]).exp_()
-            q.mul_((1 - p[:, -1] / log_q_tail.exp())[:, None])
-            q.scatter_(-1, ids, q_top - p[:, :-1])
-            return q.mul_(grad[:, None]), None, None, None
-
-    def loss(z, teacher):
-        flat = z.reshape(-1, z.shape[-1])
-        k = teacher.ids.shape[-1]
-        return SparseFKL.apply(flat, teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k),
-                               teacher.tail_logprob.reshape(-1)).sum()
-
-    return loss
 
 
 def worker_profile(args) -> dict:
@@ -309,25 +257,14 @@ def worker_profile(args) -> dict:
     base = torch.randn(b, t, v, generator=gen)
     targets = teacher.ids[..., 0].clone()
     mask = torch.ones(b, t, dtype=torch.bool)
-    fused = _fused_sparse_forward_kl_sketch()
     cases = {
         "cross_entropy (hard label)": lambda z: torch.nn.functional.cross_entropy(
             z.flatten(0, 1), targets.flatten(), reduction="sum"),
         "sparse_forward_kl": lambda z: sparse_forward_kl(z, teacher, mask=mask, reduction="sum"),
         "sparse_forward_kl chunk 256": lambda z: sparse_forward_kl(z, teacher, mask=mask, reduction="sum",
                                                                    chunk_size=256),
-        "single-pass sketch": lambda z: fused(z, teacher),
         "TopKCache.get + .to": None,
     }
-    z1 = base.clone().requires_grad_(True)
-    ref = sparse_forward_kl(z1, teacher, mask=mask, reduction="sum")
-    ref.backward()
-    z2 = base.clone().requires_grad_(True)
-    val = fused(z2, teacher)
-    val.backward()
-    out["sketch_check"] = {"value_rel_err": abs(float(val) - float(ref)) / abs(float(ref)),
-                           "grad_max_abs_err": float((z1.grad - z2.grad).abs().max()),
-                           "grad_max_abs": float(z1.grad.abs().max())}
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(5):
         for name, fn in cases.items():
@@ -374,10 +311,10 @@ def main() -> None:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--articles", type=int, default=24, help="BBC training articles (packed into 256-token blocks)")
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--variants", default="plain,student_only,cached,live",
+    p.add_argument("--variants", default="plain,cached,live",
                    help=f"comma-separated, from {','.join(VARIANTS)} (cached_hl costs a ~7th of the run each)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run (< 1 min): 1 round, 3 steps, 32-token blocks, student_only/cached/live, no profile")
+                   help="smoke run (< 1 min): 1 round, 3 steps, 32-token blocks, plain/cached/live, no profile")
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--thp", choices=("0", "1"), default=None, help="set THP_MEM_ALLOC_ENABLE for every worker")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -394,7 +331,7 @@ def main() -> None:
 
     if args.quick:
         args.rounds, args.steps, args.warmup, args.articles, args.max_length = 1, 3, 2, 2, 32
-        args.variants = "student_only,cached,live"
+        args.variants = "plain,cached,live"
         args.profile = "never" if args.profile == "auto" else args.profile
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
                HF_HUB_DISABLE_PROGRESS_BARS="1", TERM="dumb")
@@ -402,8 +339,8 @@ def main() -> None:
         env["THP_MEM_ALLOC_ENABLE"] = args.thp
     variants = tuple(v for v in VARIANTS if v in args.variants.split(","))
     unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown or "student_only" not in variants:
-        raise SystemExit(f"--variants: unknown {sorted(unknown)} or no student_only (the baseline)")
+    if unknown or "plain" not in variants:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)} or no plain (the baseline)")
     start = time.perf_counter()
     print(f"cache_step: rounds={args.rounds} steps={args.steps} (first {args.warmup} dropped) k={args.k} "
           f"articles={args.articles} max_length={args.max_length} batch=4 fp32 threads=2 "
@@ -440,16 +377,15 @@ def main() -> None:
         for v in variants:
             print(f"  {v:12s} {fmt_ratio(med[v])} s   metrics.jsonl: "
                   f"{fmt_ratio([statistics.median(x['metric_s']) for x in results[v]])} s   {DESCRIPTIONS[v]}")
-        pairs = [("cached", "student_only"), ("cached_hl", "student_only"), ("live", "student_only"),
-                 ("live", "cached"), ("plain", "student_only"), ("cached", "plain"), ("live", "plain")]
+        pairs = [("cached", "plain"), ("cached_hl", "plain"), ("live", "plain"), ("live", "cached")]
         pairs = [(a, b) for a, b in pairs if a in variants and b in variants]
         print("\nratios inside each round, median (min–max) over rounds")
         ratios = {}
         for a, b in pairs:
             ratios[(a, b)] = [x / y for x, y in zip(med[a], med[b], strict=True)]
             print(f"  {a + '/' + b:26s} {fmt_ratio(ratios[(a, b)])}")
-        cached_ratio = statistics.median(ratios[("cached", "student_only")])
-        print(f"  target cached ≤ 1.1× plain student fine-tuning (student_only): "
+        cached_ratio = statistics.median(ratios[("cached", "plain")])
+        print(f"  target cached ≤ 1.1× plain student fine-tuning: "
               f"{'met' if cached_ratio <= 1.1 else 'MISSED'} ({cached_ratio:.3f})")
 
         print("\nper-phase wall time, ms per step: median over every kept step of every round (timers wrap the "
@@ -466,9 +402,6 @@ def main() -> None:
             print("  loss forward+backward alone on [4, 256, 49152] fp32 logits, ms median (min–max) of 5:")
             for n, (m, lo, hi) in prof["loss_bench"].items():
                 print(f"    {n:32s} {1000 * m:7.1f} ({1000 * lo:.1f}–{1000 * hi:.1f})")
-            c = prof["sketch_check"]
-            print(f"    sketch vs sparse_forward_kl: value rel err {c['value_rel_err']:.1e}, grad max abs err "
-                  f"{c['grad_max_abs_err']:.1e} (max |grad| {c['grad_max_abs']:.1e})")
             print("  torch.profiler, one cached optimizer step, top ops by self CPU time:")
             print("\n".join("    " + line for line in prof["profiler"].splitlines()))
         print(f"\nend: {loadavg()}   wall {time.perf_counter() - start:.0f} s")

@@ -20,6 +20,9 @@ Variants:
 - `trl`: TRL's `GKDTrainer` off-policy (`lmbda=0`, `beta=0.5`, `seq_kd=False`), float32 (`bf16=False`), no
   gradient checkpointing (TRL turns both on by default), `optim="adamw_torch"`, logging/saving/evaluation off,
   sequential sampler over the same data in the same order. Skipped with a message when TRL is not installed.
+- `potstill_fused`: `potstill` with `trainer.fused_lm_head: true` and the objective's `chunk_size` 256: the
+  student's lm_head runs inside the loss, 256 tokens at a time, so its `[4, 256, V]` logits (and their gradient)
+  never exist; the teacher's logits still do (a live teacher).
 - `chunked`: `minimal` with `chunk_size=512` in the loss. Its teacher runs under `no_grad` instead of
   `inference_mode`: the chunked path saves the teacher logits for its backward, which autograd refuses for
   inference tensors.
@@ -60,13 +63,15 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("minimal", "potstill", "trl", "chunked", "potstill_bare")
-DEFAULT_VARIANTS = ("minimal", "potstill", "trl", "chunked")
+VARIANTS = ("minimal", "potstill", "trl", "chunked", "potstill_fused", "potstill_bare")
+DEFAULT_VARIANTS = ("minimal", "potstill", "trl", "chunked", "potstill_fused")
+FUSED_CHUNK = 256
 LABELS = {
     "minimal": "(a) minimal PyTorch loop",
     "potstill": "(b) potstill Distiller",
     "trl": "(c) TRL GKDTrainer (λ=0)",
     "chunked": "(d) minimal, chunk_size=512",
+    "potstill_fused": f"(e) Distiller, fused head {FUSED_CHUNK}",
     "potstill_bare": "(b') Distiller, bare Task",
 }
 MARK = "@@RESULT "
@@ -197,19 +202,22 @@ def _bench_task(teacher, student, data, args):
     return TokenTask()
 
 
-def _recipe(args: argparse.Namespace):
-    """The run as a potstill recipe (causal_lm task). Teacher and student come from the benchmark, not from it."""
+def _recipe(args: argparse.Namespace, fused: bool = False):
+    """The run as a potstill recipe (causal_lm task). Teacher and student come from the benchmark, not from it.
+    `fused`: `trainer.fused_lm_head` with the objective's `chunk_size` = FUSED_CHUNK tokens."""
     from potstill.config import Recipe
+
+    params = {"beta": 0.5, **({"chunk_size": FUSED_CHUNK} if fused else {})}
 
     return Recipe.model_validate({
         "name": "llm_step", "task": "causal_lm", "seed": SEED,
         "teacher": {"path": "built-by-benchmarks/llm_step.py"},
         "student": {"init": "from_config", "config": {"num_hidden_layers": 2, "hidden_size": 128}},
         "data": {"train": {"path": "random-tokens"}},
-        "objectives": [{"name": "generalized_jsd", "params": {"beta": 0.5}}],
+        "objectives": [{"name": "generalized_jsd", "params": params}],
         "trainer": {"max_steps": 1, "batch_size": args.batch, "lr": args.lr, "weight_decay": 0.0,
                     "schedule": "constant", "warmup_steps": 0, "max_grad_norm": None, "log_every": 1,
-                    "save_every": 0, "num_threads": args.threads},
+                    "save_every": 0, "num_threads": args.threads, "fused_lm_head": fused},
         "eval": {"every": 0, "compare_before": False, "throughput": False},
     })
 
@@ -238,12 +246,13 @@ def _causal_lm_task(teacher, student, data, recipe, run_dir: Path):
     return BenchCausalLM(recipe, run_dir=run_dir)
 
 
-def _run_potstill(args, teacher, student, data, n_steps: int, bare: bool = False) -> tuple[list[float], str]:
+def _run_potstill(args, teacher, student, data, n_steps: int, bare: bool = False,
+                  fused: bool = False) -> tuple[list[float], str]:
     from potstill.train.distiller import Distiller, Objective
 
     run_dir = Path(tempfile.mkdtemp(prefix="llm_step_potstill_"))
     try:
-        recipe = _recipe(args)
+        recipe = _recipe(args, fused=fused)
         task = None if bare else _causal_lm_task(teacher, student, data, recipe, run_dir)
         used = "causal_lm adapter"
         if task is None:
@@ -334,8 +343,9 @@ def _worker(args: argparse.Namespace) -> None:
         if variant in ("minimal", "chunked"):
             chunk_size = 512 if variant == "chunked" else None
             first_loss, used = _run_minimal(args, teacher, student, data, n_steps, chunk_size)
-        elif variant in ("potstill", "potstill_bare"):
-            first_loss, used = _run_potstill(args, teacher, student, data, n_steps, bare=variant == "potstill_bare")
+        elif variant in ("potstill", "potstill_bare", "potstill_fused"):
+            first_loss, used = _run_potstill(args, teacher, student, data, n_steps, bare=variant == "potstill_bare",
+                                             fused=variant == "potstill_fused")
         else:
             first_loss, used = _run_trl(args, teacher, student, data, n_steps)
         if len(stamps) != n_steps:
@@ -458,7 +468,8 @@ def _main(args: argparse.Namespace) -> int:
         return _span([key(x) / key(y) for x, y in zip(results[a], results[b], strict=True)])
 
     pairs = [("potstill", "minimal", "≤ 1.03"), ("trl", "potstill", "≥ 1.3"), ("trl", "minimal", ""),
-             ("chunked", "minimal", ""), ("potstill_bare", "minimal", ""), ("potstill", "potstill_bare", "")]
+             ("chunked", "minimal", ""), ("potstill_fused", "minimal", ""), ("potstill_fused", "potstill", ""),
+             ("potstill_bare", "minimal", ""), ("potstill", "potstill_bare", "")]
     print(f"{'ratio, per round':<22} {'wall time':>22} {'CPU time':>22} {'peak extra memory':>22}  target")
     for a, b, target in pairs:
         if {a, b} <= set(variants):

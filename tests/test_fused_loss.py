@@ -1,4 +1,5 @@
-"""fused_linear_divergence equals divergence(h @ W.T + b, teacher) in values and gradients."""
+"""fused_linear_divergence equals divergence(h @ W.T + b, teacher) in values and gradients, for dense and top-k
+teachers; fused_linear_cross_entropy equals cross_entropy(h @ W.T + b, y)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from potstill.losses.divergences import forward_kl, generalized_jsd, reverse_kl, skew_kl, tvd
-from potstill.losses.fused import FUSED_DIVERGENCES, fused_linear_divergence
+from potstill.losses.fused import FUSED_DIVERGENCES, fused_linear_cross_entropy, fused_linear_divergence
+from potstill.losses.sparse import TopKTeacher, sparse_version
 
 torch.set_num_threads(1)
 
@@ -179,3 +181,70 @@ def test_masked_rows_are_never_computed():
     _close(got, fused_linear_divergence(h, w, t, lm_head_bias=b, mask=mask))
     gh, gw = torch.autograd.grad(got, (h_bad, w))
     assert (gh[~mask] == 0).all() and torch.isfinite(gw).all()
+
+
+def _top_k(teacher_logits, k, temperature=1.0):
+    """Top-k log-probs at `temperature` with the exact tail, written here independently of the cache."""
+    log_p = torch.log_softmax(teacher_logits.double() / temperature, -1)
+    lp, ids = log_p.topk(k, -1)
+    tail = torch.log1p(-lp.exp().sum(-1).clamp_max(1 - 1e-12))
+    return TopKTeacher(ids, lp.float(), tail.float())
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "generalized_jsd", "tvd"])
+@pytest.mark.parametrize("k", [5, V])
+def test_topk_teacher_matches_sparse_divergence_on_full_logits(name, k):
+    h, w, b, t = _inputs()
+    mask = _mask()
+    teacher = _top_k(t, k, temperature=1.5)
+    params = CASES[name][1]
+    logits = h @ w.t() + b
+    kw = {"temperature": 1.5, "mask": mask, "reduction": "sum"}
+    want = sparse_version(name)(logits, teacher, **params, **kw)
+    got = fused_linear_divergence(h, w, teacher, divergence=name, lm_head_bias=b, chunk_size=4, **params, **kw)
+    _close(got, want)
+    for g, wg in zip(_grads(got, (h, w, b), 2.0), _grads(want, (h, w, b), 2.0), strict=True):
+        _close(g, wg)
+
+
+def test_topk_teacher_with_padded_student_vocab():
+    vocab = 44
+    h, w, b, t = _inputs(vocab=V)
+    teacher = _top_k(t[..., :vocab], 6)
+    want = sparse_version("forward_kl")((h @ w.t() + b)[..., :vocab], teacher)
+    got = fused_linear_divergence(h, w, teacher, lm_head_bias=b, vocab_size=vocab, chunk_size=8)
+    _close(got, want)
+    (gw,) = torch.autograd.grad(got, w)
+    assert (gw[vocab:] == 0).all()
+    bad = TopKTeacher(teacher.ids.clamp_min(vocab - 1) + 1, teacher.logprobs, teacher.tail_logprob)
+    with pytest.raises(ValueError, match="ids must be in"):
+        fused_linear_divergence(h, w, bad, vocab_size=vocab)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_cross_entropy_matches_cross_entropy(reduction):
+    h, w, b, _ = _inputs()
+    targets = torch.randint(0, V, ROWS, generator=torch.Generator().manual_seed(4))
+    targets[0, :3] = -100
+    logits = h @ w.t() + b
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                             reduction=reduction)
+    got = fused_linear_cross_entropy(h, w, targets, lm_head_bias=b, reduction=reduction, chunk_size=4)
+    if reduction == "none":
+        got = got.flatten()
+    _close(got, want)
+    for g, wg in zip(_grads(got, (h, w, b), 1.3), _grads(want, (h, w, b), 1.3), strict=True):
+        _close(g, wg)
+    with pytest.raises(ValueError, match="token ids"):
+        fused_linear_cross_entropy(h, w, targets.clamp_min(0) + V, lm_head_bias=b)
+
+
+def test_autocast_does_not_lower_the_fused_precision():
+    h, w, b, t = _inputs()
+    want = _reference("forward_kl", h, w, b, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_linear_divergence(h, w, t, lm_head_bias=b, chunk_size=4)
+        grads = torch.autograd.grad(got, (h, w, b))
+    _close(got, want)  # a bf16 matmul would be off by ~1e-2 here
+    for g, wg in zip(grads, _grads(want, (h, w, b), 1.0), strict=True):
+        _close(g, wg)

@@ -133,6 +133,14 @@ class TrainerConfig(_Strict):
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     hard_label_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on gold labels")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    group_by_length: bool = Field(False, description="batch records of similar token length together (less "
+                                  "padding): each window of 50 global micro-batches of the epoch's shuffled order "
+                                  "is sorted by length, cut into batches, and the batches shuffled")
+    fused_lm_head: bool = Field(False, description="causal_lm task: compute the student's logits inside the "
+                                "loss, a chunk of tokens at a time (forward and again in backward), so its full "
+                                "[tokens, vocab] logits never exist; chunk size = the objective's chunk_size "
+                                "(default 1024). For the logit divergences (not taid / sinkhorn) and the "
+                                "hard-label loss; needs a Hugging Face causal LM student")
 
 
 class GenerationConfig(_Strict):
@@ -172,6 +180,15 @@ class Recipe(_Strict):
                 raise ValueError("teacher.cache is for the causal_lm task")
             if self.generation.lmbda or self.generation.seq_kd:
                 raise ValueError("generation (lmbda, seq_kd) is for the causal_lm task")
+        if self.trainer.fused_lm_head:
+            from potstill.losses.fused import FUSED_DIVERGENCES
+
+            if self.task != "causal_lm":
+                raise ValueError("trainer.fused_lm_head is for the causal_lm task")
+            for objective in self.objectives:
+                if objective.name not in FUSED_DIVERGENCES:
+                    raise ValueError(f"trainer.fused_lm_head: objective {objective.name!r} has no fused form; use "
+                                     f"{', '.join(FUSED_DIVERGENCES)}, or turn fused_lm_head off")
         if self.generation.lmbda and self.teacher.cache is not None:
             raise ValueError("generation.lmbda > 0 needs a live teacher to score the student's samples; "
                              "remove teacher.cache or set generation.lmbda: 0")

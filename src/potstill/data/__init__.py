@@ -9,6 +9,7 @@ from potstill.data.loaders import (
     load_records,
     load_source,
 )
+from potstill.data.samplers import length_grouped_order, padding_fraction
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -16,6 +17,8 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "builtin_records",
     "fingerprint_records",
+    "length_grouped_order",
     "load_records",
     "load_source",
+    "padding_fraction",
 ]

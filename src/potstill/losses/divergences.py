@@ -18,10 +18,12 @@ Everything is computed in float32 whatever the input dtype, in log space, and re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._rows import RowsFn, check_temperature, check_weight, float32_rows, rowwise
 
@@ -43,20 +45,89 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(w), (log_b + math.log1p(-w)).clamp_min_(_LOG_FLOOR))
 
 
-def _forward_kl_rows(s: Tensor, t: Tensor) -> Tensor:
+class _ClosedFormRows(torch.autograd.Function):
+    """Per-row values whose gradient with respect to the student logits is computed with them, in closed form.
+
+    `value_and_grad(s, t)` returns the `(n,)` values and `∂values_i/∂s_i` `(n, C)` for a constant teacher;
+    backward only scales that saved gradient by the incoming per-row gradient. Against autograd through the
+    formula this saves most of the `(n, C)` temporaries autograd keeps, and the passes over them in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, value_and_grad: Callable) -> Tensor:
+        values, grad = value_and_grad(s, t)
+        ctx.save_for_backward(grad)
+        return values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_values: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_values.unsqueeze(-1), None, None
+
+
+def _closed_form(reference: RowsFn, value_and_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> RowsFn:
+    """A per-row function that takes the closed-form gradient when only the student needs one, and autograd
+    through `reference` (the same formula) otherwise: no gradient wanted, or the teacher needs one too."""
+
+    def rows(s: Tensor, t: Tensor) -> Tensor:
+        if s.requires_grad and not t.requires_grad and torch.is_grad_enabled():
+            return _ClosedFormRows.apply(s, t, value_and_grad)
+        return reference(s, t)
+
+    return rows
+
+
+def _centred(q: Tensor, a: Tensor) -> Tensor:
+    """The logit gradient q ⊙ (a − Σ q a) of a loss whose gradient in the probabilities q is `a` (in place on a);
+    entries where q = 0 are 0 whatever `a` holds there."""
+    a = a.masked_fill_(q == 0, 0.0)
+    return a.sub_((q * a).sum(-1, keepdim=True)).mul_(q)
+
+
+def _forward_kl_reference(s: Tensor, t: Tensor) -> Tensor:
     log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
     return _plogratio(log_t.exp(), log_t, log_s)
 
 
-def _reverse_kl_rows(s: Tensor, t: Tensor) -> Tensor:
+def _forward_kl_grad(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    # ∂/∂s KL(p ‖ q) = q − p
+    log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    p = log_t.exp()
+    values = _plogratio(p, log_t, log_s)
+    return values, log_s.exp_().sub_(p)
+
+
+def _reverse_kl_reference(s: Tensor, t: Tensor) -> Tensor:
     log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
     return _plogratio(log_s.exp(), log_s, log_t)
 
 
-def _soft_cross_entropy_rows(s: Tensor, t: Tensor) -> Tensor:
+def _reverse_kl_grad(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    # ∂KL(q ‖ p)/∂q = log q − log p + 1; the constant cancels in q ⊙ (a − Σ q a)
+    log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    q = log_s.exp()
+    d = log_s.sub_(log_t)
+    values = (q * d).masked_fill_(q == 0, 0.0).sum(-1)
+    return values, _centred(q, d)
+
+
+def _soft_cross_entropy_reference(s: Tensor, t: Tensor) -> Tensor:
     log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
     p_t = log_t.exp()
     return -(p_t * log_s.masked_fill(p_t == 0, 0.0)).sum(-1)
+
+
+def _soft_cross_entropy_grad(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    # ∂/∂s H(p, q) = q − p
+    log_s, p = F.log_softmax(s, -1), F.softmax(t, -1)
+    values = -(p * log_s.masked_fill(p == 0, 0.0)).sum(-1)
+    return values, log_s.exp_().sub_(p)
+
+
+_forward_kl_rows = _closed_form(_forward_kl_reference, _forward_kl_grad)
+_reverse_kl_rows = _closed_form(_reverse_kl_reference, _reverse_kl_grad)
+_soft_cross_entropy_rows = _closed_form(_soft_cross_entropy_reference, _soft_cross_entropy_grad)
 
 
 def _jsd_rows(beta: float) -> RowsFn:
@@ -65,39 +136,80 @@ def _jsd_rows(beta: float) -> RowsFn:
     if beta == 1.0:
         return _reverse_kl_rows
 
-    def rows(s: Tensor, t: Tensor) -> Tensor:
+    def reference(s: Tensor, t: Tensor) -> Tensor:
         log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
         log_m = _log_mix(log_t, log_s, beta)
         kl_t = _plogratio(log_t.exp(), log_t, log_m)
         return beta * kl_t + (1 - beta) * _plogratio(log_s.exp(), log_s, log_m)
 
-    return rows
+    def with_grad(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        # ∂/∂q [β·KL(p‖m) + (1−β)·KL(q‖m)] = (1−β)·(log q − log m) + const, m = β·p + (1−β)·q
+        log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
+        log_m = _log_mix(log_t, log_s, beta)
+        kl_t = _plogratio(log_t.exp(), log_t, log_m)
+        q = log_s.exp()
+        d = log_s.sub_(log_m)
+        kl_s = (q * d).masked_fill_(q == 0, 0.0).sum(-1)
+        return beta * kl_t + (1 - beta) * kl_s, _centred(q, d.mul_(1 - beta))
+
+    return _closed_form(reference, with_grad)
 
 
 def _skew_rows(alpha: float) -> RowsFn:
     if alpha == 0.0:
         return _forward_kl_rows
 
-    def rows(s: Tensor, t: Tensor) -> Tensor:
+    def reference(s: Tensor, t: Tensor) -> Tensor:
         log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
         return _plogratio(log_t.exp(), log_t, _log_mix(log_t, log_s, alpha))
 
-    return rows
+    def with_grad(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        # ∂/∂q KL(p ‖ m) = −(1−α)·p / m, m = α·p + (1−α)·q; q ⊙ that = −(1−α)·p·exp(log q − log m)
+        log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
+        log_m = _log_mix(log_t, log_s, alpha)
+        p = log_t.exp()
+        values = _plogratio(p, log_t, log_m)
+        qa = (log_s - log_m).exp_().mul_(p).mul_(alpha - 1.0).masked_fill_(p == 0, 0.0)
+        q = log_s.exp_()
+        return values, qa.sub_(q * qa.sum(-1, keepdim=True))
+
+    return _closed_form(reference, with_grad)
 
 
 def _skew_reverse_rows(alpha: float) -> RowsFn:
     if alpha == 0.0:
         return _reverse_kl_rows
 
-    def rows(s: Tensor, t: Tensor) -> Tensor:
+    def reference(s: Tensor, t: Tensor) -> Tensor:
         log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
         return _plogratio(log_s.exp(), log_s, _log_mix(log_s, log_t, alpha))
 
-    return rows
+    def with_grad(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        # ∂/∂q KL(q ‖ m) = log q − log m + 1 − α·q / m, m = α·q + (1−α)·p
+        log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
+        log_m = _log_mix(log_s, log_t, alpha)
+        q = log_s.exp()
+        d = log_s.sub_(log_m)
+        values = (q * d).masked_fill_(q == 0, 0.0).sum(-1)
+        a = d.sub_(d.exp().mul_(alpha))
+        return values, _centred(q, a)
+
+    return _closed_form(reference, with_grad)
 
 
-def _tvd_rows(s: Tensor, t: Tensor) -> Tensor:
+def _tvd_reference(s: Tensor, t: Tensor) -> Tensor:
     return 0.5 * (F.softmax(t, -1) - F.softmax(s, -1)).abs().sum(-1)
+
+
+def _tvd_grad(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    # ∂/∂q ½·Σ|p − q| = ½·sign(q − p)
+    q, p = F.softmax(s, -1), F.softmax(t, -1)
+    diff = q - p
+    values = 0.5 * diff.abs().sum(-1)
+    return values, _centred(q, diff.sign_().mul_(0.5))
+
+
+_tvd_rows = _closed_form(_tvd_reference, _tvd_grad)
 
 
 def _divergence(

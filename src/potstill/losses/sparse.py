@@ -29,13 +29,13 @@ log(1 − Σ_k exp ℓ_k) use the same (k+1)-way construction.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._rows import check_temperature, check_weight, rowwise
 from .divergences import (
@@ -130,14 +130,40 @@ class TopKTeacher:
         )
 
 
-def _safe_logsumexp(x: Tensor) -> Tensor:
-    """logsumexp over the last axis that is -inf (with zero, not NaN, gradient) when every entry is -inf."""
-    m = x.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    total = (x - m).exp().sum(-1)
-    positive = total > 0
-    out = torch.log(torch.where(positive, total, torch.ones_like(total))) + m.squeeze(-1)
-    return torch.where(positive, out, torch.full_like(out, -math.inf))
+class _StudentBuckets(torch.autograd.Function):
+    """The student's log-probs over the (k+1) buckets `[n, k+1]`: the k teacher ids, then everything else.
+
+    Forward: one exp pass over `[n, V]` (the tail is the sum of exp outside the ids, exact: no 1 − Σ
+    cancellation). Backward, with g the gradient on the buckets and G = Σ_b g_b per row:
+    ∂/∂z_j = q_j·(g_tail / q_tail − G) outside the ids, g_i − q_{id_i}·G at id i, i.e. one exp pass that
+    writes the gradient in place, then a scatter at the ids. A tail of zero mass gives log q_tail = -inf and
+    no gradient through it (instead of NaN).
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, ids: Tensor) -> Tensor:
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = (s - m).exp_()
+        total = e.sum(-1, keepdim=True)
+        rest = e.scatter_(-1, ids, 0.0).sum(-1, keepdim=True)
+        del e
+        log_total = total.log()
+        lse = m + log_total
+        q_rest = rest / total
+        ctx.save_for_backward(s, ids, lse, q_rest)
+        return torch.cat([s.gather(-1, ids) - lse, rest.log() - log_total], -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        s, ids, lse, q_rest = ctx.saved_tensors
+        g_total = grad.sum(-1, keepdim=True)
+        per_rest = torch.where(q_rest > 0, grad[:, -1:] / q_rest.clamp_min(torch.finfo(q_rest.dtype).tiny), 0.0)
+        out = (s - lse).exp_().mul_(per_rest - g_total)
+        q_top = (s.gather(-1, ids) - lse).exp()
+        out.scatter_(-1, ids, grad[:, :-1] - q_top * g_total)
+        return out, None
 
 
 def _sparse_rows(dense_rows: Callable[[Tensor, Tensor], Tensor], temperature: float):
@@ -148,13 +174,10 @@ def _sparse_rows(dense_rows: Callable[[Tensor, Tensor], Tensor], temperature: fl
         s = s.float()
         if temperature != 1.0:
             s = s / temperature
-        log_s = F.log_softmax(s, -1)
-        log_s_top = log_s.gather(-1, ids)
         if ids.shape[-1] == s.shape[-1]:  # the ids are the whole vocabulary: no tail bucket
-            return dense_rows(log_s_top, logprobs)
+            return dense_rows(F.log_softmax(s, -1).gather(-1, ids), logprobs)
         tail_t = parts[2].float() if len(parts) > 2 else tail_from_logprobs(logprobs)
-        tail_s = _safe_logsumexp(log_s.scatter(-1, ids, -math.inf))
-        student = torch.cat([log_s_top, tail_s.unsqueeze(-1)], -1)
+        student = _StudentBuckets.apply(s, ids)
         teacher = torch.cat([logprobs, tail_t.unsqueeze(-1)], -1)
         # The dense row functions take logits: their log-softmax renormalises the teacher's buckets and is
         # the identity (values and gradients) on the student's already normalised ones.

@@ -44,6 +44,18 @@ class Task(ABC):
         return load_source(source.path, columns=source.columns or None, required=required, split=source.split,
                            limit=source.limit)
 
+    def record_lengths(self) -> list[int] | None:
+        """Tokens of each training record as the student sees it (what `trainer.group_by_length` sorts by);
+        None when the records have no token length. Default: the task's tokenizer on the `text` (and
+        `text_pair`) fields, truncated to data.max_length."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is None or not self.train_records or "text" not in self.train_records[0]:
+            return None
+        texts = [rec["text"] for rec in self.train_records]
+        pairs = [rec["text_pair"] for rec in self.train_records] if "text_pair" in self.train_records[0] else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=self.recipe.data.max_length)
+        return [len(ids) for ids in enc["input_ids"]]
+
     # ---- per batch
     @abstractmethod
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from potstill.config import DataSource
 from potstill.errors import UserError
 from potstill.eval import compare_throughput, count_parameters
 from potstill.io import atomic_write_json
+from potstill.losses.fused import LMHeadInputs, fused_linear_cross_entropy
 from potstill.tasks.base import Task
 from potstill.tasks.models import build_student, load_factory_teacher, load_hf_teacher, resolve_model_path
 
@@ -141,6 +142,8 @@ class CausalLMTask(Task):
                            0)
         for model, role in ((self.teacher, "teacher"), (self.student, "student")):
             self._check_vocab(model, role)
+        if r.trainer.fused_lm_head:
+            self._check_fused_head()
         self.train_records = self._examples(r.data.train, "data.train", is_main=is_main)
         self.eval_records = self._examples(r.data.eval, "data.eval", is_main=is_main) if r.data.eval else []
         gen = r.generation
@@ -307,12 +310,16 @@ class CausalLMTask(Task):
     def count_rows(self, batch: dict[str, Any]) -> int:
         return int((batch["targets"] != -100).sum())
 
+    def record_lengths(self) -> list[int]:
+        return [len(ex["input_ids"]) for ex in self.train_records]
+
     def _raw_logits(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if hasattr(model, "config") and hasattr(model, "save_pretrained"):
+        inner = _unwrap(model)  # DDP's forward takes (*inputs, **kwargs): ask the model it wraps
+        if hasattr(inner, "config") and hasattr(inner, "save_pretrained"):
             out = model(input_ids=ids, attention_mask=mask, use_cache=False)
         else:
             try:
-                takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+                takes_mask = "attention_mask" in inspect.signature(inner.forward).parameters
             except (TypeError, ValueError):
                 takes_mask = False
             out = model(ids, attention_mask=mask) if takes_mask else model(ids)
@@ -439,14 +446,65 @@ class CausalLMTask(Task):
 
         return teacher_outputs(self.logits, self.teacher, batch)
 
-    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | LMHeadInputs:
+        """The student's logits; with trainer.fused_lm_head its last hidden states and lm_head instead."""
+        if self.recipe.trainer.fused_lm_head:
+            return self.head_inputs(model, batch)
         return self.logits(model, batch)
+
+    def head_inputs(self, model: nn.Module, batch: dict[str, Any]) -> LMHeadInputs:
+        """The student run up to its lm_head: hidden states `[B, T, H]` and the head's weight and bias.
+
+        The model's own forward runs (through a DDP wrapper, so gradients still synchronise) with the head
+        answering its input unchanged for the duration of the call, so the `[B, T, V]` logits are never made.
+        """
+        head = _unwrap(model).get_output_embeddings()
+        own_forward = head.__dict__.get("forward")  # e.g. a hook that replaced it
+        head.forward = _identity
+        try:
+            hidden = self._raw_logits(model, batch["input_ids"], batch["attention_mask"])
+        finally:
+            if own_forward is None:
+                del head.forward
+            else:
+                head.forward = own_forward
+        return LMHeadInputs(hidden, head.weight, head.bias, self.vocab_size)
+
+    def _check_fused_head(self) -> None:
+        """trainer.fused_lm_head needs a student whose logits are exactly `hidden @ lm_head.weight.T (+ bias)`."""
+        model = self.student
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Linear):
+            raise UserError(f"trainer.fused_lm_head needs a Hugging Face causal LM student with a linear output "
+                            f"layer (get_output_embeddings()); this student ({type(model).__name__}) has "
+                            f"{type(head).__name__ if head is not None else 'none'}. Turn fused_lm_head off")
+        # distinct real ids (a padding id may embed to zeros, which hides any post-processing)
+        probe = (torch.arange(8, device=self._device_of(model)) * 7919 % self.vocab_size)[None]
+        batch = {"input_ids": probe, "attention_mask": torch.ones_like(probe)}
+        mode = model.training
+        model.eval()
+        with torch.inference_mode():
+            want = self._raw_logits(model, probe, batch["attention_mask"]).float()
+            got = self.head_inputs(model, batch)
+            logits = nn.functional.linear(got.hidden.float(), head.weight.float(),
+                                          None if head.bias is None else head.bias.float())
+        model.train(mode)
+        if got.hidden.shape[-1] != head.in_features or not torch.allclose(logits, want, rtol=1e-4, atol=1e-4):
+            raise UserError(f"trainer.fused_lm_head: the student's ({type(model).__name__}) logits are not its "
+                            f"hidden states times its lm_head (the model post-processes them, e.g. soft-capping "
+                            f"or scaling); turn fused_lm_head off for this model")
 
     def signal_mask(self, batch: dict[str, Any]) -> torch.Tensor:
         return batch["targets"] != -100
 
-    def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def hard_label_loss(self, student_signal: torch.Tensor | LMHeadInputs, batch: dict[str, Any]) -> torch.Tensor:
         """Summed token cross-entropy (float32) of the student on the targets."""
+        if isinstance(student_signal, LMHeadInputs):
+            chunk = next((o.params["chunk_size"] for o in self.recipe.objectives if o.params.get("chunk_size")),
+                         1024)
+            return fused_linear_cross_entropy(student_signal.hidden, student_signal.weight, batch["targets"],
+                                              lm_head_bias=student_signal.bias, vocab_size=student_signal.vocab_size,
+                                              reduction="sum", chunk_size=chunk)
         return nn.functional.cross_entropy(student_signal.flatten(0, 1).float(), batch["targets"].flatten(),
                                            ignore_index=-100, reduction="sum")
 
@@ -541,6 +599,17 @@ class CausalLMTask(Task):
 
         save_factory_student(model, path, factory=self.recipe.student.factory, kwargs=self.recipe.student.kwargs,
                              tokenizer=self.tokenizer)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP-style wrappers (their `.module`)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _exp(x: float) -> float:

@@ -8,9 +8,12 @@ Contracts:
 - Loss normalisation: each objective is evaluated with `reduction="sum"` and the total is divided by the
   number of counted rows of the whole optimizer step, over all micro-batches and all processes. Batch 8 ×
   accumulation 1 and batch 4 × accumulation 2 (or 2 processes × batch 4) give the same update.
-- Data order: epoch e visits the records in a permutation drawn from `seed` and e; optimizer step t uses
-  global micro-batches t·A … t·A + A − 1 of that stream, each split evenly across processes. The position is
-  derived from the step, so a resumed run sees exactly the batches it would have seen.
+- Data order: epoch e visits the records in a permutation drawn from `seed` and e (with
+  `trainer.group_by_length`, rearranged by `length_grouped_order` so that a global micro-batch holds records
+  of similar length); optimizer step t uses global micro-batches t·A … t·A + A − 1 of that stream, each split
+  evenly across processes. The position is derived from the step, so a resumed run sees exactly the batches
+  it would have seen.
+- The teacher runs only when some objective reads its signal (hard-label-only runs skip it).
 - Checkpoints hold the student, optimizer, scheduler, objective state and every process's RNG state; a run
   killed at any moment and resumed ends with the weights of an uninterrupted run (CPU, same seed).
 - A non-finite loss stops the run before the optimizer step, naming the step and the objective; no
@@ -37,7 +40,11 @@ import torch
 from torch import nn
 
 from potstill.config import EvalConfig, TrainerConfig
+from potstill.data.samplers import length_grouped_order
+from potstill.errors import UserError
 from potstill.io import atomic_write_json, atomic_write_text
+from potstill.losses.fused import FUSED_DIVERGENCES, LMHeadInputs, fused_linear_divergence
+from potstill.losses.sparse import TopKTeacher, sparse_version
 from potstill.tasks.base import Task
 from potstill.train import checkpoint as ckpt
 
@@ -58,24 +65,30 @@ class Objective:
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, student: torch.Tensor, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, student: Any, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
         """The objective's sum over the counted rows. A cached top-k teacher (`TopKTeacher`) switches a
-        divergence to its sparse form over the teacher's top-k ids plus one tail bucket."""
+        divergence to its sparse form over the teacher's top-k ids plus one tail bucket; a student given as
+        its lm_head inputs (`LMHeadInputs`, `trainer.fused_lm_head`) to the fused form, which never builds
+        the student's full logits."""
         kwargs = dict(self.params)
         if mask is not None:
             kwargs["mask"] = mask
+        if isinstance(student, LMHeadInputs):
+            if self.name not in FUSED_DIVERGENCES:
+                raise UserError(f"objective {self.name!r} has no fused form; trainer.fused_lm_head works with "
+                                f"{', '.join(FUSED_DIVERGENCES)}")
+            if kwargs.get("chunk_size") is None:
+                kwargs.pop("chunk_size", None)
+            return fused_linear_divergence(student.hidden, student.weight, teacher, divergence=self.name,
+                                           lm_head_bias=student.bias, vocab_size=student.vocab_size,
+                                           reduction="sum", **kwargs)
         fn = self.fn
-        if not isinstance(teacher, torch.Tensor):
-            from potstill.losses.sparse import TopKTeacher, sparse_version
-
-            if isinstance(teacher, TopKTeacher):
-                fn = sparse_version(self.name)
-                if fn is None:
-                    from potstill.errors import UserError
-
-                    raise UserError(f"objective {self.name!r} needs the teacher's full logits; a cached top-k "
-                                    f"teacher feeds only forward_kl, reverse_kl, soft_cross_entropy, "
-                                    f"generalized_jsd, skew_kl, skew_reverse_kl and tvd")
+        if isinstance(teacher, TopKTeacher):
+            fn = sparse_version(self.name)
+            if fn is None:
+                raise UserError(f"objective {self.name!r} needs the teacher's full logits; a cached top-k "
+                                f"teacher feeds only forward_kl, reverse_kl, soft_cross_entropy, "
+                                f"generalized_jsd, skew_kl, skew_reverse_kl and tvd")
         return fn(student, teacher, reduction="sum", **kwargs)
 
     @classmethod
@@ -149,6 +162,7 @@ class Distiller:
         from potstill.eval.teacher_hacking import TeacherHackingMonitor
 
         self.monitor = TeacherHackingMonitor()
+        self._lengths: list[int] | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -173,7 +187,10 @@ class Distiller:
         epoch, pos = divmod(global_mb, per_epoch)
         if getattr(self, "_perm_epoch", None) != epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(n, generator=gen), epoch
+            perm = torch.randperm(n, generator=gen)
+            if self._lengths is not None:
+                perm = length_grouped_order(perm, self._lengths, bs * world, generator=gen)
+            self._perm, self._perm_epoch = perm, epoch
         start = pos * bs * world + self.accelerator.process_index * bs
         return self._perm[start:start + bs].tolist()
 
@@ -246,8 +263,6 @@ class Distiller:
         acc = self.accelerator
         state = ckpt.read_state(path)
         if state["world_size"] != acc.num_processes:
-            from potstill.errors import UserError
-
             raise UserError(f"{path}: written by {state['world_size']} process(es), resumed with "
                             f"{acc.num_processes}; resume with the same number of processes")
         acc.unwrap_model(student).load_state_dict(load_file(str(path / "student.safetensors")))
@@ -296,8 +311,6 @@ class Distiller:
     # ------------------------------------------------------------------ the loop
     def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
         """Refuse to wipe an earlier run by accident, and to resume a run whose recipe has changed."""
-        from potstill.errors import UserError
-
         done = ckpt.list_checkpoints(self.ckpt_root)
         if not resume and not overwrite and (done or (self.run_dir / "summary.json").exists()):
             where = f"checkpoints up to step {done[-1][0]}" if done else "a finished run"
@@ -309,7 +322,7 @@ class Distiller:
 
             old, new = yaml.safe_load(stored.read_text()), yaml.safe_load(self.recipe_text)
             harmless = {"eval", "output_dir", "name"}
-            trainer_harmless = {"log_every", "save_every", "keep_last", "num_threads"}
+            trainer_harmless = {"log_every", "save_every", "keep_last", "num_threads", "fused_lm_head"}
             changed = [k for k in sorted(set(old) | set(new)) if k not in harmless | {"trainer"}
                        and old.get(k) != new.get(k)]
             old_t, new_t = old.get("trainer", {}), new.get("trainer", {})
@@ -348,11 +361,14 @@ class Distiller:
         n, world = len(task.train_records), acc.num_processes
         per_epoch = n // (cfg.batch_size * world)
         if per_epoch == 0:
-            from potstill.errors import UserError
-
             raise UserError(f"data.train has {n} records, fewer than trainer.batch_size × processes = "
                             f"{cfg.batch_size} × {world}")
         total = cfg.max_steps or max(1, int(cfg.epochs * per_epoch) // cfg.grad_accum)
+        if cfg.group_by_length:
+            self._lengths = task.record_lengths()
+            if self._lengths is None:
+                raise UserError(f"trainer.group_by_length: the {task.name} task's records have no token length "
+                                f"to group by; turn it off")
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total)
 
         teacher_metrics = self._cached_eval("teacher", task.teacher, "teacher")
@@ -429,7 +445,7 @@ class Distiller:
                     sync = j == len(batches) - 1
                     with contextlib.nullcontext() if sync else acc.no_sync(student):
                         with acc.autocast():
-                            teacher_signal = task.teacher_signal(batch)
+                            teacher_signal = task.teacher_signal(batch) if self.objectives else None
                             student_signal = task.student_signal(student, batch)
                         mask = task.signal_mask(batch)
                         terms = [o(student_signal, teacher_signal, mask) for o in self.objectives]
