@@ -559,3 +559,43 @@ def test_get_objective():
     assert "reverse_kl" in str(info.value)
     with pytest.raises(KeyError, match="valid names"):
         get_objective("zzz")
+
+
+def test_every_objective_trains_on_an_inference_mode_teacher():
+    """The loop hands the teacher's outputs over as `torch.inference_mode` tensors, with no copy: no objective
+    may save them for backward (chunked, sparse and fused paths included)."""
+    import inspect as _inspect
+
+    from potstill.losses import TopKTeacher, fused_linear_divergence, sparse_version
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"logits": (3, 5, 11), "embedding": (6, 8), "scores": (4, 3)}
+    for name, info in OBJECTIVES.items():
+        shape = shapes[info.kind]
+        with torch.inference_mode():
+            teacher = torch.randn(shape, generator=g)
+            extra = torch.randn(shape[0], generator=g)
+        accepts_chunks = "chunk_size" in _inspect.signature(info.fn).parameters
+        for chunk_size in (None, 4) if accepts_chunks else (None,):
+            s = torch.randn(shape, generator=g).requires_grad_(True)
+            kw = {"chunk_size": chunk_size} if chunk_size else {}
+            fn = info.fn(**kw) if info.stateful else info.fn  # a stateful objective takes it when built
+            if name == "margin_mse":
+                out = fn(s[:, 0], s[:, 1:], extra, teacher[:, 1:])
+            else:
+                out = fn(s, teacher) if info.stateful else fn(s, teacher, **kw)
+            out.backward()
+            assert torch.isfinite(s.grad).all(), name
+        if sparse_version(name) is not None:
+            with torch.inference_mode():
+                lp, ids = torch.log_softmax(teacher, -1).topk(4, -1)
+                cached = TopKTeacher(ids, lp)
+            for chunk_size in (None, 4):
+                s = torch.randn(shape, generator=g).requires_grad_(True)
+                sparse_version(name)(s, cached, chunk_size=chunk_size).backward()
+                assert torch.isfinite(s.grad).all(), name
+            h = torch.randn(3, 5, 7, generator=g).requires_grad_(True)
+            w = torch.randn(11, 7, generator=g).requires_grad_(True)
+            for target in (teacher, cached):
+                fused_linear_divergence(h, w, target, divergence=name, chunk_size=4).backward()
+            assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all(), name

@@ -96,7 +96,9 @@ class _ChunkedRows(torch.autograd.Function):
     """Per-row values of `rows_fn`, `chunk_size` rows at a time; backward recomputes each chunk.
 
     The teacher is one or more tensors (`packed` says whether `rows_fn` gets a tuple); each has the rows on
-    its first axis and any width after it, so only the chunk's rows of every input are materialised.
+    its first axis and any width after it, so only the chunk's rows of every input are materialised. Teacher
+    tensors that need no gradient are kept as constants, outside autograd's saved tensors, so a teacher run
+    under `torch.inference_mode` can be used as it is (no copy).
     """
 
     @staticmethod
@@ -107,14 +109,17 @@ class _ChunkedRows(torch.autograd.Function):
             stop = min(start + chunk_size, n)
             parts = [_take(t, idx, start, stop) for t in teacher]
             out[start:stop] = _call(rows_fn, _take(student, idx, start, stop), parts, packed)
-        ctx.save_for_backward(idx, student, *teacher)
+        ctx.save_for_backward(idx, student, *(t for t in teacher if t.requires_grad))
+        ctx.constants = [None if t.requires_grad else t for t in teacher]
         ctx.rows_fn, ctx.chunk_size, ctx.n, ctx.packed = rows_fn, chunk_size, n, packed
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        idx, *inputs = ctx.saved_tensors
+        idx, student, *tracked = ctx.saved_tensors
+        tracked = iter(tracked)
+        inputs = [student, *(next(tracked) if c is None else c for c in ctx.constants)]
         needs = list(ctx.needs_input_grad[4:])
         new = torch.empty_like if idx is None else torch.zeros_like
         full = [new(x) if need else None for x, need in zip(inputs, needs, strict=True)]

@@ -157,14 +157,16 @@ class _FusedLinearRows(torch.autograd.Function):
                 logits = _chunk_logits(_take(hidden, idx, start, stop), weight32, bias32)
                 out[start:stop] = _call(rows_fn, logits, [_take(t, idx, start, stop) for t in teacher], packed)
                 del logits
-        ctx.save_for_backward(idx, hidden, weight, bias, *teacher)
+        ctx.save_for_backward(idx, hidden, weight, bias)
+        ctx.teacher = teacher  # constants (no gradient): kept outside autograd, so inference tensors are fine
         ctx.rows_fn, ctx.chunk_size, ctx.vocab, ctx.n, ctx.packed = rows_fn, chunk_size, vocab, n, packed
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        idx, hidden, weight, bias, *teacher = ctx.saved_tensors
+        idx, hidden, weight, bias = ctx.saved_tensors
+        teacher = ctx.teacher
         need_h, need_w, need_b = ctx.needs_input_grad[5:8]
         vocab = ctx.vocab
         grad_h = None

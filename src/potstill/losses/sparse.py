@@ -151,13 +151,15 @@ class _StudentBuckets(torch.autograd.Function):
         log_total = total.log()
         lse = m + log_total
         q_rest = rest / total
-        ctx.save_for_backward(s, ids, lse, q_rest)
+        ctx.save_for_backward(s, lse, q_rest)
+        ctx.ids = ids  # a constant (integers): kept outside autograd, so an inference-mode teacher is fine
         return torch.cat([s.gather(-1, ids) - lse, rest.log() - log_total], -1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        s, ids, lse, q_rest = ctx.saved_tensors
+        s, lse, q_rest = ctx.saved_tensors
+        ids = ctx.ids
         g_total = grad.sum(-1, keepdim=True)
         per_rest = torch.where(q_rest > 0, grad[:, -1:] / q_rest.clamp_min(torch.finfo(q_rest.dtype).tiny), 0.0)
         out = (s - lse).exp_().mul_(per_rest - g_total)
