@@ -90,6 +90,24 @@ def test_taid_matches_float64_reference(t, reduction):
             close(g, w)
 
 
+@pytest.mark.parametrize("t", [0.3, 0.8])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_taid_closed_form_student_gradient_matches_float64_reference(t, chunk_size):
+    """With a constant teacher the student gradient is taken in closed form (softmax(s) − p_t)."""
+    s, z = logits_pair((3, 4, 13), seed=9)
+    mask = random_mask((3, 4), seed=10)
+    weights = torch.linspace(0.5, 1.5, 12).reshape(3, 4)
+    for temperature in (1.0, 2.5):
+        s1 = s.clone().requires_grad_(True)
+        got = taid_at(t, temperature=temperature, chunk_size=chunk_size)(s1, z, mask=mask, reduction="none")
+        (g_got,) = torch.autograd.grad((got * weights).sum(), s1)
+        s64 = s.double().requires_grad_(True)
+        want = reduce_ref(taid_ref_rows(s64, z, t, temperature), mask, "none")
+        (g_want,) = torch.autograd.grad((want * weights).sum(), s64)
+        close(got, want)
+        close(g_got, g_want)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_taid_at_t1_equals_forward_kl(reduction):
     s, z = logits_pair((4, 5, 17), seed=5)

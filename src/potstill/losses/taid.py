@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._rows import RowsFn, check_temperature, float32_rows, rowwise
+from .divergences import _closed_form
 
 _REL_EPS = 1e-15
 
@@ -34,18 +35,29 @@ def _check_unit(name: str, value: float) -> float:
 
 
 def _taid_rows(t: float) -> RowsFn:
-    """Per-row KL(p_t ‖ softmax(s)) with p_t = softmax((1 − t)·sg(s) + t·z_t), float32 rows in, (n,) out."""
+    """Per-row KL(p_t ‖ softmax(s)) with p_t = softmax((1 − t)·sg(s) + t·z_t), float32 rows in, (n,) out.
 
-    def rows(s: Tensor, z_t: Tensor) -> Tensor:
-        s_fixed = s.detach()
+    With a constant teacher the student gradient is taken in closed form, softmax(s) − p_t (the target is
+    detached), in the same pass as the value; autograd through the formula below serves the other cases."""
+
+    def target(s_fixed: Tensor, z_t: Tensor) -> Tensor:
         # The endpoints are taken as they are so that classes at -inf on both sides stay -inf (0·inf = nan).
         if t == 0.0:
             # Adding an exact zero keeps the teacher in the graph (with zero gradient), as chunked backward expects.
-            mixed = s_fixed + 0.0 * torch.where(torch.isfinite(z_t), z_t, 0.0)
-        elif t == 1.0:
-            mixed = z_t
-        else:
-            mixed = (1.0 - t) * s_fixed + t * z_t
+            return s_fixed + 0.0 * torch.where(torch.isfinite(z_t), z_t, 0.0)
+        if t == 1.0:
+            return z_t
+        return (1.0 - t) * s_fixed + t * z_t
+
+    def with_grad(s: Tensor, z_t: Tensor) -> tuple[Tensor, Tensor]:
+        log_p = torch.log_softmax(target(s, z_t), -1)
+        log_q = torch.log_softmax(s, -1)
+        p = log_p.exp()
+        values = (p * (log_p - log_q).masked_fill_(p == 0, 0.0)).sum(-1)
+        return values, log_q.exp_().sub_(p)
+
+    def rows(s: Tensor, z_t: Tensor) -> Tensor:
+        mixed = target(s.detach(), z_t)
         log_p = mixed - torch.logsumexp(mixed, -1, keepdim=True)
         p = log_p.exp()
         lse_s = torch.logsumexp(s, -1, keepdim=True)
@@ -58,7 +70,7 @@ def _taid_rows(t: float) -> RowsFn:
         surrogate = (p * (log_p - s).masked_fill(p == 0, 0.0)).sum(-1) + lse_s.squeeze(-1)
         return value + (surrogate - surrogate.detach())
 
-    return rows
+    return _closed_form(rows, with_grad)
 
 
 class TAID(nn.Module):
