@@ -532,9 +532,11 @@ def test_embedding_errors():
 
 
 def test_catalogue_entries():
-    stateful = {"taid"}
-    logits = set(NAMES) | stateful | {"sinkhorn"}
-    expected = logits | {"margin_mse", "listwise_kl", "embedding_mse", "embedding_cosine"}
+    hidden = {"hidden_mse", "hidden_cosine", "squarehead"}
+    attention = {"attention_kl", "minilm_relations", "attention_mse"}
+    stateful = {"taid"} | hidden | attention
+    logits = set(NAMES) | {"taid", "sinkhorn"}
+    expected = logits | hidden | attention | {"margin_mse", "listwise_kl", "embedding_mse", "embedding_cosine"}
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
         assert info.name == name
@@ -549,6 +551,8 @@ def test_catalogue_entries():
     assert {k for k, v in kinds.items() if v == "logits"} == logits
     assert {k for k, v in kinds.items() if v == "scores"} == {"margin_mse", "listwise_kl"}
     assert {k for k, v in kinds.items() if v == "embedding"} == {"embedding_mse", "embedding_cosine"}
+    assert {k for k, v in kinds.items() if v == "hidden_states"} == hidden
+    assert {k for k, v in kinds.items() if v == "attention"} == attention
     assert OBJECTIVES["generalized_jsd"].defaults["beta"] == 0.5
 
 
@@ -567,10 +571,29 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
     import inspect as _inspect
 
     from potstill.losses import TopKTeacher, fused_linear_divergence, sparse_version
+    from potstill.losses.intermediate import ModelShape
 
     g = torch.Generator().manual_seed(0)
     shapes = {"logits": (3, 5, 11), "embedding": (6, 8), "scores": (4, 3)}
     for name, info in OBJECTIVES.items():
+        if info.kind in ("hidden_states", "attention"):  # internals: per layer [B, T, D] tensors
+            obj = info.fn()
+            obj.bind(ModelShape(2, 8, 2), ModelShape(4, 16, 2))
+            with torch.inference_mode():
+                if info.kind == "hidden_states":
+                    teacher = [torch.randn(2, 5, 16, generator=g) for _ in range(5)]
+                else:
+                    teacher = {i: tuple(torch.randn(2, 5, 16, generator=g) for _ in range(3)) for i in range(4)}
+            if info.kind == "hidden_states":
+                student = [torch.randn(2, 5, 8, generator=g).requires_grad_(True) for _ in range(3)]
+                leaves = student
+            else:
+                student = {i: tuple(torch.randn(2, 5, 8, generator=g).requires_grad_(True) for _ in range(3))
+                           for i in range(2)}
+                leaves = [x for v in student.values() for x in v]
+            obj(student, teacher, mask=torch.ones(2, 5, dtype=torch.bool)).backward()
+            assert any(x.grad is not None for x in leaves), name
+            continue
         shape = shapes[info.kind]
         with torch.inference_mode():
             teacher = torch.randn(shape, generator=g)

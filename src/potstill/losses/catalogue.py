@@ -17,11 +17,14 @@ from .divergences import (
     tvd,
 )
 from .embedding import embedding_cosine, embedding_mse
+from .intermediate import AttentionMSE, HiddenCosine, HiddenMSE, MiniLMAttention, MiniLMRelations, SquareHead
 from .ranking import listwise_kl, margin_mse
 from .sinkhorn import sinkhorn
 from .taid import TAID
 
-KINDS = ("logits", "scores", "embedding")
+KINDS = ("logits", "scores", "embedding", "hidden_states", "attention")
+# Kinds read from a model's internals: any task whose models are Hugging Face transformers provides them.
+INTERNAL_KINDS = ("hidden_states", "attention")
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,56 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "Σ_ij Π_ij W_ij, W_ij = ‖p_s,i − p_t,j‖₁ over the batch's rows, Π = Sinkhorn(exp(−W/ε))",
             'Cui et al. 2024, "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation" (LREC-COLING)',
             "batch-wise OT (one problem per micro-batch, or per block_size rows); official weight 1e-3 next to KD",
+        ),
+        _entry(
+            HiddenMSE,
+            "hidden_states",
+            "mean over layer pairs (i, j) of (1/D) Σ (P·h_s^i − h_t^j)², per real token",
+            'Jiao et al. 2020, "TinyBERT: Distilling BERT for Natural Language Understanding"',
+            "layers: uniform | last | [[i, j], ...] (-1 = embeddings); P = learned Linear when widths differ",
+            name="hidden_mse",
+        ),
+        _entry(
+            HiddenCosine,
+            "hidden_states",
+            "mean over layer pairs of 1 − cos(P·h_s^i, h_t^j), per real token",
+            'Sanh et al. 2019, "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and lighter"',
+            "layers and projection as hidden_mse",
+            name="hidden_cosine",
+        ),
+        _entry(
+            SquareHead,
+            "hidden_states",
+            "Σ over layer pairs of mean((h_s − h_t)²) / (mean(h_t²) + ε)",
+            'Kurtic et al. 2023, "Sparse Finetuning for Inference Acceleration of Large Language Models"',
+            "scale-invariant per layer; normalizer: second_moment (code) | variance (paper)",
+            name="squarehead",
+        ),
+        _entry(
+            MiniLMAttention,
+            "attention",
+            "KL(A_t ‖ A_s) + KL(VR_t ‖ VR_s), A = softmax(QKᵀ/√d), VR = softmax(VVᵀ/√d), mean over heads, tokens",
+            'Wang et al. 2020, "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of '
+            'Pre-Trained Transformers"',
+            "one layer each (default: the last); needs equal head counts",
+            name="attention_kl",
+        ),
+        _entry(
+            MiniLMRelations,
+            "attention",
+            "Σ_{qq,kk,vv} KL(softmax(x_t x_tᵀ/√d_r) ‖ softmax(x_s x_sᵀ/√d_r)) over A_r relation heads",
+            'Wang et al. 2021, "MiniLMv2: Multi-Head Self-Attention Relation Distillation for Compressing '
+            'Pretrained Transformers"',
+            "head counts may differ: relation_heads must divide both widths (default: the teacher's heads)",
+            name="minilm_relations",
+        ),
+        _entry(
+            AttentionMSE,
+            "attention",
+            "Σ over layer pairs of MSE(Q_s K_sᵀ/√d, Q_t K_tᵀ/√d) per head, mean over real keys and tokens",
+            'Jiao et al. 2020, "TinyBERT: Distilling BERT for Natural Language Understanding"',
+            "pre-softmax scores; needs equal head counts",
+            name="attention_mse",
         ),
         _entry(
             margin_mse,

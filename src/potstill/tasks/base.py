@@ -34,6 +34,8 @@ class Task(ABC):
         self.student: torch.nn.Module | None = None
         self.train_records: list[dict] = []
         self.eval_records: list[dict] = []
+        # Set by the loop when objectives read internals: {"student"|"teacher": {"hidden": bool, "qkv": [layers]}}
+        self.internals: dict[str, dict[str, Any]] = {}
 
     # ---- set-up
     @abstractmethod
@@ -69,6 +71,39 @@ class Task(ABC):
     @abstractmethod
     def count_rows(self, batch: dict[str, Any]) -> int:
         """Rows of the batch that count in the loss (samples, sentences or tokens)."""
+
+    def count_tokens(self, batch: dict[str, Any]) -> int:
+        """Real input tokens of the batch (what objectives on internals average over)."""
+        if "attention_mask" not in batch:
+            raise UserError(f"objectives on hidden states or attention need token inputs; the {self.name} task's "
+                            f"batches have none")
+        return int(batch["attention_mask"].sum())
+
+    # ---- internals (hidden states, q/k/v) for intermediate objectives
+    def model_shape(self, role: str) -> Any:
+        """Layers, hidden width and heads of the teacher or the student (`potstill.losses.ModelShape`)."""
+        from potstill.losses.intermediate import ModelShape, shape_of
+        from potstill.tasks.internals import transformer_layers
+
+        model = self.teacher if role == "teacher" else self.student
+        config = getattr(model, "config", None)
+        if config is None:
+            raise UserError(f"objectives on hidden states or attention need Hugging Face transformer models; the "
+                            f"{role} is a {type(model).__name__} without a config")
+        try:
+            shape = shape_of(config)
+        except ValueError as err:
+            raise UserError(f"{role}: {err}") from None
+        return ModelShape(layers=len(transformer_layers(model)), hidden=shape.hidden, heads=shape.heads)
+
+    def with_internals(self, role: str, fn, model: torch.nn.Module, batch: dict[str, Any]) -> Any:
+        """`fn(model, batch)`, as `Signals` carrying the internals the loop asked for (`self.internals`)."""
+        from potstill.tasks.internals import run_with_internals
+
+        needs = self.internals.get(role)
+        if not needs:
+            return fn(model, batch)
+        return run_with_internals(fn, model, needs, batch["attention_mask"], model, batch)
 
     @abstractmethod
     def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:

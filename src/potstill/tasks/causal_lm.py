@@ -444,13 +444,13 @@ class CausalLMTask(Task):
             return cached.to(self.device)
         from potstill.teachers import teacher_outputs
 
-        return teacher_outputs(self.logits, self.teacher, batch)
+        return teacher_outputs(self.with_internals, "teacher", self.logits, self.teacher, batch)
 
-    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | LMHeadInputs:
-        """The student's logits; with trainer.fused_lm_head its last hidden states and lm_head instead."""
-        if self.recipe.trainer.fused_lm_head:
-            return self.head_inputs(model, batch)
-        return self.logits(model, batch)
+    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        """The student's logits; with trainer.fused_lm_head its last hidden states and lm_head instead (as
+        `Signals` with the internals, when objectives read them)."""
+        fn = self.head_inputs if self.recipe.trainer.fused_lm_head else self.logits
+        return self.with_internals("student", fn, model, batch)
 
     def head_inputs(self, model: nn.Module, batch: dict[str, Any]) -> LMHeadInputs:
         """The student run up to its lm_head: hidden states `[B, T, H]` and the head's weight and bias.

@@ -89,13 +89,13 @@ class ClassificationTask(Task):
         out = model(batch["features"])
         return out.logits if hasattr(out, "logits") else out
 
-    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
+    def teacher_signal(self, batch: dict[str, Any]) -> Any:
         from potstill.teachers import teacher_outputs
 
-        return teacher_outputs(self._forward, self.teacher, batch)
+        return teacher_outputs(self.with_internals, "teacher", self._forward, self.teacher, batch)
 
-    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return self._forward(model, batch)
+    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        return self.with_internals("student", self._forward, model, batch)
 
     def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         if "labels" not in batch:

@@ -135,11 +135,20 @@ class EmbeddingTask(Task):
     def count_rows(self, batch: dict[str, Any]) -> int:
         return int(batch["index"].numel())
 
-    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.teacher_cache[batch["index"].cpu()].to(self.device)
+    def teacher_signal(self, batch: dict[str, Any]) -> Any:
+        """The cached teacher embeddings; with objectives on internals, a live teacher forward as well (its
+        hidden states / q, k, v, and the cached embeddings as the main signal)."""
+        cached = self.teacher_cache[batch["index"].cpu()].to(self.device)
+        if not self.internals.get("teacher"):
+            return cached
+        from potstill.teachers import teacher_outputs
 
-    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return self._embed(model, batch)
+        signals = teacher_outputs(self.with_internals, "teacher", self._embed, self.teacher, batch)
+        signals.main = cached
+        return signals
+
+    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        return self.with_internals("student", self._embed, model, batch)
 
     # ---- evaluation
     def _eval_data(self) -> dict[str, Any]:

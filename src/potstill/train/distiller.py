@@ -46,7 +46,16 @@ from potstill.io import atomic_write_json, atomic_write_text
 from potstill.losses.fused import FUSED_DIVERGENCES, LMHeadInputs, fused_linear_divergence
 from potstill.losses.sparse import TopKTeacher, sparse_version
 from potstill.tasks.base import Task
+from potstill.tasks.internals import Signals
 from potstill.train import checkpoint as ckpt
+
+
+class _Parameters(nn.Module):
+    """A bag of parameters (objective projections), so that `param_groups` can split them like a model's."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,11 +74,25 @@ class Objective:
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def unit(self) -> str:
+        """What the loop divides this objective's sum by: "rows" (the task's counted rows: samples, sentences
+        or target tokens) or "tokens" (real input tokens, for objectives on internals)."""
+        return getattr(self.fn, "unit", "rows")
+
     def __call__(self, student: Any, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
         """The objective's sum over the counted rows. A cached top-k teacher (`TopKTeacher`) switches a
         divergence to its sparse form over the teacher's top-k ids plus one tail bucket; a student given as
         its lm_head inputs (`LMHeadInputs`, `trainer.fused_lm_head`) to the fused form, which never builds
         the student's full logits."""
+        signal = getattr(self.fn, "signal", None)
+        if signal is not None:  # an objective on internals (hidden states, q/k/v): token rows
+            return self.fn(getattr(student, signal), getattr(teacher, signal), mask=student.token_mask,
+                           reduction="sum")
+        if isinstance(student, Signals):
+            student = student.main
+        if isinstance(teacher, Signals):
+            teacher = teacher.main
         kwargs = dict(self.params)
         if mask is not None:
             kwargs["mask"] = mask
@@ -308,6 +331,40 @@ class Distiller:
                 self._append_metrics({"step": 0, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 
+    # ------------------------------------------------------------------ objectives on internals
+    def _bind_objectives(self) -> None:
+        """Bind objectives on internals to the two models' shapes (layer pairs, projections), move stateful
+        objectives to the device, and tell the task which internals to capture for each model."""
+        needs: dict[str, dict[str, Any]] = {}
+        for o in self.objectives:
+            if hasattr(o.fn, "bind"):
+                try:
+                    o.fn.bind(self.task.model_shape("student"), self.task.model_shape("teacher"))
+                except ValueError as err:
+                    raise UserError(f"objective {o.name!r}: {err}") from None
+                for role, layers in o.fn.needs().items():
+                    want = needs.setdefault(role, {"hidden": False, "qkv": set()})
+                    if o.fn.signal == "hidden_states":
+                        want["hidden"] = True
+                    else:
+                        want["qkv"].update(layers)
+            if isinstance(o.fn, nn.Module):
+                o.fn.to(self.accelerator.device)
+        self.task.internals = {role: {"hidden": w["hidden"], "qkv": sorted(w["qkv"])} for role, w in needs.items()}
+
+    def _objective_parameters(self) -> list[nn.Parameter]:
+        return [p for o in self.objectives if isinstance(o.fn, nn.Module) for p in o.fn.parameters()
+                if p.requires_grad]
+
+    def _sync_objective_gradients(self, params: list[nn.Parameter]) -> None:
+        """DDP averages the student's gradients; objective parameters (projections) get the same average."""
+        if self.accelerator.num_processes == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
     # ------------------------------------------------------------------ the loop
     def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
         """Refuse to wipe an earlier run by accident, and to resume a run whose recipe has changed."""
@@ -371,15 +428,17 @@ class Distiller:
                                 f"to group by; turn it off")
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total)
 
+        self._bind_objectives()
         teacher_metrics = self._cached_eval("teacher", task.teacher, "teacher")
         before = self._cached_eval("before", student, "student") if self.eval_cfg.compare_before else {}
 
-        optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        groups = param_groups(student, cfg.weight_decay)
+        extra = self._objective_parameters()
+        if extra:  # learned projections of intermediate objectives train with the student
+            groups += param_groups(_Parameters(extra), cfg.weight_decay)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total))
         student, optimizer = acc.prepare(student, optimizer)
-        for o in self.objectives:
-            if isinstance(o.fn, nn.Module):
-                o.fn.to(acc.device)
 
         start = 0
         latest = ckpt.latest_checkpoint(self.ckpt_root) if resume else None
@@ -424,6 +483,9 @@ class Distiller:
         names = [o.name for o in self.objectives] + (["hard_label"] if cfg.hard_label_weight else [])
         weights = torch.tensor([o.weight for o in self.objectives] + ([cfg.hard_label_weight]
                                                                       if cfg.hard_label_weight else []))
+        units = [o.unit for o in self.objectives] + (["rows"] if cfg.hard_label_weight else [])
+        by_tokens = torch.tensor([u == "tokens" for u in units])
+        extra = self._objective_parameters()
         last: dict[str, Any] = {}
         progress = make_progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"))
         bar = progress.add_task("distilling", total=total, completed=start, loss="-", speed="")
@@ -437,9 +499,11 @@ class Distiller:
                     idx = self._micro_batch_indices(micro_batch)
                     batch = task.to_device(task.collate([records[i] for i in idx], idx))
                     batches.append(task.prepare_batch(batch, acc.unwrap_model(student), micro_batch))
-                local_rows = torch.tensor(float(sum(task.count_rows(b) for b in batches)))
-                global_rows = float(self._reduce_sum(local_rows))
-                scale = acc.num_processes / max(global_rows, 1.0)
+                local = torch.tensor([float(sum(task.count_rows(b) for b in batches)),
+                                      float(sum(task.count_tokens(b) for b in batches)) if by_tokens.any() else 0.0])
+                global_rows, global_tokens = (float(x) for x in self._reduce_sum(local))
+                counts = torch.where(by_tokens, max(global_tokens, 1.0), max(global_rows, 1.0))
+                scale = acc.num_processes / counts
                 term_sums = torch.zeros(len(names))
                 for j, batch in enumerate(batches):
                     sync = j == len(batches) - 1
@@ -450,9 +514,10 @@ class Distiller:
                         mask = task.signal_mask(batch)
                         terms = [o(student_signal, teacher_signal, mask) for o in self.objectives]
                         if cfg.hard_label_weight:
-                            terms.append(task.hard_label_loss(student_signal, batch))
+                            main = student_signal.main if isinstance(student_signal, Signals) else student_signal
+                            terms.append(task.hard_label_loss(main, batch))
                         stacked = torch.stack([t.float() for t in terms])
-                        loss = (stacked * weights.to(stacked.device)).sum() * scale
+                        loss = (stacked * (weights * scale).to(stacked.device)).sum()
                         acc.backward(loss)
                     term_sums += stacked.detach().float().cpu()
                 term_sums = self._reduce_sum(term_sums)
@@ -463,16 +528,17 @@ class Distiller:
                         f"loss is {term_sums[names.index(bad)].item()} at step {step + 1} in objective {bad!r}; "
                         f"no update was applied. Last good checkpoint: {good or 'none yet'}. Lower trainer.lr, "
                         f"check the data, or use trainer.max_grad_norm.")
+                self._sync_objective_gradients(extra)
                 grad_norm = None
                 if cfg.max_grad_norm:
-                    grad_norm = float(acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
+                    grad_norm = float(acc.clip_grad_norm_([*student.parameters(), *extra], cfg.max_grad_norm))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
                 done = step + 1
                 rows_since += global_rows
-                per_row = term_sums / max(global_rows, 1.0)
+                per_row = term_sums / counts
                 for o, value in zip(self.objectives, per_row, strict=False):
                     if hasattr(o.fn, "on_optimizer_step"):
                         o.fn.on_optimizer_step(loss=float(value), step=done, total_steps=total)

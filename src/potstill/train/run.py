@@ -7,6 +7,7 @@ from typing import Any
 from potstill.config import Recipe, dump_recipe
 from potstill.errors import UserError
 from potstill.losses import get_objective
+from potstill.losses.catalogue import INTERNAL_KINDS
 from potstill.tasks import build_task
 from potstill.train.distiller import Distiller, Objective
 
@@ -21,7 +22,11 @@ def build_objectives(recipe: Recipe) -> list[Objective]:
     objectives = []
     for i, cfg in enumerate(recipe.objectives):
         info = get_objective(cfg.name)
-        if info.kind != kind:
+        if info.kind in INTERNAL_KINDS:
+            if recipe.teacher.cache is not None:
+                raise UserError(f"field objectives.{i}.name: {cfg.name} reads the teacher's internals, which a "
+                                f"teacher.cache does not hold; use a live teacher")
+        elif info.kind != kind:
             raise UserError(f"field objectives.{i}.name: {cfg.name!r} compares {info.kind}, but the {recipe.task} "
                             f"task gives {kind}; see `potstill objectives`")
         signature = list(inspect.signature(info.fn).parameters)
