@@ -258,3 +258,37 @@ def test_two_processes_sync_the_projections(tmp_path, classifier):
     pb = torch.load(ckpt.step_dir(one.run_dir / "checkpoints", 3) / "objectives.pt")["hidden_mse"]
     for key in pa:
         torch.testing.assert_close(pa[key], pb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_task_narrow_student_with_projection_and_hidden_states(tmp_path):
+    """Embedding distillation into a student half the teacher's width: embedding_mse learns a projection,
+    hidden_mse reads the live teacher's hidden states next to the cached embeddings, and the saved student
+    is a plain 16-dimensional sentence-transformers model."""
+    from sentence_transformers import SentenceTransformer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    folder = tmp_path / "encoder"
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    texts = [t for texts in TOPICS.values() for t in texts] * 8
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{t} ({i})"}) + "\n" for i, t in enumerate(texts)))
+    recipe = validate_recipe({
+        "name": "emb", "output_dir": str(tmp_path / "runs"), "task": "embedding", "teacher": {"path": str(folder)},
+        "student": {"init": "from_config", "config": {"num_hidden_layers": 2, "hidden_size": 16}},
+        "data": {"train": str(data), "eval": str(data), "max_length": 16},
+        "objectives": [{"name": "embedding_mse", "params": {"normalize": True}}, {"name": "hidden_mse"}],
+        "trainer": {"max_steps": 6, "batch_size": 8, "lr": 3e-3, "log_every": 1, "num_threads": 1},
+        "eval": {"throughput": False, "compare_before": False}})
+    summary = run_recipe(recipe)
+    steps = [x for x in _log(recipe.run_dir) if "loss" in x]
+    assert steps[-1]["obj/embedding_mse"] < steps[0]["obj/embedding_mse"]
+    assert steps[-1]["obj/hidden_mse"] < steps[0]["obj/hidden_mse"]
+    after = summary["table"][-1]
+    assert "neighbour_recall@10" in after and "cosine_to_teacher" not in after  # different widths
+    state = torch.load(ckpt.step_dir(recipe.run_dir / "checkpoints", 6) / "objectives.pt")
+    assert state["embedding_mse"]["projection.weight"].shape == (32, 16)
+    model = SentenceTransformer(str(recipe.run_dir / "student"), device="cpu")
+    assert model.encode(["A goal in the last minute."]).shape == (1, 16)

@@ -55,8 +55,10 @@ class TeacherConfig(_Strict):
 
 
 class StudentConfig(_Strict):
-    init: Literal["layers_from_teacher", "from_config", "pretrained", "factory"] = Field(
-        "layers_from_teacher", description="how the student is built")
+    init: Literal["layers_from_teacher", "from_config", "pretrained", "factory", "static"] = Field(
+        "layers_from_teacher", description="how the student is built; static (embedding task): a model2vec-style "
+        "static-embedding student made from the teacher without data, config {pca_dims: 256, sif_coefficient: "
+        "1e-4, normalize: true}")
     layers: list[int] | None = Field(None, description="teacher layers copied into the student (layers_from_teacher)")
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="config overrides for from_config, e.g. {num_hidden_layers: 2}")
@@ -117,7 +119,8 @@ class EvalConfig(_Strict):
 
 class TrainerConfig(_Strict):
     epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored if max_steps is set)")
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    max_steps: int | None = Field(None, ge=0, description="optimizer steps; overrides epochs; 0 = no training "
+                                  "(evaluate and save the student as built, e.g. a data-free static student)")
     batch_size: int = Field(32, ge=1, description="micro-batch size per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
@@ -175,6 +178,13 @@ class Recipe(_Strict):
     def _has_loss(self) -> Recipe:
         if not self.objectives and self.trainer.hard_label_weight == 0:
             raise ValueError("no loss: give at least one objective or trainer.hard_label_weight > 0")
+        if self.student.init == "static":
+            if self.task != "embedding":
+                raise ValueError("student.init static (a static-embedding student) is for the embedding task")
+            unknown = sorted(set(self.student.config) - {"pca_dims", "sif_coefficient", "normalize"})
+            if unknown:
+                raise ValueError(f"student.config for init static takes pca_dims, sif_coefficient and normalize; "
+                                 f"got {', '.join(unknown)}")
         if self.task != "causal_lm":
             if self.teacher.cache is not None:
                 raise ValueError("teacher.cache is for the causal_lm task")

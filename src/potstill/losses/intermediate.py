@@ -295,6 +295,32 @@ class AttentionMSE(_Bound):
         return total
 
 
+class ProjectedLoss(nn.Module):
+    """A loss on the models' output vectors (`embedding_mse`, `embedding_cosine`) that learns a bias-free
+    projection of the student's vectors to the teacher's width when they differ (created by `bind`; trained
+    with the student, checkpointed, dropped at export). Equal widths: the loss as it is."""
+
+    unit = "rows"
+
+    def __init__(self, loss: Callable[..., Tensor], **params) -> None:
+        super().__init__()
+        self.loss, self.params = loss, params
+        self.projection: nn.Linear | None = None
+
+    def bind(self, student: ModelShape, teacher: ModelShape) -> None:
+        if student.hidden != teacher.hidden and self.projection is None:
+            self.projection = nn.Linear(student.hidden, teacher.hidden, bias=False)
+
+    def needs(self) -> dict[str, list[int]]:
+        return {}
+
+    def forward(self, student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
+                reduction: str = "mean") -> Tensor:
+        if self.projection is not None:
+            student = self.projection(student.to(self.projection.weight.dtype))
+        return self.loss(student, teacher, mask=mask, reduction=reduction, **self.params)
+
+
 def shape_of(config: object) -> ModelShape:
     """`ModelShape` from a Hugging Face config (num_hidden_layers / hidden_size / num_attention_heads, or the
     GPT-2 / DistilBERT names)."""
@@ -311,4 +337,4 @@ def shape_of(config: object) -> ModelShape:
 
 
 __all__ = ["AttentionMSE", "HiddenCosine", "HiddenMSE", "HiddenStateObjective", "MiniLMAttention",
-           "MiniLMRelations", "ModelShape", "SquareHead", "layer_map", "shape_of"]
+           "MiniLMRelations", "ModelShape", "ProjectedLoss", "SquareHead", "layer_map", "shape_of"]

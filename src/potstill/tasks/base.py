@@ -86,6 +86,8 @@ class Task(ABC):
         from potstill.tasks.internals import transformer_layers
 
         model = self.teacher if role == "teacher" else self.student
+        if hasattr(model, "model_shape"):  # e.g. a static-embedding student
+            return model.model_shape()
         config = getattr(model, "config", None)
         if config is None:
             raise UserError(f"objectives on hidden states or attention need Hugging Face transformer models; the "

@@ -52,23 +52,35 @@ class EmbeddingTask(Task):
         r = self.recipe
         self.teacher, self.tokenizer = load_hf_teacher(r.teacher.path, AutoModel)
         self.teacher.to(self.device)
-        self.student = build_student(r.student, self.teacher, auto_cls=AutoModel)
-        t_dim, s_dim = self.teacher.config.hidden_size, self.student.config.hidden_size
-        if t_dim != s_dim:
-            raise UserError(f"field student: the student's hidden size {s_dim} differs from the teacher's {t_dim}; "
-                            f"embedding objectives compare vectors directly, so keep hidden_size equal "
-                            f"(use layers_from_teacher, or from_config without a hidden_size override)")
+        if r.student.init == "static":
+            self.student = self._static_student(is_main=is_main)
+        else:
+            self.student = build_student(r.student, self.teacher, auto_cls=AutoModel)
         self.train_records = self.load(r.data.train, required=("text",))
         self.eval_records = self.load(r.data.eval, required=("text",)) if r.data.eval else []
         self._texts = [rec["text"] for rec in self.train_records]
         self.teacher_cache = self._teacher_cache(is_main=is_main, barrier=barrier)
         self._eval_sets: dict[str, Any] | None = None
 
+    def _static_student(self, *, is_main: bool) -> nn.Module:
+        """A model2vec-style static student built from the teacher without data (`students/static.py`)."""
+        from potstill.students.static import StaticStudent
+        from potstill.train.progress import task_progress
+
+        options = {"pca_dims": 256, "sif_coefficient": 1e-4, "normalize": True, **self.recipe.student.config}
+        try:
+            if is_main:
+                with task_progress("static student: teacher over the vocabulary", len(self.tokenizer)) as advance:
+                    return StaticStudent.from_teacher(self.teacher, self.tokenizer, progress=advance, **options)
+            return StaticStudent.from_teacher(self.teacher, self.tokenizer, **options)
+        except ValueError as err:
+            raise UserError(f"field student.config: {err}") from None
+
     # ---- encoding
     def encode(self, model: nn.Module, texts: list[str], *, progress: Any = None) -> torch.Tensor:
         """Embeddings (float32, CPU) of `texts`, batched by length for speed, in the input order."""
         bs, order = self.recipe.eval.batch_size, sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts), model.config.hidden_size)
+        out = torch.empty(len(texts), _width(model))
         was_training = model.training
         model.eval()
         with torch.inference_mode():
@@ -88,8 +100,10 @@ class EmbeddingTask(Task):
 
     def _embed(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        hidden = model(**inputs).last_hidden_state
-        return pool(hidden, batch["attention_mask"], self.recipe.pooling)
+        out = model(**inputs)
+        if isinstance(out, torch.Tensor):  # a model that returns sentence vectors (the static student)
+            return out
+        return pool(out.last_hidden_state, batch["attention_mask"], self.recipe.pooling)
 
     # ---- the teacher cache
     def _manifest(self) -> dict[str, Any]:
@@ -224,8 +238,17 @@ class EmbeddingTask(Task):
     def save_student(self, model: nn.Module, path: Path) -> None:
         from potstill.students import save_sentence_transformer
 
+        if hasattr(model, "save_sentence_transformer"):  # static student: StaticEmbedding (+ Normalize)
+            model.save_sentence_transformer(self.tokenizer, path, max_tokens=max(1, self.recipe.data.max_length - 2))
+            return
+
         save_sentence_transformer(model, self.tokenizer, path, pooling=self.recipe.pooling,
                                   max_seq_length=self.recipe.data.max_length)
+
+
+def _width(model: nn.Module) -> int:
+    """Embedding width of an encoder (its hidden size) or of a static student."""
+    return model.dim if hasattr(model, "dim") else model.config.hidden_size
 
 
 def _sha256(path: Path) -> str:

@@ -420,7 +420,7 @@ class Distiller:
         if per_epoch == 0:
             raise UserError(f"data.train has {n} records, fewer than trainer.batch_size × processes = "
                             f"{cfg.batch_size} × {world}")
-        total = cfg.max_steps or max(1, int(cfg.epochs * per_epoch) // cfg.grad_accum)
+        total = cfg.max_steps if cfg.max_steps is not None else max(1, int(cfg.epochs * per_epoch) // cfg.grad_accum)
         if cfg.group_by_length:
             self._lengths = task.record_lengths()
             if self._lengths is None:

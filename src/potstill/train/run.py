@@ -39,6 +39,12 @@ def build_objectives(recipe: Recipe) -> list[Objective]:
                 raise UserError(f"field objectives.{i}.params.{key}: {cfg.name} has no parameter {key!r}"
                                 f"{did_you_mean(key, valid)}; valid: {', '.join(valid)}")
         fn = info.fn
+        if info.kind == "embedding" and recipe.task == "embedding":
+            # a student narrower than the teacher compares its vectors through a learned projection
+            from potstill.losses.intermediate import ProjectedLoss
+
+            objectives.append(Objective(name=cfg.name, fn=ProjectedLoss(info.fn, **cfg.params), weight=cfg.weight))
+            continue
         if info.stateful:
             try:
                 fn = info.fn(**cfg.params)
