@@ -162,7 +162,8 @@ class Recipe(_Strict):
 
     name: str = Field("run", description="run name: output goes to <output_dir>/<name>/")
     output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
-    task: Literal["classification", "embedding", "causal_lm"] = Field(description="what the models do")
+    task: Literal["classification", "embedding", "causal_lm", "vision"] = Field(
+        description="what the models do; vision = masked-image-modelling distillation of ViTs (DMAE)")
     seed: int = 0
     teacher: TeacherConfig
     student: StudentConfig = Field(description="how the student is built")

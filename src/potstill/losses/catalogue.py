@@ -17,7 +17,15 @@ from .divergences import (
     tvd,
 )
 from .embedding import embedding_cosine, embedding_mse
-from .intermediate import AttentionMSE, HiddenCosine, HiddenMSE, MiniLMAttention, MiniLMRelations, SquareHead
+from .intermediate import (
+    AttentionMSE,
+    DMAEAlign,
+    HiddenCosine,
+    HiddenMSE,
+    MiniLMAttention,
+    MiniLMRelations,
+    SquareHead,
+)
 from .ranking import listwise_kl, margin_mse
 from .sinkhorn import sinkhorn
 from .taid import TAID
@@ -148,6 +156,14 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             'Kurtic et al. 2023, "Sparse Finetuning for Inference Acceleration of Large Language Models"',
             "scale-invariant per layer; normalizer: second_moment (code) | variance (paper)",
             name="squarehead",
+        ),
+        _entry(
+            DMAEAlign,
+            "hidden_states",
+            "mean |ℓ2n(P·h_s^i) − ℓ2n(h_t^j)| per visible token; the teacher runs to block j on the student's patches",
+            'Bai et al. 2023, "Masked Autoencoders Enable Efficient Knowledge Distillers" (CVPR)',
+            "vision task (with the student's MAE loss as trainer.hard_label_weight); DMAE ViT-B/L: layers [[8, 17]]",
+            name="dmae_align",
         ),
         _entry(
             MiniLMAttention,

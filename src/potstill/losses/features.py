@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._rows import check_reduction, resolve_mask, rowwise
@@ -96,4 +97,34 @@ def squarehead(
         return (s.float() - t.float()).square().mean(-1) * scale
 
     return rowwise(normalized_mse, student_hidden, teacher_hidden, mask=mask, reduction=reduction,
+                   what="hidden states")
+
+
+def _l1_rows(normalize: bool):
+    def rows(s: Tensor, t: Tensor) -> Tensor:
+        s, t = s.float(), t.float()
+        if normalize:
+            s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+        return (s - t).abs().mean(-1)
+
+    return rows
+
+
+def feature_l1(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    *,
+    normalize: bool = True,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Feature alignment, per token (1/D) Σ_d |ℓ2n(h_s) − ℓ2n(h_t)| (ℓ2n = L2-normalised; raw with
+    `normalize=False`).
+
+    DMAE's alignment loss (Bai et al. 2023, "Masked Autoencoders Enable Efficient Knowledge Distillers"; code
+    UCSC-VLAA/DMAE, `forward_distillation_loss_embedding`): the mean absolute difference between the
+    normalised teacher feature and the (projected) student feature. Defaults: normalize=True, reduction="mean".
+    """
+    _check_dims(student_hidden, teacher_hidden)
+    return rowwise(_l1_rows(normalize), student_hidden, teacher_hidden, mask=mask, reduction=reduction,
                    what="hidden states")

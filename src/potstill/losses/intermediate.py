@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .attention import attention_mse, relation_kl, relation_logits
-from .features import hidden_cosine, hidden_mse, squarehead
+from .features import feature_l1, hidden_cosine, hidden_mse, squarehead
 
 LayerSpec = str | Sequence[Sequence[int]]
 
@@ -163,6 +163,18 @@ class SquareHead(HiddenStateObjective):
     def __init__(self, *, layers: LayerSpec = "uniform", project: bool | None = None,
                  normalizer: str = "second_moment", eps: float = 1e-8) -> None:
         super().__init__(layers=layers, project=project, normalizer=normalizer, eps=eps)
+
+
+class DMAEAlign(HiddenStateObjective):
+    """DMAE's feature alignment (Bai et al. 2023): `feature_l1` between ℓ2n(P·h_s^i) and ℓ2n(sg h_t^j) for one
+    intermediate block each, P a learned projection (always, as in DMAE; bias-free here). In the `vision` task
+    the teacher sees the student's visible patches only and runs only up to block j. DMAE's ViT-B student /
+    ViT-L teacher pair aligns blocks [[8, 17]]. Defaults: layers="last", project=True, normalize=True."""
+
+    loss = staticmethod(feature_l1)
+
+    def __init__(self, *, layers: LayerSpec = "last", project: bool | None = True, normalize: bool = True) -> None:
+        super().__init__(layers=layers, project=project, normalize=normalize)
 
 
 def _per_token(value: Tensor, heads: int, reduction: str) -> Tensor:
@@ -336,5 +348,5 @@ def shape_of(config: object) -> ModelShape:
                       heads=first("num_attention_heads", "n_head", "n_heads"))
 
 
-__all__ = ["AttentionMSE", "HiddenCosine", "HiddenMSE", "HiddenStateObjective", "MiniLMAttention",
+__all__ = ["AttentionMSE", "DMAEAlign", "HiddenCosine", "HiddenMSE", "HiddenStateObjective", "MiniLMAttention",
            "MiniLMRelations", "ModelShape", "ProjectedLoss", "SquareHead", "layer_map", "shape_of"]

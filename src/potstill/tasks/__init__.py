@@ -20,6 +20,10 @@ def build_task(recipe: Recipe, *, run_dir: Path, device: torch.device | str = "c
         from potstill.tasks.causal_lm import CausalLMTask
 
         return CausalLMTask(recipe, run_dir=run_dir, device=device)
+    if recipe.task == "vision":
+        from potstill.tasks.vision import VisionTask
+
+        return VisionTask(recipe, run_dir=run_dir, device=device)
     from potstill.tasks.embedding import EmbeddingTask
 
     return EmbeddingTask(recipe, run_dir=run_dir, device=device)

@@ -98,14 +98,19 @@ class Task(ABC):
             raise UserError(f"{role}: {err}") from None
         return ModelShape(layers=len(transformer_layers(model)), hidden=shape.hidden, heads=shape.heads)
 
+    def internal_needs(self, role: str) -> dict[str, Any] | None:
+        """What to capture from the teacher / student (`self.internals[role]`, set by the loop)."""
+        return self.internals.get(role)
+
     def with_internals(self, role: str, fn, model: torch.nn.Module, batch: dict[str, Any]) -> Any:
-        """`fn(model, batch)`, as `Signals` carrying the internals the loop asked for (`self.internals`)."""
+        """`fn(model, batch)`, as `Signals` carrying the internals the loop asked for (`internal_needs`); the
+        token mask is the batch's attention mask (every token, when it has none)."""
         from potstill.tasks.internals import run_with_internals
 
-        needs = self.internals.get(role)
+        needs = self.internal_needs(role)
         if not needs:
             return fn(model, batch)
-        return run_with_internals(fn, model, needs, batch["attention_mask"], model, batch)
+        return run_with_internals(fn, model, needs, batch.get("attention_mask"), model, batch)
 
     @abstractmethod
     def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:

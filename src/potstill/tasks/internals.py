@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from potstill.errors import UserError
@@ -92,13 +93,17 @@ def _output(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class StopForward(Exception):
+    """Raised by a capture hook once the last layer anyone needs has run (`Capture(stop_after=…)`)."""
+
+
 class Capture:
     """Records internals of every forward run inside the `with` block (see the module docstring)."""
 
     def __init__(self, model: nn.Module, *, hidden: bool = False, qkv_layers: list[int] | tuple[int, ...] = (),
-                 layers_path: str | None = None) -> None:
+                 layers_path: str | None = None, stop_after: int | None = None) -> None:
         self.layers = transformer_layers(model, layers_path)
-        self.hidden, self.qkv_layers = hidden, list(qkv_layers)
+        self.hidden, self.qkv_layers, self.stop_after = hidden, list(qkv_layers), stop_after
         for i in self.qkv_layers:
             if not 0 <= i < len(self.layers):
                 raise UserError(f"layer {i} is out of range: {type(model).__name__} has {len(self.layers)} layers")
@@ -118,6 +123,12 @@ class Capture:
             self._handles.append(self.layers[0].register_forward_pre_hook(first_input, with_kwargs=True))
             for i, layer in enumerate(self.layers):
                 self._handles.append(layer.register_forward_hook(self._store_hidden(i + 1)))
+        if self.stop_after is not None:
+            def stop(module, args, out):
+                raise StopForward
+
+            # registered last, so the layer's own captures run first
+            self._handles.append(self.layers[self.stop_after].register_forward_hook(stop))
         for i in self.qkv_layers:
             modules = qkv_modules(self.layers[i])
             self.qkv[i] = [None, None, None]
@@ -146,28 +157,37 @@ class Capture:
             handle.remove()
         self._handles.clear()
 
-    def signals(self, main: Any, token_mask: Tensor) -> Signals:
-        """The recorded internals with the task's `main` signal."""
+    def signals(self, main: Any, token_mask: Tensor | None) -> Signals:
+        """The recorded internals with the task's `main` signal; `token_mask` None = every token counts."""
         hidden = None
         if self.hidden:
-            if any(h is None for h in self.hidden_states):
+            last = len(self.hidden_states) if self.stop_after is None else self.stop_after + 2
+            if any(h is None for h in self.hidden_states[:last]):
                 raise RuntimeError("the forward did not run every transformer layer; hidden states are missing")
             hidden = tuple(self.hidden_states)
         qkv = {i: tuple(v) for i, v in self.qkv.items()}
+        if token_mask is None:
+            first = hidden[0] if hidden else next(iter(qkv.values()))[0]
+            token_mask = torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
         return Signals(main=main, token_mask=token_mask.bool(), hidden_states=hidden, qkv=qkv)
 
 
-def run_with_internals(fn, model: nn.Module, needs: dict[str, Any] | None, token_mask: Tensor, *args: Any,
+def run_with_internals(fn, model: nn.Module, needs: dict[str, Any] | None, token_mask: Tensor | None, *args: Any,
                        **kwargs: Any) -> Any:
     """`fn(*args, **kwargs)` (which runs `model`), as `Signals` with the internals `needs` asks for
-    ({"hidden": bool, "qkv": [layers]}); just its result when `needs` is empty."""
+    ({"hidden": bool, "qkv": [layers], "stop_after": layer or None}); just its result when `needs` is empty.
+    With `stop_after` the forward ends after that layer (the main signal is then None)."""
     if not needs or not (needs.get("hidden") or needs.get("qkv")):
         return fn(*args, **kwargs)
     target = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+    main = None
     with Capture(target, hidden=bool(needs.get("hidden")), qkv_layers=needs.get("qkv", ()),
-                 layers_path=needs.get("layers_path")) as cap:
-        main = fn(*args, **kwargs)
+                 layers_path=needs.get("layers_path"), stop_after=needs.get("stop_after")) as cap:
+        try:
+            main = fn(*args, **kwargs)
+        except StopForward:
+            pass
     return cap.signals(main, token_mask)
 
 
-__all__ = ["Capture", "Signals", "qkv_modules", "run_with_internals", "transformer_layers"]
+__all__ = ["Capture", "Signals", "StopForward", "qkv_modules", "run_with_internals", "transformer_layers"]

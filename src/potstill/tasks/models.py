@@ -36,8 +36,10 @@ def resolve_model_path(path: str, *, field: str) -> str:
     return path
 
 
-def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path") -> tuple[nn.Module, Any]:
-    """Load a frozen Hugging Face teacher and its tokenizer from a local folder (offline)."""
+def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path",
+                    tokenizer: bool = True) -> tuple[nn.Module, Any]:
+    """Load a frozen Hugging Face teacher and its tokenizer (None when `tokenizer` is False, e.g. images)
+    from a local folder (offline)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path, field=field)
@@ -47,10 +49,10 @@ def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path") ->
                         f"{', '.join('builtin:' + k for k in BUILTIN_MODELS)})")
     try:
         model = auto_cls.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        loaded = AutoTokenizer.from_pretrained(path) if tokenizer else None
     except (OSError, ValueError) as exc:
         raise UserError(f"field {field}: cannot load a model from {path}: {exc}") from None
-    return freeze(model), tokenizer
+    return freeze(model), loaded
 
 
 def load_factory_teacher(cfg: TeacherConfig) -> nn.Module:

@@ -343,14 +343,16 @@ class Distiller:
                 except ValueError as err:
                     raise UserError(f"objective {o.name!r}: {err}") from None
                 for role, layers in o.fn.needs().items():
-                    want = needs.setdefault(role, {"hidden": False, "qkv": set()})
+                    want = needs.setdefault(role, {"hidden": False, "hidden_layers": set(), "qkv": set()})
                     if o.fn.signal == "hidden_states":
                         want["hidden"] = True
+                        want["hidden_layers"].update(layers)
                     else:
                         want["qkv"].update(layers)
             if isinstance(o.fn, nn.Module):
                 o.fn.to(self.accelerator.device)
-        self.task.internals = {role: {"hidden": w["hidden"], "qkv": sorted(w["qkv"])} for role, w in needs.items()}
+        self.task.internals = {role: {"hidden": w["hidden"], "hidden_layers": sorted(w["hidden_layers"]),
+                                      "qkv": sorted(w["qkv"])} for role, w in needs.items()}
 
     def _objective_parameters(self) -> list[nn.Parameter]:
         return [p for o in self.objectives if isinstance(o.fn, nn.Module) for p in o.fn.parameters()

@@ -11,7 +11,7 @@ from potstill.losses.catalogue import INTERNAL_KINDS
 from potstill.tasks import build_task
 from potstill.train.distiller import Distiller, Objective
 
-TASK_SIGNALS = {"classification": "logits", "embedding": "embedding", "causal_lm": "logits"}
+TASK_SIGNALS = {"classification": "logits", "embedding": "embedding", "causal_lm": "logits", "vision": "pixels"}
 
 
 def build_objectives(recipe: Recipe) -> list[Objective]:
@@ -26,6 +26,9 @@ def build_objectives(recipe: Recipe) -> list[Objective]:
             if recipe.teacher.cache is not None:
                 raise UserError(f"field objectives.{i}.name: {cfg.name} reads the teacher's internals, which a "
                                 f"teacher.cache does not hold; use a live teacher")
+        elif kind == "pixels":
+            raise UserError(f"field objectives.{i}.name: {cfg.name!r} compares {info.kind}; the vision task "
+                            f"distils features: use dmae_align or another hidden-state objective")
         elif info.kind != kind:
             raise UserError(f"field objectives.{i}.name: {cfg.name!r} compares {info.kind}, but the {recipe.task} "
                             f"task gives {kind}; see `potstill objectives`")
