@@ -292,3 +292,25 @@ def test_embedding_task_narrow_student_with_projection_and_hidden_states(tmp_pat
     assert state["embedding_mse"]["projection.weight"].shape == (32, 16)
     model = SentenceTransformer(str(recipe.run_dir / "student"), device="cpu")
     assert model.encode(["A goal in the last minute."]).shape == (1, 16)
+
+
+def test_layers_path_and_a_pretrained_compact_student(tmp_path, classifier):
+    """Blocks given by module path; the student starts from a compact pre-trained model (Well-Read Students:
+    pre-train compact, then distil), narrower than the teacher."""
+    folder, data = classifier
+    compact = tmp_path / "compact"
+    torch.manual_seed(1)
+    tok = AutoTokenizer.from_pretrained(folder)
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=32, num_labels=2,
+                                             id2label={0: "business", 1: "sport"},
+                                             label2id={"business": 0, "sport": 1})).save_pretrained(compact)
+    raw = _raw(tmp_path, folder, data, [{"name": "forward_kl"}, {"name": "hidden_mse", "params": {"layers": "last"}}],
+               student={"init": "pretrained", "path": str(compact), "layers_path": "bert.encoder.layer"},
+               max_steps=2)
+    raw["teacher"]["layers_path"] = "bert.encoder.layer"
+    summary = run_recipe(validate_recipe(raw))
+    assert summary["steps"] == 2
+    raw["teacher"]["layers_path"] = "encoder.layer"
+    with pytest.raises(UserError, match="has no module 'encoder.layer'"):
+        run_recipe(validate_recipe(dict(raw, name="badpath")))

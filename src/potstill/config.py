@@ -43,6 +43,9 @@ class TeacherConfig(_Strict):
     weights: str | None = Field(None, description="optional .safetensors/.pt state dict for the factory's module")
     tokenizer: str | None = Field(None, description="causal_lm task: tokenizer folder (or builtin:smollm2) shared by "
                                   "teacher and student; default: teacher.path. Needed with teacher.factory")
+    layers_path: str | None = Field(None, description="module path of the teacher's list of transformer blocks "
+                                    "(e.g. encoder.layer), for objectives on internals; default: found from the "
+                                    "config's layer count")
     cache: str | None = Field(None, description="causal_lm task: top-k cache folder. `potstill cache RECIPE` writes "
                               "the teacher's top-k log-probs there once; `potstill run` then reads them instead of "
                               "running the teacher each step (sparse divergences: top-k ids + one tail bucket)")
@@ -65,6 +68,8 @@ class StudentConfig(_Strict):
     path: str | None = Field(None, description="pretrained student folder (init: pretrained)")
     factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module (init: factory)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
+    layers_path: str | None = Field(None, description="module path of the student's list of transformer blocks, "
+                                    "for objectives on internals; default: found from the config's layer count")
 
     @model_validator(mode="after")
     def _needs(self) -> StudentConfig:

@@ -96,11 +96,19 @@ class Task(ABC):
             shape = shape_of(config)
         except ValueError as err:
             raise UserError(f"{role}: {err}") from None
-        return ModelShape(layers=len(transformer_layers(model)), hidden=shape.hidden, heads=shape.heads)
+        layers = transformer_layers(model, self._layers_path(role))
+        return ModelShape(layers=len(layers), hidden=shape.hidden, heads=shape.heads)
+
+    def _layers_path(self, role: str) -> str | None:
+        side = self.recipe.teacher if role == "teacher" else self.recipe.student
+        return getattr(side, "layers_path", None)
 
     def internal_needs(self, role: str) -> dict[str, Any] | None:
-        """What to capture from the teacher / student (`self.internals[role]`, set by the loop)."""
-        return self.internals.get(role)
+        """What to capture from the teacher / student (`self.internals[role]`, set by the loop), with the
+        recipe's module path of its blocks when given."""
+        needs = self.internals.get(role)
+        path = self._layers_path(role)
+        return {**needs, "layers_path": path} if needs and path else needs
 
     def with_internals(self, role: str, fn, model: torch.nn.Module, batch: dict[str, Any]) -> Any:
         """`fn(model, batch)`, as `Signals` carrying the internals the loop asked for (`internal_needs`); the

@@ -127,7 +127,7 @@ class VisionTask(Task):
 
     # ---- signals
     def internal_needs(self, role: str) -> dict[str, Any] | None:
-        needs = self.internals.get(role)
+        needs = super().internal_needs(role)
         if role == "teacher" and needs:
             last = max([*needs.get("hidden_layers", []), *needs.get("qkv", []), 0])
             needs = {**needs, "stop_after": last}  # the teacher runs only as far as an objective reads
