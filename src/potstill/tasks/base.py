@@ -144,6 +144,24 @@ class Task(ABC):
         """Size and speed of teacher and student: {"teacher": {...}, "student": {...}}."""
         return {}
 
+    def compare_speed(self, student: torch.nn.Module, items: list, runner, *, unit: str, batch_size: int,
+                      rounds: int = 3, min_seconds: float = 0.5, per_item: float = 1.0,
+                      teacher: torch.nn.Module | None = None) -> dict[str, dict[str, float]]:
+        """Parameters and `unit` (items/s × `per_item`) of the teacher and the student, measured interleaved
+        (`eval.compare_throughput`) in eval mode; `runner(model)` returns the function that runs one chunk."""
+        from potstill.eval import compare_throughput, count_parameters
+
+        teacher = self.teacher if teacher is None else teacher
+        models = {"teacher": teacher, "student": student}
+        modes = {role: m.training for role, m in models.items()}
+        for m in models.values():
+            m.eval()
+        speed = compare_throughput({role: runner(m) for role, m in models.items()}, items, batch_size=batch_size,
+                                   rounds=rounds, min_seconds=min_seconds)
+        for role, m in models.items():
+            m.train(modes[role])
+        return {role: {"params": count_parameters(m), unit: speed[role] * per_item} for role, m in models.items()}
+
     @abstractmethod
     def save_student(self, model: torch.nn.Module, path: Path) -> None:
         """Save the student so that it loads without potstill."""

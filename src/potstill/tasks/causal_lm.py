@@ -44,7 +44,6 @@ from torch import nn
 
 from potstill.config import DataSource
 from potstill.errors import UserError
-from potstill.eval import compare_throughput, count_parameters
 from potstill.io import atomic_write_json
 from potstill.losses.fused import LMHeadInputs, fused_linear_cross_entropy
 from potstill.tasks.base import Task
@@ -577,15 +576,8 @@ class CausalLMTask(Task):
 
             return run
 
-        modes = (self.teacher.training, student.training)
-        self.teacher.eval()
-        student.eval()
-        speed = compare_throughput({"teacher": runner(self.teacher), "student": runner(student)}, examples,
-                                   batch_size=min(4, self.recipe.eval.batch_size), rounds=2, min_seconds=0.5)
-        self.teacher.train(modes[0])
-        student.train(modes[1])
-        return {role: {"params": count_parameters(m), "tokens_per_s": speed[role] * mean_tokens}
-                for role, m in (("teacher", self.teacher), ("student", student))}
+        return self.compare_speed(student, examples, runner, unit="tokens_per_s", per_item=mean_tokens,
+                                  batch_size=min(4, self.recipe.eval.batch_size), rounds=2)
 
     # ------------------------------------------------------------------ output
     def save_student(self, model: nn.Module, path: Path) -> None:

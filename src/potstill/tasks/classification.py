@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from potstill.errors import UserError
-from potstill.eval import classification_metrics, compare_throughput, count_parameters
+from potstill.eval import classification_metrics
 from potstill.tasks.base import Task
 from potstill.tasks.models import build_student, load_factory_teacher, load_hf_teacher
 
@@ -133,24 +133,16 @@ class ClassificationTask(Task):
         return classification_metrics(logits, labels=labels, teacher_logits=self._eval_cache["teacher"])
 
     def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
-        records = self.eval_records or self.train_records
-        records = records[:512]
-        bs = self.recipe.eval.batch_size
+        records = (self.eval_records or self.train_records)[:512]
 
         def runner(model: nn.Module):
-            model.eval()
-
             def run(chunk: list[dict]) -> Any:
                 return self._forward(model, self.to_device(self.collate(chunk, list(range(len(chunk))))))
 
             return run
 
-        was_training = student.training
-        speed = compare_throughput({"teacher": runner(self.teacher), "student": runner(student)}, records,
-                                   batch_size=bs, rounds=3, min_seconds=0.5)
-        student.train(was_training)
-        return {role: {"params": count_parameters(m), "samples_per_s": speed[role]}
-                for role, m in (("teacher", self.teacher), ("student", student))}
+        return self.compare_speed(student, records, runner, unit="samples_per_s",
+                                  batch_size=self.recipe.eval.batch_size)
 
     # ---- output
     def save_student(self, model: nn.Module, path: Path) -> None:

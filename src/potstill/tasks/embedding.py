@@ -20,8 +20,6 @@ from torch import nn
 from potstill.data import fingerprint_records
 from potstill.errors import UserError
 from potstill.eval import (
-    compare_throughput,
-    count_parameters,
     embedding_metrics,
     linear_probe_accuracy,
     pair_spearman,
@@ -226,13 +224,8 @@ class EmbeddingTask(Task):
 
             return run
 
-        was_training = student.training
-        student.eval()
-        speed = compare_throughput({"teacher": runner(self.teacher), "student": runner(student)}, texts,
-                                   batch_size=self.recipe.eval.batch_size, rounds=3, min_seconds=1.0)
-        student.train(was_training)
-        return {role: {"params": count_parameters(m), "sentences_per_s": speed[role]}
-                for role, m in (("teacher", self.teacher), ("student", student))}
+        return self.compare_speed(student, texts, runner, unit="sentences_per_s",
+                                  batch_size=self.recipe.eval.batch_size, min_seconds=1.0)
 
     # ---- output
     def save_student(self, model: nn.Module, path: Path) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from potstill.errors import UserError
-from potstill.eval import compare_throughput, count_parameters, linear_probe_accuracy
+from potstill.eval import linear_probe_accuracy
 from potstill.tasks.base import Task
 from potstill.tasks.models import build_student, load_factory_teacher, load_hf_teacher
 
@@ -194,25 +194,19 @@ class VisionTask(Task):
         return metrics
 
     def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
+        """Parameters and images/s of the two encoders on unmasked images."""
         records = (self.eval_records or self.train_records)[:256]
 
         def runner(model: nn.Module):
-            encoder = encoder_of(model)
-
             def run(chunk: list[dict]) -> Any:
+                pixels = self.to_device(self.collate(chunk, list(range(len(chunk)))))["pixel_values"]
                 with unmasked(model):
-                    return encoder(pixel_values=self.to_device(self.collate(chunk, list(range(len(chunk)))))[
-                        "pixel_values"])
+                    return encoder_of(model)(pixel_values=pixels)
 
             return run
 
-        was_training = student.training
-        student.eval()
-        speed = compare_throughput({"teacher": runner(self.teacher), "student": runner(student)}, records,
-                                   batch_size=self.recipe.eval.batch_size, rounds=3, min_seconds=0.5)
-        student.train(was_training)
-        return {role: {"params": count_parameters(m), "images_per_s": speed[role]}
-                for role, m in (("teacher", self.teacher), ("student", student))}
+        return self.compare_speed(student, records, runner, unit="images_per_s",
+                                  batch_size=self.recipe.eval.batch_size)
 
     # ---- output
     def save_student(self, model: nn.Module, path: Path) -> None:
