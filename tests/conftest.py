@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,3 +45,23 @@ def write_yaml(path: Path, raw: dict) -> Path:
 
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: threads only add contention on a loaded machine (use with pytest.mark.usefixtures)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def accelerate_launch(cwd: Path, recipe: Path, *flags: str, port: int | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --num_processes 2 ... -m potstill run RECIPE` (gloo on CPU), output captured."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", *flags,
+           *(["--main_process_port", str(port)] if port else []), "-m", "potstill", "run", str(recipe)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)

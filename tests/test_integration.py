@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, write_yaml
+from conftest import REPO, accelerate_launch, write_yaml
 from safetensors.torch import load_file
 
 from potstill.config import load_recipe, validate_recipe
@@ -72,18 +69,11 @@ def test_minilm_embedding_distillation_lowers_loss_and_saves_st_model(tmp_path):
     assert manifest["rows"] == 96 and len(manifest["sha256"]) == 64
 
 
-def _launch(tmp_path, path, *flags):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", *flags, "-m", "potstill", "run", str(path)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-
-
 @pytest.mark.slow
 def test_accelerate_cpu_flag_starts_two_processes(tmp_path, digits_recipe):
     """`accelerate launch --cpu --num_processes 2` alone starts one process; potstill restarts as two (gloo)."""
     raw = dict(digits_recipe, name="cpu2", trainer={**digits_recipe["trainer"], "batch_size": 4, "max_steps": 2})
-    proc = _launch(tmp_path, write_yaml(tmp_path / "cpu2.yaml", raw), "--cpu", "--main_process_port", "29561")
+    proc = accelerate_launch(tmp_path, write_yaml(tmp_path / "cpu2.yaml", raw), "--cpu", port=29561)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "starting 2 with torch.distributed.run" in proc.stderr
     run = tmp_path / "runs" / "cpu2"
@@ -98,7 +88,7 @@ def test_two_process_accelerate_run(tmp_path, digits_recipe):
     student, and matches one process with twice the batch."""
     raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "batch_size": 4, "max_steps": 6,
                                        "save_every": 3})
-    proc = _launch(tmp_path, write_yaml(tmp_path / "ddp.yaml", dict(raw, name="ddp")), "--multi_gpu")
+    proc = accelerate_launch(tmp_path, write_yaml(tmp_path / "ddp.yaml", dict(raw, name="ddp")), "--multi_gpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
     summary = json.loads((run / "summary.json").read_text())

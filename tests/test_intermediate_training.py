@@ -229,12 +229,8 @@ def test_internals_objective_errors(tmp_path, classifier, digits_recipe):
 def test_two_processes_sync_the_projections(tmp_path, classifier):
     """2 gloo processes × batch 4 with a learned projection (hidden_mse, narrow student) end with the student
     and projections of 1 process × batch 8: the projections' gradients are averaged like the student's."""
-    import os
-    import subprocess
-    import sys
-
     import yaml
-    from conftest import REPO
+    from conftest import accelerate_launch
 
     folder, data = classifier
     student = {"init": "from_config", "config": {"num_hidden_layers": 2, "hidden_size": 16}}
@@ -242,11 +238,7 @@ def test_two_processes_sync_the_projections(tmp_path, classifier):
                max_steps=3, batch_size=4)
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(dict(raw, name="two")))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "29567",
-           "-m", "potstill", "run", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = accelerate_launch(tmp_path, path, "--multi_gpu", port=29567)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = validate_recipe(dict(raw, name="one", trainer={**raw["trainer"], "batch_size": 8}))
     run_recipe(one)

@@ -156,23 +156,15 @@ def test_cached_teacher_rows_align_across_two_processes(tmp_path, raw, folders):
     """2 processes × batch 2 read the same cached rows as 1 process × batch 4: same student weights (the Llama
     teacher: no dropout, so both runs compute the same thing; its vocabulary is also padded). The 2-process run
     also uses the fused lm_head, so DDP's gradient sync through the bypassed head is checked too."""
-    import os
-    import subprocess
-    import sys
-
     import torch
-    from conftest import REPO
+    from conftest import accelerate_launch
     from safetensors.torch import load_file
 
     raw = dict(raw, teacher={**raw["teacher"], "path": str(folders["llama"])})
     path = _write(tmp_path, raw)
     assert main(["cache", str(path), "--k", "8"]) == 0
     two = _write(tmp_path, dict(raw, name="two", trainer={**raw["trainer"], "fused_lm_head": True}), "two.yaml")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "29563",
-           "-m", "potstill", "run", str(two)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = accelerate_launch(tmp_path, two, "--multi_gpu", port=29563)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = load_recipe(_write(tmp_path, dict(raw, name="one", trainer={**raw["trainer"], "batch_size": 4}), "1.yaml"))
     run_recipe(one)

@@ -39,13 +39,7 @@ REDUCTIONS = ["mean", "sum", "none"]
 SHAPES = [(6, 11), (3, 5, 17), (23,)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add contention on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -532,7 +526,7 @@ def test_embedding_errors():
 
 
 def test_catalogue_entries():
-    hidden = {"hidden_mse", "hidden_cosine", "squarehead"}
+    hidden = {"hidden_mse", "hidden_cosine", "squarehead", "dmae_align"}
     attention = {"attention_kl", "minilm_relations", "attention_mse"}
     stateful = {"taid"} | hidden | attention
     logits = set(NAMES) | {"taid", "sinkhorn"}

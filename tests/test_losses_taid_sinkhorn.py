@@ -16,13 +16,7 @@ from potstill.losses.sinkhorn import pairwise_l1
 REDUCTIONS = ["mean", "sum", "none"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add contention on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits_pair(shape, seed=0, scale=2.0):

@@ -28,12 +28,7 @@ from potstill.teachers.cache import (
 META = {"teacher": "tiny-gpt", "teacher_hash": "abc123", "tokenizer_hash": "tok9", "data_fingerprint": "data42"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _records(n_records=9, vocab=50, seed=0):

@@ -23,14 +23,20 @@ def _check_dims(student_emb: Tensor, teacher_emb: Tensor) -> None:
         )
 
 
-def _mse_rows(normalize: bool):
+def _difference_rows(op, normalize: bool):
+    """Per row mean over the last axis of op(s − t) (both L2-normalised first when `normalize`)."""
+
     def rows(s: Tensor, t: Tensor) -> Tensor:
         s, t = s.float(), t.float()
         if normalize:
             s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
-        return (s - t).square().mean(-1)
+        return op(s - t).mean(-1)
 
     return rows
+
+
+def _mse_rows(normalize: bool):
+    return _difference_rows(Tensor.square, normalize)
 
 
 def _cosine_rows(s: Tensor, t: Tensor) -> Tensor:

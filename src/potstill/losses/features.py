@@ -14,11 +14,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._rows import check_reduction, resolve_mask, rowwise
-from .embedding import _check_dims, _cosine_rows, _mse_rows
+from .embedding import _check_dims, _cosine_rows, _difference_rows, _mse_rows
+
+
+def _per_token(rows_fn, student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None,
+               reduction: str) -> Tensor:
+    _check_dims(student_hidden, teacher_hidden)
+    return rowwise(rows_fn, student_hidden, teacher_hidden, mask=mask, reduction=reduction, what="hidden states")
 
 
 def hidden_mse(
@@ -33,9 +38,7 @@ def hidden_mse(
     The intermediate loss of TinyBERT (Jiao et al. 2020) and of the "hidden MSE" of TextBrewer / DistillKit:
     "mean" over counted tokens equals `nn.MSELoss()` over every counted entry. Defaults: reduction="mean".
     """
-    _check_dims(student_hidden, teacher_hidden)
-    return rowwise(_mse_rows(False), student_hidden, teacher_hidden, mask=mask, reduction=reduction,
-                   what="hidden states")
+    return _per_token(_mse_rows(False), student_hidden, teacher_hidden, mask, reduction)
 
 
 def hidden_cosine(
@@ -50,9 +53,7 @@ def hidden_cosine(
     DistilBERT's cosine loss on hidden states (Sanh et al. 2019). Scale-invariant per token.
     Defaults: reduction="mean".
     """
-    _check_dims(student_hidden, teacher_hidden)
-    return rowwise(_cosine_rows, student_hidden, teacher_hidden, mask=mask, reduction=reduction,
-                   what="hidden states")
+    return _per_token(_cosine_rows, student_hidden, teacher_hidden, mask, reduction)
 
 
 def squarehead(
@@ -91,23 +92,12 @@ def squarehead(
             stat = counted.square().mean()
         else:
             stat = counted.var(unbiased=False)
-    scale = 1.0 / (stat + eps)
+    scale, mse = 1.0 / (stat + eps), _mse_rows(False)
 
     def normalized_mse(s: Tensor, t: Tensor) -> Tensor:
-        return (s.float() - t.float()).square().mean(-1) * scale
+        return mse(s, t) * scale
 
-    return rowwise(normalized_mse, student_hidden, teacher_hidden, mask=mask, reduction=reduction,
-                   what="hidden states")
-
-
-def _l1_rows(normalize: bool):
-    def rows(s: Tensor, t: Tensor) -> Tensor:
-        s, t = s.float(), t.float()
-        if normalize:
-            s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
-        return (s - t).abs().mean(-1)
-
-    return rows
+    return _per_token(normalized_mse, student_hidden, teacher_hidden, mask, reduction)
 
 
 def feature_l1(
@@ -125,6 +115,4 @@ def feature_l1(
     UCSC-VLAA/DMAE, `forward_distillation_loss_embedding`): the mean absolute difference between the
     normalised teacher feature and the (projected) student feature. Defaults: normalize=True, reduction="mean".
     """
-    _check_dims(student_hidden, teacher_hidden)
-    return rowwise(_l1_rows(normalize), student_hidden, teacher_hidden, mask=mask, reduction=reduction,
-                   what="hidden states")
+    return _per_token(_difference_rows(Tensor.abs, normalize), student_hidden, teacher_hidden, mask, reduction)
