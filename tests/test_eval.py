@@ -178,6 +178,16 @@ def test_linear_probe_separable_blobs():
     assert acc >= 0.97
 
 
+def test_linear_probe_standardize_recovers_small_differences_on_a_large_offset():
+    """Class information 1e-3 the size of a shared offset: L2-normalised + C=1 cannot see it, z-scoring can."""
+    xtr, ytr = _blobs(seed=0)
+    xte, yte = _blobs(seed=1)
+    offset = np.full(xtr.shape[1], 1e4)
+    small_tr, small_te = offset + xtr, offset + xte
+    assert linear_probe_accuracy(small_tr, ytr, small_te, yte) < 0.7
+    assert linear_probe_accuracy(small_tr, ytr, small_te, yte, standardize=True) >= 0.97
+
+
 def test_similarity_spearman_perfect_rank():
     # embeddings at angles; ratings are a monotone function of the cosine -> rho = 1
     angles = np.array([0.0, 0.3, 0.9, 1.4, 2.2])

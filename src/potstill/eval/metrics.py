@@ -204,20 +204,31 @@ def linear_probe_accuracy(
     *,
     seed: int = 0,
     C: float = 1.0,
+    standardize: bool = False,
 ) -> float:
     """Test accuracy of a logistic regression fitted on L2-normalised train embeddings.
 
-    Labels may be strings or ints.
+    With `standardize`, each feature is z-scored with the training mean and standard deviation instead (the
+    BatchNorm-before-linear probe of masked-autoencoder papers), for features whose per-image differences are
+    small next to a shared offset. Labels may be strings or ints.
     """
     from sklearn.linear_model import LogisticRegression
 
-    def norm(x: Any, name: str) -> np.ndarray:
+    def matrix(x: Any, name: str) -> np.ndarray:
         a = _to_numpy(x).astype(np.float64)
         if a.ndim != 2:
             raise ValueError(f"{name}: expected a 2-D array (rows x dims), got shape {a.shape}")
+        return a
+
+    def norm(a: np.ndarray) -> np.ndarray:
         return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
 
-    xtr, xte = norm(train_emb, "train_emb"), norm(test_emb, "test_emb")
+    xtr, xte = matrix(train_emb, "train_emb"), matrix(test_emb, "test_emb")
+    if standardize:
+        mean, std = xtr.mean(0), np.maximum(xtr.std(0), 1e-12)
+        xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    else:
+        xtr, xte = norm(xtr), norm(xte)
     ytr, yte = _to_numpy(train_labels), _to_numpy(test_labels)
     if xtr.shape[0] != ytr.shape[0] or xte.shape[0] != yte.shape[0]:
         raise ValueError("each embedding array needs one label per row")

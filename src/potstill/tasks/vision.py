@@ -15,8 +15,9 @@ digits); they are reshaped to the student config's (num_channels, image_size, im
 largest training value (pixels in [0, 1]). `label`s are optional and only used for the linear probe.
 
 Metrics on `data.eval`: `reconstruction_mse` (the MAE loss on masked patches with fixed noise; models with a
-decoder) and `probe_accuracy` (logistic regression on mean-pooled encoder features of unmasked images, fit on
-up to 1,000 training images, scored on the eval images; when labels exist); `images_per_s` and `params`.
+decoder) and `probe_accuracy` (logistic regression on standardised mean-pooled encoder features of unmasked
+images, as MAE's BatchNorm + linear probe, fit on up to 1,000 training images, scored on the eval images; when
+labels exist); `images_per_s` and `params`.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ class VisionTask(Task):
         if train and len(test) == len(self.eval_records):
             metrics["probe_accuracy"] = linear_probe_accuracy(
                 self.features(model, train), [r["label"] for r in train], self.features(model, test),
-                [r["label"] for r in test], seed=self.recipe.seed)
+                [r["label"] for r in test], seed=self.recipe.seed, standardize=True)
         return metrics
 
     def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
