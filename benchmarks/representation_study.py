@@ -17,10 +17,12 @@ changes, each run a fresh `python -m potstill run` process:
   (`--texts`, default all 1,488; max_length 128), lr 5e-4 (2e-3 for random-init and static students), warm-up
   10 %, cosine; seeds `--seeds` (default 0 1 2).
 
-Output: one JSON line per run in `--out` (default runs/representation_study/results.jsonl; a run already
-there is skipped, so a killed study resumes), then a table of mean ± std over seeds: BBC probe accuracy, Lee
-Spearman, cosine to teacher (equal widths only), neighbour recall@10, speed-up over the teacher and
-parameters, and the Pareto-optimal rows (no other row is at least as good on probe accuracy and speed-up).
+The teacher's embeddings of the training texts are computed by the first run and copied into the others (the
+embedding task checks the cache's manifest). Output: one JSON line per run in `--out` (default
+runs/representation_study/results.jsonl; a run already there is skipped, so a killed study resumes), then a
+table of mean ± std over seeds: BBC probe accuracy, Lee Spearman, cosine to teacher (equal widths only),
+neighbour recall@10, speed-up over the teacher and parameters, and the Pareto-optimal rows (no other row is at
+least as good on probe accuracy and speed-up).
 
 Usage: python benchmarks/representation_study.py [--steps 100] [--seeds 0 1 2] [--only 2x384-drop/emb ...]
 """
@@ -72,8 +74,22 @@ def _overrides(student: str, objectives: str, seed: int, args: argparse.Namespac
     return sets
 
 
+def _share_teacher_cache(run_dir: Path, runs: Path) -> None:
+    """Copy a finished run's teacher embeddings into `run_dir`: every run distils the same teacher on the same
+    texts, and the embedding task reuses a cache whose manifest (teacher, data, max length, pooling) matches."""
+    import shutil
+
+    if (run_dir / "teacher_cache").exists():
+        return
+    for other in sorted(runs.glob("*/teacher_cache/manifest.json")):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(other.parent, run_dir / "teacher_cache")
+        return
+
+
 def _run(student: str, objectives: str, seed: int, args: argparse.Namespace) -> dict:
     sets = _overrides(student, objectives, seed, args)
+    _share_teacher_cache(Path(args.runs) / sets[0].split("=", 1)[1], Path(args.runs))
     cmd = [sys.executable, "-m", "potstill", "run", str(REPO / "recipes" / "demo.yaml"), "--overwrite"]
     for item in sets:
         cmd += ["--set", item]
