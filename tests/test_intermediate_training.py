@@ -67,7 +67,7 @@ def test_capture_bert_matches_output_hidden_states_and_qkv_modules():
     assert signals.token_mask.dtype == torch.bool and set(signals.qkv) == {0, 2}
 
 
-def test_capture_llama_and_gpt2_layouts():
+def test_capture_llama_gpt2_and_vit_layouts():
     torch.manual_seed(0)
     llama = LlamaModel(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)).eval()
@@ -85,6 +85,18 @@ def test_capture_llama_and_gpt2_layouts():
     with torch.no_grad(), Capture(gpt2, qkv_layers=[0]) as cap:
         gpt2(input_ids=ids, attention_mask=mask)
     assert [x.shape[-1] for x in cap.qkv[0]] == [16, 16, 16]
+    from transformers import ViTConfig, ViTModel
+
+    vit = ViTModel(ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=32)).eval()
+    assert transformer_layers(vit) is vit.layers  # this transformers release: layers.i.attention.q_proj, ...
+    attn = vit.layers[1].attention
+    assert qkv_modules(vit.layers[1]) == (attn.q_proj, attn.k_proj, attn.v_proj)
+    with torch.no_grad(), Capture(vit, hidden=True, qkv_layers=[1]) as cap:
+        out = vit(pixel_values=torch.rand(2, 1, 8, 8), output_hidden_states=True)
+    for i in range(2):
+        torch.testing.assert_close(cap.hidden_states[i], out.hidden_states[i])
+    assert cap.qkv[1][0].shape == (2, 17, 16)  # CLS + 16 patches
     with pytest.raises(UserError, match="no module"):
         transformer_layers(gpt2, "encoder.layer")
     with pytest.raises(UserError, match="out of range"):
