@@ -38,6 +38,7 @@ bench: venv
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/llm_step.py
+	$(PY) benchmarks/cache_step.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
