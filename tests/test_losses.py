@@ -530,7 +530,8 @@ def test_catalogue_entries():
     attention = {"attention_kl", "minilm_relations", "attention_mse"}
     stateful = {"taid"} | hidden | attention
     logits = set(NAMES) | {"taid", "sinkhorn"}
-    expected = logits | hidden | attention | {"margin_mse", "listwise_kl", "embedding_mse", "embedding_cosine"}
+    scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse"}
+    expected = logits | hidden | attention | scores | {"embedding_mse", "embedding_cosine"}
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
         assert info.name == name
@@ -543,7 +544,7 @@ def test_catalogue_entries():
         assert all(params[k].default == v for k, v in info.defaults.items())
     kinds = {name: info.kind for name, info in OBJECTIVES.items()}
     assert {k for k, v in kinds.items() if v == "logits"} == logits
-    assert {k for k, v in kinds.items() if v == "scores"} == {"margin_mse", "listwise_kl"}
+    assert {k for k, v in kinds.items() if v == "scores"} == scores
     assert {k for k, v in kinds.items() if v == "embedding"} == {"embedding_mse", "embedding_cosine"}
     assert {k for k, v in kinds.items() if v == "hidden_states"} == hidden
     assert {k for k, v in kinds.items() if v == "attention"} == attention
@@ -599,6 +600,8 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
             fn = info.fn(**kw) if info.stateful else info.fn  # a stateful objective takes it when built
             if name == "margin_mse":
                 out = fn(s[:, 0], s[:, 1:], extra, teacher[:, 1:])
+            elif name == "in_batch_margin_mse":  # a square (B, B) in-batch matrix
+                out = fn(s[:3], teacher[:3])
             else:
                 out = fn(s, teacher) if info.stateful else fn(s, teacher, **kw)
             out.backward()

@@ -162,19 +162,42 @@ class GenerationConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1.0 = off)")
 
 
+class RankingConfig(_Strict):
+    """ranking task: how teacher and student score a (query, passage) pair, and where negatives come from."""
+
+    teacher_type: Literal["auto", "bi_encoder", "cross_encoder"] = Field(
+        "auto", description="cross_encoder: a sequence classifier with one logit scores the pair; bi_encoder: "
+        "pooled encoder vectors, compared by `similarity`; auto: cross_encoder when the teacher's config names a "
+        "*ForSequenceClassification architecture")
+    student_type: Literal["bi_encoder", "cross_encoder"] = Field("bi_encoder", description="the student's kind")
+    similarity: Literal["dot", "cosine"] = Field("dot", description="bi-encoders: dot product or cosine of the "
+                                                 "pooled vectors (one tower shared by queries and passages)")
+    negatives: int = Field(4, ge=1, description="negatives per query mined from the collection (the records' "
+                           "positives) when the records have no `negatives` column")
+    mine_with: Literal["teacher", "student"] = Field(
+        "teacher", description="bi-encoder that mines the negatives: the teacher's top ranks (the student "
+        "before training when the teacher is a cross-encoder)")
+    label_scale: float | None = Field(None, gt=0, description="hard-label loss (contrastive cross-entropy with "
+                                      "the positive as the class): student scores × this; default 20 for "
+                                      "cosine, 1 for dot")
+
+
 class Recipe(_Strict):
     """A whole run. See recipes/*.yaml for examples and `potstill run --help`."""
 
     name: str = Field("run", description="run name: output goes to <output_dir>/<name>/")
     output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
-    task: Literal["classification", "embedding", "causal_lm", "vision"] = Field(
-        description="what the models do; vision = masked-image-modelling distillation of ViTs (DMAE)")
+    task: Literal["classification", "embedding", "causal_lm", "vision", "ranking"] = Field(
+        description="what the models do; vision = masked-image-modelling distillation of ViTs (DMAE); ranking = "
+        "(query, passage) relevance scores, e.g. a cross-encoder teacher and a bi-encoder student")
     seed: int = 0
     teacher: TeacherConfig
     student: StudentConfig = Field(description="how the student is built")
     data: DataConfig
     objectives: list[ObjectiveConfig] = Field(default_factory=list, description="weighted distillation terms")
-    pooling: Literal["mean", "cls"] = Field("mean", description="embedding task: sentence pooling")
+    pooling: Literal["mean", "cls"] = Field("mean", description="embedding and ranking tasks: sentence pooling")
+    ranking: RankingConfig = Field(default_factory=RankingConfig, description="ranking task: model kinds, "
+                                   "similarity, negatives")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig,

@@ -26,11 +26,13 @@ from .intermediate import (
     MiniLMRelations,
     SquareHead,
 )
-from .ranking import listwise_kl, margin_mse
+from .ranking import in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
 from .sinkhorn import sinkhorn
 from .taid import TAID
 
 KINDS = ("logits", "scores", "embedding", "hidden_states", "attention")
+# Not listed: the sparse-retriever regularisers `ranking.flops` / `ranking.idf_flops` take only the student's
+# term weights (no teacher signal), which no task feeds an objective yet.
 # Kinds read from a model's internals: any task whose models are Hugging Face transformers provides them.
 INTERNAL_KINDS = ("hidden_states", "attention")
 
@@ -205,6 +207,23 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "KL(softmax(t/T) ‖ softmax(s/T)) over each query's candidates",
             "RocketQAv2 (Ren et al. 2021) / sentence-transformers DistillKLDivLoss",
             "mask (B, N) for candidates or (B,) for queries; T² only with scale_t2",
+        ),
+        _entry(
+            in_batch_margin_mse,
+            "scores",
+            "mean over j≠i of ((s_ii − s_ij) − (t_ii − t_ij))², s_ij = s(q_i, d_j⁺) over the (B, B) in-batch matrix",
+            'Hofstätter et al. 2021, "Efficiently Teaching an Effective Dense Retriever with Balanced Topic Aware '
+            'Sampling" (TAS-B)',
+            ("needs the (B, B) query × in-batch-positive matrix, not (B, 1 + N) candidate lists; optional (B, B) "
+             "negatives: ½ positives + ½ negatives (official code); TAS-B weight 0.75 with margin_mse"),
+        ),
+        _entry(
+            pointwise_mse,
+            "scores",
+            "mean over candidates of (s − t)²",
+            "Hofstätter et al. 2020, "
+            '"Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge Distillation"',
+            "the pointwise baseline: needs the teacher's score scale; mask (B, N) or (B,)",
         ),
         _entry(
             embedding_mse,

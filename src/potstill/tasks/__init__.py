@@ -24,6 +24,10 @@ def build_task(recipe: Recipe, *, run_dir: Path, device: torch.device | str = "c
         from potstill.tasks.vision import VisionTask
 
         return VisionTask(recipe, run_dir=run_dir, device=device)
+    if recipe.task == "ranking":
+        from potstill.tasks.ranking import RankingTask
+
+        return RankingTask(recipe, run_dir=run_dir, device=device)
     from potstill.tasks.embedding import EmbeddingTask
 
     return EmbeddingTask(recipe, run_dir=run_dir, device=device)

@@ -11,7 +11,8 @@ from potstill.losses.catalogue import INTERNAL_KINDS
 from potstill.tasks import build_task
 from potstill.train.distiller import Distiller, Objective
 
-TASK_SIGNALS = {"classification": "logits", "embedding": "embedding", "causal_lm": "logits", "vision": "pixels"}
+TASK_SIGNALS = {"classification": "logits", "embedding": "embedding", "causal_lm": "logits", "vision": "pixels",
+                "ranking": "scores"}
 
 
 def build_objectives(recipe: Recipe) -> list[Objective]:
@@ -42,6 +43,14 @@ def build_objectives(recipe: Recipe) -> list[Objective]:
                 raise UserError(f"field objectives.{i}.params.{key}: {cfg.name} has no parameter {key!r}"
                                 f"{did_you_mean(key, valid)}; valid: {', '.join(valid)}")
         fn = info.fn
+        if recipe.task == "ranking" and cfg.name == "in_batch_margin_mse":
+            raise UserError(f"field objectives.{i}.name: in_batch_margin_mse needs every query scored against every "
+                            f"in-batch positive (a (B, B) matrix); the ranking task gives each query's own "
+                            f"candidates (B, 1 + N): use margin_mse, listwise_kl or pointwise_mse")
+        if recipe.task == "ranking" and cfg.name == "margin_mse":
+            from potstill.tasks.ranking import margin_mse_over_candidates
+
+            fn = margin_mse_over_candidates  # the (B, 1 + N) candidate scores, positive first
         if info.kind == "embedding" and recipe.task == "embedding":
             # a student narrower than the teacher compares its vectors through a learned projection
             from potstill.losses.intermediate import ProjectedLoss
