@@ -68,6 +68,7 @@ def _overrides(student: str, objectives: str, seed: int, args: argparse.Namespac
     lr = args.lr if student == "2x384-drop" else args.lr_scratch
     sets = [f"name={name}", f"output_dir={args.runs}", f"seed={seed}", f"student={json.dumps(STUDENTS[student])}",
             f"data.train.limit={args.texts}", f"trainer.lr={lr}", f"trainer.max_steps={args.steps}",
+            "data.max_length=128", "eval.probe_train.limit=600",  # pinned: the demo recipe's may change
             "trainer.log_every=25", "trainer.num_threads=2", "eval.compare_before=false"]
     if objectives == "data-free":
         sets += ["trainer.max_steps=0", f"objectives={json.dumps([EMB])}"]

@@ -10,7 +10,6 @@ linear-probe accuracy (when labelled probe data is given), Spearman against huma
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,7 @@ from potstill.eval import (
     pair_spearman,
     similarity_spearman,
 )
-from potstill.io import atomic_dir
-from potstill.tasks.base import Task
+from potstill.tasks.base import Task, cached_tensor
 from potstill.tasks.models import build_student, load_hf_teacher
 
 CACHE_FORMAT = 1
@@ -113,30 +111,14 @@ class EmbeddingTask(Task):
                 "max_length": r.data.max_length, "pooling": r.pooling}
 
     def _teacher_cache(self, *, is_main: bool, barrier) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
-
-        folder = self.run_dir / "teacher_cache"
-        manifest = self._manifest()
-        if is_main and not self._cache_valid(folder, manifest):
+        def compute() -> torch.Tensor:
             from potstill.train.progress import task_progress
 
             with task_progress("teacher embeddings (cached once per run)", len(self._texts)) as advance:
-                emb = self.encode(self.teacher, self._texts, progress=advance)
-            with atomic_dir(folder) as tmp:
-                save_file({"embeddings": emb.contiguous()}, str(tmp / "embeddings.safetensors"))
-                manifest["sha256"] = _sha256(tmp / "embeddings.safetensors")
-                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        barrier()
-        return load_file(str(folder / "embeddings.safetensors"))["embeddings"]
+                return self.encode(self.teacher, self._texts, progress=advance)
 
-    @staticmethod
-    def _cache_valid(folder: Path, manifest: dict[str, Any]) -> bool:
-        try:
-            stored = json.loads((folder / "manifest.json").read_text())
-        except (OSError, ValueError):
-            return False
-        digest = stored.pop("sha256", None)
-        return stored == manifest and digest == _sha256(folder / "embeddings.safetensors")
+        return cached_tensor(self.run_dir / "teacher_cache", self._manifest(), "embeddings", compute,
+                             is_main=is_main, barrier=barrier)
 
     # ---- batches
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
@@ -242,11 +224,3 @@ class EmbeddingTask(Task):
 def _width(model: nn.Module) -> int:
     """Embedding width of an encoder (its hidden size) or of a static student."""
     return model.dim if hasattr(model, "dim") else model.config.hidden_size
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -23,7 +23,6 @@ queries per second of teacher and student.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,7 @@ from torch import nn
 
 from potstill.data import fingerprint_records
 from potstill.errors import UserError
-from potstill.io import atomic_dir
-from potstill.tasks.base import Task
+from potstill.tasks.base import Task, cached_tensor
 from potstill.tasks.embedding import pool
 from potstill.tasks.models import build_student, load_hf_teacher, resolve_model_path
 
@@ -216,20 +214,9 @@ class RankingTask(Task):
                 "max_length": r.data.max_length, "pooling": r.pooling, "similarity": r.ranking.similarity}
 
     def _teacher_cache(self, *, is_main: bool, barrier) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
-
-        from potstill.tasks.embedding import EmbeddingTask, _sha256
-
-        folder = self.run_dir / "teacher_cache"
-        manifest = self._manifest()
-        if is_main and not EmbeddingTask._cache_valid(folder, manifest):
-            scores = self._scores_of(self.teacher, self.train_records)
-            with atomic_dir(folder) as tmp:
-                save_file({"scores": scores.contiguous()}, str(tmp / "embeddings.safetensors"))
-                manifest["sha256"] = _sha256(tmp / "embeddings.safetensors")
-                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        barrier()
-        return load_file(str(folder / "embeddings.safetensors"))["scores"]
+        return cached_tensor(self.run_dir / "teacher_cache", self._manifest(), "scores",
+                             lambda: self._scores_of(self.teacher, self.train_records), is_main=is_main,
+                             barrier=barrier)
 
     def _scores_of(self, model: nn.Module, records: list[dict]) -> torch.Tensor:
         from potstill.train.progress import task_progress

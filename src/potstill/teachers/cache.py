@@ -52,7 +52,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from potstill.errors import UserError
-from potstill.io import atomic_dir, atomic_write_bytes, atomic_write_json
+from potstill.io import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
 from potstill.losses.sparse import TopKTeacher, tail_from_logprobs
 
 __all__ = [
@@ -98,14 +98,6 @@ def _decode_ids(low: np.ndarray, high: np.ndarray | None, high_bits: int) -> np.
     n, k = low.shape
     bits = np.unpackbits(high, axis=-1, count=k * high_bits, bitorder="little").reshape(n, k, high_bits)
     return ids | ((bits.astype(np.int64) << np.arange(high_bits)).sum(-1) << 16)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_int(value: object) -> bool:
@@ -444,7 +436,7 @@ class TopKCache:
                 f"{kind} {name} is {size} bytes but the manifest records {entry['bytes']} ({cause}); "
                 "rebuild the cache"
             )
-        if hash_it and _sha256(file) != entry["sha256"]:
+        if hash_it and sha256_file(file) != entry["sha256"]:
             raise self._fail(f"{kind} {name} fails its sha256 checksum (the file is corrupted); rebuild the cache")
 
     def _lookup(self, field: str) -> Any:
