@@ -1,4 +1,4 @@
-"""Data loading: records from files, `datasets` folders and built-in datasets."""
+"""Data: records from files, `datasets` folders and built-in datasets; samplers and splits."""
 
 from potstill.data.loaders import (
     BUILTIN_DATASETS,
@@ -10,13 +10,17 @@ from potstill.data.loaders import (
     load_source,
 )
 from potstill.data.samplers import length_grouped_order, padding_fraction
+from potstill.data.splits import interpolation_extrapolation_splits
+from potstill.data.tas_balanced import TopicBalancedSampler
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "TopicBalancedSampler",
     "BUILTIN_SPLITS",
     "SUPPORTED_FORMATS",
     "builtin_records",
     "fingerprint_records",
+    "interpolation_extrapolation_splits",
     "length_grouped_order",
     "load_records",
     "load_source",

@@ -1,4 +1,4 @@
-"""Evaluation: task metrics (classification, embeddings) and speed (parameters, throughput)."""
+"""Evaluation: task metrics (classification, embeddings, retrieval) and speed (parameters, throughput)."""
 
 from potstill.eval.metrics import (
     accuracy,
@@ -12,6 +12,7 @@ from potstill.eval.metrics import (
     similarity_spearman,
     top1_agreement,
 )
+from potstill.eval.retrieval import kendall_tau, mrr_at_k, ndcg_at_k, recall_at_k, top_k_overlap
 from potstill.eval.speed import compare_throughput, count_parameters, measure_throughput
 
 __all__ = [
@@ -20,12 +21,17 @@ __all__ = [
     "compare_throughput",
     "count_parameters",
     "embedding_metrics",
+    "kendall_tau",
     "linear_probe_accuracy",
     "macro_f1",
     "mean_cosine",
     "measure_throughput",
+    "mrr_at_k",
+    "ndcg_at_k",
     "neighbour_recall_at_k",
     "pair_spearman",
+    "recall_at_k",
     "similarity_spearman",
     "top1_agreement",
+    "top_k_overlap",
 ]

@@ -16,7 +16,7 @@ from .divergences import (
 )
 from .embedding import embedding_cosine, embedding_mse
 from .fused import fused_linear_divergence
-from .ranking import listwise_kl, margin_mse
+from .ranking import flops, idf_flops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
 from .sinkhorn import sinkhorn, sinkhorn_plan
 from .sparse import (
     TopKTeacher,
@@ -42,8 +42,12 @@ __all__ = [
     "fused_linear_divergence",
     "generalized_jsd",
     "get_objective",
+    "flops",
+    "idf_flops",
+    "in_batch_margin_mse",
     "listwise_kl",
     "margin_mse",
+    "pointwise_mse",
     "reverse_kl",
     "sinkhorn",
     "sinkhorn_plan",
