@@ -140,7 +140,7 @@ class RankingTask(Task):
                             f"passages; lower ranking.negatives or give `negatives` in the data")
         use_teacher = self.recipe.ranking.mine_with == "teacher" and self.teacher_type == "bi_encoder"
         miner = self.teacher if use_teacher else self.student
-        if getattr(miner, "config", None) is not None and self._is_cross(miner):
+        if self._is_cross(miner):
             raise UserError("mining negatives needs a bi-encoder teacher or student; give `negatives` in the data")
         passages = self.encode(miner, self.collection)
         queries = self.encode(miner, [rec["query"] for rec in todo])
@@ -153,8 +153,7 @@ class RankingTask(Task):
             rec["negatives"] = picks
 
     def _is_cross(self, model: nn.Module) -> bool:
-        return model is self.teacher and self.teacher_type == "cross_encoder" or (
-            model is not self.teacher and self.student_type == "cross_encoder")
+        return (self.teacher_type if model is self.teacher else self.student_type) == "cross_encoder"
 
     # ---- scoring
     def _tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -252,9 +251,6 @@ class RankingTask(Task):
     def count_rows(self, batch: dict[str, Any]) -> int:
         return int(batch["index"].numel())
 
-    def record_lengths(self) -> list[int] | None:
-        return None
-
     def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.teacher_cache[batch["index"].cpu()].to(self.device)
 
@@ -262,9 +258,8 @@ class RankingTask(Task):
         return self._score(model, batch)
 
     def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        scale = self.recipe.ranking.label_scale or (20.0 if self.recipe.ranking.similarity == "cosine" else 1.0)
-        if self.student_type == "cross_encoder":
-            scale = self.recipe.ranking.label_scale or 1.0
+        cosine = self.student_type == "bi_encoder" and self.recipe.ranking.similarity == "cosine"
+        scale = self.recipe.ranking.label_scale or (20.0 if cosine else 1.0)
         target = torch.zeros(student_signal.shape[0], dtype=torch.long, device=student_signal.device)
         return nn.functional.cross_entropy(student_signal.float() * scale, target, reduction="sum")
 
