@@ -528,9 +528,9 @@ def test_embedding_errors():
 def test_catalogue_entries():
     hidden = {"hidden_mse", "hidden_cosine", "squarehead", "dmae_align"}
     attention = {"attention_kl", "minilm_relations", "attention_mse"}
-    stateful = {"taid"} | hidden | attention
+    stateful = {"taid", "sparse_flops"} | hidden | attention
     logits = set(NAMES) | {"taid", "sinkhorn"}
-    scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse"}
+    scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops"}
     expected = logits | hidden | attention | scores | {"embedding_mse", "embedding_cosine"}
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
@@ -571,6 +571,8 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
     g = torch.Generator().manual_seed(0)
     shapes = {"logits": (3, 5, 11), "embedding": (6, 8), "scores": (4, 3)}
     for name, info in OBJECTIVES.items():
+        if name == "sparse_flops":  # a regulariser of the student's term weights: reads no teacher output
+            continue
         if info.kind in ("hidden_states", "attention"):  # internals: per layer [B, T, D] tensors
             obj = info.fn()
             obj.bind(ModelShape(2, 8, 2), ModelShape(4, 16, 2))

@@ -169,3 +169,241 @@ def test_ranking_user_errors(tmp_path):
         from potstill.train.run import build_objectives
 
         build_objectives(_recipe(tmp_path, teacher, few, objectives=[{"name": "forward_kl"}]))
+
+
+def test_in_batch_scores_of_student_and_both_teacher_kinds(tmp_path):
+    data = _data(tmp_path, negatives=True)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    rows[5]["positive"] = rows[1]["positive"]  # two queries share an answer: their in-batch pair is masked
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for cross in (False, True):
+        teacher = _tiny(tmp_path, f"t{cross}", cross=cross)
+        student = _tiny(tmp_path, "s", cross=False, layers=1, seed=1)
+        recipe = _recipe(tmp_path, teacher, data, student={"init": "pretrained", "path": str(student)},
+                         objectives=[{"name": "margin_mse"}, {"name": "in_batch_margin_mse", "weight": 0.75}])
+        task = build_task(recipe, run_dir=tmp_path / f"r{cross}")
+        task.setup()
+        idx = [0, 1, 5, 2]
+        batch = task.collate([task.train_records[i] for i in idx], idx)
+        expected_mask = torch.ones(4, 4, dtype=torch.bool)
+        expected_mask[1, 2] = expected_mask[2, 1] = expected_mask[1, 1] = expected_mask[2, 2] = False
+        expected_mask[0, 0] = expected_mask[3, 3] = False
+        assert torch.equal(batch["in_batch_mask"], expected_mask)
+        t = task.teacher_signal(batch)
+        queries, positives = [rows[i]["query"] for i in idx], [rows[i]["positive"] for i in idx]
+        with torch.inference_mode():
+            if cross:
+                enc = task.tokenizer([q for q in queries for _ in positives], positives * 4, padding=True,
+                                     truncation=True, max_length=24, return_tensors="pt")
+                want = task.teacher(**enc).logits.reshape(4, 4)
+            else:
+                want = task.encode(task.teacher, queries, side="query") @ task.encode(task.teacher, positives).T
+        assert torch.allclose(t.in_batch, want, atol=1e-4)
+        assert torch.allclose(t.candidates, task.teacher_cache[idx])
+        s = task.student_signal(task.student, batch)
+        q = task.encode(task.student, queries, side="query")
+        assert torch.allclose(s.in_batch.detach(), q @ task.encode(task.student, positives).T, atol=1e-4)
+        assert torch.allclose(s.in_batch.detach().diagonal(), s.candidates.detach()[:, 0], atol=1e-5)
+    summary = run_recipe(recipe)  # cross-encoder teacher, live in-batch teacher scores
+    assert summary["objectives"] == ["margin_mse", "in_batch_margin_mse"]
+
+
+def test_in_batch_negatives_hard_label_is_cross_entropy_over_candidates_and_other_positives():
+    from potstill.tasks.ranking import RankingScores, RankingTask
+
+    torch.manual_seed(0)
+    task = RankingTask.__new__(RankingTask)
+    task.student_type = "bi_encoder"
+    task.recipe = validate_recipe({"task": "ranking", "teacher": {"path": "x"},
+                                   "student": {"init": "pretrained", "path": "x"}, "data": {"train": "x"},
+                                   "trainer": {"hard_label_weight": 1}, "ranking": {"in_batch_negatives": True}})
+    cand, in_batch = torch.randn(3, 2), torch.randn(3, 3)
+    in_batch.diagonal().copy_(cand[:, 0])
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[0, 2] = False  # query 0's positive is also item 2's
+    loss = task.hard_label_loss(RankingScores(cand, in_batch, mask), {})
+    want = 0.0
+    for i in range(3):
+        others = [in_batch[i, j] for j in range(3) if j != i and mask[i, j]]
+        logits = torch.stack([*cand[i], *others])
+        want += -torch.log_softmax(logits, 0)[0]
+    assert torch.allclose(loss, want, atol=1e-5)
+
+
+def test_tas_balanced_batches_share_a_cluster_and_resume_replays_them(tmp_path):
+    teacher = _tiny(tmp_path, "bi", cross=False)
+    recipe = _recipe(tmp_path, teacher, _data(tmp_path), batch_size=4, max_steps=6,
+                     student={"init": "from_config", "config": {"num_hidden_layers": 1}},
+                     ranking={"negatives": 3, "sampler": "tas_balanced", "tas_clusters": 2},
+                     objectives=[{"name": "margin_mse"}, {"name": "in_batch_margin_mse", "weight": 0.75}])
+    task = build_task(recipe, run_dir=recipe.run_dir)
+    task.setup()
+    assert len(task.train_records) == len(PAIRS) * 3 and all(len(r["negatives"]) == 1 for r in task.train_records)
+    # pair record (q, j) carries the teacher's scores of q's positive and its j-th negative
+    assert torch.equal(task.teacher_cache[3 * 2 + 1], task.query_scores[2, [0, 2]])
+    order = task.epoch_order(0, 4)
+    assert order == task.epoch_order(0, 4) and order != task.epoch_order(1, 4)
+    assert len(order) % 4 == 0
+    clusters = task.clusters.tolist()
+    for start in range(0, len(order), 4):
+        queries = [task._query_of[i] for i in order[start:start + 4]]
+        assert len({clusters[q] for q in queries}) == 1
+    full = [task._query_of[i] for i in order]
+    assert set(full) == set(range(len(PAIRS)))  # every query once per epoch (short clusters filled)
+    # the loop visits exactly this order, and a killed run resumes where it stopped
+    from potstill.train.distiller import Distiller
+    from potstill.train.run import build_objectives
+
+    d = Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir, seed=0)
+    d._epoch_rows = len(order)
+    assert [i for mb in range(len(order) // 4) for i in d._micro_batch_indices(mb)] == order
+    summary = run_recipe(recipe)
+    assert summary["steps"] == 6
+    assert (recipe.run_dir / "tas_clusters" / "manifest.json").exists()
+
+
+def test_separate_towers_save_a_router_with_query_and_document_routes(tmp_path):
+    teacher = _tiny(tmp_path, "bi", cross=False)
+    recipe = _recipe(tmp_path, teacher, _data(tmp_path), max_steps=4,
+                     ranking={"negatives": 3, "towers": "separate", "in_batch_negatives": True},
+                     objectives=[{"name": "margin_mse"}], hard_label_weight=0.5)
+    summary = run_recipe(recipe)
+    assert "mrr@10" in {row["model"]: row for row in summary["table"]}["student (after)"]
+    from sentence_transformers import SentenceTransformer
+
+    from potstill.tasks.ranking import DualEncoder
+
+    task = build_task(recipe, run_dir=tmp_path / "check")
+    task.setup()
+    assert isinstance(task.student, DualEncoder)
+    st = SentenceTransformer(str(recipe.run_dir / "student"), device="cpu")
+    q, d = st.encode_query(["who won the cup"]), st.encode_document(["who won the cup"])
+    assert q.shape == d.shape == (1, 32) and not torch.allclose(torch.tensor(q), torch.tensor(d))
+    from safetensors.torch import load_file
+
+    state = load_file(str(recipe.run_dir / "checkpoints" / "step-00000004" / "student.safetensors"))
+    assert any(k.startswith("query.") for k in state) and any(k.startswith("passage.") for k in state)
+
+
+def test_in_batch_needs_a_bi_encoder_student(tmp_path):
+    teacher = _tiny(tmp_path, "bi", cross=False)
+    student = _tiny(tmp_path, "s", cross=False, layers=1)
+    recipe = _recipe(tmp_path, teacher, _data(tmp_path, negatives=True),
+                     student={"init": "pretrained", "path": str(student)},
+                     ranking={"student_type": "cross_encoder", "in_batch_negatives": True})
+    with pytest.raises(UserError, match="need\\(s\\) a bi-encoder student"):
+        build_task(recipe, run_dir=tmp_path / "r").setup()
+
+
+def test_splade_student_with_flops_saves_a_sparse_encoder(tmp_path):
+    teacher = _tiny(tmp_path, "bi", cross=False)
+    recipe = _recipe(tmp_path, teacher, _data(tmp_path), max_steps=4,
+                     ranking={"negatives": 3, "student_type": "splade"},
+                     objectives=[{"name": "margin_mse"},
+                                 {"name": "sparse_flops", "weight": 1e-3, "params": {"side": "both",
+                                                                                       "warmup_steps": 2}}])
+    summary = run_recipe(recipe)
+    after = {row["model"]: row for row in summary["table"]}["student (after)"]
+    assert after["passage_active_terms"] > 0 and "mrr@10" in after
+    lines = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    factors = [x["state/sparse_flops.lambda_factor"] for x in lines if "state/sparse_flops.lambda_factor" in x]
+    assert factors == [0.25, 1.0, 1.0, 1.0]  # λ warm-up min(1, step/2)²
+    from sentence_transformers import SparseEncoder
+
+    from potstill.students.splade import SpladeEncoder
+
+    task = build_task(recipe, run_dir=tmp_path / "check")
+    task.setup()
+    assert isinstance(task.student, SpladeEncoder)
+    sparse = SparseEncoder(str(recipe.run_dir / "student"), device="cpu")
+    from safetensors.torch import load_file
+
+    task.student.load_state_dict(load_file(str(recipe.run_dir / "checkpoints" / "step-00000004" /
+                                               "student.safetensors")))
+    texts = [PAIRS[0][1], PAIRS[3][1]]
+    want = task.encode(task.student, texts)
+    got = sparse.encode_document(texts, convert_to_tensor=True).to_dense()
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_inference_free_splade_queries_are_collection_idf(tmp_path):
+    teacher = _tiny(tmp_path, "bi", cross=False)
+    recipe = _recipe(tmp_path, teacher, _data(tmp_path), max_steps=2,
+                     ranking={"negatives": 3, "student_type": "splade", "inference_free": True},
+                     objectives=[{"name": "margin_mse"}, {"name": "sparse_flops", "weight": 1e-3}])
+    task = build_task(recipe, run_dir=recipe.run_dir)
+    task.setup()
+    from potstill.students.splade import idf_from_collection
+
+    idf = idf_from_collection(task.tokenizer, task.collection, vocab_size=task.tokenizer.vocab_size)
+    assert torch.allclose(task.student.query.idf, idf)
+    q = task.encode(task.student, ["who won the cup"], side="query")[0]
+    ids = set(task.tokenizer("who won the cup", add_special_tokens=False)["input_ids"])
+    assert set(q.nonzero().flatten().tolist()) == {i for i in ids if idf[i] > 0}
+    batch = task.collate(task.train_records[:4], [0, 1, 2, 3])
+    scores = task.student_signal(task.student, batch)
+    assert scores.query_terms is None and scores.passage_terms.shape == (16, task.tokenizer.vocab_size)
+    summary = run_recipe(recipe)
+    rows = {row["model"]: row for row in summary["table"]}
+    assert rows["student (after)"]["query_active_terms"] <= 8
+    from sentence_transformers import SparseEncoder
+
+    sparse = SparseEncoder(str(recipe.run_dir / "student"), device="cpu")
+    got = sparse.encode_query(["who won the cup"], convert_to_tensor=True).to_dense()[0]
+    assert torch.allclose(got, q, atol=1e-5)
+
+
+def test_score_file_teacher_without_a_teacher_model(tmp_path):
+    data = _data(tmp_path, negatives=True)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    scores = tmp_path / "teacher_scores.jsonl"
+    lines = []
+    for i, row in enumerate(rows):
+        for j, passage in enumerate([row["positive"], *row["negatives"]]):
+            lines.append({"query": row["query"], "passage": passage, "score": 10.0 - j + 0.1 * i})
+    scores.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    student = _tiny(tmp_path, "s", cross=False, layers=1)
+    raw = {"name": "rank", "output_dir": str(tmp_path / "runs"), "task": "ranking", "teacher": {},
+           "student": {"init": "pretrained", "path": str(student)},
+           "data": {"train": str(data), "eval": str(data), "max_length": 24},
+           "objectives": [{"name": "margin_mse"}], "ranking": {"teacher_scores": str(scores)},
+           "trainer": {"max_steps": 3, "batch_size": 4}, "eval": {"batch_size": 16}}
+    recipe = validate_recipe(raw)
+    task = build_task(recipe, run_dir=recipe.run_dir)
+    task.setup()
+    assert task.teacher is None and task.teacher_type == "scores"
+    assert torch.allclose(task.teacher_cache[2], torch.tensor([10.2, 9.2, 8.2]))
+    summary = run_recipe(recipe)
+    table = {row["model"]: row for row in summary["table"]}
+    assert table["teacher"]["rerank_mrr@10"] == 1.0 and "queries_per_s" not in table["teacher"]
+    assert "teacher_kendall_tau" in table["student (after)"] and "queries_per_s" in table["student (after)"]
+    # a layers_from_teacher student needs the teacher model; in-batch teacher scores too
+    for change, match in (({"student": {"init": "layers_from_teacher", "layers": [0]}}, "builds the student"),
+                          ({"objectives": [{"name": "in_batch_margin_mse"}]}, "need a teacher model")):
+        with pytest.raises(UserError, match=match):
+            build_task(validate_recipe({**raw, **change}), run_dir=tmp_path / "x").setup()
+    scores.write_text("".join(json.dumps(x) + "\n" for x in lines[:-1]))  # one pair missing
+    with pytest.raises(UserError, match="1 of 24 \\(query, passage\\) pairs"):
+        build_task(recipe, run_dir=tmp_path / "y").setup()
+
+
+def test_sparse_flops_warm_up_state_and_errors():
+    from potstill.losses import flops
+    from potstill.losses.ranking import SparseFlops
+    from potstill.tasks.ranking import RankingScores
+
+    torch.manual_seed(0)
+    terms = torch.rand(6, 10)
+    signal = RankingScores(torch.zeros(3, 2), passage_terms=terms)
+    reg = SparseFlops(warmup_steps=4)
+    assert reg(signal) == 0  # step 0
+    reg.on_optimizer_step(loss=0.0, step=2, total_steps=10)
+    assert torch.allclose(reg(signal), 0.25 * flops(terms))
+    assert torch.allclose(reg(signal, reduction="sum"), 3 * 0.25 * flops(terms))
+    restored = SparseFlops(warmup_steps=4)
+    restored.load_state_dict(reg.state_dict())
+    assert restored.factor == 0.25
+    with pytest.raises(ValueError, match="query term weights"):
+        SparseFlops(side="query")(signal)
+    with pytest.raises(ValueError, match="side"):
+        SparseFlops(side="docs")

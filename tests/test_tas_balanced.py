@@ -218,3 +218,14 @@ def test_bad_inputs():
         TopicBalancedSampler(emb, [good[0], [("p", "n", float("inf"))], good[2]])
     with pytest.raises(ValueError, match="no query"):
         TopicBalancedSampler(emb, [[], [], []])
+
+
+def test_epoch_batches_equal_iteration_and_leave_position_alone():
+    ref = sampler(seed=3)
+    first, second = list(ref), list(ref)
+    probe = sampler(seed=3)
+    next(iter(probe))
+    assert probe.epoch_batches(1) == second and probe.epoch_batches(0) == first
+    assert (probe.epoch, probe.position) == (0, 1)
+    with pytest.raises(ValueError, match="epoch"):
+        probe.epoch_batches(-1)

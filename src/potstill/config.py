@@ -52,7 +52,7 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
-        if (self.path is None) == (self.factory is None):
+        if self.path is not None and self.factory is not None:
             raise ValueError("give exactly one of teacher.path or teacher.factory")
         return self
 
@@ -169,7 +169,18 @@ class RankingConfig(_Strict):
         "auto", description="cross_encoder: a sequence classifier with one logit scores the pair; bi_encoder: "
         "pooled encoder vectors, compared by `similarity`; auto: cross_encoder when the teacher's config names a "
         "*ForSequenceClassification architecture")
-    student_type: Literal["bi_encoder", "cross_encoder"] = Field("bi_encoder", description="the student's kind")
+    student_type: Literal["bi_encoder", "cross_encoder", "splade"] = Field(
+        "bi_encoder", description="the student's kind; splade: a sparse bi-encoder whose vectors are vocabulary "
+        "term weights, max over tokens of log(1 + ReLU(MLM logits)) (an MLM head is added to a plain encoder), "
+        "scored by dot product; regularise it with the sparse_flops objective")
+    inference_free: bool = Field(False, description="splade students: queries are not encoded; a query's "
+                                 "weights are the IDF (over the collection) of its distinct tokens (Geng et al. "
+                                 "2024), saved as a SparseEncoder with a static query route")
+    teacher_scores: str | None = Field(
+        None, description="a file of precomputed teacher scores (potstill.teachers.ScoreFile: JSONL / CSV / TSV "
+        "with query, passage, score or query_id, passage_id, score; or the 5-column triples TSV score_pos, "
+        "score_neg, qid, pid_pos, pid_neg): the candidates' teacher scores come from it; teacher.path is then "
+        "optional (needed only for in-batch teacher scores, mining or layers_from_teacher)")
     similarity: Literal["dot", "cosine"] = Field("dot", description="bi-encoders: dot product or cosine of the "
                                                  "pooled vectors (one tower shared by queries and passages)")
     negatives: int = Field(4, ge=1, description="negatives per query mined from the collection (the records' "
@@ -180,6 +191,22 @@ class RankingConfig(_Strict):
     label_scale: float | None = Field(None, gt=0, description="hard-label loss (contrastive cross-entropy with "
                                       "the positive as the class): student scores × this; default 20 for "
                                       "cosine, 1 for dot")
+    in_batch_negatives: bool = Field(False, description="hard-label loss of a bi-encoder student: the other "
+                                     "queries' positives in the batch are negatives too (sentence-transformers' "
+                                     "MultipleNegativesRankingLoss); passages equal to the query's own positive "
+                                     "are left out")
+    towers: Literal["shared", "separate"] = Field(
+        "shared", description="bi-encoder students: one encoder for queries and passages, or two (both start "
+        "from the student as built; saved as a sentence-transformers Router with query and document routes)")
+    sampler: Literal["random", "tas_balanced"] = Field(
+        "random", description="random: shuffled queries, each with all its negatives; tas_balanced: TAS-Balanced "
+        "(Hofstätter et al. 2021): each batch's queries come from one k-means cluster of query vectors, each "
+        "query with one negative drawn uniformly over bins of the teacher margin")
+    tas_clusters: int | None = Field(None, ge=1, description="tas_balanced: k-means clusters of the training "
+                                     "queries; default one per 200 queries (the paper's 2,000 clusters of MS "
+                                     "MARCO's ~400k training queries)")
+    tas_bins: int = Field(10, ge=1, description="tas_balanced: equal-width bins of the teacher margin t⁺ − t⁻ per "
+                          "query (the paper's h = 10)")
 
 
 class Recipe(_Strict):
@@ -191,7 +218,8 @@ class Recipe(_Strict):
         description="what the models do; vision = masked-image-modelling distillation of ViTs (DMAE); ranking = "
         "(query, passage) relevance scores, e.g. a cross-encoder teacher and a bi-encoder student")
     seed: int = 0
-    teacher: TeacherConfig
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher model (required "
+                                   "unless the ranking task gives ranking.teacher_scores)")
     student: StudentConfig = Field(description="how the student is built")
     data: DataConfig
     objectives: list[ObjectiveConfig] = Field(default_factory=list, description="weighted distillation terms")
@@ -207,6 +235,10 @@ class Recipe(_Strict):
     def _has_loss(self) -> Recipe:
         if not self.objectives and self.trainer.hard_label_weight == 0:
             raise ValueError("no loss: give at least one objective or trainer.hard_label_weight > 0")
+        if self.teacher.path is None and self.teacher.factory is None:
+            if self.task != "ranking" or self.ranking.teacher_scores is None:
+                raise ValueError("give exactly one of teacher.path or teacher.factory (the ranking task may instead "
+                                 "give only ranking.teacher_scores, a file of the teacher's scores)")
         if self.student.init == "static":
             if self.task != "embedding":
                 raise ValueError("student.init static (a static-embedding student) is for the embedding task")

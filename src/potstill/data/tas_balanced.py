@@ -255,6 +255,13 @@ class TopicBalancedSampler:
             out.append((q, pos, neg))
         return out
 
+    def epoch_batches(self, epoch: int) -> list[list[Item]]:
+        """Every batch of `epoch` in order, as iterating that epoch yields them, without moving the iterator:
+        a pure function of (seed, epoch), which is how a training loop that counts its steps resumes."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        return [self._batch(int(epoch), i, queries) for i, queries in enumerate(self._epoch_plan(int(epoch)))]
+
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:
         """Batches per epoch: Σ over clusters of ⌈cluster size / batch_size⌉."""

@@ -26,7 +26,7 @@ from .intermediate import (
     MiniLMRelations,
     SquareHead,
 )
-from .ranking import in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
+from .ranking import SparseFlops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
 from .sinkhorn import sinkhorn
 from .taid import TAID
 
@@ -224,6 +224,15 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "Hofstätter et al. 2020, "
             '"Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge Distillation"',
             "the pointwise baseline: needs the teacher's score scale; mask (B, N) or (B,)",
+        ),
+        _entry(
+            SparseFlops,
+            "scores",
+            "min(1, step/warmup_steps)² · Σ_j ((1/N) Σ_i w_ij)² over the student's passage (and/or query) term weights",
+            'Formal et al. 2021, "SPLADE"; Geng et al. 2024, "Towards Competitive Search Relevance For '
+            'Inference-Free Learned Sparse Retrievers" (IDF-aware FLOPS)',
+            "ranking task, ranking.student_type: splade; weight = λ; a regulariser, reads no teacher scores",
+            name="sparse_flops",
         ),
         _entry(
             embedding_mse,

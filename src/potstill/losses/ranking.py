@@ -282,3 +282,52 @@ def idf_flops(activations: Tensor, idf: Tensor, *, mask: Tensor | None = None) -
     positive = idf > 0
     weight = torch.where(positive, 1.0 / torch.where(positive, idf, 1.0).square(), 0.0)
     return (_mean_abs_per_term(activations, mask).square() * weight).sum()
+
+
+class SparseFlops(torch.nn.Module):
+    """FLOPS regulariser of a sparse (SPLADE-like) student as a training objective, with SPLADE's λ warm-up.
+
+    Reads the student's term weights from its ranking signal, not the teacher's: `student.passage_terms`
+    (`(B·C, V)` weights of every candidate passage) and/or `student.query_terms` (`(B, V)`), as `side` says
+    ("passage", "query" or "both"). Value at optimizer step k: min(1, k/warmup_steps)² · Σ_sides flops(terms)
+    (Formal et al. 2021; Geng et al. 2024 regularise only the documents of an inference-free retriever, whose
+    raw document weights make this the IDF-aware FLOPS, see `idf_flops`); the objective's weight is λ. With
+    reduction="sum" (the loop's call) it returns the value × B, so that the loop's division by the counted rows
+    gives the value back. Stateful: the warm-up step, a buffer.
+    Defaults: side="passage", warmup_steps=0 (no warm-up; the official demo config uses 200, the code 10,000).
+    """
+
+    unit = "rows"
+
+    def __init__(self, side: str = "passage", warmup_steps: int = 0) -> None:
+        super().__init__()
+        if side not in ("passage", "query", "both"):
+            raise ValueError(f"side must be 'passage', 'query' or 'both', got {side!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer ≥ 0, got {warmup_steps!r}")
+        self.side, self.warmup_steps = side, warmup_steps
+        self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def factor(self) -> float:
+        """λ(step)/λ = min(1, step / warmup_steps)²."""
+        return 1.0 if self.warmup_steps == 0 else min(1.0, int(self.step) / self.warmup_steps) ** 2
+
+    def log_values(self) -> dict[str, float]:
+        return {"lambda_factor": self.factor}
+
+    def forward(self, student, teacher=None, *, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        check_reduction(reduction)
+        sides = ("passage", "query") if self.side == "both" else (self.side,)
+        terms = [getattr(student, f"{side}_terms", None) for side in sides]
+        if any(t is None for t in terms):
+            raise ValueError(f"sparse_flops needs the student's {self.side} term weights; they exist for a "
+                             f"ranking student of type splade (an inference-free student has no query weights "
+                             f"to regularise)")
+        value = self.factor * sum(flops(t) for t in terms)
+        if reduction == "sum":
+            return value * student.candidates.shape[0]
+        return value.expand(student.candidates.shape[0]) if reduction == "none" else value
+
+    def on_optimizer_step(self, loss: float, step: int, total_steps: int) -> None:
+        self.step.fill_(int(step))

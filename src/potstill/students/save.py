@@ -79,6 +79,7 @@ def save_sentence_transformer(
     pooling: str = "mean",
     normalize: bool = False,
     max_seq_length: int | None = None,
+    query_model: Any = None,
 ) -> Path:
     """Write a full sentence-transformers folder (Transformer + Pooling (+ Normalize)) to `path` atomically.
 
@@ -86,6 +87,8 @@ def save_sentence_transformer(
     encoder's last hidden states ("mean": average over attention-mask tokens; "cls": the first token),
     L2-normalised when `normalize`. A task model (e.g. ``BertForMaskedLM``) is saved as its bare encoder.
     A tokenizer without a pad token gets its EOS token as pad token (in the saved copy only).
+    With `query_model` (a bi-encoder with separate towers) the folder holds a `Router`: `encode_query` runs
+    `query_model`, `encode_document` (and plain `encode`) runs `model`, each with the same pooling.
     """
     if pooling not in POOLING_MODES:
         raise ValueError(
@@ -102,18 +105,28 @@ def save_sentence_transformer(
         tokenizer.pad_token = tokenizer.eos_token
 
     path = Path(path)
-    encoder = _base_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.hf.", dir=path.parent) as staging:
+
+    def stack(encoder: Any, staging: str) -> list[Any]:
+        encoder = _base_model(encoder)
         encoder.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         transformer = Transformer(staging, max_seq_length=max_seq_length)
         dim = getattr(encoder.config, "hidden_size", None)
         if dim is None:
             dim = transformer.get_embedding_dimension()
-        modules = [transformer, Pooling(dim, pooling_mode=pooling)]
-        if normalize:
-            modules.append(Normalize())
+        return [transformer, Pooling(dim, pooling_mode=pooling), *([Normalize()] if normalize else [])]
+
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.hf.", dir=path.parent) as staging:
+        modules = stack(model, str(Path(staging) / "document"))
+        if query_model is not None:
+            try:  # sentence-transformers >= 5.4 / 6.x; Router exists from 5.0
+                from sentence_transformers.sentence_transformer.modules import Router
+            except ImportError:
+                from sentence_transformers.models import Router
+
+            modules = [Router.for_query_document(query_modules=stack(query_model, str(Path(staging) / "query")),
+                                                 document_modules=modules)]
         st_model = SentenceTransformer(modules=modules, device="cpu")
         with atomic_dir(path) as tmp:
             st_model.save(str(tmp), create_model_card=False)

@@ -58,6 +58,14 @@ class Task(ABC):
         enc = tokenizer(texts, pairs, truncation=True, max_length=self.recipe.data.max_length)
         return [len(ids) for ids in enc["input_ids"]]
 
+    def epoch_order(self, epoch: int, batch_size: int) -> list[int] | None:
+        """Indices into `train_records` in the order epoch `epoch` visits them, when the task picks its own
+        batches (e.g. TAS-Balanced topic batches): each consecutive `batch_size` indices (the global batch,
+        trainer.batch_size × processes) are one micro-batch, every epoch has the same length, and the order
+        is a pure function of (recipe, epoch) so that a resumed run sees the same batches. Default: None, the
+        loop's seeded shuffle."""
+        return None
+
     # ---- per batch
     @abstractmethod
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
@@ -148,11 +156,12 @@ class Task(ABC):
                       rounds: int = 3, min_seconds: float = 0.5, per_item: float = 1.0,
                       teacher: torch.nn.Module | None = None) -> dict[str, dict[str, float]]:
         """Parameters and `unit` (items/s × `per_item`) of the teacher and the student, measured interleaved
-        (`eval.compare_throughput`) in eval mode; `runner(model)` returns the function that runs one chunk."""
+        (`eval.compare_throughput`) in eval mode; `runner(model)` returns the function that runs one chunk.
+        Without a teacher model (e.g. teacher scores from a file) only the student is measured."""
         from potstill.eval import compare_throughput, count_parameters
 
         teacher = self.teacher if teacher is None else teacher
-        models = {"teacher": teacher, "student": student}
+        models = {"teacher": teacher, "student": student} if teacher is not None else {"student": student}
         modes = {role: m.training for role, m in models.items()}
         for m in models.values():
             m.eval()

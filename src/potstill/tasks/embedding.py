@@ -10,6 +10,7 @@ linear-probe accuracy (when labelled probe data is given), Spearman against huma
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,28 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
         return hidden[:, 0]
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def encode_texts(model: nn.Module, texts: list[str], embed: Callable[[list[str]], torch.Tensor], *,
+                 batch_size: int, width: int | None = None, progress: Any = None) -> torch.Tensor:
+    """`embed(chunk)` over `texts` in chunks of similar length (sorted by characters, so little padding),
+    `model` in eval mode under inference_mode: float32 CPU rows in the input order, (0, width) when empty.
+    `progress(n)` is called after each chunk."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: torch.Tensor | None = None
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = embed([texts[i] for i in idx]).float().cpu()
+            if out is None:
+                out = torch.empty(len(texts), rows.shape[-1])
+            out[idx] = rows
+            if progress is not None:
+                progress(len(idx))
+    model.train(was_training)
+    return out if out is not None else torch.empty(0, width or 0)
 
 
 class EmbeddingTask(Task):
@@ -75,19 +98,8 @@ class EmbeddingTask(Task):
     # ---- encoding
     def encode(self, model: nn.Module, texts: list[str], *, progress: Any = None) -> torch.Tensor:
         """Embeddings (float32, CPU) of `texts`, batched by length for speed, in the input order."""
-        bs, order = self.recipe.eval.batch_size, sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts), _width(model))
-        was_training = model.training
-        model.eval()
-        with torch.inference_mode():
-            for start in range(0, len(order), bs):
-                idx = order[start:start + bs]
-                batch = self.to_device(self._tokenize([texts[i] for i in idx]))
-                out[idx] = self._embed(model, batch).float().cpu()
-                if progress is not None:
-                    progress(len(idx))
-        model.train(was_training)
-        return out
+        return encode_texts(model, texts, lambda chunk: self._embed(model, self.to_device(self._tokenize(chunk))),
+                            batch_size=self.recipe.eval.batch_size, width=_width(model), progress=progress)
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.recipe.data.max_length,

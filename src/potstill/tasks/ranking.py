@@ -18,11 +18,30 @@ Metrics on held-out records: reranking each query's candidates (MRR@10, Kendall 
 the teacher's order); for a bi-encoder, retrieval over the whole collection (MRR@10, nDCG@10, Recall@10 of
 the query's positive; with a bi-encoder teacher also the overlap of the student's top 10 with the teacher's);
 queries per second of teacher and student.
+
+In-batch scores: with the `in_batch_margin_mse` objective or `ranking.in_batch_negatives`, a bi-encoder
+student also scores every query against every positive of the batch, (B, B) with the own positive on the
+diagonal; pairs whose passage equals the query's own positive are masked. The teacher's (B, B) come from its
+cached query and positive vectors (a bi-encoder teacher) or are scored live (a cross-encoder teacher, B²
+pairs per batch, as TAS-B's online in-batch teacher).
+
+`ranking.sampler: tas_balanced` (TAS-Balanced): the training unit becomes one (query, positive, negative)
+pair, the queries are clustered once by k-means on the teacher's query vectors (the untrained student's
+when the teacher is a cross-encoder; cluster ids cached in `<run>/tas_clusters/`), and each epoch is
+`TopicBalancedSampler`'s: every global batch from one cluster, every query once, its negative drawn
+uniformly over `tas_bins` bins of the teacher margin. Clusters smaller than a batch are filled with repeats
+of their own queries (whose in-batch pairs the mask drops). The epoch order is a pure function of (seed,
+epoch), so a resumed run replays it.
+
+`ranking.towers: separate` gives a bi-encoder student two encoders, `query` and `passage` (`DualEncoder`).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +51,54 @@ from torch import nn
 from potstill.data import fingerprint_records
 from potstill.errors import UserError
 from potstill.tasks.base import Task, cached_tensor
-from potstill.tasks.embedding import pool
+from potstill.tasks.embedding import encode_texts, pool
 from potstill.tasks.models import build_student, load_hf_teacher, resolve_model_path
 
 CACHE_FORMAT = 1
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+QUERIES_PER_CLUSTER = 200  # TAS-B: 2,000 clusters for MS MARCO's ~400k training queries
+
+
+@dataclass
+class RankingScores:
+    """The ranking task's signal: each query's candidate scores and, when asked for, its in-batch scores.
+
+    `candidates` (B, 1 + N), the positive first; `in_batch` (B, B), query i against the positive of batch
+    item j (diagonal: its own positive); `in_batch_mask` (B, B), True where passage j differs from query i's
+    own positive (the pair counts). A splade student also gives its term weights, `query_terms` (B, V; None
+    when inference-free) and `passage_terms` (B·(1 + N), V), for the `sparse_flops` regulariser.
+    """
+
+    candidates: torch.Tensor
+    in_batch: torch.Tensor | None = None
+    in_batch_mask: torch.Tensor | None = None
+    query_terms: torch.Tensor | None = None
+    passage_terms: torch.Tensor | None = None
+
+
+class ScoresObjective:
+    """A score loss of `potstill.losses` applied to one part of `RankingScores`: the candidates, or (for
+    `in_batch_margin_mse`) the in-batch matrix with its mask."""
+
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor]) -> None:
+        self.name, self.in_batch = name, name == "in_batch_margin_mse"
+        self.fn = margin_mse_over_candidates if name == "margin_mse" else fn
+
+    def __call__(self, student: RankingScores, teacher: RankingScores, **kwargs: Any) -> torch.Tensor:
+        if self.in_batch:
+            if student.in_batch is None or teacher.in_batch is None:
+                raise RuntimeError("in_batch_margin_mse got no in-batch scores; the ranking task computes them "
+                                   "when the recipe lists this objective")
+            return self.fn(student.in_batch, teacher.in_batch, mask=student.in_batch_mask, **kwargs)
+        return self.fn(student.candidates, teacher.candidates, **kwargs)
+
+
+class DualEncoder(nn.Module):
+    """A bi-encoder with separate query and passage towers (`ranking.towers: separate`)."""
+
+    def __init__(self, query: nn.Module, passage: nn.Module) -> None:
+        super().__init__()
+        self.query, self.passage = query, passage
 
 
 def margin_mse_over_candidates(student_scores: torch.Tensor, teacher_scores: torch.Tensor, *,
@@ -60,6 +122,11 @@ def _is_cross_encoder_config(path: str) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
 
 
+def _active_terms(weights: torch.Tensor) -> float:
+    """Mean number of non-zero terms per row of sparse vectors."""
+    return float((weights > 0).sum(1).float().mean()) if weights.numel() else 0.0
+
+
 class RankingTask(Task):
     signal_kind = "scores"
     name = "ranking"
@@ -68,34 +135,101 @@ class RankingTask(Task):
         from transformers import AutoModel, AutoModelForSequenceClassification
 
         r, rk = self.recipe, self.recipe.ranking
-        if r.teacher.path is None:
+        self.score_file = None
+        if rk.teacher_scores is not None:
+            from potstill.teachers.score_file import ScoreFile
+
+            self.score_file = ScoreFile.load(rk.teacher_scores)
+        elif r.teacher.path is None:
             raise UserError("field teacher.path: the ranking task needs a Hugging Face teacher (a cross-encoder or a "
-                            "bi-encoder folder)")
-        path = resolve_model_path(r.teacher.path, field="teacher.path")
-        self.teacher_type = rk.teacher_type
-        if self.teacher_type == "auto":
-            self.teacher_type = "cross_encoder" if _is_cross_encoder_config(path) else "bi_encoder"
+                            "bi-encoder folder) or a file of its scores (ranking.teacher_scores)")
         self.student_type = rk.student_type
-        teacher_cls = AutoModelForSequenceClassification if self.teacher_type == "cross_encoder" else AutoModel
-        self.teacher, self.tokenizer = load_hf_teacher(path, teacher_cls)
-        if self.teacher_type == "cross_encoder" and self.teacher.config.num_labels != 1:
-            raise UserError(f"field teacher.path: a cross-encoder teacher must have one output logit (num_labels=1); "
-                            f"{path} has {self.teacher.config.num_labels}")
-        self.teacher.to(self.device)
+        self.in_batch = rk.in_batch_negatives or any(o.name == "in_batch_margin_mse" for o in r.objectives)
+        self._check_kinds()
+        if r.teacher.path is not None:
+            path = resolve_model_path(r.teacher.path, field="teacher.path")
+            self.teacher_type = rk.teacher_type
+            if self.teacher_type == "auto":
+                self.teacher_type = "cross_encoder" if _is_cross_encoder_config(path) else "bi_encoder"
+            teacher_cls = AutoModelForSequenceClassification if self.teacher_type == "cross_encoder" else AutoModel
+            self.teacher, self.tokenizer = load_hf_teacher(path, teacher_cls)
+            if self.teacher_type == "cross_encoder" and self.teacher.config.num_labels != 1:
+                raise UserError(f"field teacher.path: a cross-encoder teacher must have one output logit "
+                                f"(num_labels=1); {path} has {self.teacher.config.num_labels}")
+            self.teacher.to(self.device)
+        else:
+            self._no_teacher_model()
         self.student = self._build_student()
-        self.train_records = self._records(self.load(r.data.train, required=("query", "positive")), "data.train")
+        self.queries = self._records(self.load(r.data.train, required=("query", "positive")), "data.train")
         self.eval_records = (self._records(self.load(r.data.eval, required=("query", "positive")), "data.eval")
                              if r.data.eval else [])
-        self.collection = sorted({rec["positive"] for rec in self.train_records + self.eval_records})
-        self._mine_negatives(self.train_records)
+        self.collection = sorted({rec["positive"] for rec in self.queries + self.eval_records})
+        if rk.inference_free:
+            from potstill.students.splade import idf_from_collection
+
+            self.student.query.idf.copy_(idf_from_collection(self.tokenizer, self.collection,
+                                                             vocab_size=self.student.query.idf.numel()))
+        self._mine_negatives(self.queries)
         self._mine_negatives(self.eval_records)
-        self.teacher_cache = self._teacher_cache(is_main=is_main, barrier=barrier)
+        self.train_records = self.queries
+        self.query_scores = self._teacher_cache(is_main=is_main, barrier=barrier)
+        self.teacher_cache = self.query_scores
+        self._query_of = list(range(len(self.queries)))
+        self.teacher_vectors = (self._teacher_vectors(is_main=is_main, barrier=barrier)
+                                if self.in_batch and self.teacher_type == "bi_encoder" else None)
+        self._sampler: Any = None
+        if rk.sampler == "tas_balanced":
+            self._setup_tas_balanced(is_main=is_main, barrier=barrier)
         self._eval_cache: dict[str, Any] | None = None
+
+    def _check_kinds(self) -> None:
+        """Refuse combinations of student kind and options that cannot work, before anything loads."""
+        rk, bi = self.recipe.ranking, self.student_type != "cross_encoder"
+        if not bi and (self.in_batch or rk.towers == "separate"):
+            what = "in-batch scores" if self.in_batch else "ranking.towers: separate"
+            raise UserError(f"field ranking.student_type: {what} need(s) a bi-encoder student; a cross-encoder "
+                            f"scores only the pairs it is given")
+        if rk.inference_free and self.student_type != "splade":
+            raise UserError("field ranking.inference_free: only a splade student has an inference-free query side; "
+                            "set ranking.student_type: splade")
+        if self.student_type == "splade" and (rk.similarity != "dot" or rk.towers == "separate"):
+            raise UserError("field ranking.student_type: a splade student scores by dot product with one encoder "
+                            "(ranking.similarity: dot, towers: shared; for cheap queries use inference_free: true)")
+        if self.in_batch and self.recipe.teacher.path is None:
+            raise UserError("field teacher.path: in-batch teacher scores (in_batch_margin_mse) need a teacher model; "
+                            "a score file holds only the pairs it lists")
+
+    def _no_teacher_model(self) -> None:
+        """Teacher scores only from ranking.teacher_scores: the tokenizer is the pretrained student's."""
+        from transformers import AutoTokenizer
+
+        cfg = self.recipe.student
+        if cfg.init != "pretrained":
+            raise UserError(f"field student.init: {cfg.init} builds the student from the teacher model, but the "
+                            f"recipe gives only ranking.teacher_scores; use init: pretrained with student.path, or "
+                            f"give teacher.path too")
+        self.teacher, self.teacher_type = None, "scores"
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.path, field="student.path"))
 
     def _build_student(self) -> nn.Module:
         from transformers import AutoModel, AutoModelForSequenceClassification
 
-        cfg = self.recipe.student
+        cfg, rk = self.recipe.student, self.recipe.ranking
+        if self.student_type == "splade":
+            from potstill.students.splade import InferenceFreeQuery, splade_from_encoder
+
+            if cfg.init == "pretrained":
+                student = splade_from_encoder(resolve_model_path(cfg.path, field="student.path"))
+            elif self.teacher_type != "bi_encoder":
+                raise UserError(f"field student.init: {cfg.init} builds a splade student from a bi-encoder teacher's "
+                                f"encoder; the teacher here is a {self.teacher_type.replace('_', '-')}: use init: "
+                                f"pretrained (e.g. path: builtin:minilm)")
+            else:
+                student = splade_from_encoder(build_student(cfg, self.teacher, auto_cls=AutoModel))
+            if rk.inference_free:
+                return DualEncoder(query=InferenceFreeQuery(student.vocab_size, self.tokenizer.all_special_ids),
+                                   passage=student)
+            return student.train()
         same_kind = self.student_type == self.teacher_type
         if cfg.init in ("layers_from_teacher", "from_config") and not same_kind:
             raise UserError(f"field student.init: {cfg.init} builds a {self.teacher_type.replace('_', '-')} from "
@@ -111,7 +245,10 @@ class RankingTask(Task):
                 raise UserError(f"field student.path: cannot load a cross-encoder from {path}: {exc}") from None
             return student.train()
         auto_cls = AutoModelForSequenceClassification if self.student_type == "cross_encoder" else AutoModel
-        return build_student(cfg, self.teacher, auto_cls=auto_cls)
+        student = build_student(cfg, self.teacher, auto_cls=auto_cls)
+        if rk.towers == "separate":
+            return DualEncoder(query=student, passage=copy.deepcopy(student))
+        return student
 
     # ---- data
     def _records(self, records: list[dict], field: str) -> list[dict]:
@@ -143,7 +280,7 @@ class RankingTask(Task):
         if self._is_cross(miner):
             raise UserError("mining negatives needs a bi-encoder teacher or student; give `negatives` in the data")
         passages = self.encode(miner, self.collection)
-        queries = self.encode(miner, [rec["query"] for rec in todo])
+        queries = self.encode(miner, [rec["query"] for rec in todo], side="query")
         scores = self._similarity(queries, passages)
         ranked = scores.topk(min(len(self.collection), n + 8), dim=1).indices.tolist()
         for rec, row in zip(todo, ranked, strict=True):
@@ -155,14 +292,60 @@ class RankingTask(Task):
     def _is_cross(self, model: nn.Module) -> bool:
         return (self.teacher_type if model is self.teacher else self.student_type) == "cross_encoder"
 
+    # ---- TAS-Balanced
+    def _setup_tas_balanced(self, *, is_main: bool, barrier) -> None:
+        """One (query, positive, negative) training record per negative, and the queries' cluster ids."""
+        from potstill.data.tas_balanced import kmeans_labels
+
+        rk, n_neg = self.recipe.ranking, len(self.queries[0]["negatives"])
+        k = min(len(self.queries), rk.tas_clusters or max(1, len(self.queries) // QUERIES_PER_CLUSTER))
+        clusterer = self.teacher if self.teacher_type == "bi_encoder" else self.student
+        if self._is_cross(clusterer):
+            raise UserError("ranking.sampler: tas_balanced clusters the training queries by bi-encoder vectors; with "
+                            "a cross-encoder teacher the student must be a bi-encoder")
+        manifest = {**self._manifest(), "clusters": k, "seed": self.recipe.seed,
+                    "clustered_by": "teacher" if clusterer is self.teacher else "student (before training)"}
+
+        def cluster() -> torch.Tensor:
+            vectors = self.encode(clusterer, [rec["query"] for rec in self.queries], side="query")
+            return torch.from_numpy(kmeans_labels(vectors.numpy(), k, self.recipe.seed))
+
+        self.clusters = cached_tensor(self.run_dir / "tas_clusters", manifest, "clusters", cluster,
+                                      is_main=is_main, barrier=barrier)
+        self.train_records = [{"query": rec["query"], "positive": rec["positive"], "negatives": [neg]}
+                              for rec in self.queries for neg in rec["negatives"]]
+        self._query_of = [q for q in range(len(self.queries)) for _ in range(n_neg)]
+        pairs = torch.arange(len(self.train_records)).reshape(len(self.queries), n_neg)
+        self.teacher_cache = torch.stack([self.query_scores[:, :1].expand(-1, n_neg), self.query_scores[:, 1:]],
+                                         dim=-1).reshape(-1, 2)
+        margins = (self.query_scores[:, :1] - self.query_scores[:, 1:]).tolist()
+        self._tas_pairs = [[(int(pairs[q, j]), None, m) for j, m in enumerate(row)] for q, row in enumerate(margins)]
+
+    def epoch_order(self, epoch: int, batch_size: int) -> list[int] | None:
+        """TAS-Balanced: the pair records of `TopicBalancedSampler.epoch_batches(epoch)` (short clusters
+        filled); None (the loop's shuffle) otherwise."""
+        if self.recipe.ranking.sampler != "tas_balanced":
+            return None
+        from potstill.data.tas_balanced import TopicBalancedSampler
+
+        if self._sampler is None or self._sampler.batch_size != batch_size:
+            self._sampler = TopicBalancedSampler(
+                torch.zeros(len(self.queries), 1), self._tas_pairs, batch_size, clusters=self.clusters.tolist(),
+                n_bins=self.recipe.ranking.tas_bins, seed=self.recipe.seed, short_batches="fill")
+        return [pair for batch in self._sampler.epoch_batches(epoch) for _, pair, _ in batch]
+
     # ---- scoring
     def _tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.recipe.data.max_length,
                              return_tensors="pt")
         return {k: v for k, v in enc.items() if k in _INPUT_KEYS}
 
-    def _embed(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model(**{k: v for k, v in batch.items() if k in _INPUT_KEYS})
+    def _embed(self, model: nn.Module, batch: dict[str, torch.Tensor], side: str = "passage") -> torch.Tensor:
+        """Vectors of a bi-encoder's `side` tower ("query" or "passage"; the same model unless a DualEncoder)."""
+        tower = getattr(model, side) if isinstance(model, DualEncoder) else model
+        out = tower(**{k: v for k, v in batch.items() if k in _INPUT_KEYS})
+        if isinstance(out, torch.Tensor):  # a model that returns its vectors
+            return out
         return pool(out.last_hidden_state, batch["attention_mask"], self.recipe.pooling)
 
     def _similarity(self, queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
@@ -174,30 +357,26 @@ class RankingTask(Task):
             return torch.einsum("bd,bcd->bc", queries.float(), passages.float())
         return queries.float() @ passages.float().T
 
-    def encode(self, model: nn.Module, texts: list[str]) -> torch.Tensor:
-        """Pooled vectors (float32, CPU) of a bi-encoder, in the input order."""
-        bs, order = self.recipe.eval.batch_size, sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out: torch.Tensor | None = None
-        was_training = model.training
-        model.eval()
-        with torch.inference_mode():
-            for start in range(0, len(order), bs):
-                idx = order[start:start + bs]
-                emb = self._embed(model, self.to_device(self._tokenize([texts[i] for i in idx]))).float().cpu()
-                if out is None:
-                    out = torch.empty(len(texts), emb.shape[-1])
-                out[idx] = emb
-        model.train(was_training)
-        return out if out is not None else torch.empty(0, 0)
+    def encode(self, model: nn.Module, texts: list[str], *, side: str = "passage") -> torch.Tensor:
+        """Pooled vectors (float32, CPU) of a bi-encoder's `side` tower, in the input order."""
+        return encode_texts(model, texts, lambda chunk: self._embed(model, self.to_device(self._tokenize(chunk)), side),
+                            batch_size=self.recipe.eval.batch_size)
 
-    def _score(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """(B, C) scores of a collated batch: a cross-encoder on the pairs, a bi-encoder's similarities."""
+    def _score(self, model: nn.Module, batch: dict[str, Any]) -> RankingScores:
+        """Scores of a collated batch: a cross-encoder on the pairs, a bi-encoder's similarities (and its
+        in-batch matrix when the task computes one)."""
         b, c = batch["shape"]
         if self._is_cross(model):
-            return model(**self._inputs(batch, "pair_")).logits.reshape(b, c).float()
-        q = self._embed(model, self._inputs(batch, "query_"))
-        p = self._embed(model, self._inputs(batch, "passage_"))
-        return self._similarity(q, p.reshape(b, c, -1))
+            return RankingScores(model(**self._inputs(batch, "pair_")).logits.reshape(b, c).float())
+        q = self._embed(model, self._inputs(batch, "query_"), "query")
+        flat = self._embed(model, self._inputs(batch, "passage_"), "passage")
+        p = flat.reshape(b, c, -1)
+        in_batch = self._similarity(q, p[:, 0]) if "in_batch_mask" in batch else None
+        scores = RankingScores(self._similarity(q, p), in_batch, batch.get("in_batch_mask"))
+        if self.student_type == "splade" and model is not self.teacher:
+            scores.query_terms = None if self.recipe.ranking.inference_free else q
+            scores.passage_terms = flat
+        return scores
 
     @staticmethod
     def _inputs(batch: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
@@ -206,16 +385,29 @@ class RankingTask(Task):
     # ---- the teacher cache
     def _manifest(self) -> dict[str, Any]:
         r = self.recipe
+        config = self.teacher.config.to_json_string() if self.teacher is not None else ""
         return {"format": CACHE_FORMAT, "teacher": str(r.teacher.path), "teacher_type": self.teacher_type,
-                "teacher_config": hashlib.sha256(self.teacher.config.to_json_string().encode()).hexdigest(),
+                "teacher_config": hashlib.sha256(config.encode()).hexdigest(),
+                "teacher_scores": self.score_file.sha256 if self.score_file is not None else None,
                 "tokenizer": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer),
-                "data": fingerprint_records(self.train_records), "rows": len(self.train_records),
+                "data": fingerprint_records(self.queries), "rows": len(self.queries),
                 "max_length": r.data.max_length, "pooling": r.pooling, "similarity": r.ranking.similarity}
 
     def _teacher_cache(self, *, is_main: bool, barrier) -> torch.Tensor:
+        if self.score_file is not None:
+            return self.score_file.scores_for_records(self.queries)
         return cached_tensor(self.run_dir / "teacher_cache", self._manifest(), "scores",
-                             lambda: self._scores_of(self.teacher, self.train_records), is_main=is_main,
+                             lambda: self._scores_of(self.teacher, self.queries), is_main=is_main,
                              barrier=barrier)
+
+    def _teacher_vectors(self, *, is_main: bool, barrier) -> torch.Tensor:
+        """A bi-encoder teacher's vectors of the training queries, then of their positives: (2Q, D)."""
+        def compute() -> torch.Tensor:
+            return torch.cat([self.encode(self.teacher, [rec["query"] for rec in self.queries], side="query"),
+                              self.encode(self.teacher, [rec["positive"] for rec in self.queries])])
+
+        return cached_tensor(self.run_dir / "teacher_cache" / "in_batch", self._manifest(), "vectors", compute,
+                             is_main=is_main, barrier=barrier)
 
     def _scores_of(self, model: nn.Module, records: list[dict]) -> torch.Tensor:
         from potstill.train.progress import task_progress
@@ -228,13 +420,14 @@ class RankingTask(Task):
         with task_progress(f"{label} scores of the candidates", len(records)) as advance, torch.inference_mode():
             for start in range(0, len(records), bs):
                 chunk = records[start:start + bs]
-                out.append(self._score(model, self.to_device(self.collate(chunk, list(range(len(chunk)))))).cpu())
+                batch = self.to_device(self.collate(chunk, list(range(len(chunk))), in_batch=False))
+                out.append(self._score(model, batch).candidates.cpu())
                 advance(len(chunk))
         model.train(was_training)
         return torch.cat(out)
 
     # ---- batches
-    def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
+    def collate(self, records: list[dict], indices: list[int], *, in_batch: bool | None = None) -> dict[str, Any]:
         queries = [rec["query"] for rec in records]
         candidates = [[rec["positive"], *rec["negatives"]] for rec in records]
         c = len(candidates[0])
@@ -243,25 +436,49 @@ class RankingTask(Task):
         if self.teacher_type == "cross_encoder" or self.student_type == "cross_encoder":
             pairs = self._tokenize([q for q in queries for _ in range(c)], flat)
             batch.update({f"pair_{k}": v for k, v in pairs.items()})
-        if self.teacher_type == "bi_encoder" or self.student_type == "bi_encoder":
+        if self.teacher_type == "bi_encoder" or self.student_type != "cross_encoder":
             batch.update({f"query_{k}": v for k, v in self._tokenize(queries).items()})
             batch.update({f"passage_{k}": v for k, v in self._tokenize(flat).items()})
+        if self.in_batch if in_batch is None else in_batch:
+            positives = [row[0] for row in candidates]
+            batch["in_batch_mask"] = torch.tensor([[p != own for p in positives] for own in positives])
+            if self.teacher_type == "cross_encoder":  # the live in-batch teacher scores every query × positive
+                pairs = self._tokenize([q for q in queries for _ in positives], positives * len(queries))
+                batch.update({f"in_batch_pair_{k}": v for k, v in pairs.items()})
         return batch
 
     def count_rows(self, batch: dict[str, Any]) -> int:
         return int(batch["index"].numel())
 
-    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.teacher_cache[batch["index"].cpu()].to(self.device)
+    def teacher_signal(self, batch: dict[str, Any]) -> RankingScores:
+        index = batch["index"].cpu()
+        scores = RankingScores(self.teacher_cache[index].to(self.device))
+        if "in_batch_mask" in batch:
+            if self.teacher_vectors is not None:
+                q = torch.tensor([self._query_of[i] for i in index.tolist()])
+                vectors = self.teacher_vectors.to(self.device)
+                scores.in_batch = self._similarity(vectors[q], vectors[q + len(self.queries)])
+            else:
+                with torch.inference_mode():
+                    b = len(index)
+                    scores.in_batch = self.teacher(**self._inputs(batch, "in_batch_pair_")).logits.reshape(b, b)
+                scores.in_batch = scores.in_batch.float()
+        return scores
 
-    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> RankingScores:
         return self._score(model, batch)
 
-    def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        cosine = self.student_type == "bi_encoder" and self.recipe.ranking.similarity == "cosine"
+    def hard_label_loss(self, student_signal: RankingScores, batch: dict[str, Any]) -> torch.Tensor:
+        """Contrastive cross-entropy, the positive as the class among the query's candidates (and, with
+        ranking.in_batch_negatives, the other queries' positives)."""
+        cosine = self.student_type != "cross_encoder" and self.recipe.ranking.similarity == "cosine"
         scale = self.recipe.ranking.label_scale or (20.0 if cosine else 1.0)
-        target = torch.zeros(student_signal.shape[0], dtype=torch.long, device=student_signal.device)
-        return nn.functional.cross_entropy(student_signal.float() * scale, target, reduction="sum")
+        logits = student_signal.candidates.float()
+        if self.recipe.ranking.in_batch_negatives:
+            others = student_signal.in_batch_mask & ~torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+            logits = torch.cat([logits, student_signal.in_batch.float().masked_fill(~others, float("-inf"))], dim=1)
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return nn.functional.cross_entropy(logits * scale, target, reduction="sum")
 
     # ---- evaluation
     def evaluate(self, model: nn.Module, *, role: str = "student") -> dict[str, float]:
@@ -270,16 +487,21 @@ class RankingTask(Task):
         if not self.eval_records:
             return {}
         if self._eval_cache is None:
-            self._eval_cache = {"teacher": self._scores_of(self.teacher, self.eval_records)}
+            self._eval_cache = {"teacher": self._eval_teacher_scores()}
             if self.teacher_type == "bi_encoder":
                 self._eval_cache["teacher_full"] = self._full_scores(self.teacher)
         teacher = self._eval_cache["teacher"]
+        if role == "teacher" and teacher is None:
+            return {}
         scores = teacher if role == "teacher" else self._scores_of(model, self.eval_records)
         relevant = torch.zeros_like(scores)
         relevant[:, 0] = 1  # the positive is candidate 0
-        metrics = {"rerank_mrr@10": mrr_at_k(scores, relevant, k=10),
-                   "teacher_kendall_tau": kendall_tau(scores, teacher),
-                   "teacher_top1_agreement": float((scores.argmax(1) == teacher.argmax(1)).float().mean())}
+        metrics = {"rerank_mrr@10": mrr_at_k(scores, relevant, k=10)}
+        if teacher is not None:
+            metrics.update({"teacher_kendall_tau": kendall_tau(scores, teacher),
+                            "teacher_top1_agreement": float((scores.argmax(1) == teacher.argmax(1)).float().mean())})
+        if role == "teacher" and self.teacher_type == "scores":
+            return metrics
         cross = (self.teacher_type if role == "teacher" else self.student_type) == "cross_encoder"
         if not cross:
             full = self._eval_cache["teacher_full"] if role == "teacher" else self._full_scores(model)
@@ -290,24 +512,39 @@ class RankingTask(Task):
                             "recall@10": recall_at_k(full, positives, k=10)})
             if "teacher_full" in self._eval_cache:
                 metrics["teacher_top10_overlap"] = top_k_overlap(full, self._eval_cache["teacher_full"], k=10)
+        if role == "student" and self.student_type == "splade":
+            metrics["passage_active_terms"] = _active_terms(self.encode(model, self.collection))
+            queries = [rec["query"] for rec in self.eval_records]
+            metrics["query_active_terms"] = _active_terms(self.encode(model, queries, side="query"))
         return metrics
+
+    def _eval_teacher_scores(self) -> torch.Tensor | None:
+        """The teacher's scores of the held-out candidates: from the score file when it has every pair, else
+        from the teacher model; None with neither."""
+        if self.score_file is not None and all(self.score_file.has_pair(rec["query"], p) for rec in self.eval_records
+                                               for p in (rec["positive"], *rec["negatives"])):
+            return self.score_file.scores_for_records(self.eval_records)
+        if self.teacher is None:
+            return None
+        return self._scores_of(self.teacher, self.eval_records)
 
     def _full_scores(self, model: nn.Module) -> torch.Tensor:
         """(eval queries, collection) similarity of a bi-encoder."""
         passages = self.encode(model, self.collection)
-        return self._similarity(self.encode(model, [rec["query"] for rec in self.eval_records]), passages)
+        return self._similarity(self.encode(model, [rec["query"] for rec in self.eval_records], side="query"),
+                                passages)
 
     def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
         """Queries per second: a bi-encoder encodes the query (passages are indexed offline); a cross-encoder
         scores the query against its 1 + N candidates."""
-        records = (self.eval_records or self.train_records)[:256]
+        records = (self.eval_records or self.queries)[:256]
 
         def runner(model: nn.Module):
             def run(chunk: list[dict]) -> Any:
                 if self._is_cross(model):
-                    batch = self.to_device(self.collate(chunk, list(range(len(chunk)))))
+                    batch = self.to_device(self.collate(chunk, list(range(len(chunk))), in_batch=False))
                     return model(**self._inputs(batch, "pair_")).logits
-                return self._embed(model, self.to_device(self._tokenize([rec["query"] for rec in chunk])))
+                return self._embed(model, self.to_device(self._tokenize([rec["query"] for rec in chunk])), "query")
 
             return run
 
@@ -316,13 +553,25 @@ class RankingTask(Task):
 
     # ---- output
     def save_student(self, model: nn.Module, path: Path) -> None:
-        """A bi-encoder as a sentence-transformers folder; a cross-encoder as an HF sequence classifier (which
-        sentence-transformers' `CrossEncoder` loads)."""
+        """A bi-encoder as a sentence-transformers folder (separate towers: a Router with query and document
+        routes, for `encode_query` / `encode_document`); a splade student as a sentence-transformers
+        `SparseEncoder` (inference-free: its query route is the static IDF weights); a cross-encoder as an HF
+        sequence classifier (which sentence-transformers' `CrossEncoder` loads)."""
         from potstill.students import save_hf_student, save_sentence_transformer
 
         if self.student_type == "cross_encoder":
             save_hf_student(model, self.tokenizer, path)
             return
-        save_sentence_transformer(model, self.tokenizer, path, pooling=self.recipe.pooling,
-                                  normalize=self.recipe.ranking.similarity == "cosine",
-                                  max_seq_length=self.recipe.data.max_length)
+        if self.student_type == "splade":
+            from potstill.students.splade import save_sparse_encoder
+
+            free = isinstance(model, DualEncoder)
+            save_sparse_encoder(model.passage if free else model, self.tokenizer, path,
+                                max_seq_length=self.recipe.data.max_length, query_idf=model.query.idf if free else None)
+            return
+        options = {"pooling": self.recipe.pooling, "normalize": self.recipe.ranking.similarity == "cosine",
+                   "max_seq_length": self.recipe.data.max_length}
+        if isinstance(model, DualEncoder):
+            save_sentence_transformer(model.passage, self.tokenizer, path, query_model=model.query, **options)
+            return
+        save_sentence_transformer(model, self.tokenizer, path, **options)

@@ -203,24 +203,34 @@ class Distiller:
             return tensor
         return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum").cpu()
 
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """Record indices of `epoch` in visiting order: the task's own (`Task.epoch_order`, e.g. TAS-Balanced
+        batches), else a seeded shuffle, length-grouped when `trainer.group_by_length`."""
+        n, global_batch = len(self.task.train_records), self.cfg.batch_size * self.accelerator.num_processes
+        order = self.task.epoch_order(epoch, global_batch)
+        if order is not None:
+            return torch.as_tensor(order, dtype=torch.long)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        if self._lengths is not None:
+            perm = length_grouped_order(perm, self._lengths, global_batch, generator=gen)
+        return perm
+
     def _micro_batch_indices(self, global_mb: int) -> list[int]:
         """Record indices of this process's share of global micro-batch number `global_mb`."""
-        n, bs, world = len(self.task.train_records), self.cfg.batch_size, self.accelerator.num_processes
-        per_epoch = n // (bs * world)
+        bs, world = self.cfg.batch_size, self.accelerator.num_processes
+        per_epoch = self._epoch_rows // (bs * world)
         epoch, pos = divmod(global_mb, per_epoch)
         if getattr(self, "_perm_epoch", None) != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=gen)
-            if self._lengths is not None:
-                perm = length_grouped_order(perm, self._lengths, bs * world, generator=gen)
-            self._perm, self._perm_epoch = perm, epoch
+            self._perm, self._perm_epoch = self._epoch_order(epoch), epoch
         start = pos * bs * world + self.accelerator.process_index * bs
         return self._perm[start:start + bs].tolist()
 
     def _epochs(self, step: int) -> float:
-        """Passes over the training records after `step` optimizer steps (how often each was seen)."""
+        """Passes over the training records after `step` optimizer steps (how often each was seen; with a
+        task's own epoch order, passes over that order)."""
         seen = step * self.cfg.grad_accum * self.cfg.batch_size * self.accelerator.num_processes
-        return seen / max(1, len(self.task.train_records))
+        return seen / max(1, self._epoch_rows)
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         if not self.is_main:
@@ -418,7 +428,9 @@ class Distiller:
         task.setup(is_main=self.is_main, barrier=acc.wait_for_everyone)
         student = task.student
         n, world = len(task.train_records), acc.num_processes
-        per_epoch = n // (cfg.batch_size * world)
+        order = task.epoch_order(0, cfg.batch_size * world)
+        self._epoch_rows = n if order is None else len(order)
+        per_epoch = self._epoch_rows // (cfg.batch_size * world)
         if per_epoch == 0:
             raise UserError(f"data.train has {n} records, fewer than trainer.batch_size × processes = "
                             f"{cfg.batch_size} × {world}")

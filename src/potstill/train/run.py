@@ -43,14 +43,10 @@ def build_objectives(recipe: Recipe) -> list[Objective]:
                 raise UserError(f"field objectives.{i}.params.{key}: {cfg.name} has no parameter {key!r}"
                                 f"{did_you_mean(key, valid)}; valid: {', '.join(valid)}")
         fn = info.fn
-        if recipe.task == "ranking" and cfg.name == "in_batch_margin_mse":
-            raise UserError(f"field objectives.{i}.name: in_batch_margin_mse needs every query scored against every "
-                            f"in-batch positive (a (B, B) matrix); the ranking task gives each query's own "
-                            f"candidates (B, 1 + N): use margin_mse, listwise_kl or pointwise_mse")
-        if recipe.task == "ranking" and cfg.name == "margin_mse":
-            from potstill.tasks.ranking import margin_mse_over_candidates
+        if recipe.task == "ranking":  # reads the candidates (B, 1 + N) or the in-batch (B, B) scores
+            from potstill.tasks.ranking import ScoresObjective
 
-            fn = margin_mse_over_candidates  # the (B, 1 + N) candidate scores, positive first
+            fn = ScoresObjective(cfg.name, fn)
         if info.kind == "embedding" and recipe.task == "embedding":
             # a student narrower than the teacher compares its vectors through a learned projection
             from potstill.losses.intermediate import ProjectedLoss

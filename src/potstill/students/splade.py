@@ -1,0 +1,439 @@
+"""SPLADE-style sparse students: vocabulary-sized term weights from a masked-LM head, and the inference-free
+query side of Geng et al. 2024 ("Towards Competitive Search Relevance For Inference-Free Learned Sparse
+Retrievers", arXiv 2411.04403).
+
+Document side (SPLADE-max, Formal et al. 2021): w_d,t = max over the real tokens i of log(1 + ReLU(l_i,t)), l the
+MLM logits `[B, L, V]`, so w_d is a `(V,)` vector of weights ≥ 0, mostly zero after FLOPS regularisation.
+Inference-free query side: q_t = ReLU(idf_t) when token t occurs in the query (once, however often), 0 otherwise
+and for special tokens; the score is the dot product s(q, d) = Σ_t q_t·w_d,t = Σ_{t∈q} ReLU(idf_t)·w_d,t.
+
+Conventions confirmed against the official code, zhichao-aws/opensearch-sparse-model-tuning-sample
+(the first author's copy of opensearch-project/opensearch-sparse-model-tuning-sample):
+
+* scripts/model/sparse_encoders.py, `SparseModel._encode`: logits at padded positions are set to -inf, the
+  max is taken over the sequence, then log(1 + ELU_α(x) + α) with α = 0, which is log(1 + ReLU(x)). Max and
+  log1p∘ReLU commute (the activation is monotone), so this equals the max of the activated logits.
+* same file, `SparseModel._encode_inf_free`: a `[B, V]` zero matrix gets 1 at every input id (assignment, so a
+  repeated token counts once), the tokenizer's special tokens are reset to 0, and the result is multiplied by
+  ReLU(idf). Tokens missing from the IDF file keep the default weight 1.0 there (`idf_vector = [1.0] * V`).
+  Padding is dropped only because [PAD] is a special token; here the attention mask is applied as well.
+* get_idf.py: passages tokenised without special tokens and without truncation; df_t = number of passages
+  that contain t (distinct non-special ids per passage); N = number of passages with at least one non-special
+  token; idf_t = log(1 + (N − df_t + 0.5)/(df_t + 0.5)) (the BM25/Lucene IDF, always > 0 for seen tokens);
+  only tokens seen are written to idf.json.
+
+Sentence-transformers 6.2 (read in the installed package and the sbert.net sparse-encoder module reference):
+
+* `SpladePooling(pooling_strategy="max", activation_function="relu")` computes max-pool log(1 + ReLU(x)) over
+  the attention mask; `activation_function="log1p_relu"` is a *second* log1p, log(1 + log(1 + ReLU(x))), the
+  OpenSearch v3 variant. The weights of `SpladeEncoder` are therefore saved with "relu".
+* `MLMTransformer` is deprecated since 5.4 (kept to load old folders); a new folder uses
+  `Transformer(path, transformer_task="fill-mask")`, which wraps `AutoModelForMaskedLM` the same way.
+* `SparseStaticEmbedding` tokenises without special tokens and returns presence(t) · weight_t with presence set
+  by a scatter of the attention mask (counted once); `SparseStaticEmbedding.from_json` fills tokens absent from
+  idf.json with 0 (the official training code above uses 1.0).
+* `Router.for_query_document(query_modules, document_modules)` sends `encode_query` to the first list and
+  `encode_document` (and plain `encode`, default route "document") to the second. All modules are imported from
+  `sentence_transformers.sparse_encoder.modules`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from potstill.errors import UserError
+from potstill.io import atomic_dir
+
+UNSEEN_CHOICES = ("max", "zero")
+
+
+def _head_is_tied(mlm: nn.Module) -> bool:
+    out, inp = mlm.get_output_embeddings(), mlm.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def _tie_decoder(mlm: nn.Module) -> None:
+    """Make the MLM decoder share the input word-embedding matrix (the BERT convention)."""
+    mlm.config.tie_word_embeddings = True
+    mlm.tie_weights()
+    if not _head_is_tied(mlm):  # a model whose tie mapping ignores the config flag
+        mlm.get_output_embeddings().weight = mlm.get_input_embeddings().weight
+
+
+class SpladeEncoder(nn.Module):
+    """SPLADE-max term weights of a masked-LM model: `forward` → `[B, V]` float32,
+    w_b,t = max_{i : attention_mask_b,i = 1} log(1 + ReLU(logits_b,i,t)).
+
+    `mlm` is a Hugging Face `*ForMaskedLM` (anything whose output has `.logits` of shape `[B, L, V]` and that has
+    a `.config`). `.mlm` is that model and `.config` its config (`.config.vocab_size` = V). The max is taken on
+    the logits before the activation (as the official `_encode`; equal, the activation being monotone), which
+    keeps one `[B, L, V]` tensor alive instead of three. The activation runs in float32 with autocast disabled,
+    so the output is float32 under autocast too; nothing is created on a fixed device. A row whose attention
+    mask is all zero gives zeros. Defaults: none.
+    """
+
+    def __init__(self, mlm: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(mlm, nn.Module) or getattr(getattr(mlm, "config", None), "vocab_size", None) is None:
+            raise UserError(f"SpladeEncoder expected a Hugging Face masked-LM model (e.g. BertForMaskedLM) with a "
+                            f"config.vocab_size, got {type(mlm).__name__}; build one with splade_from_encoder")
+        self.mlm = mlm
+
+    @property
+    def config(self) -> Any:
+        """The inner model's config."""
+        return self.mlm.config
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.mlm.config.vocab_size)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """`[B, V]` float32 weights ≥ 0: the max over real tokens of log(1 + ReLU(MLM logits))."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        logits = self.mlm(**inputs).logits
+        pad = ~attention_mask.bool().unsqueeze(-1)
+        pooled = logits.masked_fill(pad, float("-inf")).amax(dim=1)
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            return torch.log1p(torch.relu(pooled.float()))
+
+
+def _is_masked_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    names = {n for v in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return type(model).__name__ in names
+
+
+def _masked_lm_from_base(encoder: nn.Module) -> nn.Module:
+    """A new `*ForMaskedLM` for `encoder`'s config with the encoder's weights copied in, the decoder tied to the
+    word embeddings and the head transform freshly initialised; same dtype, device and train/eval mode."""
+    from transformers import AutoModelForMaskedLM
+
+    config = copy.deepcopy(encoder.config)
+    config.tie_word_embeddings = True
+    try:
+        mlm = AutoModelForMaskedLM.from_config(config)
+    except ValueError:
+        raise UserError(
+            f"splade_from_encoder: {type(encoder).__name__} (model_type {config.model_type!r}) has no masked-LM "
+            f"class in transformers; expected an encoder such as BertModel, DistilBertModel or RobertaModel"
+        ) from None
+    param = next(encoder.parameters(), None)
+    if param is not None:
+        mlm.to(dtype=param.dtype)
+    base = getattr(encoder, "base_model", None)  # BertForSequenceClassification -> its BertModel
+    base = encoder if base is None else base
+    missing, _unexpected = mlm.base_model.load_state_dict(base.state_dict(), strict=False)
+    if missing:
+        raise UserError(f"splade_from_encoder: the encoder {type(encoder).__name__} lacks weights the masked-LM "
+                        f"model {type(mlm).__name__} needs: {', '.join(sorted(missing)[:5])}")
+    _tie_decoder(mlm)
+    if param is not None:
+        mlm.to(device=param.device)
+    mlm.train(encoder.training)
+    return mlm
+
+
+def _load_masked_lm(path: str | os.PathLike) -> nn.Module:
+    from transformers import AutoModelForMaskedLM
+
+    from potstill.tasks.models import resolve_model_path
+
+    folder = resolve_model_path(str(path), field="splade_from_encoder source")
+    if not Path(folder).exists():
+        raise UserError(f"splade_from_encoder: model folder not found: {folder} (expected a local folder saved "
+                        f"with save_pretrained, or builtin:minilm)")
+    try:
+        mlm, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"splade_from_encoder: cannot load a masked-LM model from {folder}: {exc}") from None
+    prefix = getattr(mlm, "base_model_prefix", "")
+    lost = sorted(k for k in info.get("missing_keys", ()) if prefix and k.startswith(prefix + "."))
+    if lost:
+        raise UserError(f"splade_from_encoder: {folder} lacks encoder weights ({', '.join(lost[:5])}); expected a "
+                        f"checkpoint of the same architecture as its config.json")
+    if info.get("missing_keys"):  # the checkpoint had no MLM head: it was initialised by from_pretrained
+        _tie_decoder(mlm)
+    return mlm
+
+
+def splade_from_encoder(source: str | os.PathLike | nn.Module, *, tokenizer: Any = None) -> SpladeEncoder:
+    """A `SpladeEncoder` from a checkpoint folder (or "builtin:minilm") or an already-built model.
+
+    * A checkpoint with an MLM head (a `*ForMaskedLM` folder) loads as is with `AutoModelForMaskedLM`.
+    * A plain encoder checkpoint without one (e.g. all-MiniLM-L6-v2, a `BertModel`) loads its encoder weights
+      into the matching `*ForMaskedLM`; the MLM head is NEW: its transform (dense + LayerNorm) and output bias
+      are freshly initialised, and its decoder is tied to the input word embeddings (so it starts from the
+      encoder's own vocabulary matrix).
+    * An `nn.Module`: a `*ForMaskedLM` is wrapped as is (shared, not copied); a plain encoder (`BertModel`, a
+      student from `layers_from_teacher`, …) gets the same treatment as a plain checkpoint: a new `*ForMaskedLM`
+      built from a copy of its config, the encoder weights copied in (the pooler, which the MLM model lacks, is
+      dropped), decoder tied, head transform new, same dtype / device / train mode.
+    * A `SpladeEncoder` is returned as is.
+
+    `tokenizer`, when given, is checked against the model: its `len(tokenizer)` ids must fit in the MLM
+    vocabulary (config.vocab_size), else the term weights could not be indexed by token id. Defaults: none.
+    """
+    if isinstance(source, SpladeEncoder):
+        encoder = source
+    elif isinstance(source, (str, os.PathLike)):
+        encoder = SpladeEncoder(_load_masked_lm(source))
+    elif isinstance(source, nn.Module):
+        if getattr(source, "config", None) is None:
+            raise UserError(f"splade_from_encoder expected a Hugging Face model (with a .config) or a folder, got "
+                            f"a {type(source).__name__} without a config")
+        encoder = SpladeEncoder(source if _is_masked_lm(source) else _masked_lm_from_base(source))
+    else:
+        raise UserError(f"splade_from_encoder expected a model folder (str / Path) or a Hugging Face model, got "
+                        f"{type(source).__name__}")
+    if tokenizer is not None and len(tokenizer) > encoder.vocab_size:
+        raise UserError(f"splade_from_encoder: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                        f"has {encoder.vocab_size}; expected the tokenizer the model was trained with")
+    return encoder
+
+
+def _check_ids(input_ids: Tensor, attention_mask: Tensor) -> None:
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must both be [B, L], got {tuple(input_ids.shape)} and "
+                         f"{tuple(attention_mask.shape)}")
+
+
+@torch.no_grad()
+def inference_free_query(input_ids: Tensor, attention_mask: Tensor, idf: Tensor, *,
+                         special_ids: Iterable[int] = ()) -> Tensor:
+    """`[B, V]` float32 query vectors of the inference-free retriever: q_b,t = ReLU(idf_t) if token t occurs at
+    a real (attention-mask) position of query b, else 0; `special_ids` (pass `tokenizer.all_special_ids`:
+    CLS / SEP / PAD / UNK / MASK, as the official `_encode_inf_free` does with the special-tokens map) are 0.
+
+    A token repeated in the query counts once (presence, not count: the official code assigns 1, and
+    sentence-transformers' `SparseStaticEmbedding` scatters the mask). No parameters and no gradient (`idf`
+    is a constant; learning it, an option of the official code, is not supported here). V = len(idf); the
+    result is on `input_ids`' device. Defaults: special_ids = () (none).
+    """
+    _check_ids(input_ids, attention_mask)
+    if idf.dim() != 1:
+        raise UserError(f"inference_free_query expected idf of shape (V,), one weight per vocabulary id, got "
+                        f"shape {tuple(idf.shape)}")
+    vocab = idf.shape[0]
+    real = attention_mask.bool()
+    if real.any() and int(input_ids[real].max()) >= vocab:
+        raise UserError(f"inference_free_query: token id {int(input_ids[real].max())} is outside the IDF vector "
+                        f"({vocab} entries); expected an IDF computed with the same tokenizer")
+    ids = torch.where(real, input_ids, 0).long()
+    presence = torch.zeros(input_ids.shape[0], vocab, device=input_ids.device)
+    presence.scatter_reduce_(1, ids, real.to(presence.dtype), reduce="amax")
+    special = sorted({int(t) for t in special_ids if 0 <= int(t) < vocab})
+    if special:
+        presence[:, special] = 0.0
+    return presence * torch.relu(idf.detach().to(device=input_ids.device, dtype=torch.float32))
+
+
+class InferenceFreeQuery(nn.Module):
+    """The query "tower" of an inference-free sparse retriever: `inference_free_query` with a stored IDF.
+
+    `idf` is a `(V,)` buffer (checkpointed with the student, zeros until set, e.g. from
+    `idf_from_collection`); `special_ids` get weight 0. No parameters: queries cost a tokenisation and a
+    lookup."""
+
+    def __init__(self, vocab_size: int, special_ids: Iterable[int] = ()) -> None:
+        super().__init__()
+        self.register_buffer("idf", torch.zeros(vocab_size))
+        self.special_ids = sorted({int(t) for t in special_ids})
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        return inference_free_query(input_ids, attention_mask, self.idf, special_ids=self.special_ids)
+
+
+def idf_from_collection(tokenizer: Any, passages: Iterable[str], *, max_length: int | None = None,
+                        unseen: Literal["max", "zero"] = "max", vocab_size: int | None = None,
+                        batch_size: int = 1024) -> Tensor:
+    """`(V,)` float32 IDF of the token ids over a passage collection, as the official get_idf.py:
+
+        idf_t = log(1 + (N − df_t + 0.5) / (df_t + 0.5)),
+
+    df_t = number of passages containing token t (each passage's distinct ids; tokenised without special tokens,
+    truncated to `max_length` tokens when given, else not at all), N = number of passages with at least one
+    non-special token. Special tokens (`tokenizer.all_special_ids`) get 0.
+
+    Tokens never seen (df_t = 0), `unseen`:
+
+    * "max" (default): the formula at df = 0, log(2N + 2), its largest value: an unseen token is at least as
+      rare as the rarest seen one. This keeps query words that the training passages lack (typos, rare names,
+      words of another collection once deployed) as strong evidence, as lexical IDF would, instead of silently
+      dropping them from every query; a document can still reach them by expansion.
+    * "zero": 0, as sentence-transformers' `SparseStaticEmbedding.from_json` fills tokens absent from idf.json
+      (such a query token never contributes to a score).
+
+    (The sources disagree: the official `SparseModel` gives such tokens 1.0.) V = `vocab_size` or, by default,
+    `len(tokenizer)`; pass `encoder.config.vocab_size` when the model's vocabulary is padded beyond the
+    tokenizer. Defaults: max_length None, unseen "max", vocab_size None, batch_size 1024.
+    """
+    if unseen not in UNSEEN_CHOICES:
+        raise UserError(f"idf_from_collection: unseen must be one of {', '.join(UNSEEN_CHOICES)}, got {unseen!r}")
+    if isinstance(passages, (str, bytes)):
+        raise UserError("idf_from_collection expected a list (iterable) of passage strings, got a single string")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise UserError(f"idf_from_collection: max_length must be a positive int or None, got {max_length!r}")
+    vocab = len(tokenizer) if vocab_size is None else int(vocab_size)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    df = torch.zeros(vocab, dtype=torch.float64)
+    n_docs = 0
+
+    def count(batch: list[str]) -> int:
+        encoded = tokenizer(batch, add_special_tokens=False, truncation=max_length is not None,
+                            max_length=max_length, return_attention_mask=False, return_token_type_ids=False)
+        lists = encoded["input_ids"]
+        ids = torch.tensor([t for seq in lists for t in seq], dtype=torch.long)
+        rows = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(seq) for seq in lists]))
+        keep = ~torch.isin(ids, special)
+        ids, rows = ids[keep], rows[keep]
+        if ids.numel() == 0:
+            return 0
+        if int(ids.max()) >= vocab:
+            raise UserError(f"idf_from_collection: token id {int(ids.max())} does not fit in vocab_size {vocab}; "
+                            f"expected vocab_size ≥ len(tokenizer) = {len(tokenizer)}")
+        pairs = torch.unique(rows * vocab + ids)  # each (passage, token) once
+        df.add_(torch.bincount(pairs % vocab, minlength=vocab).to(df.dtype))
+        return int(torch.unique(pairs // vocab).numel())
+
+    batch: list[str] = []
+    for i, text in enumerate(passages):
+        if not isinstance(text, str):
+            raise UserError(f"idf_from_collection: passage {i} is a {type(text).__name__}; expected a string")
+        batch.append(text)
+        if len(batch) >= batch_size:
+            n_docs += count(batch)
+            batch = []
+    if batch:
+        n_docs += count(batch)
+    if n_docs == 0:
+        raise UserError("idf_from_collection needs at least one passage with a non-special token; got none")
+    idf = torch.log1p((n_docs - df + 0.5) / (df + 0.5))
+    if unseen == "zero":
+        idf = torch.where(df > 0, idf, 0.0)
+    idf[special[special < vocab]] = 0.0
+    return idf.float()
+
+
+def sparse_scores(query_weights: Tensor, doc_weights: Tensor) -> Tensor:
+    """`(Q, D)` float32 dot products s(q, d) = Σ_t q_t·d_t of `(Q, V)` query and `(D, V)` document weights,
+    computed in float32 with autocast disabled. Defaults: none."""
+    if query_weights.dim() != 2 or doc_weights.dim() != 2 or query_weights.shape[1] != doc_weights.shape[1]:
+        raise ValueError(f"sparse_scores expects (Q, V) and (D, V) weights with the same V, got "
+                         f"{tuple(query_weights.shape)} and {tuple(doc_weights.shape)}")
+    with torch.autocast(device_type=query_weights.device.type, enabled=False):
+        return query_weights.float() @ doc_weights.float().T
+
+
+@torch.no_grad()
+def sparsity_stats(weights: Tensor) -> dict[str, float]:
+    """Cheap sparsity numbers of `[..., V]` term weights (rows = leading positions):
+
+    * "active_terms": mean number of weights > 0 per row; "active_terms_max": the largest row's count;
+    * "l1": mean Σ_t w_t per row;
+    * "expected_flops": Σ_t p_t² with p_t the share of rows where term t is active: the expected number of
+      multiplications of a sparse dot product between two random rows (the "FLOPS" figure of the SPLADE papers,
+      not the FLOPS regulariser Σ_t (mean_i w_i,t)²).
+
+    All 0.0 for no rows. Defaults: none.
+    """
+    rows = weights.detach().float().reshape(-1, weights.shape[-1]) if weights.dim() else weights.reshape(1, 1)
+    if rows.shape[0] == 0:
+        return {"active_terms": 0.0, "active_terms_max": 0.0, "l1": 0.0, "expected_flops": 0.0}
+    active = rows > 0
+    per_row = active.sum(1).float()
+    share = active.float().mean(0)
+    return {
+        "active_terms": float(per_row.mean()),
+        "active_terms_max": float(per_row.max()),
+        "l1": float(rows.clamp_min(0).sum(1).mean()),
+        "expected_flops": float(share.square().sum()),
+    }
+
+
+def query_weights_for_saving(query_idf: Tensor, special_ids: Sequence[int]) -> Tensor:
+    """The `SparseStaticEmbedding` weights that reproduce `inference_free_query`: ReLU(idf), special ids 0
+    (sentence-transformers multiplies presence by the weight and does not drop special tokens itself)."""
+    weights = torch.relu(query_idf.detach().float().cpu()).clone()
+    special = [int(t) for t in special_ids if 0 <= int(t) < weights.shape[0]]
+    if special:
+        weights[special] = 0.0
+    return weights
+
+
+def save_sparse_encoder(encoder: SpladeEncoder, tokenizer: Any, path: str | os.PathLike, *, max_seq_length: int,
+                        query_idf: Tensor | None = None) -> Path:
+    """Write a sentence-transformers `SparseEncoder` folder to `path`, atomically (`potstill.io.atomic_dir`).
+
+    Without `query_idf`: `Transformer(transformer_task="fill-mask")` (the ST 6.x successor of `MLMTransformer`)
+    + `SpladePooling(pooling_strategy="max", activation_function="relu")`, i.e. max-pool log(1 + ReLU(logits))
+    over the attention mask, the same vectors as `SpladeEncoder.forward`, for queries and documents alike.
+
+    With `query_idf` (`(V,)`, V = config.vocab_size): an inference-free model, a `Router` whose "document" route
+    (also the default route of plain `encode`) is the two modules above and whose "query" route is a frozen
+    `SparseStaticEmbedding` holding ReLU(idf) with the special tokens at 0, so `encode_query` gives
+    `inference_free_query(..., special_ids=tokenizer.all_special_ids)`. Similarity: dot.
+
+    `max_seq_length` truncates documents (and queries) to the tokens the student saw in training; it must not
+    exceed config.max_position_embeddings. ``SparseEncoder(str(path))`` loads the folder without potstill.
+    A tokenizer without a pad token gets its EOS token as pad token (in the saved copy only). Defaults: none.
+    """
+    if not isinstance(encoder, SpladeEncoder):
+        raise UserError(f"save_sparse_encoder expected a SpladeEncoder (see splade_from_encoder), got "
+                        f"{type(encoder).__name__}")
+    if tokenizer is None:
+        raise UserError("save_sparse_encoder needs the tokenizer the encoder was trained with")
+    limit = getattr(encoder.config, "max_position_embeddings", None)
+    if (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1
+            or (limit is not None and max_seq_length > limit)):
+        raise UserError(f"save_sparse_encoder: max_seq_length must be a positive int"
+                        f"{f' ≤ max_position_embeddings = {limit}' if limit is not None else ''}, "
+                        f"got {max_seq_length!r}")
+    vocab = encoder.vocab_size
+    if query_idf is not None and tuple(query_idf.shape) != (vocab,):
+        raise UserError(f"save_sparse_encoder: query_idf must have shape ({vocab},), one weight per vocabulary id "
+                        f"of the encoder, got {tuple(query_idf.shape)}")
+    if len(tokenizer) > vocab:
+        raise UserError(f"save_sparse_encoder: the tokenizer has {len(tokenizer)} tokens but the encoder's "
+                        f"vocabulary has {vocab}; expected the tokenizer the encoder was trained with")
+    from sentence_transformers.sparse_encoder import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import (
+        Router,
+        SparseStaticEmbedding,
+        SpladePooling,
+        Transformer,
+    )
+
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.hf.", dir=path.parent) as staging:
+        encoder.mlm.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        transformer = Transformer(staging, transformer_task="fill-mask", max_seq_length=max_seq_length)
+        document = [transformer, SpladePooling(pooling_strategy="max", activation_function="relu",
+                                               embedding_dimension=vocab)]
+        if query_idf is None:
+            modules: list[nn.Module] = document
+        else:
+            weights = query_weights_for_saving(query_idf, transformer.tokenizer.all_special_ids)
+            query = SparseStaticEmbedding(tokenizer=transformer.tokenizer, weight=weights, frozen=True)
+            modules = [Router.for_query_document(query_modules=[query], document_modules=document)]
+        model = SparseEncoder(modules=modules, device="cpu", similarity_fn_name="dot")
+        with atomic_dir(path) as tmp:
+            model.save(str(tmp), create_model_card=False)
+    return path
