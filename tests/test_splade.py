@@ -287,3 +287,26 @@ def test_save_inference_free_sparse_encoder(tmp_path, tokenizer):
                                atol=1e-3, rtol=1e-4)
     with pytest.raises(UserError, match="query_idf must have shape"):
         save_sparse_encoder(enc, tokenizer, tmp_path / "bad", max_seq_length=16, query_idf=idf[:10])
+
+
+def test_fused_max_pool_equals_the_full_logits_path_in_values_and_gradients(tokenizer):
+    mlm = _mlm(seed=3).double()
+    with torch.no_grad():  # a spread of positive and negative logits, so both ReLU sides are exercised
+        mlm.cls.predictions.bias.normal_(0.0, 1.0)
+        # no all-zero embedding row ([PAD]'s): its logit is the bias at every token, a tie whose gradient a max
+        # gives to one token and amax spreads over all, two valid subgradients
+        mlm.get_input_embeddings().weight.add_(1e-3 * torch.randn_like(mlm.get_input_embeddings().weight))
+    batch = _batch(tokenizer)
+    grads = {}
+    for fused in (True, False):
+        enc = SpladeEncoder(mlm, fused=fused, chunk_size=2)
+        assert enc.fused is fused
+        mlm.zero_grad()
+        out = enc(**batch)
+        (out * torch.linspace(0.5, 2.0, out.shape[1], dtype=out.dtype)).sum().backward()
+        grads[fused] = (out.detach(), {n: p.grad.clone() for n, p in mlm.named_parameters() if p.grad is not None})
+    (fused_out, fused_grads), (plain_out, plain_grads) = grads[True], grads[False]
+    assert torch.allclose(fused_out, plain_out, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        assert torch.allclose(fused_grads[name], plain_grads[name], atol=1e-8), name

@@ -68,24 +68,82 @@ def _tie_decoder(mlm: nn.Module) -> None:
         mlm.get_output_embeddings().weight = mlm.get_input_embeddings().weight
 
 
+class _MaxPooledLogits(torch.autograd.Function):
+    """max over the real tokens of (hidden · Wᵀ + b), `[B, V]`, without keeping `[B, L, V]` logits.
+
+    Forward builds the logits `chunk` rows at a time and keeps only the max and its token index per
+    (row, term). The gradient of a max reaches one token per (row, term), so backward is two sparse products
+    with S = the `[B·L, V]` matrix holding g_b,t at (b·L + argmax_b,t, t): ∂hidden = S·W, ∂W = Sᵀ·hidden,
+    ∂b = Σ_b g — O(nnz(g)·H) work instead of O(B·L·V·H), and no `[B, L, V]` tensor saved for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, real: Tensor, chunk: int) -> Tensor:
+        b, length, _ = hidden.shape
+        values = torch.empty(b, weight.shape[0], device=hidden.device,
+                             dtype=torch.promote_types(hidden.dtype, torch.float32))
+        index = torch.empty(b, weight.shape[0], device=hidden.device, dtype=torch.long)
+        for start in range(0, b, chunk):
+            logits = hidden[start:start + chunk] @ weight.to(hidden.dtype).T
+            if bias is not None:
+                logits = logits + bias.to(logits.dtype)
+            logits = logits.masked_fill(~real[start:start + chunk].unsqueeze(-1), float("-inf"))
+            top = logits.max(dim=1)
+            values[start:start + chunk], index[start:start + chunk] = top.values, top.indices
+        ctx.save_for_backward(hidden, weight, index)
+        ctx.has_bias, ctx.length = bias is not None, length
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, index = ctx.saved_tensors
+        b, length, h = hidden.shape
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # float32 math for half inputs
+        grad = torch.nan_to_num(grad.to(dtype), nan=0.0)
+        rows, terms = grad.nonzero(as_tuple=True)
+        where = torch.stack([rows * length + index[rows, terms], terms])
+        s = torch.sparse_coo_tensor(where, grad[rows, terms], (b * length, weight.shape[0]),
+                                    check_invariants=False)
+        flat = hidden.reshape(b * length, h).to(dtype)
+        grad_hidden = torch.sparse.mm(s, weight.to(dtype)).reshape(b, length, h).to(hidden.dtype)
+        grad_weight = torch.sparse.mm(s.t().coalesce(), flat).to(weight.dtype)
+        grad_bias = grad.sum(0) if ctx.has_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+class _DecoderInput(Exception):
+    """Raised by a pre-hook on the MLM decoder to stop the forward and hand over its input."""
+
+    def __init__(self, hidden: Tensor) -> None:
+        super().__init__("decoder input captured")
+        self.hidden = hidden
+
+
 class SpladeEncoder(nn.Module):
     """SPLADE-max term weights of a masked-LM model: `forward` → `[B, V]` float32,
     w_b,t = max_{i : attention_mask_b,i = 1} log(1 + ReLU(logits_b,i,t)).
 
     `mlm` is a Hugging Face `*ForMaskedLM` (anything whose output has `.logits` of shape `[B, L, V]` and that has
     a `.config`). `.mlm` is that model and `.config` its config (`.config.vocab_size` = V). The max is taken on
-    the logits before the activation (as the official `_encode`; equal, the activation being monotone), which
-    keeps one `[B, L, V]` tensor alive instead of three. The activation runs in float32 with autocast disabled,
-    so the output is float32 under autocast too; nothing is created on a fixed device. A row whose attention
-    mask is all zero gives zeros. Defaults: none.
+    the logits before the activation (as the official `_encode`; equal, the activation being monotone). The
+    activation runs in float32 with autocast disabled, so the output is float32 under autocast too; nothing is
+    created on a fixed device. A row whose attention mask is all zero gives zeros.
+
+    `fused` (default True, when the model's output embedding is an `nn.Linear`): the forward stops at the
+    decoder's input and `_MaxPooledLogits` pools the logits `chunk_size` rows at a time with a sparse
+    backward, so neither the `[B, L, V]` logits nor their gradient are ever kept; same values and gradients
+    as the plain path (`fused=False`, the model's full `.logits`). Defaults: fused=True, chunk_size=8.
     """
 
-    def __init__(self, mlm: nn.Module) -> None:
+    def __init__(self, mlm: nn.Module, *, fused: bool = True, chunk_size: int = 8) -> None:
         super().__init__()
         if not isinstance(mlm, nn.Module) or getattr(getattr(mlm, "config", None), "vocab_size", None) is None:
             raise UserError(f"SpladeEncoder expected a Hugging Face masked-LM model (e.g. BertForMaskedLM) with a "
                             f"config.vocab_size, got {type(mlm).__name__}; build one with splade_from_encoder")
-        self.mlm = mlm
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise UserError(f"SpladeEncoder: chunk_size must be a positive int, got {chunk_size!r}")
+        self.mlm, self.chunk_size = mlm, chunk_size
+        self.fused = fused and isinstance(mlm.get_output_embeddings(), nn.Linear)
 
     @property
     def config(self) -> Any:
@@ -101,9 +159,25 @@ class SpladeEncoder(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        logits = self.mlm(**inputs).logits
-        pad = ~attention_mask.bool().unsqueeze(-1)
-        pooled = logits.masked_fill(pad, float("-inf")).amax(dim=1)
+        real = attention_mask.bool()
+        if self.fused:
+            decoder = self.mlm.get_output_embeddings()
+
+            def stop(module: nn.Module, args: tuple) -> None:
+                raise _DecoderInput(args[0])
+
+            handle = decoder.register_forward_pre_hook(stop)
+            try:
+                self.mlm(**inputs)
+                raise RuntimeError(f"{type(self.mlm).__name__} never called its output embedding")
+            except _DecoderInput as caught:
+                hidden = caught.hidden
+            finally:
+                handle.remove()
+            pooled = _MaxPooledLogits.apply(hidden, decoder.weight, decoder.bias, real, self.chunk_size)
+        else:
+            logits = self.mlm(**inputs).logits
+            pooled = logits.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(dim=1)
         with torch.autocast(device_type=pooled.device.type, enabled=False):
             return torch.log1p(torch.relu(pooled.float()))
 

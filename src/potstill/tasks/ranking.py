@@ -2,8 +2,9 @@
 
 Records: `query`, `positive` (a relevant passage) and optionally `negatives` (a list of passages, the same
 number for every record). Records without negatives get `ranking.negatives` of them mined from the
-collection (every distinct positive of the data) by a bi-encoder: the teacher's top ranks, or the untrained
-student's when the teacher is a cross-encoder; passages equal to the query's positive are skipped.
+collection (every distinct positive of the data) by a bi-encoder, searched with an exact FAISS
+inner-product index: the teacher's top ranks, or the untrained student's when the teacher is a
+cross-encoder; passages equal to the query's positive are skipped.
 
 Each query's candidates are `[positive, *negatives]`, and the signal of a batch is the (B, 1 + N) matrix of
 scores, positive first:
@@ -281,13 +282,27 @@ class RankingTask(Task):
             raise UserError("mining negatives needs a bi-encoder teacher or student; give `negatives` in the data")
         passages = self.encode(miner, self.collection)
         queries = self.encode(miner, [rec["query"] for rec in todo], side="query")
-        scores = self._similarity(queries, passages)
-        ranked = scores.topk(min(len(self.collection), n + 8), dim=1).indices.tolist()
+        ranked = self._search(queries, passages, min(len(self.collection), n + 8))
         for rec, row in zip(todo, ranked, strict=True):
             picks = [self.collection[j] for j in row if self.collection[j] != rec["positive"]][:n]
             if len(picks) < n:  # a positive repeated among the top: take the next passages in collection order
                 picks += [p for p in self.collection if p != rec["positive"] and p not in picks][:n - len(picks)]
             rec["negatives"] = picks
+
+    def _search(self, queries: torch.Tensor, passages: torch.Tensor, k: int) -> list[list[int]]:
+        """Each query's top-k passages by `ranking.similarity`: an exact FAISS inner-product index (unit
+        vectors for cosine), searched in blocks, so a large collection never needs a (Q, P) score matrix."""
+        import faiss
+
+        if self.recipe.ranking.similarity == "cosine":
+            queries, passages = nn.functional.normalize(queries, dim=-1), nn.functional.normalize(passages, dim=-1)
+        index = faiss.IndexFlatIP(passages.shape[1])
+        index.add(passages.float().contiguous().numpy())
+        ranked: list[list[int]] = []
+        for start in range(0, len(queries), 4096):
+            _, ids = index.search(queries[start:start + 4096].float().contiguous().numpy(), k)
+            ranked += ids.tolist()
+        return ranked
 
     def _is_cross(self, model: nn.Module) -> bool:
         return (self.teacher_type if model is self.teacher else self.student_type) == "cross_encoder"
