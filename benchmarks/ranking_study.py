@@ -38,12 +38,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from study_runs import REPO, run_potstill
+
 RECIPE = REPO / "recipes" / "chatterbot-rank.yaml"
 
 MARGIN = '[{"name": "margin_mse"}]'
@@ -99,19 +98,10 @@ def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
         folder = Path(args.runs) / "splits"
         sets += [f"data.train={json.dumps({'path': str(folder / f'{split}_train.jsonl')})}",
                  f"data.eval={json.dumps({'path': str(folder / f'{split}_test.jsonl')})}"]
-    cmd = [sys.executable, "-m", "potstill", "run", str(RECIPE), "--overwrite"]
-    for item in sets:
-        cmd += ["--set", item]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode:
-        raise SystemExit(f"{name} seed {seed} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
-                         f"{proc.stderr[-3000:]}")
-    summary = json.loads((Path(args.runs) / run_name / "summary.json").read_text())
+    summary, seconds = run_potstill(RECIPE, sets, label=f"{name} seed {seed}")
     rows = {row["model"]: row for row in summary["table"]}
     teacher, before, after = rows["teacher"], rows.get("student (before)", {}), rows["student (after)"]
-    return {"method": name, "seed": seed, "seconds": time.perf_counter() - start, "steps": summary["steps"],
+    return {"method": name, "seed": seed, "seconds": seconds, "steps": summary["steps"],
             "train_seconds": summary.get("train_seconds"), "params": after.get("params"),
             "queries_per_s": after.get("queries_per_s"),
             "speedup": after["queries_per_s"] / teacher["queries_per_s"] if teacher.get("queries_per_s") else None,

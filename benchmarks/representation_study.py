@@ -35,12 +35,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from study_runs import REPO, run_potstill
 
 STUDENTS = {
     "2x384-drop": {"init": "layers_from_teacher", "layers": [0, 3]},
@@ -93,20 +91,10 @@ def _share_teacher_cache(run_dir: Path, runs: Path) -> None:
 def _run(student: str, objectives: str, seed: int, args: argparse.Namespace) -> dict:
     sets = _overrides(student, objectives, seed, args)
     _share_teacher_cache(Path(args.runs) / sets[0].split("=", 1)[1], Path(args.runs))
-    cmd = [sys.executable, "-m", "potstill", "run", str(REPO / "recipes" / "demo.yaml"), "--overwrite"]
-    for item in sets:
-        cmd += ["--set", item]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode:
-        raise SystemExit(f"{student} {objectives} seed {seed} failed (exit {proc.returncode}):\n"
-                         f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    name = sets[0].split("=", 1)[1]
-    summary = json.loads((Path(args.runs) / name / "summary.json").read_text())
+    summary, seconds = run_potstill(REPO / "recipes" / "demo.yaml", sets, label=f"{student} {objectives} seed {seed}")
     rows = {row["model"]: row for row in summary["table"]}
     teacher, after = rows["teacher"], rows["student (after)"]
-    return {"student": student, "objectives": objectives, "seed": seed, "seconds": time.perf_counter() - start,
+    return {"student": student, "objectives": objectives, "seed": seed, "seconds": seconds,
             "steps": summary["steps"], "final_loss": summary.get("final_loss"),
             **{k: after.get(k) for k in (*METRICS, "params", "sentences_per_s")},
             "speedup": after["sentences_per_s"] / teacher["sentences_per_s"],

@@ -171,6 +171,8 @@ def test_builtin_minilm_gets_a_head():
     with torch.no_grad():
         w = enc(ids, torch.ones_like(ids))
     assert w.shape == (1, 30522) and (w >= 0).all()
+    # the new head starts lexical: the text's own tokens are active, and few others (not ~all 30,522)
+    assert (w[0, [7592, 2088]] > 0).all() and int((w > 0).sum()) < 1000
 
 
 def test_inference_free_query_is_relu_idf_on_distinct_real_tokens():
@@ -310,3 +312,18 @@ def test_fused_max_pool_equals_the_full_logits_path_in_values_and_gradients(toke
     assert fused_grads.keys() == plain_grads.keys()
     for name in plain_grads:
         assert torch.allclose(fused_grads[name], plain_grads[name], atol=1e-8), name
+
+
+def test_calibrated_head_bias_gives_the_asked_active_terms(tokenizer):
+    from potstill.students.splade import calibrate_head_bias
+
+    enc = SpladeEncoder(_mlm(seed=4))
+    batch = _batch(tokenizer)
+    bias = calibrate_head_bias(enc, batch["input_ids"], batch["attention_mask"], active_terms=10)
+    assert torch.allclose(enc.mlm.cls.predictions.bias, torch.full_like(enc.mlm.cls.predictions.bias, bias))
+    with torch.no_grad():
+        active = (enc(**batch) > 0).sum(1).float()
+    assert abs(float(active.median()) - 10) <= 1
+    enc.train()
+    calibrate_head_bias(enc, batch["input_ids"], batch["attention_mask"], active_terms=5)
+    assert enc.training

@@ -170,6 +170,8 @@ class RankingTask(Task):
 
             self.student.query.idf.copy_(idf_from_collection(self.tokenizer, self.collection,
                                                              vocab_size=self.student.query.idf.numel()))
+        if self.student_type == "splade":
+            self._calibrate_new_head()
         self._mine_negatives(self.queries)
         self._mine_negatives(self.eval_records)
         self.train_records = self.queries
@@ -211,6 +213,16 @@ class RankingTask(Task):
                             f"give teacher.path too")
         self.teacher, self.teacher_type = None, "scores"
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.path, field="student.path"))
+
+    def _calibrate_new_head(self) -> None:
+        """A splade student whose MLM head is new starts with ~128 active terms on the median passage of the
+        collection (`calibrate_head_bias` on up to 256 of them), neither all terms nor a dead ReLU."""
+        from potstill.students.splade import calibrate_head_bias
+
+        encoder = self.student.passage if isinstance(self.student, DualEncoder) else self.student
+        if getattr(encoder.mlm, "potstill_new_head", False):
+            sample = self.to_device(self._tokenize(self.collection[:: max(1, len(self.collection) // 256)][:256]))
+            calibrate_head_bias(encoder, **sample)
 
     def _build_student(self) -> nn.Module:
         from transformers import AutoModel, AutoModelForSequenceClassification

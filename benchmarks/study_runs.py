@@ -1,0 +1,28 @@
+"""Shared by the study scripts: one `python -m potstill run RECIPE --set …` in a fresh process, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_potstill(recipe: Path, sets: list[str], *, label: str) -> tuple[dict, float]:
+    """Run `recipe` with the `--set` overrides (the first must be `name=…`, and `output_dir=…` among them);
+    returns the run's summary.json and the wall seconds. A failed run stops the study, showing its output."""
+    cmd = [sys.executable, "-m", "potstill", "run", str(recipe), "--overwrite"]
+    for item in sets:
+        cmd += ["--set", item]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode:
+        raise SystemExit(f"{label} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    values = dict(item.split("=", 1) for item in sets)
+    summary = json.loads((Path(values["output_dir"]) / values["name"] / "summary.json").read_text())
+    return summary, time.perf_counter() - start
