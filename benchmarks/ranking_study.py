@@ -15,8 +15,10 @@ Methods (`--only` names):
   in-batch answers (sentence-transformers' MultipleNegativesRankingLoss);
 - `cross_encoder`: a cross-encoder student built from all of MiniLM's weights (6 layers + a new 1-logit
   head), Margin-MSE; it reranks candidates only, so it has no collection-retrieval metrics;
-- `splade_free`: an inference-free sparse student (layer-drop encoder + MiniLM-tied MLM head, SPLADE-max
-  document weights; a query's weights are the collection IDF of its tokens), Margin-MSE + sparse_flops.
+- `splade_free`: an inference-free sparse student (layer-drop encoder + a new MLM head tied to MiniLM's word
+  embeddings, started lexical and calibrated to ~128 active terms; SPLADE-max document weights; a question's
+  weights are the collection IDF of its tokens), Margin-MSE + 0.001 · sparse_flops (λ warm-up 20 steps), at a
+  smaller budget than the others (60 steps of 16 questions: one SPLADE step costs ~10× a dense one here).
 
 Interpolation vs extrapolation (methods-b §25, ReSTTest-style): all 2,025 chatterbot pairs, questions embedded
 by the teacher, k-means into 5 buckets; `extrapolation` tests on the largest bucket and trains on the other
@@ -54,7 +56,8 @@ METHODS: dict[str, list[str]] = {
               'objectives=[{"name": "margin_mse"}, {"name": "in_batch_margin_mse", "weight": 0.75}]'],
     "labels": LABELS,
     "cross_encoder": ['student={"init": "pretrained", "path": "builtin:minilm"}', "ranking.student_type=cross_encoder"],
-    "splade_free": ["ranking.student_type=splade", "ranking.inference_free=true",
+    "splade_free": ["ranking.student_type=splade", "ranking.inference_free=true", "trainer.batch_size=16",
+                    "trainer.max_steps=60",
                     'objectives=[{"name": "margin_mse"}, {"name": "sparse_flops", "weight": 0.001, '
                     '"params": {"warmup_steps": 20}}]'],
 }

@@ -354,6 +354,8 @@ def test_inference_free_splade_queries_are_collection_idf(tmp_path):
 
 
 def test_score_file_teacher_without_a_teacher_model(tmp_path):
+    from potstill.teachers.score_file import ScoreFile
+
     data = _data(tmp_path, negatives=True)
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     scores = tmp_path / "teacher_scores.jsonl"
@@ -382,6 +384,16 @@ def test_score_file_teacher_without_a_teacher_model(tmp_path):
                           ({"objectives": [{"name": "in_batch_margin_mse"}]}, "need a teacher model")):
         with pytest.raises(UserError, match=match):
             build_task(validate_recipe({**raw, **change}), run_dir=tmp_path / "x").setup()
+    # two score files: a heterogeneous ensemble, each min–max normalised per query, then scale × the mean
+    other = tmp_path / "other_scores.jsonl"
+    other.write_text("".join(json.dumps({**x, "score": 3.0 * (x["score"] % 1.0) - 2.0}) + "\n" for x in lines))
+    both = validate_recipe({**raw, "ranking": {"teacher_scores": [str(scores), str(other)], "ensemble_scale": 30}})
+    task = build_task(both, run_dir=tmp_path / "ens")
+    task.setup()
+    from potstill.teachers.ensemble import minmax_ensemble
+
+    first, second = (ScoreFile.load(f).scores_for_records(task.queries) for f in (scores, other))
+    assert torch.allclose(task.teacher_cache, minmax_ensemble([first, second], scale=30.0))
     scores.write_text("".join(json.dumps(x) + "\n" for x in lines[:-1]))  # one pair missing
     with pytest.raises(UserError, match="1 of 24 \\(query, passage\\) pairs"):
         build_task(recipe, run_dir=tmp_path / "y").setup()

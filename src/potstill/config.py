@@ -176,11 +176,14 @@ class RankingConfig(_Strict):
     inference_free: bool = Field(False, description="splade students: queries are not encoded; a query's "
                                  "weights are the IDF (over the collection) of its distinct tokens (Geng et al. "
                                  "2024), saved as a SparseEncoder with a static query route")
-    teacher_scores: str | None = Field(
+    teacher_scores: str | list[str] | None = Field(
         None, description="a file of precomputed teacher scores (potstill.teachers.ScoreFile: JSONL / CSV / TSV "
         "with query, passage, score or query_id, passage_id, score; or the 5-column triples TSV score_pos, "
         "score_neg, qid, pid_pos, pid_neg): the candidates' teacher scores come from it; teacher.path is then "
-        "optional (needed only for in-batch teacher scores, mining or layers_from_teacher)")
+        "optional (needed only for in-batch teacher scores, mining or layers_from_teacher). Several files: "
+        "an ensemble of teachers, each min–max normalised per query, then averaged (Geng et al. 2024)")
+    ensemble_scale: float = Field(1.0, gt=0, description="several teacher_scores files: the ensemble's mean of "
+                                  "normalised scores × this (the paper's KD demo: 30 before a softmax-KL)")
     similarity: Literal["dot", "cosine"] = Field("dot", description="bi-encoders: dot product or cosine of the "
                                                  "pooled vectors (one tower shared by queries and passages)")
     negatives: int = Field(4, ge=1, description="negatives per query mined from the collection (the records' "

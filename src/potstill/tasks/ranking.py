@@ -136,11 +136,12 @@ class RankingTask(Task):
         from transformers import AutoModel, AutoModelForSequenceClassification
 
         r, rk = self.recipe, self.recipe.ranking
-        self.score_file = None
+        self.score_files = []
         if rk.teacher_scores is not None:
             from potstill.teachers.score_file import ScoreFile
 
-            self.score_file = ScoreFile.load(rk.teacher_scores)
+            paths = [rk.teacher_scores] if isinstance(rk.teacher_scores, str) else rk.teacher_scores
+            self.score_files = [ScoreFile.load(path) for path in paths]
         elif r.teacher.path is None:
             raise UserError("field teacher.path: the ranking task needs a Hugging Face teacher (a cross-encoder or a "
                             "bi-encoder folder) or a file of its scores (ranking.teacher_scores)")
@@ -415,17 +416,28 @@ class RankingTask(Task):
         config = self.teacher.config.to_json_string() if self.teacher is not None else ""
         return {"format": CACHE_FORMAT, "teacher": str(r.teacher.path), "teacher_type": self.teacher_type,
                 "teacher_config": hashlib.sha256(config.encode()).hexdigest(),
-                "teacher_scores": self.score_file.sha256 if self.score_file is not None else None,
+                "teacher_scores": [f.sha256 for f in self.score_files], "ensemble_scale": r.ranking.ensemble_scale,
                 "tokenizer": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer),
                 "data": fingerprint_records(self.queries), "rows": len(self.queries),
                 "max_length": r.data.max_length, "pooling": r.pooling, "similarity": r.ranking.similarity}
 
     def _teacher_cache(self, *, is_main: bool, barrier) -> torch.Tensor:
-        if self.score_file is not None:
-            return self.score_file.scores_for_records(self.queries)
+        if self.score_files:
+            return self._file_scores(self.queries)
         return cached_tensor(self.run_dir / "teacher_cache", self._manifest(), "scores",
                              lambda: self._scores_of(self.teacher, self.queries), is_main=is_main,
                              barrier=barrier)
+
+    def _file_scores(self, records: list[dict]) -> torch.Tensor:
+        """(B, 1 + N) teacher scores from the score file, or from several: the heterogeneous ensemble
+        `minmax_ensemble` (each file min–max normalised per query over its candidates, then
+        ranking.ensemble_scale × their mean)."""
+        scores = [f.scores_for_records(records) for f in self.score_files]
+        if len(scores) == 1:
+            return scores[0]
+        from potstill.teachers.ensemble import minmax_ensemble
+
+        return minmax_ensemble(scores, scale=self.recipe.ranking.ensemble_scale)
 
     def _teacher_vectors(self, *, is_main: bool, barrier) -> torch.Tensor:
         """A bi-encoder teacher's vectors of the training queries, then of their positives: (2Q, D)."""
@@ -548,9 +560,9 @@ class RankingTask(Task):
     def _eval_teacher_scores(self) -> torch.Tensor | None:
         """The teacher's scores of the held-out candidates: from the score file when it has every pair, else
         from the teacher model; None with neither."""
-        if self.score_file is not None and all(self.score_file.has_pair(rec["query"], p) for rec in self.eval_records
-                                               for p in (rec["positive"], *rec["negatives"])):
-            return self.score_file.scores_for_records(self.eval_records)
+        if self.score_files and all(f.has_pair(rec["query"], p) for f in self.score_files
+                                    for rec in self.eval_records for p in (rec["positive"], *rec["negatives"])):
+            return self._file_scores(self.eval_records)
         if self.teacher is None:
             return None
         return self._scores_of(self.teacher, self.eval_records)
