@@ -419,3 +419,34 @@ def test_sparse_flops_warm_up_state_and_errors():
         SparseFlops(side="query")(signal)
     with pytest.raises(ValueError, match="side"):
         SparseFlops(side="docs")
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_ranking_student_like_one(tmp_path):
+    """2 gloo processes × batch 4 (Margin-MSE, shared tower) end with the student of 1 process × batch 8; with
+    separate towers, TAS-Balanced batches and in-batch teacher scores the 2-process run also completes."""
+    import yaml
+    from conftest import accelerate_launch
+    from safetensors.torch import load_file
+
+    teacher = _tiny(tmp_path, "bi", cross=False)
+    base = _recipe(tmp_path, teacher, _data(tmp_path), batch_size=4, max_steps=3,
+                   student={"init": "from_config", "config": {"num_hidden_layers": 1}}).model_dump(mode="json")
+    base["eval"] = {"throughput": False, "compare_before": False, "batch_size": 16}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(dict(base, name="two")))
+    proc = accelerate_launch(tmp_path, path, "--multi_gpu", port=29571)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = validate_recipe(dict(base, name="one", trainer={**base["trainer"], "batch_size": 8}))
+    run_recipe(one)
+    a = load_file(str(tmp_path / "runs" / "two" / "checkpoints" / "step-00000003" / "student.safetensors"))
+    b = load_file(str(one.run_dir / "checkpoints" / "step-00000003" / "student.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    tas = dict(base, name="tas", ranking={"negatives": 3, "sampler": "tas_balanced", "tas_clusters": 1,
+                                          "towers": "separate"},
+               objectives=[{"name": "margin_mse"}, {"name": "in_batch_margin_mse", "weight": 0.75}])
+    path.write_text(yaml.safe_dump(tas))
+    proc = accelerate_launch(tmp_path, path, "--multi_gpu", port=29572)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "tas" / "student" / "modules.json").exists()

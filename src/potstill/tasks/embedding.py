@@ -26,7 +26,7 @@ from potstill.eval import (
     similarity_spearman,
 )
 from potstill.tasks.base import Task, cached_tensor
-from potstill.tasks.models import build_student, load_hf_teacher
+from potstill.tasks.models import build_student, freeze_pooler, load_hf_teacher
 
 CACHE_FORMAT = 1
 
@@ -74,7 +74,7 @@ class EmbeddingTask(Task):
         if r.student.init == "static":
             self.student = self._static_student(is_main=is_main)
         else:
-            self.student = build_student(r.student, self.teacher, auto_cls=AutoModel)
+            self.student = freeze_pooler(build_student(r.student, self.teacher, auto_cls=AutoModel))
         self.train_records = self.load(r.data.train, required=("text",))
         self.eval_records = self.load(r.data.eval, required=("text",)) if r.data.eval else []
         self._texts = [rec["text"] for rec in self.train_records]

@@ -105,6 +105,17 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, *, field_prefix: str =
     return student
 
 
+def freeze_pooler(model: nn.Module) -> nn.Module:
+    """Freeze the HF `pooler` (dense + tanh on the first token) of a bi-encoder student whose sentence vectors
+    the task pools itself (mean / cls of the last hidden states): it gets no gradient, and DDP refuses
+    trainable parameters that get none. Its weights stay in the saved model, unchanged."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "pooler":
+            for param in module.parameters():
+                param.requires_grad_(False)
+    return model
+
+
 def snapshot(model: nn.Module) -> nn.Module:
     """A frozen deep copy (used to score the untrained student while the real one trains)."""
     return freeze(copy.deepcopy(model))

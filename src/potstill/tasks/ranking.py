@@ -53,7 +53,7 @@ from potstill.data import fingerprint_records
 from potstill.errors import UserError
 from potstill.tasks.base import Task, cached_tensor
 from potstill.tasks.embedding import encode_texts, pool
-from potstill.tasks.models import build_student, load_hf_teacher, resolve_model_path
+from potstill.tasks.models import build_student, freeze_pooler, load_hf_teacher, resolve_model_path
 
 CACHE_FORMAT = 1
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -95,11 +95,26 @@ class ScoresObjective:
 
 
 class DualEncoder(nn.Module):
-    """A bi-encoder with separate query and passage towers (`ranking.towers: separate`)."""
+    """A bi-encoder with separate query and passage towers (`ranking.towers: separate`). `forward(query,
+    passage)` runs both on their input dicts in one call (so that a DDP wrapper sees one forward per step)."""
 
     def __init__(self, query: nn.Module, passage: nn.Module) -> None:
         super().__init__()
         self.query, self.passage = query, passage
+
+    def forward(self, query: dict[str, torch.Tensor], passage: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+        return self.query(**query), self.passage(**passage)
+
+
+def _joined_inputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Two tokenised batches as one, right-padded to the longer length (pad id, mask 0, token type 0)."""
+    length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+
+    def padded(x: torch.Tensor, value: int) -> torch.Tensor:
+        return nn.functional.pad(x, (0, length - x.shape[1]), value=value)
+
+    return {k: torch.cat([padded(a[k], pad_id if k == "input_ids" else 0), padded(b[k], pad_id if k == "input_ids"
+                                                                                  else 0)]) for k in a}
 
 
 def margin_mse_over_candidates(student_scores: torch.Tensor, teacher_scores: torch.Tensor, *,
@@ -260,6 +275,9 @@ class RankingTask(Task):
             return student.train()
         auto_cls = AutoModelForSequenceClassification if self.student_type == "cross_encoder" else AutoModel
         student = build_student(cfg, self.teacher, auto_cls=auto_cls)
+        if self.student_type == "cross_encoder":
+            return student
+        freeze_pooler(student)
         if rk.towers == "separate":
             return DualEncoder(query=student, passage=copy.deepcopy(student))
         return student
@@ -371,10 +389,27 @@ class RankingTask(Task):
     def _embed(self, model: nn.Module, batch: dict[str, torch.Tensor], side: str = "passage") -> torch.Tensor:
         """Vectors of a bi-encoder's `side` tower ("query" or "passage"; the same model unless a DualEncoder)."""
         tower = getattr(model, side) if isinstance(model, DualEncoder) else model
-        out = tower(**{k: v for k, v in batch.items() if k in _INPUT_KEYS})
-        if isinstance(out, torch.Tensor):  # a model that returns its vectors
+        inputs = {k: v for k, v in batch.items() if k in _INPUT_KEYS}
+        return self._vectors(tower(**inputs), inputs)
+
+    def _vectors(self, out: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(out, torch.Tensor):  # a model that returns its vectors (splade, inference-free queries)
             return out
-        return pool(out.last_hidden_state, batch["attention_mask"], self.recipe.pooling)
+        return pool(out.last_hidden_state, inputs["attention_mask"], self.recipe.pooling)
+
+    def _query_and_passage_vectors(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+        """A bi-encoder's vectors of the batch's queries and passages in ONE forward of `model` (which may be
+        DDP-wrapped: DDP expects one forward per backward): both towers of a DualEncoder, or the shared
+        encoder on the queries and passages joined into one padded batch."""
+        queries, passages = self._inputs(batch, "query_"), self._inputs(batch, "passage_")
+        if isinstance(getattr(model, "module", model), DualEncoder):
+            q_out, p_out = model(queries, passages)
+            return self._vectors(q_out, queries), self._vectors(p_out, passages)
+        joined = _joined_inputs(queries, passages, self.tokenizer.pad_token_id or 0)
+        vectors = self._vectors(model(**joined), joined)
+        n = queries["input_ids"].shape[0]
+        return vectors[:n], vectors[n:]
 
     def _similarity(self, queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
         """(Q, P) scores of query and passage vectors, or (B, C) when passages are (B, C, D)."""
@@ -396,8 +431,7 @@ class RankingTask(Task):
         b, c = batch["shape"]
         if self._is_cross(model):
             return RankingScores(model(**self._inputs(batch, "pair_")).logits.reshape(b, c).float())
-        q = self._embed(model, self._inputs(batch, "query_"), "query")
-        flat = self._embed(model, self._inputs(batch, "passage_"), "passage")
+        q, flat = self._query_and_passage_vectors(model, batch)
         p = flat.reshape(b, c, -1)
         in_batch = self._similarity(q, p[:, 0]) if "in_batch_mask" in batch else None
         scores = RankingScores(self._similarity(q, p), in_batch, batch.get("in_batch_mask"))
