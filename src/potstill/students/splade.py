@@ -183,7 +183,9 @@ class SpladeEncoder(nn.Module):
             pooled = _MaxPooledLogits.apply(hidden, decoder.weight, decoder.bias, real, self.chunk_size)
         else:
             logits = self.mlm(**inputs).logits
-            pooled = logits.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(dim=1)
+            # max, not amax: at a tie (e.g. an all-zero embedding row, whose logit is its bias everywhere) the
+            # gradient goes to one token, as in the official code and the fused path
+            pooled = logits.masked_fill(~real.unsqueeze(-1), float("-inf")).max(dim=1).values
         return pooled
 
 
