@@ -450,3 +450,37 @@ def test_two_processes_train_the_ranking_student_like_one(tmp_path):
     proc = accelerate_launch(tmp_path, path, "--multi_gpu", port=29572)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "tas" / "student" / "modules.json").exists()
+
+
+def test_collection_file_and_query_level_relevance(tmp_path):
+    rows = [{"query": q, "positive": p} for q, p in PAIRS]
+    rows.append({"query": PAIRS[0][0], "positive": "They lifted the cup in the final minute."})  # 2nd answer
+    data = tmp_path / "qrels.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = tmp_path / "collection.jsonl"
+    distractors = ["The museum opens at nine.", "Bread needs flour and water."]
+    extra.write_text("".join(json.dumps({"passage": x}) + "\n" for x in distractors))
+    teacher = _tiny(tmp_path, "bi", cross=False)
+    raw = _recipe(tmp_path, teacher, data, ranking={"negatives": 3, "relevance": "query"},
+                  objectives=[{"name": "margin_mse"}, {"name": "in_batch_margin_mse"}]).model_dump(mode="json")
+    raw["data"]["collection"] = {"path": str(extra)}
+    task = build_task(validate_recipe(raw), run_dir=tmp_path / "r")
+    task.setup()
+    assert set(distractors) <= set(task.collection) and len(task.collection) == len(PAIRS) + 3
+    both = {PAIRS[0][1], rows[-1]["positive"]}
+    for i in (0, len(PAIRS)):  # neither answer of the shared question is mined as a negative of it
+        assert not both & set(task.train_records[i]["negatives"])
+    batch = task.collate([task.train_records[i] for i in (0, 1, len(PAIRS))], [0, 1, len(PAIRS)])
+    assert not batch["in_batch_mask"][0, 2] and not batch["in_batch_mask"][2, 0] and batch["in_batch_mask"][0, 1]
+    # either answer counts as a hit in the collection metrics: the teacher's MRR with query-level relevance
+    # is at least its record-level one
+    by_query = task.evaluate(task.teacher, role="teacher")["mrr@10"]
+    raw["ranking"]["relevance"] = "record"
+    record = build_task(validate_recipe(raw), run_dir=tmp_path / "r2")
+    record.setup()
+    assert by_query >= record.evaluate(record.teacher, role="teacher")["mrr@10"]
+    bad = tmp_path / "bad_collection.jsonl"
+    bad.write_text(json.dumps({"passage": 3}) + "\n")
+    raw["data"]["collection"] = {"path": str(bad)}
+    with pytest.raises(UserError, match="data.collection: record 1"):
+        build_task(validate_recipe(raw), run_dir=tmp_path / "r3").setup()

@@ -99,6 +99,9 @@ class ObjectiveConfig(_Strict):
 class DataConfig(_Strict):
     train: DataSource = Field(description="training records")
     eval: DataSource | None = Field(None, description="held-out records scored during and after training")
+    collection: DataSource | None = Field(None, description="ranking task: more passages (a `passage` or `text` "
+                                          "column) for the collection that negatives are mined from and the "
+                                          "held-out queries are ranked over, next to the records' positives")
     max_length: int = Field(128, ge=1, description="token limit for text inputs (causal_lm: tokens per sequence)")
     format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
         "auto", description="causal_lm task: `text` (loss on every token), `prompt_completion` (loss on the "
@@ -198,6 +201,10 @@ class RankingConfig(_Strict):
                                      "queries' positives in the batch are negatives too (sentence-transformers' "
                                      "MultipleNegativesRankingLoss); passages equal to the query's own positive "
                                      "are left out")
+    relevance: Literal["record", "query"] = Field(
+        "record", description="which passages count as relevant to a query: record = its record's positive only; "
+        "query = every positive the data gives for the same query text (several records per query act as qrels), "
+        "for the metrics, the negatives miner (which then never mines one) and the in-batch mask")
     towers: Literal["shared", "separate"] = Field(
         "shared", description="bi-encoder students: one encoder for queries and passages, or two (both start "
         "from the student as built; saved as a sentence-transformers Router with query and document routes)")

@@ -1,10 +1,12 @@
 """Ranking: teacher and student score (query, passage) pairs; the student learns the teacher's scores.
 
 Records: `query`, `positive` (a relevant passage) and optionally `negatives` (a list of passages, the same
-number for every record). Records without negatives get `ranking.negatives` of them mined from the
-collection (every distinct positive of the data) by a bi-encoder, searched with an exact FAISS
+number for every record). The collection is every distinct positive of the data plus `data.collection`'s
+passages. Relevance (`ranking.relevance`): a record's own positive, or (`query`) every positive given for the
+same query text, so several records per query act as qrels. Records without negatives get
+`ranking.negatives` of them mined from the collection by a bi-encoder, searched with an exact FAISS
 inner-product index: the teacher's top ranks, or the untrained student's when the teacher is a
-cross-encoder; passages equal to the query's positive are skipped.
+cross-encoder; relevant passages are skipped.
 
 Each query's candidates are `[positive, *negatives]`, and the signal of a batch is the (B, 1 + N) matrix of
 scores, positive first:
@@ -22,7 +24,8 @@ queries per second of teacher and student.
 
 In-batch scores: with the `in_batch_margin_mse` objective or `ranking.in_batch_negatives`, a bi-encoder
 student also scores every query against every positive of the batch, (B, B) with the own positive on the
-diagonal; pairs whose passage equals the query's own positive are masked. The teacher's (B, B) come from its
+diagonal; pairs whose passage is relevant to the query (its own positive, or any of its positives with
+`ranking.relevance: query`) are masked. The teacher's (B, B) come from its
 cached query and positive vectors (a bi-encoder teacher) or are scored live (a cross-encoder teacher, B²
 pairs per batch, as TAS-B's online in-batch teacher).
 
@@ -65,8 +68,8 @@ class RankingScores:
     """The ranking task's signal: each query's candidate scores and, when asked for, its in-batch scores.
 
     `candidates` (B, 1 + N), the positive first; `in_batch` (B, B), query i against the positive of batch
-    item j (diagonal: its own positive); `in_batch_mask` (B, B), True where passage j differs from query i's
-    own positive (the pair counts). A splade student also gives its term weights, `query_terms` (B, V; None
+    item j (diagonal: its own positive); `in_batch_mask` (B, B), True where passage j is not relevant to
+    query i (the pair counts). A splade student also gives its term weights, `query_terms` (B, V; None
     when inference-free) and `passage_terms` (B·(1 + N), V), for the `sparse_flops` regulariser.
     """
 
@@ -180,7 +183,18 @@ class RankingTask(Task):
         self.queries = self._records(self.load(r.data.train, required=("query", "positive")), "data.train")
         self.eval_records = (self._records(self.load(r.data.eval, required=("query", "positive")), "data.eval")
                              if r.data.eval else [])
-        self.collection = sorted({rec["positive"] for rec in self.queries + self.eval_records})
+        extra = []
+        if r.data.collection is not None:
+            rows = self.load(r.data.collection)
+            key = "passage" if rows and "passage" in rows[0] else "text"
+            for i, row in enumerate(rows):
+                if not isinstance(row.get(key), str):
+                    raise UserError(f"data.collection: record {i + 1}: expected a `passage` (or `text`) string")
+            extra = [row[key] for row in rows]
+        self.collection = sorted({rec["positive"] for rec in self.queries + self.eval_records} | set(extra))
+        self.relevant: dict[str, set[str]] = {}
+        for rec in self.queries + self.eval_records:
+            self.relevant.setdefault(rec["query"], set()).add(rec["positive"])
         if rk.inference_free:
             from potstill.students.splade import idf_from_collection
 
@@ -315,9 +329,10 @@ class RankingTask(Task):
         queries = self.encode(miner, [rec["query"] for rec in todo], side="query")
         ranked = self._search(queries, passages, min(len(self.collection), n + 8))
         for rec, row in zip(todo, ranked, strict=True):
-            picks = [self.collection[j] for j in row if self.collection[j] != rec["positive"]][:n]
-            if len(picks) < n:  # a positive repeated among the top: take the next passages in collection order
-                picks += [p for p in self.collection if p != rec["positive"] and p not in picks][:n - len(picks)]
+            relevant = self._relevant_to(rec)
+            picks = [self.collection[j] for j in row if self.collection[j] not in relevant][:n]
+            if len(picks) < n:  # positives among the top: take the next passages in collection order
+                picks += [p for p in self.collection if p not in relevant and p not in picks][:n - len(picks)]
             rec["negatives"] = picks
 
     def _search(self, queries: torch.Tensor, passages: torch.Tensor, k: int) -> list[list[int]]:
@@ -334,6 +349,12 @@ class RankingTask(Task):
             _, ids = index.search(queries[start:start + 4096].float().contiguous().numpy(), k)
             ranked += ids.tolist()
         return ranked
+
+    def _relevant_to(self, rec: dict) -> set[str]:
+        """The passages relevant to a record's query (`ranking.relevance`)."""
+        if self.recipe.ranking.relevance == "query":
+            return self.relevant[rec["query"]]
+        return {rec["positive"]}
 
     def _is_cross(self, model: nn.Module) -> bool:
         return (self.teacher_type if model is self.teacher else self.student_type) == "cross_encoder"
@@ -514,7 +535,8 @@ class RankingTask(Task):
             batch.update({f"passage_{k}": v for k, v in self._tokenize(flat).items()})
         if self.in_batch if in_batch is None else in_batch:
             positives = [row[0] for row in candidates]
-            batch["in_batch_mask"] = torch.tensor([[p != own for p in positives] for own in positives])
+            relevant = [self._relevant_to(rec) for rec in records]
+            batch["in_batch_mask"] = torch.tensor([[p not in rel for p in positives] for rel in relevant])
             if self.teacher_type == "cross_encoder":  # the live in-batch teacher scores every query × positive
                 pairs = self._tokenize([q for q in queries for _ in positives], positives * len(queries))
                 batch.update({f"in_batch_pair_{k}": v for k, v in pairs.items()})
@@ -580,7 +602,8 @@ class RankingTask(Task):
             full = self._eval_cache["teacher_full"] if role == "teacher" else self._full_scores(model)
             where = {p: i for i, p in enumerate(self.collection)}
             positives = torch.zeros_like(full)
-            positives[torch.arange(len(self.eval_records)), [where[rec["positive"]] for rec in self.eval_records]] = 1
+            for i, rec in enumerate(self.eval_records):
+                positives[i, [where[p] for p in self._relevant_to(rec)]] = 1
             metrics.update({"mrr@10": mrr_at_k(full, positives, k=10), "ndcg@10": ndcg_at_k(full, positives, k=10),
                             "recall@10": recall_at_k(full, positives, k=10)})
             if "teacher_full" in self._eval_cache:
