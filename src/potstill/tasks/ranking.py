@@ -584,7 +584,7 @@ class RankingTask(Task):
         if self._eval_cache is None:
             self._eval_cache = {"teacher": self._eval_teacher_scores()}
             if self.teacher_type == "bi_encoder":
-                self._eval_cache["teacher_full"] = self._full_scores(self.teacher)
+                self._eval_cache["teacher_full"] = self._similarity(*self._full_vectors(self.teacher))
         teacher = self._eval_cache["teacher"]
         if role == "teacher" and teacher is None:
             return {}
@@ -599,7 +599,14 @@ class RankingTask(Task):
             return metrics
         cross = (self.teacher_type if role == "teacher" else self.student_type) == "cross_encoder"
         if not cross:
-            full = self._eval_cache["teacher_full"] if role == "teacher" else self._full_scores(model)
+            if role == "teacher":
+                full = self._eval_cache["teacher_full"]
+            else:
+                queries, passages = self._full_vectors(model)
+                full = self._similarity(queries, passages)
+                if self.student_type == "splade":
+                    metrics["passage_active_terms"] = _active_terms(passages)
+                    metrics["query_active_terms"] = _active_terms(queries)
             where = {p: i for i, p in enumerate(self.collection)}
             positives = torch.zeros_like(full)
             for i, rec in enumerate(self.eval_records):
@@ -608,10 +615,6 @@ class RankingTask(Task):
                             "recall@10": recall_at_k(full, positives, k=10)})
             if "teacher_full" in self._eval_cache:
                 metrics["teacher_top10_overlap"] = top_k_overlap(full, self._eval_cache["teacher_full"], k=10)
-        if role == "student" and self.student_type == "splade":
-            metrics["passage_active_terms"] = _active_terms(self.encode(model, self.collection))
-            queries = [rec["query"] for rec in self.eval_records]
-            metrics["query_active_terms"] = _active_terms(self.encode(model, queries, side="query"))
         return metrics
 
     def _eval_teacher_scores(self) -> torch.Tensor | None:
@@ -624,11 +627,11 @@ class RankingTask(Task):
             return None
         return self._scores_of(self.teacher, self.eval_records)
 
-    def _full_scores(self, model: nn.Module) -> torch.Tensor:
-        """(eval queries, collection) similarity of a bi-encoder."""
-        passages = self.encode(model, self.collection)
-        return self._similarity(self.encode(model, [rec["query"] for rec in self.eval_records], side="query"),
-                                passages)
+    def _full_vectors(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """A bi-encoder's vectors of the eval queries and of the whole collection (encoded once per evaluation:
+        the retrieval metrics and a sparse student's active-term counts both read them)."""
+        queries = self.encode(model, [rec["query"] for rec in self.eval_records], side="query")
+        return queries, self.encode(model, self.collection)
 
     def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
         """Queries per second: a bi-encoder encodes the query (passages are indexed offline); a cross-encoder
