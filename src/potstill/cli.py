@@ -142,6 +142,156 @@ def objectives() -> None:
         console.print()
 
 
+@app.command()
+def generate(prompts: Annotated[Path, typer.Argument(help="prompts file: JSONL/CSV/TSV/Parquet, or .txt (one per "
+                                                     "line)")],
+             out: Annotated[Path, typer.Option("--out", "-o", help="dataset to write (JSONL)")],
+             base_url: Annotated[str, typer.Option(help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1",
+                                                   envvar="POTSTILL_BASE_URL")],
+             model: Annotated[str, typer.Option(help="model name sent to the endpoint")],
+             api_key_env: Annotated[str, typer.Option(help="environment variable holding the API key (never pass "
+                                                      "the key itself on the command line)")] = "OPENAI_API_KEY",
+             column: Annotated[str, typer.Option(help="field holding the prompt (a string or chat messages)")]
+             = "prompt",
+             rationale: Annotated[bool, typer.Option("--rationale", help="ask for step-by-step reasoning and a final "
+                                                     "`Answer:` line; rows get input/rationale/label")] = False,
+             system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+             max_tokens: Annotated[int, typer.Option(min=1)] = 256,
+             temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+             top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+             seed: Annotated[int | None, typer.Option(help="sampling seed sent to the endpoint")] = None,
+             top_logprobs: Annotated[int, typer.Option(min=0, max=20, help="store the teacher's top-k log-probs "
+                                                       "per generated token")] = 0,
+             filter_: Annotated[str, typer.Option("--filter", help="none | match (answer equals --reference-column) "
+                                                  "| verifier (--verifier module:function)")] = "none",
+             reference_column: Annotated[str | None, typer.Option(help="field with the expected answer")] = None,
+             verifier: Annotated[str | None, typer.Option(help="'module:function' called as fn(record, answer) -> "
+                                                          "bool")] = None,
+             cache: Annotated[Path | None, typer.Option(help="response cache (SQLite); default <out>.cache.sqlite")]
+             = None,
+             concurrency: Annotated[int, typer.Option(min=1, help="requests in flight")] = 8,
+             requests_per_second: Annotated[float | None, typer.Option(min=0.0, help="rate limit")] = None,
+             max_retries: Annotated[int, typer.Option(min=0, help="retries per request on 429/5xx/timeouts")] = 8,
+             timeout: Annotated[float, typer.Option(min=0.1, help="seconds per request")] = 60.0,
+             limit: Annotated[int | None, typer.Option(min=1, help="only the first N prompts")] = None,
+             ) -> None:
+    """Ask a text-only teacher for every prompt; write a JSONL dataset with provenance (resumable: answered
+    prompts come from the response cache on a re-run)."""
+    from potstill.generate import GenerationSettings, generate_dataset, load_prompts, sidecar
+    from potstill.teachers.endpoint import EndpointTeacher
+    from potstill.teachers.live import load_callable
+    from potstill.train.progress import make_progress
+
+    if filter_ not in ("none", "match", "verifier"):
+        raise UserError(f"--filter: expected none, match or verifier, got {filter_!r}")
+    records = load_prompts(prompts, column)[:limit]
+    check = load_callable(verifier, field="--verifier") if verifier else None
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                  top_logprobs=top_logprobs, system=system, rationale=rationale)
+    cache_path = cache or sidecar(out, "cache.sqlite")
+    teacher = EndpointTeacher(base_url, model, api_key_env=api_key_env, cache=cache_path, concurrency=concurrency,
+                              timeout=timeout, max_retries=max_retries, requests_per_second=requests_per_second)
+    progress = make_progress()
+    with teacher, progress:
+        bar = progress.add_task("teacher responses", total=len(records))
+        report = generate_dataset(records, teacher, out, column=column, settings=settings, filter=filter_,
+                                  reference_column=reference_column, verifier=check,
+                                  on_progress=lambda done, total: progress.update(bar, completed=done))
+    console = _console()
+    console.print(f"{out}: {report.kept:,} rows kept of {report.prompts:,} prompts ({report.from_cache:,} answers "
+                  f"from the cache, {report.requests:,} requests, {report.retries:,} retries, "
+                  f"{report.rejected:,} rejected, {len(report.failed):,} failed) in {report.seconds:.1f} s",
+                  highlight=False)
+    if report.failed:
+        console.print(f"{len(report.failed)} prompt(s) failed after retries (first: record "
+                      f"{report.failed[0]['record']}: {report.failed[0]['error']}); run the same command again to "
+                      f"ask for them only", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def pgkd(recipe: Annotated[Path, typer.Argument(help="text-classification recipe YAML (data.eval = validation)")],
+         base_url: Annotated[str, typer.Option(help="OpenAI-compatible endpoint of the teacher LLM",
+                                               envvar="POTSTILL_BASE_URL")],
+         model: Annotated[str, typer.Option(help="model name sent to the endpoint")],
+         task: Annotated[str, typer.Option("--task", help="one sentence the teacher reads: what is classified")],
+         set_: SetOption = None,
+         api_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")]
+         = "OPENAI_API_KEY",
+         cycles: Annotated[int, typer.Option(min=0, help="teacher rounds at most")] = 5,
+         patience: Annotated[int, typer.Option(min=1, help="stop after this many rounds without gain")] = 2,
+         per_cycle: Annotated[int, typer.Option(min=1, help="new examples asked for per round")] = 24,
+         weak_classes: Annotated[int, typer.Option(min=1, help="lowest-F1 classes targeted per round")] = 3,
+         temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
+         cache: Annotated[Path | None, typer.Option(help="response cache; default <run>/pgkd/cache.sqlite")] = None,
+         resume: Annotated[bool, typer.Option("--resume", help="continue a killed loop")] = False,
+         ) -> None:
+    """PGKD (Di Palo et al. 2024): train, validate, ask the teacher LLM for examples of the weakest classes,
+    retrain; stop when validation macro-F1 stops improving."""
+    from potstill.config import load_recipe
+    from potstill.teachers.endpoint import EndpointTeacher
+    from potstill.train.pgkd import run_pgkd
+
+    cfg = load_recipe(recipe, set_ or [])
+    _quiet_transformers()
+    console = _console()
+    teacher = EndpointTeacher(base_url, model, api_key_env=api_key_env,
+                              cache=cache or cfg.run_dir / "pgkd" / "cache.sqlite")
+    with teacher:
+        summary = run_pgkd(cfg, teacher, task_description=task, resume=resume,
+                           log=lambda msg: console.print(msg, highlight=False), max_cycles=cycles,
+                           patience=patience, per_cycle=per_cycle, weak_classes=weak_classes,
+                           temperature=temperature)
+    console.print(f"best cycle {summary['best_cycle']}: macro-F1 {summary['best_macro_f1']:.3f} on "
+                  f"{summary['train_size']:,} training examples; student: {summary['student_dir']}", highlight=False)
+
+
+@app.command()
+def serve(model: Annotated[str, typer.Argument(help="Hugging Face causal LM folder, or builtin:smollm2")],
+          host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")]
+          = "127.0.0.1",
+          port: Annotated[int, typer.Option(min=0, max=65535, help="port (0: any free port)")] = 8000,
+          name: Annotated[str | None, typer.Option(help="model name clients send (default: the folder's name)")]
+          = None,
+          api_key_env: Annotated[str | None, typer.Option(help="environment variable holding the key clients must "
+                                                          "send as 'Authorization: Bearer KEY'")] = None,
+          fail_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of requests answered with "
+                                                   "--fail-status (fault injection)")] = 0.0,
+          fail_status: Annotated[int, typer.Option(min=400, max=599, help="status of injected failures")] = 500,
+          fail_retry_after: Annotated[float | None, typer.Option(min=0.0, help="Retry-After seconds sent with "
+                                                                 "injected failures")] = None,
+          delay_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of requests delayed")] = 0.0,
+          delay: Annotated[float, typer.Option(min=0.0, help="seconds a delayed request waits")] = 0.0,
+          fault_seed: Annotated[int, typer.Option(help="seed of the fault draws")] = 0,
+          request_log: Annotated[Path | None, typer.Option(help="append one JSON line per request to this file")]
+          = None,
+          max_tokens_limit: Annotated[int, typer.Option(min=1, help="cap on max_tokens")] = 512,
+          ) -> None:
+    """Serve a local causal LM as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions)."""
+    from potstill.serve import BUILTIN_SMOLLM2, FaultSettings, LocalServer, create_app, load_model
+
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise UserError(f"--api-key-env: the environment variable {api_key_env} is not set or empty")
+    faults = FaultSettings(fail_rate=fail_rate, fail_status=fail_status, delay_rate=delay_rate, delay_s=delay,
+                           seed=fault_seed, retry_after=fail_retry_after)
+    _quiet_transformers()
+    lm, tokenizer = load_model(model)
+    served = name or ("smollm2-135m-instruct" if model == BUILTIN_SMOLLM2 else Path(model).resolve().name)
+    app_ = create_app(lm, tokenizer, model_name=served, faults=faults, request_log=request_log, api_key=api_key,
+                      max_tokens_limit=max_tokens_limit)
+    server = LocalServer(app_, host=host, port=port)
+    with server:
+        print(f"potstill serve: {served} on {server.base_url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        print(server.base_url, flush=True)
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            pass
+
+
 def _print_summary(summary: dict, run_dir: Path) -> None:
     if not summary:
         return
@@ -160,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     from potstill.train import TrainingDiverged
 
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except UserError as exc:
         print(f"potstill: error: {exc}", file=sys.stderr)
         return 2
@@ -179,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

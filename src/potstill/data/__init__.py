@@ -1,5 +1,8 @@
 """Data: records from files, `datasets` folders and built-in datasets; samplers and splits."""
 
+from potstill.data.active import ActiveSelector, informativeness, robust_inclusion_probabilities
+from potstill.data.curriculum import Curriculum, model_fitting_difficulty
+from potstill.data.domain_weights import DomainWeightedSampler
 from potstill.data.loaders import (
     BUILTIN_DATASETS,
     BUILTIN_SPLITS,
@@ -9,11 +12,21 @@ from potstill.data.loaders import (
     load_records,
     load_source,
 )
+from potstill.data.pruning import kd_weight_for_fraction, prune_indices, pruned_kd_loss
 from potstill.data.samplers import length_grouped_order, padding_fraction
 from potstill.data.splits import interpolation_extrapolation_splits
 from potstill.data.tas_balanced import TopicBalancedSampler
 
 __all__ = [
+    "ActiveSelector",
+    "Curriculum",
+    "DomainWeightedSampler",
+    "informativeness",
+    "kd_weight_for_fraction",
+    "model_fitting_difficulty",
+    "prune_indices",
+    "pruned_kd_loss",
+    "robust_inclusion_probabilities",
     "BUILTIN_DATASETS",
     "TopicBalancedSampler",
     "BUILTIN_SPLITS",

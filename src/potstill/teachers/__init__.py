@@ -3,4 +3,15 @@
 
 from potstill.teachers.live import freeze, load_callable, teacher_outputs
 
-__all__ = ["freeze", "load_callable", "teacher_outputs"]
+_LAZY = {name: "potstill.teachers.endpoint" for name in ("EndpointTeacher", "Completion", "EndpointError",
+                                                          "ResponseCache", "TokenLogprob")}
+
+__all__ = ["freeze", "load_callable", "teacher_outputs", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
