@@ -383,3 +383,121 @@ def test_curriculum_is_deterministic_and_resumes():
 def test_largest_remainder_sums_to_total():
     assert largest_remainder(10, [1, 1, 1]).tolist() == [4, 3, 3]
     assert largest_remainder(7, [0.5, 0.25, 0.25]).sum() == 7
+
+
+# -- data.prune in a recipe ---------------------------------------------------------------------------------------
+
+def test_recipe_prune_keeps_the_fraction_and_ties_the_kd_weight(tmp_path, digits_recipe):
+    import json
+
+    from conftest import write_yaml
+
+    from potstill.cli import main
+    from potstill.config import validate_recipe
+    from potstill.tasks import build_task
+    from potstill.train.run import with_pruned_kd_weights
+
+    digits_recipe["data"]["prune"] = {"fraction": 0.25}
+    digits_recipe["objectives"][0]["weight"] = 2.0
+    recipe = validate_recipe(digits_recipe)
+    task = build_task(recipe, run_dir=tmp_path / "run")
+    task.setup()
+    assert len(task.train_records) == 64  # 25 % of the 256 records
+    again = build_task(recipe, run_dir=tmp_path / "run2")
+    again.setup()
+    assert again.train_records == task.train_records  # seeded
+    tied = with_pruned_kd_weights(recipe)
+    alpha = kd_weight_for_fraction(0.25)
+    assert tied.objectives[0].weight == pytest.approx(alpha)
+    assert tied.trainer.hard_label_weight == pytest.approx(1 - alpha)
+    assert recipe.objectives[0].weight == 2.0  # the recipe itself is unchanged
+    digits_recipe["data"]["prune"] = {"fraction": 0.25, "tie_kd_weight": False}
+    assert with_pruned_kd_weights(validate_recipe(digits_recipe)).trainer.hard_label_weight == 0.0
+
+    # ranking by a score column: the hardest quarter of a scored file
+    rows = [{"features": [float(i)] * 64, "label": i % 10, "difficulty": float((7 * i) % 40)} for i in range(40)]
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    digits_recipe["data"]["train"] = str(data)
+    digits_recipe["data"]["prune"] = {"fraction": 0.25, "keep": "hardest", "score_column": "difficulty"}
+    task = build_task(validate_recipe(digits_recipe), run_dir=tmp_path / "run3")
+    task.setup()
+    assert sorted(r["difficulty"] for r in task.train_records) == [float(d) for d in range(30, 40)]
+
+    # user mistakes: exit 2 with the field named
+    rows[3]["difficulty"] = "high"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    digits_recipe["trainer"]["max_steps"] = 1
+    assert main(["run", str(write_yaml(tmp_path / "bad.yaml", digits_recipe))]) == 2
+    digits_recipe["data"]["prune"] = {"fraction": 0.25, "keep": "hardest"}
+    assert main(["run", str(write_yaml(tmp_path / "bad2.yaml", digits_recipe))]) == 2
+    digits_recipe["data"]["prune"] = {"fraction": 1.5}
+    assert main(["run", str(write_yaml(tmp_path / "bad3.yaml", digits_recipe))]) == 2
+
+
+# -- data.domains (DDK) in the training loop -----------------------------------------------------------------------
+
+def _domain_files(tmp_path):
+    import json
+
+    from potstill.data import builtin_records
+
+    def write(name, split, limit):
+        rows = builtin_records("digits", split)[:limit]
+        for r in rows:
+            r["domain"] = "low" if r["label"] < 5 else ("high" if r["label"] < 9 else "nine")
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / f"{name}.jsonl")
+
+    return write("train", "train", 300), write("eval", "test", 200)
+
+
+def test_recipe_domains_reweights_blocks_and_replays_on_resume(tmp_path, digits_recipe):
+    import json
+
+    from potstill.config import validate_recipe
+    from potstill.tasks import build_task
+    from potstill.train import run_recipe
+
+    train, eval_ = _domain_files(tmp_path)
+    digits_recipe["data"] = {"train": train, "eval": eval_, "domains": {"every": 2, "eval_records": 30}}
+    digits_recipe["trainer"]["max_steps"] = 8
+    recipe = validate_recipe(digits_recipe)
+    run_recipe(recipe)
+    history = json.loads((recipe.run_dir / "domain_weights.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # 8 steps in blocks of 2
+    floor = (1 - 0.5) / 3
+    for h in history:
+        assert sum(h["weights"].values()) == pytest.approx(1.0) and min(h["weights"].values()) >= floor - 1e-12
+    assert history[0]["weights"] == {"low": pytest.approx(1 / 3), "high": pytest.approx(1 / 3),
+                                     "nine": pytest.approx(1 / 3)}
+    assert set(history[1]["student_ppl"]) == {"low", "high", "nine"}
+    ratios = {d: history[1]["student_ppl"][d] / history[1]["teacher_ppl"][d] for d in ("low", "high", "nine")}
+    worst, best = max(ratios, key=ratios.get), min(ratios, key=ratios.get)
+    assert history[1]["weights"][worst] > history[1]["weights"][best]  # the lagging domain gains weight
+
+    # a fresh task in the same run folder replays the recorded blocks: same batches, nothing measured again
+    first = build_task(recipe, run_dir=recipe.run_dir)
+    first.setup()
+    orders = [first.epoch_order(e, 8) for e in range(4)]
+    assert all(len(o) == 2 * 8 for o in orders)
+    replay = build_task(recipe, run_dir=recipe.run_dir)
+    replay.setup()
+    replay.eval_loss = lambda *a: pytest.fail("a recorded block must not be measured again")
+    assert replay.epoch_order(2, 8) == orders[2] and replay.epoch_order(3, 8) == orders[3]
+    domains = [r["domain"] for r in first.train_records]
+    assert {domains[i] for o in orders for i in o} == {"low", "high", "nine"}
+
+
+def test_recipe_domains_user_errors(tmp_path, digits_recipe):
+    from conftest import write_yaml
+
+    from potstill.cli import main
+
+    train, eval_ = _domain_files(tmp_path)
+    digits_recipe["trainer"]["max_steps"] = 2
+    digits_recipe["data"] = {"train": train, "domains": {"every": 1}}
+    assert main(["run", str(write_yaml(tmp_path / "a.yaml", digits_recipe))]) == 2  # no data.eval
+    digits_recipe["data"] = {"train": train, "eval": {"path": "builtin:digits", "split": "test"},
+                             "domains": {"every": 1}}
+    assert main(["run", str(write_yaml(tmp_path / "b.yaml", digits_recipe))]) == 2  # eval records lack a domain

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -260,6 +261,36 @@ def test_delay_faults_and_a_departed_client_is_logged_as_499(model, tok, tmp_pat
         while len(read_log(log)) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
     assert [r["status"] for r in read_log(log)] == [200, 499]
+
+
+def test_requests_whose_client_left_while_queued_cost_no_generation(model, tok, tmp_path):
+    log = tmp_path / "requests.jsonl"
+    with serving(model, tok, request_log=log) as (server, app):
+        service = app.state.service
+        calls = []
+        run = service.run
+        service.run = lambda params: calls.append(1) or run(params)
+        timeouts = []
+
+        def give_up(i: int) -> None:
+            try:
+                httpx.post(server.base_url + "/completions", json={"prompt": f"p{i}", "max_tokens": 1}, timeout=0.5)
+            except httpx.ReadTimeout:
+                timeouts.append(i)
+
+        with app.state.generation_lock:  # the first request reaches generation; the next three queue behind it
+            threads = [threading.Thread(target=give_up, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+                time.sleep(0.05)
+            for t in threads:
+                t.join()
+            time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while len(read_log(log)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert sorted(timeouts) == [0, 1, 2, 3] and [r["status"] for r in read_log(log)] == [499] * 4
+    assert len(calls) == 1  # only the request already generating when its client left was generated
 
 
 def test_fault_settings_and_load_model_check_their_inputs(model, tok, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from potstill.errors import UserError, did_you_mean
 
@@ -41,8 +41,9 @@ class TeacherConfig(_Strict):
     factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module teacher")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
     weights: str | None = Field(None, description="optional .safetensors/.pt state dict for the factory's module")
-    tokenizer: str | None = Field(None, description="causal_lm task: tokenizer folder (or builtin:smollm2) shared by "
-                                  "teacher and student; default: teacher.path. Needed with teacher.factory")
+    tokenizer: str | None = Field(None, description="causal_lm and seq2seq tasks: tokenizer folder (or "
+                                  "builtin:smollm2) shared by teacher and student; default: teacher.path. Needed "
+                                  "with teacher.factory, and without a teacher unless the student is pretrained")
     layers_path: str | None = Field(None, description="module path of the teacher's list of transformer blocks "
                                     "(e.g. encoder.layer), for objectives on internals; default: found from the "
                                     "config's layer count")
@@ -96,6 +97,43 @@ class ObjectiveConfig(_Strict):
         return name
 
 
+class PruneConfig(_Strict):
+    """Train on a pruned share of data.train, with KD (Ben-Baruch et al. 2024, "Distilling the Knowledge in Data
+    Pruning"): with a full-data teacher, random pruning is as good as a clever score, and the KD weight should
+    grow as the kept fraction shrinks."""
+
+    fraction: float = Field(gt=0, le=1, description="share of the training records kept (rounded, at least one)")
+    keep: Literal["random", "hardest", "easiest"] = Field("random", description="which records: a seeded random "
+                                                          "subset, or the highest / lowest score_column values")
+    score_column: str | None = Field(None, description="record field with a difficulty score (higher = harder, "
+                                     "e.g. EL2N or the teacher's loss); needed for keep hardest / easiest")
+    tie_kd_weight: bool = Field(True, description="loss = (1 − α(f))·hard-label CE + α(f)·(the objectives), α(f) "
+                                "= potstill.data.kd_weight_for_fraction(fraction) (0.5 at f = 1, 0.9 at f ≤ 0.1); "
+                                "the recipe's objective weights then set the split among the KD terms and "
+                                "trainer.hard_label_weight is replaced. Needs gold labels and one objective")
+
+    @model_validator(mode="after")
+    def _score_for_rank(self) -> PruneConfig:
+        if self.keep != "random" and self.score_column is None:
+            raise ValueError(f"data.prune.keep {self.keep!r} ranks records by a score: give data.prune.score_column")
+        if self.keep == "random" and self.score_column is not None:
+            raise ValueError("data.prune.score_column is only used with keep hardest / easiest")
+        return self
+
+
+class DomainsConfig(_Strict):
+    """DDK (Liu et al. 2024): sample training batches by domain, re-weighted every `every` optimizer steps toward
+    the domains where the student's perplexity is furthest above the teacher's, with a floor per domain."""
+
+    column: str = Field("domain", description="record field naming each record's domain (data.train and data.eval)")
+    every: int = Field(100, ge=1, description="optimizer steps between weight updates (the paper's K = 1,000 on "
+                       "~15B tokens; smaller runs need smaller K)")
+    smoothing: float = Field(0.5, ge=0, le=1, description="the paper's α: weights = α·(updated) + (1 − α)/N, so "
+                             "every domain keeps at least (1 − α)/N")
+    eval_records: int = Field(64, ge=1, description="data.eval records per domain used to measure the "
+                              "perplexities (the first N of each domain)")
+
+
 class DataConfig(_Strict):
     train: DataSource = Field(description="training records")
     eval: DataSource | None = Field(None, description="held-out records scored during and after training")
@@ -112,6 +150,10 @@ class DataConfig(_Strict):
                           "sequence truncated to max_length")
     add_eos: bool = Field(True, description="causal_lm task: end every text / completion with the tokenizer's EOS "
                           "token (counted as a target)")
+    prune: PruneConfig | None = Field(None, description="keep only a share of data.train (random or by a score), "
+                                      "with the KD weight tied to the kept share")
+    domains: DomainsConfig | None = Field(None, description="domain-weighted sampling (DDK): needs a domain column "
+                                          "in data.train and data.eval; classification and causal_lm tasks")
 
 
 class EvalConfig(_Strict):
@@ -219,17 +261,35 @@ class RankingConfig(_Strict):
                           "query (the paper's h = 10)")
 
 
+class StepByStepConfig(_Strict):
+    """Distilling step-by-step (Hsieh et al. 2023): each record (input, label, rationale) trains two views,
+    (label_prefix + input → label) and (rationale_prefix + input → rationale); the hard-label loss is
+    alpha · mean CE(label tokens) + (1 − alpha) · mean CE(rationale tokens). Inference uses label_prefix."""
+
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the label view (1 − alpha: the rationale view); "
+                         "1 = plain fine-tuning on (label_prefix + input → label), the rationales unused")
+    label_prefix: str = Field("predict: ", description="text put before the input for the label view (and at "
+                              "inference)")
+    rationale_prefix: str = Field("explain: ", description="text put before the input for the rationale view")
+    input_column: str = Field("input", description="record field holding the input text")
+    label_column: str = Field("label", description="record field holding the (teacher's) label")
+    rationale_column: str = Field("rationale", description="record field holding the teacher's rationale "
+                                  "(needed in data.train; used in data.eval when present)")
+
+
 class Recipe(_Strict):
     """A whole run. See recipes/*.yaml for examples and `potstill run --help`."""
 
     name: str = Field("run", description="run name: output goes to <output_dir>/<name>/")
     output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
-    task: Literal["classification", "embedding", "causal_lm", "vision", "ranking"] = Field(
+    task: Literal["classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq"] = Field(
         description="what the models do; vision = masked-image-modelling distillation of ViTs (DMAE); ranking = "
-        "(query, passage) relevance scores, e.g. a cross-encoder teacher and a bi-encoder student")
+        "(query, passage) relevance scores, e.g. a cross-encoder teacher and a bi-encoder student; seq2seq = an "
+        "encoder-decoder student (e.g. T5) trained on text targets (hard labels, step_by_step), no KD objectives")
     seed: int = 0
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher model (required "
-                                   "unless the ranking task gives ranking.teacher_scores)")
+                                   "unless the ranking task gives ranking.teacher_scores, or a causal_lm / seq2seq "
+                                   "recipe without objectives trains on text the teacher wrote)")
     student: StudentConfig = Field(description="how the student is built")
     data: DataConfig
     objectives: list[ObjectiveConfig] = Field(default_factory=list, description="weighted distillation terms")
@@ -240,15 +300,55 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig,
                                          description="causal_lm task: on-policy and sequence-level distillation")
+    step_by_step: StepByStepConfig | None = Field(None, description="causal_lm and seq2seq tasks: distilling "
+                                                  "step-by-step, multi-task training on the teacher's labels and "
+                                                  "rationales (records with input, label and rationale fields)")
+
+    @field_validator("objectives")
+    @classmethod
+    def _no_kd_for_seq2seq(cls, objectives: list[ObjectiveConfig], info: ValidationInfo) -> list[ObjectiveConfig]:
+        if objectives and info.data.get("task") == "seq2seq":
+            raise ValueError(f"KD objectives ({', '.join(o.name for o in objectives)}) are not supported for seq2seq "
+                             f"students; the seq2seq task trains on text targets only: remove the objectives and "
+                             f"set trainer.hard_label_weight > 0")
+        return objectives
+
+    @field_validator("step_by_step")
+    @classmethod
+    def _step_by_step_task(cls, value: StepByStepConfig | None, info: ValidationInfo) -> StepByStepConfig | None:
+        task = info.data.get("task")
+        if value is not None and task is not None and task not in ("causal_lm", "seq2seq"):
+            raise ValueError(f"step_by_step is for the causal_lm and seq2seq tasks, not the {task} task")
+        return value
 
     @model_validator(mode="after")
     def _has_loss(self) -> Recipe:
         if not self.objectives and self.trainer.hard_label_weight == 0:
             raise ValueError("no loss: give at least one objective or trainer.hard_label_weight > 0")
+        if self.data.domains is not None:
+            if self.task not in ("classification", "causal_lm"):
+                raise ValueError(f"data.domains (DDK domain weighting) is for the classification and causal_lm "
+                                 f"tasks, not {self.task}")
+            if self.data.eval is None:
+                raise ValueError("data.domains measures each domain's student / teacher perplexity on data.eval: "
+                                 "give data.eval, with the same domain column")
+            if self.data.packing:
+                raise ValueError("data.domains needs one record per sequence: turn data.packing off")
+        if self.data.prune is not None and self.data.prune.tie_kd_weight and not self.objectives:
+            raise ValueError("data.prune.tie_kd_weight splits the loss between the hard labels and KD: give at least "
+                             "one objective, or set data.prune.tie_kd_weight: false")
         if self.teacher.path is None and self.teacher.factory is None:
-            if self.task != "ranking" or self.ranking.teacher_scores is None:
+            if self.task in ("causal_lm", "seq2seq") and not self.objectives:
+                self._check_without_teacher()
+            elif self.task != "ranking" or self.ranking.teacher_scores is None:
                 raise ValueError("give exactly one of teacher.path or teacher.factory (the ranking task may instead "
-                                 "give only ranking.teacher_scores, a file of the teacher's scores)")
+                                 "give only ranking.teacher_scores, a file of the teacher's scores; a causal_lm or "
+                                 "seq2seq recipe without objectives may train on the teacher's text alone)")
+        if self.task == "seq2seq" and self.teacher.factory is not None:
+            raise ValueError("teacher.factory: the seq2seq task takes a Hugging Face seq2seq teacher (teacher.path) "
+                             "or none")
+        if self.step_by_step is not None:
+            self._check_step_by_step()
         if self.student.init == "static":
             if self.task != "embedding":
                 raise ValueError("student.init static (a static-embedding student) is for the embedding task")
@@ -274,6 +374,40 @@ class Recipe(_Strict):
             raise ValueError("generation.lmbda > 0 needs a live teacher to score the student's samples; "
                              "remove teacher.cache or set generation.lmbda: 0")
         return self
+
+    def _check_without_teacher(self) -> None:
+        """A teacher-less causal_lm / seq2seq run (hard labels on the teacher's text): the student and the
+        tokenizer must come from somewhere else, and nothing may need a live teacher."""
+        init = self.student.init
+        if init == "layers_from_teacher":
+            raise ValueError("student.init layers_from_teacher copies a teacher's layers, and this recipe has no "
+                             "teacher; use init from_config (with student.config.model_type, e.g. llama or t5), "
+                             "pretrained or factory")
+        if init == "from_config" and "model_type" not in self.student.config:
+            raise ValueError("student.config.model_type: student.init from_config without a teacher builds the "
+                             "student from transformers' config of a model type; give e.g. model_type: llama "
+                             "(causal_lm) or t5 (seq2seq) with the sizes")
+        if self.teacher.tokenizer is None and init != "pretrained":
+            raise ValueError("teacher.tokenizer: without a teacher the tokenizer comes from teacher.tokenizer (a "
+                             "tokenizer folder or builtin:smollm2) or a pretrained student's folder (student.path)")
+        if self.teacher.cache is not None:
+            raise ValueError("teacher.cache holds a teacher's log-probs for KD objectives; this recipe has no "
+                             "teacher and no objectives")
+        if self.generation.lmbda or self.generation.seq_kd:
+            raise ValueError("generation.lmbda and generation.seq_kd sample from a live teacher; give teacher.path")
+
+    def _check_step_by_step(self) -> None:
+        if self.objectives:
+            raise ValueError("step_by_step trains on the teacher's labels and rationales (text, the hard-label "
+                             "loss); it does not combine with KD objectives: remove the objectives and set "
+                             "trainer.hard_label_weight > 0")
+        if self.data.packing:
+            raise ValueError("data.packing: step_by_step needs one sequence per record and view; turn packing off")
+        if self.data.format != "auto":
+            raise ValueError(f"data.format {self.data.format!r}: step_by_step reads its own fields (step_by_step."
+                             f"input_column, label_column, rationale_column); leave data.format at auto")
+        if self.generation.lmbda or self.generation.seq_kd:
+            raise ValueError("generation.lmbda / generation.seq_kd do not combine with step_by_step")
 
     @property
     def run_dir(self) -> Path:

@@ -465,6 +465,15 @@ def create_app(model, tokenizer, *, model_name: str, faults: FaultSettings = Fau
     app.state.service = service
     app.state.generation_lock = service.generation_lock
 
+    # One generation at a time. Waiting requests queue on this asyncio lock rather than on the threading lock,
+    # so a request whose client timed out while queued is dropped (logged 499) without costing a generation.
+    queue = asyncio.Lock()
+
+    def client_gone(request: Request, body_sha: str | None) -> JSONResponse:
+        service.log(request.url.path, body_sha, 499, False)
+        return JSONResponse({"error": {"message": "client closed the connection", "type": "aborted",
+                                       "param": None, "code": None}}, status_code=499)
+
     def error_response(err: _ApiError) -> JSONResponse:
         return JSONResponse(err.payload(), status_code=err.status, headers=err.headers)
 
@@ -487,17 +496,19 @@ def create_app(model, tokenizer, *, model_name: str, faults: FaultSettings = Fau
                 if body is _NOT_JSON:
                     raise _ApiError(400, "the request body is not valid JSON")
                 params = service.parse(kind, body)
-                try:
-                    gen = await run_in_threadpool(service.run, params)
-                except _ApiError:
-                    raise
-                except Exception as err:  # a bug or an out-of-memory: report it, keep serving
-                    logger.exception("generation failed")
-                    raise _ApiError(500, f"generation failed: {type(err).__name__}", kind="server_error") from err
+                async with queue:  # requests wait here, where a client that gave up can still be noticed
+                    if await request.is_disconnected():
+                        return client_gone(request, body_sha)
+                    try:
+                        gen = await run_in_threadpool(service.run, params)
+                    except _ApiError:
+                        raise
+                    except Exception as err:  # a bug or an out-of-memory: report it, keep serving
+                        logger.exception("generation failed")
+                        raise _ApiError(500, f"generation failed: {type(err).__name__}",
+                                        kind="server_error") from err
                 if await request.is_disconnected():
-                    service.log(request.url.path, body_sha, 499, False)
-                    return JSONResponse({"error": {"message": "client closed the connection", "type": "aborted",
-                                                   "param": None, "code": None}}, status_code=499)
+                    return client_gone(request, body_sha)
                 response = JSONResponse(service.format(kind, gen, params["top_logprobs"] is not None))
         except _ApiError as err:
             response = error_response(err)

@@ -227,6 +227,33 @@ def from_config(
     return model
 
 
+def from_model_type(model_type: str, auto_cls: Any, *, seed: int = 0, defaults: dict[str, Any] | None = None,
+                    **fields: Any) -> PreTrainedModel:
+    """A randomly initialised `auto_cls` model (e.g. AutoModelForCausalLM) of `model_type`, with no teacher.
+
+    The config is transformers' `AutoConfig.for_model(model_type, **defaults, **fields)`, so fields derived in
+    the config's constructor follow the given ones (T5's num_decoder_layers = num_layers, Llama's head_dim and
+    key/value heads). `defaults` (e.g. the tokenizer's vocabulary size and special ids) give way to `fields`;
+    a field the config does not know is a ValueError with a "did you mean". Weights are drawn under
+    ``torch.manual_seed(seed)``; the global RNG state is restored afterwards.
+    """
+    from transformers import AutoConfig
+
+    try:
+        known = _config_keys(AutoConfig.for_model(model_type))
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"unknown model_type {model_type!r} ({exc})") from None
+    for key in fields:
+        if key not in known:
+            raise ValueError(f"unknown config field {key!r} for model_type {model_type!r}{did_you_mean(key, known)}")
+    config = AutoConfig.for_model(model_type, **{**(defaults or {}), **fields})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto_cls.from_config(config)
+    model.train()
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -28,6 +28,10 @@ def build_task(recipe: Recipe, *, run_dir: Path, device: torch.device | str = "c
         from potstill.tasks.ranking import RankingTask
 
         return RankingTask(recipe, run_dir=run_dir, device=device)
+    if recipe.task == "seq2seq":
+        from potstill.tasks.seq2seq import Seq2SeqTask
+
+        return Seq2SeqTask(recipe, run_dir=run_dir, device=device)
     from potstill.tasks.embedding import EmbeddingTask
 
     return EmbeddingTask(recipe, run_dir=run_dir, device=device)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from potstill.config import DataSource, Recipe
+from potstill.config import DataSource, PruneConfig, Recipe
 from potstill.data import load_source
 from potstill.errors import UserError
 
@@ -43,8 +43,13 @@ class Task(ABC):
         """Load data, teacher and student. `barrier` syncs processes around one-time work (caches)."""
 
     def load(self, source: DataSource, *, required: tuple[str, ...] = ()) -> list[dict]:
-        return load_source(source.path, columns=source.columns or None, required=required, split=source.split,
-                           limit=source.limit)
+        """Records of `source`; the training records are pruned when the recipe says `data.prune`."""
+        records = load_source(source.path, columns=source.columns or None, required=required, split=source.split,
+                              limit=source.limit)
+        prune = self.recipe.data.prune
+        if prune is not None and source is self.recipe.data.train:
+            records = prune_records(records, prune, seed=self.recipe.seed, where=f"data.train ({source.path})")
+        return records
 
     def record_lengths(self) -> list[int] | None:
         """Tokens of each training record as the student sees it (what `trainer.group_by_length` sorts by);
@@ -63,8 +68,29 @@ class Task(ABC):
         batches (e.g. TAS-Balanced topic batches): each consecutive `batch_size` indices (the global batch,
         trainer.batch_size × processes) are one micro-batch, every epoch has the same length, and the order
         is a pure function of (recipe, epoch) so that a resumed run sees the same batches. Default: None, the
-        loop's seeded shuffle."""
-        return None
+        loop's seeded shuffle; with `data.domains`, DDK's domain-weighted blocks (potstill.tasks.domains)."""
+        if self.recipe.data.domains is None:
+            return None
+        if getattr(self, "_domain_schedule", None) is None:
+            from potstill.tasks.domains import DomainSchedule, domains_of
+
+            cfg = self.recipe.data.domains
+            self._domain_schedule = DomainSchedule(
+                cfg, train_domains=domains_of(self.domain_records("train"), cfg.column, "data.train"),
+                eval_domains=domains_of(self.domain_records("eval"), cfg.column, "data.eval"),
+                measure=self.eval_loss, student=lambda: self.student, teacher=self.teacher, run_dir=self.run_dir,
+                seed=self.recipe.seed, grad_accum=self.recipe.trainer.grad_accum)
+        return self._domain_schedule.order(epoch, batch_size)
+
+    def domain_records(self, split: str) -> list[dict]:
+        """The records whose `data.domains.column` gives each training (`train`) or held-out (`eval`) record's
+        domain, aligned with `train_records` / `eval_records`. Default: those records themselves."""
+        return self.train_records if split == "train" else self.eval_records
+
+    def eval_loss(self, model: torch.nn.Module, indices: list[int]) -> float:
+        """Mean cross-entropy of `model` on the held-out records `indices` (per token for language models), for
+        DDK's per-domain perplexities (`data.domains`)."""
+        raise UserError(f"data.domains: the {self.name} task cannot measure per-domain losses")
 
     # ---- per batch
     @abstractmethod
@@ -213,3 +239,21 @@ def _cache_valid(folder: Path, manifest: dict[str, Any]) -> bool:
         return stored == manifest and digest == sha256_file(folder / "embeddings.safetensors")
     except (OSError, ValueError):
         return False
+
+
+def prune_records(records: list[dict], prune: PruneConfig, *, seed: int, where: str) -> list[dict]:
+    """The records `data.prune` keeps (in their original order): a seeded random share, or the hardest /
+    easiest by `score_column` (potstill.data.prune_indices)."""
+    from potstill.data.pruning import prune_indices
+
+    scores = None
+    if prune.score_column is not None:
+        scores = []
+        for i, rec in enumerate(records):
+            value = rec.get(prune.score_column)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise UserError(f"{where}: record {i + 1}: data.prune.score_column {prune.score_column!r} must be a "
+                                f"number, got {value!r}")
+            scores.append(float(value))
+    keep = prune_indices(len(records), prune.fraction, scores=scores, keep=prune.keep, seed=seed)
+    return [records[i] for i in keep]

@@ -28,6 +28,17 @@ tokens are compared.
 Metrics on `data.eval`: perplexity (exp of the mean token NLL over counted targets), token_accuracy (argmax
 equals the target), and for a student token_agreement (argmax equals the teacher's) and kl_to_teacher (mean
 per-token KL(teacher ‖ student) at temperature 1). `measure` gives parameters and tokens/s.
+
+Distilling step-by-step (`step_by_step`, Hsieh et al. 2023): each record (input, label, rationale — the
+teacher's text, e.g. written by `potstill generate`) gives a label view (label_prefix + input → label) and a
+rationale view (rationale_prefix + input → rationale), both prompt/completion sequences; a micro-batch holds
+both views of the same records, and the hard-label loss mixes the two views' token means with alpha
+(`step_by_step_sum`). alpha = 1 drops the rationale view: plain fine-tuning on (label_prefix + input → label).
+At inference only the label prefix is used (the official code's `predict: ` / `explain: ` prefixes and its
+α·L_label + (1 − α)·L_rationale, checked in google-research/distilling-step-by-step run.py / model_utils.py).
+Such a black-box run needs no teacher model: without objectives the recipe may leave teacher.path out and
+take the tokenizer from teacher.tokenizer (or a pretrained student's folder); `student.init: from_config`
+then builds `student.config.model_type` from scratch (`build_text_student`).
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from potstill.config import DataSource
+from potstill.config import DataSource, Recipe
 from potstill.errors import UserError
 from potstill.io import atomic_write_json
 from potstill.losses.fused import LMHeadInputs, fused_linear_cross_entropy
@@ -104,6 +115,56 @@ def infer_format(record: dict, *, field: str) -> str:
                     f"columns: {{text: your_column}}), or set data.format")
 
 
+def text_tokenizer(recipe: Recipe, teacher_tokenizer: Any, *, task: str) -> Any:
+    """The tokenizer teacher and student share: teacher.tokenizer, else the teacher's own, else (no teacher)
+    a pretrained student's (student.path)."""
+    from transformers import AutoTokenizer
+
+    field, path = None, None
+    if recipe.teacher.tokenizer:
+        field, path = "teacher.tokenizer", recipe.teacher.tokenizer
+    elif teacher_tokenizer is not None:
+        return teacher_tokenizer
+    elif recipe.teacher.path is None and recipe.teacher.factory is None and recipe.student.init == "pretrained":
+        field, path = "student.path", recipe.student.path
+    if path is None:
+        raise UserError(f"field teacher.tokenizer: the {task} task needs a tokenizer; a factory teacher has none, so "
+                        f"give teacher.tokenizer (a tokenizer folder or builtin:smollm2)")
+    path = resolve_model_path(path, field=field)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        hint = "; give teacher.tokenizer" if field == "student.path" else ""
+        raise UserError(f"field {field}: cannot load a tokenizer from {path}: {exc}{hint}") from None
+
+
+def build_text_student(recipe: Recipe, teacher: nn.Module | None, tokenizer: Any, auto_cls: Any) -> nn.Module:
+    """The recipe's student; without a teacher, `init: from_config` builds `student.config.model_type` from
+    transformers' default config with the tokenizer's vocabulary size and special ids (student.config wins),
+    its weights drawn from the recipe's seed."""
+    cfg = recipe.student
+    if teacher is not None or cfg.init != "from_config":
+        return build_student(cfg, teacher, auto_cls=auto_cls)
+    from potstill.students.build import from_model_type
+
+    fields = dict(cfg.config)
+    model_type = fields.pop("model_type")
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    defaults = {"vocab_size": len(tokenizer), **{k: v for k, v in special.items() if v is not None}}
+    if getattr(auto_cls, "__name__", "") == "AutoModelForSeq2SeqLM":
+        # the decoder starts from the pad token, as T5 does
+        pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        defaults["decoder_start_token_id"] = pad
+    try:
+        student = from_model_type(str(model_type), auto_cls, seed=recipe.seed, defaults=defaults, **fields)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"field student.config: cannot build the student: {exc}") from None
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
+
+
 class CausalLMTask(Task):
     signal_kind = "logits"
     name = "causal_lm"
@@ -111,7 +172,7 @@ class CausalLMTask(Task):
     # ------------------------------------------------------------------ set-up
     def setup(self, *, is_main: bool = True, barrier=lambda: None, capture: bool = False) -> None:
         """Load models and data. `capture=True` is `potstill cache` writing `teacher.cache` (not reading it)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         r = self.recipe
         for field, path in (("teacher.path", r.teacher.path), ("teacher.tokenizer", r.teacher.tokenizer),
@@ -122,25 +183,21 @@ class CausalLMTask(Task):
                 barrier()
         if r.teacher.path is not None:
             self.teacher, self.tokenizer = load_hf_teacher(r.teacher.path, AutoModelForCausalLM)
-        else:
+        elif r.teacher.factory is not None:
             self.teacher, self.tokenizer = load_factory_teacher(r.teacher), None
-        if r.teacher.tokenizer:
-            path = resolve_model_path(r.teacher.tokenizer, field="teacher.tokenizer")
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(path)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"field teacher.tokenizer: cannot load a tokenizer from {path}: {exc}") from None
-        if self.tokenizer is None:
-            raise UserError("field teacher.tokenizer: the causal_lm task needs a tokenizer; a factory teacher "
-                            "has none, so give teacher.tokenizer (a tokenizer folder or builtin:smollm2)")
-        self.teacher.to(self.device)
-        self.student = build_student(r.student, self.teacher, auto_cls=AutoModelForCausalLM)
+        else:  # black-box methods (step-by-step): the teacher's text is the data
+            self.teacher, self.tokenizer = None, None
+        self.tokenizer = text_tokenizer(r, self.tokenizer, task=self.name)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        self.student = build_text_student(r, self.teacher, self.tokenizer, AutoModelForCausalLM)
         self._check_student_tokenizer()
         self.vocab_size = len(self.tokenizer)
         self.pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None),
                            0)
         for model, role in ((self.teacher, "teacher"), (self.student, "student")):
-            self._check_vocab(model, role)
+            if model is not None:
+                self._check_vocab(model, role)
         if r.trainer.fused_lm_head:
             self._check_fused_head()
         self.train_records = self._examples(r.data.train, "data.train", is_main=is_main)
@@ -203,6 +260,8 @@ class CausalLMTask(Task):
 
     # ------------------------------------------------------------------ records → sequences
     def _examples(self, source: DataSource, field: str, *, is_main: bool) -> list[dict[str, list[int]]]:
+        if self.recipe.step_by_step is not None:
+            return self._step_by_step_examples(source, field, is_main=is_main)
         fmt = self.recipe.data.format
         if fmt == "auto":
             fmt = infer_format(self.load(DataSource(path=source.path, split=source.split, columns=source.columns,
@@ -241,23 +300,69 @@ class CausalLMTask(Task):
     def _encode(self, text: str, *, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
+    def _eos(self) -> list[int]:
+        """What ends a text or completion: [EOS] with data.add_eos (and a tokenizer that has one), else []."""
+        eos = self.tokenizer.eos_token_id
+        return [eos] if self.recipe.data.add_eos and eos is not None else []
+
     def _sequence(self, rec: dict, fmt: str, where: str) -> tuple[list[int], list[bool]]:
         """Token ids of one record and, per token, whether it is a target."""
-        eos = [self.tokenizer.eos_token_id] if self.recipe.data.add_eos and self.tokenizer.eos_token_id is not None \
-            else []
+        eos = self._eos()
         if fmt == "text":
             ids = self._encode(_string(rec["text"], "text", where), special=True) + eos
             return ids, [True] * len(ids)
         if fmt == "prompt_completion":
-            prompt = self._encode(_string(rec["prompt"], "prompt", where), special=True)
-            completion = self._encode(_string(rec["completion"], "completion", where), special=False) + eos
-            return prompt + completion, [False] * len(prompt) + [True] * len(completion)
+            return self._prompt_completion(_string(rec["prompt"], "prompt", where),
+                                           _string(rec["completion"], "completion", where))
         messages = _messages(rec["messages"], where)
         text = self._render(messages, where)
         spans = self._assistant_spans(messages, text, where)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         counted = [any(s < end and e > start for start, end in spans) for s, e in enc["offset_mapping"]]
         return list(enc["input_ids"]), counted
+
+    def _prompt_completion(self, prompt_text: str, completion_text: str) -> tuple[list[int], list[bool]]:
+        """The prompt's tokens (with special tokens) then the completion's (plus EOS); only the latter count."""
+        prompt = self._encode(prompt_text, special=True)
+        completion = self._encode(completion_text, special=False) + self._eos()
+        return prompt + completion, [False] * len(prompt) + [True] * len(completion)
+
+    def _step_by_step_examples(self, source: DataSource, field: str, *, is_main: bool) -> list[dict[str, Any]]:
+        """Distilling step-by-step: record i → its label view (label_prefix + input → label) as example i's
+        `input_ids` / `targets`, and its rationale view (rationale_prefix + input → rationale) under
+        `example["rationale"]` — in data.train unless alpha = 1, in data.eval when every record has one."""
+        sbs, max_len = self.recipe.step_by_step, self.recipe.data.max_length
+        train = field == "data.train"
+        fields = (sbs.input_column, sbs.label_column)
+        records = self.load(source, required=fields + ((sbs.rationale_column,) if train and sbs.alpha < 1 else ()))
+        if train:
+            self.train_format = "step_by_step"
+        with_rationale = sbs.alpha < 1 if train else all(
+            isinstance(rec.get(sbs.rationale_column), str) and rec[sbs.rationale_column].strip() for rec in records)
+        examples, truncated = [], 0
+
+        def view(prefix: str, text_field: str, rec: dict, where: str) -> dict[str, list[int]]:
+            nonlocal truncated
+            ids, counted = self._prompt_completion(prefix + _string(rec[sbs.input_column], sbs.input_column, where),
+                                                   _string(rec[text_field], text_field, where))
+            truncated += len(ids) > max_len
+            return {"input_ids": ids[:max_len], "targets": shift_targets(ids[:max_len], counted[:max_len])}
+
+        for i, rec in enumerate(records):
+            where = f"{field}, record {i}"
+            example: dict[str, Any] = view(sbs.label_prefix, sbs.label_column, rec, where)
+            if with_rationale:
+                example["rationale"] = view(sbs.rationale_prefix, sbs.rationale_column, rec, where)
+            examples.append(example)
+        if is_main:
+            from potstill.train.progress import console
+
+            labels = sum(t != -100 for ex in examples for t in ex["targets"])
+            rationales = sum(t != -100 for ex in examples for t in ex.get("rationale", {}).get("targets", ()))
+            note = f" ({truncated:,} views cut to max_length {max_len})" if truncated else ""
+            console.print(f"{field}: {len(records):,} step-by-step records → {labels:,} label"
+                          + (f" + {rationales:,} rationale" if with_rationale else "") + f" target tokens{note}")
+        return examples
 
     def _render(self, messages: list[dict], where: str, **kwargs: Any) -> str:
         try:
@@ -295,22 +400,31 @@ class CausalLMTask(Task):
 
     # ------------------------------------------------------------------ batches
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
-        width = max(len(ex["input_ids"]) for ex in records)
-        ids = torch.full((len(records), width), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(records), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(records), width), dtype=torch.long)
-        for b, ex in enumerate(records):
+        """Right-padded rows. Step-by-step records with a rationale view give 2B rows: the B label views, then
+        the B rationale views in the same order, and `view` [2B] says which (0 label, 1 rationale)."""
+        views = step_by_step_rows(records)
+        rows = records if views is None else views[0]
+        width = max(len(ex["input_ids"]) for ex in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, ex in enumerate(rows):
             n = len(ex["input_ids"])
             ids[b, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
             targets[b, :n] = torch.tensor(ex["targets"], dtype=torch.long)
             mask[b, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "targets": targets, "index": torch.tensor(indices)}
+        batch = {"input_ids": ids, "attention_mask": mask, "targets": targets, "index": torch.tensor(indices)}
+        if views is not None:
+            batch["view"] = views[1]
+        return batch
 
     def count_rows(self, batch: dict[str, Any]) -> int:
-        return int((batch["targets"] != -100).sum())
+        """Counted target tokens; with step-by-step views, those of the label view only (the loop's divisor:
+        see `step_by_step_sum`)."""
+        return count_label_tokens(batch["targets"], batch.get("view"))
 
     def record_lengths(self) -> list[int]:
-        return [len(ex["input_ids"]) for ex in self.train_records]
+        return [max(len(ex["input_ids"]), len(ex.get("rationale", ex)["input_ids"])) for ex in self.train_records]
 
     def _raw_logits(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         inner = _unwrap(model)  # DDP's forward takes (*inputs, **kwargs): ask the model it wraps
@@ -497,14 +611,28 @@ class CausalLMTask(Task):
         return batch["targets"] != -100
 
     def hard_label_loss(self, student_signal: torch.Tensor | LMHeadInputs, batch: dict[str, Any]) -> torch.Tensor:
-        """Summed token cross-entropy (float32) of the student on the targets."""
+        """Summed token cross-entropy (float32) of the student on the targets; with step-by-step views,
+        `step_by_step_sum` of the label view's and the rationale view's sums."""
+        view = batch.get("view")
+        if view is None:
+            return self._ce_sum(student_signal, batch["targets"])
+        label_targets, rationale_targets = split_views(batch["targets"], view)
+        if isinstance(student_signal, LMHeadInputs):
+            label_sum, rationale_sum = self._ce_sum(student_signal, label_targets), self._ce_sum(student_signal,
+                                                                                                 rationale_targets)
+        else:
+            label_sum, rationale_sum = view_sums(student_signal, batch["targets"], view)
+        return step_by_step_sum(label_sum, int((label_targets != -100).sum()), rationale_sum,
+                                int((rationale_targets != -100).sum()), self.recipe.step_by_step.alpha)
+
+    def _ce_sum(self, student_signal: torch.Tensor | LMHeadInputs, targets: torch.Tensor) -> torch.Tensor:
         if isinstance(student_signal, LMHeadInputs):
             chunk = next((o.params["chunk_size"] for o in self.recipe.objectives if o.params.get("chunk_size")),
                          1024)
-            return fused_linear_cross_entropy(student_signal.hidden, student_signal.weight, batch["targets"],
+            return fused_linear_cross_entropy(student_signal.hidden, student_signal.weight, targets,
                                               lm_head_bias=student_signal.bias, vocab_size=student_signal.vocab_size,
                                               reduction="sum", chunk_size=chunk)
-        return nn.functional.cross_entropy(student_signal.flatten(0, 1).float(), batch["targets"].flatten(),
+        return nn.functional.cross_entropy(student_signal.flatten(0, 1).float(), targets.flatten(),
                                            ignore_index=-100, reduction="sum")
 
     # ------------------------------------------------------------------ evaluation
@@ -555,16 +683,44 @@ class CausalLMTask(Task):
             m.train(mode)
         return sums
 
-    def evaluate(self, model: nn.Module, *, role: str = "student") -> dict[str, float]:
-        if not self.eval_records:
+    def evaluate(self, model: nn.Module | None, *, role: str = "student") -> dict[str, float]:
+        """Token metrics on data.eval (None → {}: a run without a teacher). With step_by_step they are on the
+        label view, plus `label_accuracy` (greedy-decoded label after label_prefix + input equals the
+        reference) and, when the eval records have rationales, `rationale_perplexity`."""
+        if not self.eval_records or model is None:
             return {}
         teacher = None if role == "teacher" or model is self.teacher else self.teacher
-        s = self.token_stats(model, self.eval_records, teacher=teacher)
+        sbs = self.recipe.step_by_step is not None
+        labels = [{"input_ids": ex["input_ids"], "targets": ex["targets"]} for ex in self.eval_records]
+        s = self.token_stats(model, labels if sbs else self.eval_records, teacher=teacher)
         n = max(s["tokens"], 1.0)
         metrics = {"perplexity": _exp(s["nll"] / n), "token_accuracy": s["correct"] / n}
         if teacher is not None:
             metrics.update(token_agreement=s["agree"] / n, kl_to_teacher=s["kl"] / n)
+        if sbs:
+            metrics["label_accuracy"] = self.label_accuracy(model, labels)
+            rationales = [ex["rationale"] for ex in self.eval_records if "rationale" in ex]
+            if rationales:
+                r = self.token_stats(model, rationales)
+                metrics["rationale_perplexity"] = _exp(r["nll"] / max(r["tokens"], 1.0))
         return metrics
+
+    def label_accuracy(self, model: nn.Module, examples: list[dict[str, list[int]]]) -> float:
+        """Fraction of `examples` whose greedy continuation of the prompt (up to EOS, at most as many tokens
+        as the longest reference) decodes to the same text as the reference completion (special tokens
+        dropped, surrounding blanks ignored)."""
+        from potstill.tasks.generation import SamplingSettings, sample_completions
+
+        references = [[t for t in ex["targets"] if t != -100] for ex in examples]
+        settings = SamplingSettings(max_new_tokens=max([1, *map(len, references)]), temperature=0.0)
+        step, correct = self.recipe.eval.batch_size, 0
+        for first in range(0, len(examples), step):
+            prompts = [self.prompt_of(ex) for ex in examples[first:first + step]]
+            outputs = sample_completions(model, prompts, settings=settings, pad_token_id=self.pad_id,
+                                         eos_token_id=self.tokenizer.eos_token_id, seed=0)
+            correct += sum(same_text(self.tokenizer, out, ref)
+                           for out, ref in zip(outputs, references[first:first + step], strict=True))
+        return correct / len(examples)
 
     def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
         examples = (self.eval_records or self.train_records)[:8]
@@ -591,6 +747,68 @@ class CausalLMTask(Task):
 
         save_factory_student(model, path, factory=self.recipe.student.factory, kwargs=self.recipe.student.kwargs,
                              tokenizer=self.tokenizer)
+
+
+def step_by_step_rows(records: list[dict]) -> tuple[list[dict], torch.Tensor] | None:
+    """The rows of a step-by-step micro-batch: the records' label views, then their rationale views (each
+    record's `rationale`, same order), and the view of each row (0 label, 1 rationale); None when no record
+    has a rationale view (plain records, or step-by-step with alpha = 1)."""
+    with_view = sum("rationale" in ex for ex in records)
+    if not with_view:
+        return None
+    if with_view != len(records):
+        raise ValueError("a step-by-step micro-batch mixes records with and without a rationale view")
+    view = torch.tensor([0] * len(records) + [1] * len(records), dtype=torch.long)
+    return list(records) + [ex["rationale"] for ex in records], view
+
+
+def split_views(targets: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`targets` [R, T] as (label-view targets, rationale-view targets), the other view's rows set to -100."""
+    is_rationale = (view == 1)[:, None]
+    return targets.masked_fill(is_rationale, -100), targets.masked_fill(~is_rationale, -100)
+
+
+def count_label_tokens(targets: torch.Tensor, view: torch.Tensor | None) -> int:
+    """Counted targets (≠ -100), of the label-view rows only when `view` is given."""
+    keep = targets != -100
+    if view is not None:
+        keep &= (view == 0)[:, None]
+    return int(keep.sum())
+
+
+def view_sums(logits: torch.Tensor, targets: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed float32 token cross-entropy of the label-view rows and of the rationale-view rows, from one
+    log-softmax over `logits` [R, T, V]."""
+    per_token = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                            reduction="none").view_as(targets)
+    is_rationale = (view == 1)[:, None]
+    return per_token.masked_fill(is_rationale, 0.0).sum(), per_token.masked_fill(~is_rationale, 0.0).sum()
+
+
+def step_by_step_sum(label_sum: torch.Tensor, label_tokens: int, rationale_sum: torch.Tensor,
+                     rationale_tokens: int, alpha: float) -> torch.Tensor:
+    """The micro-batch's summed step-by-step loss, to be divided by its label tokens (the loop's rows):
+
+        α·S_label + (1 − α)·S_rationale · N_label / N_rationale,
+
+    so that S / N_label = α·mean CE(label tokens) + (1 − α)·mean CE(rationale tokens), each a token mean over
+    its own view: the official code's ``alpha * pred_outputs.loss + (1 - alpha) * expl_outputs.loss``
+    (google-research/distilling-step-by-step, model_utils.py, TaskPrefixTrainer.compute_loss; default α 0.5).
+    With gradient accumulation or several processes the label term is the token mean over the whole step
+    (as plain fine-tuning) and each micro-batch's rationale mean is weighted by its share of label tokens.
+    """
+    if rationale_tokens == 0 or alpha == 1:
+        return alpha * label_sum
+    return alpha * label_sum + (1.0 - alpha) * rationale_sum * (label_tokens / rationale_tokens)
+
+
+def same_text(tokenizer: Any, generated: list[int], reference: list[int]) -> bool:
+    """Whether two token sequences decode to the same text (special tokens dropped, blanks at the ends
+    ignored): exact match of a generated label."""
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    return text(generated) == text(reference)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

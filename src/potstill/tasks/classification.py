@@ -116,6 +116,14 @@ class ClassificationTask(Task):
         model.train(was_training)
         return torch.cat(out)
 
+    def eval_loss(self, model: nn.Module, indices: list[int]) -> float:
+        records = [self.eval_records[i] for i in indices]
+        labels = self._label_tensor(records)
+        if labels is None or (labels == -100).any():
+            raise UserError("data.domains: the classification task measures each domain's cross-entropy on gold "
+                            "labels: every data.eval record needs a label")
+        return float(nn.functional.cross_entropy(self._logits(model, records), labels))
+
     def evaluate(self, model: nn.Module, *, role: str = "student") -> dict[str, float]:
         if not self.eval_records:
             return {}

@@ -417,7 +417,8 @@ class Distiller:
             if self.recipe_text is not None:
                 atomic_write_text(self.run_dir / "recipe.yaml", self.recipe_text)
             if not resume:
-                for stale in ("metrics.jsonl", "summary.json", "eval_before.json", "eval_teacher.json"):
+                for stale in ("metrics.jsonl", "summary.json", "eval_before.json", "eval_teacher.json",
+                              "domain_weights.json"):
                     (self.run_dir / stale).unlink(missing_ok=True)
                 if self.ckpt_root.exists():
                     import shutil

@@ -12,7 +12,24 @@ from potstill.tasks import build_task
 from potstill.train.distiller import Distiller, Objective
 
 TASK_SIGNALS = {"classification": "logits", "embedding": "embedding", "causal_lm": "logits", "vision": "pixels",
-                "ranking": "scores"}
+                "ranking": "scores", "seq2seq": "logits"}
+
+
+def with_pruned_kd_weights(recipe: Recipe) -> Recipe:
+    """The recipe with `data.prune.tie_kd_weight` applied: every objective weight × α(f) (normalised so the
+    objectives' weights sum to α) and trainer.hard_label_weight = 1 − α, α = kd_weight_for_fraction(f)."""
+    prune = recipe.data.prune
+    if prune is None or not prune.tie_kd_weight:
+        return recipe
+    from potstill.data.pruning import kd_weight_for_fraction
+
+    alpha = kd_weight_for_fraction(prune.fraction)
+    tied = recipe.model_copy(deep=True)
+    total = sum(o.weight for o in tied.objectives) or 1.0
+    for objective in tied.objectives:
+        objective.weight = alpha * objective.weight / total
+    tied.trainer.hard_label_weight = 1.0 - alpha
+    return tied
 
 
 def build_objectives(recipe: Recipe) -> list[Objective]:
@@ -69,6 +86,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
 
     `resume` continues from the run folder's newest checkpoint; `overwrite` replaces an earlier run there.
     """
+    recipe = with_pruned_kd_weights(recipe)
     task = build_task(recipe, run_dir=recipe.run_dir)
     distiller = Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir, seed=recipe.seed,
                           eval_config=recipe.eval, recipe_text=dump_recipe(recipe), accelerator=accelerator)
