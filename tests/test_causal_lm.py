@@ -332,3 +332,25 @@ def test_smollm2_builtin_teacher_with_its_chat_template(tmp_path):
     assert task.tokenizer.decode(counted_tokens(task, ex)) == "Paris.<|im_end|>\n"
     batch = task.collate([ex], [0])
     assert task.teacher_signal(batch).shape == (1, len(ex["input_ids"]), 49152)
+
+
+def test_domains_weighting_for_a_causal_lm(tmp_path, tok, folders):
+    """data.domains (DDK) on the causal_lm task: per-domain perplexities on data.eval, weights with the floor."""
+    rows = [{"text": s, "domain": "animals" if any(w in s for w in ("cat", "dog", "bird")) else "other"}
+            for s in SENTENCES] * 4
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    eval_ = write_jsonl(tmp_path / "eval.jsonl", rows[:7])
+    r = recipe(tmp_path, folders["llama"], train, eval_, data={"domains": {"every": 1}}, max_steps=3)
+    run_recipe(r)
+    history = json.loads((r.run_dir / "domain_weights.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    task = setup_task(r)
+    for h in history[1:]:
+        assert set(h["student_ppl"]) == {"animals", "other"} and min(h["weights"].values()) >= 0.25 - 1e-12
+        assert sum(h["weights"].values()) == pytest.approx(1.0)
+    # the recorded perplexity is exp(mean token NLL) of the teacher on that domain's held-out sequences
+    animals = [i for i, rec in enumerate(rows[:7]) if rec["domain"] == "animals"]
+    sums = task.token_stats(task.teacher, [task.eval_records[i] for i in animals])
+    assert history[1]["teacher_ppl"]["animals"] == pytest.approx(math.exp(sums["nll"] / sums["tokens"]), rel=1e-5)
+    with pytest.raises(UserError, match="data.domains"):
+        recipe(tmp_path, folders["llama"], train, eval_, data={"domains": {}, "packing": True})

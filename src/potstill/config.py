@@ -334,6 +334,12 @@ class Recipe(_Strict):
                                  "give data.eval, with the same domain column")
             if self.data.packing:
                 raise ValueError("data.domains needs one record per sequence: turn data.packing off")
+            if self.teacher.path is None and self.teacher.factory is None:
+                raise ValueError("data.domains compares the student with a teacher model per domain: give "
+                                 "teacher.path or teacher.factory")
+            if self.teacher.cache is not None or self.step_by_step is not None:
+                raise ValueError("data.domains measures the live teacher's per-domain perplexity on data.eval: it "
+                                 "does not combine with teacher.cache or step_by_step")
         if self.data.prune is not None and self.data.prune.tie_kd_weight and not self.objectives:
             raise ValueError("data.prune.tie_kd_weight splits the loss between the hard labels and KD: give at least "
                              "one objective, or set data.prune.tie_kd_weight: false")

@@ -269,6 +269,8 @@ class CausalLMTask(Task):
         records = self.load(source, required=FORMAT_FIELDS[fmt])
         if field == "data.train":
             self.train_format = fmt
+        if self.recipe.data.domains is not None:  # one example per record (no packing): domains line up
+            self._domain_sources = {**getattr(self, "_domain_sources", {}), field: records}
         if fmt == "messages" and not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"{field}: chat `messages` need a tokenizer with a chat template, and "
                             f"{_tokenizer_name(self.tokenizer)} has none; use prompt/completion or text records, "
@@ -682,6 +684,16 @@ class CausalLMTask(Task):
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
         return sums
+
+    def domain_records(self, split: str) -> list[dict]:
+        return self._domain_sources["data.train" if split == "train" else "data.eval"]
+
+    def eval_loss(self, model: nn.Module, indices: list[int]) -> float:
+        """Mean per-token cross-entropy of `model` on the held-out sequences `indices` (DDK's perplexities)."""
+        sums = self.token_stats(model, [self.eval_records[i] for i in indices])
+        if not sums["tokens"]:
+            raise UserError("data.domains: a domain's data.eval records hold no counted token")
+        return sums["nll"] / sums["tokens"]
 
     def evaluate(self, model: nn.Module | None, *, role: str = "student") -> dict[str, float]:
         """Token metrics on data.eval (None → {}: a run without a teacher). With step_by_step they are on the
