@@ -258,3 +258,44 @@ def test_packaged_recipe_runs_without_a_teacher(tmp_path, capsys):
     summary = json.loads((tmp_path / "step-by-step" / "summary.json").read_text())
     assert summary["steps"] == 3 and 0.0 <= summary["table"][-1]["label_accuracy"] <= 1.0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "step-by-step" / "student").config.hidden_size == 64
+
+
+def test_generate_rationales_then_train_step_by_step(tmp_path, tok_dir):
+    """The black-box pipeline: a teacher LLM behind an HTTP endpoint (scripted) → `potstill generate --rationale
+    --filter match` → a step-by-step run on the generated file, whose columns are the recipe's defaults."""
+    import re
+
+    import yaml
+    from fastapi import FastAPI
+
+    from potstill.cli import main
+    from potstill.serve import LocalServer
+
+    names = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict) -> dict:
+        a, b = re.match(r"(\w+) plus (\w+)", body["messages"][-1]["content"]).groups()
+        total = [k for k, v in names.items() if v == a][0] + [k for k, v in names.items() if v == b][0]
+        answer = names.get(total, "many") if a != "three" else "wrong"  # the filter must drop these
+        text = f"{a} and {b} make {names.get(total, 'many')}\nAnswer: {answer}"
+        return {"model": "scripted", "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                  "finish_reason": "stop"}]}
+
+    prompts = [{"prompt": f"{a} plus {b}", "answer": names[x + y]} for x, a in names.items()
+               for y, b in names.items() if x + y <= 5]
+    write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    out = tmp_path / "sbs.jsonl"
+    with LocalServer(app) as server:
+        assert main(["generate", str(tmp_path / "prompts.jsonl"), "--out", str(out), "--base-url", server.base_url,
+                     "--model", "scripted", "--rationale", "--filter", "match", "--reference-column", "answer"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == sum(not p["prompt"].startswith("three") for p in prompts) and rows
+    assert all(r["label"] == r["answer"] and r["rationale"].endswith(r["label"]) for r in rows)
+    recipe = tmp_path / "sbs.yaml"
+    recipe.write_text(yaml.safe_dump(sbs_recipe(tmp_path, tok_dir, str(out), str(out), step_by_step={},
+                                                max_steps=3)))
+    assert main(["run", str(recipe)]) == 0
+    summary = json.loads((tmp_path / "runs" / "sbs" / "summary.json").read_text())
+    assert "label_accuracy" in summary["table"][-1] and "rationale_perplexity" in summary["table"][-1]
