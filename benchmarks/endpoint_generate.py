@@ -46,7 +46,7 @@ def main() -> None:
         app = create_app(model, tok, model_name="smollm2", request_log=log,
                          faults=FaultSettings(fail_rate=args.fail_rate, fail_status=500, seed=0))
         command = ["generate", str(prompts), "--out", str(out), "--model", "smollm2", "--max-tokens",
-                   str(args.max_tokens), "--concurrency", "4"]
+                   str(args.max_tokens), "--concurrency", "4", "--timeout", "300"]
         with LocalServer(app) as server:
             start = time.perf_counter()
             rc = cli([*command, "--base-url", server.base_url])

@@ -354,3 +354,48 @@ def test_domains_weighting_for_a_causal_lm(tmp_path, tok, folders):
     assert history[1]["teacher_ppl"]["animals"] == pytest.approx(math.exp(sums["nll"] / sums["tokens"]), rel=1e-5)
     with pytest.raises(UserError, match="data.domains"):
         recipe(tmp_path, folders["llama"], train, eval_, data={"domains": {}, "packing": True})
+
+
+def test_seq_kd_from_a_text_only_endpoint_teacher(tmp_path, tok, monkeypatch):
+    """teacher.endpoint + generation.seq_kd: the completions come from an OpenAI-compatible server (here a flaky
+    local one), each asked once; a re-run is answered by the run's response cache."""
+    from potstill.serve import FaultSettings, LocalServer, create_app
+
+    torch.set_num_threads(1)
+    tok_dir = tmp_path / "tok"
+    tok.save_pretrained(tok_dir)
+    rows = [{"prompt": s.split()[0] + " " + s.split()[1], "completion": " ".join(s.split()[2:])} for s in SENTENCES]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    log = tmp_path / "requests.jsonl"
+    app = create_app(llama(len(tok), layers=1, init=0.3).eval(), tok, model_name="tiny", request_log=log,
+                     faults=FaultSettings(fail_rate=0.3, seed=4))
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    with LocalServer(app) as server:
+        raw = {"name": "bb", "output_dir": str(tmp_path / "runs"), "task": "causal_lm",
+               "teacher": {"endpoint": {"base_url": server.base_url, "model": "tiny", "concurrency": 2},
+                           "tokenizer": str(tok_dir)},
+               "student": {"init": "from_config", "config": {"model_type": "llama", "hidden_size": 32,
+                                                             "intermediate_size": 64, "num_hidden_layers": 1,
+                                                             "num_attention_heads": 4, "num_key_value_heads": 2}},
+               "data": {"train": train, "eval": train, "max_length": 32},
+               "generation": {"seq_kd": True, "max_new_tokens": 4, "temperature": 0.0},
+               "trainer": {"max_steps": 2, "batch_size": 4, "hard_label_weight": 1.0, "num_threads": 1},
+               "eval": {"throughput": False, "compare_before": False}}
+        r = validate_recipe(raw)
+        run_recipe(r)
+        stored = json.loads((r.run_dir / "seq_kd_completions.json").read_text())
+        ok = [x["body_sha256"] for x in map(json.loads, log.read_text().splitlines()) if x["status"] == 200]
+        assert len(stored["completions"]) == len(rows) and len(ok) == len(set(ok)) == len(rows)
+        # the text is tokenized again: a random model's stray byte tokens come back as U+FFFD (3 bytes), so more ids
+        assert all(c for c in stored["completions"]) and "tiny at http" in stored["teacher"]
+        (r.run_dir / "seq_kd_completions.json").unlink()
+        run_recipe(r, overwrite=True)
+        again = [x for x in map(json.loads, log.read_text().splitlines()) if x["status"] == 200]
+        assert len(again) == len(rows)  # every answer came from the response cache
+        assert json.loads((r.run_dir / "seq_kd_completions.json").read_text()) == stored
+    raw["objectives"] = [{"name": "forward_kl"}]
+    with pytest.raises(UserError, match="teacher.endpoint gives text"):
+        validate_recipe(raw)
+    raw["objectives"], raw["generation"] = [], {"seq_kd": False}
+    with pytest.raises(UserError, match="generation.seq_kd: true"):
+        validate_recipe(raw)

@@ -35,6 +35,21 @@ class DataSource(_Strict):
         return {"path": value} if isinstance(value, str) else value
 
 
+class EndpointConfig(_Strict):
+    """A text-only teacher behind an OpenAI-compatible server (potstill.teachers.EndpointTeacher)."""
+
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1 (`potstill serve`) or a hosted API")
+    model: str = Field(description="model name sent to the server")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key "
+                                    "(never put the key in a recipe); absent or unset: no key")
+    concurrency: int = Field(8, ge=1, description="requests in flight")
+    timeout: float = Field(120.0, gt=0, description="seconds per request, waiting in the server's queue included")
+    max_retries: int = Field(8, ge=0, description="retries on 429 / 5xx / timeouts (jittered exponential back-off)")
+    requests_per_second: float | None = Field(None, gt=0, description="rate limit (null = none)")
+    cache: str | None = Field(None, description="response cache (SQLite); default <run>/endpoint_cache.sqlite, so "
+                              "a re-run or a resumed run never asks twice")
+
+
 class TeacherConfig(_Strict):
     path: str | None = Field(None, description="Hugging Face model folder or id (offline), or builtin:minilm / "
                              "builtin:smollm2")
@@ -47,6 +62,10 @@ class TeacherConfig(_Strict):
     layers_path: str | None = Field(None, description="module path of the teacher's list of transformer blocks "
                                     "(e.g. encoder.layer), for objectives on internals; default: found from the "
                                     "config's layer count")
+    endpoint: EndpointConfig | None = Field(None, description="causal_lm task with generation.seq_kd: the teacher "
+                                            "is a text-only endpoint whose completions of the prompts are the "
+                                            "training targets (black-box sequence-level KD); no teacher model, "
+                                            "no KD objectives")
     cache: str | None = Field(None, description="causal_lm task: top-k cache folder. `potstill cache RECIPE` writes "
                               "the teacher's top-k log-probs there once; `potstill run` then reads them instead of "
                               "running the teacher each step (sparse divergences: top-k ids + one tail bucket)")
@@ -343,6 +362,16 @@ class Recipe(_Strict):
         if self.data.prune is not None and self.data.prune.tie_kd_weight and not self.objectives:
             raise ValueError("data.prune.tie_kd_weight splits the loss between the hard labels and KD: give at least "
                              "one objective, or set data.prune.tie_kd_weight: false")
+        if self.teacher.endpoint is not None:
+            if self.teacher.path is not None or self.teacher.factory is not None:
+                raise ValueError("teacher.endpoint is the whole teacher here: remove teacher.path / teacher.factory")
+            if self.task != "causal_lm" or not self.generation.seq_kd:
+                raise ValueError("teacher.endpoint: a text-only teacher writes the completions of sequence-level "
+                                 "KD; set task: causal_lm and generation.seq_kd: true (for other uses see "
+                                 "`potstill generate`)")
+            if self.objectives:
+                raise ValueError("teacher.endpoint gives text, not logits: remove the KD objectives and train on its "
+                                 "completions with trainer.hard_label_weight > 0")
         if self.teacher.path is None and self.teacher.factory is None:
             if self.task in ("causal_lm", "seq2seq") and not self.objectives:
                 self._check_without_teacher()
@@ -399,8 +428,9 @@ class Recipe(_Strict):
         if self.teacher.cache is not None:
             raise ValueError("teacher.cache holds a teacher's log-probs for KD objectives; this recipe has no "
                              "teacher and no objectives")
-        if self.generation.lmbda or self.generation.seq_kd:
-            raise ValueError("generation.lmbda and generation.seq_kd sample from a live teacher; give teacher.path")
+        if self.generation.lmbda or (self.generation.seq_kd and self.teacher.endpoint is None):
+            raise ValueError("generation.lmbda and generation.seq_kd sample from a live teacher; give teacher.path "
+                             "(or, for seq_kd, teacher.endpoint)")
 
     def _check_step_by_step(self) -> None:
         if self.objectives:

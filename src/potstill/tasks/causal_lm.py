@@ -493,9 +493,11 @@ class CausalLMTask(Task):
 
         prompts = [self.prompt_of(ex) for ex in self.train_records]
         settings = self._sampling()
+        endpoint = self.recipe.teacher.endpoint
+        teacher_name = (f"{endpoint.model} at {endpoint.base_url}" if endpoint is not None
+                        else self.recipe.teacher.path or self.recipe.teacher.factory)
         key = hashlib.sha256(json.dumps({"prompts": prompts, "settings": asdict(settings), "seed": self.recipe.seed,
-                                         "teacher": self.recipe.teacher.path or self.recipe.teacher.factory},
-                                        sort_keys=True).encode()).hexdigest()
+                                         "teacher": teacher_name}, sort_keys=True).encode()).hexdigest()
         name = "seq_kd_completions.json"
         if cache is not None:
             raw = cache.read_file(name)
@@ -509,7 +511,13 @@ class CausalLMTask(Task):
             path = None if capture else self.run_dir / name
             stored = json.loads(path.read_text()) if path is not None and path.exists() else None
             if stored is None or stored.get("key") != key:
-                if is_main:
+                if is_main and endpoint is not None:
+                    completions = self._endpoint_completions(prompts, settings)
+                    stored = {"key": key, "teacher": teacher_name, "settings": asdict(settings),
+                              "completions": completions}
+                    if path is not None:
+                        atomic_write_json(path, stored)
+                elif is_main:
                     completions, batch = [], 8
                     pad = self.pad_id
                     with task_progress("teacher completions (seq-KD)", len(prompts)) as advance:
@@ -528,6 +536,35 @@ class CausalLMTask(Task):
                     stored = json.loads(path.read_text())
         self.seq_kd_file = stored
         return [self.with_completion(p, c) for p, c in zip(prompts, stored["completions"], strict=True)]
+
+    def _endpoint_completions(self, prompts: list[list[int]], settings: Any) -> list[list[int]]:
+        """Black-box seq-KD: each prompt (decoded, without the BOS the server's tokenizer adds again) goes to
+        the endpoint's /completions route; the text that comes back is tokenized (+ EOS when the teacher
+        stopped on its own). Every request carries the recipe's seed, so a re-run asks the same requests, which
+        the response cache answers."""
+        from potstill.teachers.endpoint import EndpointTeacher
+        from potstill.train.progress import task_progress
+
+        cfg = self.recipe.teacher.endpoint
+        bos = self.tokenizer.bos_token_id
+        texts = [self.tokenizer.decode(p[1:] if p and p[0] == bos else p) for p in prompts]
+        cache = Path(cfg.cache) if cfg.cache else self.run_dir / "endpoint_cache.sqlite"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        teacher = EndpointTeacher(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, cache=cache,
+                                  concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
+                                  requests_per_second=cfg.requests_per_second)
+        with teacher, task_progress("teacher completions (endpoint seq-KD)", len(texts)) as advance:
+            results = teacher.complete_many(texts, max_tokens=settings.max_new_tokens,
+                                            temperature=settings.temperature, top_p=settings.top_p,
+                                            seed=self.recipe.seed, on_done=lambda _i, _r: advance(1))
+        failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+        if failed:
+            raise UserError(f"teacher.endpoint: {len(failed)} of {len(texts)} prompts failed after retries (first: "
+                            f"record {failed[0] + 1}: {results[failed[0]]}); run again: answered prompts come from "
+                            f"the response cache {cache}")
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        return [self._encode(r.text, special=False) + (eos if r.finish_reason == "stop" else [])
+                for r in results]
 
     def prepare_batch(self, batch: dict[str, Any], student: nn.Module, micro_batch: int) -> dict[str, Any]:
         """On-policy distillation (GKD): with probability generation.lmbda, replace the micro-batch's completions
