@@ -1,7 +1,8 @@
-"""The `potstill` command line: run, demo, eval, cache, objectives.
+"""The `potstill` command line: run, demo, eval, cache, objectives, serve, generate, pgkd.
 
 A user's mistake (bad recipe, missing file, malformed data line) prints one paragraph and exits with
-code 2, without a traceback. A run that diverges (NaN/inf loss) exits with code 3.
+code 2, without a traceback. A run that diverges (NaN/inf loss) exits with code 3; `generate` exits with
+code 1 when some prompts still failed after their retries.
 """
 
 from __future__ import annotations
