@@ -501,3 +501,23 @@ def test_recipe_domains_user_errors(tmp_path, digits_recipe):
     digits_recipe["data"] = {"train": train, "eval": {"path": "builtin:digits", "split": "test"},
                              "domains": {"every": 1}}
     assert main(["run", str(write_yaml(tmp_path / "b.yaml", digits_recipe))]) == 2  # eval records lack a domain
+
+
+def test_recipe_domains_with_two_processes(tmp_path, digits_recipe):
+    """DDK blocks under DDP (2 gloo processes): each process measures the perplexities of its own (synchronised)
+    student copy and draws the block order; the run completes and records the re-weighted history."""
+    import json
+
+    from conftest import accelerate_launch, write_yaml
+
+    train, eval_ = _domain_files(tmp_path)
+    digits_recipe["data"] = {"train": train, "eval": eval_, "domains": {"every": 2, "eval_records": 30}}
+    digits_recipe["trainer"].update(max_steps=6, batch_size=4)
+    proc = accelerate_launch(tmp_path, write_yaml(tmp_path / "ddk2.yaml", digits_recipe), "--cpu", port=29573)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / digits_recipe["name"]
+    history = json.loads((run_dir / "domain_weights.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert all(sum(h["weights"].values()) == pytest.approx(1.0) for h in history)
+    assert history[1]["weights"] != history[0]["weights"]
+    assert (run_dir / "student").exists()
