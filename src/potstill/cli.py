@@ -176,8 +176,9 @@ def generate(prompts: Annotated[Path, typer.Argument(help="prompts file: JSONL/C
              timeout: Annotated[float, typer.Option(min=0.1, help="seconds per request")] = 60.0,
              limit: Annotated[int | None, typer.Option(min=1, help="only the first N prompts")] = None,
              ) -> None:
-    """Ask a text-only teacher for every prompt; write a JSONL dataset with provenance (resumable: answered
-    prompts come from the response cache on a re-run)."""
+    """Ask a text-only teacher for every prompt; write a JSONL dataset with provenance.
+
+    Resumable: on a re-run, answered prompts come from the response cache."""
     from potstill.generate import GenerationSettings, generate_dataset, load_prompts, sidecar
     from potstill.teachers.endpoint import EndpointTeacher
     from potstill.teachers.live import load_callable
@@ -227,8 +228,10 @@ def pgkd(recipe: Annotated[Path, typer.Argument(help="text-classification recipe
          cache: Annotated[Path | None, typer.Option(help="response cache; default <run>/pgkd/cache.sqlite")] = None,
          resume: Annotated[bool, typer.Option("--resume", help="continue a killed loop")] = False,
          ) -> None:
-    """PGKD (Di Palo et al. 2024): train, validate, ask the teacher LLM for examples of the weakest classes,
-    retrain; stop when validation macro-F1 stops improving."""
+    """PGKD: a teacher LLM writes examples of the student classifier's weakest classes.
+
+    Di Palo et al. 2024: train, validate, ask for examples of the lowest-F1 classes, retrain; stop when
+    validation macro-F1 stops improving."""
     from potstill.config import load_recipe
     from potstill.teachers.endpoint import EndpointTeacher
     from potstill.train.pgkd import run_pgkd
