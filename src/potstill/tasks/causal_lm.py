@@ -488,9 +488,6 @@ class CausalLMTask(Task):
         the top-k cache (`potstill cache`) or in the run folder, and reused while prompts and settings match."""
         from dataclasses import asdict
 
-        from potstill.tasks.generation import sample_completions
-        from potstill.train.progress import task_progress
-
         prompts = [self.prompt_of(ex) for ex in self.train_records]
         settings = self._sampling()
         endpoint = self.recipe.teacher.endpoint
@@ -511,23 +508,11 @@ class CausalLMTask(Task):
             path = None if capture else self.run_dir / name
             stored = json.loads(path.read_text()) if path is not None and path.exists() else None
             if stored is None or stored.get("key") != key:
-                if is_main and endpoint is not None:
-                    completions = self._endpoint_completions(prompts, settings)
+                if is_main:
+                    completions = (self._endpoint_completions(prompts, settings) if endpoint is not None
+                                   else self._teacher_completions(prompts, settings))
                     stored = {"key": key, "teacher": teacher_name, "settings": asdict(settings),
                               "completions": completions}
-                    if path is not None:
-                        atomic_write_json(path, stored)
-                elif is_main:
-                    completions, batch = [], 8
-                    pad = self.pad_id
-                    with task_progress("teacher completions (seq-KD)", len(prompts)) as advance:
-                        for first in range(0, len(prompts), batch):
-                            completions += sample_completions(
-                                self.teacher, prompts[first:first + batch], settings=settings, pad_token_id=pad,
-                                eos_token_id=self.tokenizer.eos_token_id, seed=self.recipe.seed * 1_000_003 + first)
-                            advance(len(prompts[first:first + batch]))
-                    stored = {"key": key, "teacher": self.recipe.teacher.path or self.recipe.teacher.factory,
-                              "settings": asdict(settings), "completions": completions}
                     if path is not None:
                         self.run_dir.mkdir(parents=True, exist_ok=True)
                         atomic_write_json(path, stored)
@@ -536,6 +521,20 @@ class CausalLMTask(Task):
                     stored = json.loads(path.read_text())
         self.seq_kd_file = stored
         return [self.with_completion(p, c) for p, c in zip(prompts, stored["completions"], strict=True)]
+
+    def _teacher_completions(self, prompts: list[list[int]], settings: Any) -> list[list[int]]:
+        """Seq-KD with the live teacher model: sampled 8 prompts at a time, each batch seeded by its position."""
+        from potstill.tasks.generation import sample_completions
+        from potstill.train.progress import task_progress
+
+        completions, batch = [], 8
+        with task_progress("teacher completions (seq-KD)", len(prompts)) as advance:
+            for first in range(0, len(prompts), batch):
+                completions += sample_completions(
+                    self.teacher, prompts[first:first + batch], settings=settings, pad_token_id=self.pad_id,
+                    eos_token_id=self.tokenizer.eos_token_id, seed=self.recipe.seed * 1_000_003 + first)
+                advance(len(prompts[first:first + batch]))
+        return completions
 
     def _endpoint_completions(self, prompts: list[list[int]], settings: Any) -> list[list[int]]:
         """Black-box seq-KD: each prompt (decoded, without the BOS the server's tokenizer adds again) goes to
