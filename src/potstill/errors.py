@@ -20,3 +20,13 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | set[str]) -> 
 
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def int_at_least(name: str, value: object, low: int) -> int:
+    """`value` as an int when it is an integer (Python or NumPy, not a bool) ≥ `low`; else a UserError
+    "`name` must be an integer >= `low`, got …"."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from potstill.errors import UserError
+from potstill.errors import UserError, int_at_least
 
 INFORMATIVENESS_KINDS = ("margin", "entropy")
 _STATE_FORMAT = 1
@@ -218,12 +218,6 @@ def systematic_sample(probabilities: np.ndarray, rng: np.random.Generator) -> np
     return np.sort(picked).astype(np.int64)
 
 
-def _int_at_least(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 class ActiveSelector:
     """Pool-based query selection for active distillation (RAD), with a total query budget.
 
@@ -239,14 +233,14 @@ class ActiveSelector:
     """
 
     def __init__(self, budget: int, *, teacher_error_rate: float = 0.1, kind: str = "margin", seed: int = 0) -> None:
-        self.budget = _int_at_least("budget", budget, 0)
+        self.budget = int_at_least("budget", budget, 0)
         if isinstance(teacher_error_rate, bool) or not 0 <= float(teacher_error_rate) < 1:
             raise UserError(f"teacher_error_rate must be a number in [0, 1), got {teacher_error_rate!r}")
         if kind not in INFORMATIVENESS_KINDS:
             raise UserError(f"kind must be one of {INFORMATIVENESS_KINDS}, got {kind!r}")
         self.teacher_error_rate = float(teacher_error_rate)
         self.kind = kind
-        self.seed = _int_at_least("seed", seed, 0)
+        self.seed = int_at_least("seed", seed, 0)
         self._queried: set[int] = set()
         self._calls = 0
 
@@ -276,7 +270,7 @@ class ActiveSelector:
             if ex.size and (ex.min() < 0 or ex.max() >= n):
                 raise UserError(f"exclude holds indices outside the pool [0, {n})")
             blocked.update(ex.tolist())
-        want = self.remaining if count is None else _int_at_least("count", count, 0)
+        want = self.remaining if count is None else int_at_least("count", count, 0)
         free = np.ones(n, dtype=bool)
         free[np.fromiter(blocked, dtype=np.int64, count=len(blocked))] = False
         candidates = np.flatnonzero(free)
@@ -308,5 +302,5 @@ class ActiveSelector:
         queried = [int(i) for i in state["queried"]]
         if len(queried) > self.budget:
             raise UserError(f"active-selector state lists {len(queried)} queries, more than the budget {self.budget}")
-        self._calls = _int_at_least("calls", state["calls"], 0)
+        self._calls = int_at_least("calls", state["calls"], 0)
         self._queried = set(queried)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from potstill.errors import UserError
+from potstill.errors import UserError, int_at_least
 
 DEFAULT_ROUNDS = 3
 _STATE_FORMAT = 1
@@ -95,12 +95,9 @@ class Curriculum:
         names = list(dict.fromkeys(cats))
         index = {n: i for i, n in enumerate(names)}
         labels = np.array([index[c] for c in cats], dtype=np.int64)
-        if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
-            raise UserError(f"rounds must be an integer >= 1, got {rounds!r}")
-        if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
-            raise UserError(f"round_size must be an integer >= 1, got {round_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise UserError(f"seed must be an integer >= 0, got {seed!r}")
+        int_at_least("rounds", rounds, 1)
+        int_at_least("round_size", round_size, 1)
+        int_at_least("seed", seed, 0)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)) or \
                 not np.isfinite(threshold):
             raise UserError(f"threshold (MFD δ) must be a finite number, got {threshold!r}")

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from potstill.errors import UserError
+from potstill.errors import UserError, int_at_least
 
 #: The paper's smoothing coefficient α.
 DEFAULT_SMOOTHING = 0.5
@@ -81,12 +81,10 @@ class DomainWeightedSampler:
                  seed: int = 0, loss_kind: str = "cross_entropy") -> None:
         if isinstance(domains, (str, bytes)) or not isinstance(domains, Sequence) or len(domains) == 0:
             raise UserError("domains must be a non-empty sequence with one domain label per record")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        int_at_least("batch_size", batch_size, 1)
         if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing <= 1:
             raise UserError(f"smoothing (DDK's α) must be a number in [0, 1], got {smoothing!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise UserError(f"seed must be an integer >= 0, got {seed!r}")
+        int_at_least("seed", seed, 0)
         if loss_kind not in LOSS_KINDS:
             raise UserError(f"loss_kind must be one of {LOSS_KINDS}, got {loss_kind!r}")
         ids: dict[Hashable, int] = {}
@@ -194,9 +192,7 @@ class DomainWeightedSampler:
 
     def batches(self, num_batches: int) -> list[list[int]]:
         """The next `num_batches` batches."""
-        if isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer)) or num_batches < 0:
-            raise UserError(f"num_batches must be an integer >= 0, got {num_batches!r}")
-        return [self.next_batch() for _ in range(int(num_batches))]
+        return [self.next_batch() for _ in range(int_at_least("num_batches", num_batches, 0))]
 
     @property
     def batches_drawn(self) -> int:

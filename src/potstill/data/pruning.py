@@ -30,7 +30,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
-from potstill.errors import UserError
+from potstill.errors import UserError, int_at_least
 from potstill.losses import forward_kl
 
 KEEP_RULES = ("random", "hardest", "easiest")
@@ -64,8 +64,7 @@ def prune_indices(n: int, fraction: float, *, scores: Any = None, keep: str = "r
     `keep="hardest"` / `"easiest"`: the records with the highest / lowest `scores` (length n, higher =
     harder); ties go to the lower index.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise UserError(f"n (number of records) must be an integer >= 1, got {n!r}")
+    int_at_least("n (number of records)", n, 1)
     if keep not in KEEP_RULES:
         raise UserError(f"keep must be one of {KEEP_RULES}, got {keep!r}")
     size = kept_count(int(n), fraction)
