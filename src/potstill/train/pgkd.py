@@ -22,7 +22,7 @@ from potstill.errors import UserError
 from potstill.io import atomic_write_json, atomic_write_text
 
 
-def _records(task: Any, records: list[dict], where: str) -> list[dict]:
+def _records(records: list[dict], where: str) -> list[dict]:
     missing = [i + 1 for i, r in enumerate(records) if r.get("label") is None or not isinstance(r.get("text"), str)]
     if missing:
         raise UserError(f"{where}: PGKD needs a text and a label in every record; record(s) "
@@ -36,10 +36,8 @@ def run_pgkd(recipe: Recipe, teacher: Any, *, task_description: str, resume: boo
 
     `teacher` is an EndpointTeacher (or anything with `chat_many`); `loop_options` go to `PGKDLoop` (max_cycles,
     patience, weak_classes, per_cycle, …)."""
-    from potstill.config import dump_recipe
     from potstill.tasks import build_task
-    from potstill.train.distiller import Distiller
-    from potstill.train.run import build_objectives
+    from potstill.train.run import fit_recipe, with_pruned_kd_weights
 
     if recipe.task != "classification":
         raise UserError(f"field task: PGKD trains a text classifier; this recipe's task is {recipe.task}")
@@ -49,8 +47,8 @@ def run_pgkd(recipe: Recipe, teacher: Any, *, task_description: str, resume: boo
         raise UserError("field teacher.path: PGKD needs a Hugging Face text classifier recipe (text inputs)")
     base = build_task(recipe, run_dir=recipe.run_dir)
     base.setup()
-    train_records = _records(base, base.train_records, "data.train")
-    validation = _records(base, base.eval_records, "data.eval")
+    train_records = _records(base.train_records, "data.train")
+    validation = _records(base.eval_records, "data.eval")
     labels = list(base.label_ids or {})
     if not labels:
         raise UserError("data.train: PGKD needs gold labels (a label column)")
@@ -67,16 +65,14 @@ def run_pgkd(recipe: Recipe, teacher: Any, *, task_description: str, resume: boo
     def train(records: list[dict]) -> Any:
         data_path = folder / f"train-cycle{loop.cycle}.jsonl"
         atomic_write_text(data_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        cycle = recipe.model_copy(deep=True)
+        # the base records were pruned once already (data.prune); keep only its KD-weight tie for the cycles
+        cycle = with_pruned_kd_weights(recipe).model_copy(deep=True)
+        cycle.data.prune = None
         cycle.name = f"{recipe.name}/cycle-{loop.cycle}"
         cycle.data.train = cycle.data.train.model_copy(update={"path": str(data_path), "columns": {},
                                                                 "limit": None})
         cycle.eval.compare_before = False
-        task = build_task(cycle, run_dir=cycle.run_dir)
-        distiller = Distiller(task, build_objectives(cycle), cycle.trainer, run_dir=cycle.run_dir, seed=cycle.seed,
-                              eval_config=cycle.eval, recipe_text=dump_recipe(cycle))
-        distiller.fit(overwrite=True)
-        return task
+        return fit_recipe(cycle, overwrite=True)[0]
 
     def predict(task: Any, texts: list[str]) -> Predictions:
         logits = task._logits(task.student, [{"text": t} for t in texts])

@@ -80,17 +80,25 @@ def build_objectives(recipe: Recipe) -> list[Objective]:
     return objectives
 
 
+def fit_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+               accelerator: Any = None) -> tuple[Any, Distiller, dict[str, Any]]:
+    """Build the task and the loop of a recipe (with `data.prune`'s weight tie applied) and train: (task with
+    its trained student, distiller, summary). `run_recipe` adds the report; loops over runs (PGKD) use this."""
+    recipe = with_pruned_kd_weights(recipe)
+    task = build_task(recipe, run_dir=recipe.run_dir)
+    distiller = Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir, seed=recipe.seed,
+                          eval_config=recipe.eval, recipe_text=dump_recipe(recipe), accelerator=accelerator)
+    return task, distiller, distiller.fit(resume=resume, overwrite=overwrite)
+
+
 def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
                accelerator: Any = None) -> dict[str, Any]:
     """Train the student a recipe describes; returns the run summary (also in `<run>/summary.json`).
 
     `resume` continues from the run folder's newest checkpoint; `overwrite` replaces an earlier run there.
     """
-    recipe = with_pruned_kd_weights(recipe)
-    task = build_task(recipe, run_dir=recipe.run_dir)
-    distiller = Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir, seed=recipe.seed,
-                          eval_config=recipe.eval, recipe_text=dump_recipe(recipe), accelerator=accelerator)
-    summary = distiller.fit(resume=resume, overwrite=overwrite)
+    task, distiller, summary = fit_recipe(recipe, resume=resume, overwrite=overwrite, accelerator=accelerator)
+    recipe = task.recipe  # with data.prune's weight tie applied: the weights that were trained with
     if distiller.is_main:
         from potstill.report import write_report
 
