@@ -6,8 +6,9 @@ ratings, cosine / neighbour recall on held-out articles, throughput interleaved 
 changes, each run a fresh `python -m potstill run` process:
 
 - students: `2x384-drop` (teacher layers 0 and 3: layer-drop init), `2x384-rand` (from_config, 2 layers, random
-  init), `4x192-rand` (from_config, 4 layers × 192, 6 heads of 32, random init; no layer-drop init exists for
-  a narrower width), `static` (model2vec-style static embeddings from the teacher, PCA 256, SIF 1e-4);
+  init), `4x192-rand` (from_config, 4 layers × 192 with the teacher's 12 heads, now of 16, and FFN 1536; random
+  init: no layer-drop init exists for a narrower width), `static` (model2vec-style static embeddings from the
+  teacher, PCA 256, SIF 1e-4);
 - objectives: `emb` = embedding_mse on normalised sentence vectors (through a learned projection when the
   widths differ), `+hidden` = emb + hidden_mse over the uniform layer map (projected for 192 wide), `+rel` = emb
   + minilm_relations (q-q, k-k, v-v, 12 relation heads, last layers);
