@@ -209,7 +209,8 @@ def test_in_batch_scores_of_student_and_both_teacher_kinds(tmp_path):
 
 
 def test_in_batch_negatives_hard_label_is_cross_entropy_over_candidates_and_other_positives():
-    from potstill.tasks.ranking import RankingScores, RankingTask
+    from potstill.signals import RankingScores
+    from potstill.tasks.ranking import RankingTask
 
     torch.manual_seed(0)
     task = RankingTask.__new__(RankingTask)
@@ -254,7 +255,7 @@ def test_tas_balanced_batches_share_a_cluster_and_resume_replays_them(tmp_path):
     from potstill.train.distiller import Distiller
     from potstill.train.run import build_objectives
 
-    d = Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir, seed=0)
+    d = Distiller(task, build_objectives(recipe, task), recipe.trainer, run_dir=recipe.run_dir, seed=0)
     d._epoch_rows = len(order)
     assert [i for mb in range(len(order) // 4) for i in d._micro_batch_indices(mb)] == order
     summary = run_recipe(recipe)
@@ -402,7 +403,7 @@ def test_score_file_teacher_without_a_teacher_model(tmp_path):
 def test_sparse_flops_warm_up_state_and_errors():
     from potstill.losses import flops
     from potstill.losses.ranking import SparseFlops
-    from potstill.tasks.ranking import RankingScores
+    from potstill.signals import RankingScores
 
     torch.manual_seed(0)
     terms = torch.rand(6, 10)

@@ -25,7 +25,7 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY
 
 
 def _console():
-    from potstill.train.progress import console
+    from potstill.ui import console
 
     return console
 
@@ -98,7 +98,7 @@ def cache(recipe: Annotated[Path, typer.Argument(help="causal_lm recipe YAML fil
     from potstill.config import load_recipe
     from potstill.tasks import build_task
     from potstill.teachers.capture import capture_teacher_topk
-    from potstill.train.progress import make_progress
+    from potstill.ui import make_progress
 
     cfg = load_recipe(recipe, set_ or [])
     if cfg.task != "causal_lm":
@@ -182,7 +182,7 @@ def generate(prompts: Annotated[Path, typer.Argument(help="prompts file: JSONL/C
     from potstill.generate import GenerationSettings, generate_dataset, load_prompts, sidecar
     from potstill.teachers.endpoint import EndpointTeacher
     from potstill.teachers.live import load_callable
-    from potstill.train.progress import make_progress
+    from potstill.ui import make_progress
 
     if filter_ not in ("none", "match", "verifier"):
         raise UserError(f"--filter: expected none, match or verifier, got {filter_!r}")

@@ -165,6 +165,11 @@ class Task(ABC):
     def signal_mask(self, batch: dict[str, Any]) -> torch.Tensor | None:
         return None
 
+    def adapt_objective(self, name: str, fn: Any) -> Any:
+        """The loss function the loop calls for objective `name`: `fn` itself, or `fn` pointed at the part of
+        this task's signal it compares (e.g. the ranking task's candidate or in-batch scores). Default: `fn`."""
+        return fn
+
     def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Summed cross-entropy on gold labels (normalised by the loop)."""
         raise UserError(f"trainer.hard_label_weight > 0 needs gold labels, which the {self.name} task has not")

@@ -287,7 +287,7 @@ class CausalLMTask(Task):
         if not examples:
             raise UserError(f"{field}: the records hold fewer than two tokens in all")
         if is_main:
-            from potstill.train.progress import console
+            from potstill.ui import console
 
             empty = sum(all(t == -100 for t in ex["targets"]) for ex in examples)
             targets = sum(t != -100 for ex in examples for t in ex["targets"])
@@ -357,7 +357,7 @@ class CausalLMTask(Task):
                 example["rationale"] = view(sbs.rationale_prefix, sbs.rationale_column, rec, where)
             examples.append(example)
         if is_main:
-            from potstill.train.progress import console
+            from potstill.ui import console
 
             labels = sum(t != -100 for ex in examples for t in ex["targets"])
             rationales = sum(t != -100 for ex in examples for t in ex.get("rationale", {}).get("targets", ()))
@@ -525,7 +525,7 @@ class CausalLMTask(Task):
     def _teacher_completions(self, prompts: list[list[int]], settings: Any) -> list[list[int]]:
         """Seq-KD with the live teacher model: sampled 8 prompts at a time, each batch seeded by its position."""
         from potstill.tasks.generation import sample_completions
-        from potstill.train.progress import task_progress
+        from potstill.ui import task_progress
 
         completions, batch = [], 8
         with task_progress("teacher completions (seq-KD)", len(prompts)) as advance:
@@ -542,7 +542,7 @@ class CausalLMTask(Task):
         stopped on its own). Every request carries the recipe's seed, so a re-run asks the same requests, which
         the response cache answers."""
         from potstill.teachers.endpoint import EndpointTeacher
-        from potstill.train.progress import task_progress
+        from potstill.ui import task_progress
 
         cfg = self.recipe.teacher.endpoint
         bos = self.tokenizer.bos_token_id

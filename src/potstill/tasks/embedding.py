@@ -84,7 +84,7 @@ class EmbeddingTask(Task):
     def _static_student(self, *, is_main: bool) -> nn.Module:
         """A model2vec-style static student built from the teacher without data (`students/static.py`)."""
         from potstill.students.static import StaticStudent
-        from potstill.train.progress import task_progress
+        from potstill.ui import task_progress
 
         options = {"pca_dims": 256, "sif_coefficient": 1e-4, "normalize": True, **self.recipe.student.config}
         try:
@@ -124,7 +124,7 @@ class EmbeddingTask(Task):
 
     def _teacher_cache(self, *, is_main: bool, barrier) -> torch.Tensor:
         def compute() -> torch.Tensor:
-            from potstill.train.progress import task_progress
+            from potstill.ui import task_progress
 
             with task_progress("teacher embeddings (cached once per run)", len(self._texts)) as advance:
                 return self.encode(self.teacher, self._texts, progress=advance)

@@ -17,27 +17,19 @@ query / key / value projections of chosen blocks, captured by forward hooks (the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from potstill.errors import UserError
+from potstill.signals import Signals
 
 SEPARATE = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"),
             ("q", "k", "v"), ("wq", "wk", "wv"))
 FUSED = ("c_attn", "qkv", "qkv_proj", "Wqkv", "in_proj")
 
 
-@dataclass
-class Signals:
-    """A task's signal plus the internals the objectives asked for."""
-
-    main: Any
-    token_mask: Tensor
-    hidden_states: tuple[Tensor, ...] | None = None
-    qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
 
 
 def _layer_count(model: nn.Module) -> int | None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ from torch import nn
 
 from potstill.data import fingerprint_records
 from potstill.errors import UserError
+from potstill.signals import RankingScores
 from potstill.tasks.base import Task, cached_tensor
 from potstill.tasks.embedding import encode_texts, pool
 from potstill.tasks.models import build_student, freeze_pooler, load_hf_teacher, resolve_model_path
@@ -61,23 +61,6 @@ from potstill.tasks.models import build_student, freeze_pooler, load_hf_teacher,
 CACHE_FORMAT = 1
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 QUERIES_PER_CLUSTER = 200  # TAS-B: 2,000 clusters for MS MARCO's ~400k training queries
-
-
-@dataclass
-class RankingScores:
-    """The ranking task's signal: each query's candidate scores and, when asked for, its in-batch scores.
-
-    `candidates` (B, 1 + N), the positive first; `in_batch` (B, B), query i against the positive of batch
-    item j (diagonal: its own positive); `in_batch_mask` (B, B), True where passage j is not relevant to
-    query i (the pair counts). A splade student also gives its term weights, `query_terms` (B, V; None
-    when inference-free) and `passage_terms` (B·(1 + N), V), for the `sparse_flops` regulariser.
-    """
-
-    candidates: torch.Tensor
-    in_batch: torch.Tensor | None = None
-    in_batch_mask: torch.Tensor | None = None
-    query_terms: torch.Tensor | None = None
-    passage_terms: torch.Tensor | None = None
 
 
 class ScoresObjective:
@@ -149,6 +132,10 @@ def _active_terms(weights: torch.Tensor) -> float:
 class RankingTask(Task):
     signal_kind = "scores"
     name = "ranking"
+
+    def adapt_objective(self, name: str, fn: Any) -> Any:
+        """Score losses read the candidates (B, 1 + N) or, for in_batch_margin_mse, the in-batch (B, B)."""
+        return ScoresObjective(name, fn)
 
     def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
         from transformers import AutoModel, AutoModelForSequenceClassification
@@ -504,7 +491,7 @@ class RankingTask(Task):
                              is_main=is_main, barrier=barrier)
 
     def _scores_of(self, model: nn.Module, records: list[dict]) -> torch.Tensor:
-        from potstill.train.progress import task_progress
+        from potstill.ui import task_progress
 
         bs = max(1, self.recipe.eval.batch_size // (1 + len(records[0]["negatives"])))
         out = []

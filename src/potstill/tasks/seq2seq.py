@@ -137,7 +137,7 @@ class Seq2SeqTask(Task):
                         rec[sbs.rationale_column], sbs.rationale_column, where))
                 examples.append(example)
         if is_main:
-            from potstill.train.progress import console
+            from potstill.ui import console
 
             targets = sum(len(ex["labels"]) for ex in examples)
             extra = sum(len(ex["rationale"]["labels"]) for ex in examples) if with_rationale else 0

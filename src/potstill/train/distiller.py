@@ -45,8 +45,8 @@ from potstill.errors import UserError
 from potstill.io import atomic_write_json, atomic_write_text
 from potstill.losses.fused import FUSED_DIVERGENCES, LMHeadInputs, fused_linear_divergence
 from potstill.losses.sparse import TopKTeacher, sparse_version
+from potstill.signals import Signals
 from potstill.tasks.base import Task
-from potstill.tasks.internals import Signals
 from potstill.train import checkpoint as ckpt
 
 
@@ -194,7 +194,7 @@ class Distiller:
 
     def _print(self, message: str) -> None:
         if self.is_main:
-            from potstill.train.progress import console
+            from potstill.ui import console
 
             console.print(message)
 
@@ -493,7 +493,7 @@ class Distiller:
         acc, cfg, task = self.accelerator, self.cfg, self.task
         from rich.progress import TextColumn
 
-        from potstill.train.progress import console, make_progress
+        from potstill.ui import console, make_progress
 
         names = [o.name for o in self.objectives] + (["hard_label"] if cfg.hard_label_weight else [])
         weights = torch.tensor([o.weight for o in self.objectives] + ([cfg.hard_label_weight]

@@ -32,8 +32,9 @@ def with_pruned_kd_weights(recipe: Recipe) -> Recipe:
     return tied
 
 
-def build_objectives(recipe: Recipe) -> list[Objective]:
-    """Objectives of the recipe, checked against what the task's signals can feed."""
+def build_objectives(recipe: Recipe, task: Any = None) -> list[Objective]:
+    """Objectives of the recipe, checked against what the task's signals can feed; `task` (a `Task`) points
+    each loss at its part of the task's signal (`Task.adapt_objective`)."""
     import inspect
 
     kind = TASK_SIGNALS[recipe.task]
@@ -59,11 +60,7 @@ def build_objectives(recipe: Recipe) -> list[Objective]:
 
                 raise UserError(f"field objectives.{i}.params.{key}: {cfg.name} has no parameter {key!r}"
                                 f"{did_you_mean(key, valid)}; valid: {', '.join(valid)}")
-        fn = info.fn
-        if recipe.task == "ranking":  # reads the candidates (B, 1 + N) or the in-batch (B, B) scores
-            from potstill.tasks.ranking import ScoresObjective
-
-            fn = ScoresObjective(cfg.name, fn)
+        fn = task.adapt_objective(cfg.name, info.fn) if task is not None else info.fn
         if info.kind == "embedding" and recipe.task == "embedding":
             # a student narrower than the teacher compares its vectors through a learned projection
             from potstill.losses.intermediate import ProjectedLoss
@@ -86,7 +83,8 @@ def fit_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     its trained student, distiller, summary). `run_recipe` adds the report; loops over runs (PGKD) use this."""
     recipe = with_pruned_kd_weights(recipe)
     task = build_task(recipe, run_dir=recipe.run_dir)
-    distiller = Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir, seed=recipe.seed,
+    distiller = Distiller(task, build_objectives(recipe, task), recipe.trainer, run_dir=recipe.run_dir,
+                          seed=recipe.seed,
                           eval_config=recipe.eval, recipe_text=dump_recipe(recipe), accelerator=accelerator)
     return task, distiller, distiller.fit(resume=resume, overwrite=overwrite)
 

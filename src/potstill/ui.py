@@ -1,4 +1,6 @@
-"""Rich progress bars that stay quiet when output is not a terminal (CI logs, subprocesses)."""
+"""Console output and rich progress bars (quiet when output is not a terminal: CI logs, subprocesses).
+
+The lowest-level UI module: any part (tasks, teachers, the loop, the CLI) may import it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,45 @@
+"""What a task hands to the objectives: the typed signals of a batch.
+
+A teacher's or a student's signal for one batch is one of:
+- a `Tensor`: logits `[..., C]` (classification, causal_lm, seq2seq) or pooled embeddings `[B, D]`;
+- `Signals`: that main signal plus the internals (hidden states, q/k/v) that objectives on internals read;
+- `RankingScores`: the ranking task's candidate and in-batch score matrices;
+- `potstill.losses.fused.LMHeadInputs`: a student's lm_head inputs (`trainer.fused_lm_head`);
+- `potstill.losses.sparse.TopKTeacher`: a cached teacher's top-k log-probs.
+
+This module knows only torch, so that every part (tasks, teachers, students, the loop) can import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class Signals:
+    """A task's signal plus the internals the objectives asked for."""
+
+    main: Any
+    token_mask: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+    qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class RankingScores:
+    """The ranking task's signal: each query's candidate scores and, when asked for, its in-batch scores.
+
+    `candidates` (B, 1 + N), the positive first; `in_batch` (B, B), query i against the positive of batch
+    item j (diagonal: its own positive); `in_batch_mask` (B, B), True where passage j is not relevant to
+    query i (the pair counts). A splade student also gives its term weights, `query_terms` (B, V; None
+    when inference-free) and `passage_terms` (B·(1 + N), V), for the `sparse_flops` regulariser.
+    """
+
+    candidates: Tensor
+    in_batch: Tensor | None = None
+    in_batch_mask: Tensor | None = None
+    query_terms: Tensor | None = None
+    passage_terms: Tensor | None = None
