@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from conftest import REPO, accelerate_launch, write_yaml
 from safetensors.torch import load_file
@@ -69,7 +68,6 @@ def test_minilm_embedding_distillation_lowers_loss_and_saves_st_model(tmp_path):
     assert manifest["rows"] == 96 and len(manifest["sha256"]) == 64
 
 
-@pytest.mark.slow
 def test_accelerate_cpu_flag_starts_two_processes(tmp_path, digits_recipe):
     """`accelerate launch --cpu --num_processes 2` alone starts one process; potstill restarts as two (gloo)."""
     raw = dict(digits_recipe, name="cpu2", trainer={**digits_recipe["trainer"], "batch_size": 4, "max_steps": 2})
@@ -82,7 +80,6 @@ def test_accelerate_cpu_flag_starts_two_processes(tmp_path, digits_recipe):
     assert (run / "student" / "model.safetensors").is_file()
 
 
-@pytest.mark.slow
 def test_two_process_accelerate_run(tmp_path, digits_recipe):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine trains with gloo, writes one
     student, and matches one process with twice the batch."""

@@ -237,7 +237,6 @@ def test_internals_objective_errors(tmp_path, classifier, digits_recipe):
         run_recipe(validate_recipe(digits))
 
 
-@pytest.mark.slow
 def test_two_processes_sync_the_projections(tmp_path, classifier):
     """2 gloo processes × batch 4 with a learned projection (hidden_mse, narrow student) end with the student
     and projections of 1 process × batch 8: the projections' gradients are averaged like the student's."""

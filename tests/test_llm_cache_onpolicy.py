@@ -151,7 +151,6 @@ def test_seq_kd_trains_on_teacher_completions_stored_once(tmp_path, raw):
         run_recipe(load_recipe(_write(tmp_path, changed, "changed.yaml")))
 
 
-@pytest.mark.slow
 def test_cached_teacher_rows_align_across_two_processes(tmp_path, raw, folders):
     """2 processes × batch 2 read the same cached rows as 1 process × batch 4: same student weights (the Llama
     teacher: no dropout, so both runs compute the same thing; its vocabulary is also padded). The 2-process run

@@ -422,7 +422,6 @@ def test_sparse_flops_warm_up_state_and_errors():
         SparseFlops(side="docs")
 
 
-@pytest.mark.slow
 def test_two_processes_train_the_ranking_student_like_one(tmp_path):
     """2 gloo processes × batch 4 (Margin-MSE, shared tower) end with the student of 1 process × batch 8; with
     separate towers, TAS-Balanced batches and in-batch teacher scores the 2-process run also completes."""

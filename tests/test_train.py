@@ -128,7 +128,6 @@ def _run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(POTSTILL + args, capture_output=True, text=True, env=env, cwd=REPO, **kw)
 
 
-@pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_weights(digits_recipe, tmp_path):
     """Kill a real training process with SIGKILL at random moments; resuming ends with identical weights."""
     raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 400, "save_every": 25,

@@ -28,7 +28,7 @@ from potstill.losses import (
     tvd,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "Distiller": "potstill.train", "Objective": "potstill.train", "TrainingDiverged": "potstill.train",

@@ -136,6 +136,7 @@ class _ChunkedRows(torch.autograd.Function):
                     grads = list(torch.autograd.grad(value, wanted, grad_out[start:stop]))
                 for target, need in zip(full, needs, strict=True):
                     if need:
+                        assert target is not None
                         g = grads.pop(0)
                         if idx is None:
                             target[start:stop] = g
@@ -153,7 +154,7 @@ def apply_rows(
     tuple reaches `rows_fn` as a tuple of the selected rows of each.
     """
     packed = isinstance(teacher, tuple)
-    parts = list(teacher) if packed else [teacher]
+    parts: list[Tensor] = list(teacher) if isinstance(teacher, tuple) else [teacher]
     if chunk_size is None:
         if idx is not None:
             student = student.index_select(0, idx)
@@ -202,7 +203,7 @@ def rowwise(
     and a `[...]` tail); `rows_fn` then receives a tuple with the same rows of each, flattened to `(n, ...)`.
     """
     packed = isinstance(teacher, tuple)
-    if not packed:
+    if not isinstance(teacher, tuple):
         check_same_shape(student, teacher, what)
     check_reduction(reduction)
     check_chunk_size(chunk_size)
@@ -221,9 +222,9 @@ def rowwise(
     if row_mask is not None and not bool(row_mask.all()):
         idx = row_mask.reshape(-1).nonzero().squeeze(1)
     n_rows = row_shape.numel()
-    flat_teacher = (
+    flat_teacher: Teacher = (
         tuple(t.reshape(n_rows, *t.shape[len(row_shape):]) for t in teacher)
-        if packed
+        if isinstance(teacher, tuple)
         else teacher.reshape(-1, teacher.shape[-1])
     )
     values = apply_rows(rows_fn, student.reshape(-1, student.shape[-1]), flat_teacher, idx, chunk_size)

@@ -187,15 +187,15 @@ class _FusedLinearRows(torch.autograd.Function):
                     values = _call(ctx.rows_fn, logits, parts, ctx.packed)
                     (g,) = torch.autograd.grad(values, logits, grad_out[start:stop])
                 del logits, values
-                if need_h:
+                if grad_h is not None:
                     gh = g @ weight32
                     if idx is None:
                         grad_h[start:stop] = gh
                     else:
                         grad_h.index_copy_(0, idx[start:stop], gh.to(grad_h.dtype))
-                if need_w:
+                if grad_w is not None:
                     grad_w[:vocab].addmm_(g.t(), h)
-                if need_b:
+                if grad_b is not None:
                     grad_b[:vocab] += g.sum(0)
                 del g
         if grad_w is not None:
@@ -261,7 +261,7 @@ def _teacher_parts(
             raise ValueError(
                 f"top-k teacher ids must be in [0, {vocab_size}), got ids from {int(ids.min())} to {int(ids.max())}"
             )
-        parts = (ids.long().reshape(n, -1), teacher.logprobs.detach().reshape(n, -1))
+        parts: tuple[Tensor, ...] = (ids.long().reshape(n, -1), teacher.logprobs.detach().reshape(n, -1))
         if teacher.tail_logprob is not None:
             parts += (teacher.tail_logprob.detach().reshape(n),)
         return vocab_size, parts

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -126,13 +127,15 @@ class HiddenStateObjective(_Bound):
     def forward(self, student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], *,
                 mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
         pairs = self._pairs()
-        total = None
+        total: Tensor | None = None
         for k, (i, j) in enumerate(pairs):
             s = student_hidden[i + 1]
             if len(self.projections):
-                s = self.projections[k](s.to(self.projections[k].weight.dtype))
+                projection = cast(nn.Linear, self.projections[k])
+                s = projection(s.to(projection.weight.dtype))
             value = type(self).loss(s, teacher_hidden[j + 1], mask=mask, reduction=reduction, **self.loss_params)
             total = value if total is None else total + value
+        assert total is not None  # layer_map never returns an empty map
         return total / len(pairs) if self.layer_reduction == "mean" else total
 
 
@@ -297,13 +300,16 @@ class AttentionMSE(_Bound):
     def forward(self, student_qkv: Mapping[int, tuple[Tensor, Tensor, Tensor]],
                 teacher_qkv: Mapping[int, tuple[Tensor, Tensor, Tensor]], *, mask: Tensor | None = None,
                 reduction: str = "mean") -> Tensor:
+        pairs = self._pairs()
         h, total = self.heads, None
-        for i, j in self._pairs():
+        assert h is not None  # set by bind, like the pairs
+        for i, j in pairs:
             (qs, ks, _), (qt, kt, _) = student_qkv[i], teacher_qkv[j]
             value = attention_mse(relation_logits(qs, ks, heads=h), relation_logits(qt, kt, heads=h), mask=mask,
                                   reduction=reduction)
             value = _per_token(value, h, reduction)
             total = value if total is None else total + value
+        assert total is not None  # layer_map never returns an empty map
         return total
 
 

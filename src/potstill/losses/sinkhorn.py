@@ -50,9 +50,9 @@ class _PairwiseL1(torch.autograd.Function):
             stop = min(start + step, n)
             sign = (x[start:stop, None, :] - y[None, :, :]).sign_()
             g = grad[start:stop]
-            if need_x:
+            if grad_x is not None:
                 grad_x[start:stop] = torch.einsum("ij,ijc->ic", g, sign)
-            if need_y:
+            if grad_y is not None:
                 grad_y -= torch.einsum("ij,ijc->jc", g, sign)
         return grad_x, grad_y
 

@@ -211,7 +211,7 @@ def _check_teacher(student_logits: Tensor, teacher: TopKTeacher) -> tuple[Tensor
         raise ValueError(
             f"top-k teacher ids must be in [0, {vocab}), got ids from {int(ids.min())} to {int(ids.max())}"
         )
-    parts = (ids.long(), teacher.logprobs)
+    parts: tuple[Tensor, ...] = (ids.long(), teacher.logprobs)
     if teacher.tail_logprob is not None:
         parts += (teacher.tail_logprob,)
     return parts

@@ -108,6 +108,13 @@ class TAID(nn.Module):
     prev_loss: Tensor
     momentum: Tensor
     has_prev_loss: Tensor
+    t_start: float
+    t_end: float
+    alpha: float
+    beta: float
+    adaptive: bool
+    temperature: float
+    chunk_size: int | None
 
     def __init__(
         self,

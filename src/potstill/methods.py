@@ -1,0 +1,261 @@
+"""The catalogue of implemented papers, listed by `potstill methods` and written into README.md.
+
+Each `MethodInfo` names one paper's part as built here: what kind of part it is (an objective, a sampler, a
+teacher, ...), the module and attribute that implement it, the recipe or benchmark script that shows it, and
+the docs/results.md section that measures it (None where no packaged recipe / measured result exists yet).
+The objective catalogue (`potstill.losses.catalogue.OBJECTIVES`) holds the formulas and defaults of the losses;
+this one says where every paper lives.
+
+    python -m potstill.methods --write-readme     # regenerate README.md's method and objective tables
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KINDS = ("objective", "sampler", "teacher", "student builder", "loop hook", "data generator", "index", "evaluation")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One paper's part: `paper` is authors + title, `module`/`attribute` the code, `recipe` a repository path
+    (a packaged recipe, else a benchmarks/ script), `results` an anchor `docs/results.md#<heading slug>`."""
+
+    name: str
+    paper: str
+    year: int
+    kind: str
+    module: str
+    attribute: str
+    recipe: str | None = None
+    results: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}.{self.attribute}"
+
+    def load(self) -> Any:
+        """The implementing object (imports its module)."""
+        return getattr(importlib.import_module(self.module), self.attribute)
+
+
+_RESULTS = "docs/results.md#"
+_REPRESENTATION = _RESULTS + "representation-distillation-of-all-minilm-l6-v2-benchmarksrepresentation_studypy"
+_DMAE = _RESULTS + "dmae-vs-mae-only-on-the-digits-benchmarksdmae_studypy"
+_DISTILL_VQ = _RESULTS + "distill-vq-vs-faiss-ivfpq-at-equal-code-size-benchmarksdistill_vqpy"
+_SMOLLM2 = _RESULTS + "smollm2-135m-instruct--7-layer-slice-recipessmollm2-sliceyaml"
+_RANKING = _RESULTS + "retrieval-distillation-on-chatterbot-benchmarksranking_studypy"
+_RESTTEST = _RESULTS + "interpolation-vs-extrapolation-resttest-style-split-methods-b-25"
+_DATA = _RESULTS + "data-strategies-on-toy-tasks-benchmarksdata_strategiespy"
+_STEP_BY_STEP = _RESULTS + "distilling-step-by-step-on-arithmetic-word-problems-benchmarksstep_by_steppy"
+_ENDPOINT = _RESULTS + "a-text-only-teacher-behind-a-flaky-endpoint-benchmarksendpoint_generatepy"
+
+_RECIPES = "src/potstill/recipes/"
+_HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
+_GKD = 'Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"'
+_TINYBERT = 'Jiao et al., "TinyBERT: Distilling BERT for Natural Language Understanding"'
+_DISTILBERT = 'Sanh et al., "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and lighter"'
+_MARGIN_MSE = ('Hofstätter et al., "Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge '
+               'Distillation"')
+_TAS_B = ('Hofstätter et al., "Efficiently Teaching an Effective Dense Retriever with Balanced Topic Aware '
+          'Sampling"')
+_SPLADE = 'Formal, Piwowarski & Clinchant, "SPLADE: Sparse Lexical and Expansion Model for First Stage Ranking"'
+_INFERENCE_FREE = 'Geng et al., "Towards Competitive Search Relevance For Inference-Free Learned Sparse Retrievers"'
+_LOSSES = "potstill.losses."
+
+METHODS: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo("KD (soft targets)", _HINTON, 2015, "objective", _LOSSES + "divergences", "forward_kl",
+                   _RECIPES + "digits.yaml", _SMOLLM2),
+        MethodInfo("MiniLLM reverse KL", 'Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models"',
+                   2024, "objective", _LOSSES + "divergences", "reverse_kl", "benchmarks/loss_memory.py"),
+        MethodInfo("GKD generalized JSD", _GKD, 2024, "objective", _LOSSES + "divergences", "generalized_jsd",
+                   "benchmarks/llm_step.py"),
+        MethodInfo("GKD on-policy samples", _GKD, 2024, "loop hook", "potstill.data.on_policy",
+                   "on_policy_batch", "benchmarks/llm_step.py"),
+        MethodInfo("DistiLLM skew KL",
+                   'Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models"', 2024,
+                   "objective", _LOSSES + "divergences", "skew_kl"),
+        MethodInfo("Total variation distance",
+                   'Wen et al., "f-Divergence Minimization for Sequence-Level Knowledge Distillation"', 2023,
+                   "objective", _LOSSES + "divergences", "tvd"),
+        MethodInfo("TAID", 'Shing et al., "TAID: Temporally Adaptive Interpolated Distillation for Efficient '
+                   'Knowledge Transfer in Language Models"', 2025, "objective", _LOSSES + "taid", "TAID"),
+        MethodInfo("SinKD", 'Cui et al., "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation"', 2024,
+                   "objective", _LOSSES + "sinkhorn", "sinkhorn"),
+        MethodInfo("Sequence-level KD", 'Kim & Rush, "Sequence-Level Knowledge Distillation"', 2016, "teacher",
+                   "potstill.teachers.seq_kd", "seq_kd_completions", "benchmarks/llm_step.py"),
+        MethodInfo("Black-box synthetic data", 'Shirgaonkar et al., "Knowledge Distillation Using Frontier '
+                   'Open-source LLMs: Generalizability and the Role of Synthetic Data"', 2024, "data generator",
+                   "potstill.generate", "generate_dataset", "benchmarks/endpoint_generate.py", _ENDPOINT),
+        MethodInfo("Distilling step-by-step", 'Hsieh et al., "Distilling Step-by-Step! Outperforming Larger Language '
+                   'Models with Less Training Data and Smaller Model Sizes"', 2023, "data generator",
+                   "potstill.data.step_by_step", "step_by_step_rows", _RECIPES + "step-by-step.yaml", _STEP_BY_STEP),
+        MethodInfo("DistilBERT layer-drop student", _DISTILBERT, 2019, "student builder", "potstill.students.build",
+                   "layers_from_teacher", _RECIPES + "demo.yaml", _REPRESENTATION),
+        MethodInfo("DistilBERT cosine loss", _DISTILBERT, 2019, "objective", _LOSSES + "intermediate",
+                   "HiddenCosine"),
+        MethodInfo("TinyBERT hidden-state MSE", _TINYBERT, 2020, "objective", _LOSSES + "intermediate", "HiddenMSE",
+                   "benchmarks/representation_study.py", _REPRESENTATION),
+        MethodInfo("TinyBERT attention MSE", _TINYBERT, 2020, "objective", _LOSSES + "intermediate", "AttentionMSE"),
+        MethodInfo("MiniLM", 'Wang et al., "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression '
+                   'of Pre-Trained Transformers"', 2020, "objective", _LOSSES + "minilm", "MiniLMAttention"),
+        MethodInfo("MiniLMv2", 'Wang et al., "MiniLMv2: Multi-Head Self-Attention Relation Distillation for '
+                   'Compressing Pretrained Transformers"', 2021, "objective", _LOSSES + "minilm", "MiniLMRelations",
+                   "benchmarks/representation_study.py", _REPRESENTATION),
+        MethodInfo("SquareHead", 'Kurtic et al., "Sparse Finetuning for Inference Acceleration of Large Language '
+                   'Models"', 2023, "objective", _LOSSES + "intermediate", "SquareHead"),
+        MethodInfo("Embedding MSE", 'Reimers & Gurevych, "Making Monolingual Sentence Embeddings Multilingual using '
+                   'Knowledge Distillation"', 2020, "objective", _LOSSES + "embedding", "embedding_mse",
+                   _RECIPES + "demo.yaml", _REPRESENTATION),
+        MethodInfo("Static-embedding student (model2vec)", 'Tulkens & van Dongen, "Model2Vec: Fast State-of-the-Art '
+                   'Static Embeddings" (software)', 2024, "student builder", "potstill.students.static",
+                   "StaticStudent", "benchmarks/representation_study.py", _REPRESENTATION),
+        MethodInfo("DMAE", 'Bai et al., "Masked Autoencoders Enable Efficient Knowledge Distillers"', 2023,
+                   "objective", _LOSSES + "intermediate", "DMAEAlign", _RECIPES + "digits-dmae.yaml", _DMAE),
+        MethodInfo("Margin-MSE", _MARGIN_MSE, 2020, "objective", _LOSSES + "ranking", "margin_mse",
+                   _RECIPES + "chatterbot-rank.yaml", _RANKING),
+        MethodInfo("RocketQAv2 listwise KL", 'Ren et al., "RocketQAv2: A Joint Training Method for Dense Passage '
+                   'Retrieval and Passage Re-ranking"', 2021, "objective", _LOSSES + "ranking", "listwise_kl",
+                   _RECIPES + "chatterbot-rank.yaml", _RANKING),
+        MethodInfo("TAS-B in-batch Margin-MSE", _TAS_B, 2021, "objective", _LOSSES + "ranking",
+                   "in_batch_margin_mse", _RECIPES + "chatterbot-tasb.yaml", _RANKING),
+        MethodInfo("TAS-Balanced batches", _TAS_B, 2021, "sampler", "potstill.data.tas_balanced",
+                   "TopicBalancedSampler", _RECIPES + "chatterbot-tasb.yaml", _RANKING),
+        MethodInfo("SPLADE student", _SPLADE, 2021, "student builder", "potstill.students.splade", "SpladeEncoder",
+                   "benchmarks/ranking_study.py", _RANKING),
+        MethodInfo("FLOPS regulariser", 'Paria et al., "Minimizing FLOPs to Learn Efficient Sparse Representations"',
+                   2020, "objective", _LOSSES + "ranking", "flops", "benchmarks/ranking_study.py", _RANKING),
+        MethodInfo("Inference-free sparse queries", _INFERENCE_FREE, 2024, "student builder",
+                   "potstill.students.splade", "InferenceFreeQuery", "benchmarks/ranking_study.py", _RANKING),
+        MethodInfo("IDF-aware FLOPS", _INFERENCE_FREE, 2024, "objective", _LOSSES + "ranking", "idf_flops",
+                   "benchmarks/ranking_study.py", _RANKING),
+        MethodInfo("Min-max ensemble teacher", _INFERENCE_FREE, 2024, "teacher", "potstill.teachers.ensemble",
+                   "minmax_ensemble"),
+        MethodInfo("Distill-VQ", 'Xiao et al., "Distill-VQ: Learning Retrieval Oriented Vector Quantization By '
+                   'Distilling Knowledge from Dense Embeddings"', 2022, "index", "potstill.index.distill_vq",
+                   "distill_vq", "benchmarks/distill_vq.py", _DISTILL_VQ),
+        MethodInfo("DDK", 'Liu et al., "DDK: Distilling Domain Knowledge for Efficient Large Language Models"', 2024,
+                   "sampler", "potstill.data.ddk", "DomainWeightedSampler", "benchmarks/data_strategies.py", _DATA),
+        MethodInfo("Robust Active Distillation", 'Baykal et al., "Robust Active Distillation"', 2023, "sampler",
+                   "potstill.data.active", "ActiveSelector", "benchmarks/data_strategies.py", _DATA),
+        MethodInfo("Data pruning with KD", 'Ben-Baruch et al., "Distilling the Knowledge in Data Pruning"', 2024,
+                   "sampler", "potstill.data.pruning", "prune_indices", "benchmarks/data_strategies.py", _DATA),
+        MethodInfo("TAPIR curriculum", 'Yue et al., "Distilling Instruction-following Abilities of Large Language '
+                   'Models with Task-aware Curriculum Planning"', 2024, "sampler", "potstill.data.curriculum",
+                   "Curriculum"),
+        MethodInfo("PGKD", 'Di Palo et al., "Performance-Guided LLM Knowledge Distillation for Efficient Text '
+                   'Classification at Scale"', 2024, "data generator", "potstill.data.pgkd", "PGKDLoop"),
+        MethodInfo("Teacher-hacking monitor", 'Tiapkin et al., "On Teacher Hacking in Language Model Distillation"',
+                   2025, "evaluation", "potstill.eval.teacher_hacking", "TeacherHackingMonitor"),
+        MethodInfo("Interpolation / extrapolation splits", 'Zhan et al., "Evaluating Interpolation and '
+                   'Extrapolation Performance of Neural Retrieval Models"', 2022, "evaluation", "potstill.data.splits",
+                   "interpolation_extrapolation_splits", "benchmarks/ranking_study.py", _RESTTEST),
+    )
+}
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, each space a hyphen."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def methods_table() -> str:
+    """README's method table, one row per `METHODS` entry."""
+    lines = ["| method | paper | year | kind | code | recipe | results |", "|---|---|---|---|---|---|---|"]
+    for m in METHODS.values():
+        recipe = f"[{Path(m.recipe).name}]({m.recipe})" if m.recipe else "—"
+        results = f"[results]({m.results})" if m.results else "—"
+        lines.append(f"| {_cell(m.name)} | {_cell(m.paper)} | {m.year} | {m.kind} | `{m.target}` | {recipe} | "
+                     f"{results} |")
+    return "\n".join(lines)
+
+
+def objectives_table() -> str:
+    """README's objective table, one row per `potstill.losses.catalogue.OBJECTIVES` entry."""
+    from potstill.losses.catalogue import OBJECTIVES
+
+    lines = ["| objective | signal | formula | source |", "|---|---|---|---|"]
+    for info in OBJECTIVES.values():
+        lines.append(f"| `{info.name}` | {info.kind.replace('_', ' ')} | {_cell(info.formula)} | "
+                     f"{_cell(info.paper)} |")
+    return "\n".join(lines)
+
+
+def _replace_between(text: str, marker: str, body: str) -> str:
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"README.md: expected one `{start}` followed by one `{end}`")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def render_readme(text: str) -> str:
+    """`text` (README.md) with its generated tables replaced by what the catalogues give now."""
+    text = _replace_between(text, "methods", methods_table())
+    return _replace_between(text, "objectives", objectives_table())
+
+
+def write_readme(path: str | Path = "README.md") -> bool:
+    """Regenerate the tables of the README at `path`; True when the file changed."""
+    path = Path(path)
+    old = path.read_text(encoding="utf-8")
+    new = render_readme(old)
+    if new != old:
+        path.write_text(new, encoding="utf-8")
+    return new != old
+
+
+def methods_command(json_output: bool) -> None:
+    """`potstill methods`: the catalogue as a table on stdout, or with `--json` as a JSON list of objects."""
+    if json_output:
+        rows = [dataclasses.asdict(m) | {"target": m.target} for m in METHODS.values()]
+        sys.stdout.write(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for column in ("method", "year", "kind", "code", "recipe", "results", "paper"):
+        table.add_column(column, no_wrap=True, overflow="ignore")
+    for m in METHODS.values():
+        table.add_row(m.name, str(m.year), m.kind, m.target, m.recipe or "—", m.results or "—", m.paper)
+    # Wide enough for the longest row: piped output (| grep) is never wrapped or cut at 80 columns.
+    Console(file=sys.stdout, width=1000, highlight=False, markup=False, emoji=False).print(table, crop=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m potstill.methods", description=__doc__.splitlines()[0])
+    parser.add_argument("--write-readme", nargs="?", const="README.md", metavar="PATH",
+                        help="regenerate the method and objective tables of README.md (or PATH)")
+    parser.add_argument("--json", action="store_true", help="print the catalogue as JSON")
+    args = parser.parse_args(argv)
+    if args.write_readme:
+        changed = write_readme(args.write_readme)
+        print(f"{args.write_readme}: {'tables updated' if changed else 'tables already up to date'}")
+        return 0
+    methods_command(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
