@@ -60,7 +60,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from potstill.errors import UserError
-from potstill.teachers.endpoint import MAX_TOP_LOGPROBS, canonical_json
+from potstill.teachers.endpoint import MAX_TOP_LOGPROBS
+from potstill.teachers.response_cache import canonical_json
 
 logger = logging.getLogger("potstill.serve")
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from potstill.teachers.cache import TopKCacheWriter
+from potstill.teachers.cache_writer import TopKCacheWriter
 
 
 def weights_fingerprint(model: nn.Module) -> str:
