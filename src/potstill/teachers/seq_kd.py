@@ -89,9 +89,10 @@ def endpoint_completions(endpoint_cfg: Any, prompts: list[list[int]], settings: 
         raise UserError(f"teacher.endpoint: {len(failed)} of {len(texts)} prompts failed after retries (first: "
                         f"record {failed[0] + 1}: {results[failed[0]]}); run again: answered prompts come from "
                         f"the response cache {cache}")
+    answers = [r for r in results if not isinstance(r, Exception)]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return [list(tokenizer(r.text, add_special_tokens=False)["input_ids"]) + (eos if r.finish_reason == "stop" else [])
-            for r in results]
+            for r in answers]
 
 
 def recipe_completions(recipe: Any, prompts: list[list[int]], *, teacher: nn.Module | None, tokenizer: Any,
@@ -143,5 +144,7 @@ def seq_kd_completions(prompts: list[list[int]], settings: SamplingSettings, *, 
                 atomic_write_json(path, stored)
         barrier()
         if not is_main:
+            if path is None:
+                raise ValueError("seq_kd_completions: several processes need a run_dir to share the completions")
             stored = json.loads(path.read_text())
     return stored
