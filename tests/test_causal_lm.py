@@ -19,11 +19,11 @@ from transformers import (
 )
 
 from potstill.config import validate_recipe
+from potstill.data.lm_records import pack, shift_targets
 from potstill.errors import UserError
 from potstill.losses import forward_kl
 from potstill.students import layers_from_teacher
 from potstill.tasks import build_task
-from potstill.tasks.causal_lm import pack, shift_targets
 from potstill.train import run_recipe
 
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "what is two plus two", "two plus two is four",

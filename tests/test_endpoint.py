@@ -25,7 +25,8 @@ from test_causal_lm import llama, make_tokenizer
 from potstill.errors import UserError
 from potstill.serve import FaultSettings, LocalServer, create_app
 from potstill.teachers import Completion, EndpointError, EndpointTeacher, ResponseCache
-from potstill.teachers.endpoint import TokenBucket, canonical_json, request_key
+from potstill.teachers.endpoint import TokenBucket
+from potstill.teachers.response_cache import canonical_json, request_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 URL = "http://teacher.test/v1"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from potstill.tasks.generation import SamplingSettings, _filter_logits, sample_completions
+from potstill.data.sampling import SamplingSettings, _filter_logits, sample_completions
 
 
 @pytest.fixture(scope="module")

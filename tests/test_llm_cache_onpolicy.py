@@ -11,9 +11,10 @@ import yaml
 
 from potstill.cli import main
 from potstill.config import load_recipe
+from potstill.data.lm_records import prompt_of
+from potstill.data.sampling import SamplingSettings, sample_completions
 from potstill.errors import UserError
 from potstill.tasks import build_task
-from potstill.tasks.generation import SamplingSettings, sample_completions
 from potstill.train import run_recipe
 
 SENTENCES, write_jsonl = lm.SENTENCES, lm.write_jsonl
@@ -107,7 +108,7 @@ def test_on_policy_batches_hold_the_students_samples(tmp_path, raw):
     out = task.prepare_batch(batch, task.student, micro_batch=7)
     assert out["on_policy"]
     seed = (0 * 1_000_003 + 7) * 1_009
-    prompts = [task.prompt_of(task.train_records[i]) for i in idx]
+    prompts = [prompt_of(task.train_records[i]) for i in idx]
     expected = sample_completions(task.student, prompts, settings=SamplingSettings(5, 1.0), pad_token_id=task.pad_id,
                                   eos_token_id=task.tokenizer.eos_token_id, seed=seed)
     for b, (prompt, completion) in enumerate(zip(prompts, expected, strict=True)):
@@ -134,7 +135,7 @@ def test_seq_kd_trains_on_teacher_completions_stored_once(tmp_path, raw):
     task = build_task(recipe, run_dir=recipe.run_dir)
     task.setup()
     stored = json.loads((recipe.run_dir / "seq_kd_completions.json").read_text())
-    prompts = [task.prompt_of(ex) for ex in task.train_records]
+    prompts = [prompt_of(ex) for ex in task.train_records]
     greedy = sample_completions(task.teacher, prompts, settings=SamplingSettings(4, 0), pad_token_id=task.pad_id,
                                 eos_token_id=task.tokenizer.eos_token_id, seed=0)
     assert stored["completions"] == greedy

@@ -17,7 +17,7 @@ from test_causal_lm import llama, make_tokenizer
 from potstill.cli import main
 from potstill.errors import UserError
 from potstill.serve import FaultSettings, LocalServer, create_app, load_model
-from potstill.teachers.endpoint import canonical_json
+from potstill.teachers.response_cache import canonical_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EOS = 2

@@ -15,15 +15,9 @@ import torch.nn.functional as F
 from potstill.errors import UserError
 from potstill.losses.divergences import forward_kl
 from potstill.losses.sparse import TopKTeacher, sparse_forward_kl, sparse_version
-from potstill.teachers.cache import (
-    FORMAT_VERSION,
-    TopKCache,
-    TopKCacheWriter,
-    _decode_ids,
-    _encode_ids,
-    bytes_per_token_for,
-    id_high_bits,
-)
+from potstill.teachers.cache import TopKCache
+from potstill.teachers.cache_format import FORMAT_VERSION, bytes_per_token_for, decode_ids, encode_ids, id_high_bits
+from potstill.teachers.cache_writer import TopKCacheWriter
 
 META = {"teacher": "tiny-gpt", "teacher_hash": "abc123", "tokenizer_hash": "tok9", "data_fingerprint": "data42"}
 
@@ -170,11 +164,11 @@ def test_id_encoding_round_trip(vocab):
     ids = rng.integers(0, vocab, size=(7, 13), dtype=np.int64)
     ids[0, 0], ids[0, 1] = vocab - 1, 0
     h = id_high_bits(vocab)
-    low, high = _encode_ids(ids, h)
+    low, high = encode_ids(ids, h)
     assert low.dtype == np.uint16 and (high is None) == (h == 0)
     if high is not None:
         assert high.shape == (7, math.ceil(13 * h / 8))
-    assert np.array_equal(_decode_ids(low, high, h), ids)
+    assert np.array_equal(decode_ids(low, high, h), ids)
 
 
 # --- storage budget -----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from potstill.errors import UserError
-from potstill.teachers.endpoint import canonical_json
+from potstill.teachers.response_cache import canonical_json
 
 from .service import FaultSettings, _ApiError, _Service
 

@@ -6,11 +6,9 @@ Records become token ids once, in `setup`:
 - plain: fields `input` and `target` (map other names with `columns: {input: ..., target: ...}`); the input's
   tokens (with the tokenizer's special tokens) go to the encoder, the target's tokens (plus EOS with
   `data.add_eos`) are the decoder labels.
-- `step_by_step` (Hsieh et al. 2023): each record (input, label, rationale) gives a label view
-  (label_prefix + input → label) and a rationale view (rationale_prefix + input → rationale), as in the
-  official T5 code (google-research/distilling-step-by-step: `TaskPrefixDataCollator` feeds both views of the
-  same records, `TaskPrefixTrainer.compute_loss` is α·L_label + (1 − α)·L_rationale with each L the model's
-  token-mean loss on its view). alpha = 1 drops the rationale view.
+- `step_by_step` (distilling step-by-step, `potstill.data.step_by_step`): each record (input, label,
+  rationale) gives a label view (label_prefix + input → label) and a rationale view (rationale_prefix + input
+  → rationale), as in the official T5 code. alpha = 1 drops the rationale view.
 
 Inputs and targets are each cut to `data.max_length` tokens. `train_records[i]` is
 ``{"input_ids": [...], "labels": [...]}`` (plus `rationale`, the same for the rationale view). A micro-batch
@@ -18,15 +16,15 @@ holds right-padded encoder inputs and labels padded with -100; the model shifts 
 `decoder_start_token_id` to feed the decoder. With step-by-step views it has 2B rows, the label views then
 the rationale views, and `view` says which (as in the causal_lm task).
 
-The loss is the summed token cross-entropy of the labels (`trainer.hard_label_weight`), mixed over the views
-by `step_by_step_sum`. KD objectives are not supported for seq2seq students (the recipe refuses them), so the
-teacher is optional: `teacher.path` (a Hugging Face seq2seq model) supplies the tokenizer and the weights for
+The loss is the summed token cross-entropy of the labels (`trainer.hard_label_weight`), α-mixed over the
+views. KD objectives are not supported for seq2seq students (the recipe refuses them), so the teacher is
+optional: `teacher.path` (a Hugging Face seq2seq model) supplies the tokenizer and the weights for
 `layers_from_teacher` / `from_config`, and is scored next to the student; without it the tokenizer comes
 from `teacher.tokenizer` or a pretrained student's folder, and `init: from_config` builds
 `student.config.model_type` (e.g. t5) from scratch.
 
-Metrics on `data.eval`: perplexity and token_accuracy of the teacher-forced targets (the label view),
-label_accuracy (the greedy-generated target, up to EOS, decodes to the reference's text) and, for
+Metrics on `data.eval` (`potstill.eval.lm`): perplexity and token_accuracy of the teacher-forced targets (the
+label view), label_accuracy (the greedy-generated target, up to EOS, decodes to the reference's text) and, for
 step-by-step eval records with rationales, rationale_perplexity. The student is saved with
 `save_pretrained` and its tokenizer (loads with AutoModelForSeq2SeqLM, no potstill).
 """
@@ -40,22 +38,20 @@ import torch
 from torch import nn
 
 from potstill.config import DataSource
-from potstill.errors import UserError
-from potstill.tasks.base import Task
-from potstill.tasks.causal_lm import (
-    _exp,
-    _string,
-    _unwrap,
-    build_text_student,
+from potstill.data.lm_records import text_field
+from potstill.data.step_by_step import (
     count_label_tokens,
-    same_text,
-    split_views,
+    has_rationales,
+    required_columns,
+    step_by_step_examples,
+    step_by_step_loss,
     step_by_step_rows,
-    step_by_step_sum,
-    text_tokenizer,
-    view_sums,
 )
-from potstill.tasks.models import load_hf_teacher, resolve_model_path
+from potstill.errors import UserError
+from potstill.eval.lm import length_batches, seq2seq_label_accuracy, token_metrics, token_stats
+from potstill.tasks.base import Task
+from potstill.tasks.lm_models import build_text_student, pad_id_of, resolve_builtin_paths, text_tokenizer, unwrap
+from potstill.tasks.models import load_hf_teacher
 
 PLAIN_FIELDS = ("input", "target")
 
@@ -69,12 +65,7 @@ class Seq2SeqTask(Task):
         from transformers import AutoModelForSeq2SeqLM
 
         r = self.recipe
-        for field, path in (("teacher.path", r.teacher.path), ("teacher.tokenizer", r.teacher.tokenizer),
-                            ("student.path", r.student.path)):
-            if path and path.startswith("builtin:"):
-                if is_main:
-                    resolve_model_path(path, field=field)
-                barrier()
+        resolve_builtin_paths(r, is_main=is_main, barrier=barrier)
         tokenizer = None
         if r.teacher.path is not None:
             self.teacher, tokenizer = load_hf_teacher(r.teacher.path, AutoModelForSeq2SeqLM)
@@ -93,8 +84,7 @@ class Seq2SeqTask(Task):
             if model is not None and model.config.vocab_size < self.vocab_size:
                 raise UserError(f"{role}: the model predicts {model.config.vocab_size} token ids but the tokenizer "
                                 f"has {self.vocab_size}; they do not belong together")
-        self.pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None),
-                           0)
+        self.pad_id = pad_id_of(self.tokenizer)
         self.train_records = self._examples(r.data.train, "data.train", is_main=is_main)
         self.eval_records = self._examples(r.data.eval, "data.eval", is_main=is_main) if r.data.eval else []
         if not any(ex["labels"] for ex in self.train_records):
@@ -113,29 +103,17 @@ class Seq2SeqTask(Task):
 
     def _examples(self, source: DataSource, field: str, *, is_main: bool) -> list[dict[str, Any]]:
         sbs = self.recipe.step_by_step
-        train = field == "data.train"
         if sbs is None:
             records = self.load(source, required=PLAIN_FIELDS)
-            examples = [self._pair(_string(rec["input"], "input", f"{field}, record {i}"),
-                                   _string(rec["target"], "target", f"{field}, record {i}"))
+            examples = [self._pair(text_field(rec["input"], "input", f"{field}, record {i}"),
+                                   text_field(rec["target"], "target", f"{field}, record {i}"))
                         for i, rec in enumerate(records)]
             with_rationale = False
         else:
-            rationale = (sbs.rationale_column,) if train and sbs.alpha < 1 else ()
-            records = self.load(source, required=(sbs.input_column, sbs.label_column, *rationale))
-            with_rationale = sbs.alpha < 1 if train else all(
-                isinstance(rec.get(sbs.rationale_column), str) and rec[sbs.rationale_column].strip()
-                for rec in records)
-            examples = []
-            for i, rec in enumerate(records):
-                where = f"{field}, record {i}"
-                text = _string(rec[sbs.input_column], sbs.input_column, where)
-                example: dict[str, Any] = self._pair(sbs.label_prefix + text,
-                                                     _string(rec[sbs.label_column], sbs.label_column, where))
-                if with_rationale:
-                    example["rationale"] = self._pair(sbs.rationale_prefix + text, _string(
-                        rec[sbs.rationale_column], sbs.rationale_column, where))
-                examples.append(example)
+            train = field == "data.train"
+            records = self.load(source, required=required_columns(sbs, train=train))
+            with_rationale = has_rationales(records, sbs, train=train)
+            examples = step_by_step_examples(records, sbs, field, self._pair)
         if is_main:
             from potstill.ui import console
 
@@ -174,7 +152,7 @@ class Seq2SeqTask(Task):
 
     def logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Decoder logits `[R, T, V]` (teacher-forced on the labels), over the tokenizer's ids."""
-        inner = _unwrap(model)
+        inner = unwrap(model)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if hasattr(inner, "prepare_decoder_input_ids_from_labels"):
             inputs["decoder_input_ids"] = inner.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
@@ -194,54 +172,21 @@ class Seq2SeqTask(Task):
         return batch["labels"] != -100
 
     def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """Summed token cross-entropy (float32) on the labels; with step-by-step views `step_by_step_sum`."""
+        """Summed token cross-entropy (float32) on the labels; with step-by-step views their α-mix."""
         view, labels = batch.get("view"), batch["labels"]
         if view is None:
             return nn.functional.cross_entropy(student_signal.flatten(0, 1).float(), labels.flatten(),
                                                ignore_index=-100, reduction="sum")
-        label_sum, rationale_sum = view_sums(student_signal, labels, view)
-        label_targets, rationale_targets = split_views(labels, view)
-        return step_by_step_sum(label_sum, int((label_targets != -100).sum()), rationale_sum,
-                                int((rationale_targets != -100).sum()), self.recipe.step_by_step.alpha)
+        return step_by_step_loss(student_signal, labels, view, self.recipe.step_by_step.alpha)
 
     # ------------------------------------------------------------------ evaluation
-    def _batches(self, examples: list[dict]) -> list[list[dict]]:
-        order = sorted(examples, key=lambda ex: -len(ex["input_ids"]))
-        step = self.recipe.eval.batch_size
-        return [order[i:i + step] for i in range(0, len(order), step)]
+    def _batch_of(self, records: list[dict], _indices: list[int]) -> dict[str, Any]:
+        return self.to_device(self.collate(records, list(range(len(records)))))
 
     def token_stats(self, model: nn.Module, examples: list[dict]) -> dict[str, float]:
         """Summed teacher-forced nll, correct argmax and counted tokens of `model` on `examples`' labels."""
-        sums = {"nll": 0.0, "correct": 0.0, "tokens": 0.0}
-        with torch.inference_mode():
-            for chunk in self._batches(examples):
-                batch = self.to_device(self.collate(chunk, list(range(len(chunk)))))
-                log_p = torch.log_softmax(self.logits(model, batch).float(), -1)
-                keep = batch["labels"] != -100
-                gold = batch["labels"][keep]
-                rows = log_p[keep]
-                sums["nll"] -= float(rows.gather(-1, gold[:, None]).sum())
-                sums["correct"] += float((rows.argmax(-1) == gold).sum())
-                sums["tokens"] += gold.numel()
-        return sums
-
-    def label_accuracy(self, model: nn.Module, examples: list[dict]) -> float:
-        """Fraction of `examples` whose greedy generation (up to EOS, at most as many tokens as the longest
-        reference) decodes to the same text as the reference labels."""
-        eos = self.tokenizer.eos_token_id
-        longest = max([1, *(len(ex["labels"]) for ex in examples)])
-        correct = 0
-        with torch.inference_mode():
-            for chunk in self._batches(examples):
-                batch = self.to_device(self.collate(chunk, list(range(len(chunk)))))
-                out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     max_new_tokens=longest, do_sample=False, num_beams=1, pad_token_id=self.pad_id,
-                                     eos_token_id=eos)
-                for row, ex in zip(out[:, 1:].tolist(), chunk, strict=True):  # drop the decoder start token
-                    if eos is not None and eos in row:
-                        row = row[:row.index(eos) + 1]
-                    correct += same_text(self.tokenizer, row, ex["labels"])
-        return correct / len(examples)
+        return token_stats(model, examples, length_batches(examples, self.recipe.eval.batch_size, None),
+                           batch_of=self._batch_of, logits=self.logits, targets_key="labels", row_chunk=None)
 
     def evaluate(self, model: nn.Module | None, *, role: str = "student") -> dict[str, float]:
         if not self.eval_records or model is None:
@@ -249,14 +194,13 @@ class Seq2SeqTask(Task):
         mode = model.training
         model.eval()
         labels = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in self.eval_records]
-        s = self.token_stats(model, labels)
-        n = max(s["tokens"], 1.0)
-        metrics = {"perplexity": _exp(s["nll"] / n), "token_accuracy": s["correct"] / n,
-                   "label_accuracy": self.label_accuracy(model, labels)}
+        metrics = token_metrics(self.token_stats(model, labels))
+        metrics["label_accuracy"] = seq2seq_label_accuracy(
+            model, labels, length_batches(labels, self.recipe.eval.batch_size, None), batch_of=self._batch_of,
+            tokenizer=self.tokenizer, pad_id=self.pad_id)
         rationales = [ex["rationale"] for ex in self.eval_records if "rationale" in ex]
         if rationales:
-            r = self.token_stats(model, rationales)
-            metrics["rationale_perplexity"] = _exp(r["nll"] / max(r["tokens"], 1.0))
+            metrics["rationale_perplexity"] = token_metrics(self.token_stats(model, rationales))["perplexity"]
         model.train(mode)
         return metrics
 

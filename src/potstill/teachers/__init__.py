@@ -3,8 +3,13 @@
 
 from potstill.teachers.live import freeze, load_callable, teacher_outputs
 
-_LAZY = {name: "potstill.teachers.endpoint" for name in ("EndpointTeacher", "Completion", "EndpointError",
-                                                          "ResponseCache", "TokenLogprob")}
+_LAZY = {
+    **{name: "potstill.teachers.endpoint" for name in ("EndpointTeacher", "Completion", "EndpointError",
+                                                        "TokenLogprob")},
+    "ResponseCache": "potstill.teachers.response_cache",
+    "TopKCache": "potstill.teachers.cache",
+    "TopKCacheWriter": "potstill.teachers.cache_writer",
+}
 
 __all__ = ["freeze", "load_callable", "teacher_outputs", *_LAZY]
 

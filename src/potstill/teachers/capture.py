@@ -3,7 +3,11 @@
 The cache is keyed by training-sequence index (the task's `train_records`), so a run that reads it gets the
 rows of exactly the sequences in its batch, whatever the shuffling, accumulation or number of processes. Its
 manifest records what the rows depend on; a run whose teacher, tokenizer, data, k, temperature or vocabulary
-differ is refused (`expected_cache_meta` is what both sides compute).
+differ is refused (`expected_cache_meta` is what both sides compute), and so is an objective that needs
+the teacher's full logits or another temperature (`check_objectives_for_cache`).
+
+The task is used through its duck-typed surface only (`train_records`, `collate`, `to_device`, `logits`,
+`teacher`, `tokenizer`, `vocab_size`, `recipe`, `seq_kd_file`), so this module imports no task.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from potstill.teachers.cache import TopKCacheWriter
+from potstill.data.lm_records import tokenizer_fingerprint
+from potstill.errors import UserError
+from potstill.teachers.cache_writer import TopKCacheWriter
+from potstill.teachers.seq_kd import SEQ_KD_FILE
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -46,12 +53,26 @@ def teacher_name(task: Any) -> str:
 
 def expected_cache_meta(task: Any) -> dict[str, Any]:
     """The facts a cache must match to feed this task's training run."""
-    from potstill.tasks.causal_lm import tokenizer_fingerprint
-
     return {"teacher": teacher_name(task), "teacher_weights_sha256": weights_fingerprint(task.teacher),
             "tokenizer_sha256": tokenizer_fingerprint(task.tokenizer),
             "data_sha256": sequences_fingerprint(task.train_records), "max_length": task.recipe.data.max_length,
             "vocab_size": task.vocab_size, "num_records": len(task.train_records)}
+
+
+def check_objectives_for_cache(objectives: list[Any], cache: Any) -> None:
+    """A cache holds top-k log-probs at one temperature: only divergences with a sparse form, at that T."""
+    from potstill.losses.sparse import sparse_version
+
+    for i, objective in enumerate(objectives):
+        if sparse_version(objective.name) is None:
+            raise UserError(f"field objectives.{i}.name: {objective.name} needs the teacher's full logits; with "
+                            f"teacher.cache use forward_kl, reverse_kl, soft_cross_entropy, generalized_jsd, "
+                            f"skew_kl, skew_reverse_kl or tvd (they switch to their top-k forms)")
+        t = float(objective.params.get("temperature", 1.0))
+        if t != cache.temperature:
+            raise UserError(f"field objectives.{i}.params.temperature: {t:g}, but {cache.path} holds the "
+                            f"teacher's log-probs at temperature {cache.temperature:g}; use that temperature, or "
+                            f"rebuild the cache with `potstill cache --temperature {t:g}`")
 
 
 def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, temperature: float = 1.0,
@@ -69,7 +90,7 @@ def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, tempera
     with TopKCacheWriter(out_dir, k=k, temperature=temperature, vocab_size=task.vocab_size, meta=meta,
                          overwrite=overwrite) as writer:
         if getattr(task, "seq_kd_file", None) is not None:  # the teacher's seq-KD completions live with the cache
-            writer.add_file("seq_kd_completions.json", json.dumps(task.seq_kd_file).encode())
+            writer.add_file(SEQ_KD_FILE, json.dumps(task.seq_kd_file).encode())
         for first in range(0, len(order), batch_size):
             idx = order[first:first + batch_size]
             batch = task.to_device(task.collate([records[i] for i in idx], idx))

@@ -1,4 +1,5 @@
-"""Sampling completions from a causal LM, for on-policy (GKD) and sequence-level (seq-KD) distillation.
+"""Sampling completions from a causal LM: the student's for on-policy distillation (`potstill.data.on_policy`),
+the teacher's for sequence-level KD (`potstill.teachers.seq_kd`), greedy labels for evaluation (`eval.lm`).
 
 `sample_completions` is deterministic given `seed` (it forks the RNG), so a resumed run draws the same student
 samples at the same step. It uses the model's own `generate` (KV cache) when it has one, else a plain loop.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,3 +105,9 @@ def sample_completions(model: nn.Module, prompts: Sequence[Sequence[int]], *, se
             row = row[: row.index(eos_token_id) + 1]
         completions.append(row)
     return completions
+
+
+def sampling_settings(generation: Any) -> SamplingSettings:
+    """The recipe's `generation` section (max_new_tokens, temperature, top_k, top_p) as `SamplingSettings`."""
+    return SamplingSettings(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
+                            top_k=generation.top_k, top_p=generation.top_p)
