@@ -334,7 +334,7 @@ def test_inference_free_splade_queries_are_collection_idf(tmp_path):
                      objectives=[{"name": "margin_mse"}, {"name": "sparse_flops", "weight": 1e-3}])
     task = build_task(recipe, run_dir=recipe.run_dir)
     task.setup()
-    from potstill.students.splade import idf_from_collection
+    from potstill.students.splade_inference_free import idf_from_collection
 
     idf = idf_from_collection(task.tokenizer, task.collection, vocab_size=task.tokenizer.vocab_size)
     assert torch.allclose(task.student.query.idf, idf)
