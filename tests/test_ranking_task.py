@@ -12,7 +12,7 @@ from potstill.assets import minilm_path
 from potstill.config import validate_recipe
 from potstill.errors import UserError
 from potstill.tasks import build_task
-from potstill.tasks.ranking import margin_mse_over_candidates
+from potstill.tasks.ranking_objectives import margin_mse_over_candidates
 from potstill.train import run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -272,7 +272,7 @@ def test_separate_towers_save_a_router_with_query_and_document_routes(tmp_path):
     assert "mrr@10" in {row["model"]: row for row in summary["table"]}["student (after)"]
     from sentence_transformers import SentenceTransformer
 
-    from potstill.tasks.ranking import DualEncoder
+    from potstill.students.ranking import DualEncoder
 
     task = build_task(recipe, run_dir=tmp_path / "check")
     task.setup()

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from potstill.config import TeacherConfig
+from potstill.config import StudentConfig, TeacherConfig
 from potstill.errors import UserError
 from potstill.students.loading import BUILTIN_MODELS, build_student, freeze_pooler, resolve_model_path
 from potstill.teachers import freeze, load_callable
 
 __all__ = ["BUILTIN_MODELS", "build_student", "freeze_pooler", "load_factory_teacher", "load_hf_teacher",
-           "load_state_dict", "resolve_model_path", "snapshot"]
+           "load_ranking_teacher", "load_state_dict", "resolve_model_path", "snapshot"]
 
 
 def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path",
@@ -36,6 +36,33 @@ def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path",
     except (OSError, ValueError) as exc:
         raise UserError(f"field {field}: cannot load a model from {path}: {exc}") from None
     return freeze(model), loaded
+
+
+def load_ranking_teacher(path: str | None, teacher_type: str, student: StudentConfig,
+                         device: torch.device) -> tuple[nn.Module | None, Any, str]:
+    """A ranking teacher on `device`, its tokenizer and its kind: a cross-encoder (a sequence classifier with one
+    logit) or a bi-encoder (an encoder); `teacher_type` "auto" reads the folder's config architecture. Without
+    a teacher `path` (scores only from ranking.teacher_scores): no model, the pretrained `student`'s tokenizer,
+    kind "scores"."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from potstill.students.ranking import is_cross_encoder_folder
+
+    if path is None:
+        if student.init != "pretrained":
+            raise UserError(f"field student.init: {student.init} builds the student from the teacher model, but the "
+                            f"recipe gives only ranking.teacher_scores; use init: pretrained with student.path, or "
+                            f"give teacher.path too")
+        return None, AutoTokenizer.from_pretrained(resolve_model_path(student.path, field="student.path")), "scores"
+    path = resolve_model_path(path, field="teacher.path")
+    if teacher_type == "auto":
+        teacher_type = "cross_encoder" if is_cross_encoder_folder(path) else "bi_encoder"
+    teacher_cls = AutoModelForSequenceClassification if teacher_type == "cross_encoder" else AutoModel
+    teacher, tokenizer = load_hf_teacher(path, teacher_cls)
+    if teacher_type == "cross_encoder" and teacher.config.num_labels != 1:
+        raise UserError(f"field teacher.path: a cross-encoder teacher must have one output logit "
+                        f"(num_labels=1); {path} has {teacher.config.num_labels}")
+    return teacher.to(device), tokenizer, teacher_type
 
 
 def load_factory_teacher(cfg: TeacherConfig) -> nn.Module:
