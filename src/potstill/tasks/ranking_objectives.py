@@ -45,8 +45,9 @@ class ScoresObjective:
 
 
 def adapt_ranking_objective(name: str, fn: Any) -> Any:
-    """The loss the loop calls for objective `name` on the ranking task's signals."""
-    return ScoresObjective(name, fn)
+    """The loss the loop calls for objective `name` on the ranking task's signals; a stateful objective (a
+    class the loop instantiates) is returned as is."""
+    return fn if isinstance(fn, type) else ScoresObjective(name, fn)
 
 
 def contrastive_loss(scores: RankingScores, *, scale: float, in_batch_negatives: bool) -> Tensor:
