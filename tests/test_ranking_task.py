@@ -404,22 +404,30 @@ def test_sparse_flops_warm_up_state_and_errors():
     from potstill.losses import flops
     from potstill.losses.ranking import SparseFlops
     from potstill.signals import RankingScores
+    from potstill.tasks.ranking_objectives import RankingSparseFlops
 
     torch.manual_seed(0)
     terms = torch.rand(6, 10)
-    signal = RankingScores(torch.zeros(3, 2), passage_terms=terms)
     reg = SparseFlops(warmup_steps=4)
-    assert reg(signal) == 0  # step 0
+    assert reg(terms, queries=3) == 0  # step 0
     reg.on_optimizer_step(loss=0.0, step=2, total_steps=10)
-    assert torch.allclose(reg(signal), 0.25 * flops(terms))
-    assert torch.allclose(reg(signal, reduction="sum"), 3 * 0.25 * flops(terms))
+    assert torch.allclose(reg(terms, queries=3), 0.25 * flops(terms))
+    assert torch.allclose(reg(terms, queries=3, reduction="sum"), 3 * 0.25 * flops(terms))
     restored = SparseFlops(warmup_steps=4)
     restored.load_state_dict(reg.state_dict())
     assert restored.factor == 0.25
     with pytest.raises(ValueError, match="query term weights"):
-        SparseFlops(side="query")(signal)
+        SparseFlops(side="query")(terms, queries=3)
     with pytest.raises(ValueError, match="side"):
         SparseFlops(side="docs")
+    # the ranking task hands it the term weights of the student's signal, B = the signal's queries
+    signal = RankingScores(torch.zeros(3, 2), passage_terms=terms)
+    on_signal = RankingSparseFlops(warmup_steps=4)
+    on_signal.load_state_dict(reg.state_dict())
+    assert torch.allclose(on_signal(signal), 0.25 * flops(terms))
+    assert torch.allclose(on_signal(signal, reduction="sum"), 3 * 0.25 * flops(terms))
+    with pytest.raises(ValueError, match="query term weights"):
+        RankingSparseFlops(side="query")(signal)
 
 
 @pytest.mark.slow

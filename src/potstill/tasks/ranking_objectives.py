@@ -3,6 +3,7 @@
 - Score losses (`margin_mse`, `listwise_kl`, `pointwise_mse`) compare the (B, 1 + N) candidate scores, the
   positive first (`margin_mse`: the positive against every negative, `margin_mse_over_candidates`);
   `in_batch_margin_mse` compares the (B, B) in-batch matrices under the student's in-batch mask.
+- `sparse_flops` regularises the student's own term weights (`query_terms`, `passage_terms`).
 - The hard-label loss is contrastive cross-entropy with the positive as the class (`contrastive_loss`).
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from potstill.losses import margin_mse
+from potstill.losses.ranking import SparseFlops
 from potstill.signals import RankingScores
 
 
@@ -44,10 +46,21 @@ class ScoresObjective:
         return self.fn(student.candidates, teacher.candidates, **kwargs)
 
 
+class RankingSparseFlops(SparseFlops):
+    """`sparse_flops` on the ranking signal: the student's term weights, B = its number of queries."""
+
+    def forward(self, student: RankingScores, teacher: RankingScores | None = None, *,
+                mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        return super().forward(student.passage_terms, student.query_terms, queries=student.candidates.shape[0],
+                               reduction=reduction)
+
+
 def adapt_ranking_objective(name: str, fn: Any) -> Any:
-    """The loss the loop calls for objective `name` on the ranking task's signals; a stateful objective (a
-    class the loop instantiates) is returned as is."""
-    return fn if isinstance(fn, type) else ScoresObjective(name, fn)
+    """The loss the loop calls for objective `name` on the ranking task's signals. A stateful objective (a
+    class the loop instantiates) is returned as is, `SparseFlops` as `RankingSparseFlops`."""
+    if isinstance(fn, type):
+        return RankingSparseFlops if issubclass(fn, SparseFlops) else fn
+    return ScoresObjective(name, fn)
 
 
 def contrastive_loss(scores: RankingScores, *, scale: float, in_batch_negatives: bool) -> Tensor:
