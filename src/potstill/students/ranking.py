@@ -267,7 +267,7 @@ def save_ranking_student(model: nn.Module, tokenizer: Any, path: Path, *, studen
         save_sparse_encoder(model.passage if free else model, tokenizer, path, max_seq_length=max_length,
                             query_idf=model.query.idf if free else None)
         return
-    options = {"pooling": pooling, "normalize": similarity == "cosine", "max_seq_length": max_length}
+    options: dict[str, Any] = {"pooling": pooling, "normalize": similarity == "cosine", "max_seq_length": max_length}
     if isinstance(model, DualEncoder):
         save_sentence_transformer(model.passage, tokenizer, path, query_model=model.query, **options)
         return

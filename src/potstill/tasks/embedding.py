@@ -26,8 +26,9 @@ from potstill.eval import (
 )
 from potstill.students.encode import encode_texts, pool
 from potstill.students.loading import build_student, freeze_pooler
-from potstill.tasks.base import Task, cached_tensor
+from potstill.tasks.base import Task
 from potstill.tasks.models import load_hf_teacher
+from potstill.teachers.score_cache import cached_tensor
 
 CACHE_FORMAT = 1
 

@@ -49,7 +49,7 @@ class ScoresObjective:
 class RankingSparseFlops(SparseFlops):
     """`sparse_flops` on the ranking signal: the student's term weights, B = its number of queries."""
 
-    def forward(self, student: RankingScores, teacher: RankingScores | None = None, *,
+    def forward(self, student: RankingScores, teacher: RankingScores | None = None, *,  # type: ignore[override]
                 mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
         return super().forward(student.passage_terms, student.query_terms, queries=student.candidates.shape[0],
                                reduction=reduction)
