@@ -7,18 +7,17 @@ import math
 import pytest
 import torch
 
-from potstill.losses.attention import attention_mse, relation_kl, relation_logits
+from potstill.losses.attention import attention_mse, relation_logits
 from potstill.losses.features import hidden_cosine, hidden_mse, squarehead
 from potstill.losses.intermediate import (
     AttentionMSE,
     HiddenCosine,
     HiddenMSE,
-    MiniLMAttention,
-    MiniLMRelations,
     ModelShape,
     SquareHead,
     layer_map,
 )
+from potstill.losses.minilm import MiniLMAttention, MiniLMRelations, relation_kl
 
 B, T = 3, 7
 

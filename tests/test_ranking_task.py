@@ -12,7 +12,7 @@ from potstill.assets import minilm_path
 from potstill.config import validate_recipe
 from potstill.errors import UserError
 from potstill.tasks import build_task
-from potstill.tasks.ranking import margin_mse_over_candidates
+from potstill.tasks.ranking_objectives import margin_mse_over_candidates
 from potstill.train import run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -272,7 +272,7 @@ def test_separate_towers_save_a_router_with_query_and_document_routes(tmp_path):
     assert "mrr@10" in {row["model"]: row for row in summary["table"]}["student (after)"]
     from sentence_transformers import SentenceTransformer
 
-    from potstill.tasks.ranking import DualEncoder
+    from potstill.students.ranking import DualEncoder
 
     task = build_task(recipe, run_dir=tmp_path / "check")
     task.setup()
@@ -334,7 +334,7 @@ def test_inference_free_splade_queries_are_collection_idf(tmp_path):
                      objectives=[{"name": "margin_mse"}, {"name": "sparse_flops", "weight": 1e-3}])
     task = build_task(recipe, run_dir=recipe.run_dir)
     task.setup()
-    from potstill.students.splade import idf_from_collection
+    from potstill.students.splade_inference_free import idf_from_collection
 
     idf = idf_from_collection(task.tokenizer, task.collection, vocab_size=task.tokenizer.vocab_size)
     assert torch.allclose(task.student.query.idf, idf)
@@ -404,22 +404,30 @@ def test_sparse_flops_warm_up_state_and_errors():
     from potstill.losses import flops
     from potstill.losses.ranking import SparseFlops
     from potstill.signals import RankingScores
+    from potstill.tasks.ranking_objectives import RankingSparseFlops
 
     torch.manual_seed(0)
     terms = torch.rand(6, 10)
-    signal = RankingScores(torch.zeros(3, 2), passage_terms=terms)
     reg = SparseFlops(warmup_steps=4)
-    assert reg(signal) == 0  # step 0
+    assert reg(terms, queries=3) == 0  # step 0
     reg.on_optimizer_step(loss=0.0, step=2, total_steps=10)
-    assert torch.allclose(reg(signal), 0.25 * flops(terms))
-    assert torch.allclose(reg(signal, reduction="sum"), 3 * 0.25 * flops(terms))
+    assert torch.allclose(reg(terms, queries=3), 0.25 * flops(terms))
+    assert torch.allclose(reg(terms, queries=3, reduction="sum"), 3 * 0.25 * flops(terms))
     restored = SparseFlops(warmup_steps=4)
     restored.load_state_dict(reg.state_dict())
     assert restored.factor == 0.25
     with pytest.raises(ValueError, match="query term weights"):
-        SparseFlops(side="query")(signal)
+        SparseFlops(side="query")(terms, queries=3)
     with pytest.raises(ValueError, match="side"):
         SparseFlops(side="docs")
+    # the ranking task hands it the term weights of the student's signal, B = the signal's queries
+    signal = RankingScores(torch.zeros(3, 2), passage_terms=terms)
+    on_signal = RankingSparseFlops(warmup_steps=4)
+    on_signal.load_state_dict(reg.state_dict())
+    assert torch.allclose(on_signal(signal), 0.25 * flops(terms))
+    assert torch.allclose(on_signal(signal, reduction="sum"), 3 * 0.25 * flops(terms))
+    with pytest.raises(ValueError, match="query term weights"):
+        RankingSparseFlops(side="query")(signal)
 
 
 def test_two_processes_train_the_ranking_student_like_one(tmp_path):

@@ -13,13 +13,12 @@ from potstill.errors import UserError
 from potstill.losses.ranking import flops
 from potstill.students.splade import (
     SpladeEncoder,
-    idf_from_collection,
-    inference_free_query,
     save_sparse_encoder,
     sparse_scores,
     sparsity_stats,
     splade_from_encoder,
 )
+from potstill.students.splade_inference_free import idf_from_collection, inference_free_query
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -334,3 +334,48 @@ class TopicBalancedSampler:
             raise ValueError(f"sampler state position {position} is past the {self._len} batches of an epoch")
         self.seed, self._epoch, self._position = int(seed), int(epoch), int(position)
         self._plan, self._plan_epoch = None, -1
+
+
+# ------------------------------------------------------------------ ranking-task wiring
+QUERIES_PER_CLUSTER = 200  # TAS-B: 2,000 clusters for MS MARCO's ~400k training queries
+
+
+def cluster_count(n_queries: int, clusters: int | None = None) -> int:
+    """Query clusters k: `clusters` when given, else one per `QUERIES_PER_CLUSTER` queries (at least 1), at
+    most one per query."""
+    return min(n_queries, clusters or max(1, n_queries // QUERIES_PER_CLUSTER))
+
+
+class TasBalancedEpochs:
+    """TAS-Balanced training over (query, positive, negative) records, one per negative of each query.
+
+    From `queries` (records with `query`, `positive` and N `negatives`), the teacher's (Q, 1 + N) candidate
+    scores `query_scores` (positive first) and a cluster id per query: `records` holds the Q·N pair records
+    (query q's j-th negative at q·N + j), `query_of` each pair record's query, `pair_scores` its teacher scores
+    (P, 2) of (positive, negative), and `order(epoch, batch_size)` the pair records of
+    `TopicBalancedSampler.epoch_batches(epoch)` flattened (short clusters filled with repeats of their own
+    queries), a pure function of (seed, epoch)."""
+
+    def __init__(self, queries: list[dict], query_scores: Any, clusters: Sequence[Hashable], *,
+                 n_bins: int = DEFAULT_BINS, seed: int = 0) -> None:
+        import torch
+
+        n_neg = len(queries[0]["negatives"])
+        self.records = [{"query": rec["query"], "positive": rec["positive"], "negatives": [neg]}
+                        for rec in queries for neg in rec["negatives"]]
+        self.query_of = [q for q in range(len(queries)) for _ in range(n_neg)]
+        pairs = torch.arange(len(self.records)).reshape(len(queries), n_neg)
+        self.pair_scores = torch.stack([query_scores[:, :1].expand(-1, n_neg), query_scores[:, 1:]],
+                                       dim=-1).reshape(-1, 2)
+        margins = (query_scores[:, :1] - query_scores[:, 1:]).tolist()
+        self._pairs = [[(int(pairs[q, j]), None, m) for j, m in enumerate(row)] for q, row in enumerate(margins)]
+        self.clusters, self.n_bins, self.seed = list(clusters), n_bins, seed
+        self._sampler: TopicBalancedSampler | None = None
+
+    def order(self, epoch: int, batch_size: int) -> list[int]:
+        """Indices into `records` in the order epoch `epoch` visits them, `batch_size` per topic batch."""
+        if self._sampler is None or self._sampler.batch_size != batch_size:
+            self._sampler = TopicBalancedSampler(np.zeros((len(self._pairs), 1), dtype=np.float32), self._pairs,
+                                                 batch_size, clusters=self.clusters, n_bins=self.n_bins,
+                                                 seed=self.seed, short_batches="fill")
+        return [pair for batch in self._sampler.epoch_batches(epoch) for _, pair, _ in batch]

@@ -12,7 +12,16 @@ from potstill.eval.metrics import (
     similarity_spearman,
     top1_agreement,
 )
-from potstill.eval.retrieval import kendall_tau, mrr_at_k, ndcg_at_k, recall_at_k, top_k_overlap
+from potstill.eval.retrieval import (
+    kendall_tau,
+    mrr_at_k,
+    ndcg_at_k,
+    recall_at_k,
+    relevance_matrix,
+    rerank_metrics,
+    retrieval_metrics,
+    top_k_overlap,
+)
 from potstill.eval.speed import compare_throughput, count_parameters, measure_throughput
 
 __all__ = [
@@ -31,6 +40,9 @@ __all__ = [
     "neighbour_recall_at_k",
     "pair_spearman",
     "recall_at_k",
+    "relevance_matrix",
+    "rerank_metrics",
+    "retrieval_metrics",
     "similarity_spearman",
     "top1_agreement",
     "top_k_overlap",

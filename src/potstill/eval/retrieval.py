@@ -16,6 +16,8 @@ higher = better) and, for the quality metrics, a `(Q, N)` graded relevance matri
   queries without judgements. `per_query=True` returns the `(Q,)` values instead, NaN for those queries.
 
 Teacher–student agreement: `kendall_tau`, `top_k_overlap` over the same `(Q, N)` candidates.
+Ranking distillation reports: `rerank_metrics` (each query's candidates, the positive first) and
+`retrieval_metrics` (the whole collection against a relevance matrix, e.g. from `relevance_matrix`).
 Speed: queries per second is `potstill.eval.speed.measure_throughput(encode_fn, queries)` (items/s of
 `encode_fn` on batches of queries); compare two encoders with `compare_throughput`.
 """
@@ -34,6 +36,9 @@ __all__ = [
     "mrr_at_k",
     "ndcg_at_k",
     "recall_at_k",
+    "relevance_matrix",
+    "rerank_metrics",
+    "retrieval_metrics",
     "top_k_overlap",
 ]
 
@@ -295,3 +300,37 @@ def matrices_from_run(
         relevance[i, : len(rl)] = rl
         mask[i, : len(sc)] = True
     return scores, relevance, mask, qids
+
+
+# ------------------------------------------------------------------------------- distillation reports
+def rerank_metrics(scores: torch.Tensor, teacher: torch.Tensor | None = None) -> dict[str, float]:
+    """Reranking each query's `(Q, 1 + N)` candidates, the positive in column 0: "rerank_mrr@10" and, with the
+    teacher's scores of the same candidates, "teacher_kendall_tau" and "teacher_top1_agreement" (the share of
+    queries whose top candidate is the teacher's)."""
+    relevant = torch.zeros_like(scores)
+    relevant[:, 0] = 1
+    metrics = {"rerank_mrr@10": mrr_at_k(scores, relevant, k=10)}
+    if teacher is not None:
+        metrics.update({"teacher_kendall_tau": kendall_tau(scores, teacher),
+                        "teacher_top1_agreement": float((scores.argmax(1) == teacher.argmax(1)).float().mean())})
+    return metrics
+
+
+def relevance_matrix(relevant: list[set[str]], collection: list[str]) -> torch.Tensor:
+    """`(Q, P)` binary relevance of the `collection` passages to each query (`relevant[q]` = its passages)."""
+    where = {p: i for i, p in enumerate(collection)}
+    matrix = torch.zeros(len(relevant), len(collection))
+    for i, passages in enumerate(relevant):
+        matrix[i, [where[p] for p in passages]] = 1
+    return matrix
+
+
+def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor,
+                      teacher: torch.Tensor | None = None) -> dict[str, float]:
+    """Retrieval over a whole collection, `(Q, P)` scores against `(Q, P)` relevance: "mrr@10", "ndcg@10",
+    "recall@10" and, with the teacher's scores of the collection, "teacher_top10_overlap"."""
+    metrics = {"mrr@10": mrr_at_k(scores, relevant, k=10), "ndcg@10": ndcg_at_k(scores, relevant, k=10),
+               "recall@10": recall_at_k(scores, relevant, k=10)}
+    if teacher is not None:
+        metrics["teacher_top10_overlap"] = top_k_overlap(scores, teacher, k=10)
+    return metrics

@@ -10,6 +10,9 @@ heads, so teacher and student head counts may differ.
 `mask` is the `[B, T]` attention mask (True / 1 = a real token): padded keys are left out of every softmax
 and padded queries do not count. A row is one (example, head, query token); "mean" averages over counted
 rows, i.e. over heads and real tokens, as MiniLM's 1/(A_h·|x|). Computed in float32, returned as float32.
+
+Here: the relations and TinyBERT's `attention_mse` on them; MiniLM's and MiniLMv2's KL over relations is
+`potstill.losses.minilm`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import torch
 from torch import Tensor
 
 from ._rows import check_reduction, rowwise
-from .divergences import forward_kl
 
 
 def relation_logits(x: Tensor, y: Tensor | None = None, *, heads: int) -> Tensor:
@@ -47,30 +49,6 @@ def _check_relations(student: Tensor, teacher: Tensor, mask: Tensor | None) -> T
     if mask.shape != (b, t):
         raise ValueError(f"mask must be the [B, T] = {(b, t)} attention mask, got {tuple(mask.shape)}")
     return mask.to(device=student.device, dtype=torch.bool)
-
-
-def relation_kl(
-    student_relations: Tensor,
-    teacher_relations: Tensor,
-    *,
-    mask: Tensor | None = None,
-    reduction: str = "mean",
-) -> Tensor:
-    """KL(softmax(R_t) ‖ softmax(R_s)) over the keys, per (example, head, query) row of `[B, A, T, T]` logits.
-
-    MiniLM's attention-transfer and value-relation losses (Wang et al. 2020) and MiniLMv2's relation loss
-    (Wang et al. 2021) are this function on the relations of `relation_logits`. Padded keys (mask False) are
-    dropped from both distributions; padded queries do not count. Defaults: reduction="mean" (over heads and
-    real tokens).
-    """
-    keep = _check_relations(student_relations, teacher_relations, mask)
-    rows = None
-    if keep is not None:
-        keys = ~keep[:, None, None, :]
-        student_relations = student_relations.float().masked_fill(keys, -math.inf)
-        teacher_relations = teacher_relations.float().masked_fill(keys, -math.inf)
-        rows = keep[:, None, :].expand(student_relations.shape[:-1])
-    return forward_kl(student_relations, teacher_relations, mask=rows, reduction=reduction)
 
 
 def _masked_mse_rows(s: Tensor, parts: tuple[Tensor, ...]) -> Tensor:

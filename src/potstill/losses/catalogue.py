@@ -17,15 +17,8 @@ from .divergences import (
     tvd,
 )
 from .embedding import embedding_cosine, embedding_mse
-from .intermediate import (
-    AttentionMSE,
-    DMAEAlign,
-    HiddenCosine,
-    HiddenMSE,
-    MiniLMAttention,
-    MiniLMRelations,
-    SquareHead,
-)
+from .intermediate import AttentionMSE, DMAEAlign, HiddenCosine, HiddenMSE, SquareHead
+from .minilm import MiniLMAttention, MiniLMRelations
 from .ranking import SparseFlops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
 from .sinkhorn import sinkhorn
 from .taid import TAID

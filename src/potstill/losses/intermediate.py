@@ -31,7 +31,7 @@ from typing import cast
 
 from torch import Tensor, nn
 
-from .attention import attention_mse, relation_kl, relation_logits
+from .attention import attention_mse, relation_logits
 from .features import feature_l1, hidden_cosine, hidden_mse, squarehead
 
 LayerSpec = str | Sequence[Sequence[int]]
@@ -190,93 +190,6 @@ def _per_token(value: Tensor, heads: int, reduction: str) -> Tensor:
     return value
 
 
-class MiniLMAttention(_Bound):
-    """MiniLM (Wang et al. 2020): KL between the teacher's and the student's attention distributions
-    softmax(Q·Kᵀ/√d_k) of one layer each, plus the value relation softmax(V·Vᵀ/√d_k), averaged over heads and
-    tokens: L = L_AT + L_VR. Needs equal head counts. Defaults: the last layers, value_relation=True."""
-
-    signal = "qkv"
-
-    def __init__(self, *, student_layer: int = -1, teacher_layer: int = -1, value_relation: bool = True) -> None:
-        super().__init__([[student_layer, teacher_layer]])
-        self.value_relation = bool(value_relation)
-        self.heads: int | None = None
-
-    def bind(self, student: ModelShape, teacher: ModelShape) -> None:
-        if student.heads != teacher.heads:
-            raise ValueError(f"attention_kl compares attention heads one to one and needs equal head counts "
-                             f"(student {student.heads}, teacher {teacher.heads}); minilm_relations works with "
-                             f"different counts")
-        self.pairs = layer_map(self.layers_spec, student.layers, teacher.layers)
-        self.heads = student.heads
-
-    def needs(self) -> dict[str, list[int]]:
-        (i, j), = self._pairs()
-        return {"student": [i], "teacher": [j]}
-
-    def forward(self, student_qkv: Mapping[int, tuple[Tensor, Tensor, Tensor]],
-                teacher_qkv: Mapping[int, tuple[Tensor, Tensor, Tensor]], *, mask: Tensor | None = None,
-                reduction: str = "mean") -> Tensor:
-        (i, j), = self._pairs()
-        (qs, ks, vs), (qt, kt, vt) = student_qkv[i], teacher_qkv[j]
-        h = self.heads
-        value = relation_kl(relation_logits(qs, ks, heads=h), relation_logits(qt, kt, heads=h), mask=mask,
-                            reduction=reduction)
-        if self.value_relation:
-            value = value + relation_kl(relation_logits(vs, heads=h), relation_logits(vt, heads=h), mask=mask,
-                                        reduction=reduction)
-        return _per_token(value, h, reduction)
-
-
-RELATIONS = {"qq": (0, 0), "kk": (1, 1), "vv": (2, 2)}
-
-
-class MiniLMRelations(_Bound):
-    """MiniLMv2 (Wang et al. 2021): multi-head self-attention relation distillation. For each relation in
-    `relations` (q-q, k-k, v-v by default, equally weighted), the concatenated heads of one teacher layer and
-    one student layer are re-split into `relation_heads` A_r heads and compared as
-    KL(softmax(R_t) ‖ softmax(R_s)), R = x_a·x_aᵀ/√d_r, averaged over relation heads and tokens, summed over
-    relations. Head counts may differ: A_r must divide both widths. Defaults: the last layers (the paper
-    takes an upper-middle teacher layer for large teachers), relation_heads = the teacher's head count."""
-
-    signal = "qkv"
-
-    def __init__(self, *, student_layer: int = -1, teacher_layer: int = -1, relation_heads: int | None = None,
-                 relations: Sequence[str] = ("qq", "kk", "vv")) -> None:
-        super().__init__([[student_layer, teacher_layer]])
-        unknown = [r for r in relations if r not in RELATIONS]
-        if unknown or not relations:
-            raise ValueError(f"relations must be a non-empty list of {sorted(RELATIONS)}, got {list(relations)!r}")
-        if relation_heads is not None and (isinstance(relation_heads, bool) or not isinstance(relation_heads, int)
-                                           or relation_heads < 1):
-            raise ValueError(f"relation_heads must be a positive int or null, got {relation_heads!r}")
-        self.relations = list(relations)
-        self.relation_heads = relation_heads
-
-    def bind(self, student: ModelShape, teacher: ModelShape) -> None:
-        self.pairs = layer_map(self.layers_spec, student.layers, teacher.layers)
-        heads = self.relation_heads or teacher.heads
-        if student.hidden % heads or teacher.hidden % heads:
-            raise ValueError(f"relation_heads={heads} must divide both widths (student {student.hidden}, teacher "
-                             f"{teacher.hidden}); choose a common divisor")
-        self.relation_heads = heads
-
-    needs = MiniLMAttention.needs
-
-    def forward(self, student_qkv: Mapping[int, tuple[Tensor, Tensor, Tensor]],
-                teacher_qkv: Mapping[int, tuple[Tensor, Tensor, Tensor]], *, mask: Tensor | None = None,
-                reduction: str = "mean") -> Tensor:
-        (i, j), = self._pairs()
-        s, t, h = student_qkv[i], teacher_qkv[j], self.relation_heads
-        total = None
-        for name in self.relations:
-            a, b = RELATIONS[name]
-            value = relation_kl(relation_logits(s[a], s[b], heads=h), relation_logits(t[a], t[b], heads=h),
-                                mask=mask, reduction=reduction)
-            total = value if total is None else total + value
-        return _per_token(total, h, reduction)
-
-
 class AttentionMSE(_Bound):
     """TinyBERT's attention loss: Σ over mapped layer pairs of `attention_mse` between the attention scores
     Q·Kᵀ/√d_k of each head, averaged over heads and tokens. Needs equal head counts. Default: layers="uniform"
@@ -354,5 +267,5 @@ def shape_of(config: object) -> ModelShape:
                       heads=first("num_attention_heads", "n_head", "n_heads"))
 
 
-__all__ = ["AttentionMSE", "DMAEAlign", "HiddenCosine", "HiddenMSE", "HiddenStateObjective", "MiniLMAttention",
-           "MiniLMRelations", "ModelShape", "ProjectedLoss", "SquareHead", "layer_map", "shape_of"]
+__all__ = ["AttentionMSE", "DMAEAlign", "HiddenCosine", "HiddenMSE", "HiddenStateObjective", "ModelShape",
+           "ProjectedLoss", "SquareHead", "layer_map", "shape_of"]

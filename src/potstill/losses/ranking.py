@@ -287,13 +287,14 @@ def idf_flops(activations: Tensor, idf: Tensor, *, mask: Tensor | None = None) -
 class SparseFlops(torch.nn.Module):
     """FLOPS regulariser of a sparse (SPLADE-like) student as a training objective, with SPLADE's λ warm-up.
 
-    Reads the student's term weights from its ranking signal, not the teacher's: `student.passage_terms`
-    (`(B·C, V)` weights of every candidate passage) and/or `student.query_terms` (`(B, V)`), as `side` says
-    ("passage", "query" or "both"). Value at optimizer step k: min(1, k/warmup_steps)² · Σ_sides flops(terms)
-    (Formal et al. 2021; Geng et al. 2024 regularise only the documents of an inference-free retriever, whose
-    raw document weights make this the IDF-aware FLOPS, see `idf_flops`); the objective's weight is λ. With
-    reduction="sum" (the loop's call) it returns the value × B, so that the loop's division by the counted rows
-    gives the value back. Stateful: the warm-up step, a buffer.
+    Takes the student's own term weights, no teacher signal: `passage_terms` (`(B·C, V)` weights of every
+    candidate passage) and/or `query_terms` (`(B, V)`), as `side` says ("passage", "query" or "both"), and
+    `queries` = B, the rows the loop counts. Value at optimizer step k: min(1, k/warmup_steps)² ·
+    Σ_sides flops(terms) (Formal et al. 2021; Geng et al. 2024 regularise only the documents of an
+    inference-free retriever, whose raw document weights make this the IDF-aware FLOPS, see `idf_flops`); the
+    objective's weight is λ. With reduction="sum" (the loop's call) it returns the value × B, so that the loop's
+    division by the counted rows gives the value back. Stateful: the warm-up step, a buffer. A task hands it
+    the weights from its signal (the ranking task: `RankingScores.query_terms` / `.passage_terms`).
     Defaults: side="passage", warmup_steps=0 (no warm-up; the official demo config uses 200, the code 10,000).
     """
 
@@ -316,18 +317,19 @@ class SparseFlops(torch.nn.Module):
     def log_values(self) -> dict[str, float]:
         return {"lambda_factor": self.factor}
 
-    def forward(self, student, teacher=None, *, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    def forward(self, passage_terms: Tensor | None = None, query_terms: Tensor | None = None, *, queries: int,
+                mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
         check_reduction(reduction)
-        sides = ("passage", "query") if self.side == "both" else (self.side,)
-        terms = [getattr(student, f"{side}_terms", None) for side in sides]
+        given = {"passage": passage_terms, "query": query_terms}
+        terms = [given[side] for side in (("passage", "query") if self.side == "both" else (self.side,))]
         if any(t is None for t in terms):
             raise ValueError(f"sparse_flops needs the student's {self.side} term weights; they exist for a "
                              f"ranking student of type splade (an inference-free student has no query weights "
                              f"to regularise)")
         value = self.factor * sum(flops(t) for t in terms)
         if reduction == "sum":
-            return value * student.candidates.shape[0]
-        return value.expand(student.candidates.shape[0]) if reduction == "none" else value
+            return value * queries
+        return value.expand(queries) if reduction == "none" else value
 
     def on_optimizer_step(self, loss: float, step: int, total_steps: int) -> None:
         self.step.fill_(int(step))

