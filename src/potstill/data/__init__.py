@@ -2,7 +2,7 @@
 
 from potstill.data.active import ActiveSelector, informativeness, robust_inclusion_probabilities
 from potstill.data.curriculum import Curriculum, model_fitting_difficulty
-from potstill.data.domain_weights import DomainWeightedSampler
+from potstill.data.ddk import DomainWeightedSampler
 from potstill.data.loaders import (
     BUILTIN_DATASETS,
     BUILTIN_SPLITS,

@@ -68,23 +68,13 @@ class Task(ABC):
         batches (e.g. TAS-Balanced topic batches): each consecutive `batch_size` indices (the global batch,
         trainer.batch_size × processes) are one micro-batch, every epoch has the same length, and the order
         is a pure function of (recipe, epoch) so that a resumed run sees the same batches. Default: None, the
-        loop's seeded shuffle; with `data.domains`, DDK's domain-weighted blocks (potstill.tasks.domains)."""
-        if self.recipe.data.domains is None:
-            return None
-        if getattr(self, "_domain_schedule", None) is None:
-            from potstill.tasks.domains import DomainSchedule, domains_of
-
-            cfg = self.recipe.data.domains
-            self._domain_schedule = DomainSchedule(
-                cfg, train_domains=domains_of(self.domain_records("train"), cfg.column, "data.train"),
-                eval_domains=domains_of(self.domain_records("eval"), cfg.column, "data.eval"),
-                measure=self.eval_loss, student=lambda: self.student, teacher=self.teacher, run_dir=self.run_dir,
-                seed=self.recipe.seed, grad_accum=self.recipe.trainer.grad_accum)
-        return self._domain_schedule.order(epoch, batch_size)
+        loop's seeded shuffle."""
+        return None
 
     def domain_records(self, split: str) -> list[dict]:
         """The records whose `data.domains.column` gives each training (`train`) or held-out (`eval`) record's
-        domain, aligned with `train_records` / `eval_records`. Default: those records themselves."""
+        domain (DDK, `potstill.data.ddk`), aligned with `train_records` / `eval_records`. Default: those
+        records themselves."""
         return self.train_records if split == "train" else self.eval_records
 
     def eval_loss(self, model: torch.nn.Module, indices: list[int]) -> float:
