@@ -65,7 +65,7 @@ class Distiller:
                  seed: int = 0, eval_config: EvalConfig | None = None, recipe_text: str | None = None,
                  accelerator: Any = None) -> None:
         self.task, self.objectives, self.cfg = task, objectives, trainer
-        self.eval_cfg = eval_config or EvalConfig()
+        self.eval_cfg = eval_config or EvalConfig.model_validate({})
         self.run_dir, self.seed, self.recipe_text = Path(run_dir), seed, recipe_text
         self.ckpt_root = self.run_dir / "checkpoints"
         self.accelerator = accelerator or new_accelerator()
