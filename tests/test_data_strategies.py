@@ -514,6 +514,33 @@ def test_recipe_domains_epochs_count_passes_over_the_records(tmp_path, digits_re
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # blocks of 10 steps: 0-9, 10-19, 20-29, 30-36
 
 
+def test_recipe_domains_resume_mid_run_is_bit_identical(tmp_path, digits_recipe):
+    """A DDK run resumed from a mid-run checkpoint, with the later blocks never recorded (as if killed right after
+    the checkpoint), measures those blocks again and ends with exactly the weights and history of the full run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from potstill.config import validate_recipe
+    from potstill.train import run_recipe
+
+    train, eval_ = _domain_files(tmp_path)
+    digits_recipe["data"] = {"train": train, "eval": eval_, "domains": {"every": 2, "eval_records": 30}}
+    digits_recipe["trainer"].update(max_steps=8, save_every=3, keep_last=5)
+    recipe = validate_recipe(digits_recipe)
+    run_recipe(recipe)
+    ckpts = recipe.run_dir / "checkpoints"
+    full = load_file(str(ckpts / "step-00000008" / "student.safetensors"))
+    history = json.loads((recipe.run_dir / "domain_weights.json").read_text())
+    for step in (6, 8):
+        shutil.rmtree(ckpts / f"step-0000000{step}")
+    (recipe.run_dir / "domain_weights.json").write_text(json.dumps(history[:2]))  # blocks 0, 1: up to step 3
+    run_recipe(recipe, resume=True)
+    resumed = load_file(str(ckpts / "step-00000008" / "student.safetensors"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert json.loads((recipe.run_dir / "domain_weights.json").read_text()) == history
+
+
 def test_recipe_domains_user_errors(tmp_path, digits_recipe):
     from conftest import write_yaml
 
