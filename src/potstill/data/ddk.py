@@ -64,14 +64,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return z - math.log(float(np.exp(z).sum()))
 
 
-def discrepancy_factor(ratios: Sequence[float]) -> np.ndarray:
+def discrepancy_factor(ratios: Sequence[float] | np.ndarray) -> np.ndarray:
     """DDK's Eq. 1: softmax of the per-domain ratios ℓ_S/ℓ_T (perplexity of the student over the teacher's)."""
     r = np.asarray(ratios, dtype=np.float64)
     return np.exp(_log_softmax(r))
 
 
-def smoothed_update(previous: Sequence[float], ratios: Sequence[float], smoothing: float = DEFAULT_SMOOTHING
-                    ) -> np.ndarray:
+def smoothed_update(previous: Sequence[float] | np.ndarray, ratios: Sequence[float] | np.ndarray,
+                    smoothing: float = DEFAULT_SMOOTHING) -> np.ndarray:
     """DDK's Eq. 2: α · normalise(r_prev ⊙ exp(ratios)) + (1 − α)/N, computed in log space."""
     prev = np.asarray(previous, dtype=np.float64)
     r = np.asarray(ratios, dtype=np.float64)
