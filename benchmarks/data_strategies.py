@@ -16,7 +16,7 @@
     (1 − α)·CE + α·τ²·KL, τ = 4, α ∈ {0, 0.5, 0.9, α(f)} (α(f) = `kd_weight_for_fraction`), 800 Adam steps
     (lr 3e-3) of batch 64 drawn from the kept records, whatever f. Reported: test accuracy, and the KD gain
     over α = 0 per kept fraction.
-(c) DDK (`potstill.data.domain_weights`): 3 synthetic domains over a 12-token vocabulary, each a bigram
+(c) DDK (`potstill.data.ddk`): 3 synthetic domains over a 12-token vocabulary, each a bigram
     chain (a near-deterministic cycle on tokens 0–7; a Dirichlet(0.5) table on all tokens; a sparse
     Dirichlet(0.1) table on tokens 4–11), 200 / 200 / 60 training sequences of 33 tokens, 50 validation
     sequences per domain. Teacher = the exact tables; student = one shared embedding(12, 8) → linear(8, 12)
@@ -234,7 +234,7 @@ class Bigram(nn.Module):
 
 
 def run_ddk(seed: int, method: str) -> tuple[float, float, list[float]]:
-    from potstill.data.domain_weights import DomainWeightedSampler
+    from potstill.data.ddk import DomainWeightedSampler
     from potstill.losses import forward_kl
 
     rng = np.random.default_rng(seed)

@@ -21,7 +21,7 @@ from potstill.data.active import (
     worst_case_gain,
 )
 from potstill.data.curriculum import Curriculum, hard_items, largest_remainder, model_fitting_difficulty
-from potstill.data.domain_weights import DomainWeightedSampler, discrepancy_factor, smoothed_update
+from potstill.data.ddk import DomainWeightedSampler, discrepancy_factor, smoothed_update
 from potstill.data.pruning import (
     el2n_scores,
     kd_weight_for_fraction,
@@ -476,17 +476,69 @@ def test_recipe_domains_reweights_blocks_and_replays_on_resume(tmp_path, digits_
     worst, best = max(ratios, key=ratios.get), min(ratios, key=ratios.get)
     assert history[1]["weights"][worst] > history[1]["weights"][best]  # the lagging domain gains weight
 
-    # a fresh task in the same run folder replays the recorded blocks: same batches, nothing measured again
+    # a fresh hook in the same run folder replays the recorded blocks: same batches, nothing measured again
+    from potstill.train.data_order import domain_blocks
+
+    def hook(task):
+        task.setup()
+        return domain_blocks(task, run_dir=recipe.run_dir, seed=recipe.seed, global_batch=8, grad_accum=1,
+                             fresh=False)
+
     first = build_task(recipe, run_dir=recipe.run_dir)
-    first.setup()
-    orders = [first.epoch_order(e, 8) for e in range(4)]
+    orders = [hook(first).order(b) for b in range(4)]
     assert all(len(o) == 2 * 8 for o in orders)
     replay = build_task(recipe, run_dir=recipe.run_dir)
-    replay.setup()
+    blocks = hook(replay)
     replay.eval_loss = lambda *a: pytest.fail("a recorded block must not be measured again")
-    assert replay.epoch_order(2, 8) == orders[2] and replay.epoch_order(3, 8) == orders[3]
+    for step in (2, 4, 6):  # the loop's block ends: recorded, so replayed
+        blocks.on_block_end(step)
+    assert blocks.order(2) == orders[2] and blocks.order(3) == orders[3]
     domains = [r["domain"] for r in first.train_records]
     assert {domains[i] for o in orders for i in o} == {"low", "high", "nine"}
+    assert json.loads((recipe.run_dir / "domain_weights.json").read_text()) == history  # nothing re-recorded
+
+
+def test_recipe_domains_epochs_count_passes_over_the_records(tmp_path, digits_recipe):
+    """With data.domains, trainer.epochs still means passes over data.train: DDK changes which records a block
+    draws, not the number of steps (300 records / batch 8 = 37 steps per epoch)."""
+    from potstill.config import validate_recipe
+    from potstill.train import run_recipe
+
+    train, eval_ = _domain_files(tmp_path)
+    digits_recipe["data"] = {"train": train, "eval": eval_, "domains": {"every": 10, "eval_records": 10}}
+    digits_recipe["trainer"].update(epochs=1, max_steps=None, batch_size=8, grad_accum=1)
+    digits_recipe["eval"] = {"compare_before": False, "throughput": False}
+    recipe = validate_recipe(digits_recipe)
+    assert run_recipe(recipe)["steps"] == 300 // 8
+    history = json.loads((recipe.run_dir / "domain_weights.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # blocks of 10 steps: 0-9, 10-19, 20-29, 30-36
+
+
+def test_recipe_domains_resume_mid_run_is_bit_identical(tmp_path, digits_recipe):
+    """A DDK run resumed from a mid-run checkpoint, with the later blocks never recorded (as if killed right after
+    the checkpoint), measures those blocks again and ends with exactly the weights and history of the full run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from potstill.config import validate_recipe
+    from potstill.train import run_recipe
+
+    train, eval_ = _domain_files(tmp_path)
+    digits_recipe["data"] = {"train": train, "eval": eval_, "domains": {"every": 2, "eval_records": 30}}
+    digits_recipe["trainer"].update(max_steps=8, save_every=3, keep_last=5)
+    recipe = validate_recipe(digits_recipe)
+    run_recipe(recipe)
+    ckpts = recipe.run_dir / "checkpoints"
+    full = load_file(str(ckpts / "step-00000008" / "student.safetensors"))
+    history = json.loads((recipe.run_dir / "domain_weights.json").read_text())
+    for step in (6, 8):
+        shutil.rmtree(ckpts / f"step-0000000{step}")
+    (recipe.run_dir / "domain_weights.json").write_text(json.dumps(history[:2]))  # blocks 0, 1: up to step 3
+    run_recipe(recipe, resume=True)
+    resumed = load_file(str(ckpts / "step-00000008" / "student.safetensors"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert json.loads((recipe.run_dir / "domain_weights.json").read_text()) == history
 
 
 def test_recipe_domains_user_errors(tmp_path, digits_recipe):

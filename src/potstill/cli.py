@@ -234,7 +234,7 @@ def pgkd(recipe: Annotated[Path, typer.Argument(help="text-classification recipe
     validation macro-F1 stops improving."""
     from potstill.config import load_recipe
     from potstill.teachers.endpoint import EndpointTeacher
-    from potstill.train.pgkd import run_pgkd
+    from potstill.train.pgkd_cycles import run_pgkd
 
     cfg = load_recipe(recipe, set_ or [])
     _quiet_transformers()

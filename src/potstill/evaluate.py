@@ -24,10 +24,13 @@ def evaluate_run(run_dir: str | Path) -> list[dict[str, Any]]:
         recipe.student = recipe.student.model_copy(update={"init": "pretrained", "path": str(student_dir)})
     task = build_task(recipe, run_dir=run_dir)
     task.setup()
+    student = task.student
+    if student is None:
+        raise UserError(f"{student_dir}: the {recipe.task} task loaded no student from it")
     if factory_student:
-        task.student.load_state_dict(load_state_dict(str(student_dir / "model.safetensors"),
-                                                     field="student"))
-    task.student.eval()
-    sizes = task.measure(task.student) if recipe.eval.throughput else {}
-    return [{"model": "teacher", **task.evaluate(task.teacher, role="teacher"), **sizes.get("teacher", {})},
-            {"model": "student", **task.evaluate(task.student), **sizes.get("student", {})}]
+        student.load_state_dict(load_state_dict(str(student_dir / "model.safetensors"), field="student"))
+    student.eval()
+    sizes = task.measure(student) if recipe.eval.throughput else {}
+    teacher_row = task.evaluate(task.teacher, role="teacher")  # type: ignore[arg-type]  # None: no teacher
+    return [{"model": "teacher", **teacher_row, **sizes.get("teacher", {})},
+            {"model": "student", **task.evaluate(student), **sizes.get("student", {})}]

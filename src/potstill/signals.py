@@ -7,15 +7,21 @@ A teacher's or a student's signal for one batch is one of:
 - `potstill.losses.fused.LMHeadInputs`: a student's lm_head inputs (`trainer.fused_lm_head`);
 - `potstill.losses.sparse.TopKTeacher`: a cached teacher's top-k log-probs.
 
-This module knows only torch, so that every part (tasks, teachers, students, the loop) can import it.
+`Signal` names that union, for type hints. This module knows only torch at run time (the two loss-side
+classes are named for the type checker only), so that every part (tasks, teachers, students, the loop) can
+import it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, Union
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from potstill.losses.fused import LMHeadInputs
+    from potstill.losses.sparse import TopKTeacher
 
 
 @dataclass
@@ -43,3 +49,7 @@ class RankingScores:
     in_batch_mask: Tensor | None = None
     query_terms: Tensor | None = None
     passage_terms: Tensor | None = None
+
+
+#: What `Task.teacher_signal` / `Task.student_signal` return for one batch.
+Signal: TypeAlias = Union[Tensor, Signals, RankingScores, "LMHeadInputs", "TopKTeacher"]  # noqa: UP007

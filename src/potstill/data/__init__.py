@@ -3,7 +3,7 @@ records, sampling, on-policy batches and step-by-step views."""
 
 from potstill.data.active import ActiveSelector, informativeness, robust_inclusion_probabilities
 from potstill.data.curriculum import Curriculum, model_fitting_difficulty
-from potstill.data.domain_weights import DomainWeightedSampler
+from potstill.data.ddk import DomainWeightedSampler
 from potstill.data.lm_records import LMRecordEncoder, pack, shift_targets, tokenizer_fingerprint
 from potstill.data.loaders import (
     BUILTIN_DATASETS,

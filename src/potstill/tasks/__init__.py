@@ -10,31 +10,36 @@ from potstill.config import Recipe
 from potstill.tasks.base import Task
 
 
-def build_task(recipe: Recipe, *, run_dir: Path, device: torch.device | str = "cpu") -> Task:
-    """The task adapter named by `recipe.task`."""
-    if recipe.task == "classification":
+def task_class(name: str) -> type[Task]:
+    """The task adapter class of `recipe.task` = `name` (its `signal_kind` says what objectives it feeds)."""
+    if name == "classification":
         from potstill.tasks.classification import ClassificationTask
 
-        return ClassificationTask(recipe, run_dir=run_dir, device=device)
-    if recipe.task == "causal_lm":
+        return ClassificationTask
+    if name == "causal_lm":
         from potstill.tasks.causal_lm import CausalLMTask
 
-        return CausalLMTask(recipe, run_dir=run_dir, device=device)
-    if recipe.task == "vision":
+        return CausalLMTask
+    if name == "vision":
         from potstill.tasks.vision import VisionTask
 
-        return VisionTask(recipe, run_dir=run_dir, device=device)
-    if recipe.task == "ranking":
+        return VisionTask
+    if name == "ranking":
         from potstill.tasks.ranking import RankingTask
 
-        return RankingTask(recipe, run_dir=run_dir, device=device)
-    if recipe.task == "seq2seq":
+        return RankingTask
+    if name == "seq2seq":
         from potstill.tasks.seq2seq import Seq2SeqTask
 
-        return Seq2SeqTask(recipe, run_dir=run_dir, device=device)
+        return Seq2SeqTask
     from potstill.tasks.embedding import EmbeddingTask
 
-    return EmbeddingTask(recipe, run_dir=run_dir, device=device)
+    return EmbeddingTask
 
 
-__all__ = ["Task", "build_task"]
+def build_task(recipe: Recipe, *, run_dir: Path, device: torch.device | str = "cpu") -> Task:
+    """The task adapter named by `recipe.task`."""
+    return task_class(recipe.task)(recipe, run_dir=run_dir, device=device)
+
+
+__all__ = ["Task", "build_task", "task_class"]

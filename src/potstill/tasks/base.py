@@ -7,6 +7,7 @@ batch count, scores a model, and saves the student in its native format. The loo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from potstill.config import DataSource, PruneConfig, Recipe
 from potstill.data import load_source
 from potstill.errors import UserError
+from potstill.signals import Signal
 
 
 class Task(ABC):
@@ -39,7 +41,7 @@ class Task(ABC):
 
     # ---- set-up
     @abstractmethod
-    def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
+    def setup(self, *, is_main: bool = True, barrier: Callable[[], Any] = lambda: None) -> None:
         """Load data, teacher and student. `barrier` syncs processes around one-time work (caches)."""
 
     def load(self, source: DataSource, *, required: tuple[str, ...] = ()) -> list[dict]:
@@ -68,23 +70,13 @@ class Task(ABC):
         batches (e.g. TAS-Balanced topic batches): each consecutive `batch_size` indices (the global batch,
         trainer.batch_size × processes) are one micro-batch, every epoch has the same length, and the order
         is a pure function of (recipe, epoch) so that a resumed run sees the same batches. Default: None, the
-        loop's seeded shuffle; with `data.domains`, DDK's domain-weighted blocks (potstill.tasks.domains)."""
-        if self.recipe.data.domains is None:
-            return None
-        if getattr(self, "_domain_schedule", None) is None:
-            from potstill.tasks.domains import DomainSchedule, domains_of
-
-            cfg = self.recipe.data.domains
-            self._domain_schedule = DomainSchedule(
-                cfg, train_domains=domains_of(self.domain_records("train"), cfg.column, "data.train"),
-                eval_domains=domains_of(self.domain_records("eval"), cfg.column, "data.eval"),
-                measure=self.eval_loss, student=lambda: self.student, teacher=self.teacher, run_dir=self.run_dir,
-                seed=self.recipe.seed, grad_accum=self.recipe.trainer.grad_accum)
-        return self._domain_schedule.order(epoch, batch_size)
+        loop's seeded shuffle."""
+        return None
 
     def domain_records(self, split: str) -> list[dict]:
         """The records whose `data.domains.column` gives each training (`train`) or held-out (`eval`) record's
-        domain, aligned with `train_records` / `eval_records`. Default: those records themselves."""
+        domain (DDK, `potstill.data.ddk`), aligned with `train_records` / `eval_records`. Default: those
+        records themselves."""
         return self.train_records if split == "train" else self.eval_records
 
     def eval_loss(self, model: torch.nn.Module, indices: list[int]) -> float:
@@ -120,8 +112,11 @@ class Task(ABC):
         from potstill.tasks.internals import transformer_layers
 
         model = self.teacher if role == "teacher" else self.student
-        if hasattr(model, "model_shape"):  # e.g. a static-embedding student
-            return model.model_shape()
+        if model is None:
+            raise UserError(f"objectives on hidden states or attention need a {role} model; this run has none")
+        own_shape = getattr(model, "model_shape", None)
+        if callable(own_shape):  # e.g. a static-embedding student
+            return own_shape()
         config = getattr(model, "config", None)
         if config is None:
             raise UserError(f"objectives on hidden states or attention need Hugging Face transformer models; the "
@@ -144,7 +139,8 @@ class Task(ABC):
         path = self._layers_path(role)
         return {**needs, "layers_path": path} if needs and path else needs
 
-    def with_internals(self, role: str, fn, model: torch.nn.Module, batch: dict[str, Any]) -> Any:
+    def with_internals(self, role: str, fn: Callable[..., Any], model: torch.nn.Module,
+                       batch: dict[str, Any]) -> Signal:
         """`fn(model, batch)`, as `Signals` carrying the internals the loop asked for (`internal_needs`); the
         token mask is the batch's attention mask (every token, when it has none)."""
         from potstill.tasks.internals import run_with_internals
@@ -155,11 +151,11 @@ class Task(ABC):
         return run_with_internals(fn, model, needs, batch.get("attention_mask"), model, batch)
 
     @abstractmethod
-    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
+    def teacher_signal(self, batch: dict[str, Any]) -> Signal:
         """The teacher's signal for the batch (no autograd)."""
 
     @abstractmethod
-    def student_signal(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    def student_signal(self, model: torch.nn.Module, batch: dict[str, Any]) -> Signal:
         """The student's signal for the batch, with autograd."""
 
     def signal_mask(self, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -170,8 +166,9 @@ class Task(ABC):
         this task's signal it compares (e.g. the ranking task's candidate or in-batch scores). Default: `fn`."""
         return fn
 
-    def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """Summed cross-entropy on gold labels (normalised by the loop)."""
+    def hard_label_loss(self, student_signal: Any, batch: dict[str, Any]) -> torch.Tensor:
+        """Summed cross-entropy on gold labels (normalised by the loop); `student_signal` is the main part of
+        the student's `Signal` (logits, or lm_head inputs with `trainer.fused_lm_head`)."""
         raise UserError(f"trainer.hard_label_weight > 0 needs gold labels, which the {self.name} task has not")
 
     # ---- evaluation and output
@@ -183,8 +180,8 @@ class Task(ABC):
         """Size and speed of teacher and student: {"teacher": {...}, "student": {...}}."""
         return {}
 
-    def compare_speed(self, student: torch.nn.Module, items: list, runner, *, unit: str, batch_size: int,
-                      rounds: int = 3, min_seconds: float = 0.5, per_item: float = 1.0,
+    def compare_speed(self, student: torch.nn.Module, items: list, runner: Callable[[torch.nn.Module], Any], *,
+                      unit: str, batch_size: int, rounds: int = 3, min_seconds: float = 0.5, per_item: float = 1.0,
                       teacher: torch.nn.Module | None = None) -> dict[str, dict[str, float]]:
         """Parameters and `unit` (items/s × `per_item`) of the teacher and the student, measured interleaved
         (`eval.compare_throughput`) in eval mode; `runner(model)` returns the function that runs one chunk.
@@ -212,7 +209,7 @@ class Task(ABC):
 
 
 def cached_tensor(folder: Path, manifest: dict[str, Any], key: str, compute, *, is_main: bool = True,
-                  barrier=lambda: None) -> torch.Tensor:
+                  barrier: Callable[[], Any] = lambda: None) -> torch.Tensor:
     """A tensor computed once per run and kept in `folder` (`<key>` in embeddings.safetensors + manifest.json
     with its sha256): the main process calls `compute()` unless the stored manifest equals `manifest` and the
     checksum holds; every process then reads the file."""

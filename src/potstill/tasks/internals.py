@@ -17,7 +17,7 @@ query / key / value projections of chosen blocks, captured by forward hooks (the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -151,13 +151,13 @@ class Capture:
 
     def signals(self, main: Any, token_mask: Tensor | None) -> Signals:
         """The recorded internals with the task's `main` signal; `token_mask` None = every token counts."""
-        hidden = None
+        hidden: tuple[Tensor, ...] | None = None
         if self.hidden:
             last = len(self.hidden_states) if self.stop_after is None else self.stop_after + 2
             if any(h is None for h in self.hidden_states[:last]):
                 raise RuntimeError("the forward did not run every transformer layer; hidden states are missing")
-            hidden = tuple(self.hidden_states)
-        qkv = {i: tuple(v) for i, v in self.qkv.items()}
+            hidden = cast("tuple[Tensor, ...]", tuple(self.hidden_states))  # past stop_after: None, never read
+        qkv = {i: cast("tuple[Tensor, Tensor, Tensor]", tuple(v)) for i, v in self.qkv.items()}
         if token_mask is None:
             first = hidden[0] if hidden else next(iter(qkv.values()))[0]
             token_mask = torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
@@ -171,7 +171,8 @@ def run_with_internals(fn, model: nn.Module, needs: dict[str, Any] | None, token
     With `stop_after` the forward ends after that layer (the main signal is then None)."""
     if not needs or not (needs.get("hidden") or needs.get("qkv")):
         return fn(*args, **kwargs)
-    target = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+    inner = getattr(model, "module", None)  # a DDP-wrapped model's own module
+    target = inner if isinstance(inner, nn.Module) else model
     main = None
     with Capture(target, hidden=bool(needs.get("hidden")), qkv_layers=needs.get("qkv", ()),
                  layers_path=needs.get("layers_path"), stop_after=needs.get("stop_after")) as cap:

@@ -8,11 +8,9 @@ from potstill.config import Recipe, dump_recipe
 from potstill.errors import UserError
 from potstill.losses import get_objective
 from potstill.losses.catalogue import INTERNAL_KINDS
-from potstill.tasks import build_task
-from potstill.train.distiller import Distiller, Objective
-
-TASK_SIGNALS = {"classification": "logits", "embedding": "embedding", "causal_lm": "logits", "vision": "pixels",
-                "ranking": "scores", "seq2seq": "logits"}
+from potstill.tasks import build_task, task_class
+from potstill.train.distiller import Distiller
+from potstill.train.objective import Objective
 
 
 def with_pruned_kd_weights(recipe: Recipe) -> Recipe:
@@ -37,7 +35,7 @@ def build_objectives(recipe: Recipe, task: Any = None) -> list[Objective]:
     each loss at its part of the task's signal (`Task.adapt_objective`)."""
     import inspect
 
-    kind = TASK_SIGNALS[recipe.task]
+    kind = task_class(recipe.task).signal_kind
     objectives = []
     for i, cfg in enumerate(recipe.objectives):
         info = get_objective(cfg.name)

@@ -22,23 +22,38 @@ Randomness: batch b is drawn from a stream fixed by (seed, b) and domain d's c-t
 (seed, d, c), so the whole state is the weights, the batch counter and each domain's (cycle, position):
 `state_dict()` / `load_state_dict()` carry it, and a resumed sampler yields exactly the next batches an
 uninterrupted one would have.
+
+In the training loop (`data.domains`), `DomainBlocks` is the loop's block hook: training is cut into blocks of
+`every` optimizer steps (K); `order(block)` gives the records of a block's global micro-batches, drawn by domain
+weight, and `on_block_end(step)`, called by the loop after every K-th optimizer step, measures the student's
+(and once, the frozen teacher's) mean cross-entropy on the first `eval_records` held-out records of each
+domain and applies Eq. 2 for the next block. `trainer.epochs` still counts passes over the training records:
+DDK changes which records a block draws, not how many steps the run has. `<run>/domain_weights.json` keeps,
+per block, the weights, the measured perplexities and the sampler's state before the block was drawn; a resumed
+run replays a recorded block from that state instead of measuring again, so it visits exactly the batches of
+the uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from potstill.errors import UserError, int_at_least
+from potstill.io import atomic_write_json
 
 #: The paper's smoothing coefficient α.
 DEFAULT_SMOOTHING = 0.5
 #: The paper's distillation interval K (steps between weight updates), for callers that schedule `update`.
 DEFAULT_INTERVAL = 1000
 LOSS_KINDS = ("cross_entropy", "perplexity")
+#: The run folder's record of every block's weights, perplexities and sampler state.
+HISTORY_FILE = "domain_weights.json"
 _STATE_FORMAT = 1
 # Stream tags keep the per-batch and per-permutation random streams apart.
 _BATCH_STREAM, _PERM_STREAM = 31, 32
@@ -49,14 +64,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return z - math.log(float(np.exp(z).sum()))
 
 
-def discrepancy_factor(ratios: Sequence[float]) -> np.ndarray:
+def discrepancy_factor(ratios: Sequence[float] | np.ndarray) -> np.ndarray:
     """DDK's Eq. 1: softmax of the per-domain ratios ℓ_S/ℓ_T (perplexity of the student over the teacher's)."""
     r = np.asarray(ratios, dtype=np.float64)
     return np.exp(_log_softmax(r))
 
 
-def smoothed_update(previous: Sequence[float], ratios: Sequence[float], smoothing: float = DEFAULT_SMOOTHING
-                    ) -> np.ndarray:
+def smoothed_update(previous: Sequence[float] | np.ndarray, ratios: Sequence[float] | np.ndarray,
+                    smoothing: float = DEFAULT_SMOOTHING) -> np.ndarray:
     """DDK's Eq. 2: α · normalise(r_prev ⊙ exp(ratios)) + (1 − α)/N, computed in log space."""
     prev = np.asarray(previous, dtype=np.float64)
     r = np.asarray(ratios, dtype=np.float64)
@@ -231,3 +246,92 @@ class DomainWeightedSampler:
         self._cycle, self._position = cycle, position
         ratios = state.get("last_ratios")
         self.last_ratios = None if ratios is None else np.asarray(ratios, dtype=np.float64)
+
+
+def domains_of(records: list[dict], column: str, where: str) -> list[Hashable]:
+    """Each record's domain; a record without one is a user error naming it."""
+    out = []
+    for i, rec in enumerate(records):
+        value = rec.get(column)
+        if value is None or isinstance(value, (list, dict)):
+            raise UserError(f"{where}: record {i + 1} has no domain: data.domains.column {column!r} must name a "
+                            f"field with a string or integer domain in every record")
+        out.append(value)
+    return out
+
+
+class DomainBlocks:
+    """DDK's block hook for the training loop (see the module docstring).
+
+    `measure(model, eval_indices) -> mean cross-entropy` scores a model on held-out records (the task's
+    `eval_loss`); `student()` gives the current student. `global_batch` records per global micro-batch,
+    `grad_accum` micro-batches per optimizer step, `every` optimizer steps per block. `fresh`: a new run, whose
+    earlier `domain_weights.json` (if any) is discarded instead of replayed.
+    """
+
+    def __init__(self, *, train_domains: list[Hashable], eval_domains: list[Hashable],
+                 measure: Callable[[Any, list[int]], float], student: Callable[[], Any], teacher: Any,
+                 run_dir: Path, seed: int, every: int, smoothing: float, eval_records: int, global_batch: int,
+                 grad_accum: int, fresh: bool) -> None:
+        known = list(dict.fromkeys(train_domains))  # first appearance, the sampler's order
+        missing = [d for d in known if d not in set(eval_domains)]
+        if missing:
+            raise UserError(f"data.eval has no records of domain(s) {', '.join(map(str, missing[:5]))}: DDK measures "
+                            f"every training domain on held-out records of it")
+        self.measure, self.student, self.teacher, self.every = measure, student, teacher, every
+        self.eval_indices = {d: [i for i, x in enumerate(eval_domains) if x == d][:eval_records] for d in known}
+        self.sampler = DomainWeightedSampler(train_domains, batch_size=1, smoothing=smoothing, seed=seed)
+        self.block_rows = every * grad_accum * global_batch
+        self.path = Path(run_dir) / HISTORY_FILE
+        self.history: list[dict] = json.loads(self.path.read_text()) if self.path.exists() and not fresh else []
+        self._teacher_loss: dict | None = None
+        self._drawn = -1  # the block whose records the in-memory sampler has just drawn
+
+    def _losses(self, model: Any) -> dict[Hashable, float]:
+        return {d: float(self.measure(model, idx)) for d, idx in self.eval_indices.items()}
+
+    def _entry(self, block: int) -> dict[str, Any] | None:
+        return next((entry for entry in self.history if entry["epoch"] == block), None)
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        names, weights = self.sampler.domain_names, self.sampler.weights
+        entry["weights"] = {str(d): float(w) for d, w in zip(names, weights, strict=True)}
+        entry["state"] = self.sampler.state_dict()
+        self.history.append(entry)
+        atomic_write_json(self.path, self.history)
+
+    def _draw(self, block: int, entry: dict[str, Any]) -> list[int]:
+        self.sampler.load_state_dict(entry["state"])
+        self._drawn = block
+        return [i for batch in self.sampler.batches(self.block_rows) for i in batch]
+
+    def order(self, block: int) -> list[int]:
+        """Record indices of block `block` (`every × grad_accum` global micro-batches), drawn by domain weight."""
+        entry = self._entry(block)
+        if entry is None:
+            if block > 0:
+                raise UserError(f"{self.path} has no record of block {block}; the run folder does not belong to "
+                                f"this run: start it again with --overwrite")
+            entry = {"epoch": 0}
+            self._record(entry)  # the uniform start
+        return self._draw(block, entry)
+
+    def on_block_end(self, step: int) -> None:
+        """After optimizer step `step` (a multiple of `every`): DDK's Eq. 2 on the perplexities measured now,
+        for block `step // every`. A block already recorded (a resumed run) is replayed, not measured again."""
+        block = step // self.every
+        if self._entry(block) is not None:
+            return
+        if self._drawn != block - 1:  # bring the sampler to the end of the previous block
+            previous = self._entry(block - 1)
+            if previous is None:
+                raise UserError(f"{self.path} has no record of block {block - 1}; the run folder does not belong "
+                                f"to this run: start it again with --overwrite")
+            self._draw(block - 1, previous)
+        if self._teacher_loss is None:
+            self._teacher_loss = self._losses(self.teacher)
+        student_loss = self._losses(self.student())
+        self.sampler.update(student_loss, self._teacher_loss)
+        self._record({"epoch": block, "student_ppl": {str(d): math.exp(v) for d, v in student_loss.items()},
+                      "teacher_ppl": {str(d): math.exp(v) for d, v in self._teacher_loss.items()}})
+        self._drawn = -1

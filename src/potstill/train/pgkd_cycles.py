@@ -49,7 +49,7 @@ def run_pgkd(recipe: Recipe, teacher: Any, *, task_description: str, resume: boo
     base.setup()
     train_records = _records(base.train_records, "data.train")
     validation = _records(base.eval_records, "data.eval")
-    labels = list(base.label_ids or {})
+    labels = list(getattr(base, "label_ids", None) or {})
     if not labels:
         raise UserError("data.train: PGKD needs gold labels (a label column)")
     folder = recipe.run_dir / "pgkd"
@@ -80,8 +80,11 @@ def run_pgkd(recipe: Recipe, teacher: Any, *, task_description: str, resume: boo
         names = {index: label for label, index in task.label_ids.items()}
         return Predictions(labels=[names[int(i)] for i in probs.argmax(-1)], confidence=probs.max(-1).values.tolist())
 
+    def save_state(state: dict) -> None:
+        atomic_write_json(state_path, state)
+
     _, best_data = loop.run(train_records, validation, train=train, predict=predict, teacher=teacher,
-                            save_state=lambda state: atomic_write_json(state_path, state), log=log)
+                            save_state=save_state, log=log)
     summary = {"best_cycle": loop.best_cycle, "best_macro_f1": loop.best_score,
                "student_dir": str(Path(recipe.run_dir) / f"cycle-{loop.best_cycle}" / "student"),
                "train_size": len(best_data), "history": loop.history}
