@@ -12,16 +12,10 @@ from potstill.methods import KINDS, METHODS, github_slug, methods_command, rende
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Modules that the #17 re-homing creates in other branches; until the merge they do not exist in this one.
-RE_HOMED = {"potstill.data.on_policy", "potstill.teachers.seq_kd", "potstill.data.step_by_step",
-            "potstill.losses.minilm", "potstill.data.ddk"}
-
 
 def _params():
     for method in METHODS.values():
-        marks = [pytest.mark.xfail(reason="module re-homed by #17 merge", strict=False)] \
-            if method.module in RE_HOMED else []
-        yield pytest.param(method, id=method.name, marks=marks)
+        yield pytest.param(method, id=method.name)
 
 
 def _result_anchors() -> set[str]:

@@ -208,41 +208,6 @@ class Task(ABC):
                 for k, v in batch.items()}
 
 
-def cached_tensor(folder: Path, manifest: dict[str, Any], key: str, compute, *, is_main: bool = True,
-                  barrier: Callable[[], Any] = lambda: None) -> torch.Tensor:
-    """A tensor computed once per run and kept in `folder` (`<key>` in embeddings.safetensors + manifest.json
-    with its sha256): the main process calls `compute()` unless the stored manifest equals `manifest` and the
-    checksum holds; every process then reads the file."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from potstill.io import atomic_dir, sha256_file
-
-    folder, data = Path(folder), Path(folder) / "embeddings.safetensors"
-    if is_main and not _cache_valid(folder, manifest):
-        value = compute()
-        with atomic_dir(folder) as tmp:
-            save_file({key: value.contiguous()}, str(tmp / data.name))
-            (tmp / "manifest.json").write_text(json.dumps({**manifest, "sha256": sha256_file(tmp / data.name)},
-                                                          indent=2))
-    barrier()
-    return load_file(str(data))[key]
-
-
-def _cache_valid(folder: Path, manifest: dict[str, Any]) -> bool:
-    import json
-
-    from potstill.io import sha256_file
-
-    try:
-        stored = json.loads((folder / "manifest.json").read_text())
-        digest = stored.pop("sha256", None)
-        return stored == manifest and digest == sha256_file(folder / "embeddings.safetensors")
-    except (OSError, ValueError):
-        return False
-
-
 def prune_records(records: list[dict], prune: PruneConfig, *, seed: int, where: str) -> list[dict]:
     """The records `data.prune` keeps (in their original order): a seeded random share, or the hardest /
     easiest by `score_column` (potstill.data.prune_indices)."""
