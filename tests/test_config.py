@@ -69,7 +69,7 @@ def test_a_field_of_another_task_is_an_unknown_key_naming_that_task(tmp_path):
     with pytest.raises(UserError) as err:
         load_recipe(path)
     text = str(err.value)
-    ranking = lines.index("ranking:") + 1
+    ranking = lines.index("ranking:") + 2  # another task's section: its first entry
     collection = next(i for i, x in enumerate(lines, 1) if "collection:" in x)
     assert f"r.yaml, line {ranking}: field ranking: unknown key 'ranking': ranking is for the ranking task, " \
            f"not causal_lm" in text

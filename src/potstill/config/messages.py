@@ -86,13 +86,14 @@ def _tasks(names: list[str]) -> str:
     return f"the {names[0]} task" if len(names) == 1 else f"the {', '.join(names[:-1])} and {names[-1]} tasks"
 
 
-def _unknown_key(loc: tuple, task: str | None) -> str:
+def _unknown_key(loc: tuple, task: str | None) -> tuple[str, bool]:
+    """The message for an unknown key, and whether the key is a field of another task."""
     key, path = str(loc[-1]), ".".join(str(p) for p in loc)
     here = RECIPE_OF_TASK.get(task or "")
     elsewhere = [t for t, model in RECIPE_OF_TASK.items() if t != task and key in fields_at(model, loc[:-1])]
     if elsewhere and here is not None:
-        return f"unknown key {key!r}: {path} is for {_tasks(elsewhere)}, not {task}"
-    return f"unknown key {key!r}{did_you_mean(key, fields_at(here, loc[:-1]) if here else [])}"
+        return f"unknown key {key!r}: {path} is for {_tasks(elsewhere)}, not {task}", True
+    return f"unknown key {key!r}{did_you_mean(key, fields_at(here, loc[:-1]) if here else [])}", False
 
 
 def _task_tag(e: dict, root: yaml.Node | None) -> tuple[tuple, int | None, str]:
@@ -116,8 +117,9 @@ def format_validation_error(err: ValidationError, source: str, root: yaml.Node |
             loc, line, msg = _task_tag(e, root)
             path = "task"
         elif e["type"] == "extra_forbidden":
-            msg = _unknown_key(loc, task)
-            line = _key_line(root, loc)
+            msg, foreign = _unknown_key(loc, task)
+            # a typo points at its key; another task's field at its value (a section: its first entry)
+            line = _line_of(root, loc) if foreign else _key_line(root, loc)
         else:
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] not in ("missing", "value_error") and "input" in e:
