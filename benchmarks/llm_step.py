@@ -205,11 +205,11 @@ def _bench_task(teacher, student, data, args):
 def _recipe(args: argparse.Namespace, fused: bool = False):
     """The run as a potstill recipe (causal_lm task). Teacher and student come from the benchmark, not from it.
     `fused`: `trainer.fused_lm_head` with the objective's `chunk_size` = FUSED_CHUNK tokens."""
-    from potstill.config import Recipe
+    from potstill.config import CausalLMRecipe
 
     params = {"beta": 0.5, **({"chunk_size": FUSED_CHUNK} if fused else {})}
 
-    return Recipe.model_validate({
+    return CausalLMRecipe.model_validate({
         "name": "llm_step", "task": "causal_lm", "seed": SEED,
         "teacher": {"path": "built-by-benchmarks/llm_step.py"},
         "student": {"init": "from_config", "config": {"num_hidden_layers": 2, "hidden_size": 128}},

@@ -63,3 +63,17 @@ def test_run_demo_small(tmp_path, capsys):
         assert text in html, text
     out = capsys.readouterr().out
     assert "probe acc" in out and "target:" in out
+
+
+def test_demo_and_cli_do_not_import_each_other():
+    """cli runs the demo; the demo finds its recipe in potstill.recipes, not in the cli (no import cycle)."""
+    import ast
+    from pathlib import Path
+
+    import potstill.demo
+    from potstill.recipes import packaged_recipe
+
+    tree = ast.parse(Path(potstill.demo.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "potstill.recipes" in imported and "potstill.cli" not in imported
+    assert packaged_recipe("demo").name == "demo.yaml"

@@ -249,7 +249,7 @@ def test_recipe_errors_exit_2(tmp_path, tok_dir, digits_recipe, capsys):
 
 
 def test_packaged_recipe_runs_without_a_teacher(tmp_path, capsys):
-    from potstill.cli import packaged_recipe
+    from potstill.recipes import packaged_recipe
 
     recipe = packaged_recipe("step-by-step")
     code = main(["run", str(recipe), "--set", f"output_dir={tmp_path}", "--set", "trainer.max_steps=3",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -35,14 +34,6 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-
-
-def packaged_recipe(name: str) -> Path:
-    """Path of a recipe shipped with potstill (`demo`, `digits`)."""
-    path = Path(str(resources.files("potstill") / "recipes" / f"{name}.yaml"))
-    if not path.is_file():
-        raise UserError(f"no packaged recipe named {name!r}")
-    return path
 
 
 @app.command()

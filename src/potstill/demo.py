@@ -79,9 +79,9 @@ def run_demo(overrides: list[str]) -> dict[str, Any]:
     """Run the demo recipe with `--set` overrides; print and save the table and targets; return demo.json."""
     from rich.console import Console
 
-    from potstill.cli import packaged_recipe
     from potstill.config import load_recipe
     from potstill.io import atomic_write_json
+    from potstill.recipes import packaged_recipe
     from potstill.report import rich_table, write_report
     from potstill.train import run_recipe
 

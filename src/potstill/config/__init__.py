@@ -1,0 +1,75 @@
+"""The recipe schema: one YAML file = one distillation run, validated by pydantic.
+
+A recipe is the model of its `task` (`Recipe`, a discriminated union): each task's recipe has only the fields
+that task reads, so a field of another task is an unknown key, and the message says which task has it. Every
+field is documented in the models; unknown keys get a "did you mean" hint, and every error names the recipe
+file, the line and the field path.
+
+- `common`: the sections every task has (data, teacher, student, objectives, trainer, eval) and `RecipeBase`;
+- `tasks`: classification, embedding, vision and ranking recipes; `generative`: causal_lm and seq2seq;
+- `paths`: `RelPath` / `ModelPath`, path fields resolved against the recipe's folder at load time;
+- `loading`: load / validate / dump recipes, `--set` overrides, `recipe_changes`; `messages`: error text.
+"""
+
+from __future__ import annotations
+
+from potstill.config.common import (
+    TASKS,
+    DataConfig,
+    DataSource,
+    DomainsConfig,
+    DomainWeightedData,
+    EvalConfig,
+    ObjectiveConfig,
+    PruneConfig,
+    RecipeBase,
+    StudentConfig,
+    TeacherConfig,
+    TrainerConfig,
+)
+from potstill.config.generative import (
+    CausalLMData,
+    CausalLMRecipe,
+    CausalLMTeacherConfig,
+    CausalLMTrainerConfig,
+    EndpointConfig,
+    GenerationConfig,
+    Seq2SeqData,
+    Seq2SeqRecipe,
+    Seq2SeqTeacherConfig,
+    StepByStepConfig,
+    TextTeacherConfig,
+)
+from potstill.config.loading import (
+    RESUMABLE_CHANGES,
+    apply_overrides,
+    dump_recipe,
+    load_recipe,
+    load_saved_recipe,
+    recipe_changes,
+    validate_recipe,
+)
+from potstill.config.messages import format_validation_error
+from potstill.config.paths import ModelPath, RecipeRelative, RelPath
+from potstill.config.recipe import RECIPE_OF_TASK, Recipe
+from potstill.config.tasks import (
+    ClassificationRecipe,
+    EmbeddingEvalConfig,
+    EmbeddingRecipe,
+    EmbeddingStudentConfig,
+    RankingConfig,
+    RankingData,
+    RankingRecipe,
+    VisionRecipe,
+)
+
+__all__ = [
+    "RECIPE_OF_TASK", "RESUMABLE_CHANGES", "TASKS", "CausalLMData", "CausalLMRecipe", "CausalLMTeacherConfig",
+    "CausalLMTrainerConfig", "ClassificationRecipe", "DataConfig", "DataSource", "DomainWeightedData",
+    "DomainsConfig", "EmbeddingEvalConfig", "EmbeddingRecipe", "EmbeddingStudentConfig", "EndpointConfig",
+    "EvalConfig", "GenerationConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData",
+    "RankingRecipe", "Recipe", "RecipeBase", "RecipeRelative", "RelPath", "Seq2SeqData", "Seq2SeqRecipe",
+    "Seq2SeqTeacherConfig", "StepByStepConfig", "StudentConfig", "TeacherConfig", "TextTeacherConfig",
+    "TrainerConfig", "VisionRecipe", "apply_overrides", "dump_recipe", "format_validation_error", "load_recipe",
+    "load_saved_recipe", "recipe_changes", "validate_recipe",
+]

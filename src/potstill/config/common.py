@@ -1,0 +1,274 @@
+"""The sections every task's recipe has: data, teacher, student, objectives, trainer, eval.
+
+A task's recipe (potstill.config.tasks, potstill.config.generative) uses these or a subclass that adds the
+fields only that task reads. Path fields are `RelPath` / `ModelPath` (potstill.config.paths).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from potstill.config.paths import ModelPath, RelPath
+from potstill.errors import did_you_mean
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSource(Strict):
+    """Where records come from: a file (JSONL/CSV/TSV/Parquet), a `datasets` folder, or `builtin:<name>`."""
+
+    path: RelPath = Field(description="file, `datasets` folder, or builtin:digits / builtin:bbc / "
+                      "builtin:bbc-sentences / builtin:lee; relative paths are relative to the recipe")
+    split: str | None = Field(None, description="split of a DatasetDict folder or a builtin dataset")
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="canonical name -> column in the file, e.g. {text: sentence}")
+    limit: int | None = Field(None, ge=1, description="keep only the first N records")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class TeacherConfig(Strict):
+    """The teacher model: a Hugging Face folder / id, or a factory function (the fields every task has)."""
+
+    path: ModelPath | None = Field(None, description="Hugging Face model folder or id (offline), or "
+                                   "builtin:minilm / builtin:smollm2")
+    factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module teacher")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
+    weights: RelPath | None = Field(None, description="optional .safetensors/.pt state-dict file for the factory's "
+                                    "module")
+    layers_path: str | None = Field(None, description="module path of the teacher's list of transformer blocks "
+                                    "(e.g. encoder.layer), for objectives on internals; default: found from the "
+                                    "config's layer count")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if self.path is not None and self.factory is not None:
+            raise ValueError("give exactly one of teacher.path or teacher.factory")
+        return self
+
+
+class NoTopKCache:
+    """Mixin for the teacher of a task without `teacher.cache` (only causal_lm has one): code shared by all
+    tasks reads `recipe.teacher.cache`, which is then None."""
+
+    @property
+    def cache(self) -> None:
+        return None
+
+
+class StudentConfig(Strict):
+    """How the student is built (the fields every task has; the embedding task adds init: static)."""
+
+    init: Literal["layers_from_teacher", "from_config", "pretrained", "factory"] = Field(
+        "layers_from_teacher", description="how the student is built")
+    layers: list[int] | None = Field(None, description="teacher layers copied into the student (layers_from_teacher)")
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   description="config overrides for from_config, e.g. {num_hidden_layers: 2}")
+    path: ModelPath | None = Field(None, description="pretrained student folder (init: pretrained)")
+    factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module (init: factory)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
+    layers_path: str | None = Field(None, description="module path of the student's list of transformer blocks, "
+                                    "for objectives on internals; default: found from the config's layer count")
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _static_is_embedding(cls, init: Any) -> Any:
+        if init == "static" and "static" not in get_args(cls.model_fields["init"].annotation):
+            raise ValueError("student.init static (a static-embedding student) is for the embedding task")
+        return init
+
+    @model_validator(mode="after")
+    def _needs(self) -> StudentConfig:
+        need = {"layers_from_teacher": "layers", "pretrained": "path", "factory": "factory"}.get(self.init)
+        if need and getattr(self, need) is None:
+            raise ValueError(f"student.init is {self.init!r}, which needs student.{need}")
+        return self
+
+
+class ObjectiveConfig(Strict):
+    name: str = Field(description="an objective listed by `potstill objectives`")
+    weight: float = Field(1.0, ge=0, description="weight of this term in the summed loss")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="keyword arguments of the loss, e.g. {temperature: 4}")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from potstill.losses import OBJECTIVES
+
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}{did_you_mean(name, OBJECTIVES)}; "
+                             f"valid: {', '.join(OBJECTIVES)}")
+        return name
+
+
+class PruneConfig(Strict):
+    """Train on a pruned share of data.train, with KD (Ben-Baruch et al. 2024, "Distilling the Knowledge in Data
+    Pruning"): with a full-data teacher, random pruning is as good as a clever score, and the KD weight should
+    grow as the kept fraction shrinks."""
+
+    fraction: float = Field(gt=0, le=1, description="share of the training records kept (rounded, at least one)")
+    keep: Literal["random", "hardest", "easiest"] = Field("random", description="which records: a seeded random "
+                                                          "subset, or the highest / lowest score_column values")
+    score_column: str | None = Field(None, description="record field with a difficulty score (higher = harder, "
+                                     "e.g. EL2N or the teacher's loss); needed for keep hardest / easiest")
+    tie_kd_weight: bool = Field(True, description="loss = (1 − α(f))·hard-label CE + α(f)·(the objectives), α(f) "
+                                "= potstill.data.kd_weight_for_fraction(fraction) (0.5 at f = 1, 0.9 at f ≤ 0.1); "
+                                "the recipe's objective weights then set the split among the KD terms and "
+                                "trainer.hard_label_weight is replaced. Needs gold labels and one objective")
+
+    @model_validator(mode="after")
+    def _score_for_rank(self) -> PruneConfig:
+        if self.keep != "random" and self.score_column is None:
+            raise ValueError(f"data.prune.keep {self.keep!r} ranks records by a score: give data.prune.score_column")
+        if self.keep == "random" and self.score_column is not None:
+            raise ValueError("data.prune.score_column is only used with keep hardest / easiest")
+        return self
+
+
+class DomainsConfig(Strict):
+    """DDK (Liu et al. 2024): sample training batches by domain, re-weighted every `every` optimizer steps toward
+    the domains where the student's perplexity is furthest above the teacher's, with a floor per domain."""
+
+    column: str = Field("domain", description="record field naming each record's domain (data.train and data.eval)")
+    every: int = Field(100, ge=1, description="optimizer steps between weight updates (the paper's K = 1,000 on "
+                       "~15B tokens; smaller runs need smaller K)")
+    smoothing: float = Field(0.5, ge=0, le=1, description="the paper's α: weights = α·(updated) + (1 − α)/N, so "
+                             "every domain keeps at least (1 − α)/N")
+    eval_records: int = Field(64, ge=1, description="data.eval records per domain used to measure the "
+                              "perplexities (the first N of each domain)")
+
+
+class DataConfig(Strict):
+    """The records (the fields every task has)."""
+
+    train: DataSource = Field(description="training records")
+    eval: DataSource | None = Field(None, description="held-out records scored during and after training")
+    max_length: int = Field(128, ge=1, description="token limit for text inputs (causal_lm: tokens per sequence)")
+    prune: PruneConfig | None = Field(None, description="keep only a share of data.train (random or by a score), "
+                                      "with the KD weight tied to the kept share")
+
+
+class DomainWeightedData(DataConfig):
+    """The data of a task that can weight its training batches by domain (classification, causal_lm)."""
+
+    domains: DomainsConfig | None = Field(None, description="domain-weighted sampling (DDK): needs a domain column "
+                                          "in data.train and data.eval")
+
+
+class NoDomains:
+    """Mixin for the data of a task without `data.domains`: code shared by all tasks reads
+    `recipe.data.domains`, which is then None."""
+
+    @property
+    def domains(self) -> None:
+        return None
+
+
+class EvalConfig(Strict):
+    """Evaluation during and after training (the fields every task has)."""
+
+    every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0 = only at the end)")
+    compare_before: bool = Field(True, description="also evaluate the untrained student (the 'before' row)")
+    throughput: bool = Field(True, description="measure teacher and student throughput (interleaved)")
+    batch_size: int = Field(64, ge=1, description="batch size for evaluation and teacher caching")
+
+
+class TrainerConfig(Strict):
+    """The optimisation loop (the fields every task has)."""
+
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored if max_steps is set)")
+    max_steps: int | None = Field(None, ge=0, description="optimizer steps; overrides epochs; 0 = no training "
+                                  "(evaluate and save the student as built, e.g. a data-free static student)")
+    batch_size: int = Field(32, ge=1, description="micro-batch size per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps (overrides warmup_ratio)")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="warm-up as a fraction of all steps")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (null = off)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast for both models")
+    log_every: int = Field(10, ge=1, description="write a metrics.jsonl line every N steps")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    hard_label_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on gold labels")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    group_by_length: bool = Field(False, description="batch records of similar token length together (less "
+                                  "padding): each window of 50 global micro-batches of the epoch's shuffled order "
+                                  "is sorted by length, cut into batches, and the batches shuffled")
+
+
+def check_domains(recipe: RecipeBase) -> None:
+    """DDK (`data.domains`, classification and causal_lm tasks) scores each domain on data.eval."""
+    if recipe.data.eval is None:
+        raise ValueError("data.domains measures each domain's student / teacher perplexity on data.eval: "
+                         "give data.eval, with the same domain column")
+
+
+def check_domains_teacher(recipe: RecipeBase) -> None:
+    """DDK compares the student with a live teacher model per domain."""
+    if not recipe.has_teacher_model():
+        raise ValueError("data.domains compares the student with a teacher model per domain: give "
+                         "teacher.path or teacher.factory")
+
+
+TASKS = ("classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq")
+
+
+class RecipeBase(Strict):
+    """What every task's recipe has. A recipe is one of its subclasses, chosen by `task` (potstill.config.Recipe);
+    each subclass narrows the sections to its task's fields and adds its own sections and rules (`check`)."""
+
+    name: str = Field("run", description="run name: output goes to <output_dir>/<name>/")
+    output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
+    task: str = Field(description="what the models do: " + ", ".join(TASKS))
+    seed: int = 0
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher model")
+    student: StudentConfig = Field(description="how the student is built")
+    data: DataConfig
+    objectives: list[ObjectiveConfig] = Field(default_factory=list, description="weighted distillation terms")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @model_validator(mode="after")
+    def _rules(self) -> RecipeBase:
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Rules across sections (a ValueError names the fields); a task's recipe extends or reorders them."""
+        self.check_loss()
+        self.check_prune()
+        self.check_teacher()
+
+    def check_loss(self) -> None:
+        if not self.objectives and self.trainer.hard_label_weight == 0:
+            raise ValueError("no loss: give at least one objective or trainer.hard_label_weight > 0")
+
+    def check_prune(self) -> None:
+        if self.data.prune is not None and self.data.prune.tie_kd_weight and not self.objectives:
+            raise ValueError("data.prune.tie_kd_weight splits the loss between the hard labels and KD: give at least "
+                             "one objective, or set data.prune.tie_kd_weight: false")
+
+    def has_teacher_model(self) -> bool:
+        return self.teacher.path is not None or self.teacher.factory is not None
+
+    def check_teacher(self) -> None:
+        if not self.has_teacher_model():
+            raise ValueError("give exactly one of teacher.path or teacher.factory")

@@ -1,0 +1,130 @@
+"""Validation errors in words: `<file>, line N: field a.b.c: message`, one line per problem.
+
+The line is found in the YAML node tree; an unknown key gets a "did you mean" hint, or, when it is a field of
+another task's recipe, says which task has it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from potstill.config.common import TASKS
+from potstill.config.recipe import RECIPE_OF_TASK
+from potstill.errors import did_you_mean
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """Line (1-based) of the YAML node at `loc`, or of its deepest existing parent."""
+    node, line = root, None
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+            if node is None:
+                # the key itself may exist (error about the key, e.g. an unknown one)
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _key_line(root: yaml.Node | None, loc: tuple) -> int | None:
+    parent = _line_of(root, loc[:-1]) if loc else None
+    node = root
+    for key in loc[:-1]:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return parent
+    if isinstance(node, yaml.MappingNode):
+        for k, _ in node.value:
+            if k.value == str(loc[-1]):
+                return k.start_mark.line + 1
+    return parent
+
+
+def model_at(model: Any, loc: tuple) -> Any:
+    """The model class of the section at `loc` (list indices skipped) under `model`, or None."""
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        ann = field.annotation
+        for candidate in (ann, *getattr(ann, "__args__", ())):
+            inner = getattr(candidate, "__args__", ())
+            for c in (candidate, *inner):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    model = c
+                    break
+            else:
+                continue
+            break
+        else:
+            return None
+    return model
+
+
+def fields_at(model: Any, loc: tuple) -> list[str]:
+    """Field names allowed at `loc` (the parent of an unknown key) in `model`."""
+    return list(getattr(model_at(model, loc), "model_fields", {}))
+
+
+def _tasks(names: list[str]) -> str:
+    return f"the {names[0]} task" if len(names) == 1 else f"the {', '.join(names[:-1])} and {names[-1]} tasks"
+
+
+def _unknown_key(loc: tuple, task: str | None) -> tuple[str, bool]:
+    """The message for an unknown key, and whether the key is a field of another task."""
+    key, path = str(loc[-1]), ".".join(str(p) for p in loc)
+    here = RECIPE_OF_TASK.get(task or "")
+    elsewhere = [t for t, model in RECIPE_OF_TASK.items() if t != task and key in fields_at(model, loc[:-1])]
+    if elsewhere and here is not None:
+        return f"unknown key {key!r}: {path} is for {_tasks(elsewhere)}, not {task}", True
+    return f"unknown key {key!r}{did_you_mean(key, fields_at(here, loc[:-1]) if here else [])}", False
+
+
+def _task_tag(e: dict, root: yaml.Node | None) -> tuple[tuple, int | None, str]:
+    """(loc, line, message) of a missing or unknown `task`."""
+    valid = ", ".join(TASKS)
+    if e["type"] == "union_tag_not_found":
+        return ("task",), _line_of(root, ()), f"missing; what the models do, one of {valid}"
+    tag = str(e.get("ctx", {}).get("tag", e.get("input")))
+    return ("task",), _line_of(root, ("task",)), f"unknown task {tag!r}{did_you_mean(tag, TASKS)}; valid: {valid}"
+
+
+def format_validation_error(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function")))
+        task = None
+        if loc and loc[0] in TASKS and e["type"] not in ("union_tag_invalid", "union_tag_not_found"):
+            task, loc = str(loc[0]), loc[1:]  # the discriminated union's tag: not a key of the recipe
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc, line, msg = _task_tag(e, root)
+            path = "task"
+        elif e["type"] == "extra_forbidden":
+            msg, foreign = _unknown_key(loc, task)
+            # a typo points at its key; another task's field at its value (a section: its first entry)
+            line = _line_of(root, loc) if foreign else _key_line(root, loc)
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] not in ("missing", "value_error") and "input" in e:
+                msg += f" (got {e['input']!r})"
+            line = _line_of(root, loc) if e["type"] != "missing" else _line_of(root, loc[:-1])
+        where = f"{source}, line {line}" if line else source
+        lines.append(f"{where}: field {path}: {msg}")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
