@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from potstill.config import load_recipe
+from potstill.config import load_saved_recipe
 from potstill.errors import UserError
 
 
@@ -18,7 +18,7 @@ def evaluate_run(run_dir: str | Path) -> list[dict[str, Any]]:
     student_dir = run_dir / "student"
     if not (run_dir / "recipe.yaml").is_file() or not student_dir.is_dir():
         raise UserError(f"{run_dir}: not a finished potstill run (expected recipe.yaml and student/ inside)")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = load_saved_recipe(run_dir / "recipe.yaml")
     factory_student = recipe.student.init == "factory"
     if not factory_student:
         recipe.student = recipe.student.model_copy(update={"init": "pretrained", "path": str(student_dir)})

@@ -3,7 +3,8 @@
 `<run>/` holds `recipe.yaml`, `metrics.jsonl`, `eval_teacher.json` / `eval_before.json` (scores computed once
 per run, kept across resumes), `checkpoints/`, `student/`, `summary.json` and the files of data strategies
 (DDK's `domain_weights.json`). A new run refuses to overwrite an earlier one unless told to; a resumed run
-refuses a recipe that changed in a way that would not reproduce the run.
+refuses a recipe that changed in a way that would not reproduce the run (`potstill.config.recipe_changes`,
+which ignores `RESUMABLE_CHANGES`: name, output_dir, eval and the trainer's logging/saving/thread fields).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from potstill.config import recipe_changes
 from potstill.data.ddk import HISTORY_FILE as DDK_HISTORY
 from potstill.errors import UserError
 from potstill.io import atomic_write_text
@@ -18,9 +20,6 @@ from potstill.train import checkpoint as ckpt
 
 #: Files of an earlier run that a new (not resumed) run removes.
 RUN_FILES = ("metrics.jsonl", "summary.json", "eval_before.json", "eval_teacher.json", DDK_HISTORY)
-#: Recipe fields that may change between a run and its resume.
-HARMLESS = {"eval", "output_dir", "name"}
-TRAINER_HARMLESS = {"log_every", "save_every", "keep_last", "num_threads", "fused_lm_head"}
 
 
 def check_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool, overwrite: bool) -> None:
@@ -32,14 +31,7 @@ def check_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool, overw
                         f"to start over, or choose another run name (--set name=...)")
     stored = run_dir / "recipe.yaml"
     if resume and done and recipe_text is not None and stored.exists():
-        import yaml
-
-        old, new = yaml.safe_load(stored.read_text()), yaml.safe_load(recipe_text)
-        changed = [k for k in sorted(set(old) | set(new)) if k not in HARMLESS | {"trainer"}
-                   and old.get(k) != new.get(k)]
-        old_t, new_t = old.get("trainer", {}), new.get("trainer", {})
-        changed += [f"trainer.{k}" for k in sorted(set(old_t) | set(new_t))
-                    if k not in TRAINER_HARMLESS and old_t.get(k) != new_t.get(k)]
+        changed = recipe_changes(stored.read_text(encoding="utf-8"), recipe_text)
         if changed:
             raise UserError(f"{stored}: the recipe changed since the run started ({', '.join(changed)}); "
                             f"resuming would not reproduce the run. Undo the change, or start a new run")
