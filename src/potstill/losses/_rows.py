@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-RowsFn = Callable[[Tensor, Tensor], Tensor]
+RowsFn = Callable[[Tensor, Any], Tensor]  # (student rows, teacher rows: a Tensor or a tuple of them)
 
 REDUCTIONS = ("mean", "sum", "none")
 IGNORE_INDEX = -100

@@ -53,6 +53,13 @@ def relation_kl(
     return forward_kl(student_relations, teacher_relations, mask=rows, reduction=reduction)
 
 
+def _bound_heads(heads: int | None) -> int:
+    """The head count `bind` set; objectives on internals are bound to the models before the first step."""
+    if heads is None:
+        raise RuntimeError("the objective is not bound to the models yet: call bind(student_shape, teacher_shape)")
+    return heads
+
+
 class MiniLMAttention(_Bound):
     """MiniLM (Wang et al. 2020): KL between the teacher's and the student's attention distributions
     softmax(Q·Kᵀ/√d_k) of one layer each, plus the value relation softmax(V·Vᵀ/√d_k), averaged over heads and
@@ -82,7 +89,7 @@ class MiniLMAttention(_Bound):
                 reduction: str = "mean") -> Tensor:
         (i, j), = self._pairs()
         (qs, ks, vs), (qt, kt, vt) = student_qkv[i], teacher_qkv[j]
-        h = self.heads
+        h = _bound_heads(self.heads)
         value = relation_kl(relation_logits(qs, ks, heads=h), relation_logits(qt, kt, heads=h), mask=mask,
                             reduction=reduction)
         if self.value_relation:
@@ -130,13 +137,14 @@ class MiniLMRelations(_Bound):
                 teacher_qkv: Mapping[int, tuple[Tensor, Tensor, Tensor]], *, mask: Tensor | None = None,
                 reduction: str = "mean") -> Tensor:
         (i, j), = self._pairs()
-        s, t, h = student_qkv[i], teacher_qkv[j], self.relation_heads
-        total = None
+        s, t, h = student_qkv[i], teacher_qkv[j], _bound_heads(self.relation_heads)
+        total: Tensor | None = None
         for name in self.relations:
             a, b = RELATIONS[name]
             value = relation_kl(relation_logits(s[a], s[b], heads=h), relation_logits(t[a], t[b], heads=h),
                                 mask=mask, reduction=reduction)
             total = value if total is None else total + value
+        assert total is not None  # `relations` is non-empty (checked in __init__)
         return _per_token(total, h, reduction)
 
 

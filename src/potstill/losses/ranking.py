@@ -219,7 +219,7 @@ def in_batch_margin_mse(
 
     s_own, t_own = student_scores.float().diagonal(), teacher_scores.float().diagonal()
     per_query, counted = half(student_scores, teacher_scores, s_own, t_own)
-    if student_neg_scores is not None:
+    if student_neg_scores is not None and teacher_neg_scores is not None:
         check_same_shape(student_neg_scores, teacher_neg_scores, "in-batch negative scores")
         if student_neg_scores.shape != student_scores.shape:
             raise ValueError(
@@ -307,6 +307,7 @@ class SparseFlops(torch.nn.Module):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer ≥ 0, got {warmup_steps!r}")
         self.side, self.warmup_steps = side, warmup_steps
+        self.step: Tensor
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
 
     @property
@@ -321,12 +322,13 @@ class SparseFlops(torch.nn.Module):
                 mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
         check_reduction(reduction)
         given = {"passage": passage_terms, "query": query_terms}
-        terms = [given[side] for side in (("passage", "query") if self.side == "both" else (self.side,))]
-        if any(t is None for t in terms):
+        chosen = [given[side] for side in (("passage", "query") if self.side == "both" else (self.side,))]
+        terms = [t for t in chosen if t is not None]
+        if len(terms) != len(chosen):
             raise ValueError(f"sparse_flops needs the student's {self.side} term weights; they exist for a "
                              f"ranking student of type splade (an inference-free student has no query weights "
                              f"to regularise)")
-        value = self.factor * sum(flops(t) for t in terms)
+        value = self.factor * (flops(terms[0]) if len(terms) == 1 else flops(terms[0]) + flops(terms[1]))
         if reduction == "sum":
             return value * queries
         return value.expand(queries) if reduction == "none" else value
