@@ -135,6 +135,14 @@ def objectives() -> None:
 
 
 @app.command()
+def methods(json_output: Annotated[bool, typer.Option("--json", help="print the catalogue as JSON")] = False) -> None:
+    """List every implemented paper: what it is, its module, recipe and results row."""
+    from potstill.methods import methods_command
+
+    methods_command(json_output)
+
+
+@app.command()
 def generate(prompts: Annotated[Path, typer.Argument(help="prompts file: JSONL/CSV/TSV/Parquet, or .txt (one per "
                                                      "line)")],
              out: Annotated[Path, typer.Option("--out", "-o", help="dataset to write (JSONL)")],
