@@ -78,6 +78,36 @@ def test_keep_last_checkpoints(digits_recipe):
     assert not [p for p in (recipe.run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_user_callbacks_see_every_step_and_the_evaluations(digits_recipe):
+    from potstill.train.callbacks import Callback
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.steps, self.losses, self.evaluated, self.ended = [], [], [], False
+
+        def on_step_end(self, state, result):
+            self.steps.append(result.step)
+            self.losses.append(result.loss)
+
+        def on_evaluate(self, state, step, metrics):
+            self.evaluated.append((step, "accuracy" in metrics))
+
+        def on_fit_end(self, state, summary):
+            self.ended = summary["steps"] == state.total
+
+    raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 6},
+               eval={**digits_recipe.get("eval", {}), "every": 3})
+    recipe = validate_recipe(raw)
+    recorder = Recorder()
+    task = build_task(recipe, run_dir=recipe.run_dir)
+    Distiller(task, build_objectives(recipe), recipe.trainer, run_dir=recipe.run_dir, eval_config=recipe.eval,
+              callbacks=[recorder]).fit()
+    assert recorder.steps == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(x) for x in recorder.losses) and recorder.losses[0] != recorder.losses[-1]
+    assert recorder.evaluated == [(3, True), (6, True)]
+    assert recorder.ended
+
+
 class _Interrupt(Exception):
     pass
 

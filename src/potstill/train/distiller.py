@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,14 @@ class Distiller:
     >>> distiller = Distiller(task, [Objective.from_name("forward_kl", temperature=4.0)], TrainerConfig(),
     ...                       run_dir="runs/x", seed=0)
     >>> summary = distiller.fit()
+
+    `callbacks` (`potstill.train.callbacks.Callback`) run after the built-in ones: progress, metrics.jsonl,
+    periodic evaluation, the teacher-hacking watch and checkpointing.
     """
 
     def __init__(self, task: Task, objectives: list[Objective], trainer: TrainerConfig, *, run_dir: str | Path,
                  seed: int = 0, eval_config: EvalConfig | None = None, recipe_text: str | None = None,
-                 accelerator: Any = None) -> None:
+                 accelerator: Any = None, callbacks: Sequence[cb.Callback] = ()) -> None:
         self.task, self.objectives, self.cfg = task, objectives, trainer
         self.eval_cfg = eval_config or EvalConfig.model_validate({})
         self.run_dir, self.seed, self.recipe_text = Path(run_dir), seed, recipe_text
@@ -75,7 +79,7 @@ class Distiller:
         self.monitor = cb.TeacherHackingWatch(self.metrics)
         self.callbacks: list[cb.Callback] = [
             cb.ProgressBar(trainer.log_every), self.metrics, cb.PeriodicEval(self.eval_cfg.every, self._eval_step),
-            self.monitor, cb.Checkpointing(trainer.save_every, self._save)]
+            self.monitor, cb.Checkpointing(trainer.save_every, self._save), *callbacks]
         self._lengths: list[int] | None = None
         self._ddk: DomainBlocks | None = None
         self._perm_epoch: int | None = None
