@@ -243,7 +243,8 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[Path, int, bool], P
         "st-layer-reduction": train_st_layer_reduction,
         "model2vec-pca256": distill_model2vec,
         "potstill-demo": potstill_runner(demo, []),
-        "potstill-static": potstill_runner(demo, [f"student={json.dumps(STATIC_STUDENT)}", "trainer.max_steps=0"]),
+        "potstill-static": potstill_runner(demo, [f"student={json.dumps(STATIC_STUDENT)}", "trainer.max_steps=0",
+                                                  "data.train.limit=32"]),  # data-free: no teacher pass over 800
     }
     extra = [(path, sets) for path, sets in (args.recipe or [])] + [(path, []) for path in args.recipes]
     for path, sets in extra:
