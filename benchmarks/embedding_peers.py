@@ -27,7 +27,9 @@ each system's saved max_seq_length (static models: the teacher's 256), measured 
 (`potstill.eval.compare_throughput`) on the same 256 held-out BBC paragraphs. Suite scores use each system's
 saved max_seq_length, as a user would (potstill's demo student: 96 tokens; the ST example: 256).
 Trainable rows run once per `--seeds` seed (mean ± sample std); model2vec and the static row are deterministic.
-Output: the table on stdout and `<out>/results.json` (written atomically); model folders under `<out>/`.
+Output: the table on stdout and `<out>/results.json` (written atomically); model folders under `<out>/`. A row
+and seed already in `<out>/results.json` (same --quick) whose model folder is there is reused with its recorded
+train time, so a second call only scores (after a crash, or once the suite is installed); `--retrain` trains all.
 
 Usage (2 CPU threads by default; needs `pip install -e '.[peers]'`):
   python benchmarks/embedding_peers.py                                  # every row, seed 0
@@ -151,6 +153,18 @@ def load_model(system: str, folder: Path) -> Any:
     return sentence_transformer(folder)
 
 
+def earlier_runs(path: Path, quick: bool) -> dict[tuple[str, int], dict]:
+    """(row, seed) → its run in an earlier results.json of the same kind (--quick or not) whose model is there."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("quick") != quick:
+        return {}
+    return {(name, run["seed"]): {k: run[k] for k in ("seed", "train_seconds", "model_dir")}
+            for name, system in earlier["systems"].items() for run in system["runs"]
+            if run["model_dir"] and Path(run["model_dir"]).is_dir()}
+
+
 def max_length(model: Any, teacher_length: int) -> int:
     """The token limit a model encodes with; static models (no limit of their own) count as the teacher's."""
     length = getattr(model, "max_seq_length", None)
@@ -159,11 +173,12 @@ def max_length(model: Any, teacher_length: int) -> int:
 
 # --- the benchmark -----------------------------------------------------------------------------------------------
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
+def mean_std(values: list[Any]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
+def fmt(values: list[float | None], digits: int = 3) -> str:
+    values = [v for v in values if v is not None]  # e.g. cosine to the teacher at a different width
     if not values:
         return "—"
     mean, std = mean_std(values)
@@ -184,8 +199,8 @@ def table(results: dict) -> str:
     types = sorted({t for r in rows.values() for run in r["runs"] if run.get("suite")
                     for t in run["suite"]["per_type"]})
     budget = results["budget_seconds"]
-    head = ["system", "seeds", *types, "suite avg", "cos→teacher", "recall@10", "train s", "speed-up", "max len",
-            "params"]
+    head = ["system", "seeds", *types, "avg (tasks)", "avg (types)", "cos→teacher", "recall@10", "train s",
+            "speed-up", "max len", "params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         suites = [run["suite"] for run in r["runs"] if run.get("suite")]
@@ -193,7 +208,7 @@ def table(results: dict) -> str:
         over = budget is not None and seconds and statistics.fmean(seconds) > budget
         cells = [name, str(len(r["runs"]))]
         cells += [fmt([s["per_type"][t] for s in suites if t in s["per_type"]]) for t in types]
-        cells.append(fmt([s["average"] for s in suites]))
+        cells += [fmt([s["average"] for s in suites]), fmt([s["average_over_types"] for s in suites])]
         cells += [fmt([s["fidelity"][k] for s in suites if s.get("fidelity")])
                   for k in ("cosine_to_teacher", "neighbour_recall@10")]
         cells.append((fmt(seconds, 0) + (" ⚠ over budget" if over else "")) if seconds else "—")
@@ -231,6 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", help="suite tasks to run (default: all)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the demo's budget is 2 cores)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 optimizer step")
+    p.add_argument("--retrain", action="store_true", help="train every row again, even those in results.json")
     return p.parse_args(argv)
 
 
@@ -266,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"teacher": str(minilm_path()), "seeds": args.seeds, "quick": args.quick,
                                "st_example": ST_EXAMPLE, "static_student": STATIC_STUDENT, "systems": {}}
     folders: dict[str, Path] = {}
+    done = {} if args.retrain else earlier_runs(out / "results.json", args.quick)
 
     for name, runner in runners(args).items():
         if runner is None:
@@ -273,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         runs = []
         for seed in [args.seeds[0]] if name in DETERMINISTIC else args.seeds:
+            if (name, seed) in done:
+                runs.append(done[name, seed])
+                folders.setdefault(name, Path(done[name, seed]["model_dir"]))
+                print(f"== {name} seed {seed}: trained before, reused ({done[name, seed]['model_dir']})")
+                continue
             target = out / name / f"seed{seed}"
             target.mkdir(parents=True, exist_ok=True)
             print(f"== {name} seed {seed}", flush=True)
@@ -290,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     results["budget_seconds"] = budget
 
     teacher = sentence_transformer(minilm_path())
-    teacher_encode = suite.encoder_for(teacher) if suite else None
+    teacher_encode = suite.cached_encoder(suite.encoder_for(teacher)) if suite else None
     models = {"teacher": teacher, **{name: load_model(name, folder) for name, folder in folders.items()}}
     texts = [r["text"] for r in builtin_records("bbc-sentences", "validation")][:SPEED_TEXTS]
     lengths = {name: max_length(m, teacher.max_seq_length) for name, m in models.items()}
