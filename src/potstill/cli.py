@@ -134,6 +134,20 @@ def objectives() -> None:
         console.print()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from potstill import __version__
+
+        typer.echo(f"potstill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="print potstill's version and exit")] = False) -> None:
+    """The command group; `--version` is handled by its eager callback."""
+
+
 @app.command()
 def methods(json_output: Annotated[bool, typer.Option("--json", help="print the catalogue as JSON")] = False) -> None:
     """List every implemented paper: what it is, its module, recipe and results row."""
@@ -313,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     from potstill.train import TrainingDiverged
 
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="potstill", standalone_mode=False)
     except UserError as exc:
         print(f"potstill: error: {exc}", file=sys.stderr)
         return 2
@@ -325,15 +339,25 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except _usage_errors() as exc:
+        exc.show()  # type: ignore[attr-defined]
+        return int(getattr(exc, "exit_code", 2))
     return code if isinstance(code, int) else 0
 
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Click's usage errors: typer ≥ 0.29 raises its vendored click's, whose base is `typer.TyperException`;
+    older typer raises the `click` package's `ClickException`."""
+    found: list[type[BaseException]] = []
+    if isinstance(getattr(typer, "TyperException", None), type):
+        found.append(typer.TyperException)
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
 
 if __name__ == "__main__":
     sys.exit(main())
