@@ -165,3 +165,12 @@ def test_run_suite_rejects_unknown_task_and_bad_encoder():
 def test_task_texts_lists_every_side():
     data = {"queries": ["a"], "corpus": ["b"], "candidates": [["c", "d"]], "texts1": ["e"], "texts2": ["f"]}
     assert sorted(task_texts(data)) == list("abcdef")
+
+
+def test_eval_command_suite_option_checks_its_input(tmp_path, capsys):
+    from potstill.cli import main
+
+    assert main(["eval", str(tmp_path), "--suite", "general"]) == 2
+    assert "not a finished embedding run" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--suite", "mteb"]) == 2
+    assert "--suite: expected general" in capsys.readouterr().err

@@ -2,7 +2,11 @@
 
 `run_suite(encode)` scores an encoder (a function: list of texts → (N, D) array, raw or normalised) on the
 tasks of `potstill.data.suite_tasks` (12 tasks, 6 types, 7 sources that no builtin training corpus draws
-from; sources, sizes and licences are listed there) with the metrics of `potstill.eval.suite_metrics`.
+from; sources, sizes and licences are listed there, and each `SuiteTask` carries them) with the metrics of
+`potstill.eval.suite_metrics`. The task data lives in `potstill.data` because `builtin:general` must
+exclude it (and `potstill.eval` may import `potstill.data`, not the other way round).
+`encoder_for(folder_or_model)` wraps a sentence-transformers folder or model; `cached_encoder` remembers
+vectors across runs (a teacher scored and then used as the fidelity reference).
 
 - Every distinct text is encoded once, whatever the number of tasks that use it.
 - `SuiteResult.average` is MTEB's convention: the mean of the main scores over *tasks*.
@@ -27,11 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from potstill.data.suite_tasks import TASK_TYPES, TASKS, task_texts
+from potstill.data.suite_tasks import TASK_TYPES, TASKS, SuiteTask, task_texts
 from potstill.errors import UserError, did_you_mean
 from potstill.eval import suite_metrics as M
 
-__all__ = ["SuiteResult", "cached_encoder", "encoder_for", "fidelity_texts", "run_suite"]
+__all__ = ["TASKS", "TASK_TYPES", "SuiteResult", "SuiteTask", "cached_encoder", "encoder_for", "fidelity_texts",
+           "run_suite"]
 
 Encode = Callable[[list[str]], np.ndarray]
 ENCODE_CHUNK = 512
