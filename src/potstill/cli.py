@@ -106,12 +106,11 @@ def _eval_suite(run_dir: Path, suite: str) -> None:
                "student": run_suite(encoder_for(student_dir), teacher_encode=teacher_encode)}
     table = [{"model": name, "average": r.average, "average_over_types": r.average_over_types, **r.per_type,
               **r.fidelity} for name, r in results.items()]
-    per_task = [{"task": task, "type": row["type"], "metric": row["metric"],
-                 **{name: r.per_task[task]["score"] for name, r in results.items()}}
-                for task, row in results["student"].per_task.items()]
+    shown = [{"task": row["task"], "type": row.get("type", ""), "metric": row["metric"],
+              **{name: r.rows()[i]["score"] for name, r in results.items()}}
+             for i, row in enumerate(results["student"].rows())]
     console = _console()
-    console.print(rich_table("general suite, per task", per_task))
-    console.print(rich_table(f"general suite: {run_dir} (average = mean over tasks)", table))
+    console.print(rich_table(f"general suite: {run_dir} (average = mean over tasks)", shown))
     out = atomic_write_json(run_dir / "eval_general.json", {"suite": "general", "table": table,
                                                             **{name: r.to_dict() for name, r in results.items()}})
     console.print(f"written to {out}", highlight=False)
