@@ -39,8 +39,10 @@ Tasks (type: how it is built, size after caps):
 
 Text cleaning: newsgroup bodies lose their headers, quoted lines (`>`), "... writes:" lines and
 signatures, and are cut to 600 characters; fortunes lose their attribution lines ("-- Author", which
-would give the file away) and old terminals' overstrike; whitespace runs become one space. The caps keep
-the whole suite (4,233 distinct texts) to about a minute for MiniLM-L6 on 2 cores.
+would give the file away) and old terminals' overstrike; whitespace runs become one space.
+
+Caps keep the suite to 4,233 distinct texts (4,261 with the fidelity set): MiniLM-L6 took 100 s on 2 cores
+shared with other jobs (load average 5), the 2-layer demo student 44 s.
 """
 
 from __future__ import annotations
