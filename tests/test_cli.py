@@ -163,3 +163,18 @@ def test_eval_command_scores_a_finished_run(tmp_path, capsys, digits_recipe):
 
 def test_eval_command_on_a_non_run(tmp_path, capsys):
     assert "not a finished potstill run" in _fail(capsys, ["eval", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv", [[], ["runn"], ["run"], ["objectives", "--bogus"], ["cache"]])
+def test_usage_errors_exit_2_without_a_traceback(argv, capsys):
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "Usage: potstill" in text and "Traceback" not in text
+
+
+def test_version(capsys):
+    from potstill import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"potstill {__version__}"

@@ -533,7 +533,8 @@ def test_catalogue_entries():
     stateful = {"taid", "sparse_flops"} | hidden | attention
     logits = set(NAMES) | {"taid", "sinkhorn"}
     scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops"}
-    expected = logits | hidden | attention | scores | {"embedding_mse", "embedding_cosine"}
+    embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl"}
+    expected = logits | hidden | attention | scores | embedding
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
         assert info.name == name
@@ -547,7 +548,7 @@ def test_catalogue_entries():
     kinds = {name: info.kind for name, info in OBJECTIVES.items()}
     assert {k for k, v in kinds.items() if v == "logits"} == logits
     assert {k for k, v in kinds.items() if v == "scores"} == scores
-    assert {k for k, v in kinds.items() if v == "embedding"} == {"embedding_mse", "embedding_cosine"}
+    assert {k for k, v in kinds.items() if v == "embedding"} == embedding
     assert {k for k, v in kinds.items() if v == "hidden_states"} == hidden
     assert {k for k, v in kinds.items() if v == "attention"} == attention
     assert OBJECTIVES["generalized_jsd"].defaults["beta"] == 0.5

@@ -63,3 +63,19 @@ def test_step_zero_and_zero_proxy_are_skipped_and_state_round_trips():
     # an evaluation repeated at the same step after a resume replaces the later history
     restored.update(30, 30 ** -0.5)
     assert [h["step"] for h in restored.history] == [10, 20, 30]
+
+
+def test_watch_reads_the_golden_metric_from_a_language_models_perplexity(tmp_path):
+    """The LM tasks report perplexity, not nll: the loop's watch turns it into the golden NLL."""
+    from potstill.train.callbacks import FitState, MetricsLog, TeacherHackingWatch, golden_nll
+
+    assert golden_nll({"nll": 1.5, "perplexity": 9.0}) == 1.5
+    assert golden_nll({"perplexity": math.e ** 2}) == pytest.approx(2.0)
+    assert golden_nll({"accuracy": 0.9}) is None and golden_nll({"perplexity": float("nan")}) is None
+    state = FitState(run_dir=tmp_path, is_main=True, start=0, total=40, rows_per_step=8, epoch_rows=80)
+    watch = TeacherHackingWatch(MetricsLog(tmp_path, True, log_every=1))
+    watch.monitor.min_points = 100  # isolate the golden rule
+    for step, kl, perplexity in ((10, 1.0, math.exp(3.0)), (20, 0.8, math.exp(2.5)), (40, 0.6, math.exp(2.7))):
+        watch.on_evaluate(state, step, {"kl_to_teacher": kl, "perplexity": perplexity})
+    assert len(watch.monitor.warnings) == 1 and watch.monitor.warnings[0]["step"] == 40
+    assert "warning" in (tmp_path / "metrics.jsonl").read_text()

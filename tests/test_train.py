@@ -316,3 +316,28 @@ def test_bad_stateful_objective_params_are_user_errors(digits_recipe):
         recipe = validate_recipe(dict(digits_recipe, objectives=[{"name": "taid", "params": params}]))
         with pytest.raises(UserError, match=match):
             build_objectives(recipe)
+
+
+def test_fp16_run_checkpoints_its_loss_scale_and_resumes_to_the_same_weights(digits_recipe):
+    """fp16 autocast with a GradScaler (on CPU here): the scaler's state is part of the checkpoint."""
+    base = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 6, "save_every": 3,
+                                        "mixed_precision": "fp16"})
+    straight = validate_recipe(dict(base, name="fp16-straight"))
+    run_recipe(straight)
+    scaler_state = ckpt.load_torch(ckpt.step_dir(straight.run_dir / "checkpoints", 6) / ckpt.GRAD_SCALER_FILE)
+    assert scaler_state["scale"] > 0 and "_growth_tracker" in scaler_state
+
+    halted = validate_recipe(dict(base, name="fp16-halted"))
+
+    def interrupt_at_5(n, signal, batch):
+        if n == 5:
+            raise _Interrupt
+        return signal(batch)
+
+    with pytest.raises(_Interrupt):
+        _distiller_with_teacher_hook(halted, interrupt_at_5).fit()
+    assert (ckpt.step_dir(halted.run_dir / "checkpoints", 3) / ckpt.GRAD_SCALER_FILE).exists()
+    run_recipe(halted, resume=True)
+    wa, wb = _weights(straight.run_dir), _weights(halted.run_dir)
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key

@@ -65,14 +65,55 @@ def demo(set_: SetOption = None) -> None:
 
 @app.command("eval")
 def eval_(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (holds recipe.yaml and student/)")],
+          suite: Annotated[str | None, typer.Option("--suite", help="general: score the student and teacher of an "
+                                                    "embedding run on the offline general suite; writes "
+                                                    "<run>/eval_general.json")] = None,
           ) -> None:
-    """Score a run's saved student against its teacher on the recipe's held-out data."""
-    from potstill.evaluate import evaluate_run
+    """Score a run's saved student against its teacher on the recipe's held-out data (or on --suite general)."""
     from potstill.report import rich_table
 
     _quiet_transformers()
+    if suite is not None:
+        _eval_suite(run_dir, suite)
+        return
+    from potstill.evaluate import evaluate_run
+
     rows = evaluate_run(run_dir)
     _console().print(rich_table(f"evaluation of {run_dir}", rows))
+
+
+def _eval_suite(run_dir: Path, suite: str) -> None:
+    from potstill.config import load_saved_recipe
+    from potstill.eval.suite import cached_encoder, encoder_for, run_suite
+    from potstill.io import atomic_write_json
+    from potstill.report import rich_table
+    from potstill.students.loading import resolve_model_path
+
+    if suite != "general":
+        raise UserError(f"--suite: expected general, got {suite!r}")
+    student_dir = run_dir / "student"
+    if not (run_dir / "recipe.yaml").is_file() or not (student_dir / "modules.json").is_file():
+        raise UserError(f"{run_dir}: not a finished embedding run (expected recipe.yaml and a sentence-transformers "
+                        f"folder student/ inside)")
+    recipe = load_saved_recipe(run_dir / "recipe.yaml")
+    if recipe.task != "embedding":
+        raise UserError(f"{run_dir}: --suite general scores text-embedding students; this run's task is {recipe.task}")
+    if not recipe.teacher.path:
+        raise UserError(f"{run_dir / 'recipe.yaml'}: field teacher.path: --suite general needs the teacher's model "
+                        f"folder (or builtin:minilm)")
+    teacher_encode = cached_encoder(encoder_for(resolve_model_path(recipe.teacher.path, field="teacher.path")))
+    results = {"teacher": run_suite(teacher_encode, teacher_encode=teacher_encode),
+               "student": run_suite(encoder_for(student_dir), teacher_encode=teacher_encode)}
+    table = [{"model": name, "average": r.average, "average_over_types": r.average_over_types, **r.per_type,
+              **r.fidelity} for name, r in results.items()]
+    shown = [{"task": row["task"], "type": row.get("type", ""), "metric": row["metric"],
+              **{name: r.rows()[i]["score"] for name, r in results.items()}}
+             for i, row in enumerate(results["student"].rows())]
+    console = _console()
+    console.print(rich_table(f"general suite: {run_dir} (average = mean over tasks)", shown))
+    out = atomic_write_json(run_dir / "eval_general.json", {"suite": "general", "table": table,
+                                                            **{name: r.to_dict() for name, r in results.items()}})
+    console.print(f"written to {out}", highlight=False)
 
 
 @app.command()
@@ -132,6 +173,20 @@ def objectives() -> None:
         if info.notes:
             console.print(f"  note: {info.notes}", highlight=False, markup=False)
         console.print()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from potstill import __version__
+
+        typer.echo(f"potstill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="print potstill's version and exit")] = False) -> None:
+    """The command group; `--version` is handled by its eager callback."""
 
 
 @app.command()
@@ -313,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     from potstill.train import TrainingDiverged
 
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="potstill", standalone_mode=False)
     except UserError as exc:
         print(f"potstill: error: {exc}", file=sys.stderr)
         return 2
@@ -325,15 +380,25 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except _usage_errors() as exc:
+        exc.show()  # type: ignore[attr-defined]
+        return int(getattr(exc, "exit_code", 2))
     return code if isinstance(code, int) else 0
 
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Click's usage errors: typer ≥ 0.29 raises its vendored click's, whose base is `typer.TyperException`;
+    older typer raises the `click` package's `ClickException`."""
+    found: list[type[BaseException]] = []
+    if isinstance(getattr(typer, "TyperException", None), type):
+        found.append(typer.TyperException)
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -120,6 +120,8 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Embedding MSE", 'Reimers & Gurevych, "Making Monolingual Sentence Embeddings Multilingual using '
                    'Knowledge Distillation"', 2020, "objective", _LOSSES + "embedding", "embedding_mse",
                    _RECIPES + "demo.yaml", _REPRESENTATION),
+        MethodInfo("SEED (in-batch similarity KL)", 'Fang et al., "SEED: Self-supervised Distillation for Visual '
+                   'Representation"', 2021, "objective", _LOSSES + "embedding", "embedding_similarity_kl"),
         MethodInfo("Static-embedding student (model2vec)", 'Tulkens & van Dongen, "Model2Vec: Fast State-of-the-Art '
                    'Static Embeddings" (software)', 2024, "student builder", "potstill.students.static",
                    "StaticStudent", "benchmarks/representation_study.py", _REPRESENTATION),

@@ -20,7 +20,7 @@ from typing import Any
 from potstill.errors import UserError, did_you_mean
 
 SUPPORTED_FORMATS = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
-BUILTIN_DATASETS = ("digits", "bbc", "bbc-sentences", "lee", "chatterbot")
+BUILTIN_DATASETS = ("digits", "bbc", "bbc-sentences", "lee", "chatterbot", "general")
 BUILTIN_SPLITS = ("train", "validation", "test")
 BUILTIN_PREFIX = "builtin:"
 SPLIT_SEED = 0
@@ -351,13 +351,14 @@ def _check_split(name: str, split: str) -> None:
 
 
 def builtin_records(name: str, split: str) -> list[dict]:
-    """Records of a built-in dataset: digits, bbc, bbc-sentences, chatterbot (train/validation/test), lee (no
-    splits).
+    """Records of a built-in dataset: digits, bbc, bbc-sentences, chatterbot, general (train/validation/test),
+    lee (no splits).
 
     Splits are a fixed stratified 70/10/20 split (seed 0), in shuffled order. "bbc" holds the 2,127 distinct
     articles of BBC News (its 98 duplicated articles once each); "bbc-sentences" splits the same articles
     into paragraphs of at least 40 characters (title dropped). "chatterbot" holds the English chatterbot
-    corpus's question → answer pairs as `query`, `positive` and `topic` (a plain seeded split).
+    corpus's question → answer pairs as `query`, `positive` and `topic` (a plain seeded split). "general"
+    holds general-domain sentences and short passages as `text` and `source` (`potstill.data.general`).
     """
     if name not in BUILTIN_DATASETS:
         raise UserError(
@@ -369,6 +370,10 @@ def builtin_records(name: str, split: str) -> list[dict]:
 
         return [{"text": doc} for doc in lee_corpus()[0]]
     _check_split(name, split)
+    if name == "general":
+        from potstill.data.general import general_records
+
+        return general_records(split, [r["text"] for r in builtin_records("bbc-sentences", "train")])
     if name == "chatterbot":
         from potstill.assets import chatterbot_pairs
 

@@ -14,7 +14,7 @@ from .divergences import (
     soft_cross_entropy,
     tvd,
 )
-from .embedding import embedding_cosine, embedding_mse
+from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
 from .fused import fused_linear_divergence
 from .ranking import flops, idf_flops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
 from .sinkhorn import sinkhorn, sinkhorn_plan
@@ -38,6 +38,7 @@ __all__ = [
     "ObjectiveInfo",
     "embedding_cosine",
     "embedding_mse",
+    "embedding_similarity_kl",
     "forward_kl",
     "fused_linear_divergence",
     "generalized_jsd",

@@ -16,7 +16,7 @@ from .divergences import (
     soft_cross_entropy,
     tvd,
 )
-from .embedding import embedding_cosine, embedding_mse
+from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
 from .intermediate import AttentionMSE, DMAEAlign, HiddenCosine, HiddenMSE, SquareHead
 from .minilm import MiniLMAttention, MiniLMRelations
 from .ranking import SparseFlops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
@@ -241,6 +241,14 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "1 − cos(s, t)",
             "cosine embedding loss as used by DistilBERT (Sanh et al. 2019)",
             "different D needs a projection",
+        ),
+        _entry(
+            embedding_similarity_kl,
+            "embedding",
+            "Σ_i KL(p_i ‖ q_i), p_i = softmax_j(cos(t_i, t_j)/τ_t), q_i = softmax_j(cos(s_i, s_j)/τ_s) over the batch",
+            'Fang et al. 2021, "SEED: Self-supervised Distillation for Visual Representation"',
+            ("relational: B × B in-batch similarities, width-free; cross=True (SEED's form) uses cos(s_i, t_j), "
+             "equal widths; τ_t defaults to τ_s; exclude_diagonal drops self-similarity"),
         ),
     )
 }

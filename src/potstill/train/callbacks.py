@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,6 +184,17 @@ class PeriodicEval(Callback):
             self.evaluate(result.step)
 
 
+def golden_nll(metrics: dict[str, float]) -> float | None:
+    """The student's mean NLL on the reference tokens (the monitor's golden metric): `nll` when the task reports
+    it, else log(perplexity) (the language-model tasks report perplexity); None when neither is there."""
+    if "nll" in metrics:
+        return metrics["nll"]
+    perplexity = metrics.get("perplexity")
+    if perplexity is None or not perplexity > 0:
+        return None
+    return math.log(perplexity)
+
+
 class TeacherHackingWatch(Callback):
     """Feed each evaluation's `kl_to_teacher` (and `nll`) to the teacher-hacking monitor; print and log its
     warnings, list them in the summary. Its state is `monitor.json` in every checkpoint."""
@@ -197,7 +209,7 @@ class TeacherHackingWatch(Callback):
             return
         from potstill.ui import console
 
-        for message in self.monitor.update(step, metrics["kl_to_teacher"], metrics.get("nll"),
+        for message in self.monitor.update(step, metrics["kl_to_teacher"], golden_nll(metrics),
                                            epochs_seen=state.epochs(step)):
             console.print(f"[yellow]warning:[/] {message}")
             self.metrics.append({"step": step, "warning": message})

@@ -95,8 +95,12 @@ def load_torch(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+GRAD_SCALER_FILE = "grad_scaler.pt"  # fp16 runs only
+
+
 def save_checkpoint(root: Path, step: int, *, accelerator: Any, student: Any, optimizer: Any, scheduler: Any,
-                    objectives: list[Any], callbacks: list[Any], seed: int, grad_accum: int, keep_last: int) -> None:
+                    objectives: list[Any], callbacks: list[Any], seed: int, grad_accum: int, keep_last: int,
+                    grad_scaler: Any = None) -> None:
     """Write the checkpoint of optimizer step `step` (every process takes part; the main one writes the
     shared files): assembled in a temporary folder, then renamed, then the oldest beyond `keep_last` pruned."""
     from torch import nn
@@ -119,6 +123,8 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Any, student: Any, op
         save_file(safetensors_state(state_dict), str(tmp / "student.safetensors"))
         save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        if grad_scaler is not None:  # fp16: the loss scale and its growth tracker
+            save_torch(grad_scaler.state_dict(), tmp / GRAD_SCALER_FILE)
         save_torch({o.name: o.fn.state_dict() for o in objectives if isinstance(o.fn, nn.Module)},
                    tmp / "objectives.pt")
         for callback in callbacks:
@@ -137,7 +143,7 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Any, student: Any, op
 
 
 def load_checkpoint(path: Path, *, accelerator: Any, student: Any, optimizer: Any, scheduler: Any,
-                    objectives: list[Any], callbacks: list[Any]) -> int:
+                    objectives: list[Any], callbacks: list[Any], grad_scaler: Any = None) -> int:
     """Restore a checkpoint written by `save_checkpoint` into the run's parts; returns its step."""
     from safetensors.torch import load_file
     from torch import nn
@@ -152,6 +158,8 @@ def load_checkpoint(path: Path, *, accelerator: Any, student: Any, optimizer: An
     acc.unwrap_model(student).load_state_dict(load_file(str(path / "student.safetensors")))
     optimizer.load_state_dict(load_torch(path / "optimizer.pt"))
     scheduler.load_state_dict(load_torch(path / "scheduler.pt"))
+    if grad_scaler is not None and (path / GRAD_SCALER_FILE).exists():
+        grad_scaler.load_state_dict(load_torch(path / GRAD_SCALER_FILE))
     objective_states = load_torch(path / "objectives.pt")
     for o in objectives:
         if isinstance(o.fn, nn.Module) and o.name in objective_states:

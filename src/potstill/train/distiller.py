@@ -147,7 +147,7 @@ class Distiller:
         ckpt.save_checkpoint(self.ckpt_root, step, accelerator=self.accelerator, student=state.student,
                              optimizer=state.optimizer, scheduler=state.scheduler, objectives=self.objectives,
                              callbacks=self.callbacks, seed=self.seed, grad_accum=self.cfg.grad_accum,
-                             keep_last=self.cfg.keep_last)
+                             keep_last=self.cfg.keep_last, grad_scaler=self.precision.scaler)
 
     def _bind_objectives(self) -> None:
         bind_objectives(self.objectives, self.task, self.accelerator.device)
@@ -205,7 +205,7 @@ class Distiller:
         if latest is not None:
             self.state.start = ckpt.load_checkpoint(latest, accelerator=acc, student=student, optimizer=optimizer,
                                                     scheduler=scheduler, objectives=self.objectives,
-                                                    callbacks=self.callbacks)
+                                                    callbacks=self.callbacks, grad_scaler=self.precision.scaler)
         if resume and self.is_main:
             console.print(f"resumed from {latest} (step {self.state.start} of {total})" if latest is not None
                           else f"no checkpoint in {self.ckpt_root}; starting from step 0")
