@@ -56,6 +56,8 @@ _DMAE = _RESULTS + "dmae-vs-mae-only-on-the-digits-benchmarksdmae_studypy"
 _DISTILL_VQ = _RESULTS + "distill-vq-vs-faiss-ivfpq-at-equal-code-size-benchmarksdistill_vqpy"
 _SMOLLM2 = _RESULTS + "smollm2-135m-instruct--7-layer-slice-recipessmollm2-sliceyaml"
 _RANKING = _RESULTS + "retrieval-distillation-on-chatterbot-benchmarksranking_studypy"
+_GENERAL = _RESULTS + ("general-embedding-suite-potstill-vs-sentence-transformers-and-model2vec-"
+                       "benchmarksembedding_peerspy")
 _RESTTEST = _RESULTS + "interpolation-vs-extrapolation-resttest-style-split-methods-b-25"
 _DATA = _RESULTS + "data-strategies-on-toy-tasks-benchmarksdata_strategiespy"
 _STEP_BY_STEP = _RESULTS + "distilling-step-by-step-on-arithmetic-word-problems-benchmarksstep_by_steppy"
@@ -121,7 +123,8 @@ METHODS: dict[str, MethodInfo] = {
                    'Knowledge Distillation"', 2020, "objective", _LOSSES + "embedding", "embedding_mse",
                    _RECIPES + "demo.yaml", _REPRESENTATION),
         MethodInfo("SEED (in-batch similarity KL)", 'Fang et al., "SEED: Self-supervised Distillation for Visual '
-                   'Representation"', 2021, "objective", _LOSSES + "embedding", "embedding_similarity_kl"),
+                   'Representation"', 2021, "objective", _LOSSES + "embedding", "embedding_similarity_kl",
+                   "benchmarks/embedding_peers.py", _GENERAL),
         MethodInfo("Static-embedding student (model2vec)", 'Tulkens & van Dongen, "Model2Vec: Fast State-of-the-Art '
                    'Static Embeddings" (software)', 2024, "student builder", "potstill.students.static",
                    "StaticStudent", "benchmarks/representation_study.py", _REPRESENTATION),
