@@ -40,6 +40,29 @@ def digits_recipe(tmp_path: Path) -> dict:
     return raw
 
 
+def tiny_bert_encoder(folder: Path, num_hidden_layers: int) -> Path:
+    """A seeded BERT encoder, 32 wide, with MiniLM's tokenizer, saved in `folder` (a teacher for embedding runs)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from potstill.assets import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=num_hidden_layers,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def numbered_texts_jsonl(path: Path, texts: list[str]) -> Path:
+    """`texts` as JSONL records {"text": "<text> (<i>)"}, so that repeated texts stay distinct."""
+    import json
+
+    path.write_text("".join(json.dumps({"text": f"{t} ({i})"}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
 def write_yaml(path: Path, raw: dict) -> Path:
     import yaml
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import numbered_texts_jsonl, tiny_bert_encoder
 from safetensors.torch import load_file
 from test_tasks import TOPICS
 from transformers import (
@@ -269,15 +270,8 @@ def test_embedding_task_narrow_student_with_projection_and_hidden_states(tmp_pat
     is a plain 16-dimensional sentence-transformers model."""
     from sentence_transformers import SentenceTransformer
 
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    folder = tmp_path / "encoder"
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    texts = [t for texts in TOPICS.values() for t in texts] * 8
-    data = tmp_path / "texts.jsonl"
-    data.write_text("".join(json.dumps({"text": f"{t} ({i})"}) + "\n" for i, t in enumerate(texts)))
+    folder = tiny_bert_encoder(tmp_path / "encoder", num_hidden_layers=4)
+    data = numbered_texts_jsonl(tmp_path / "texts.jsonl", [t for texts in TOPICS.values() for t in texts] * 8)
     recipe = validate_recipe({
         "name": "emb", "output_dir": str(tmp_path / "runs"), "task": "embedding", "teacher": {"path": str(folder)},
         "student": {"init": "from_config", "config": {"num_hidden_layers": 2, "hidden_size": 16}},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -171,23 +170,14 @@ def test_through_projected_loss():
 
 def test_runs_in_a_tiny_embedding_recipe(tmp_path):
     """A narrow student distilled with the relational objective through run_recipe (projection + cross form)."""
+    from conftest import numbered_texts_jsonl, tiny_bert_encoder
     from test_tasks import TOPICS
-    from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from potstill.assets import minilm_path
     from potstill.config import validate_recipe
     from potstill.train import run_recipe
 
-    start = time.monotonic()
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    folder = tmp_path / "encoder"
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    texts = [t for texts in TOPICS.values() for t in texts] * 4
-    data = tmp_path / "texts.jsonl"
-    data.write_text("".join(json.dumps({"text": f"{t} ({i})"}) + "\n" for i, t in enumerate(texts)))
+    folder = tiny_bert_encoder(tmp_path / "encoder", num_hidden_layers=2)
+    data = numbered_texts_jsonl(tmp_path / "texts.jsonl", [t for texts in TOPICS.values() for t in texts] * 4)
     recipe = validate_recipe({
         "name": "seed", "output_dir": str(tmp_path / "runs"), "task": "embedding", "teacher": {"path": str(folder)},
         "student": {"init": "from_config", "config": {"num_hidden_layers": 1, "hidden_size": 16}},
@@ -196,7 +186,7 @@ def test_runs_in_a_tiny_embedding_recipe(tmp_path):
         "trainer": {"max_steps": 3, "batch_size": 8, "lr": 3e-3, "log_every": 1, "num_threads": 1},
         "eval": {"throughput": False, "compare_before": False}})
     summary = run_recipe(recipe)
-    assert summary["table"] and time.monotonic() - start < 60
+    assert summary["table"]
     log = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in log if "loss" in x]
     assert len(steps) == 3 and all(math.isfinite(x["obj/embedding_similarity_kl"]) for x in steps)
