@@ -66,6 +66,7 @@ import torch  # noqa: E402
 from potstill.assets import minilm_path  # noqa: E402
 from potstill.data.loaders import builtin_records  # noqa: E402
 from potstill.eval import compare_throughput, count_parameters  # noqa: E402
+from potstill.eval.suite import cached_encoder, encoder_for, run_suite  # noqa: E402
 from potstill.io import atomic_write_json  # noqa: E402
 
 PEERS = ("teacher", "st-layer-reduction", "model2vec-pca256", "potstill-demo", "potstill-static")
@@ -78,17 +79,6 @@ SPEED_TEXTS = 256
 # script's throughput replace the rest, and the train time should not pay for them.
 POTSTILL_EVAL = {"compare_before": "false", "throughput": "false", "probe_train": "null", "probe_test": "null",
                  "pairs": "null"}
-
-
-def load_suite() -> Any:
-    """`potstill.eval.suite`, or None (with a message) where it is not there yet."""
-    try:
-        from potstill.eval import suite
-    except ImportError as err:
-        print(f"potstill.eval.suite is not available ({err}): the rows are trained and timed, but not scored. "
-              "Merge the branch that adds the general suite (issue #15 §1) to get the full table.", file=sys.stderr)
-        return None
-    return suite
 
 
 def sentence_transformer(path: str | Path) -> Any:
@@ -192,13 +182,10 @@ def fmt(values: list[float | None], digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def score(suite: Any, model: Any, teacher_encode: Callable | None, tasks: list[str] | None) -> dict | None:
-    """The suite's result for one model as plain JSON (None without the suite)."""
-    if suite is None:
-        return None
-    result = suite.run_suite(suite.encoder_for(model), teacher_encode=teacher_encode, tasks=tasks, progress=False)
-    data = result.to_json()
-    return json.loads(data) if isinstance(data, str) else data
+def score(model: Any, teacher_encode: Callable | None, tasks: list[str] | None) -> dict:
+    """The suite's result for one model as plain JSON."""
+    result = run_suite(encoder_for(model), teacher_encode=teacher_encode, tasks=tasks, progress=False)
+    return json.loads(result.to_json())
 
 
 def table(results: dict) -> str:
@@ -284,7 +271,6 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[Path, int, bool], P
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    suite = load_suite()
     out: Path = args.out.resolve()
     results: dict[str, Any] = {"teacher": str(minilm_path()), "seeds": args.seeds, "quick": args.quick,
                                "st_example": ST_EXAMPLE, "static_student": STATIC_STUDENT, "systems": {}}
@@ -319,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     results["budget_seconds"] = budget
 
     teacher = sentence_transformer(minilm_path())
-    teacher_encode = suite.cached_encoder(suite.encoder_for(teacher)) if suite else None
+    teacher_encode = cached_encoder(encoder_for(teacher))
     models = {"teacher": teacher, **{name: load_model(name, folder) for name, folder in folders.items()}}
     texts = [r["text"] for r in builtin_records("bbc-sentences", "validation")][:SPEED_TEXTS]
     lengths = {name: max_length(m, teacher.max_seq_length) for name, m in models.items()}
@@ -339,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in system["runs"]:
             print(f"== suite: {name} seed {run['seed']}", flush=True)
             loaded = model if run["model_dir"] in (None, str(folders.get(name))) else load_model(name, run["model_dir"])
-            run["suite"] = score(suite, loaded, teacher_encode, args.tasks)
+            run["suite"] = score(loaded, teacher_encode, args.tasks)
         atomic_write_json(out / "results.json", results)
 
     print(table(results))

@@ -66,17 +66,21 @@ def validate_recipe(raw: dict, *, source: str = "recipe", root: yaml.Node | None
 def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    return _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+
+
+def _parse_yaml(text: str, source: str) -> tuple[dict, yaml.Node | None]:
+    """The recipe mapping of `text` and its YAML node tree (for line numbers); errors name `source`."""
     try:
         root = yaml.compose(text)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise UserError(f"{where}: not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe must be a YAML mapping (key: value lines), got {type(raw).__name__}")
+        raise UserError(f"{source}: a recipe must be a YAML mapping (key: value lines), got {type(raw).__name__}")
     return raw, root
 
 
@@ -160,12 +164,7 @@ def recipe_changes(old_yaml: str, new_yaml: str) -> list[str]:
 
 
 def _validated(text: str, source: str) -> Recipe:
-    try:
-        root, raw = yaml.compose(text), yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{source}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    raw, root = _parse_yaml(text, source)
     return validate_recipe(without_foreign_defaults(raw), source=source, root=root)
 
 

@@ -32,6 +32,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from potstill.data.suite_sources import gensim_test_data, one_line
+
 __all__ = ["MAX_CHARS", "MIN_CHARS", "SOURCES", "build_general_corpus", "general_corpus_stats", "general_records",
            "normalise", "split_sentences"]
 
@@ -59,11 +61,11 @@ def normalise(text: str) -> str:
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of `text` by the regex described in the module docstring, whitespace collapsed."""
-    return [s for s in (" ".join(p.split()) for p in _SENTENCE_BREAK.split(text)) if s]
+    return [s for s in (one_line(p) for p in _SENTENCE_BREAK.split(text)) if s]
 
 
 def _pieces(paragraph: str) -> list[str]:
-    paragraph = " ".join(paragraph.split())
+    paragraph = one_line(paragraph)
     if len(paragraph) <= MAX_CHARS:
         return [paragraph]
     return split_sentences(paragraph)
@@ -112,9 +114,7 @@ def _clean_wiki(text: str) -> list[str]:
 def _wikipedia() -> list[str]:
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    from potstill.assets import package_dir
-
-    path = package_dir("gensim") / "test" / "test_data" / WIKI_DUMP
+    path = gensim_test_data() / WIKI_DUMP
     out: list[str] = []
     with bz2.open(path) as f:
         for title, text, _ in extract_pages(f):
@@ -126,9 +126,7 @@ def _wikipedia() -> list[str]:
 
 
 def _lee_background() -> list[str]:
-    from potstill.assets import package_dir
-
-    path = package_dir("gensim") / "test" / "test_data" / "lee_background.cor"
+    path = gensim_test_data() / "lee_background.cor"
     return [line for line in path.read_text(encoding="latin-1").splitlines() if line.strip()]
 
 

@@ -20,6 +20,7 @@ vectors across runs (a teacher scored and then used as the fidelity reference).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -96,7 +97,7 @@ def fidelity_texts() -> list[str]:
         return rng.sample(items, min(FIDELITY_PER_SOURCE, len(items)))
 
     posts = newsgroup_posts()
-    pairs = [f"{a} {b}" for rel in sorted(analogy_pairs()) for a, b in analogy_pairs()[rel]]
+    pairs = [f"{a} {b}" for _, relation in sorted(analogy_pairs().items()) for a, b in relation]
     texts = (pick([t for t, _ in polarity_snippets()]) + pick([b for _, b, _ in posts])
              + pick(sorted({s for s, _, _ in posts})) + pick([t for t, _ in fortune_sample()]) + pick(pairs)
              + lee_corpus()[0])
@@ -133,14 +134,11 @@ def _encode_all(encode: Encode, texts: list[str], progress: bool, label: str) ->
 
     distinct = list(dict.fromkeys(texts))
     vectors: list[np.ndarray] = []
-    if progress:
-        with task_progress(label, len(distinct)) as advance:
-            for start in range(0, len(distinct), ENCODE_CHUNK):
-                vectors.append(np.asarray(encode(distinct[start:start + ENCODE_CHUNK]), dtype=np.float32))
-                advance(len(vectors[-1]))
-    else:
-        vectors = [np.asarray(encode(distinct[s:s + ENCODE_CHUNK]), dtype=np.float32)
-                   for s in range(0, len(distinct), ENCODE_CHUNK)]
+    bar = task_progress(label, len(distinct)) if progress else contextlib.nullcontext(lambda n: None)
+    with bar as advance:
+        for start in range(0, len(distinct), ENCODE_CHUNK):
+            vectors.append(np.asarray(encode(distinct[start:start + ENCODE_CHUNK]), dtype=np.float32))
+            advance(len(vectors[-1]))
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
     if matrix.ndim != 2 or matrix.shape[0] != len(distinct):
         raise UserError(f"encode returned shape {matrix.shape} for {len(distinct)} texts; expected "

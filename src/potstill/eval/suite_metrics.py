@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from potstill.eval.metrics import _rowwise_cosine as rowwise_cosine
+from potstill.eval.metrics import pair_spearman
 from potstill.eval.retrieval import mrr_at_k, ndcg_at_k
 
 __all__ = [
@@ -48,13 +50,6 @@ def _unit(x: Any) -> np.ndarray:
 def cosine_matrix(a: Any, b: Any) -> np.ndarray:
     """(len(a), len(b)) cosine similarities."""
     return _unit(a) @ _unit(b).T
-
-
-def _rowwise_cosine(a: Any, b: Any) -> np.ndarray:
-    ua, ub = _unit(a), _unit(b)
-    if ua.shape != ub.shape:
-        raise ValueError(f"pairs need equal shapes, got {ua.shape} and {ub.shape}")
-    return np.einsum("ij,ij->i", ua, ub)
 
 
 def probe_accuracy(train_emb: Any, train_labels: Sequence[Any], test_emb: Any,
@@ -105,7 +100,8 @@ def cosine_ap(emb1: Any, emb2: Any, labels: Sequence[int]) -> float:
     """Average precision of cos(emb1[i], emb2[i]) as a score for label 1 (MTEB pair classification)."""
     from sklearn.metrics import average_precision_score
 
-    return float(average_precision_score(np.asarray(labels), _rowwise_cosine(emb1, emb2)))
+    cosines = rowwise_cosine(np.asarray(emb1, dtype=np.float64), np.asarray(emb2, dtype=np.float64)).numpy()
+    return float(average_precision_score(np.asarray(labels), cosines))
 
 
 def mean_average_precision(query_emb: Any, candidate_embs: Sequence[Any],
@@ -133,10 +129,5 @@ def retrieval_scores(query_emb: Any, corpus_emb: Any, relevant: Sequence[Sequenc
 
 
 def sts_spearman(emb1: Any, emb2: Any, gold: Sequence[float]) -> float:
-    """Spearman correlation between cos(emb1[i], emb2[i]) and gold[i]."""
-    from scipy.stats import spearmanr
-
-    cos = _rowwise_cosine(emb1, emb2)
-    if len(gold) != len(cos) or len(cos) < 2:
-        raise ValueError(f"{len(cos)} pairs but {len(gold)} gold scores (need at least 2)")
-    return float(spearmanr(cos, np.asarray(gold, dtype=np.float64))[0])
+    """Spearman correlation between cos(emb1[i], emb2[i]) and gold[i] (`potstill.eval.metrics.pair_spearman`)."""
+    return pair_spearman(np.asarray(emb1, dtype=np.float64), np.asarray(emb2, dtype=np.float64), gold)
