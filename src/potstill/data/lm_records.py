@@ -114,11 +114,14 @@ def prompt_of(example: dict[str, list[int]]) -> list[int]:
     return list(example["input_ids"][:first + 1])
 
 
+def cut_example(ids: list[int], counted: list[bool], max_length: int) -> dict[str, list[int]]:
+    """One sequence cut to `max_length`, as an example: input ids and the targets of its counted tokens."""
+    return {"input_ids": ids[:max_length], "targets": shift_targets(ids[:max_length], counted[:max_length])}
+
+
 def with_completion(prompt: list[int], completion: list[int], max_length: int) -> dict[str, list[int]]:
     """An example of `prompt` + `completion` (cut to `max_length`) whose targets are the completion."""
-    ids = (prompt + completion)[:max_length]
-    counted = ([False] * len(prompt) + [True] * len(completion))[:max_length]
-    return {"input_ids": ids, "targets": shift_targets(ids, counted)}
+    return cut_example(prompt + completion, [False] * len(prompt) + [True] * len(completion), max_length)
 
 
 @dataclass
@@ -139,8 +142,7 @@ class LMRecordEncoder:
 
     def example(self, ids: list[int], counted: list[bool]) -> dict[str, list[int]]:
         """One sequence cut to max_length, as an example."""
-        cut = self.max_length
-        return {"input_ids": ids[:cut], "targets": shift_targets(ids[:cut], counted[:cut])}
+        return cut_example(ids, counted, self.max_length)
 
     def prompt_completion(self, prompt_text: str, completion_text: str) -> tuple[list[int], list[bool]]:
         """The prompt's tokens (with special tokens) then the completion's (plus EOS); only the latter count."""

@@ -37,8 +37,6 @@ def on_policy_batch(batch: dict[str, Any], student: nn.Module, micro_batch: int,
     """`batch` unchanged, or with probability `lmbda` the same prompts (`examples[i]` for the batch's `index`)
     followed by the `student`'s sampled completions, collated by `collate(examples, indices)` (on the
     device) and marked `on_policy`."""
-    if not lmbda:
-        return batch
     seed = on_policy_seed(seed, micro_batch)
     if float(torch.rand(1, generator=torch.Generator().manual_seed(seed))) >= lmbda:
         return batch

@@ -78,8 +78,7 @@ def build_text_student(recipe: Recipe, teacher: nn.Module | None, tokenizer: Any
     defaults = {"vocab_size": len(tokenizer), **{k: v for k, v in special.items() if v is not None}}
     if getattr(auto_cls, "__name__", "") == "AutoModelForSeq2SeqLM":
         # the decoder starts from the pad token, as T5 does
-        pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        defaults["decoder_start_token_id"] = pad
+        defaults["decoder_start_token_id"] = pad_id_of(tokenizer)
     try:
         student = from_model_type(str(model_type), auto_cls, seed=recipe.seed, defaults=defaults, **fields)
     except (ValueError, TypeError) as exc:

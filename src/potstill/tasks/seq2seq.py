@@ -210,7 +210,7 @@ class Seq2SeqTask(Task):
 
         def runner(model: nn.Module):
             def run(chunk: list[dict]) -> torch.Tensor:
-                return self.logits(model, self.to_device(self.collate(chunk, list(range(len(chunk))))))
+                return self.logits(model, self._batch_of(chunk, []))
 
             return run
 
