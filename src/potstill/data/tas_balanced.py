@@ -364,11 +364,10 @@ class TasBalancedEpochs:
         self.records = [{"query": rec["query"], "positive": rec["positive"], "negatives": [neg]}
                         for rec in queries for neg in rec["negatives"]]
         self.query_of = [q for q in range(len(queries)) for _ in range(n_neg)]
-        pairs = torch.arange(len(self.records)).reshape(len(queries), n_neg)
         self.pair_scores = torch.stack([query_scores[:, :1].expand(-1, n_neg), query_scores[:, 1:]],
                                        dim=-1).reshape(-1, 2)
         margins = (query_scores[:, :1] - query_scores[:, 1:]).tolist()
-        self._pairs = [[(int(pairs[q, j]), None, m) for j, m in enumerate(row)] for q, row in enumerate(margins)]
+        self._pairs = [[(q * n_neg + j, None, m) for j, m in enumerate(row)] for q, row in enumerate(margins)]
         self.clusters, self.n_bins, self.seed = list(clusters), n_bins, seed
         self._sampler: TopicBalancedSampler | None = None
 

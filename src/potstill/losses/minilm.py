@@ -53,13 +53,6 @@ def relation_kl(
     return forward_kl(student_relations, teacher_relations, mask=rows, reduction=reduction)
 
 
-def _bound_heads(heads: int | None) -> int:
-    """The head count `bind` set; objectives on internals are bound to the models before the first step."""
-    if heads is None:
-        raise RuntimeError("the objective is not bound to the models yet: call bind(student_shape, teacher_shape)")
-    return heads
-
-
 class MiniLMAttention(_Bound):
     """MiniLM (Wang et al. 2020): KL between the teacher's and the student's attention distributions
     softmax(Q·Kᵀ/√d_k) of one layer each, plus the value relation softmax(V·Vᵀ/√d_k), averaged over heads and
@@ -89,7 +82,8 @@ class MiniLMAttention(_Bound):
                 reduction: str = "mean") -> Tensor:
         (i, j), = self._pairs()
         (qs, ks, vs), (qt, kt, vt) = student_qkv[i], teacher_qkv[j]
-        h = _bound_heads(self.heads)
+        h = self.heads
+        assert h is not None  # set by bind
         value = relation_kl(relation_logits(qs, ks, heads=h), relation_logits(qt, kt, heads=h), mask=mask,
                             reduction=reduction)
         if self.value_relation:
@@ -137,7 +131,8 @@ class MiniLMRelations(_Bound):
                 teacher_qkv: Mapping[int, tuple[Tensor, Tensor, Tensor]], *, mask: Tensor | None = None,
                 reduction: str = "mean") -> Tensor:
         (i, j), = self._pairs()
-        s, t, h = student_qkv[i], teacher_qkv[j], _bound_heads(self.relation_heads)
+        s, t, h = student_qkv[i], teacher_qkv[j], self.relation_heads
+        assert h is not None  # set by bind
         total: Tensor | None = None
         for name in self.relations:
             a, b = RELATIONS[name]

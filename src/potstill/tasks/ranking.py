@@ -203,8 +203,9 @@ class RankingTask(Task):
         if "in_batch_mask" in batch:
             if self.teacher_vectors is not None:
                 q = torch.tensor([self._query_of[i] for i in index.tolist()])
-                vectors = self.teacher_vectors.to(self.device)
-                scores.in_batch = self.scorer.similarity(vectors[q], vectors[q + len(self.queries)])
+                vectors = self.teacher_vectors  # the batch's rows move to the device, not the whole bank
+                scores.in_batch = self.scorer.similarity(vectors[q].to(self.device),
+                                                         vectors[q + len(self.queries)].to(self.device))
             else:
                 with torch.inference_mode():
                     b = len(index)
