@@ -222,7 +222,7 @@ class Distiller:
             self._emit("on_train_end")
         seconds = time.perf_counter() - t_start
 
-        if self.state.start < total or latest is None or ckpt.read_state(latest)["step"] != total:
+        if latest is None or self.state.start != total:  # else the newest checkpoint is already the final one
             self._save(self.state, total)
         unwrapped = acc.unwrap_model(student)
         after = self._evaluate(unwrapped, "student")
@@ -247,12 +247,12 @@ class Distiller:
         """Optimizer step `step` (0-based): its micro-batches, the normalised loss, backward, clip, update."""
         acc, cfg, task, student = self.accelerator, self.cfg, self.task, self.state.student
         names, weights, by_tokens = self._terms
-        records, batches = task.train_records, []
+        records, batches, unwrapped = task.train_records, [], acc.unwrap_model(student)
         for j in range(cfg.grad_accum):
             micro_batch = step * cfg.grad_accum + j
             idx = self._micro_batch_indices(micro_batch)
             batch = task.to_device(task.collate([records[i] for i in idx], idx))
-            batches.append(task.prepare_batch(batch, acc.unwrap_model(student), micro_batch))
+            batches.append(task.prepare_batch(batch, unwrapped, micro_batch))
         local = torch.tensor([float(sum(task.count_rows(b) for b in batches)),
                               float(sum(task.count_tokens(b) for b in batches)) if by_tokens.any() else 0.0])
         global_rows, global_tokens = (float(x) for x in self._reduce_sum(local))
