@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.widths, args.steps, args.toy_steps = [0], [16, 2], 30, 300
+        args.seeds, args.widths, args.steps, args.toy_steps = [0], [16, 2], 10, 100
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     run_toy(args.seeds, args.toy_steps)

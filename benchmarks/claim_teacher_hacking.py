@@ -185,7 +185,7 @@ def warn_steps(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 200 steps")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 60 steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--prompts", type=int, default=200)
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-samples", type=int, default=2000)
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.eval_every = [0], 200, 20
+        args.seeds, args.steps, args.eval_every = [0], 60, 20
     torch.set_num_threads(1)
     started = time.perf_counter()
     oracle = make_oracle()
