@@ -34,12 +34,16 @@ def claim_hacking() -> ModuleType:
     return load("claim_teacher_hacking")
 
 
-def test_taid_quick_prints_both_tables(claim_taid, capsys):
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """The scripts set torch's thread count; give the rest of the session its own back."""
     threads = torch.get_num_threads()
-    try:
-        assert claim_taid.main(["--quick"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_taid_quick_prints_both_tables(claim_taid, capsys):
+    assert claim_taid.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "Part 1: bimodal toy" in out and "Part 2: capacity ladder" in out
     for loss in ("fkl", "rkl", "taid"):
@@ -105,11 +109,7 @@ def test_count_teacher_is_a_distribution_and_differs_from_its_oracle(claim_hacki
 
 def test_sinkd_quick_runs_both_objectives(capsys):
     claim_sinkd = load("claim_sinkd")
-    threads = torch.get_num_threads()
-    try:
-        assert claim_sinkd.main(["--quick"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert claim_sinkd.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert " kd " in out and " kd+sinkhorn " in out and "kd+sinkhorn×10" not in out  # --quick runs two rows
     recipe = claim_sinkd.recipe("kd+sinkhorn", 0, 64, 20, 16, "out")
