@@ -100,12 +100,13 @@ def test_cli_run_into_a_held_folder_exits_2_naming_the_pid(digits_recipe, tmp_pa
     path = write_yaml(tmp_path / "r.yaml", dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 2}))
     run_dir = validate_recipe(digits_recipe).run_dir
     with hold(run_dir / ".lock", what=f"run folder {run_dir}"):
+        (run_dir / ".student.abcd1234.tmp").mkdir()  # the holder's write in progress: not swept by the refused run
         out = subprocess.run(POTSTILL + ["run", str(path)], capture_output=True, text=True, env=ENV, cwd=REPO)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr
     assert f"run folder {run_dir} is in use by another potstill process (PID {os.getpid()}" in lines[0]
-    assert sorted(p.name for p in run_dir.iterdir()) == []  # the refused run wrote nothing
+    assert sorted(p.name for p in run_dir.iterdir()) == [".student.abcd1234.tmp"]  # the refused run wrote nothing
 
 
 def test_a_failed_run_releases_its_lock(digits_recipe):
