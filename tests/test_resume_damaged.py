@@ -55,7 +55,8 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_to_the_same_weights(
     assert run_recipe(recipe, resume=True)["steps"] == 6
     err = " ".join(capsys.readouterr().err.split())
     assert f"checkpoint {root / 'step-00000006'} is damaged: {expected}" in err
-    assert "falling back to step-00000004" in err and f"resumed from {root / 'step-00000004'}" in err
+    assert "set aside as damaged-step-00000006, falling back to step-00000004" in err
+    assert f"resumed from {root / 'step-00000004'}" in err
     resumed = load_file(str(run / "student" / "model.safetensors"))
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     again = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -79,14 +80,16 @@ def test_no_usable_checkpoint_is_a_user_error_and_nothing_is_moved(digits_recipe
 
 
 def test_cli_resume_without_a_usable_checkpoint_exits_2_in_one_line(digits_recipe, tmp_path):
-    raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 2, "save_every": 1, "keep_last": 1})
+    raw = dict(digits_recipe, trainer={**digits_recipe["trainer"], "max_steps": 2, "save_every": 1, "keep_last": 2})
     path = write_yaml(tmp_path / "r.yaml", raw)
     recipe = validate_recipe(raw)
     run_recipe(recipe)
     (recipe.run_dir / "checkpoints" / "step-00000002" / "state.json").write_text("{not json")
+    (recipe.run_dir / "checkpoints" / "step-00000001" / "scheduler.pt").unlink()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
     out = subprocess.run(POTSTILL + ["run", str(path), "--resume"], capture_output=True, text=True, env=env, cwd=REPO)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
-    assert "no usable checkpoint" in lines[0] and "state.json is unreadable" in lines[0]
+    assert "no usable checkpoint" in lines[0] and "step-00000002: state.json is unreadable" in lines[0]
+    assert "step-00000001: scheduler.pt is missing" in lines[0]

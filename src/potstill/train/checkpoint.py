@@ -252,14 +252,15 @@ def resume_newest(root: Path, *, accelerator: Any, say: Any, **parts: Any) -> in
     """Restore the newest checkpoint under `root` that reads and fits (`parts`: `load_checkpoint`'s student,
     optimizer, scheduler, objectives, callbacks, grad_scaler); returns its step, None when `root` holds none.
 
-    A damaged one is reported in one line through `say` (main process) and the one before it tried; once one
-    restores, the damaged ones are renamed `damaged-step-N` (kept for a look, out of the rotation). When none
-    restores: a `UserError` listing them; nothing is moved, and `--overwrite` starts the run over."""
+    A damaged one is passed over for the one before it; once one restores, each damaged one is renamed
+    `damaged-step-N` (kept for a look, out of the rotation) and reported in one line through `say` (main
+    process). When none restores: one `UserError` listing them; nothing is moved, and `--overwrite` (not
+    `--resume`) starts the run over."""
     from potstill.errors import UserError
 
     acc, damaged = accelerator, list[tuple[Path, str]]()  # (folder, what is wrong)
     found = list_checkpoints(root)
-    for i, (_, path) in enumerate(reversed(found)):
+    for _, path in reversed(found):
         reason = None
         try:
             step = load_checkpoint(path, accelerator=acc, **parts)
@@ -267,14 +268,12 @@ def resume_newest(root: Path, *, accelerator: Any, say: Any, **parts: Any) -> in
             reason = str(err)
         if all_agree(acc, reason is None):
             if acc.is_main_process:
-                for bad, _ in damaged:
-                    set_aside(bad)
+                for bad, why in damaged:
+                    say(f"checkpoint {bad} is damaged: {why}; set aside as {set_aside(bad).name}, falling back "
+                        f"to {path.name}")
             acc.wait_for_everyone()
             return step
-        reason = reason or "damaged on another process"
-        damaged.append((path, reason))
-        if acc.is_main_process and i + 1 < len(found):  # the last one is told by the error below
-            say(f"checkpoint {path} is damaged: {reason}; falling back to {found[-i - 2][1].name}")
+        damaged.append((path, reason or "damaged on another process"))
     if not found:
         return None
     raise UserError(f"--resume: no usable checkpoint in {root}: " + "; ".join(f"{p.name}: {r}" for p, r in damaged)
