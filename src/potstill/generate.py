@@ -22,7 +22,8 @@ Every row carries `provenance`: teacher (base URL, requested and served model), 
 cache key, whether it came from the cache, and when the row was written. `<out>.manifest.json` sums up the run
 (counts, failures, settings, start and end time). The outputs are written atomically at the end; the teacher's
 response cache (SQLite, default `<out>.cache.sqlite`) is what makes a killed or partly failed run resumable: a
-re-run answers every prompt already answered from the cache and asks the endpoint only for the rest.
+re-run answers every prompt already answered from the cache and asks the endpoint only for the rest. `<out>.lock`
+is held while a generation runs, so a second one on the same output is refused instead of paying twice.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from potstill.errors import UserError
 from potstill.io import atomic_write_json, atomic_write_text
+from potstill.lockfile import hold
 
 RATIONALE_INSTRUCTION = ("Think step by step and explain your reasoning. Then give the final answer on its own last "
                          "line, in the form `Answer: <answer>`.")
@@ -219,6 +221,8 @@ def generate_dataset(records: Sequence[dict], teacher: Any, out: str | Path, *, 
     Prompts are sent as chat requests with `settings`; answered prompts come back from the teacher's cache on a
     re-run. A prompt that fails for good (after the endpoint's retries) is listed in the report's `failed` and
     left out of the dataset; a re-run asks for it again. `on_progress(done, total)` is called as answers arrive.
+    One generation per output at a time: `<out>.lock` is held throughout (`potstill.lockfile`), and a second
+    one is refused (a `UserError` naming the holder's PID) before it sends anything.
     """
     out = Path(out)
     if filter == "match" and not reference_column:
@@ -231,6 +235,14 @@ def generate_dataset(records: Sequence[dict], teacher: Any, out: str | Path, *, 
         if missing:
             raise UserError(f"reference column {reference_column!r} is missing from record(s) "
                             f"{', '.join(map(str, missing[:5]))}{' …' if len(missing) > 5 else ''}")
+    with hold(sidecar(out, "lock"), what=f"output {out}"):
+        return _generate(records, teacher, out, column=column, settings=settings, filter=filter,
+                         reference_column=reference_column, verifier=verifier, on_progress=on_progress)
+
+
+def _generate(records: Sequence[dict], teacher: Any, out: Path, *, column: str, settings: GenerationSettings,
+              filter: FilterKind, reference_column: str | None, verifier: Callable[[dict, str], bool] | None,
+              on_progress: Callable[[int, int], None] | None) -> GenerationReport:
     started, clock = _now(), time.perf_counter()
     before = dict(teacher.stats)
     total, done = len(records), 0

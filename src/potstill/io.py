@@ -6,7 +6,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +21,61 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(path: Path) -> None:
+#: Names of the temporary files and folders this module leaves behind when its process is killed mid-write:
+#: `.<name>.<8 random chars>.tmp` (tempfile's mkstemp / mkdtemp) and `.<name>.old-<pid>` (`atomic_dir`).
+TEMP_NAME = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.tmp|old-\d+)$")
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename inside it) to disk; a no-op where folders cannot be opened."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def settle_file(path: str | os.PathLike, *, mode: int | None = None) -> None:
+    """Give the file `path` the mode a plain `open` would (0666 minus the umask: 0644 under the usual 022;
+    safetensors' writer makes 0600) and flush it to disk."""
+    os.chmod(path, (0o666 & ~_umask()) if mode is None else mode)
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows flushes writable handles only
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def settle_tree(folder: str | os.PathLike) -> None:
+    """`settle_file` every regular file under `folder` (symlinks left alone), then fsync the folders, deepest
+    first: what must hold before `folder` is renamed into place."""
+    mode = 0o666 & ~_umask()
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                settle_file(path, mode=mode)
+        fsync_dir(Path(root))
+
+
+def sweep_temp(folder: str | os.PathLike, *, depth: int = 1) -> list[Path]:
+    """Delete the leftovers of interrupted atomic writes (names matching `TEMP_NAME`) in `folder` and in its
+    sub-folders down to `depth` levels; returns what was removed. Call it only on a folder no other process
+    is writing (one whose lock this process holds)."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        if TEMP_NAME.match(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+        elif depth > 0 and entry.is_dir() and not entry.is_symlink():
+            removed += sweep_temp(entry, depth=depth - 1)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -44,7 +94,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -60,7 +110,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it replaces `path` whole (old one removed last).
 
-    On failure the temp folder is deleted and `path` is left as it was.
+    Before the rename every file in it gets the umask's mode and is fsynced (`settle_tree`), so a crash right
+    after leaves a complete folder. On failure the temp folder is deleted and `path` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,13 +122,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    settle_tree(tmp)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -29,7 +29,8 @@ for a missing or wrong key (when `api_key` is set), 404 for an unknown model or 
 One generation runs at a time (`app.state.generation_lock`, a `threading.Lock`; tests may hold it to pause the
 server). Faults are drawn (from `random.Random(seed)`, two draws per generation request, in arrival order) and the
 delay is slept before the lock is taken. A reply whose client has gone away by the end of its generation is
-logged with status 499 and not sent.
+logged with status 499 and not sent; so is a request whose client hangs up before its body has arrived (one
+warning line on the `potstill.serve` logger, no traceback).
 
 Request log (JSON lines; each request appends one whole line, then the file is closed again): `time` (Unix
 seconds), `path`, `body_sha256` (sha256 of the canonical JSON of the body, of its raw bytes when it is not JSON,

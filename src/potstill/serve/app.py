@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from potstill.errors import UserError
 from potstill.teachers.response_cache import canonical_json
@@ -73,7 +74,12 @@ def create_app(model, tokenizer, *, model_name: str, faults: FaultSettings = Fau
         return JSONResponse(err.payload(), status_code=err.status, headers=err.headers)
 
     async def handle(request: Request, kind: str) -> JSONResponse:
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the client hung up before its body was complete
+            logger.warning("%s %s: client disconnected before sending the whole body", request.method,
+                           request.url.path)
+            return client_gone(request, None)
         body_sha, body = _body_sha256(raw)
         fault = False
         try:

@@ -117,7 +117,7 @@ def save_sentence_transformer(
             dim = transformer.get_embedding_dimension()
         return [transformer, Pooling(dim, pooling_mode=pooling), *([Normalize()] if normalize else [])]
 
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.hf.", dir=path.parent) as staging:
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.hf.", suffix=".tmp", dir=path.parent) as staging:
         modules = stack(model, str(Path(staging) / "document"))
         if query_model is not None:
             try:  # sentence-transformers >= 5.4 / 6.x; Router exists from 5.0

@@ -415,7 +415,7 @@ def save_sparse_encoder(encoder: SpladeEncoder, tokenizer: Any, path: str | os.P
         tokenizer.pad_token = tokenizer.eos_token
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.hf.", dir=path.parent) as staging:
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.hf.", suffix=".tmp", dir=path.parent) as staging:
         encoder.mlm.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         transformer = Transformer(staging, transformer_task="fill-mask", max_seq_length=max_seq_length)

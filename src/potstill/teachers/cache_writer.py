@@ -32,6 +32,23 @@ from potstill.teachers.cache_format import (
 )
 
 
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """safetensors' serialisation of `tensors` with `metadata`, made reproducible: the writer keeps the metadata
+    in a hash map, so its key order (and with it the file's checksum) changes from call to call. The header is
+    written again with the metadata sorted by key and padded with spaces to its former length (a multiple of 8),
+    so the tensor offsets stay where they were."""
+    data = st_save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # cannot happen for the same keys and values; keep the writer's bytes then
+        return data
+    return data[:8] + text.ljust(size) + data[8 + size:]
+
+
 class TopKCacheWriter:
     """Writes a top-k cache to `out_dir`; use as a context manager, or call `close()` (or `abort()`).
 
@@ -201,7 +218,7 @@ class TopKCacheWriter:
         }
         if high is not None:
             tensors["ids_hi"] = high
-        data = st_save(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        data = safetensors_bytes(tensors, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         name = f"shard-{len(self._shards):05d}.safetensors"
         atomic_write_bytes(self._tmp / name, data)
         self._shards.append({
@@ -231,10 +248,10 @@ class TopKCacheWriter:
             self._flush()
             records = np.array(sorted(self._records), dtype=np.int64)
             entries = np.array([self._records[r] for r in records.tolist()], dtype=np.int64).reshape(-1, 3)
-            index = st_save(
+            index = safetensors_bytes(
                 {"record": records, "shard": entries[:, 0].copy(), "offset": entries[:, 1].copy(),
                  "length": entries[:, 2].copy()},
-                metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
+                {"format": FORMAT, "format_version": str(FORMAT_VERSION)},
             )
             atomic_write_bytes(self._tmp / INDEX_FILE, index)
             shard_bytes = sum(s["bytes"] for s in self._shards)

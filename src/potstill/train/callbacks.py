@@ -128,7 +128,8 @@ class ProgressBar(Callback):
 
 class MetricsLog(Callback):
     """`<run>/metrics.jsonl`: one line per `log_every` steps, one per evaluation, one per warning. A resumed run
-    first drops the lines written after its checkpoint (they will be written again)."""
+    first drops the lines written after its checkpoint (they will be written again): those of later steps, and
+    when it resumes from the final checkpoint, the final evaluation's (step = total, no "loss")."""
 
     def __init__(self, run_dir: Path, is_main: bool, log_every: int) -> None:
         self.path, self.is_main, self.log_every = Path(run_dir) / "metrics.jsonl", is_main, log_every
@@ -150,7 +151,9 @@ class MetricsLog(Callback):
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("step", 0) <= state.start:
+            step = rec.get("step", 0)
+            # at the final step the checkpoint precedes the final evaluation's rows: those come again
+            if step < state.start or (step == state.start and (state.start < state.total or "loss" in rec)):
                 keep.append(line)
         atomic_write_text(self.path, "".join(x + "\n" for x in keep))
 

@@ -3,8 +3,13 @@
 Layout: `<run>/checkpoints/step-00000042/` holding `student.safetensors`, `optimizer.pt`, `scheduler.pt`,
 `objectives.pt`, the state of callbacks that keep one (`monitor.json`, the teacher-hacking monitor), `rng-rank<r>.pt`
 (one per process) and `state.json` (step, data position, world size).
-A checkpoint is assembled in `.step-00000042.tmp/` and renamed when complete, so a run killed at any
-moment leaves either the previous checkpoints or the new one, never a half one.
+A checkpoint is assembled in `.step-00000042.tmp/`, every file fsynced with the umask's mode, and renamed
+when complete, so a run killed at any moment leaves either the previous checkpoints or the new one, never a
+half one.
+
+Resuming reads a checkpoint whole into memory (`read_checkpoint`) before anything is restored. One that cannot
+be read or does not fit the run (a file missing, truncated or unparsable: a disk that filled, a copy cut short)
+raises `DamagedCheckpoint`, so the loop can fall back to the previous one (`potstill.train.distiller`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ import torch
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
+class DamagedCheckpoint(Exception):
+    """A checkpoint that cannot be resumed from; the message names the file and what is wrong with it."""
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
@@ -32,11 +41,10 @@ def tmp_dir(root: Path, step: int) -> Path:
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders (renamed into place whole, so complete unless damaged later), oldest first."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and
-             (p / "state.json").is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return sorted(found)
 
 
@@ -51,6 +59,17 @@ def remove_partial(root: Path) -> None:
         for p in root.iterdir():
             if p.name.startswith(".step-") and p.name.endswith(".tmp"):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint `step-N` to `damaged-step-N` (kept for inspection, out of the rotation)."""
+    target = path.with_name(f"damaged-{path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"damaged-{path.name}-{n}")
+    os.replace(path, target)
+    return target
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -120,7 +139,7 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Any, student: Any, op
         from potstill.io import atomic_write_json
         from potstill.students.save import safetensors_state
 
-        save_file(safetensors_state(state_dict), str(tmp / "student.safetensors"))
+        save_file(safetensors_state(state_dict), str(tmp / "student.safetensors"))  # fsynced by settle_tree
         save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
         if grad_scaler is not None:  # fp16: the loss scale and its growth tracker
@@ -134,38 +153,128 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Any, student: Any, op
                           "seed": seed})
     acc.wait_for_everyone()
     if is_main:
+        from potstill.io import fsync_dir, settle_tree
+
+        settle_tree(tmp)
         final = step_dir(root, step)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(root)
         prune(root, keep_last)
     acc.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, *, accelerator: Any, student: Any, optimizer: Any, scheduler: Any,
-                    objectives: list[Any], callbacks: list[Any], grad_scaler: Any = None) -> int:
-    """Restore a checkpoint written by `save_checkpoint` into the run's parts; returns its step."""
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _read(path: Path, name: str, loader: Any) -> Any:
+    try:
+        return loader(path / name)
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{name} is missing") from None
+    except Exception as err:  # truncated or garbled: each reader fails in its own way
+        raise DamagedCheckpoint(f"{name} is unreadable ({_short(err)})") from None
+
+
+def read_checkpoint(path: Path, *, process_index: int, callbacks: list[Any]) -> dict[str, Any]:
+    """Every file of checkpoint `path` this process restores, read into memory: {"state", "student",
+    "optimizer", "scheduler", "grad_scaler" (or None), "objectives", "callbacks" {state_file: dict}, "rng"}.
+    Raises `DamagedCheckpoint` naming the first file that is missing or unreadable."""
     from safetensors.torch import load_file
+
+    state = _read(path, "state.json", lambda p: json.loads(p.read_text()))
+    if not (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ("step", "world_size"))):
+        raise DamagedCheckpoint("state.json lacks its integer step / world_size")
+    has_scaler = (path / GRAD_SCALER_FILE).exists()
+    return {
+        "state": state,
+        "student": _read(path, "student.safetensors", lambda p: load_file(str(p))),
+        "optimizer": _read(path, "optimizer.pt", load_torch),
+        "scheduler": _read(path, "scheduler.pt", load_torch),
+        "grad_scaler": _read(path, GRAD_SCALER_FILE, load_torch) if has_scaler else None,
+        "objectives": _read(path, "objectives.pt", load_torch),
+        "callbacks": {c.state_file: _read(path, c.state_file, lambda p: json.loads(p.read_text()))
+                      for c in callbacks if c.state_file is not None and (path / c.state_file).exists()},
+        "rng": _read(path, f"rng-rank{process_index}.pt", load_torch),
+    }
+
+
+def load_checkpoint(path: Path, *, accelerator: Any, student: Any, optimizer: Any, scheduler: Any,
+                    objectives: list[Any], callbacks: list[Any], grad_scaler: Any = None,
+                    data: dict[str, Any] | None = None) -> int:
+    """Restore a checkpoint written by `save_checkpoint` into the run's parts; returns its step. `data` is
+    `read_checkpoint`'s result when already read. Raises `DamagedCheckpoint` when a file is damaged or does
+    not fit the run's parts, a `UserError` when the checkpoint was written by another number of processes."""
     from torch import nn
 
     from potstill.errors import UserError
 
     acc = accelerator
-    state = read_state(path)
+    data = data if data is not None else read_checkpoint(path, process_index=acc.process_index, callbacks=callbacks)
+    state = data["state"]
     if state["world_size"] != acc.num_processes:
         raise UserError(f"{path}: written by {state['world_size']} process(es), resumed with "
                         f"{acc.num_processes}; resume with the same number of processes")
-    acc.unwrap_model(student).load_state_dict(load_file(str(path / "student.safetensors")))
-    optimizer.load_state_dict(load_torch(path / "optimizer.pt"))
-    scheduler.load_state_dict(load_torch(path / "scheduler.pt"))
-    if grad_scaler is not None and (path / GRAD_SCALER_FILE).exists():
-        grad_scaler.load_state_dict(load_torch(path / GRAD_SCALER_FILE))
-    objective_states = load_torch(path / "objectives.pt")
+    restores: list[tuple[str, Any]] = [
+        ("student.safetensors", lambda: acc.unwrap_model(student).load_state_dict(data["student"])),
+        ("optimizer.pt", lambda: optimizer.load_state_dict(data["optimizer"])),
+        ("scheduler.pt", lambda: scheduler.load_state_dict(data["scheduler"]))]
+    if grad_scaler is not None and data["grad_scaler"] is not None:
+        restores.append((GRAD_SCALER_FILE, lambda: grad_scaler.load_state_dict(data["grad_scaler"])))
     for o in objectives:
-        if isinstance(o.fn, nn.Module) and o.name in objective_states:
-            o.fn.load_state_dict(objective_states[o.name])
+        if isinstance(o.fn, nn.Module) and o.name in data["objectives"]:
+            restores.append(("objectives.pt", lambda o=o: o.fn.load_state_dict(data["objectives"][o.name])))
     for callback in callbacks:
-        if callback.state_file is not None and (path / callback.state_file).exists():
-            callback.load_state_dict(json.loads((path / callback.state_file).read_text()))
-    set_rng_state(load_torch(path / f"rng-rank{acc.process_index}.pt"))
+        if callback.state_file in data["callbacks"]:
+            restores.append((callback.state_file,
+                             lambda c=callback: c.load_state_dict(data["callbacks"][c.state_file])))
+    restores.append((f"rng-rank{acc.process_index}.pt", lambda: set_rng_state(data["rng"])))
+    for name, restore in restores:
+        try:
+            restore()
+        except Exception as err:  # wrong keys, shapes or structure
+            raise DamagedCheckpoint(f"{name} does not fit this run ({_short(err)})") from None
     return int(state["step"])
+
+
+def all_agree(accelerator: Any, ok: bool) -> bool:
+    """Whether `ok` holds on every process (one process's damaged rng file fails them all)."""
+    if accelerator.num_processes == 1:
+        return ok
+    failed = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(failed, reduction="sum").item()) == 0.0
+
+
+def resume_newest(root: Path, *, accelerator: Any, say: Any, **parts: Any) -> int | None:
+    """Restore the newest checkpoint under `root` that reads and fits (`parts`: `load_checkpoint`'s student,
+    optimizer, scheduler, objectives, callbacks, grad_scaler); returns its step, None when `root` holds none.
+
+    A damaged one is passed over for the one before it; once one restores, each damaged one is renamed
+    `damaged-step-N` (kept for a look, out of the rotation) and reported in one line through `say` (main
+    process). When none restores: one `UserError` listing them; nothing is moved, and `--overwrite` (not
+    `--resume`) starts the run over."""
+    from potstill.errors import UserError
+
+    acc, damaged = accelerator, list[tuple[Path, str]]()  # (folder, what is wrong)
+    found = list_checkpoints(root)
+    for _, path in reversed(found):
+        reason = None
+        try:
+            step = load_checkpoint(path, accelerator=acc, **parts)
+        except DamagedCheckpoint as err:
+            reason = str(err)
+        if all_agree(acc, reason is None):
+            if acc.is_main_process:
+                for bad, why in damaged:
+                    say(f"checkpoint {bad} is damaged: {why}; set aside as {set_aside(bad).name}, falling back "
+                        f"to {path.name}")
+            acc.wait_for_everyone()
+            return step
+        damaged.append((path, reason or "damaged on another process"))
+    if not found:
+        return None
+    raise UserError(f"--resume: no usable checkpoint in {root}: " + "; ".join(f"{p.name}: {r}" for p, r in damaged)
+                    + ". Pass --overwrite instead of --resume to start the run over")

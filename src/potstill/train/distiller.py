@@ -46,7 +46,7 @@ from potstill.train.data_order import domain_blocks, shuffled_order
 from potstill.train.objective import Objective, bind_objectives, loss_terms, objective_parameters
 from potstill.train.optim import ParameterBag, lr_lambda, param_groups
 from potstill.train.precision import Precision, new_accelerator
-from potstill.train.run_folder import check_run_dir, prepare_run_dir
+from potstill.train.run_folder import check_run_dir, prepare_run_dir, run_lock
 from potstill.ui import console
 
 
@@ -153,8 +153,16 @@ class Distiller:
         bind_objectives(self.objectives, self.task, self.accelerator.device)
 
     def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-        """Train, evaluate, save. `resume` continues from the newest checkpoint of `run_dir`; without it an
-        existing run in `run_dir` is an error unless `overwrite`."""
+        """Train, evaluate, save. `resume` continues from the newest usable checkpoint of `run_dir`; without it an
+        existing run in `run_dir` is an error unless `overwrite`. The run folder's lock is held throughout
+        (`run_folder.run_lock`): a second run into the same folder is refused."""
+        with run_lock(self.run_dir, self.accelerator):
+            return self._fit(resume, overwrite)
+
+    def _warn(self, message: str) -> None:
+        console.print(f"[yellow]warning:[/] {message}", soft_wrap=True, highlight=False)
+
+    def _fit(self, resume: bool, overwrite: bool) -> dict[str, Any]:
         from accelerate.utils import set_seed
 
         acc, cfg, task = self.accelerator, self.cfg, self.task
@@ -201,14 +209,18 @@ class Distiller:
         self.state = cb.FitState(self.run_dir, self.is_main, 0, total, cfg.grad_accum * cfg.batch_size * world,
                                  self._epoch_rows, student, optimizer, scheduler)
 
-        latest = ckpt.latest_checkpoint(self.ckpt_root) if resume else None
-        if latest is not None:
-            self.state.start = ckpt.load_checkpoint(latest, accelerator=acc, student=student, optimizer=optimizer,
-                                                    scheduler=scheduler, objectives=self.objectives,
-                                                    callbacks=self.callbacks, grad_scaler=self.precision.scaler)
-        if resume and self.is_main:
-            console.print(f"resumed from {latest} (step {self.state.start} of {total})" if latest is not None
-                          else f"no checkpoint in {self.ckpt_root}; starting from step 0")
+        resumed = None
+        if resume:
+            resumed = ckpt.resume_newest(self.ckpt_root, accelerator=acc, say=self._warn, student=student,
+                                         optimizer=optimizer, scheduler=scheduler, objectives=self.objectives,
+                                         callbacks=self.callbacks, grad_scaler=self.precision.scaler)
+            self.state.start = resumed or 0
+        if self.is_main:
+            ckpt.prune(self.ckpt_root, cfg.keep_last)  # also when trainer.keep_last was lowered for this start
+            if resume:
+                console.print(f"resumed from {ckpt.step_dir(self.ckpt_root, resumed)} (step {resumed} of {total})"
+                              if resumed is not None else f"no checkpoint in {self.ckpt_root}; starting from step 0",
+                              soft_wrap=True, highlight=False)
         student.train()
         t_start, last = time.perf_counter(), None
         self._emit("on_fit_start")
@@ -222,7 +234,7 @@ class Distiller:
             self._emit("on_train_end")
         seconds = time.perf_counter() - t_start
 
-        if latest is None or self.state.start != total:  # else the newest checkpoint is already the final one
+        if resumed is None or self.state.start != total:  # else the newest checkpoint is already the final one
             self._save(self.state, total)
         unwrapped = acc.unwrap_model(student)
         after = self._evaluate(unwrapped, "student")

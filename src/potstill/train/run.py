@@ -91,8 +91,18 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
                accelerator: Any = None) -> dict[str, Any]:
     """Train the student a recipe describes; returns the run summary (also in `<run>/summary.json`).
 
-    `resume` continues from the run folder's newest checkpoint; `overwrite` replaces an earlier run there.
+    `resume` continues from the run folder's newest usable checkpoint; `overwrite` replaces an earlier run
+    there. The run folder's lock (`<run>/.lock`) is held until the report is written.
     """
+    from potstill.train.precision import new_accelerator
+    from potstill.train.run_folder import run_lock
+
+    accelerator = accelerator or new_accelerator()
+    with run_lock(recipe.run_dir, accelerator):
+        return _train_and_report(recipe, resume=resume, overwrite=overwrite, accelerator=accelerator)
+
+
+def _train_and_report(recipe: Recipe, *, resume: bool, overwrite: bool, accelerator: Any) -> dict[str, Any]:
     task, distiller, summary = fit_recipe(recipe, resume=resume, overwrite=overwrite, accelerator=accelerator)
     recipe = task.recipe  # with data.prune's weight tie applied: the weights that were trained with
     if distiller.is_main:

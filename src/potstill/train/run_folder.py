@@ -5,21 +5,58 @@ per run, kept across resumes), `checkpoints/`, `student/`, `summary.json` and th
 (DDK's `domain_weights.json`). A new run refuses to overwrite an earlier one unless told to; a resumed run
 refuses a recipe that changed in a way that would not reproduce the run (`potstill.config.recipe_changes`,
 which ignores `RESUMABLE_CHANGES`: name, output_dir, eval and the trainer's logging/saving/thread fields).
+
+One run at a time per folder: `run_lock` holds `<run>/.lock` (`potstill.lockfile`) from before the folder is
+checked until the run has ended, however it ends; a second run into the folder is refused naming the holder's
+PID. Holding it, a start sweeps the leftovers of writes a killed run left half done (`prepare_run_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from potstill.config import recipe_changes
 from potstill.data.ddk import HISTORY_FILE as DDK_HISTORY
 from potstill.errors import UserError
-from potstill.io import atomic_write_text
+from potstill.io import atomic_write_text, sweep_temp
+from potstill.lockfile import hold
 from potstill.train import checkpoint as ckpt
 
 #: Files of an earlier run that a new (not resumed) run removes.
 RUN_FILES = ("metrics.jsonl", "summary.json", "eval_before.json", "eval_teacher.json", DDK_HISTORY)
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, accelerator: Any) -> Iterator[None]:
+    """Hold `<run>/.lock` for the `with` block: the main process takes it (re-entrant, so `run_recipe` and the
+    Distiller can both ask), and every process learns whether it did, so all of them stop together when another
+    run holds the folder (`UserError` naming its PID). A folder made only to hold the lock is removed again
+    when nothing else was written to it."""
+    run_dir = Path(run_dir)
+    is_main, created = accelerator.is_main_process, not run_dir.exists()
+    with contextlib.ExitStack() as stack:
+        refused: UserError | None = None
+        if is_main:
+            try:
+                stack.enter_context(hold(run_dir / LOCK_FILE, what=f"run folder {run_dir}"))
+            except UserError as err:
+                refused = err
+        if not ckpt.all_agree(accelerator, refused is None) and refused is None:
+            refused = UserError(f"run folder {run_dir} is in use by another potstill process")
+        if refused is not None:
+            raise refused
+        try:
+            yield
+        finally:
+            stack.close()
+            if is_main and created:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()  # only when empty
 
 
 def check_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool, overwrite: bool) -> None:
@@ -38,9 +75,11 @@ def check_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool, overw
 
 
 def prepare_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool) -> None:
-    """(Main process.) Create the folder, store the recipe, clear an earlier run unless resuming, and drop the
-    leftovers of an interrupted checkpoint write."""
+    """(Main process, holding the run's lock.) Create the folder, store the recipe, clear an earlier run unless
+    resuming, and drop the leftovers of interrupted writes: `.step-*.tmp` checkpoints and the temp files and
+    folders of `potstill.io` (`.student.*.tmp`, `.teacher_cache.*.tmp`, …) in the folder and its sub-folders."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    sweep_temp(run_dir)
     if recipe_text is not None:
         atomic_write_text(run_dir / "recipe.yaml", recipe_text)
     root = run_dir / "checkpoints"
