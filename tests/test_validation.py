@@ -111,7 +111,8 @@ def test_param_rules_follow_the_loss_signatures():
     ({"seed": -1}, "field seed: Input should be greater than or equal to 0"),
     ({"seed": 2**70}, "field seed"),
     ({"name": ""}, "field name"),
-    ({"name": "../elsewhere"}, "field name: the run name is one folder name"),
+    ({"name": "../elsewhere"}, "field name: the run name is a folder under output_dir"),
+    ({"name": "/abs"}, "field name: the run name is a folder under output_dir"),
     ({"eval": {"throughput": "no"}}, "field eval.throughput: Input should be a valid boolean (got 'no')"),
 ])
 @pytest.mark.usefixtures("nothing_loads")
@@ -379,3 +380,46 @@ def test_real_process_usage_error_is_one_line():
     assert proc.returncode == 2
     assert lines == ["potstill: error: Missing argument 'recipe'. (Usage: potstill run [OPTIONS] {recipe}; see "
                      "--help)"]
+
+
+# ---- top-k cache: a manifest that disagrees with its shards
+
+def _small_cache(path):
+    import torch
+
+    from potstill.teachers.cache_writer import TopKCacheWriter
+
+    generator = torch.Generator().manual_seed(0)
+    with TopKCacheWriter(path, k=8, temperature=1.0, vocab_size=50, meta={}) as writer:
+        for record in range(3):
+            writer.add(record, torch.randn(5, 50, generator=generator))
+    return path
+
+
+def _edit_manifest(path, **fields):
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(fields)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_cache_manifest_k_that_disagrees_with_its_shards(tmp_path):
+    from potstill.errors import UserError
+    from potstill.teachers.cache import TopKCache
+
+    cache = _small_cache(tmp_path / "c")
+    _edit_manifest(cache, k=4)
+    with pytest.raises(UserError, match=r"holds ids \[15, 8\] .* but manifest.json records k=4 and 15 tokens"):
+        TopKCache(cache)
+    _edit_manifest(cache, k=60)
+    with pytest.raises(UserError, match="records k=60 for a vocabulary of 50"):
+        TopKCache(cache)
+
+
+def test_cache_ids_outside_the_vocabulary(tmp_path):
+    from potstill.errors import UserError
+    from potstill.teachers.cache import TopKCache
+
+    cache = _small_cache(tmp_path / "c")
+    _edit_manifest(cache, vocab_size=10)
+    with pytest.raises(UserError, match="outside the vocabulary of 10"):
+        TopKCache(cache).get([0, 1, 2])

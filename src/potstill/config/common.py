@@ -255,8 +255,8 @@ class RecipeBase(Strict):
     """What every task's recipe has. A recipe is one of its subclasses, chosen by `task` (potstill.config.Recipe);
     each subclass narrows the sections to its task's fields and adds its own sections and rules (`check`)."""
 
-    name: str = Field("run", min_length=1, description="run name: output goes to <output_dir>/<name>/ (one "
-                      "folder name: no / or \\, not . or ..)")
+    name: str = Field("run", min_length=1, description="run name: output goes to <output_dir>/<name>/ (a "
+                      "relative folder: not empty, no . or .. part)")
     output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
     task: str = Field(description="what the models do: " + ", ".join(TASKS))
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random draw (0 .. 2**32 - 1)")
@@ -269,10 +269,11 @@ class RecipeBase(Strict):
 
     @field_validator("name")
     @classmethod
-    def _one_folder(cls, name: str) -> str:
-        if name in (".", "..") or "/" in name or "\\" in name or not name.strip():
-            raise ValueError(f"the run name is one folder name under output_dir (no / or \\, not . or ..), "
-                             f"got {name!r}")
+    def _folder_under_output_dir(cls, name: str) -> str:
+        parts = name.replace("\\", "/").split("/")
+        if not name.strip() or any(part.strip() in ("", ".", "..") for part in parts):
+            raise ValueError(f"the run name is a folder under output_dir (names separated by /, none empty, . or "
+                             f"..), got {name!r}")
         return name
 
     @property
