@@ -310,6 +310,16 @@ def test_output_dir_that_is_read_only(tmp_path, capsys, digits_recipe):
         folder.chmod(0o700)
 
 
+@pytest.mark.usefixtures("nothing_loads")
+def test_output_dir_without_write_permission(tmp_path, capsys, digits_recipe, monkeypatch):
+    real_access = os.access
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(folder) else real_access(path, mode))
+    raw = dict(digits_recipe, output_dir=str(folder))
+    assert f"field output_dir: {folder} is not writable" in run_recipe_error(tmp_path, capsys, raw)
+
+
 @pytest.mark.parametrize("argv", [["cache", "x.yaml", "--k", "0"], ["serve", "builtin:smollm2", "--fail-rate", "2"],
                                   ["run"], ["runn"], [], ["objectives", "--bogus"]])
 def test_usage_errors_are_one_line(capsys, argv):
@@ -423,3 +433,17 @@ def test_cache_ids_outside_the_vocabulary(tmp_path):
     _edit_manifest(cache, vocab_size=10)
     with pytest.raises(UserError, match="outside the vocabulary of 10"):
         TopKCache(cache).get([0, 1, 2])
+
+
+def test_layers_from_teacher_out_of_range_is_a_user_error():
+    from transformers import BertConfig, BertModel
+
+    from potstill.config import StudentConfig
+    from potstill.errors import UserError
+    from potstill.students.loading import build_student
+
+    teacher = BertModel(BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=1, intermediate_size=8,
+                                   vocab_size=10))
+    with pytest.raises(UserError, match=r"field student: cannot build the student: layer index 5 is out of range: "
+                                        r"the teacher has 2 layers \(0..1\)"):
+        build_student(StudentConfig(init="layers_from_teacher", layers=[0, 5]), teacher)
