@@ -100,15 +100,15 @@ def test_missing_or_unknown_task_is_one_line(tmp_path):
     del raw["task"]
     with pytest.raises(UserError) as err:
         validate_recipe(raw)
-    assert str(err.value).splitlines()[1:] == [
-        "  recipe: field task: missing; what the models do, one of " + ", ".join(TASKS)]
+    assert str(err.value).splitlines() == [
+        "invalid recipe: recipe: field task: missing; what the models do, one of " + ", ".join(TASKS)]
     path = write_yaml(tmp_path / "r.yaml", {**raw, "task": "causal-lm"})
     line = path.read_text().splitlines().index("task: causal-lm") + 1
     with pytest.raises(UserError) as err:
         load_recipe(path)
-    assert str(err.value).splitlines()[1:] == [
-        f"  {path}, line {line}: field task: unknown task 'causal-lm' (did you mean \"causal_lm\"?); valid: "
-        + ", ".join(TASKS)]
+    assert str(err.value).splitlines() == [
+        f"invalid recipe: {path}, line {line}: field task: unknown task 'causal-lm' (did you mean \"causal_lm\"?); "
+        "valid: " + ", ".join(TASKS)]
 
 
 def _leaves(annotation, marked: bool = False):

@@ -360,30 +360,64 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; maps user mistakes to exit code 2 and divergence to 3."""
+    """Console entry point, and the one error boundary: a user's mistake (a `UserError`, a usage error of typer /
+    click of any version, an `OSError` such as a missing or read-only path, a file that is not UTF-8) prints one
+    line and exits with code 2; divergence exits with 3; Ctrl-C with 130. Any other exception is a bug and keeps
+    its traceback."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from potstill.train import TrainingDiverged
 
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = app(args=argv, prog_name="potstill", standalone_mode=False)
+        code = app(args=args, prog_name="potstill", standalone_mode=False)
     except UserError as exc:
-        print(f"potstill: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
     except TrainingDiverged as exc:
-        print(f"potstill: training diverged: {exc}", file=sys.stderr)
+        print(_one_line(f"potstill: training diverged: {exc}"), file=sys.stderr)
         return 3
     except typer.Exit as exc:
-        return exc.exit_code
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        return 130
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):  # older typer / click: Ctrl-C arrives as Abort
+        return _interrupted(args)
     except _usage_errors() as exc:
-        exc.show()  # type: ignore[attr-defined]
-        return int(getattr(exc, "exit_code", 2))
+        return _error(_usage_line(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return _error(f"{where}{exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
+        return _error(f"an input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                      f"save it as UTF-8")
+    if code == 130:  # typer ≥ 0.29 turns Ctrl-C into Exit(130) and returns that code
+        return _interrupted(args)
     return code if isinstance(code, int) else 0
+
+
+def _interrupted(args: list[str]) -> int:
+    hint = ("; `potstill run RECIPE --resume` continues the run from its last checkpoint"
+            if args[:1] == ["run"] else "")
+    print(f"potstill: interrupted{hint}", file=sys.stderr)
+    return 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _error(message: str) -> int:
+    print(_one_line(f"potstill: error: {message}"), file=sys.stderr)
+    return 2
+
+
+def _usage_line(exc: BaseException) -> str:
+    """A click / typer usage error in one line: its message and the command's usage."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    usage = ctx.get_usage().strip() if ctx is not None else ""
+    message = message or "no command given"
+    return f"{message} ({_one_line(usage)}; see --help)" if usage else message
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
@@ -399,6 +433,7 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(found)
+
 
 if __name__ == "__main__":
     sys.exit(main())

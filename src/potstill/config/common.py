@@ -7,18 +7,31 @@ fields only that task reads. Path fields are `RelPath` / `ModelPath` (potstill.c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from potstill.config.paths import ModelPath, RelPath
 from potstill.errors import did_you_mean
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors; assignments are validated."""
+    """Unknown keys are errors; assignments are validated; numbers are finite (no .inf / .nan)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class SubFieldError(ValueError):
+    """A ValueError about a key below the field being validated (e.g. `params.temperature` of an objective):
+    the recipe's error message then names that key's path and line."""
+
+    def __init__(self, sub: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.sub = sub
+
+
+MAX_EPOCHS = 1_000_000
+MAX_SEED = 2**32 - 1
 
 
 class DataSource(Strict):
@@ -99,7 +112,8 @@ class ObjectiveConfig(Strict):
     name: str = Field(description="an objective listed by `potstill objectives`")
     weight: float = Field(1.0, ge=0, description="weight of this term in the summed loss")
     params: dict[str, Any] = Field(default_factory=dict,
-                                   description="keyword arguments of the loss, e.g. {temperature: 4}")
+                                   description="keyword arguments of the loss, e.g. {temperature: 4}; checked "
+                                   "by name, type and bound against the objective's parameters")
 
     @field_validator("name")
     @classmethod
@@ -110,6 +124,14 @@ class ObjectiveConfig(Strict):
             raise ValueError(f"unknown objective {name!r}{did_you_mean(name, OBJECTIVES)}; "
                              f"valid: {', '.join(OBJECTIVES)}")
         return name
+
+    @model_validator(mode="after")
+    def _params(self) -> ObjectiveConfig:
+        from potstill.losses.catalogue import check_params
+
+        for key, problem in check_params(self.name, self.params):
+            raise SubFieldError(("params", key), problem)
+        return self
 
 
 class PruneConfig(Strict):
@@ -122,7 +144,7 @@ class PruneConfig(Strict):
                                                           "subset, or the highest / lowest score_column values")
     score_column: str | None = Field(None, description="record field with a difficulty score (higher = harder, "
                                      "e.g. EL2N or the teacher's loss); needed for keep hardest / easiest")
-    tie_kd_weight: bool = Field(True, description="loss = (1 − α(f))·hard-label CE + α(f)·(the objectives), α(f) "
+    tie_kd_weight: StrictBool = Field(True, description="loss = (1 − α(f))·hard-label CE + α(f)·(the objectives), α(f) "
                                 "= potstill.data.kd_weight_for_fraction(fraction) (0.5 at f = 1, 0.9 at f ≤ 0.1); "
                                 "the recipe's objective weights then set the split among the KD terms and "
                                 "trainer.hard_label_weight is replaced. Needs gold labels and one objective")
@@ -179,22 +201,24 @@ class EvalConfig(Strict):
     """Evaluation during and after training (the fields every task has)."""
 
     every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0 = only at the end)")
-    compare_before: bool = Field(True, description="also evaluate the untrained student (the 'before' row)")
-    throughput: bool = Field(True, description="measure teacher and student throughput (interleaved)")
+    compare_before: StrictBool = Field(True, description="also evaluate the untrained student (the 'before' row)")
+    throughput: StrictBool = Field(True, description="measure teacher and student throughput (interleaved)")
     batch_size: int = Field(64, ge=1, description="batch size for evaluation and teacher caching")
 
 
 class TrainerConfig(Strict):
     """The optimisation loop (the fields every task has)."""
 
-    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored if max_steps is set)")
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="passes over the training data (ignored if "
+                          "max_steps is set)")
     max_steps: int | None = Field(None, ge=0, description="optimizer steps; overrides epochs; 0 = no training "
                                   "(evaluate and save the student as built, e.g. a data-free static student)")
     batch_size: int = Field(32, ge=1, description="micro-batch size per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW's (β1, β2), each in [0, 1)")
     warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps (overrides warmup_ratio)")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="warm-up as a fraction of all steps")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
@@ -205,7 +229,7 @@ class TrainerConfig(Strict):
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     hard_label_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on gold labels")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
-    group_by_length: bool = Field(False, description="batch records of similar token length together (less "
+    group_by_length: StrictBool = Field(False, description="batch records of similar token length together (less "
                                   "padding): each window of 50 global micro-batches of the epoch's shuffled order "
                                   "is sorted by length, cut into batches, and the batches shuffled")
 
@@ -231,16 +255,26 @@ class RecipeBase(Strict):
     """What every task's recipe has. A recipe is one of its subclasses, chosen by `task` (potstill.config.Recipe);
     each subclass narrows the sections to its task's fields and adds its own sections and rules (`check`)."""
 
-    name: str = Field("run", description="run name: output goes to <output_dir>/<name>/")
+    name: str = Field("run", min_length=1, description="run name: output goes to <output_dir>/<name>/ (a "
+                      "relative folder: not empty, no . or .. part)")
     output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
     task: str = Field(description="what the models do: " + ", ".join(TASKS))
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random draw (0 .. 2**32 - 1)")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher model")
     student: StudentConfig = Field(description="how the student is built")
     data: DataConfig
     objectives: list[ObjectiveConfig] = Field(default_factory=list, description="weighted distillation terms")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_under_output_dir(cls, name: str) -> str:
+        parts = name.replace("\\", "/").split("/")
+        if not name.strip() or any(part.strip() in ("", ".", "..") for part in parts):
+            raise ValueError(f"the run name is a folder under output_dir (names separated by /, none empty, . or "
+                             f"..), got {name!r}")
+        return name
 
     @property
     def run_dir(self) -> Path:

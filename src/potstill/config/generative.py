@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, StrictBool, field_validator
 
 from potstill.config.common import (
     DataConfig,
@@ -48,7 +48,7 @@ class GenerationConfig(Strict):
 
     lmbda: float = Field(0.0, ge=0, le=1, description="probability that a micro-batch's completions "
                          "are sampled from the student and scored by the teacher (on-policy, GKD's λ); 0 = off")
-    seq_kd: bool = Field(False, description="train on teacher-generated completions of the "
+    seq_kd: StrictBool = Field(False, description="train on teacher-generated completions of the "
                          "prompts (sequence-level KD), generated once and stored with the cache or run")
     max_new_tokens: int = Field(128, ge=1, description="tokens sampled per completion")
     temperature: float = Field(0.9, ge=0, description="sampling temperature (0 = greedy)")
@@ -92,7 +92,8 @@ class CausalLMTeacherConfig(TextTeacherConfig):
 
 
 class Seq2SeqData(NoDomains, DataConfig):
-    add_eos: bool = Field(True, description="end every target with the tokenizer's EOS token (counted as a target)")
+    add_eos: StrictBool = Field(True, description="end every target with the tokenizer's EOS token (counted as a "
+                                "target)")
 
 
 class CausalLMData(DomainWeightedData):
@@ -100,19 +101,19 @@ class CausalLMData(DomainWeightedData):
         "auto", description="`text` (loss on every token), `prompt_completion` (loss on the completion only), "
         "`messages` (chat turns through the tokenizer's chat template; loss on assistant turns only); auto picks "
         "from the columns: messages, else prompt + completion, else text")
-    packing: bool = Field(False, description="concatenate the tokenised records (each ending with EOS) and cut the "
-                          "stream into blocks of max_length tokens, instead of one record per sequence truncated "
-                          "to max_length")
-    add_eos: bool = Field(True, description="end every text / completion with the tokenizer's EOS token (counted "
+    packing: StrictBool = Field(False, description="concatenate the tokenised records (each ending with EOS) and "
+                                "cut the stream into blocks of max_length tokens, instead of one record per sequence "
+                                "truncated to max_length")
+    add_eos: StrictBool = Field(True, description="end every text / completion with the tokenizer's EOS token (counted "
                           "as a target)")
 
 
 class CausalLMTrainerConfig(TrainerConfig):
-    fused_lm_head: bool = Field(False, description="compute the student's logits inside the loss, a chunk of tokens "
-                                "at a time (forward and again in backward), so its full [tokens, vocab] logits never "
-                                "exist; chunk size = the objective's chunk_size (default 1024). For the logit "
-                                "divergences (not taid / sinkhorn) and the hard-label loss; needs a Hugging Face "
-                                "causal LM student")
+    fused_lm_head: StrictBool = Field(False, description="compute the student's logits inside the loss, a chunk of "
+                                      "tokens at a time (forward and again in backward), so its full [tokens, vocab] "
+                                      "logits never exist; chunk size = the objective's chunk_size (default 1024). "
+                                      "For the logit divergences (not taid / sinkhorn) and the hard-label loss; needs "
+                                      "a Hugging Face causal LM student")
 
 
 STEP_BY_STEP_DESCRIPTION = ("distilling step-by-step, multi-task training on the teacher's labels and rationales "

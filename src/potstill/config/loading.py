@@ -37,7 +37,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             elif not isinstance(node, dict):
                 raise UserError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
             if last:
-                node[part] = yaml.safe_load(value)
+                try:
+                    node[part] = yaml.safe_load(value)
+                except yaml.YAMLError as exc:
+                    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                    raise UserError(f"--set {key}: the value {value!r} is not valid YAML ({problem}); quote a "
+                                    f"string, e.g. --set '{key}=\"...\"'") from None
             else:
                 if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
                     node[part] = {}
@@ -66,7 +71,17 @@ def validate_recipe(raw: dict, *, source: str = "recipe", root: yaml.Node | None
 def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
-    return _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    return _parse_yaml(read_utf8(path), str(path))
+
+
+def read_utf8(path: Path) -> str:
+    """The text of `path`; a file that is not UTF-8 is a UserError naming the file and the first bad byte's offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the "
+                        f"file as UTF-8") from None
 
 
 def _parse_yaml(text: str, source: str) -> tuple[dict, yaml.Node | None]:
@@ -81,7 +96,27 @@ def _parse_yaml(text: str, source: str) -> tuple[dict, yaml.Node | None]:
         raise UserError(f"{where}: not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{source}: a recipe must be a YAML mapping (key: value lines), got {type(raw).__name__}")
+    _refuse_duplicate_keys(root, source)
     return raw, root
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, source: str) -> None:
+    """A key given twice in one mapping is an error (YAML loaders keep the last one silently)."""
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                line = key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode) and key.value in first:
+                    raise UserError(f"{source}, line {line}: duplicate key {key.value!r} (first given at line "
+                                    f"{first[key.value]}); give each key once")
+                if isinstance(key, yaml.ScalarNode):
+                    first[key.value] = line
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def dump_recipe(recipe: RecipeBase) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from potstill.config.common import TASKS
+from potstill.config.common import TASKS, SubFieldError
 from potstill.config.recipe import RECIPE_OF_TASK
 from potstill.errors import did_you_mean
 
@@ -106,9 +106,13 @@ def _task_tag(e: dict, root: yaml.Node | None) -> tuple[tuple, int | None, str]:
 
 
 def format_validation_error(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+    """One line: `invalid recipe: <file>, line N: field a.b: message`; several problems are joined by "; "."""
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function")))
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, SubFieldError):
+            loc = (*loc, *cause.sub)
         task = None
         if loc and loc[0] in TASKS and e["type"] not in ("union_tag_invalid", "union_tag_not_found"):
             task, loc = str(loc[0]), loc[1:]  # the discriminated union's tag: not a key of the recipe
@@ -127,4 +131,4 @@ def format_validation_error(err: ValidationError, source: str, root: yaml.Node |
             line = _line_of(root, loc) if e["type"] != "missing" else _line_of(root, loc[:-1])
         where = f"{source}, line {line}" if line else source
         lines.append(f"{where}: field {path}: {msg}")
-    return "invalid recipe:\n  " + "\n  ".join(lines)
+    return "invalid recipe: " + "; ".join(lines)

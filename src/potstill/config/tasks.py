@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from potstill.config.common import (
     DataConfig,
@@ -109,7 +109,7 @@ class RankingConfig(Strict):
         "bi_encoder", description="the student's kind; splade: a sparse bi-encoder whose vectors are vocabulary "
         "term weights, max over tokens of log(1 + ReLU(MLM logits)) (an MLM head is added to a plain encoder), "
         "scored by dot product; regularise it with the sparse_flops objective")
-    inference_free: bool = Field(False, description="splade students: queries are not encoded; a query's "
+    inference_free: StrictBool = Field(False, description="splade students: queries are not encoded; a query's "
                                  "weights are the IDF (over the collection) of its distinct tokens (Geng et al. "
                                  "2024), saved as a SparseEncoder with a static query route")
     teacher_scores: RelPath | list[RelPath] | None = Field(
@@ -130,7 +130,7 @@ class RankingConfig(Strict):
     label_scale: float | None = Field(None, gt=0, description="hard-label loss (contrastive cross-entropy with "
                                       "the positive as the class): student scores × this; default 20 for "
                                       "cosine, 1 for dot")
-    in_batch_negatives: bool = Field(False, description="hard-label loss of a bi-encoder student: the other "
+    in_batch_negatives: StrictBool = Field(False, description="hard-label loss of a bi-encoder student: the other "
                                      "queries' positives in the batch are negatives too (sentence-transformers' "
                                      "MultipleNegativesRankingLoss); passages equal to the query's own positive "
                                      "are left out")

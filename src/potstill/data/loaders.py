@@ -266,7 +266,7 @@ def _records(
     if not out:
         raise UserError(f"{name}: no records (the data is empty)")
     for canonical, source in columns.items():
-        if source not in mapped_seen and canonical not in required:
+        if source not in mapped_seen:
             raise UserError(
                 f'{name}: column "{source}" (mapped to "{canonical}") is not in the data'
                 f"{did_you_mean(source, all_columns)}; columns: {', '.join(sorted(all_columns))}"
@@ -293,7 +293,23 @@ def load_records(
     if not path.exists():
         raise UserError(f"data file not found: {path}")
     name = str(path)
-    return _records(_raw_records(path, name, split), name, columns=columns, required=required, limit=limit)
+    try:
+        return _records(_raw_records(path, name, split), name, columns=columns, required=required, limit=limit)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> UserError:
+    """The decoding error as a UserError naming the file and the first bad byte's offset in it (a reader that
+    decodes in chunks reports an offset within its chunk, so the file is decoded once more to find it)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        start = exc.start
+    except UnicodeDecodeError as whole:
+        start = whole.start
+    byte = f"byte 0x{data[start]:02x} at offset {start}" if start < len(data) else f"offset {start}"
+    return UserError(f"{path}: not UTF-8 text ({byte}); save the file as UTF-8")
 
 
 def fingerprint_records(records: list[dict]) -> str:

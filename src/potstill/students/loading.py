@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from potstill.errors import UserError
-from potstill.teachers.live import load_callable
+from potstill.teachers.live import call_factory
 
 if TYPE_CHECKING:
     from potstill.config import StudentConfig
@@ -55,15 +55,33 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, *, field_prefix: str =
             cls = auto_cls or type(teacher)
             student = cls.from_pretrained(path)
         else:
-            student = load_callable(cfg.factory, field=f"{field_prefix}.factory")(**cfg.kwargs)
+            student = call_factory(cfg.factory, cfg.kwargs, field=f"{field_prefix}.factory")
     except (ValueError, OSError) as exc:
         raise UserError(f"field {field_prefix}: cannot build the student: {exc}") from None
     if not isinstance(student, nn.Module):
         raise UserError(f"field {field_prefix}.factory returned {type(student).__name__}, expected a torch.nn.Module")
+    warn_if_deeper(student, teacher, field=f"{field_prefix}.init")
     student.train()
     for p in student.parameters():
         p.requires_grad_(True)
     return student
+
+
+def warn_if_deeper(student: nn.Module, teacher: nn.Module, *, field: str) -> bool:
+    """Print a warning (and return True) when a Hugging Face student has more transformer layers than its teacher:
+    legal, but rarely meant in a distillation, whose point is a smaller model."""
+    def depth(model: nn.Module) -> int | None:
+        layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        return layers if isinstance(layers, int) else None
+
+    s, t = depth(student), depth(teacher)
+    if s is None or t is None or s <= t:
+        return False
+    from potstill.ui import console
+
+    console.print(f"warning: {field}: the student has {s} layers, more than the teacher's {t}; a distilled student "
+                  f"is usually smaller", highlight=False, markup=False)
+    return True
 
 
 def freeze_pooler(model: nn.Module) -> nn.Module:

@@ -44,6 +44,11 @@ class Task(ABC):
     def setup(self, *, is_main: bool = True, barrier: Callable[[], Any] = lambda: None) -> None:
         """Load data, teacher and student. `barrier` syncs processes around one-time work (caches)."""
 
+    def check_records(self) -> None:
+        """Read and check the records before the run folder is touched or any model loads, so that a bad data file
+        is refused first; `setup` then uses them. Default: nothing here (`setup` reads the records)."""
+        return None
+
     def load(self, source: DataSource, *, required: tuple[str, ...] = ()) -> list[dict]:
         """Records of `source`; the training records are pruned when the recipe says `data.prune`."""
         records = load_source(source.path, columns=source.columns or None, required=required, split=source.split,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from potstill.data.record_checks import check_class_labels, check_feature_vectors, check_label_range
 from potstill.errors import UserError
 from potstill.eval import classification_metrics
 from potstill.tasks.base import Task
@@ -24,9 +25,23 @@ class ClassificationTask(Task):
     signal_kind = "logits"
     name = "classification"
 
-    def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
+    def check_records(self) -> None:
         r = self.recipe
         self.hf = r.teacher.path is not None
+        inputs = ("text",) if self.hf else ("features",)
+        self.train_records = self.load(r.data.train, required=inputs)
+        self.eval_records = self.load(r.data.eval, required=inputs) if r.data.eval else []
+        self._groups = [(f"data.train ({r.data.train.path})", self.train_records)]
+        if r.data.eval is not None:
+            self._groups.append((f"data.eval ({r.data.eval.path})", self.eval_records))
+        self._width = None if self.hf else check_feature_vectors(self._groups)
+        self._label_kind = check_class_labels(self._groups)
+
+    def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
+        r = self.recipe
+        if not hasattr(self, "_groups"):  # the records first: a bad data file is refused before any model loads
+            self.check_records()
+        groups, width, label_kind = self._groups, self._width, self._label_kind
         if self.hf:
             from transformers import AutoModelForSequenceClassification
 
@@ -35,14 +50,41 @@ class ClassificationTask(Task):
             self.teacher, self.tokenizer = load_factory_teacher(r.teacher), None
         self.teacher.to(self.device)
         self.student = build_student(r.student, self.teacher, field_prefix="student")
-        inputs = ("text",) if self.hf else ("features",)
-        self.train_records = self.load(r.data.train, required=inputs)
-        self.eval_records = self.load(r.data.eval, required=inputs) if r.data.eval else []
-        self.label_ids = self._label_vocabulary(self.train_records + self.eval_records)
+        num_classes = self._num_classes(width)
+        if label_kind == "ids":
+            check_label_range(groups, num_classes)
+        self.label_ids = self._label_vocabulary(self.train_records + self.eval_records, label_kind, num_classes)
         self._eval_cache: dict[str, Any] | None = None
 
+    def _num_classes(self, width: int | None) -> int:
+        """The teacher's class count; a factory teacher and student are run once on a zero vector of the records'
+        feature length, so a length or class count they do not take is refused before training."""
+        if width is None:
+            return int(self.teacher.config.num_labels)
+        probe = {"features": torch.zeros(1, width, device=self.device)}
+        widths = {}
+        for role, model, field in (("teacher", self.teacher, "teacher.factory"),
+                                   ("student", self.student, "student.factory")):
+            try:
+                with torch.inference_mode():
+                    out = self._forward(model.to(self.device), probe)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                raise UserError(f"field {field}: the {role} does not take the data's feature vectors of length "
+                                f"{width} ({str(exc).splitlines()[0][:200]})") from None
+            if out.dim() != 2 or out.shape[0] != 1:
+                raise UserError(f"field {field}: the {role} returned shape {tuple(out.shape)} for one feature "
+                                f"vector; expected logits of shape (1, classes)")
+            widths[role] = int(out.shape[-1])
+        if widths["student"] != widths["teacher"]:
+            raise UserError(f"field student.kwargs: the student gives {widths['student']} logits per record, the "
+                            f"teacher {widths['teacher']}; they must have the same classes")
+        return widths["teacher"]
+
     # ---- labels
-    def _label_vocabulary(self, records: list[dict]) -> dict[Any, int] | None:
+    def _label_vocabulary(self, records: list[dict], kind: str | None, num_classes: int) -> dict[Any, int] | None:
+        """Label value -> class id. Ids stay themselves. Names are the teacher config's label2id when it has real
+        names; otherwise (a factory teacher, or a config with LABEL_i names) they are numbered in sorted order
+        (locale-free string order), with a warning, since nothing tells which teacher class a name means."""
         labels = {rec["label"] for rec in records if rec.get("label") is not None}
         if not labels:
             return None
@@ -53,9 +95,19 @@ class ClassificationTask(Task):
                 raise UserError(f"data: labels {unknown[:5]} are not among the teacher's labels "
                                 f"{sorted(config_map)}")
             return dict(config_map)
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
-            return {x: x for x in labels}
-        return {x: i for i, x in enumerate(sorted(labels, key=str))}
+        if kind == "ids":
+            return {x: int(float(x)) for x in labels}
+        names = sorted(labels, key=str)
+        if len(names) > num_classes:
+            raise UserError(f"data: {len(names)} class names ({', '.join(map(str, names[:5]))}, ...) but the teacher "
+                            f"has {num_classes} classes")
+        from potstill.ui import console
+
+        shown = ", ".join(f"{name}={i}" for i, name in enumerate(names[:10])) + (", ..." if len(names) > 10 else "")
+        console.print(f"warning: data: the labels are class names and the teacher gives none; they are numbered in "
+                      f"sorted order ({shown}); if the teacher's classes are in another order, give the labels as "
+                      f"class ids", highlight=False, markup=False)
+        return {x: i for i, x in enumerate(names)}
 
     def _label_tensor(self, records: list[dict]) -> torch.Tensor | None:
         if self.label_ids is None:

@@ -13,7 +13,7 @@ from torch import nn
 from potstill.config import StudentConfig, TeacherConfig
 from potstill.errors import UserError
 from potstill.students.loading import BUILTIN_MODELS, build_student, freeze_pooler, resolve_model_path
-from potstill.teachers import freeze, load_callable
+from potstill.teachers import call_factory, freeze
 
 __all__ = ["BUILTIN_MODELS", "build_student", "freeze_pooler", "load_factory_teacher", "load_hf_teacher",
            "load_ranking_teacher", "load_state_dict", "resolve_model_path", "snapshot"]
@@ -66,23 +66,40 @@ def load_ranking_teacher(path: str | None, teacher_type: str, student: StudentCo
 
 
 def load_factory_teacher(cfg: TeacherConfig) -> nn.Module:
-    model = load_callable(cfg.factory, field="teacher.factory")(**cfg.kwargs)
+    model = call_factory(cfg.factory, cfg.kwargs, field="teacher.factory")
     if not isinstance(model, nn.Module):
         raise UserError(f"field teacher.factory: {cfg.factory} returned {type(model).__name__}, "
                         f"expected a torch.nn.Module")
     if cfg.weights:
-        model.load_state_dict(load_state_dict(cfg.weights, field="teacher.weights"))
+        try:
+            model.load_state_dict(load_state_dict(cfg.weights, field="teacher.weights"))
+        except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
+            raise UserError(f"field teacher.weights: {cfg.weights} does not fit {cfg.factory}'s module: "
+                            f"{_one_line(str(exc))}") from None
     return freeze(model)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())[:400]
+
+
 def load_state_dict(path: str, *, field: str) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or torch file; a missing, truncated or corrupt file is a UserError."""
     if not Path(path).is_file():
         raise UserError(f"field {field}: weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, pickle, zipfile and torch each raise their own type for a bad file
+        raise UserError(f"field {field}: {path} is not a readable state dict ({type(exc).__name__}: "
+                        f"{_one_line(str(exc))[:200]})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"field {field}: {path} holds a {type(state).__name__}, expected a state dict")
+    return state
 
 
 def snapshot(model: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 """Teachers: where the signals come from. A live teacher is frozen, in eval mode, and runs under
 `torch.inference_mode`."""
 
-from potstill.teachers.live import freeze, load_callable, teacher_outputs
+from potstill.teachers.live import call_factory, freeze, load_callable, teacher_outputs
 
 _LAZY = {
     **{name: "potstill.teachers.endpoint" for name in ("EndpointTeacher", "Completion", "EndpointError",
@@ -11,7 +11,7 @@ _LAZY = {
     "TopKCacheWriter": "potstill.teachers.cache_writer",
 }
 
-__all__ = ["freeze", "load_callable", "teacher_outputs", *_LAZY]
+__all__ = ["call_factory", "freeze", "load_callable", "teacher_outputs", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -58,6 +58,7 @@ class TopKCache:
             self._check_file(extra, "file", hash_it=True)
         if expect:
             self._check_expect(expect)
+        self._check_shard_shapes()
         self._load_index()
 
     # --- validation ----------------------------------------------------------------------------------
@@ -107,6 +108,23 @@ class TopKCache:
             )
         if hash_it and sha256_file(file) != entry["sha256"]:
             raise self._fail(f"{kind} {name} fails its sha256 checksum (the file is corrupted); rebuild the cache")
+
+    def _check_shard_shapes(self) -> None:
+        """Every shard's tensors have the manifest's k and token count (read from the headers only)."""
+        k, vocab = self.k, self.vocab_size
+        if not 1 <= k <= vocab:
+            raise self._fail(f"{MANIFEST} records k={k} for a vocabulary of {vocab}; rebuild the cache")
+        for i, shard in enumerate(self._manifest["shards"]):
+            try:
+                f = self._handle(i)
+                shapes = {name: list(f.get_slice(name).get_shape()) for name in ("ids", "logprobs", "tail")}
+            except Exception as exc:  # safetensors raises its own error type for a damaged header
+                raise self._fail(f"shard {shard.get('file')} cannot be read ({exc}); rebuild the cache") from None
+            n = shard.get("num_tokens")
+            if shapes["ids"] != [n, k] or shapes["logprobs"] != [n, k] or shapes["tail"] != [n]:
+                raise self._fail(f"shard {shard['file']} holds ids {shapes['ids']} and log-probs "
+                                 f"{shapes['logprobs']}, but {MANIFEST} records k={k} and {n} tokens; rebuild the "
+                                 f"cache")
 
     def _lookup(self, field: str) -> Any:
         if field in TOP_LEVEL_FIELDS:
@@ -278,6 +296,10 @@ class TopKCache:
             high = f.get_slice("ids_hi")[start : start + n] if self._high_bits else None
             lo = 0 if padding_side == "right" else width - n
             ids[b, lo : lo + n] = decode_ids(f.get_slice("ids")[start : start + n], high, self._high_bits)
+            found = ids[b, lo : lo + n]
+            if found.size and (found.min() < 0 or found.max() >= self.vocab_size):
+                raise self._fail(f"record {int(self._record[p])} holds token id {int(found.max())} outside the "
+                                 f"vocabulary of {self.vocab_size} (corrupted); rebuild the cache")
             logprobs[b, lo : lo + n] = f.get_slice("logprobs")[start : start + n]
             tail[b, lo : lo + n] = f.get_slice("tail")[start : start + n]
             mask[b, lo : lo + n] = True

@@ -82,6 +82,13 @@ def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, tempera
     `task` is a set-up causal-LM task. `on_batch(done_sequences, total_sequences)` reports progress. Returns
     the manifest, plus "seconds".
     """
+    import math
+
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= task.vocab_size:
+        raise UserError(f"--k: expected a whole number from 1 to the vocabulary size {task.vocab_size}, got {k!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"--temperature: expected a finite number > 0 (the teacher's logits are divided by it), got "
+                        f"{temperature!r}")
     start = time.perf_counter()
     records = task.train_records
     meta = {key: value for key, value in expected_cache_meta(task).items() if key not in ("vocab_size",

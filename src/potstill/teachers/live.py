@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from potstill.errors import UserError
+from potstill.errors import UserError, did_you_mean
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -43,3 +43,45 @@ def load_callable(spec: str, *, field: str) -> Callable[..., Any]:
     if not callable(fn):
         raise UserError(f"field {field}: module {module_name!r} has no callable {attr!r}")
     return fn
+
+
+_SIMPLE_TYPES: dict[Any, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], *, field: str, spec: str) -> None:
+    """`kwargs` against `fn`'s signature: an unknown name (did-you-mean) or a value whose type differs from a
+    plain int / float / bool / str annotation is a UserError naming `field` (e.g. student.kwargs)."""
+    import inspect
+    import typing
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: let the call decide
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for key in kwargs:
+            if key not in names:
+                raise UserError(f"field {field}.{key}: {spec} takes no argument {key!r}{did_you_mean(key, names)}; "
+                                f"it takes {', '.join(names) or 'none'}")
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: no type check
+        hints = {}
+    for key, value in kwargs.items():
+        allowed = _SIMPLE_TYPES.get(hints.get(key))
+        if allowed and (not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool))):
+            raise UserError(f"field {field}.{key}: {spec} expects {hints[key].__name__}, got {value!r}")
+
+
+def call_factory(spec: str, kwargs: dict[str, Any], *, field: str) -> Any:
+    """`spec(**kwargs)` for the recipe field `field` (e.g. teacher.factory, whose kwargs are teacher.kwargs):
+    the keyword arguments are checked against the callable's signature first, and a TypeError or ValueError of
+    the call is reported as the user's mistake, naming the field."""
+    fn = load_callable(spec, field=field)
+    kwargs_field = field.rsplit(".", 1)[0] + ".kwargs"
+    check_kwargs(fn, kwargs, field=kwargs_field, spec=spec)
+    try:
+        return fn(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"field {kwargs_field}: {spec}(**{kwargs_field}) failed: {exc}") from None

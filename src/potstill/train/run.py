@@ -75,12 +75,42 @@ def build_objectives(recipe: Recipe, task: Any = None) -> list[Objective]:
     return objectives
 
 
+def check_output_dir(recipe: Recipe) -> None:
+    """Refuse, before anything loads, an output_dir (or run folder) that is a file or cannot be written."""
+    import os
+    from pathlib import Path
+
+    for folder in (Path(recipe.output_dir), recipe.run_dir):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"field output_dir: {folder} is a file; the run needs a folder there")
+    existing = recipe.run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"field output_dir: {existing} is not writable (read-only or no permission); choose another "
+                        f"output_dir")
+
+
+def check_factory_kwargs(recipe: Recipe) -> None:
+    """teacher.kwargs / student.kwargs against their factory's signature (imports the module, builds nothing)."""
+    from potstill.teachers.live import check_kwargs, load_callable
+
+    for section in (recipe.teacher, recipe.student):
+        name = "teacher" if section is recipe.teacher else "student"
+        if section.factory is not None and (name == "teacher" or recipe.student.init == "factory"):
+            fn = load_callable(section.factory, field=f"{name}.factory")
+            check_kwargs(fn, section.kwargs, field=f"{name}.kwargs", spec=section.factory)
+
+
 def fit_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
                accelerator: Any = None) -> tuple[Any, Distiller, dict[str, Any]]:
     """Build the task and the loop of a recipe (with `data.prune`'s weight tie applied) and train: (task with
     its trained student, distiller, summary). `run_recipe` adds the report; loops over runs (PGKD) use this."""
+    check_output_dir(recipe)
+    check_factory_kwargs(recipe)
     recipe = with_pruned_kd_weights(recipe)
     task = build_task(recipe, run_dir=recipe.run_dir)
+    task.check_records()
     distiller = Distiller(task, build_objectives(recipe, task), recipe.trainer, run_dir=recipe.run_dir,
                           seed=recipe.seed,
                           eval_config=recipe.eval, recipe_text=dump_recipe(recipe), accelerator=accelerator)
