@@ -199,8 +199,10 @@ def golden_nll(metrics: dict[str, float]) -> float | None:
 
 
 class TeacherHackingWatch(Callback):
-    """Feed each evaluation's `kl_to_teacher` (and `nll`) to the teacher-hacking monitor; print and log its
-    warnings, list them in the summary. Its state is `monitor.json` in every checkpoint."""
+    """Feed each evaluation's `kl_to_teacher` (and `nll`) to the teacher-hacking monitor (default thresholds:
+    golden more than 0.005 nats above its best for 2 evaluations while the proxy fell, or the proxy 0.15 log
+    units off its power-law trend); print and log its warnings, list them in the summary. Its state is
+    `monitor.json` in every checkpoint."""
 
     state_file = "monitor.json"
 
