@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -69,6 +70,19 @@ def _st_modules():
     except ImportError:  # older releases
         from sentence_transformers.models import Normalize, Pooling, Transformer
     return Transformer, Pooling, Normalize
+
+
+def normalizes_embeddings(folder: str | os.PathLike | None) -> bool:
+    """Whether a sentence-transformers folder ends its pipeline with a `Normalize` module (unit-length vectors),
+    read from its modules.json; False for a plain transformers folder or None."""
+    if folder is None:
+        return False
+    modules = Path(folder) / "modules.json"
+    try:
+        entries = json.loads(modules.read_text())
+    except (OSError, ValueError):
+        return False
+    return any(str(entry.get("type", "")).endswith("Normalize") for entry in entries if isinstance(entry, dict))
 
 
 def save_sentence_transformer(

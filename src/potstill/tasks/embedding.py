@@ -202,7 +202,16 @@ class EmbeddingTask(Task):
             return
 
         save_sentence_transformer(model, self.tokenizer, path, pooling=self.recipe.pooling,
-                                  max_seq_length=self.recipe.data.max_length)
+                                  normalize=self._teacher_normalizes(), max_seq_length=self.recipe.data.max_length)
+
+    def _teacher_normalizes(self) -> bool:
+        """A student of a teacher whose sentence-transformers pipeline ends in Normalize keeps it, so that its
+        vectors are unit length like the teacher's (dot-product search and k-means see the same geometry)."""
+        from potstill.students.loading import resolve_model_path
+        from potstill.students.save import normalizes_embeddings
+
+        path = self.recipe.teacher.path
+        return path is not None and normalizes_embeddings(resolve_model_path(path, field="teacher.path"))
 
 
 def _width(model: nn.Module) -> int:
