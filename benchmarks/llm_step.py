@@ -202,12 +202,13 @@ def _bench_task(teacher, student, data, args):
     return TokenTask()
 
 
-def _recipe(args: argparse.Namespace, fused: bool = False):
+def _recipe(args: argparse.Namespace, fused: bool = False, chunk_size: int | None = None):
     """The run as a potstill recipe (causal_lm task). Teacher and student come from the benchmark, not from it.
-    `fused`: `trainer.fused_lm_head` with the objective's `chunk_size` = FUSED_CHUNK tokens."""
+    `fused`: `trainer.fused_lm_head`; `chunk_size`: the objective's (FUSED_CHUNK tokens when fused and None)."""
     from potstill.config import CausalLMRecipe
 
-    params = {"beta": 0.5, **({"chunk_size": FUSED_CHUNK} if fused else {})}
+    chunk_size = chunk_size or (FUSED_CHUNK if fused else None)
+    params = {"beta": 0.5, **({"chunk_size": chunk_size} if chunk_size else {})}
 
     return CausalLMRecipe.model_validate({
         "name": "llm_step", "task": "causal_lm", "seed": SEED,
@@ -246,13 +247,13 @@ def _causal_lm_task(teacher, student, data, recipe, run_dir: Path):
     return BenchCausalLM(recipe, run_dir=run_dir)
 
 
-def _run_potstill(args, teacher, student, data, n_steps: int, bare: bool = False,
-                  fused: bool = False) -> tuple[list[float], str]:
+def _run_potstill(args, teacher, student, data, n_steps: int, bare: bool = False, fused: bool = False,
+                  chunk_size: int | None = None) -> tuple[list[float], str]:
     from potstill.train.distiller import Distiller, Objective
 
     run_dir = Path(tempfile.mkdtemp(prefix="llm_step_potstill_"))
     try:
-        recipe = _recipe(args, fused=fused)
+        recipe = _recipe(args, fused=fused, chunk_size=chunk_size)
         task = None if bare else _causal_lm_task(teacher, student, data, recipe, run_dir)
         used = "causal_lm adapter"
         if task is None:

@@ -94,34 +94,67 @@ def _call(rows_fn: Callable, s: Tensor, parts: list[Tensor], packed: bool) -> Te
 
 
 class _ChunkedRows(torch.autograd.Function):
-    """Per-row values of `rows_fn`, `chunk_size` rows at a time; backward recomputes each chunk.
+    """Per-row values of `rows_fn`, `chunk_size` rows at a time.
 
     The teacher is one or more tensors (`packed` says whether `rows_fn` gets a tuple); each has the rows on
     its first axis and any width after it, so only the chunk's rows of every input are materialised. Teacher
     tensors that need no gradient are kept as constants, outside autograd's saved tensors, so a teacher run
     under `torch.inference_mode` can be used as it is (no copy).
+
+    Gradient strategy. When only the student needs a gradient (training; `with_grad`: grad mode was on at the
+    call), it is taken during forward: each chunk's values are differentiated right away, with a unit weight
+    per row, into one float32 buffer of the student's size (0 at rows not selected). A row's value depends on
+    that row only, so the gradient for incoming per-row weights `g` is that buffer with row `i` scaled by
+    `g_i`, which is all backward does, in place. Against recomputing each chunk in backward this saves a second
+    pass of the loss over every row, for no more memory: the student-sized gradient is held from the loss's
+    forward instead of being allocated in its backward. A second backward through the same graph
+    (`retain_graph=True`) raises autograd's in-place error instead of returning a wrong gradient.
+    When a teacher tensor needs a gradient too, backward recomputes each chunk and differentiates it with the
+    incoming weights, which keeps every input's gradient exactly that of the unchunked formula.
     """
 
     @staticmethod
-    def forward(ctx, idx, rows_fn, chunk_size, packed, student, *teacher):
+    def forward(ctx, idx, rows_fn, chunk_size, packed, with_grad, student, *teacher):
+        needs = [with_grad and need for need in ctx.needs_input_grad[5:]]
+        ahead = needs[0] and not any(needs[1:])
         n = student.shape[0] if idx is None else idx.numel()
         out = torch.empty(n, dtype=torch.float32, device=student.device)
+        buffer = _grad_buffer(student, idx is not None) if ahead else None
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             parts = [_take(t, idx, start, stop) for t in teacher]
-            out[start:stop] = _call(rows_fn, _take(student, idx, start, stop), parts, packed)
-        ctx.save_for_backward(idx, student, *(t for t in teacher if t.requires_grad))
-        ctx.constants = [None if t.requires_grad else t for t in teacher]
+            s = _take(student, idx, start, stop)
+            if buffer is None:
+                out[start:stop] = _call(rows_fn, s, parts, packed)
+                continue
+            s = _leaf(s)
+            with torch.enable_grad():
+                value = _call(rows_fn, s, parts, packed)
+                (grad,) = torch.autograd.grad(value, s, torch.ones_like(value))
+            out[start:stop] = value.detach()
+            _put(buffer, idx, start, stop, grad)
         ctx.rows_fn, ctx.chunk_size, ctx.n, ctx.packed = rows_fn, chunk_size, n, packed
+        if buffer is not None:
+            ctx.save_for_backward(idx, buffer)
+            ctx.student_dtype = student.dtype
+        else:
+            ctx.save_for_backward(idx, student, *(t for t in teacher if t.requires_grad))
+            ctx.constants = [None if t.requires_grad else t for t in teacher]
+        ctx.ahead = buffer is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        if ctx.ahead:
+            idx, buffer = ctx.saved_tensors
+            scale = grad_out if idx is None else grad_out.new_zeros(buffer.shape[0]).index_copy_(0, idx, grad_out)
+            grad = buffer.mul_(scale.reshape(-1, *([1] * (buffer.dim() - 1)))).to(ctx.student_dtype)
+            return (None, None, None, None, None, grad, *([None] * (len(ctx.needs_input_grad) - 6)))
         idx, student, *tracked = ctx.saved_tensors
         tracked = iter(tracked)
         inputs = [student, *(next(tracked) if c is None else c for c in ctx.constants)]
-        needs = list(ctx.needs_input_grad[4:])
+        needs = list(ctx.needs_input_grad[5:])
         new = torch.empty_like if idx is None else torch.zeros_like
         full = [new(x) if need else None for x, need in zip(inputs, needs, strict=True)]
         if any(needs):
@@ -138,12 +171,29 @@ class _ChunkedRows(torch.autograd.Function):
                 for target, need in zip(full, needs, strict=True):
                     if need:
                         assert target is not None
-                        g = grads.pop(0)
-                        if idx is None:
-                            target[start:stop] = g
-                        else:
-                            target.index_copy_(0, idx[start:stop], g)
-        return (None, None, None, None, *full)
+                        _put(target, idx, start, stop, grads.pop(0))
+        return (None, None, None, None, None, *full)
+
+
+def _leaf(rows: Tensor) -> Tensor:
+    """The chunk's rows as a fresh leaf that records a gradient, upcast to float32 when of a lower precision
+    (every row function computes in float32, so its value is the same; its gradient is then not rounded)."""
+    rows = rows.detach()
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        rows = rows.float()
+    return rows.requires_grad_(True)
+
+
+def _grad_buffer(x: Tensor, sparse: bool) -> Tensor:
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return (torch.zeros_like if sparse else torch.empty_like)(x, dtype=dtype)
+
+
+def _put(buffer: Tensor, idx: Tensor | None, start: int, stop: int, rows: Tensor) -> None:
+    if idx is None:
+        buffer[start:stop] = rows
+    else:
+        buffer.index_copy_(0, idx[start:stop], rows.to(buffer.dtype))
 
 
 def apply_rows(
@@ -161,7 +211,7 @@ def apply_rows(
             student = student.index_select(0, idx)
             parts = [t.index_select(0, idx) for t in parts]
         return _call(rows_fn, student, parts, packed)
-    return _ChunkedRows.apply(idx, rows_fn, chunk_size, packed, student, *parts)
+    return _ChunkedRows.apply(idx, rows_fn, chunk_size, packed, torch.is_grad_enabled(), student, *parts)
 
 
 def reduce_rows(values: Tensor, idx: Tensor | None, row_shape: torch.Size, reduction: str) -> Tensor:

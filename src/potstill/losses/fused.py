@@ -2,31 +2,29 @@
 
 `fused_linear_divergence(h, W, z_t)` equals `divergence(h @ W.T (+ b), z_t)` for the logit divergences of
 `divergences.py` (same conventions: mask / labels, temperature, reduction, `scale_t2`, float32 math), but
-computes the student logits `chunk_size` counted rows at a time, in forward and again in backward, so the
+computes the student logits `chunk_size` counted rows at a time (see the gradient strategy below), so the
 largest live temporaries are a few `[chunk_size, V]` float32 tensors instead of several `[tokens, V]` ones.
 With a `TopKTeacher` (a cached teacher) in place of `z_t` it equals the sparse divergence of `sparse.py`;
 then no `[tokens, V]` tensor exists on either side. `fused_linear_cross_entropy(h, W, y)` is the hard-label
 token cross-entropy by the same machinery. `LMHeadInputs` is the student signal that carries `h`, `W`, `b`
 through the training loop (`trainer.fused_lm_head`).
 
-Gradient strategy: recompute in backward. Forward computes each chunk's logits and per-row divergence
-without a graph and keeps only its inputs; backward recomputes the chunk's logits, takes the gradient of the
-per-row divergence with respect to them (weighted by the incoming per-row gradient), and turns it into the
-chunk's hidden-state gradient (`g @ W`) and a contribution to the weight / bias gradient (`gᵀ @ h`, `Σ g`).
+Gradient strategy, for `reduction="sum"` or `"mean"` under grad mode (training): gradients taken in forward.
+Each chunk's logits are formed, its per-row divergence differentiated with respect to them right away (`g`),
+and turned into the chunk's hidden-state gradient (`g @ W`) and a contribution to the weight / bias gradients
+(`gᵀ @ h`, `Σ g`); backward only scales these by the incoming scalar gradient. That is 3 matmuls per chunk
+and one pass of the divergence, the same work as the unfused path (logits, then `g @ W` and `gᵀ @ h` in the
+head's backward). The price is memory held from the loss's forward to its backward: the `[tokens, H]` and
+`[V, H]` float32 gradients (for H=4096, V=128k, 2 GiB). The loss is the last thing a training step computes
+before backward, whose first step (the head's) allocates a `[V, H]` weight gradient anyway, so the peak barely
+moves; it stays far below the `[tokens, V]` logits and logit gradient that the unfused path holds there.
+Backward scales the held gradients in place, so a second backward through the same graph (`retain_graph`)
+raises autograd's in-place error rather than return a wrong gradient.
 
-Why not the other common design, gradients computed during forward and merely rescaled in backward?
-- It cannot serve `reduction="none"`: the weight gradient `Σ_i g_i · (∂ℓ_i/∂z_i)ᵀ h_i` depends on the
-  per-row incoming gradients `g_i`, unknown until backward; only a scalar `grad_output` can be applied
-  afterwards. Recomputing handles every reduction, and any `grad_output`, the same way.
-- Memory: it must hold `[tokens, H]` + `[V, H]` float32 gradients from the loss's forward until its backward,
-  i.e. across the rest of the model's forward (for H=4096, V=128k that is 2 GiB before the model's own
-  backward even starts); recomputing keeps nothing but the inputs autograd saves anyway. The peak inside the
-  backward is the same for both: one chunk's temporaries plus the `[V, H]` weight gradient being summed.
-- Cost: recomputing adds one `[chunk, H] × [H, V]` matmul (4 matmuls instead of 3) and a second divergence
-  forward per chunk. Measured on CPU (docs/benchmarks.md: forward KL and JSD, 4096 tokens, H=576): forward +
-  backward takes 1.2-1.3× the time of "full matmul + chunked divergence" (which also recomputes the
-  divergence) and 1.4-1.9× that of the unchunked naive path, for 14-15% of its extra memory. A
-  forward-only use (evaluation, `torch.no_grad`) pays for no gradient at all.
+With `reduction="none"` the weight gradient `Σ_i g_i · (∂ℓ_i/∂z_i)ᵀ h_i` depends on per-row incoming gradients
+`g_i` unknown until backward, so forward keeps only its inputs and backward recomputes each chunk's logits and
+divergence (4 matmuls and two passes of the divergence per chunk). A forward-only use (evaluation,
+`torch.no_grad`) pays for no gradient at all.
 
 Numerics: the matmul and the divergence are done in float32 whatever the input dtypes (a bf16 weight is
 upcast once per pass, `V × H` float32, small next to the logits it replaces); the returned gradients have the
@@ -143,66 +141,106 @@ class _FusedLinearRows(torch.autograd.Function):
 
     The teacher is one or more constant tensors with the rows on their first axis (`packed` says whether
     `rows_fn` gets them as a tuple). Autocast is off inside: the matmul and the loss run in float32.
+    `summed`: return the sum of the values and take the gradients during forward (see the module docstring);
+    otherwise return the `(n,)` values and recompute each chunk in backward.
     """
 
     @staticmethod
-    def forward(ctx, idx, rows_fn, chunk_size, packed, vocab, hidden, weight, bias, *teacher):
+    def forward(ctx, idx, rows_fn, chunk_size, packed, vocab, summed, hidden, weight, bias, *teacher):
         n = hidden.shape[0] if idx is None else idx.numel()
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        needs = ctx.needs_input_grad[6:9] if summed else (False, False, False)
+        grads = _HeadGrads(hidden, weight, bias, idx, needs, vocab, float32_h=True)
         with torch.autocast(hidden.device.type, enabled=False):
             weight32 = weight[:vocab].float()
             bias32 = None if bias is None else bias[:vocab].float()
             for start in range(0, n, chunk_size):
                 stop = min(start + chunk_size, n)
-                logits = _chunk_logits(_take(hidden, idx, start, stop), weight32, bias32)
-                out[start:stop] = _call(rows_fn, logits, [_take(t, idx, start, stop) for t in teacher], packed)
-                del logits
+                h = _take(hidden, idx, start, stop).float()
+                parts = [_take(t, idx, start, stop) for t in teacher]
+                if not any(needs):
+                    logits = _chunk_logits(h, weight32, bias32)
+                    out[start:stop] = _call(rows_fn, logits, parts, packed)
+                    del logits
+                    continue
+                out[start:stop] = grads.add_chunk(rows_fn, packed, h, weight32, bias32, parts, start, stop, None)
+        ctx.rows_fn, ctx.chunk_size, ctx.vocab, ctx.n, ctx.packed, ctx.summed = (
+            rows_fn, chunk_size, vocab, n, packed, summed)
+        if summed:
+            ctx.save_for_backward(*(g for g in (grads.h, grads.w, grads.b) if g is not None))
+            ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+            ctx.needs = needs
+            return out.sum()
         ctx.save_for_backward(idx, hidden, weight, bias)
         ctx.teacher = teacher  # constants (no gradient): kept outside autograd, so inference tensors are fine
-        ctx.rows_fn, ctx.chunk_size, ctx.vocab, ctx.n, ctx.packed = rows_fn, chunk_size, vocab, n, packed
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        if ctx.summed:  # gradients of the sum, taken in forward: scale them in place (a second backward raises)
+            saved = iter(ctx.saved_tensors)
+            scaled = [next(saved).mul_(grad_out).to(dtype) if need else None
+                      for need, dtype in zip(ctx.needs, ctx.dtypes, strict=True)]
+            return (None, None, None, None, None, None, *scaled, *([None] * (len(ctx.needs_input_grad) - 9)))
         idx, hidden, weight, bias = ctx.saved_tensors
         teacher = ctx.teacher
-        need_h, need_w, need_b = ctx.needs_input_grad[5:8]
-        vocab = ctx.vocab
-        grad_h = None
-        if need_h:
-            grad_h = torch.empty_like(hidden) if idx is None else torch.zeros_like(hidden)
-        # float32 accumulators over the full (possibly padded) vocab; ids >= vocab get 0.
-        grad_w = weight.new_zeros(weight.shape, dtype=torch.float32) if need_w else None
-        grad_b = bias.new_zeros(bias.shape, dtype=torch.float32) if need_b else None
+        grads = _HeadGrads(hidden, weight, bias, idx, ctx.needs_input_grad[6:9], ctx.vocab)
         with torch.autocast(hidden.device.type, enabled=False):
-            weight32 = weight[:vocab].float()
-            bias32 = None if bias is None else bias[:vocab].float()
+            weight32 = weight[:ctx.vocab].float()
+            bias32 = None if bias is None else bias[:ctx.vocab].float()
             for start in range(0, ctx.n, ctx.chunk_size):
                 stop = min(start + ctx.chunk_size, ctx.n)
                 h = _take(hidden, idx, start, stop).float()
-                logits = _chunk_logits(h, weight32, bias32).requires_grad_(True)
                 parts = [_take(t, idx, start, stop) for t in teacher]
-                with torch.enable_grad():
-                    values = _call(ctx.rows_fn, logits, parts, ctx.packed)
-                    (g,) = torch.autograd.grad(values, logits, grad_out[start:stop])
-                del logits, values
-                if grad_h is not None:
-                    gh = g @ weight32
-                    if idx is None:
-                        grad_h[start:stop] = gh
-                    else:
-                        grad_h.index_copy_(0, idx[start:stop], gh.to(grad_h.dtype))
-                if grad_w is not None:
-                    grad_w[:vocab].addmm_(g.t(), h)
-                if grad_b is not None:
-                    grad_b[:vocab] += g.sum(0)
-                del g
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        return (None, None, None, None, None, grad_h, grad_w, grad_b, *([None] * len(teacher)))
+                grads.add_chunk(ctx.rows_fn, ctx.packed, h, weight32, bias32, parts, start, stop,
+                                grad_out[start:stop])
+        done = (
+            grads.h,
+            None if grads.w is None else grads.w.to(weight.dtype),
+            None if grads.b is None else grads.b.to(bias.dtype),
+        )
+        return (None, None, None, None, None, None, *done, *([None] * len(teacher)))
+
+
+class _HeadGrads:
+    """Gradients of a weighted sum of per-row values with respect to the lm_head's input, weight and bias,
+    accumulated a chunk at a time: `g @ W` for the chunk's hidden rows, `gᵀ @ h` and `Σ g` summed over chunks,
+    where `g` is the gradient of the weighted values with respect to the chunk's logits."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor | None,
+                 needs: tuple[bool, ...], vocab: int, float32_h: bool = False) -> None:
+        need_h, need_w, need_b = needs
+        self.idx, self.vocab = idx, vocab
+        self.h = None
+        if need_h:
+            dtype = torch.float32 if float32_h and hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+            self.h = (torch.empty_like if idx is None else torch.zeros_like)(hidden, dtype=dtype)
+        # float32 accumulators over the full (possibly padded) vocab; ids >= vocab get 0.
+        self.w = weight.new_zeros(weight.shape, dtype=torch.float32) if need_w else None
+        self.b = bias.new_zeros(bias.shape, dtype=torch.float32) if need_b and bias is not None else None
+
+    def add_chunk(self, rows_fn: Callable, packed: bool, h: Tensor, weight32: Tensor, bias32: Tensor | None,
+                  parts: list[Tensor], start: int, stop: int, row_weights: Tensor | None) -> Tensor:
+        """Add the chunk of rows `start:stop` (hidden `h`, float32) with per-row weights (None: 1 each);
+        return its per-row values."""
+        logits = _chunk_logits(h, weight32, bias32).requires_grad_(True)
+        with torch.enable_grad():
+            values = _call(rows_fn, logits, parts, packed)
+            weights = torch.ones_like(values) if row_weights is None else row_weights
+            (g,) = torch.autograd.grad(values, logits, weights)
+        del logits
+        if self.h is not None:
+            gh = g @ weight32
+            if self.idx is None:
+                self.h[start:stop] = gh
+            else:
+                self.h.index_copy_(0, self.idx[start:stop], gh.to(self.h.dtype))
+        if self.w is not None:
+            self.w[:self.vocab].addmm_(g.t(), h)
+        if self.b is not None:
+            self.b[:self.vocab] += g.sum(0)
+        return values.detach()
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -290,18 +328,25 @@ def _fused_rows(
     idx = None
     if row_mask is not None and not bool(row_mask.all()):
         idx = row_mask.reshape(-1).nonzero().squeeze(1)
+    summed = reduction != "none" and torch.is_grad_enabled()
     values = _FusedLinearRows.apply(
         idx,
         rows_fn,
         chunk_size,
         packed,
         vocab_size,
+        summed,
         student_hidden.reshape(-1, student_hidden.shape[-1]),
         lm_head_weight,
         lm_head_bias,
         *teacher,
     )
-    return reduce_rows(values, idx, row_shape, reduction)
+    if not summed:
+        return reduce_rows(values, idx, row_shape, reduction)
+    if reduction == "sum":
+        return values
+    n = row_shape.numel() if idx is None else idx.numel()
+    return values / n if n else values * 0
 
 
 def fused_linear_divergence(
@@ -339,8 +384,8 @@ def fused_linear_divergence(
     - `chunk_size`: counted rows per chunk (default 1024); peak extra memory ≈ a few `chunk_size × V` float32
       tensors plus the `V × H` float32 weight gradient.
 
-    Returns a float32 tensor. Gradient strategy (recompute each chunk in backward) and its memory / time
-    trade-off: see the module docstring.
+    Returns a float32 tensor. Gradient strategy (taken in forward for "sum" / "mean", recomputed in backward
+    for "none") and its memory / time trade-off: see the module docstring.
     """
     dense_rows = _rows_fn(divergence, divergence_params)
     temperature = check_temperature(temperature)

@@ -20,8 +20,8 @@ Temperature: the stored log-probs were computed at the cache's temperature and c
 cache's temperature (`TopKCache.temperature`); the caller checks that. `scale_t2` multiplies by T².
 
 Common arguments, as in `divergences.py`: `mask` (bool, the row shape, True = counted) or `labels`
-(-100 = ignored), `reduction` ("mean" | "sum" | "none"), `chunk_size` (rows per chunk, forward and backward
-recomputed per chunk so the extra memory is O(chunk_size × V)). Computed in float32, returned as float32.
+(-100 = ignored), `reduction` ("mean" | "sum" | "none"), `chunk_size` (rows per chunk, so the extra memory is
+O(chunk_size × V) beyond the student-sized gradient)). Computed in float32, returned as float32.
 
 Anchors: DistillKit's `symmetric_uniform` missing-mass bucket and TRL's server top-k tail bucket
 log(1 − Σ_k exp ℓ_k) use the same (k+1)-way construction.
