@@ -37,3 +37,61 @@ def test_fine_tuned_teacher_loads_without_warning(tmp_path, capsys, quiet_transf
     capsys.readouterr()
     load_hf_teacher(str(tmp_path / "clf"), AutoModelForSequenceClassification)
     assert "warning" not in capsys.readouterr().err
+
+
+# ---- trap 2 and 3: a 3-class CSV with class names; the exported student answers the names in `pipeline`
+def _three_class_run(tmp_path, quiet_transformers_):
+    import torch
+    from transformers import BertConfig
+
+    from potstill.assets import minilm_path
+    from potstill.config import validate_recipe
+    from potstill.train import run_recipe
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3)  # a teacher whose config names no class (LABEL_i)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    rows = [("the match ended in a draw", "sport"), ("shares fell sharply today", "business"),
+            ("a new phone was announced", "tech")] * 4
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    recipe = validate_recipe({
+        "name": "three", "output_dir": str(tmp_path / "runs"), "task": "classification",
+        "teacher": {"path": str(tmp_path / "teacher")}, "student": {"init": "layers_from_teacher", "layers": [0]},
+        "data": {"train": str(tmp_path / "train.csv"), "max_length": 16},
+        "objectives": [{"name": "forward_kl"}], "trainer": {"max_steps": 2, "batch_size": 4},
+        "eval": {"throughput": False, "compare_before": False}})
+    run_recipe(recipe)
+    return recipe.run_dir / "student"
+
+
+def test_three_class_names_reach_the_exported_pipeline(tmp_path, quiet_transformers):
+    from transformers import pipeline
+
+    student = _three_class_run(tmp_path, quiet_transformers)
+    classify = pipeline("text-classification", model=str(student), device="cpu")
+    labels = {row["label"] for row in classify(["the match ended", "shares fell", "a new phone"], top_k=None)[0]}
+    assert labels == {"business", "sport", "tech"}
+
+
+def _recipe_with_student(tmp_path, student: dict):
+    from potstill.config import validate_recipe
+
+    folder = tiny_bert_encoder(tmp_path / "encoder", num_hidden_layers=2)
+    (tmp_path / "train.csv").write_text("text,label\na,x\nb,y\nc,z\n")
+    return validate_recipe({
+        "name": "three", "output_dir": str(tmp_path / "runs"), "task": "classification",
+        "teacher": {"path": str(folder)}, "student": student, "data": {"train": str(tmp_path / "train.csv")},
+        "objectives": [{"name": "forward_kl"}]})
+
+
+@pytest.mark.parametrize("student", [{"init": "layers_from_teacher", "layers": [0], "config": {"num_labels": 3}},
+                                     {"init": "from_config", "config": {"num_labels": 3, "num_hidden_layers": 1}}])
+def test_student_num_labels_is_not_silently_ignored(tmp_path, quiet_transformers, student):
+    from potstill.errors import UserError
+    from potstill.train import run_recipe
+
+    with pytest.raises(UserError, match=r"field student.config"):
+        run_recipe(_recipe_with_student(tmp_path, student))
