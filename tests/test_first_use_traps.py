@@ -95,3 +95,29 @@ def test_student_num_labels_is_not_silently_ignored(tmp_path, quiet_transformers
 
     with pytest.raises(UserError, match=r"field student.config"):
         run_recipe(_recipe_with_student(tmp_path, student))
+
+
+# ---- trap 6: the README's `serve builtin:smollm2` then `--model smollm2` must not get a 404
+def test_serve_builtin_answers_its_short_name(monkeypatch, capsys):
+    import httpx
+    from test_causal_lm import llama, make_tokenizer
+
+    import potstill.serve
+    from potstill.cli import main
+    from potstill.serve import LocalServer
+
+    tok = make_tokenizer()
+    tiny = llama(len(tok), layers=1, init=0.3).eval()
+    monkeypatch.setattr(potstill.serve, "load_model", lambda path: (tiny, tok))  # stands in for SmolLM2
+    answers = {}
+
+    def ask_then_stop(self):
+        for name in ("smollm2", "builtin:smollm2", "smollm2-135m-instruct", "gpt-4"):
+            answers[name] = httpx.post(self.base_url + "/completions", timeout=30,
+                                       json={"model": name, "prompt": "a", "max_tokens": 1})
+
+    monkeypatch.setattr(LocalServer, "wait", ask_then_stop)
+    assert main(["serve", "builtin:smollm2", "--port", "0"]) == 0
+    assert {name: r.status_code for name, r in answers.items()} == {
+        "smollm2": 200, "builtin:smollm2": 200, "smollm2-135m-instruct": 200, "gpt-4": 404}
+    assert answers["smollm2"].json()["model"] == "smollm2-135m-instruct"

@@ -338,8 +338,10 @@ def serve(model: Annotated[str, typer.Argument(help="Hugging Face causal LM fold
     _quiet_transformers()
     lm, tokenizer = load_model(model)
     served = name or ("smollm2-135m-instruct" if model == BUILTIN_SMOLLM2 else Path(model).resolve().name)
+    # clients may also send the argument as typed, or a builtin's short name ("smollm2"), as the README does
+    aliases = () if name else (model, model.removeprefix("builtin:"))
     app_ = create_app(lm, tokenizer, model_name=served, faults=faults, request_log=request_log, api_key=api_key,
-                      max_tokens_limit=max_tokens_limit)
+                      max_tokens_limit=max_tokens_limit, aliases=aliases)
     server = LocalServer(app_, host=host, port=port)
     with server:
         print(f"potstill serve: {served} on {server.base_url} (Ctrl-C stops)", file=sys.stderr, flush=True)
