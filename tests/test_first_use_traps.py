@@ -121,3 +121,31 @@ def test_serve_builtin_answers_its_short_name(monkeypatch, capsys):
     assert {name: r.status_code for name, r in answers.items()} == {
         "smollm2": 200, "builtin:smollm2": 200, "smollm2-135m-instruct": 200, "gpt-4": 404}
     assert answers["smollm2"].json()["model"] == "smollm2-135m-instruct"
+
+
+# ---- trap 10: Hugging Face Trainer names get the potstill field they mean
+@pytest.mark.parametrize(("where", "key", "expected"), [
+    ("trainer", "learning_rate", "is trainer.lr"),
+    ("trainer", "num_train_epochs", "is trainer.epochs"),
+    ("trainer", "gradient_accumulation_steps", "is trainer.grad_accum"),
+    ("trainer", "save_steps", "is trainer.save_every"),
+    ("trainer", "bf16", "is trainer.mixed_precision: bf16"),
+    ("trainer", "per_device_train_batch_size", "is trainer.batch_size"),
+    (None, "warmup_steps", "belongs under trainer: (trainer.warmup_steps)"),
+    ("trainer", "report_to", "report_to"),
+])
+def test_hf_trainer_names_get_the_potstill_field(tmp_path, where, key, expected):
+    from potstill.config import load_recipe
+    from potstill.errors import UserError
+
+    raw = {"name": "x", "task": "classification", "teacher": {"path": "builtin:minilm"},
+           "student": {"init": "from_config"}, "data": {"train": "a.csv"}, "objectives": [{"name": "forward_kl"}]}
+    (raw.setdefault(where, {}) if where else raw)[key] = 1
+    import yaml
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(UserError) as info:
+        load_recipe(tmp_path / "r.yaml")
+    field = f"{where}.{key}" if where else key
+    assert f"field {field}: unknown key {key!r}: " in str(info.value) and expected in str(info.value)
+    assert "did you mean" not in str(info.value)
