@@ -149,3 +149,19 @@ def test_hf_trainer_names_get_the_potstill_field(tmp_path, where, key, expected)
     field = f"{where}.{key}" if where else key
     assert f"field {field}: unknown key {key!r}: " in str(info.value) and expected in str(info.value)
     assert "did you mean" not in str(info.value)
+
+
+def test_recipe_reference_page_is_generated():
+    from potstill.config.reference import PAGE, render_reference
+
+    assert PAGE.read_text(encoding="utf-8") == render_reference(), \
+        "docs/recipe-fields.md is stale: run `python -m potstill.config.reference --write`"
+
+
+def test_every_hf_trainer_alias_names_a_real_field():
+    from potstill.config.messages import HF_TRAINER_NAMES
+    from potstill.config.reference import render_reference
+
+    page = render_reference()
+    for target in filter(None, HF_TRAINER_NAMES.values()):
+        assert f"| `{target.split(':')[0].split(' ')[0]}` |" in page, target
