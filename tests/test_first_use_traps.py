@@ -165,3 +165,48 @@ def test_every_hf_trainer_alias_names_a_real_field():
     page = render_reference()
     for target in filter(None, HF_TRAINER_NAMES.values()):
         assert f"| `{target.split(':')[0].split(' ')[0]}` |" in page, target
+
+
+# ---- trap 9: results on stdout, not cut at 80 columns when piped; `potstill eval` writes eval.json
+def test_result_tables_go_to_stdout_uncut(capsys):
+    from pathlib import Path
+
+    from potstill.cli import _print_summary
+
+    row = {"accuracy": 0.5, "token_agreement": 0.25, "sequence_perplexity": 12.5, "teacher_top1_match": 0.75,
+           "parameters_in_millions": 1.5, "samples_per_second": 1234.5}
+    rows = [{"model": name, **row} for name in ("teacher", "student (before)", "student (after)")]
+    _print_summary({"table": rows, "student_dir": "runs/x/student"}, Path("runs/x"))
+    out = capsys.readouterr()
+    assert "…" not in out.out
+    for column in row:
+        assert column in out.out
+    assert "student saved to runs/x/student" in out.out and out.err == ""
+
+
+def test_objectives_are_listed_on_stdout(capsys):
+    from potstill.cli import main
+
+    assert main(["objectives"]) == 0
+    out = capsys.readouterr()
+    assert "forward_kl" in out.out and "forward_kl" not in out.err
+
+
+def test_eval_command_writes_eval_json(tmp_path, capsys, digits_recipe):
+    import json
+
+    from conftest import write_yaml
+
+    from potstill.cli import main
+
+    path = write_yaml(tmp_path / "r.yaml", digits_recipe)
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / digits_recipe["name"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0
+    rows = json.loads((run_dir / "eval.json").read_text())["table"]
+    assert [r["model"] for r in rows] == ["teacher", "student"]
+    assert rows[1]["accuracy"] == pytest.approx(summary["table"][-1]["accuracy"])
+    out = capsys.readouterr()
+    assert f"{rows[1]['accuracy']:.3f}" in out.out and "eval.json" in out.err

@@ -29,6 +29,12 @@ def _console():
     return console
 
 
+def _results():
+    from potstill.ui import result_console
+
+    return result_console()
+
+
 def _quiet_transformers() -> None:
     """transformers' per-load tqdm bars drown the run's own progress; potstill shows its own."""
     from transformers.utils import logging
@@ -77,9 +83,12 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (h
         _eval_suite(run_dir, suite)
         return
     from potstill.evaluate import evaluate_run
+    from potstill.io import atomic_write_json
 
     rows = evaluate_run(run_dir)
-    _console().print(rich_table(f"evaluation of {run_dir}", rows))
+    _results().print(rich_table(f"evaluation of {run_dir}", rows))
+    out = atomic_write_json(run_dir / "eval.json", {"table": rows})
+    _console().print(f"written to {out}", highlight=False)
 
 
 def _eval_suite(run_dir: Path, suite: str) -> None:
@@ -109,11 +118,10 @@ def _eval_suite(run_dir: Path, suite: str) -> None:
     shown = [{"task": row["task"], "type": row.get("type", ""), "metric": row["metric"],
               **{name: r.rows()[i]["score"] for name, r in results.items()}}
              for i, row in enumerate(results["student"].rows())]
-    console = _console()
-    console.print(rich_table(f"general suite: {run_dir} (average = mean over tasks)", shown))
+    _results().print(rich_table(f"general suite: {run_dir} (average = mean over tasks)", shown))
     out = atomic_write_json(run_dir / "eval_general.json", {"suite": "general", "table": table,
                                                             **{name: r.to_dict() for name, r in results.items()}})
-    console.print(f"written to {out}", highlight=False)
+    _console().print(f"written to {out}", highlight=False)
 
 
 @app.command()
@@ -163,7 +171,7 @@ def objectives() -> None:
     """List every objective: formula, defaults and the paper it comes from."""
     from potstill.losses import OBJECTIVES
 
-    console = _console()
+    console = _results()
     for info in OBJECTIVES.values():
         defaults = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
         console.print(f"[bold]{info.name}[/bold]  [dim]({info.kind})[/dim]", highlight=False)
@@ -357,8 +365,9 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         return
     from potstill.report import rich_table
 
-    _console().print(rich_table("teacher / student before / student after", summary["table"]))
-    _console().print(f"student saved to {summary['student_dir']}; report: {run_dir / 'report.html'}")
+    results = _results()
+    results.print(rich_table("teacher / student before / student after", summary["table"]))
+    results.print(f"student saved to {summary['student_dir']}; report: {run_dir / 'report.html'}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
