@@ -210,3 +210,30 @@ def test_eval_command_writes_eval_json(tmp_path, capsys, digits_recipe):
     assert rows[1]["accuracy"] == pytest.approx(summary["table"][-1]["accuracy"])
     out = capsys.readouterr()
     assert f"{rows[1]['accuracy']:.3f}" in out.out and "eval.json" in out.err
+
+
+# ---- trap 12: shipped recipes by name, and a copy that is real files
+def test_run_accepts_a_shipped_recipe_name(tmp_path, monkeypatch):
+    from potstill.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no file named "digits" here
+    assert main(["run", "digits", "--set", "trainer.max_steps=1", "--set", "teacher.kwargs.epochs=1",
+                 "--set", "eval.throughput=false", "--set", "output_dir=" + str(tmp_path / "runs")]) == 0
+    assert (tmp_path / "runs" / "digits" / "student").is_dir()
+
+
+def test_recipes_copy_writes_real_files_that_validate(tmp_path, capsys):
+    from potstill.cli import main
+    from potstill.config import load_recipe
+    from potstill.recipes import packaged_recipes
+
+    assert main(["recipes", "--copy", str(tmp_path / "mine")]) == 0
+    copied = sorted((tmp_path / "mine").glob("*.yaml"))
+    assert sorted(p.stem for p in copied) == packaged_recipes()
+    assert not any(p.is_symlink() for p in (tmp_path / "mine").rglob("*"))
+    assert (tmp_path / "mine" / "step-by-step" / "train.jsonl").is_file()  # the data a recipe reads comes along
+    for path in copied:
+        load_recipe(path)
+    assert main(["recipes", "--copy", str(tmp_path / "mine")]) == 2  # never overwrites edited copies
+    assert main(["recipes"]) == 0
+    assert "digits\t" in capsys.readouterr().out

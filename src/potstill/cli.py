@@ -43,17 +43,19 @@ def _quiet_transformers() -> None:
 
 
 @app.command()
-def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file, or the name of a shipped recipe (see "
+                                                  "`potstill recipes`)")],
         set_: SetOption = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier run of the same name")] = False,
         ) -> None:
     """Run the distillation a recipe describes; output goes to <output_dir>/<name>/."""
     from potstill.config import load_recipe
+    from potstill.recipes import resolve_recipe
     from potstill.train import run_recipe
     from potstill.train.launch import relaunch_as_cpu_process_group
 
-    cfg = load_recipe(recipe, set_ or [])
+    cfg = load_recipe(resolve_recipe(recipe), set_ or [])
     relaunch_as_cpu_process_group()
     _quiet_transformers()
     summary = run_recipe(cfg, resume=resume, overwrite=overwrite)
@@ -195,6 +197,22 @@ def _print_version(value: bool) -> None:
 def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                 help="print potstill's version and exit")] = False) -> None:
     """The command group; `--version` is handled by its eager callback."""
+
+
+@app.command()
+def recipes(copy: Annotated[Path | None, typer.Option("--copy", metavar="DEST", help="copy the shipped recipes (and "
+                                                      "the data they read) into the folder DEST, to edit")] = None,
+            ) -> None:
+    """List the shipped recipes (`potstill run NAME` runs one), or copy them all with --copy DEST."""
+    from potstill.recipes import copy_recipes, packaged_recipe, packaged_recipes
+
+    if copy is not None:
+        written = copy_recipes(copy)
+        _console().print(f"copied {len(written)} recipes into {copy}: run one with "
+                         f"`potstill run {copy / 'digits.yaml'}`", highlight=False)
+        return
+    for name in packaged_recipes():  # name<TAB>path on stdout: for `cut` and `grep`
+        print(f"{name}\t{packaged_recipe(name)}")
 
 
 @app.command()
