@@ -237,3 +237,20 @@ def test_recipes_copy_writes_real_files_that_validate(tmp_path, capsys):
     assert main(["recipes", "--copy", str(tmp_path / "mine")]) == 2  # never overwrites edited copies
     assert main(["recipes"]) == 0
     assert "digits\t" in capsys.readouterr().out
+
+
+# ---- trap 15: one stalled batch (another process took the CPU) must not change the measured throughput
+def test_throughput_ignores_a_stalled_batch():
+    from potstill.eval.speed import measure_throughput
+
+    now = [0.0]
+    calls = [0]
+
+    def fn(batch):  # 1 ms per batch of 4, except the 3rd timed call: 500 ms
+        calls[0] += 1
+        now[0] += 0.5 if calls[0] == 3 else 0.001
+
+    rate = measure_throughput(fn, list(range(40)), batch_size=4, warmup_batches=0, min_seconds=0.0,
+                              clock=lambda: now[0])
+    assert calls[0] == 10  # one pass over 40 items
+    assert rate == pytest.approx(4 / 0.001)  # the median batch: 1 ms; the mean would give 40 / 0.509 = 78.6/s
