@@ -120,7 +120,8 @@ class ClassificationTask(Task):
         names = sorted(labels, key=str)
         if len(names) > num_classes:
             raise UserError(f"data: {len(names)} class names ({', '.join(map(str, names[:5]))}, ...) but the teacher "
-                            f"has {num_classes} classes")
+                            f"has {num_classes} classes; give a teacher (teacher.path) fine-tuned on these "
+                            f"{len(names)} classes")
         from potstill.ui import console
 
         shown = ", ".join(f"{name}={i}" for i, name in enumerate(names[:10])) + (", ..." if len(names) > 10 else "")

@@ -25,7 +25,7 @@ def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path",
     from a local folder (offline)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(path, field=field)
+    given, path = path, resolve_model_path(path, field=field)
     if not Path(path).exists():
         raise UserError(f"field {field}: model folder not found: {path} (models are not downloaded; give a "
                         f"local folder saved with save_pretrained, or one of "
@@ -35,7 +35,7 @@ def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path",
         loaded = AutoTokenizer.from_pretrained(path) if tokenizer else None
     except (OSError, ValueError) as exc:
         raise UserError(f"field {field}: cannot load a model from {path}: {exc}") from None
-    warn_fresh_weights(sorted(info.get("missing_keys") or ()), path, field=field)
+    warn_fresh_weights(sorted(info.get("missing_keys") or ()), given, field=field)
     return freeze(model), loaded
 
 
