@@ -29,6 +29,12 @@ def _console():
     return console
 
 
+def _results():
+    from potstill.ui import result_console
+
+    return result_console()
+
+
 def _quiet_transformers() -> None:
     """transformers' per-load tqdm bars drown the run's own progress; potstill shows its own."""
     from transformers.utils import logging
@@ -37,17 +43,19 @@ def _quiet_transformers() -> None:
 
 
 @app.command()
-def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file, or the name of a shipped recipe (see "
+                                                  "`potstill recipes`)")],
         set_: SetOption = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier run of the same name")] = False,
         ) -> None:
     """Run the distillation a recipe describes; output goes to <output_dir>/<name>/."""
     from potstill.config import load_recipe
+    from potstill.recipes import resolve_recipe
     from potstill.train import run_recipe
     from potstill.train.launch import relaunch_as_cpu_process_group
 
-    cfg = load_recipe(recipe, set_ or [])
+    cfg = load_recipe(resolve_recipe(recipe), set_ or [])
     relaunch_as_cpu_process_group()
     _quiet_transformers()
     summary = run_recipe(cfg, resume=resume, overwrite=overwrite)
@@ -77,9 +85,12 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (h
         _eval_suite(run_dir, suite)
         return
     from potstill.evaluate import evaluate_run
+    from potstill.io import atomic_write_json
 
     rows = evaluate_run(run_dir)
-    _console().print(rich_table(f"evaluation of {run_dir}", rows))
+    _results().print(rich_table(f"evaluation of {run_dir}", rows))
+    out = atomic_write_json(run_dir / "eval.json", {"table": rows})
+    _console().print(f"written to {out}", highlight=False)
 
 
 def _eval_suite(run_dir: Path, suite: str) -> None:
@@ -109,11 +120,10 @@ def _eval_suite(run_dir: Path, suite: str) -> None:
     shown = [{"task": row["task"], "type": row.get("type", ""), "metric": row["metric"],
               **{name: r.rows()[i]["score"] for name, r in results.items()}}
              for i, row in enumerate(results["student"].rows())]
-    console = _console()
-    console.print(rich_table(f"general suite: {run_dir} (average = mean over tasks)", shown))
+    _results().print(rich_table(f"general suite: {run_dir} (average = mean over tasks)", shown))
     out = atomic_write_json(run_dir / "eval_general.json", {"suite": "general", "table": table,
                                                             **{name: r.to_dict() for name, r in results.items()}})
-    console.print(f"written to {out}", highlight=False)
+    _console().print(f"written to {out}", highlight=False)
 
 
 @app.command()
@@ -163,7 +173,7 @@ def objectives() -> None:
     """List every objective: formula, defaults and the paper it comes from."""
     from potstill.losses import OBJECTIVES
 
-    console = _console()
+    console = _results()
     for info in OBJECTIVES.values():
         defaults = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
         console.print(f"[bold]{info.name}[/bold]  [dim]({info.kind})[/dim]", highlight=False)
@@ -187,6 +197,22 @@ def _print_version(value: bool) -> None:
 def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                 help="print potstill's version and exit")] = False) -> None:
     """The command group; `--version` is handled by its eager callback."""
+
+
+@app.command()
+def recipes(copy: Annotated[Path | None, typer.Option("--copy", metavar="DEST", help="copy the shipped recipes (and "
+                                                      "the data they read) into the folder DEST, to edit")] = None,
+            ) -> None:
+    """List the shipped recipes (`potstill run NAME` runs one), or copy them all with --copy DEST."""
+    from potstill.recipes import copy_recipes, packaged_recipe, packaged_recipes
+
+    if copy is not None:
+        written = copy_recipes(copy)
+        _console().print(f"copied {len(written)} recipes into {copy}: run one with "
+                         f"`potstill run {copy / 'digits.yaml'}`", highlight=False)
+        return
+    for name in packaged_recipes():  # name<TAB>path on stdout: for `cut` and `grep`
+        print(f"{name}\t{packaged_recipe(name)}")
 
 
 @app.command()
@@ -338,8 +364,10 @@ def serve(model: Annotated[str, typer.Argument(help="Hugging Face causal LM fold
     _quiet_transformers()
     lm, tokenizer = load_model(model)
     served = name or ("smollm2-135m-instruct" if model == BUILTIN_SMOLLM2 else Path(model).resolve().name)
+    # clients may also send the argument as typed, or a builtin's short name ("smollm2"), as the README does
+    aliases = () if name else (model, model.removeprefix("builtin:"))
     app_ = create_app(lm, tokenizer, model_name=served, faults=faults, request_log=request_log, api_key=api_key,
-                      max_tokens_limit=max_tokens_limit)
+                      max_tokens_limit=max_tokens_limit, aliases=aliases)
     server = LocalServer(app_, host=host, port=port)
     with server:
         print(f"potstill serve: {served} on {server.base_url} (Ctrl-C stops)", file=sys.stderr, flush=True)
@@ -355,8 +383,9 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         return
     from potstill.report import rich_table
 
-    _console().print(rich_table("teacher / student before / student after", summary["table"]))
-    _console().print(f"student saved to {summary['student_dir']}; report: {run_dir / 'report.html'}")
+    results = _results()
+    results.print(rich_table("teacher / student before / student after", summary["table"]))
+    results.print(f"student saved to {summary['student_dir']}; report: {run_dir / 'report.html'}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,18 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+"""Progress, warnings and logs: stderr, so that a command's results on stdout can be piped."""
+
+RESULT_WIDTH = 160
+
+
+def result_console() -> Console:
+    """A console on stdout for a command's results (tables, summaries), so `| grep` finds them; when stdout is not a
+    terminal (a pipe, a log file), RESULT_WIDTH columns instead of rich's 80, so that table cells are not cut."""
+    out = Console()
+    if not out.is_terminal:
+        out.width = RESULT_WIDTH
+    return out
 
 
 def make_progress(*extra: TextColumn) -> Progress:

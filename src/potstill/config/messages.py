@@ -82,6 +82,46 @@ def fields_at(model: Any, loc: tuple) -> list[str]:
     return list(getattr(model_at(model, loc), "model_fields", {}))
 
 
+# Hugging Face Trainer (TrainingArguments) names -> the potstill recipe field that does the same; None: no such field
+# yet (unless a later schema adds one under trainer:, which `_trainer_name_hint` checks first).
+HF_TRAINER_NAMES: dict[str, str | None] = {
+    "learning_rate": "trainer.lr",
+    "num_train_epochs": "trainer.epochs",
+    "gradient_accumulation_steps": "trainer.grad_accum",
+    "per_device_train_batch_size": "trainer.batch_size",
+    "train_batch_size": "trainer.batch_size",
+    "per_device_eval_batch_size": "eval.batch_size",
+    "save_steps": "trainer.save_every",
+    "save_total_limit": "trainer.keep_last",
+    "logging_steps": "trainer.log_every",
+    "eval_steps": "eval.every",
+    "bf16": "trainer.mixed_precision: bf16",
+    "fp16": "trainer.mixed_precision: fp16",
+    "lr_scheduler_type": "trainer.schedule",
+    "adam_beta1": "trainer.betas: [beta1, beta2]",
+    "adam_beta2": "trainer.betas: [beta1, beta2]",
+    "warmup_steps": "trainer.warmup_steps",
+    "warmup_ratio": "trainer.warmup_ratio",
+    "weight_decay": "trainer.weight_decay",
+    "max_grad_norm": "trainer.max_grad_norm",
+    "seed": "seed (top level)",
+    "report_to": None,
+}
+
+
+def _trainer_name_hint(key: str, path: str, here: Any) -> str:
+    """': <hint>' when `key` is a Hugging Face Trainer name that potstill spells or places differently, else ''."""
+    if key not in HF_TRAINER_NAMES:
+        return ""
+    if key in fields_at(here, ("trainer",)) and path != f"trainer.{key}":
+        return f": {key} belongs under trainer: (trainer.{key})"
+    target = HF_TRAINER_NAMES[key]
+    if target is None:
+        return (f": the Hugging Face Trainer's {key} is not supported yet; metrics are written to "
+                f"<run>/metrics.jsonl and <run>/report.html")
+    return f": the Hugging Face Trainer's {key} is {target} in a potstill recipe"
+
+
 def _tasks(names: list[str]) -> str:
     return f"the {names[0]} task" if len(names) == 1 else f"the {', '.join(names[:-1])} and {names[-1]} tasks"
 
@@ -93,6 +133,9 @@ def _unknown_key(loc: tuple, task: str | None) -> tuple[str, bool]:
     elsewhere = [t for t, model in RECIPE_OF_TASK.items() if t != task and key in fields_at(model, loc[:-1])]
     if elsewhere and here is not None:
         return f"unknown key {key!r}: {path} is for {_tasks(elsewhere)}, not {task}", True
+    hint = _trainer_name_hint(key, path, here) if here is not None else ""
+    if hint:
+        return f"unknown key {key!r}{hint}", False
     return f"unknown key {key!r}{did_you_mean(key, fields_at(here, loc[:-1]) if here else [])}", False
 
 

@@ -1,7 +1,9 @@
 """Model size and throughput.
 
 Throughput on shared machines is noisy: compare two models with `compare_throughput`, which interleaves
-their measurements, never with two separate `measure_throughput` calls taken minutes apart.
+their measurements, never with two separate `measure_throughput` calls taken minutes apart. Each batch is timed
+on its own and the rate is taken from the median batch time, so a batch stalled by another process (common on a
+loaded machine, and large against a tiny model's microseconds) does not drag the number down.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ def measure_throughput(
     warmup_batches: int = 1,
     min_seconds: float = 2.0,
     max_items: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
-    """Items per second of `fn` called on batches of `items`.
+    """Items per second of `fn` called on batches of `items`: batch size / the median time of one batch.
 
     Uses the first `max_items` items (all when None). After `warmup_batches` untimed batches, calls `fn`
     on consecutive batches (cycling through the items when needed) under `torch.inference_mode()` until
-    at least `min_seconds` have passed and at least one full pass over the items is done.
+    at least `min_seconds` have passed and at least one full pass over the items is done. Each batch is
+    timed alone by `clock` (waiting for CUDA work to finish when CUDA is in use).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -60,17 +64,23 @@ def measure_throughput(
             fn(_batch(pool, pos, size))
             pos = (pos + size) % n
 
+        sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         done = 0
         pos = 0
-        start = time.perf_counter()
+        durations: list[float] = []
+        start = clock()
         while True:
+            before = clock()
             fn(_batch(pool, pos, size))
+            if sync is not None:
+                sync()
+            after = clock()
+            durations.append(after - before)
             pos = (pos + size) % n
             done += size
-            elapsed = time.perf_counter() - start
-            if done >= n and elapsed >= min_seconds:
+            if done >= n and after - start >= min_seconds:
                 break
-    return done / max(elapsed, 1e-12)
+    return size / max(statistics.median(durations), 1e-12)
 
 
 def compare_throughput(

@@ -44,8 +44,10 @@ def _body_sha256(raw: bytes) -> tuple[str | None, Any]:
 
 def create_app(model, tokenizer, *, model_name: str, faults: FaultSettings = FaultSettings(),
                request_log: str | Path | None = None, api_key: str | None = None,
-               max_tokens_limit: int = 512) -> FastAPI:
+               max_tokens_limit: int = 512, aliases: tuple[str, ...] = ()) -> FastAPI:
     """A FastAPI app serving `model` (a HF causal LM, put in eval mode) as `model_name`; see the module docstring.
+    Requests may also name the model by one of `aliases` (e.g. "smollm2" for builtin:smollm2); answers say
+    `model_name`.
 
     `app.state.generation_lock` serialises generations (tokenization included: fast tokenizers are not safe to
     share between threads that change their settings).
@@ -56,7 +58,7 @@ def create_app(model, tokenizer, *, model_name: str, faults: FaultSettings = Fau
         raise UserError("model_name: expected the name clients send as 'model'; got an empty value")
     model.eval()
     service = _Service(model, tokenizer, model_name=model_name, faults=faults, request_log=request_log,
-                       api_key=api_key, max_tokens_limit=max_tokens_limit)
+                       api_key=api_key, max_tokens_limit=max_tokens_limit, aliases=aliases)
     app = FastAPI(title="potstill serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.generation_lock = service.generation_lock

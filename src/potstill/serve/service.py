@@ -104,10 +104,11 @@ class _Service:
     """The state behind one app: model, tokenizer, lock, fault RNG, request log."""
 
     def __init__(self, model, tokenizer, *, model_name: str, faults: FaultSettings, request_log: str | Path | None,
-                 api_key: str | None, max_tokens_limit: int) -> None:
+                 api_key: str | None, max_tokens_limit: int, aliases: tuple[str, ...] = ()) -> None:
         import random
 
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.accepted_names = {model_name, *aliases}
         self.faults, self.max_tokens_limit = faults, max_tokens_limit
         self._expected_auth = f"Bearer {api_key}".encode() if api_key else None
         self.generation_lock = threading.Lock()
@@ -184,7 +185,7 @@ class _Service:
         if not isinstance(body, dict):
             raise _ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
-        if model is not None and model != self.model_name:
+        if model is not None and model not in self.accepted_names:
             raise _ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                             param="model", code="model_not_found")
         if body.get("stream"):

@@ -45,6 +45,9 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, *, field_prefix: str =
     if cfg.init in ("layers_from_teacher", "from_config") and not hf_teacher:
         raise UserError(f"field {field_prefix}.init: {cfg.init!r} needs a Hugging Face teacher; for a plain "
                         f"torch teacher use init: factory")
+    if cfg.config and cfg.init in ("layers_from_teacher", "pretrained", "factory"):
+        raise UserError(f"field {field_prefix}.config: used only with init: from_config, but init is {cfg.init!r}; "
+                        f"remove it (keys: {', '.join(sorted(cfg.config))})")
     try:
         if cfg.init == "layers_from_teacher":
             student = layers_from_teacher(teacher, cfg.layers)

@@ -21,6 +21,18 @@ from potstill.tasks.base import Task
 from potstill.tasks.models import build_student, load_factory_teacher, load_hf_teacher
 
 
+def name_labels(model: nn.Module, label_ids: dict[Any, int]) -> None:
+    """Write the data's class names into a Hugging Face model's config (id2label / label2id), so that the exported
+    student answers them in `pipeline("text-classification")` instead of LABEL_0, LABEL_1, ..."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "id2label"):
+        return
+    id2label = {i: f"LABEL_{i}" for i in range(int(config.num_labels))}
+    id2label.update({i: str(name) for name, i in label_ids.items() if i < len(id2label)})
+    config.id2label = id2label
+    config.label2id = {name: i for i, name in id2label.items()}
+
+
 class ClassificationTask(Task):
     signal_kind = "logits"
     name = "classification"
@@ -54,13 +66,21 @@ class ClassificationTask(Task):
         if label_kind == "ids":
             check_label_range(groups, num_classes)
         self.label_ids = self._label_vocabulary(self.train_records + self.eval_records, label_kind, num_classes)
+        if label_kind == "names" and self.label_ids:
+            name_labels(self.student, self.label_ids)
         self._eval_cache: dict[str, Any] | None = None
 
     def _num_classes(self, width: int | None) -> int:
         """The teacher's class count; a factory teacher and student are run once on a zero vector of the records'
         feature length, so a length or class count they do not take is refused before training."""
         if width is None:
-            return int(self.teacher.config.num_labels)
+            classes = int(self.teacher.config.num_labels)
+            student_classes = int(getattr(self.student.config, "num_labels", classes))
+            if student_classes != classes:
+                raise UserError(f"field student.config.num_labels: the student has {student_classes} classes, the "
+                                f"teacher ({self.recipe.teacher.path}) {classes}; the student learns the teacher's "
+                                f"classes, so give a teacher fine-tuned on {student_classes} classes")
+            return classes
         probe = {"features": torch.zeros(1, width, device=self.device)}
         widths = {}
         for role, model, field in (("teacher", self.teacher, "teacher.factory"),
@@ -100,7 +120,8 @@ class ClassificationTask(Task):
         names = sorted(labels, key=str)
         if len(names) > num_classes:
             raise UserError(f"data: {len(names)} class names ({', '.join(map(str, names[:5]))}, ...) but the teacher "
-                            f"has {num_classes} classes")
+                            f"has {num_classes} classes; give a teacher (teacher.path) fine-tuned on these "
+                            f"{len(names)} classes")
         from potstill.ui import console
 
         shown = ", ".join(f"{name}={i}" for i, name in enumerate(names[:10])) + (", ..." if len(names) > 10 else "")

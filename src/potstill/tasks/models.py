@@ -25,17 +25,33 @@ def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path",
     from a local folder (offline)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(path, field=field)
+    given, path = path, resolve_model_path(path, field=field)
     if not Path(path).exists():
         raise UserError(f"field {field}: model folder not found: {path} (models are not downloaded; give a "
                         f"local folder saved with save_pretrained, or one of "
                         f"{', '.join('builtin:' + k for k in BUILTIN_MODELS)})")
     try:
-        model = auto_cls.from_pretrained(path)
+        model, info = auto_cls.from_pretrained(path, output_loading_info=True)
         loaded = AutoTokenizer.from_pretrained(path) if tokenizer else None
     except (OSError, ValueError) as exc:
         raise UserError(f"field {field}: cannot load a model from {path}: {exc}") from None
+    warn_fresh_weights(sorted(info.get("missing_keys") or ()), given, field=field)
     return freeze(model), loaded
+
+
+def warn_fresh_weights(missing: list[str], path: str, *, field: str) -> None:
+    """One warning line when the teacher has weights its checkpoint lacks (transformers initialised them at random,
+    e.g. a classifier head on a plain encoder): such a teacher's outputs are noise, and the CLI silences
+    transformers' own report. A warning, not an error: a teacher is sometimes loaded only for its encoder."""
+    if not missing:
+        return
+    from potstill.ui import console
+
+    shown = ", ".join(missing[:4]) + (f", ... ({len(missing)} in all)" if len(missing) > 4 else "")
+    console.print(f"warning: field {field}: {path} lacks weights the model needs ({shown}); they were freshly "
+                  f"initialised at random, so the teacher's outputs there are noise; give a teacher fine-tuned for "
+                  f"the task (e.g. saved with save_pretrained after fine-tuning)", highlight=False, markup=False,
+                  soft_wrap=True)
 
 
 def load_ranking_teacher(path: str | None, teacher_type: str, student: StudentConfig,
