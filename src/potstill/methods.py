@@ -127,7 +127,7 @@ METHODS: dict[str, MethodInfo] = {
                    "benchmarks/embedding_peers.py", _GENERAL),
         MethodInfo("Static-embedding student (model2vec)", 'Tulkens & van Dongen, "Model2Vec: Fast State-of-the-Art '
                    'Static Embeddings" (software)', 2024, "student builder", "potstill.students.static",
-                   "StaticStudent", "benchmarks/representation_study.py", _REPRESENTATION),
+                   "StaticStudent", _RECIPES + "minilm-static.yaml", _GENERAL),
         MethodInfo("DMAE", 'Bai et al., "Masked Autoencoders Enable Efficient Knowledge Distillers"', 2023,
                    "objective", _LOSSES + "intermediate", "DMAEAlign", _RECIPES + "digits-dmae.yaml", _DMAE),
         MethodInfo("Margin-MSE", _MARGIN_MSE, 2020, "objective", _LOSSES + "ranking", "margin_mse",
