@@ -124,15 +124,17 @@ class _Runner:
         return total
 
     def option_logprobs(self, model: nn.Module, sequences: list[tuple[list[int], int]]) -> list[float]:
-        """Σ log p of the last `n` tokens of each sequence given the tokens before them, for (ids, n) pairs."""
-        out: list[float] = []
-        for start in range(0, len(sequences), self.batch_size):
-            chunk = sequences[start:start + self.batch_size]
-            logits, _ = self.logits(model, [ids for ids, _ in chunk])
-            log_p = torch.log_softmax(logits.float(), -1)
-            for i, (ids, n) in enumerate(chunk):
-                positions = torch.arange(len(ids) - n - 1, len(ids) - 1)
-                out.append(float(log_p[i, positions, torch.tensor(ids[-n:])].sum()))
+        """Σ log p of the last `n` tokens of each sequence given the tokens before them, for (ids, n) pairs.
+        Sequences run longest first (less padding); only the option's rows are normalised."""
+        out = [0.0] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda k: -len(sequences[k][0]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            logits, _ = self.logits(model, [sequences[k][0] for k in chunk])
+            for i, k in enumerate(chunk):
+                ids, n = sequences[k]
+                log_p = torch.log_softmax(logits[i, len(ids) - n - 1:len(ids) - 1].float(), -1)
+                out[k] = float(log_p.gather(-1, torch.tensor(ids[-n:])[:, None]).sum())
         return out
 
 
