@@ -317,24 +317,22 @@ def _mean(values: list[float]) -> float | None:
 
 
 def lm_suite_rows(result: dict[str, Any], roles: list[str]) -> list[dict[str, Any]]:
-    """One row per measure: {measure, source or task, teacher, student} (None where a model has no value)."""
-    rows: list[dict[str, Any]] = []
-
-    def add(measure: str, where: str, pick: Callable[[dict[str, Any]], Any]) -> None:
-        values = {}
+    """One row per measure: {measure, on (source, "generation" or task), teacher, student}; None where a model
+    has no value, and rows with no value at all left out."""
+    student = result["student"]
+    keys: list[tuple[str, str, tuple[str, ...]]] = [(m, name, ("sources", name, m)) for name in student["sources"]
+            for m in ("perplexity", "kl_to_teacher", "top1_agreement")]
+    keys += [(m, "generation", ("generation", m)) for m in ("rougeL_vs_teacher", "rougeL_vs_reference")]
+    keys += [(f"choice {m}", task, ("multiple_choice", task, m)) for task in student["multiple_choice"]
+             for m in ("accuracy", "accuracy_norm", "chance")]
+    rows = []
+    for measure, where, path in keys:
+        values: dict[str, Any] = {}
         for role in roles:
-            try:
-                values[role] = pick(result[role])
-            except KeyError:
-                values[role] = None
-        rows.append({"measure": measure, "on": where, **values})
-
-    for name in result["student"]["sources"]:
-        for measure in ("perplexity", "kl_to_teacher", "top1_agreement"):
-            add(measure, name, lambda r, n=name, m=measure: r["sources"][n][m])
-    for measure in ("rougeL_vs_teacher", "rougeL_vs_reference"):
-        add(measure, "generation", lambda r, m=measure: r["generation"][m])
-    for task in result["student"]["multiple_choice"]:
-        for measure in ("accuracy", "accuracy_norm", "chance"):
-            add(f"choice {measure}", task, lambda r, t=task, m=measure: r["multiple_choice"][t][m])
-    return [row for row in rows if any(row[role] is not None for role in roles)]
+            value: Any = result[role]
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            values[role] = value
+        if any(v is not None for v in values.values()):
+            rows.append({"measure": measure, "on": where, **values})
+    return rows
