@@ -95,8 +95,8 @@ class _Runner:
     def __init__(self, logits: RawLogits, vocab: int, pad_id: int, batch_size: int) -> None:
         self.raw, self.vocab, self.pad_id, self.batch_size = logits, vocab, pad_id, batch_size
 
-    def logits(self, model: nn.Module, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[B, T, V]` logits of right-padded `rows` and the `[B, T]` mask of real tokens."""
+    def logits(self, model: nn.Module, rows: list[list[int]]) -> torch.Tensor:
+        """`[B, T, V]` logits (on the CPU) of `rows`, right-padded into one batch."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -106,7 +106,7 @@ class _Runner:
         device = next(model.parameters()).device
         with torch.inference_mode():
             out = self.raw(model, ids.to(device), mask.to(device))
-        return out[..., :self.vocab].detach().cpu(), mask.bool()
+        return out[..., :self.vocab].detach().cpu()
 
     def token_stats(self, student: nn.Module, teacher: nn.Module | None, examples: list[dict[str, list[int]]]
                     ) -> dict[str, float]:
@@ -114,8 +114,8 @@ class _Runner:
         total: dict[str, float] = {}
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start:start + self.batch_size]
-            s_all, _ = self.logits(student, [ex["input_ids"] for ex in chunk])
-            t_all = self.logits(teacher, [ex["input_ids"] for ex in chunk])[0] if teacher is not None else None
+            s_all = self.logits(student, [ex["input_ids"] for ex in chunk])
+            t_all = self.logits(teacher, [ex["input_ids"] for ex in chunk]) if teacher is not None else None
             targets = torch.full(s_all.shape[:2], -100, dtype=torch.long)
             for i, ex in enumerate(chunk):
                 targets[i, :len(ex["targets"])] = torch.tensor(ex["targets"], dtype=torch.long)
@@ -134,7 +134,7 @@ class _Runner:
         order = sorted(range(len(sequences)), key=lambda k: -len(sequences[k][0]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            logits, _ = self.logits(model, [sequences[k][0] for k in chunk])
+            logits = self.logits(model, [sequences[k][0] for k in chunk])
             for i, k in enumerate(chunk):
                 ids, n = sequences[k]
                 log_p = torch.log_softmax(logits[i, len(ids) - n - 1:len(ids) - 1].float(), -1)
