@@ -22,10 +22,9 @@ in `potstill.data.lm_suite_sources`); the LM recipes train on BBC News. Four mea
    answers answers the question; wrong options are other questions' answers). Chance is 1 / options.
 
 Sizes by default: 3 × 16 blocks × 128 tokens, 24 prompts × 32 new tokens, 2 × 40 items × 4 options (about
-6k + 17k scored tokens per model). For SmolLM2-135M and a 7-layer student, `potstill eval --suite lm` took 549
+6k + 17k scored tokens per model). For SmolLM2-135M and a 7-layer student, `potstill eval --suite lm` took 499
 CPU-seconds in all (loading included) on a shared 2-core machine; its wall time on idle cores was not
-measured (549 / 2 s ≈ 4.6 min with both cores kept busy; measured before the choice options were batched
-by length). Teacher numbers are in
+measured (499 / 2 s ≈ 4.2 min with both cores kept busy). Teacher numbers are in
 docs/results.md (section "Held-out LM suite").
 """
 
