@@ -399,3 +399,18 @@ def test_seq_kd_from_a_text_only_endpoint_teacher(tmp_path, tok, monkeypatch):
     raw["objectives"], raw["generation"] = [], {"seq_kd": False}
     with pytest.raises(UserError, match="generation.seq_kd: true"):
         validate_recipe(raw)
+
+
+def test_teacher_folder_without_tokenizer_files_uses_teacher_tokenizer(tmp_path, tok, folders):
+    """Regression (#16): a teacher folder holding only config + weights loads when teacher.tokenizer names a
+    tokenizer folder; the teacher's folder is not asked for a tokenizer."""
+    bare, tok_dir = tmp_path / "bare", tmp_path / "tokenizer"
+    llama(len(tok), layers=2).save_pretrained(bare)
+    tok.save_pretrained(tok_dir)
+    assert not any(p.name.startswith("tokenizer") for p in bare.iterdir())
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in SENTENCES])
+    task = setup_task(recipe(tmp_path, {"path": str(bare), "tokenizer": str(tok_dir)}, data,
+                             student={"init": "layers_from_teacher", "layers": [0]}))
+    assert task.tokenizer.get_vocab() == tok.get_vocab()
+    batch = task.collate(task.train_records[:2], [0, 1])
+    assert task.teacher_signal(batch).shape == (*batch["input_ids"].shape, len(tok))

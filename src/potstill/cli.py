@@ -75,12 +75,20 @@ def demo(set_: SetOption = None) -> None:
 def eval_(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (holds recipe.yaml and student/)")],
           suite: Annotated[str | None, typer.Option("--suite", help="general: score the student and teacher of an "
                                                     "embedding run on the offline general suite; writes "
-                                                    "<run>/eval_general.json")] = None,
+                                                    "<run>/eval_general.json. lm: a causal_lm run's on the "
+                                                    "held-out LM suite; writes <run>/eval_lm.json")] = None,
           ) -> None:
-    """Score a run's saved student against its teacher on the recipe's held-out data (or on --suite general)."""
+    """Score a run's saved student against its teacher on the recipe's held-out data (or on --suite general|lm)."""
     from potstill.report import rich_table
 
     _quiet_transformers()
+    if suite == "lm":
+        from potstill.evaluate import evaluate_lm_suite
+
+        result = evaluate_lm_suite(run_dir)
+        _console().print(rich_table(f"LM suite: {run_dir} ({result['seconds']} s)", result["table"]))
+        _console().print(f"written to {run_dir / 'eval_lm.json'}", highlight=False)
+        return
     if suite is not None:
         _eval_suite(run_dir, suite)
         return
@@ -101,7 +109,7 @@ def _eval_suite(run_dir: Path, suite: str) -> None:
     from potstill.students.loading import resolve_model_path
 
     if suite != "general":
-        raise UserError(f"--suite: expected general, got {suite!r}")
+        raise UserError(f"--suite: expected general or lm, got {suite!r}")
     student_dir = run_dir / "student"
     if not (run_dir / "recipe.yaml").is_file() or not (student_dir / "modules.json").is_file():
         raise UserError(f"{run_dir}: not a finished embedding run (expected recipe.yaml and a sentence-transformers "

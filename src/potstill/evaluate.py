@@ -9,16 +9,21 @@ from potstill.config import load_saved_recipe
 from potstill.errors import UserError
 
 
-def evaluate_run(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows {model, metrics…, params, speed} for the teacher and the saved student of `run_dir`."""
-    from potstill.tasks import build_task
-    from potstill.tasks.models import load_state_dict
-
-    run_dir = Path(run_dir)
+def _load_run(run_dir: Path) -> tuple[Any, Any]:
+    """The set-up task of a finished run and its saved student (eval mode)."""
     student_dir = run_dir / "student"
     if not (run_dir / "recipe.yaml").is_file() or not student_dir.is_dir():
         raise UserError(f"{run_dir}: not a finished potstill run (expected recipe.yaml and student/ inside)")
     recipe = load_saved_recipe(run_dir / "recipe.yaml")
+    return _load_student(run_dir, recipe)
+
+
+def _load_student(run_dir: Path, recipe: Any) -> tuple[Any, Any]:
+    """The task of `recipe` set up with the student saved in `run_dir`/student (eval mode)."""
+    from potstill.tasks import build_task
+    from potstill.tasks.models import load_state_dict
+
+    student_dir = run_dir / "student"
     factory_student = recipe.student.init == "factory"
     if not factory_student:
         recipe.student = recipe.student.model_copy(update={"init": "pretrained", "path": str(student_dir)})
@@ -30,7 +35,40 @@ def evaluate_run(run_dir: str | Path) -> list[dict[str, Any]]:
     if factory_student:
         student.load_state_dict(load_state_dict(str(student_dir / "model.safetensors"), field="student"))
     student.eval()
-    sizes = task.measure(student) if recipe.eval.throughput else {}
+    return task, student
+
+
+def evaluate_run(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows {model, metrics…, params, speed} for the teacher and the saved student of `run_dir`."""
+    run_dir = Path(run_dir)
+    task, student = _load_run(run_dir)
+    sizes = task.measure(student) if task.recipe.eval.throughput else {}
     teacher_row = task.evaluate(task.teacher, role="teacher")  # type: ignore[arg-type]  # None: no teacher
     return [{"model": "teacher", **teacher_row, **sizes.get("teacher", {})},
             {"model": "student", **task.evaluate(student), **sizes.get("student", {})}]
+
+
+def evaluate_lm_suite(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """`potstill.eval.lm_suite.run_lm_suite` on a causal_lm run's saved student and its teacher; the result is
+    also written to `<run>/eval_lm.json`."""
+    from potstill.eval.lm_suite import run_lm_suite
+    from potstill.io import atomic_write_json
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "student").is_dir():
+        raise UserError(f"{run_dir}: not a finished causal_lm run (expected recipe.yaml and student/ inside)")
+    recipe = load_saved_recipe(run_dir / "recipe.yaml")
+    if recipe.task != "causal_lm":
+        raise UserError(f"{run_dir}: --suite lm scores causal language-model students; this run's task is "
+                        f"{recipe.task}")
+    task, student = _load_student(run_dir, recipe)
+    if task.teacher is None:
+        raise UserError(f"{run_dir / 'recipe.yaml'}: --suite lm compares the student with its teacher; this run "
+                        f"has no teacher model (teacher.path or teacher.factory)")
+    def logits(model: Any, ids: Any, mask: Any) -> Any:
+        return task.logits(model, {"input_ids": ids, "attention_mask": mask})
+
+    result = run_lm_suite(student, task.teacher, task.tokenizer, logits=logits,
+                          batch_size=task.recipe.eval.batch_size, progress=progress)
+    atomic_write_json(run_dir / "eval_lm.json", result)
+    return result

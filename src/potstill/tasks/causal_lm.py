@@ -70,7 +70,9 @@ class CausalLMTask(Task):
         r = self.recipe
         resolve_builtin_paths(r, is_main=is_main, barrier=barrier)
         if r.teacher.path is not None:
-            self.teacher, self.tokenizer = load_hf_teacher(r.teacher.path, AutoModelForCausalLM)
+            # with teacher.tokenizer the teacher's folder may hold only config + weights
+            self.teacher, self.tokenizer = load_hf_teacher(r.teacher.path, AutoModelForCausalLM,
+                                                           tokenizer=not r.teacher.tokenizer)
         elif r.teacher.factory is not None:
             self.teacher, self.tokenizer = load_factory_teacher(r.teacher), None
         else:  # black-box methods (step-by-step): the teacher's text is the data

@@ -68,7 +68,8 @@ class Seq2SeqTask(Task):
         resolve_builtin_paths(r, is_main=is_main, barrier=barrier)
         tokenizer = None
         if r.teacher.path is not None:
-            self.teacher, tokenizer = load_hf_teacher(r.teacher.path, AutoModelForSeq2SeqLM)
+            self.teacher, tokenizer = load_hf_teacher(r.teacher.path, AutoModelForSeq2SeqLM,
+                                                      tokenizer=not r.teacher.tokenizer)
             self.teacher.to(self.device)
         self.tokenizer = text_tokenizer(r, tokenizer, task=self.name)
         self.student = build_text_student(r, self.teacher, self.tokenizer, AutoModelForSeq2SeqLM)
