@@ -157,8 +157,11 @@ def test_eval_command_scores_a_finished_run(tmp_path, capsys, digits_recipe):
     out = capsys.readouterr()
     text = out.out + out.err
     assert "teacher" in text and "student" in text
-    # the same accuracy as the run's own final evaluation, shown with 3 decimals
+    # the same accuracy as the run's own final evaluation, shown with 3 decimals, and saved in eval.json
     assert f"{summary['table'][-1]['accuracy']:.3f}" in text
+    rows = json.loads((run_dir / "eval.json").read_text())["table"]
+    assert [r["model"] for r in rows] == ["teacher", "student"]
+    assert rows[1]["accuracy"] == pytest.approx(summary["table"][-1]["accuracy"])
 
 
 def test_eval_command_on_a_non_run(tmp_path, capsys):

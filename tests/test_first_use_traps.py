@@ -167,7 +167,7 @@ def test_every_hf_trainer_alias_names_a_real_field():
         assert f"| `{target.split(':')[0].split(' ')[0]}` |" in page, target
 
 
-# ---- trap 9: results on stdout, not cut at 80 columns when piped; `potstill eval` writes eval.json
+# ---- trap 9: results on stdout, not cut at 80 columns when piped (`potstill eval` writing eval.json: tests/test_cli.py)
 def test_result_tables_go_to_stdout_uncut(capsys):
     from pathlib import Path
 
@@ -192,27 +192,6 @@ def test_objectives_are_listed_on_stdout(capsys):
     assert "forward_kl" in out.out and "forward_kl" not in out.err
 
 
-def test_eval_command_writes_eval_json(tmp_path, capsys, digits_recipe):
-    import json
-
-    from conftest import write_yaml
-
-    from potstill.cli import main
-
-    path = write_yaml(tmp_path / "r.yaml", digits_recipe)
-    assert main(["run", str(path)]) == 0
-    run_dir = tmp_path / "runs" / digits_recipe["name"]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    capsys.readouterr()
-    assert main(["eval", str(run_dir)]) == 0
-    rows = json.loads((run_dir / "eval.json").read_text())["table"]
-    assert [r["model"] for r in rows] == ["teacher", "student"]
-    assert rows[1]["accuracy"] == pytest.approx(summary["table"][-1]["accuracy"])
-    out = capsys.readouterr()
-    assert f"{rows[1]['accuracy']:.3f}" in out.out and "eval.json" in out.err
-
-
-# ---- trap 12: shipped recipes by name, and a copy that is real files
 def test_run_accepts_a_shipped_recipe_name(tmp_path, monkeypatch):
     from potstill.cli import main
 
