@@ -73,5 +73,5 @@ def test_quick_runs_every_row_and_a_rerun_reuses_them(tmp_path, capsys):
     assert results["runs"]["topk_cache:0"]["cache_seconds"] > 0
     out = capsys.readouterr().out
     assert "| teacher |" in out and "| trl_gkd_on_policy | 1 |" in out
-    assert quality.main(["--quick", "--out", str(tmp_path), "--only", "sft"]) == 0
+    assert quality.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--only", "sft"]) == 0
     assert "0 run(s) to do, 1 reused" in capsys.readouterr().out
