@@ -167,7 +167,7 @@ def test_every_hf_trainer_alias_names_a_real_field():
         assert f"| `{target.split(':')[0].split(' ')[0]}` |" in page, target
 
 
-# ---- trap 9: results on stdout, not cut at 80 columns when piped (`potstill eval` writing eval.json: tests/test_cli.py)
+# ---- trap 9: results on stdout, not cut at 80 columns when piped (eval.json: tests/test_cli.py)
 def test_result_tables_go_to_stdout_uncut(capsys):
     from pathlib import Path
 

@@ -139,8 +139,10 @@ def test_a_run_folder_that_cannot_hold_a_lock_is_a_user_error(digits_recipe):
     recipe = validate_recipe(digits_recipe)
     recipe.run_dir.parent.mkdir(parents=True)
     recipe.run_dir.write_text("a file, not a folder")
-    with pytest.raises(UserError, match="cannot create the lock file"):
+    with pytest.raises(UserError, match="is a file; the run needs a folder there"):  # checked before the lock
         run_recipe(recipe)
+    with pytest.raises(UserError, match="cannot create the lock file"), hold(recipe.run_dir / ".lock", what="run"):
+        pass
 
 
 def test_cli_generate_on_a_held_output_exits_2_before_sending_anything(tmp_path):

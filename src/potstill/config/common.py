@@ -229,6 +229,9 @@ class TrainerConfig(Strict):
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     hard_label_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on gold labels")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    max_seconds: float | None = Field(None, gt=0, description="wall-clock budget of the training loop: stop after "
+                                      "the first optimizer step that ends past it (checked after each step; kept "
+                                      "in checkpoints, so a resumed run spends only what is left); null = none")
     group_by_length: StrictBool = Field(False, description="batch records of similar token length together (less "
                                   "padding): each window of 50 global micro-batches of the epoch's shuffled order "
                                   "is sorted by length, cut into batches, and the batches shuffled")

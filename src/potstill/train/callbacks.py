@@ -229,6 +229,32 @@ class TeacherHackingWatch(Callback):
         self.monitor.load_state_dict(state)
 
 
+class WallClock(Callback):
+    """Training seconds spent so far (this process's, across resumes: its state is in every checkpoint) against
+    `trainer.max_seconds`. Counted from `on_fit_start`, so set-up, the teacher's evaluation and the final
+    evaluation are outside it; periodic evaluations and checkpoints inside the loop count."""
+
+    state_file = "wall_clock.json"
+
+    def __init__(self, max_seconds: float | None) -> None:
+        self.max_seconds, self.before, self.started = max_seconds, 0.0, time.perf_counter()
+
+    def on_fit_start(self, state: FitState) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def out_of_time(self) -> bool:
+        return self.max_seconds is not None and self.seconds() >= self.max_seconds
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.before = float(state["seconds"])
+
+
 class Checkpointing(Callback):
     """A checkpoint every `save_every` optimizer steps (`trainer.save_every`; the final one is the loop's),
     written by `save(state, step)`."""

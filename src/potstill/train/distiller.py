@@ -77,9 +77,10 @@ class Distiller:
         self.task.device = self.accelerator.device
         self.metrics = cb.MetricsLog(self.run_dir, self.is_main, trainer.log_every)
         self.monitor = cb.TeacherHackingWatch(self.metrics)
+        self.clock = cb.WallClock(trainer.max_seconds)
         self.callbacks: list[cb.Callback] = [
             cb.ProgressBar(trainer.log_every), self.metrics, cb.PeriodicEval(self.eval_cfg.every, self._eval_step),
-            self.monitor, cb.Checkpointing(trainer.save_every, self._save), *callbacks]
+            self.monitor, cb.Checkpointing(trainer.save_every, self._save), self.clock, *callbacks]
         self._lengths: list[int] | None = None
         self._ddk: DomainBlocks | None = None
         self._perm_epoch: int | None = None
@@ -230,12 +231,15 @@ class Distiller:
                 if self._ddk is not None and last.step % self._ddk.every == 0 and last.step < total:
                     self._ddk.on_block_end(last.step)
                 self._emit("on_step_end", last)
+                if self._out_of_time():
+                    break
         finally:
             self._emit("on_train_end")
         seconds = time.perf_counter() - t_start
+        done = last.step if last is not None else self.state.start  # < total when trainer.max_seconds stopped it
 
-        if resumed is None or self.state.start != total:  # else the newest checkpoint is already the final one
-            self._save(self.state, total)
+        if resumed is None or self.state.start != done:  # else the newest checkpoint is already the final one
+            self._save(self.state, done)
         unwrapped = acc.unwrap_model(student)
         after = self._evaluate(unwrapped, "student")
         summary: dict[str, Any] = {}
@@ -246,14 +250,20 @@ class Distiller:
             if before:
                 rows.append({"model": "student (before)", **before, **sizes.get("student", {})})
             rows.append({"model": "student (after)", **after, **sizes.get("student", {})})
-            self._emit("on_evaluate", total, after)
-            summary = {"steps": total, "final_loss": last.loss if last else None, "train_seconds": seconds,
+            self._emit("on_evaluate", done, after)
+            summary = {"steps": done, "final_loss": last.loss if last else None, "train_seconds": seconds,
                        "table": rows, "student_dir": str(self.run_dir / "student"), "world_size": world,
                        "objectives": [o.name for o in self.objectives]}
             self._emit("on_fit_end", summary)
             atomic_write_json(self.run_dir / "summary.json", summary)
         acc.wait_for_everyone()
         return summary
+
+    def _out_of_time(self) -> bool:
+        """trainer.max_seconds spent: every process stops at the same step (any one's clock past it stops all)."""
+        if self.cfg.max_seconds is None:
+            return False
+        return bool(self._reduce_sum(torch.tensor([float(self.clock.out_of_time())])).item() > 0)
 
     def _step(self, step: int, extra: list[nn.Parameter]) -> cb.StepResult:
         """Optimizer step `step` (0-based): its micro-batches, the normalised loss, backward, clip, update."""

@@ -1,0 +1,111 @@
+"""Shared pieces of the LLM benchmarks: TRL GKDTrainer settings, a wall-clock stop for it, and a held-out score.
+
+- `gkd_config_kwargs`: the GKDConfig fields that make TRL's GKDTrainer comparable with potstill's loop on a CPU
+  (float32, no gradient checkpointing, plain AdamW, no logging / saving / evaluation, sequential sampling).
+- `TrlWallClock`: a `transformers.TrainerCallback` that stops training after the first optimizer step ending past
+  a budget (the counterpart of potstill's `trainer.max_seconds`).
+- `heldout_blocks` / `heldout_scores`: text that is not in any training set here (the Wikipedia and Lee
+  background sentences of potstill's general corpus, test split, from gensim's test data), cut into blocks of
+  tokens, and a student's perplexity, KL(teacher ‖ student) per token and top-1 agreement with the teacher on
+  them. Written to be replaced by `potstill eval RUN --suite lm` once that exists.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+HELDOUT_SOURCES = ("wikipedia", "lee-background")
+MIN_SENTENCE_CHARS = 40
+
+
+def gkd_config_kwargs(*, out_dir: str, seed: int, max_length: int) -> dict[str, Any]:
+    """GKDConfig fields shared by every TRL row (the loss, λ, lr and budget are the caller's)."""
+    return dict(output_dir=out_dir, optim="adamw_torch", bf16=False, fp16=False, gradient_checkpointing=False,
+                use_cpu=True, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
+                disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+                train_sampling_strategy="sequential", seed=seed, max_length=max_length,
+                gradient_accumulation_steps=1)
+
+
+def trl_wall_clock(max_seconds: float):
+    """A TrainerCallback stopping TRL's loop after the first optimizer step that ends `max_seconds` after the
+    start of training (`on_train_begin`: models, optimizer and data are ready). `.seconds`, `.steps`: spent."""
+    from transformers import TrainerCallback
+
+    class TrlWallClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.started, self.seconds, self.steps = 0.0, 0.0, 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds, self.steps = time.perf_counter() - self.started, state.global_step
+            if self.seconds >= max_seconds:
+                control.should_training_stop = True
+            return control
+
+    return TrlWallClock()
+
+
+def heldout_blocks(tokenizer: Any, *, blocks_per_source: int, block_len: int) -> dict[str, Any]:
+    """source → LongTensor [blocks_per_source, block_len]: the source's sentences (≥ 40 characters) of the general
+    corpus' test split, in its order, tokenised, joined with EOS and cut into blocks (no BOS)."""
+    import torch
+
+    from potstill.data.loaders import builtin_records
+
+    records = builtin_records("general", "test")
+    eos = tokenizer.eos_token_id
+    out = {}
+    for source in HELDOUT_SOURCES:
+        stream: list[int] = []
+        need = blocks_per_source * block_len
+        for r in records:
+            if r["source"] == source and len(r["text"]) >= MIN_SENTENCE_CHARS:
+                stream += tokenizer(r["text"], add_special_tokens=False)["input_ids"] + [eos]
+                if len(stream) >= need:
+                    break
+        if len(stream) < need:
+            raise RuntimeError(f"{source}: only {len(stream)} tokens, {need} needed")
+        out[source] = torch.tensor(stream[:need]).view(blocks_per_source, block_len)
+    return out
+
+
+def heldout_scores(student: Any, teacher: Any, blocks: dict[str, Any], *, batch_size: int = 4) -> dict[str, float]:
+    """Per source and over all sources (key prefix `all/`): the student's perplexity (`ppl`), mean KL(teacher ‖
+    student) per predicted token (`kl`, nats), top-1 agreement with the teacher (`top1`), and the teacher's own
+    perplexity (`teacher_ppl`). Every position but the last of a block predicts the next token."""
+    import torch
+    import torch.nn.functional as F
+
+    totals: dict[str, list[float]] = {}
+    student.eval()
+    with torch.inference_mode():
+        for source, ids in blocks.items():
+            nll_s = nll_t = kl = agree = count = 0.0
+            for start in range(0, len(ids), batch_size):
+                batch = ids[start:start + batch_size]
+                targets = batch[:, 1:].reshape(-1)
+                ls = F.log_softmax(student(input_ids=batch).logits[:, :-1].float(), -1).flatten(0, 1)
+                lt = F.log_softmax(teacher(input_ids=batch).logits[:, :-1].float(), -1).flatten(0, 1)
+                nll_s += float(-ls.gather(1, targets[:, None]).sum())
+                nll_t += float(-lt.gather(1, targets[:, None]).sum())
+                kl += float((lt.exp() * (lt - ls)).sum())
+                agree += float((ls.argmax(-1) == lt.argmax(-1)).sum())
+                count += targets.numel()
+            for key, value in (("nll", nll_s), ("teacher_nll", nll_t), ("kl", kl), ("top1", agree),
+                               ("tokens", count)):
+                totals.setdefault(f"{source}/{key}", [0.0])[0] += value
+                totals.setdefault(f"all/{key}", [0.0])[0] += value
+    out: dict[str, float] = {}
+    for prefix in (*blocks, "all"):
+        n = totals[f"{prefix}/tokens"][0]
+        out[f"{prefix}/ppl"] = math.exp(totals[f"{prefix}/nll"][0] / n)
+        out[f"{prefix}/teacher_ppl"] = math.exp(totals[f"{prefix}/teacher_nll"][0] / n)
+        out[f"{prefix}/kl"] = totals[f"{prefix}/kl"][0] / n
+        out[f"{prefix}/top1"] = totals[f"{prefix}/top1"][0] / n
+        out[f"{prefix}/tokens"] = n
+    return out

