@@ -336,3 +336,32 @@ def test_cli_serve_prints_its_url_and_answers(model, tok, tmp_path, monkeypatch,
     monkeypatch.delenv("SERVE_TEST_KEY")
     assert main(["serve", str(tmp_path / "tiny"), "--api-key-env", "SERVE_TEST_KEY"]) == 2
     assert "SERVE_TEST_KEY" in capsys.readouterr().err
+
+
+def test_local_server_leaves_the_callers_logging_handlers_open():
+    """uvicorn's default log config runs logging.config.dictConfig, which closes every handler of the process
+    (absl's, for one, then closes its stream: pytest's capture file, in the full suite)."""
+    import logging
+
+    from fastapi import FastAPI
+
+    from potstill.serve.app import LocalServer
+
+    class Recording(logging.Handler):
+        closed = False
+
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+            super().close()
+
+    handler = Recording()
+    logging.getLogger("a.caller").addHandler(handler)
+    try:
+        with LocalServer(FastAPI()):
+            pass
+        assert not handler.closed
+    finally:
+        logging.getLogger("a.caller").removeHandler(handler)

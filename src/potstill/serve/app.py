@@ -171,8 +171,10 @@ class LocalServer:
         shown = f"[{host}]" if family == socket.AF_INET6 else host
         self.base_url = f"http://{shown}:{self.port}/v1"
         self.app = app
+        # log_config=None: uvicorn's default runs logging.config.dictConfig, which closes every handler the
+        # process has (the caller's, a test's captured stream); uvicorn's loggers then just propagate.
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                                     access_log=False, lifespan="off"))
+                                                     log_config=None, access_log=False, lifespan="off"))
         self._thread: threading.Thread | None = None
 
     def serve_forever(self) -> None:
