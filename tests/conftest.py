@@ -88,3 +88,19 @@ def accelerate_launch(cwd: Path, recipe: Path, *flags: str, port: int | None = N
            "--mixed_precision", "no", "--dynamo_backend", "no", *flags,
            *(["--main_process_port", str(port)] if port else []), "-m", "potstill", "run", str(recipe)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def load_benchmark(name: str):
+    """Import `benchmarks/<name>.py` as a module (benchmarks/ is not a package; its scripts import each other)."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+

@@ -3,35 +3,22 @@ that can be checked by hand or hold by construction."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def claim_taid() -> ModuleType:
-    return load("claim_taid")
+    return load_benchmark("claim_taid")
 
 
 @pytest.fixture(scope="module")
 def claim_hacking() -> ModuleType:
-    return load("claim_teacher_hacking")
+    return load_benchmark("claim_teacher_hacking")
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +95,7 @@ def test_count_teacher_is_a_distribution_and_differs_from_its_oracle(claim_hacki
 
 
 def test_sinkd_quick_runs_both_objectives(capsys):
-    claim_sinkd = load("claim_sinkd")
+    claim_sinkd = load_benchmark("claim_sinkd")
     assert claim_sinkd.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert " kd " in out and " kd+sinkhorn " in out and "kd+sinkhorn×10" not in out  # --quick runs two rows

