@@ -313,9 +313,8 @@ def test_bad_stateful_objective_params_are_user_errors(digits_recipe):
     from potstill.errors import UserError
 
     for params, match in (({"t_strat": 0.1}, 'did you mean "t_start"'), ({"t_start": 2.0}, "t_start")):
-        recipe = validate_recipe(dict(digits_recipe, objectives=[{"name": "taid", "params": params}]))
-        with pytest.raises(UserError, match=match):
-            build_objectives(recipe)
+        with pytest.raises(UserError, match=match):  # refused when the recipe loads, before build_objectives
+            build_objectives(validate_recipe(dict(digits_recipe, objectives=[{"name": "taid", "params": params}])))
 
 
 def test_fp16_run_checkpoints_its_loss_scale_and_resumes_to_the_same_weights(digits_recipe):

@@ -26,7 +26,9 @@ def _load_student(run_dir: Path, recipe: Any) -> tuple[Any, Any]:
     student_dir = run_dir / "student"
     factory_student = recipe.student.init == "factory"
     if not factory_student:
-        recipe.student = recipe.student.model_copy(update={"init": "pretrained", "path": str(student_dir)})
+        # the saved folder holds the built student: its config overrides and layer picks are spent
+        recipe.student = recipe.student.model_copy(update={"init": "pretrained", "path": str(student_dir),
+                                                           "config": {}, "layers": None})
     task = build_task(recipe, run_dir=run_dir)
     task.setup()
     student = task.student
