@@ -55,6 +55,17 @@ def tiny_bert_encoder(folder: Path, num_hidden_layers: int) -> Path:
     return folder
 
 
+def embedding_recipe(tmp_path: Path, teacher: Path, train: Path, *, name: str, student: dict, objectives: list,
+                     eval_data: Path | None = None, **trainer) -> dict:
+    """A tiny embedding recipe (dict) into tmp_path/runs: 16-token texts, batch 8, one thread, no throughput or
+    "before" row; `trainer` adds or overrides trainer fields (max_steps, lr, ...)."""
+    data = {"train": str(train), **({"eval": str(eval_data)} if eval_data else {}), "max_length": 16}
+    return {"name": name, "output_dir": str(tmp_path / "runs"), "task": "embedding", "teacher": {"path": str(teacher)},
+            "student": student, "data": data, "objectives": objectives,
+            "trainer": {"batch_size": 8, "num_threads": 1, **trainer},
+            "eval": {"throughput": False, "compare_before": False}}
+
+
 def numbered_texts_jsonl(path: Path, texts: list[str]) -> Path:
     """`texts` as JSONL records {"text": "<text> (<i>)"}, so that repeated texts stay distinct."""
     import json

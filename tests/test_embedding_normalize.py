@@ -21,7 +21,7 @@ def test_normalizes_embeddings_reads_modules_json(tmp_path):
 
 @pytest.mark.parametrize("teacher_normalizes", [True, False])
 def test_student_mirrors_the_teachers_normalize(tmp_path, teacher_normalizes):
-    from conftest import numbered_texts_jsonl, tiny_bert_encoder
+    from conftest import embedding_recipe, numbered_texts_jsonl, tiny_bert_encoder
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
 
@@ -33,13 +33,9 @@ def test_student_mirrors_the_teachers_normalize(tmp_path, teacher_normalizes):
     teacher = save_sentence_transformer(AutoModel.from_pretrained(bare), AutoTokenizer.from_pretrained(bare),
                                         tmp_path / "teacher", normalize=teacher_normalizes)
     data = numbered_texts_jsonl(tmp_path / "texts.jsonl", ["a short text", "another sentence here"] * 8)
-    recipe = validate_recipe({
-        "name": "norm", "output_dir": str(tmp_path / "runs"), "task": "embedding", "teacher": {"path": str(teacher)},
-        "student": {"init": "layers_from_teacher", "layers": [0]},
-        "data": {"train": str(data), "max_length": 16},
-        "objectives": [{"name": "embedding_mse", "params": {"normalize": True}}],
-        "trainer": {"max_steps": 1, "batch_size": 8, "num_threads": 1},
-        "eval": {"throughput": False, "compare_before": False}})
+    recipe = validate_recipe(embedding_recipe(
+        tmp_path, teacher, data, name="norm", student={"init": "layers_from_teacher", "layers": [0]},
+        objectives=[{"name": "embedding_mse", "params": {"normalize": True}}], max_steps=1))
     student_dir = run_recipe(recipe)["student_dir"]
 
     assert normalizes_embeddings(student_dir) is teacher_normalizes

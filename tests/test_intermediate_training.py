@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import numbered_texts_jsonl, tiny_bert_encoder
+from conftest import embedding_recipe, numbered_texts_jsonl, tiny_bert_encoder
 from safetensors.torch import load_file
 from test_tasks import TOPICS
 from transformers import (
@@ -272,13 +272,11 @@ def test_embedding_task_narrow_student_with_projection_and_hidden_states(tmp_pat
 
     folder = tiny_bert_encoder(tmp_path / "encoder", num_hidden_layers=4)
     data = numbered_texts_jsonl(tmp_path / "texts.jsonl", [t for texts in TOPICS.values() for t in texts] * 8)
-    recipe = validate_recipe({
-        "name": "emb", "output_dir": str(tmp_path / "runs"), "task": "embedding", "teacher": {"path": str(folder)},
-        "student": {"init": "from_config", "config": {"num_hidden_layers": 2, "hidden_size": 16}},
-        "data": {"train": str(data), "eval": str(data), "max_length": 16},
-        "objectives": [{"name": "embedding_mse", "params": {"normalize": True}}, {"name": "hidden_mse"}],
-        "trainer": {"max_steps": 6, "batch_size": 8, "lr": 3e-3, "log_every": 1, "num_threads": 1},
-        "eval": {"throughput": False, "compare_before": False}})
+    recipe = validate_recipe(embedding_recipe(
+        tmp_path, folder, data, name="emb", eval_data=data,
+        student={"init": "from_config", "config": {"num_hidden_layers": 2, "hidden_size": 16}},
+        objectives=[{"name": "embedding_mse", "params": {"normalize": True}}, {"name": "hidden_mse"}],
+        max_steps=6, lr=3e-3, log_every=1))
     summary = run_recipe(recipe)
     steps = [x for x in _log(recipe.run_dir) if "loss" in x]
     assert steps[-1]["obj/embedding_mse"] < steps[0]["obj/embedding_mse"]

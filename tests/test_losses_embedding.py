@@ -170,7 +170,7 @@ def test_through_projected_loss():
 
 def test_runs_in_a_tiny_embedding_recipe(tmp_path):
     """A narrow student distilled with the relational objective through run_recipe (projection + cross form)."""
-    from conftest import numbered_texts_jsonl, tiny_bert_encoder
+    from conftest import embedding_recipe, numbered_texts_jsonl, tiny_bert_encoder
     from test_tasks import TOPICS
 
     from potstill.config import validate_recipe
@@ -178,13 +178,11 @@ def test_runs_in_a_tiny_embedding_recipe(tmp_path):
 
     folder = tiny_bert_encoder(tmp_path / "encoder", num_hidden_layers=2)
     data = numbered_texts_jsonl(tmp_path / "texts.jsonl", [t for texts in TOPICS.values() for t in texts] * 4)
-    recipe = validate_recipe({
-        "name": "seed", "output_dir": str(tmp_path / "runs"), "task": "embedding", "teacher": {"path": str(folder)},
-        "student": {"init": "from_config", "config": {"num_hidden_layers": 1, "hidden_size": 16}},
-        "data": {"train": str(data), "eval": str(data), "max_length": 16},
-        "objectives": [{"name": "embedding_similarity_kl", "params": {"cross": True, "temperature": 0.1}}],
-        "trainer": {"max_steps": 3, "batch_size": 8, "lr": 3e-3, "log_every": 1, "num_threads": 1},
-        "eval": {"throughput": False, "compare_before": False}})
+    recipe = validate_recipe(embedding_recipe(
+        tmp_path, folder, data, name="seed", eval_data=data,
+        student={"init": "from_config", "config": {"num_hidden_layers": 1, "hidden_size": 16}},
+        objectives=[{"name": "embedding_similarity_kl", "params": {"cross": True, "temperature": 0.1}}],
+        max_steps=3, lr=3e-3, log_every=1))
     summary = run_recipe(recipe)
     assert summary["table"]
     log = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
