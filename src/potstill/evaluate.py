@@ -9,13 +9,11 @@ from potstill.config import load_saved_recipe
 from potstill.errors import UserError
 
 
-def _load_run(run_dir: Path) -> tuple[Any, Any]:
-    """The set-up task of a finished run and its saved student (eval mode)."""
-    student_dir = run_dir / "student"
-    if not (run_dir / "recipe.yaml").is_file() or not student_dir.is_dir():
-        raise UserError(f"{run_dir}: not a finished potstill run (expected recipe.yaml and student/ inside)")
-    recipe = load_saved_recipe(run_dir / "recipe.yaml")
-    return _load_student(run_dir, recipe)
+def _saved_recipe(run_dir: Path, kind: str = "potstill") -> Any:
+    """The recipe of a finished run (one with recipe.yaml and student/); `kind` names the run in the error."""
+    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "student").is_dir():
+        raise UserError(f"{run_dir}: not a finished {kind} run (expected recipe.yaml and student/ inside)")
+    return load_saved_recipe(run_dir / "recipe.yaml")
 
 
 def _load_student(run_dir: Path, recipe: Any) -> tuple[Any, Any]:
@@ -43,7 +41,7 @@ def _load_student(run_dir: Path, recipe: Any) -> tuple[Any, Any]:
 def evaluate_run(run_dir: str | Path) -> list[dict[str, Any]]:
     """Rows {model, metrics…, params, speed} for the teacher and the saved student of `run_dir`."""
     run_dir = Path(run_dir)
-    task, student = _load_run(run_dir)
+    task, student = _load_student(run_dir, _saved_recipe(run_dir))
     sizes = task.measure(student) if task.recipe.eval.throughput else {}
     teacher_row = task.evaluate(task.teacher, role="teacher")  # type: ignore[arg-type]  # None: no teacher
     return [{"model": "teacher", **teacher_row, **sizes.get("teacher", {})},
@@ -57,9 +55,7 @@ def evaluate_lm_suite(run_dir: str | Path, *, progress: bool = True) -> dict[str
     from potstill.io import atomic_write_json
 
     run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "student").is_dir():
-        raise UserError(f"{run_dir}: not a finished causal_lm run (expected recipe.yaml and student/ inside)")
-    recipe = load_saved_recipe(run_dir / "recipe.yaml")
+    recipe = _saved_recipe(run_dir, "causal_lm")
     if recipe.task != "causal_lm":
         raise UserError(f"{run_dir}: --suite lm scores causal language-model students; this run's task is "
                         f"{recipe.task}")
@@ -67,6 +63,7 @@ def evaluate_lm_suite(run_dir: str | Path, *, progress: bool = True) -> dict[str
     if task.teacher is None:
         raise UserError(f"{run_dir / 'recipe.yaml'}: --suite lm compares the student with its teacher; this run "
                         f"has no teacher model (teacher.path or teacher.factory)")
+
     def logits(model: Any, ids: Any, mask: Any) -> Any:
         return task.logits(model, {"input_ids": ids, "attention_mask": mask})
 
