@@ -103,7 +103,7 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (h
 
 def _eval_suite(run_dir: Path, suite: str) -> None:
     from potstill.config import load_saved_recipe
-    from potstill.eval.suite import cached_encoder, encoder_for, run_suite
+    from potstill.eval.suite import score_teacher_and_student
     from potstill.io import atomic_write_json
     from potstill.report import rich_table
     from potstill.students.loading import resolve_model_path
@@ -120,9 +120,7 @@ def _eval_suite(run_dir: Path, suite: str) -> None:
     if not recipe.teacher.path:
         raise UserError(f"{run_dir / 'recipe.yaml'}: field teacher.path: --suite general needs the teacher's model "
                         f"folder (or builtin:minilm)")
-    teacher_encode = cached_encoder(encoder_for(resolve_model_path(recipe.teacher.path, field="teacher.path")))
-    results = {"teacher": run_suite(teacher_encode, teacher_encode=teacher_encode),
-               "student": run_suite(encoder_for(student_dir), teacher_encode=teacher_encode)}
+    results = score_teacher_and_student(resolve_model_path(recipe.teacher.path, field="teacher.path"), student_dir)
     table = [{"model": name, "average": r.average, "average_over_types": r.average_over_types, **r.per_type,
               **r.fidelity} for name, r in results.items()]
     shown = [{"task": row["task"], "type": row.get("type", ""), "metric": row["metric"],

@@ -15,7 +15,6 @@ st-layer-reduction` (docs/results.md, "General embedding suite"), scored by the 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 # The demo's targets. They are measured on every run and reported as PASS / MISS, never enforced.
@@ -114,22 +113,13 @@ def _source(src: Any) -> str:
     return f"{src.path} ({', '.join(extra)})" if extra else src.path
 
 
-def score_on_suite(teacher: str, student_dir: str | Path, tasks: list[str] | None = None) -> dict[str, dict]:
-    """The teacher's and the saved student's suite results (`SuiteResult.to_dict()`), as `potstill eval --suite
-    general` computes them: each model through sentence-transformers at its own max_seq_length."""
-    from potstill.eval.suite import cached_encoder, encoder_for, run_suite
-
-    teacher_encode = cached_encoder(encoder_for(teacher))
-    return {"teacher": run_suite(teacher_encode, teacher_encode=teacher_encode, tasks=tasks).to_dict(),
-            "student": run_suite(encoder_for(student_dir), teacher_encode=teacher_encode, tasks=tasks).to_dict()}
-
-
 def run_demo(overrides: list[str], *, suite_tasks: list[str] | None = None) -> dict[str, Any]:
     """Run the demo recipe with `--set` overrides, score it on the general suite (`suite_tasks`: a subset, for
     tests); print and save the table and targets; return demo.json."""
     from rich.console import Console
 
     from potstill.config import load_recipe
+    from potstill.eval.suite import score_teacher_and_student
     from potstill.io import atomic_write_json
     from potstill.recipes import packaged_recipe
     from potstill.report import rich_table, write_report
@@ -140,7 +130,8 @@ def run_demo(overrides: list[str], *, suite_tasks: list[str] | None = None) -> d
     summary = run_recipe(recipe, overwrite=True)
     if not summary:  # not the main process of a multi-process launch
         return {}
-    suite = score_on_suite(recipe.teacher.path, summary["student_dir"], suite_tasks)
+    suite = {role: result.to_dict() for role, result in
+             score_teacher_and_student(recipe.teacher.path, summary["student_dir"], tasks=suite_tasks).items()}
     by_role = {"teacher": "teacher", "student (after)": "student"}
     rows = [{**r, **suite_columns(suite[by_role[r["model"]]])} if r.get("model") in by_role else dict(r)
             for r in add_speedup(summary["table"])]

@@ -37,7 +37,7 @@ from potstill.errors import UserError, did_you_mean
 from potstill.eval import suite_metrics as M
 
 __all__ = ["TASKS", "TASK_TYPES", "SuiteResult", "SuiteTask", "cached_encoder", "encoder_for", "fidelity_texts",
-           "run_suite"]
+           "run_suite", "score_teacher_and_student"]
 
 Encode = Callable[[list[str]], np.ndarray]
 ENCODE_CHUNK = 512
@@ -188,6 +188,15 @@ def run_suite(encode: Encode, *, teacher_encode: Encode | None = None, tasks: li
                        average=float(np.mean([r["score"] for r in per_task.values()])),
                        average_over_types=float(np.mean(list(per_type.values()))), fidelity=fidelity,
                        seconds=time.perf_counter() - start)
+
+
+def score_teacher_and_student(teacher: Any, student: Any, *, tasks: list[str] | None = None
+                              ) -> dict[str, SuiteResult]:
+    """The teacher and a student (sentence-transformers folders or models, each at its own max_seq_length) on
+    the suite, the teacher also the student's fidelity reference; the teacher's vectors are encoded once."""
+    teacher_encode = cached_encoder(encoder_for(teacher))
+    return {"teacher": run_suite(teacher_encode, teacher_encode=teacher_encode, tasks=tasks),
+            "student": run_suite(encoder_for(student), teacher_encode=teacher_encode, tasks=tasks)}
 
 
 def encoder_for(model: Any, batch_size: int = 64) -> Encode:
