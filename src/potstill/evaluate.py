@@ -71,3 +71,32 @@ def evaluate_lm_suite(run_dir: str | Path, *, progress: bool = True) -> dict[str
                           batch_size=task.recipe.eval.batch_size, progress=progress)
     atomic_write_json(run_dir / "eval_lm.json", result)
     return result
+
+
+def evaluate_general_suite(run_dir: str | Path) -> dict[str, Any]:
+    """The general embedding suite (`potstill.eval.suite`) on an embedding run's saved student and its teacher;
+    written to `<run>/eval_general.json` and returned, with `per_task`: one row per task, a column per model."""
+    from potstill.eval.suite import score_teacher_and_student
+    from potstill.io import atomic_write_json
+    from potstill.students.loading import resolve_model_path
+
+    run_dir = Path(run_dir)
+    student_dir = run_dir / "student"
+    if not (run_dir / "recipe.yaml").is_file() or not (student_dir / "modules.json").is_file():
+        raise UserError(f"{run_dir}: not a finished embedding run (expected recipe.yaml and a sentence-transformers "
+                        f"folder student/ inside)")
+    recipe = load_saved_recipe(run_dir / "recipe.yaml")
+    if recipe.task != "embedding":
+        raise UserError(f"{run_dir}: --suite general scores text-embedding students; this run's task is {recipe.task}")
+    if not recipe.teacher.path:
+        raise UserError(f"{run_dir / 'recipe.yaml'}: field teacher.path: --suite general needs the teacher's model "
+                        f"folder (or builtin:minilm)")
+    results = score_teacher_and_student(resolve_model_path(recipe.teacher.path, field="teacher.path"), student_dir)
+    table = [{"model": name, "average": r.average, "average_over_types": r.average_over_types, **r.per_type,
+              **r.fidelity} for name, r in results.items()]
+    per_task = [{"task": row["task"], "type": row.get("type", ""), "metric": row["metric"],
+                 **{name: r.rows()[i]["score"] for name, r in results.items()}}
+                for i, row in enumerate(results["student"].rows())]
+    result = {"suite": "general", "table": table, **{name: r.to_dict() for name, r in results.items()}}
+    atomic_write_json(run_dir / "eval_general.json", result)
+    return {**result, "per_task": per_task}

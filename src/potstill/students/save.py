@@ -50,6 +50,27 @@ def save_factory_student(model: Any, path: str | os.PathLike, *, factory: str | 
     return Path(path)
 
 
+def load_factory_student(path: str | os.PathLike) -> Any:
+    """A student written by `save_factory_student`, rebuilt: its factory called with the saved kwargs, then the
+    saved weights loaded (strictly). Needs the factory's module importable; an ONNX export (`potstill export`)
+    needs nothing of potstill."""
+    from safetensors.torch import load_file
+
+    from potstill.errors import UserError
+    from potstill.teachers.live import load_callable
+
+    folder = Path(path)
+    spec_file = folder / "potstill_student.json"
+    if not spec_file.is_file():
+        raise UserError(f"{folder}: not a saved factory student (expected potstill_student.json inside)")
+    spec = json.loads(spec_file.read_text())
+    if not spec.get("factory"):
+        raise UserError(f"{spec_file}: names no factory to rebuild the student with")
+    model = load_callable(spec["factory"], field=f"{spec_file}: factory")(**spec.get("kwargs", {}))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model
+
+
 def save_hf_student(model: Any, tokenizer: Any, path: str | os.PathLike) -> Path:
     """`save_pretrained` the model (safetensors) and the tokenizer into `path`, replacing it atomically.
 

@@ -204,6 +204,14 @@ class Task(ABC):
             m.train(modes[role])
         return {role: {"params": count_parameters(m), unit: speed[role] * per_item} for role, m in models.items()}
 
+    # `potstill export`: what a deployed student returns ("logits", "embedding", "token_logits"; None: the task's
+    # students are not exported) and the forward that computes it from a collated batch
+    export_kind: str | None = None
+
+    def export_output(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The deployed student's output for `batch` (the graph `potstill export` writes)."""
+        raise NotImplementedError(f"{type(self).__name__} students are not exported")
+
     @abstractmethod
     def save_student(self, model: torch.nn.Module, path: Path) -> None:
         """Save the student so that it loads without potstill."""

@@ -59,6 +59,7 @@ from potstill.tasks.models import load_factory_teacher, load_hf_teacher
 
 
 class CausalLMTask(Task):
+    export_kind = "token_logits"
     signal_kind = "logits"
     name = "causal_lm"
 
@@ -275,6 +276,9 @@ class CausalLMTask(Task):
                                   batch_size=min(4, self.recipe.eval.batch_size), rounds=2)
 
     # ------------------------------------------------------------------ output
+    def export_output(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return self.logits(model, batch)
+
     def save_student(self, model: nn.Module, path: Path) -> None:
         """`save_pretrained` + tokenizer (loads with AutoModelForCausalLM, no potstill); else a state dict."""
         if hasattr(model, "save_pretrained"):

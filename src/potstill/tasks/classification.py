@@ -34,6 +34,7 @@ def name_labels(model: nn.Module, label_ids: dict[Any, int]) -> None:
 
 
 class ClassificationTask(Task):
+    export_kind = "logits"
     signal_kind = "logits"
     name = "classification"
 
@@ -226,6 +227,9 @@ class ClassificationTask(Task):
                                   batch_size=self.recipe.eval.batch_size)
 
     # ---- output
+    def export_output(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return self._forward(model, batch)
+
     def save_student(self, model: nn.Module, path: Path) -> None:
         if hasattr(model, "save_pretrained"):
             from potstill.students import save_hf_student

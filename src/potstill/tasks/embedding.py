@@ -34,6 +34,7 @@ CACHE_FORMAT = 1
 
 
 class EmbeddingTask(Task):
+    export_kind = "embedding"
     signal_kind = "embedding"
     name = "embedding"
 
@@ -194,6 +195,9 @@ class EmbeddingTask(Task):
                                   batch_size=self.recipe.eval.batch_size, min_seconds=1.0)
 
     # ---- output
+    def export_output(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return self._embed(model, batch)
+
     def save_student(self, model: nn.Module, path: Path) -> None:
         from potstill.students import save_sentence_transformer
 

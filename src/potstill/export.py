@@ -1,0 +1,214 @@
+"""`potstill export`: a finished run's student as an ONNX model, checked against PyTorch, and optionally an int8 copy.
+
+The graph computes what the task's student hands the losses, so the deployed model answers exactly what was
+distilled: class logits (classification), the pooled sentence embedding (embedding; L2-normalised when the saved
+student ends in sentence-transformers' `Normalize`), next-token logits (causal_lm). It is exported with
+`torch.onnx.export(dynamo=True)` with a dynamic batch (and sequence) axis, then run by ONNX Runtime on records of
+the run's own data at other batch and sequence sizes than the trace's; the largest deviation from PyTorch must stay
+within `atol + rtol·|reference|`, else the export fails with that number.
+
+`--int8` adds ONNX Runtime's dynamic quantisation (int8 weights, activations quantised per batch at run time) and
+reports what it costs, measured on the same records against the float32 model: argmax agreement and accuracy
+(logits), top-1 token agreement (token logits), cosine (embeddings), plus file sizes and throughput of the three
+(PyTorch, ONNX float32, ONNX int8), measured interleaved. Everything lands in `<run>/export/`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from potstill.errors import UserError
+from potstill.evaluate import _load_student, _saved_recipe
+from potstill.io import atomic_write_json
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "features")
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+SAMPLE_RECORDS = 128  # records of the run's data used for the check and the int8 quality delta
+
+
+class _ExportedStudent(nn.Module):
+    """The task's deployed forward (`Task.export_output`) as a module of positional tensors, for the tracer."""
+
+    def __init__(self, task: Any, model: nn.Module, names: list[str], normalize: bool) -> None:
+        super().__init__()
+        self.task, self.model, self.names, self.normalize = task, model, names, normalize
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        out = self.task.export_output(self.model, dict(zip(self.names, tensors, strict=True)))
+        return nn.functional.normalize(out, dim=-1) if self.normalize else out
+
+
+def _requirements() -> Any:
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (the dynamo exporter's back end)
+    except ImportError as exc:
+        raise UserError(f"potstill export needs onnx, onnxscript and onnxruntime ({exc.name} is missing): "
+                        "pip install 'potstill[export]'") from None
+    return onnxruntime
+
+
+def _batches(task: Any, records: list[dict], size: int) -> list[dict[str, torch.Tensor]]:
+    return [task.collate(records[i:i + size], list(range(i, min(i + size, len(records)))))
+            for i in range(0, len(records), size)]
+
+
+def _inputs(batch: dict[str, Any], names: list[str]) -> tuple[torch.Tensor, ...]:
+    return tuple(batch[n] for n in names)
+
+
+def _onnx_feed(batch: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    return {n: batch[n].numpy() for n in names}
+
+
+def _export(module: _ExportedStudent, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    shapes = tuple({0: batch_dim, 1: seq_dim} if name in TOKEN_INPUTS else {0: batch_dim} for name in module.names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), input_names=module.names, output_names=["output"],
+                          dynamic_shapes=(shapes,), dynamo=True, verbose=False)  # one entry: the *tensors
+
+
+def _deviation(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None) -> float:
+    diff = (reference - other).abs()
+    return float(diff[mask.bool()].max() if mask is not None and diff.dim() == 3 else diff.max())
+
+
+def _quality(kind: str, reference: torch.Tensor, other: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
+    """How far `other` (a batch of outputs) is from `reference`, in the terms of the task's output."""
+    if kind == "embedding":
+        cos = nn.functional.cosine_similarity(reference, other, dim=-1)
+        return {"cosine_sum": float(cos.sum()), "cosine_min": float(cos.min()), "rows": float(len(cos))}
+    if kind == "token_logits":
+        mask = batch["attention_mask"].bool()
+        same = (reference.argmax(-1) == other.argmax(-1))[mask]
+        return {"agree_sum": float(same.sum()), "rows": float(same.numel())}
+    out = {"agree_sum": float((reference.argmax(-1) == other.argmax(-1)).sum()), "rows": float(len(reference))}
+    labels = batch.get("labels")
+    if labels is not None:
+        keep = labels != -100
+        out["correct_ref"] = float((reference.argmax(-1) == labels)[keep].sum())
+        out["correct_other"] = float((other.argmax(-1) == labels)[keep].sum())
+        out["labelled"] = float(keep.sum())
+    return out
+
+
+def _summarise(kind: str, parts: list[dict[str, float]]) -> dict[str, float]:
+    total = {k: sum(p.get(k, 0.0) for p in parts) for k in parts[0]}
+    if kind == "embedding":
+        return {"mean_cosine_to_float32": total["cosine_sum"] / total["rows"],
+                "min_cosine_to_float32": min(p["cosine_min"] for p in parts)}
+    out = {"argmax_agreement_with_float32": total["agree_sum"] / total["rows"]}
+    if total.get("labelled"):
+        out["accuracy_float32"] = total["correct_ref"] / total["labelled"]
+        out["accuracy_int8"] = total["correct_other"] / total["labelled"]
+    return out
+
+
+def export_run(run_dir: str | Path, *, int8: bool = False, atol: float = 1e-4, rtol: float = 1e-3,
+               out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Export `run_dir`'s saved student to `<run>/export/model.onnx` (+ `model.int8.onnx` with `int8`), check it
+    against PyTorch on the run's records, and write and return `export.json`."""
+    ort = _requirements()
+    run_dir = Path(run_dir)
+    recipe = _saved_recipe(run_dir)
+    task, student = _load_student(run_dir, recipe)
+    kind = getattr(task, "export_kind", None)
+    if kind is None:
+        raise UserError(f"{run_dir}: potstill export supports classification, embedding and causal_lm students; "
+                        f"this run's task is {recipe.task}")
+    records = (task.eval_records or task.train_records)[:SAMPLE_RECORDS]
+    if not records:
+        raise UserError(f"{run_dir / 'recipe.yaml'}: data.eval and data.train give no records to check the export on")
+    batches = _batches(task, records, max(2, min(recipe.eval.batch_size, 32)))
+    names = [n for n in INPUT_NAMES if n in batches[0]]
+    from potstill.students.save import normalizes_embeddings
+
+    normalize = kind == "embedding" and normalizes_embeddings(run_dir / "student")
+    module = _ExportedStudent(task, student, names, normalize).eval()
+    out = Path(out_dir) if out_dir else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path, int8_path = out / "model.onnx", out / "model.int8.onnx"
+    trace = task.collate(records[:2], [0, 1])  # traced at 2 rows: every check batch has other shapes
+    start = time.perf_counter()
+    with torch.no_grad():
+        _export(module, _inputs(trace, names), onnx_path)
+    export_seconds = time.perf_counter() - start
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst, limit_hit = 0.0, None
+    references = []
+    with torch.no_grad():
+        for batch in batches:
+            reference = module(*_inputs(batch, names))
+            got = torch.from_numpy(session.run(None, _onnx_feed(batch, names))[0])
+            references.append(reference)
+            dev = _deviation(reference, got, batch.get("attention_mask") if kind == "token_logits" else None)
+            allowed = atol + rtol * float(reference.abs().max())
+            worst = max(worst, dev)
+            if dev > allowed and limit_hit is None:
+                limit_hit = (dev, allowed)
+    if limit_hit is not None:
+        raise UserError(f"{onnx_path}: the ONNX model's outputs differ from PyTorch's by {limit_hit[0]:.3g} "
+                        f"(allowed {limit_hit[1]:.3g}); the export is kept for inspection")
+    tokenizer_files = _copy_tokenizer(run_dir / "student", out)
+    result: dict[str, Any] = {
+        "task": recipe.task, "output": kind, "inputs": names, "normalized": normalize, "model": onnx_path.name,
+        "check": {"records": len(records), "max_abs_deviation": worst, "atol": atol, "rtol": rtol},
+        "export_seconds": export_seconds, "bytes": {"float32": onnx_path.stat().st_size},
+        "tokenizer_files": tokenizer_files,
+    }
+    if int8:
+        result["int8"] = _quantize(ort, onnx_path, int8_path, kind, batches, names, references, module)
+        result["bytes"]["int8"] = int8_path.stat().st_size
+    atomic_write_json(out / "export.json", result)
+    return result
+
+
+def _copy_tokenizer(student_dir: Path, out: Path) -> list[str]:
+    """The student's tokenizer files beside the ONNX model (a deployment needs both)."""
+    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
+             "vocab.json", "sentencepiece.bpe.model", "tokenizer.model"]
+    copied = []
+    for name in names:
+        if (student_dir / name).is_file():
+            shutil.copy2(student_dir / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def _quantize(ort: Any, onnx_path: Path, int8_path: Path, kind: str, batches: list[dict[str, Any]], names: list[str],
+              references: list[torch.Tensor], module: nn.Module) -> dict[str, Any]:
+    """ONNX Runtime dynamic int8 quantisation, and its cost against the float32 outputs (`references`)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from potstill.eval import compare_throughput
+
+    quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8)
+    fp32 = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    q8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    parts = [_quality(kind, ref, torch.from_numpy(q8.run(None, _onnx_feed(batch, names))[0]), batch)
+             for batch, ref in zip(batches, references, strict=True)]
+
+    def runner(fn: Any) -> Any:
+        return lambda chunk: [fn(batch) for batch in chunk]
+
+    def torch_run(batch: dict[str, Any]) -> Any:
+        with torch.no_grad():
+            return module(*_inputs(batch, names))
+
+    speed = compare_throughput({"pytorch": runner(torch_run),
+                                "onnx_float32": runner(lambda b: fp32.run(None, _onnx_feed(b, names))),
+                                "onnx_int8": runner(lambda b: q8.run(None, _onnx_feed(b, names)))},
+                               batches, batch_size=1, rounds=3, min_seconds=0.5)
+    rows = sum(len(next(iter(b.values()))) for b in batches) / len(batches)
+    return {"model": int8_path.name, **_summarise(kind, parts),
+            "rows_per_s": {name: value * rows for name, value in speed.items()}}
