@@ -91,7 +91,8 @@ def test_two_process_accelerate_run(tmp_path, digits_recipe):
     run = tmp_path / "runs" / "ddp"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
-    assert sorted(p.name for p in (run / "student").iterdir()) == ["model.safetensors", "potstill_student.json"]
+    assert sorted(p.name for p in (run / "student").iterdir()) == ["README.md", "model.safetensors",
+                                                                    "potstill_student.json"]
     assert (run / "checkpoints" / "step-00000006" / "rng-rank1.pt").is_file()
     single = validate_recipe(dict(raw, name="single", trainer={**raw["trainer"], "batch_size": 8}))
     run_recipe(single)

@@ -138,6 +138,10 @@ def _train_and_report(recipe: Recipe, *, resume: bool, overwrite: bool, accelera
     recipe = task.recipe  # with data.prune's weight tie applied: the weights that were trained with
     if distiller.is_main:
         from potstill.report import write_report
+        from potstill.report.model_card import write_model_card
+
+        if summary.get("student_dir"):
+            write_model_card(summary["student_dir"], card_facts(recipe, summary), summary["table"])
 
         write_report(recipe.run_dir, title=f"potstill run: {recipe.name}",
                      tables=[("teacher / student before / student after", summary["table"])],
@@ -147,3 +151,28 @@ def _train_and_report(recipe: Recipe, *, resume: bool, overwrite: bool, accelera
                          for o in recipe.objectives) + (f" + {recipe.trainer.hard_label_weight:g}·hard-label CE"
                                                         if recipe.trainer.hard_label_weight else "")])
     return summary
+
+
+def _source(src: Any) -> str:
+    split = f", split {src.split}" if src.split else ""
+    limit = f", first {src.limit:,} records" if src.limit else ""
+    return f"`{src.path}`{split}{limit}"
+
+
+def card_facts(recipe: Recipe, summary: dict[str, Any]) -> Any:
+    """What the student's model card (`report.model_card`) says about this run."""
+    from potstill.report.model_card import CardFacts
+
+    s, t = recipe.student, recipe.trainer
+    student = {"layers_from_teacher": f"the teacher's layers {s.layers} copied" if s.layers else "teacher layers",
+               "from_config": f"built from a config ({s.config})" if s.config else "built from a config",
+               "pretrained": f"started from `{s.path}`", "factory": f"`{s.factory}`({s.kwargs})",
+               "static": "a static (model2vec-style) embedding table"}.get(s.init, s.init)
+    teacher = recipe.teacher.path or recipe.teacher.factory or "teacher scores from a file"
+    objectives = ", ".join(f"{o.weight:g}·{o.name}" for o in recipe.objectives) or "none (hard labels only)"
+    steps = summary.get("steps")
+    training = (f"{steps} optimizer steps" if steps is not None else f"{t.epochs:g} epochs") + \
+        f", batch {t.batch_size}×{t.grad_accum}, lr {t.lr:g} ({t.schedule}), seed {recipe.seed}"
+    return CardFacts(name=recipe.name, task=recipe.task, teacher=str(teacher), student=student,
+                     data=_source(recipe.data.train), objectives=objectives, training=training,
+                     recipe_yaml=dump_recipe(recipe))
