@@ -233,3 +233,35 @@ def test_throughput_ignores_a_stalled_batch():
                               clock=lambda: now[0])
     assert calls[0] == 10  # one pass over 40 items
     assert rate == pytest.approx(4 / 0.001)  # the median batch: 1 ms; the mean would give 40 / 0.509 = 78.6/s
+
+
+# ---- trap 14: --resume on a finished run says so, and does not rebuild the teacher or re-evaluate
+def test_resume_of_a_complete_run_says_so_and_does_nothing(tmp_path, digits_recipe, capsys, monkeypatch):
+    from potstill.config import validate_recipe
+    from potstill.train import run, run_recipe
+
+    recipe = validate_recipe(digits_recipe)
+    first = run_recipe(recipe)
+    log = (recipe.run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    monkeypatch.setattr(run, "build_task", lambda *a, **k: pytest.fail("a complete run was set up again"))
+    assert run_recipe(recipe, resume=True) == first
+    out = capsys.readouterr().err
+    assert "is already complete (10 steps, same recipe): nothing to resume" in out
+    assert f"--set student.path={recipe.run_dir / 'student'}" in out
+    assert (recipe.run_dir / "metrics.jsonl").read_text() == log
+
+
+def test_resume_of_a_run_stopped_early_or_changed_is_not_called_complete(tmp_path, digits_recipe):
+    from potstill.config import validate_recipe
+    from potstill.errors import UserError
+    from potstill.train import run_recipe
+    from potstill.train.run import finished_summary
+
+    short = validate_recipe({**digits_recipe, "trainer": {**digits_recipe["trainer"], "max_seconds": 1e-9}})
+    summary = run_recipe(short)
+    assert summary["steps"] == 1 and summary["complete"] is False and finished_summary(short) is None
+    longer = validate_recipe({**digits_recipe, "trainer": {**digits_recipe["trainer"], "max_steps": 12}})
+    assert finished_summary(longer) is None
+    with pytest.raises(UserError, match="the recipe changed"):
+        run_recipe(longer, resume=True)

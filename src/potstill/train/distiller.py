@@ -253,7 +253,7 @@ class Distiller:
             self._emit("on_evaluate", done, after)
             summary = {"steps": done, "final_loss": last.loss if last else None, "train_seconds": seconds,
                        "table": rows, "student_dir": str(self.run_dir / "student"), "world_size": world,
-                       "objectives": [o.name for o in self.objectives]}
+                       "objectives": [o.name for o in self.objectives], "complete": done >= total}
             self._emit("on_fit_end", summary)
             atomic_write_json(self.run_dir / "summary.json", summary)
         acc.wait_for_everyone()

@@ -130,7 +130,39 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     check_output_dir(recipe)  # a file or read-only output_dir: one line naming the field, before the lock
     accelerator = accelerator or new_accelerator()
     with run_lock(recipe.run_dir, accelerator):
+        finished = finished_summary(recipe) if resume else None
+        if finished is not None:
+            if accelerator.is_main_process:
+                from potstill.ui import console
+
+                console.print(f"{recipe.run_dir} is already complete ({finished['steps']} steps, same recipe): "
+                              f"nothing to resume. To train it further, start a new run from its student: "
+                              f"--set student.init=pretrained --set student.path={recipe.run_dir / 'student'} "
+                              f"--set name=<new name>", highlight=False, soft_wrap=True)
+            return finished
         return _train_and_report(recipe, resume=resume, overwrite=overwrite, accelerator=accelerator)
+
+
+def finished_summary(recipe: Recipe) -> dict[str, Any] | None:
+    """The stored summary when `recipe.run_dir` holds a complete run of this same recipe (its final checkpoint
+    and saved student present): what `--resume` would only redo. None otherwise."""
+    import json
+
+    from potstill.config import recipe_changes
+    from potstill.train import checkpoint as ckpt
+
+    run_dir = recipe.run_dir
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        stored = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    done = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if (not isinstance(summary, dict) or not summary.get("complete") or not done or done[-1][0] != summary["steps"]
+            or not (run_dir / "student").is_dir()
+            or recipe_changes(stored, dump_recipe(with_pruned_kd_weights(recipe)))):
+        return None
+    return summary
 
 
 def _train_and_report(recipe: Recipe, *, resume: bool, overwrite: bool, accelerator: Any) -> dict[str, Any]:
