@@ -150,7 +150,7 @@ def topic_sentence(label: str, rng: np.random.Generator) -> str:
     return "the " + " and the ".join(rng.choice(TOPIC_WORDS[label], size=2)) + " today"
 
 
-def scripted_llm_app(requests: list[str]):
+def scripted_llm_app(requests: list[str], max_tokens: list[int] | None = None):
     from fastapi import FastAPI
 
     app = FastAPI()
@@ -158,8 +158,11 @@ def scripted_llm_app(requests: list[str]):
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> dict:
-        prompt = (await request.json())["messages"][-1]["content"]
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
         requests.append(prompt)
+        if max_tokens is not None:
+            max_tokens.append(body["max_tokens"])
         count = int(re.search(r"Write (\d+) new", prompt).group(1))
         targets = re.search(r"for the labels (.+?), ones that", prompt).group(1).split(", ")
         text = "\n".join(json.dumps({"text": topic_sentence(targets[i % len(targets)], rng),
@@ -198,10 +201,13 @@ def test_cli_pgkd_runs_cycles_writes_state_and_resumes(tmp_path, capsys):
         "trainer": {"max_steps": 6, "batch_size": 6, "lr": 3e-3, "hard_label_weight": 1.0},
         "eval": {"throughput": False, "compare_before": False}}))
     requests: list[str] = []
-    with LocalServer(scripted_llm_app(requests)) as server:
+    asked: list[int] = []
+    with LocalServer(scripted_llm_app(requests, asked)) as server:
         args = ["pgkd", str(recipe), "--base-url", server.base_url, "--model", "scripted", "--task",
-                "news topic of a short sentence", "--per-cycle", "6", "--weak-classes", "2"]
+                "news topic of a short sentence", "--per-cycle", "6", "--weak-classes", "2", "--max-tokens", "300",
+                "--timeout", "30", "--concurrency", "2"]  # issue #18 trap 5: a slow local teacher needs these
         assert main([*args, "--cycles", "1"]) == 0
+        assert asked == [300] * len(requests)
         state = json.loads((tmp_path / "runs" / "pgkd" / "pgkd" / "state.json").read_text())
         assert state["cycle"] == 1 and state["done"] and [h["cycle"] for h in state["history"]] == [0, 1]
         assert 0 < state["history"][1]["added"] <= 6 and len(requests) == 3

@@ -21,6 +21,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
                                                      help="override a recipe field, e.g. trainer.max_steps=200")]
+# the teacher endpoint client's settings, shared by the commands that call one (generate, pgkd)
+Concurrency = Annotated[int, typer.Option(min=1, help="requests in flight")]
+MaxRetries = Annotated[int, typer.Option(min=0, help="retries per request on 429/5xx/timeouts")]
+Timeout = Annotated[float, typer.Option(min=0.1, help="seconds per request (a local CPU teacher needs minutes)")]
 
 
 def _console():
@@ -257,10 +261,10 @@ def generate(prompts: Annotated[Path, typer.Argument(help="prompts file: JSONL/C
                                                           "bool")] = None,
              cache: Annotated[Path | None, typer.Option(help="response cache (SQLite); default <out>.cache.sqlite")]
              = None,
-             concurrency: Annotated[int, typer.Option(min=1, help="requests in flight")] = 8,
+             concurrency: Concurrency = 8,
              requests_per_second: Annotated[float | None, typer.Option(min=0.0, help="rate limit")] = None,
-             max_retries: Annotated[int, typer.Option(min=0, help="retries per request on 429/5xx/timeouts")] = 8,
-             timeout: Annotated[float, typer.Option(min=0.1, help="seconds per request")] = 60.0,
+             max_retries: MaxRetries = 8,
+             timeout: Timeout = 60.0,
              limit: Annotated[int | None, typer.Option(min=1, help="only the first N prompts")] = None,
              ) -> None:
     """Ask a text-only teacher for every prompt; write a JSONL dataset with provenance.
@@ -314,6 +318,9 @@ def pgkd(recipe: Annotated[Path, typer.Argument(help="text-classification recipe
          temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
          cache: Annotated[Path | None, typer.Option(help="response cache; default <run>/pgkd/cache.sqlite")] = None,
          resume: Annotated[bool, typer.Option("--resume", help="continue a killed loop")] = False,
+         max_tokens: Annotated[int, typer.Option(min=1, help="tokens per teacher answer (one answer holds a "
+                                                 "round's examples)")] = 1024,
+         concurrency: Concurrency = 4, timeout: Timeout = 120.0, max_retries: MaxRetries = 8,
          ) -> None:
     """PGKD: a teacher LLM writes examples of the student classifier's weakest classes.
 
@@ -327,12 +334,13 @@ def pgkd(recipe: Annotated[Path, typer.Argument(help="text-classification recipe
     _quiet_transformers()
     console = _console()
     teacher = EndpointTeacher(base_url, model, api_key_env=api_key_env,
-                              cache=cache or cfg.run_dir / "pgkd" / "cache.sqlite")
+                              cache=cache or cfg.run_dir / "pgkd" / "cache.sqlite", concurrency=concurrency,
+                              timeout=timeout, max_retries=max_retries)
     with teacher:
         summary = run_pgkd(cfg, teacher, task_description=task, resume=resume,
                            log=lambda msg: console.print(msg, highlight=False), max_cycles=cycles,
                            patience=patience, per_cycle=per_cycle, weak_classes=weak_classes,
-                           temperature=temperature)
+                           temperature=temperature, max_tokens=max_tokens)
     console.print(f"best cycle {summary['best_cycle']}: macro-F1 {summary['best_macro_f1']:.3f} on "
                   f"{summary['train_size']:,} training examples; student: {summary['student_dir']}", highlight=False)
 
