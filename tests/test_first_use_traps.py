@@ -265,3 +265,54 @@ def test_resume_of_a_run_stopped_early_or_changed_is_not_called_complete(tmp_pat
     assert finished_summary(longer) is None
     with pytest.raises(UserError, match="the recipe changed"):
         run_recipe(longer, resume=True)
+
+
+# ---- trap 8: no silent phase: set-up, evaluations and the throughput measurement each say when they start and end
+def test_every_phase_of_a_run_and_of_eval_is_announced(tmp_path, digits_recipe, capsys):
+    from potstill.config import validate_recipe
+    from potstill.evaluate import evaluate_run
+    from potstill.train import run_recipe
+
+    raw = {**digits_recipe, "eval": {"compare_before": False, "throughput": True}}
+    run_recipe(validate_recipe(raw))
+    err = capsys.readouterr().err
+    starts = ["setting up the classification run: data, teacher and student…", "evaluating the teacher…",
+              "step 1/10", "evaluating the student…", "measuring teacher and student throughput (interleaved)…"]
+    positions = [err.index(s) for s in starts]
+    assert positions == sorted(positions)
+    assert err.count(": done in ") == 4
+
+    evaluate_run(tmp_path / "runs" / raw["name"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"loading {tmp_path / 'runs' / raw['name']}: data, teacher and saved student…")
+    assert err.count(": done in ") == 4 and "evaluating the student: done in" in err
+
+
+# ---- trap 11: --set errors name the --set; objectives[0] works; a mapping value merges like the dotted form
+def test_set_errors_blame_the_set_not_the_file(tmp_path, digits_recipe):
+    from conftest import write_yaml
+
+    from potstill.config import load_recipe
+    from potstill.errors import UserError
+
+    path = write_yaml(tmp_path / "r.yaml", digits_recipe)
+    with pytest.raises(UserError, match=r"^invalid recipe: --set trainer.lr=-1: field trainer.lr: Input should be"):
+        load_recipe(path, ["trainer.lr=-1"])
+    with pytest.raises(UserError, match=r"--set objectives\[0\].params.temperature=-2: field objectives.0.params"):
+        load_recipe(path, ["objectives[0].params.temperature=-2"])
+    with pytest.raises(UserError, match=r"bad.yaml, line \d+: field trainer.lr"):  # a bad value in the file itself
+        load_recipe(write_yaml(tmp_path / "bad.yaml", {**digits_recipe, "trainer": {"lr": -1}}), ["seed=3"])
+
+
+def test_set_list_items_by_bracket_and_mappings_merge(tmp_path, digits_recipe):
+    from conftest import write_yaml
+
+    from potstill.config import apply_overrides, load_recipe
+
+    path = write_yaml(tmp_path / "r.yaml", {**digits_recipe, "student": {**digits_recipe["student"],
+                                                                        "kwargs": {"hidden": 16, "seed": 1}}})
+    recipe = load_recipe(path, ["objectives[0].params.temperature=2", "student.kwargs={hidden: 32}"])
+    assert recipe.objectives[0].params["temperature"] == 2
+    assert recipe.student.kwargs == {"hidden": 32, "seed": 1}  # merged, as student.kwargs.hidden=32 would be
+    assert load_recipe(path, ["student.kwargs=null", "student.kwargs={hidden: 8}"]).student.kwargs == {"hidden": 8}
+    assert apply_overrides({"a": [{"b": 1}]}, ["a[0].c=2", "a.0.b=3"]) == {"a": [{"b": 3, "c": 2}]}

@@ -115,7 +115,12 @@ def test_a_failed_run_releases_its_lock(digits_recipe):
     recipe = validate_recipe(raw)
     with pytest.raises(UserError, match="fewer than trainer.batch_size"):
         run_recipe(recipe)
-    assert sorted(p.name for p in recipe.run_dir.iterdir()) == ["recipe.yaml"]
+    assert not recipe.run_dir.exists()  # the lock released with it: a failed start leaves no folder behind
+    recipe.run_dir.mkdir(parents=True)
+    (recipe.run_dir / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="fewer than trainer.batch_size"):
+        run_recipe(recipe)
+    assert sorted(p.name for p in recipe.run_dir.iterdir()) == ["keep.txt", "recipe.yaml"]  # not its folder
 
 
 def test_a_run_folder_made_only_for_the_lock_is_removed_when_the_run_fails_at_once(tmp_path):

@@ -40,12 +40,22 @@ def _load_student(run_dir: Path, recipe: Any) -> tuple[Any, Any]:
 
 def evaluate_run(run_dir: str | Path) -> list[dict[str, Any]]:
     """Rows {model, metrics…, params, speed} for the teacher and the saved student of `run_dir`."""
+    from potstill.ui import phase
+
     run_dir = Path(run_dir)
-    task, student = _load_student(run_dir, _saved_recipe(run_dir))
-    sizes = task.measure(student) if task.recipe.eval.throughput else {}
-    teacher_row = task.evaluate(task.teacher, role="teacher")  # type: ignore[arg-type]  # None: no teacher
+    recipe = _saved_recipe(run_dir)
+    with phase(f"loading {run_dir}: data, teacher and saved student"):
+        task, student = _load_student(run_dir, recipe)
+    sizes = {}
+    if task.recipe.eval.throughput:
+        with phase("measuring teacher and student throughput (interleaved)"):
+            sizes = task.measure(student)
+    with phase("evaluating the teacher"):
+        teacher_row = task.evaluate(task.teacher, role="teacher")  # type: ignore[arg-type]  # None: no teacher
+    with phase("evaluating the student"):
+        student_row = task.evaluate(student)
     return [{"model": "teacher", **teacher_row, **sizes.get("teacher", {})},
-            {"model": "student", **task.evaluate(student), **sizes.get("student", {})}]
+            {"model": "student", **student_row, **sizes.get("student", {})}]
 
 
 def evaluate_lm_suite(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:

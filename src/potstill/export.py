@@ -27,6 +27,7 @@ from torch import nn
 from potstill.errors import UserError
 from potstill.evaluate import _load_student, _saved_recipe
 from potstill.io import atomic_write_json
+from potstill.ui import phase
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "features")
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -139,7 +140,7 @@ def export_run(run_dir: str | Path, *, int8: bool = False, atol: float = 1e-4, r
     onnx_path, int8_path = out / "model.onnx", out / "model.int8.onnx"
     trace = task.collate(records[:2], [0, 1])  # traced at 2 rows: every check batch has other shapes
     start = time.perf_counter()
-    with torch.no_grad():
+    with phase(f"exporting the student to {onnx_path}"), torch.no_grad():
         _export(module, _inputs(trace, names), onnx_path)
     export_seconds = time.perf_counter() - start
 
@@ -167,7 +168,8 @@ def export_run(run_dir: str | Path, *, int8: bool = False, atol: float = 1e-4, r
         "tokenizer_files": tokenizer_files,
     }
     if int8:
-        result["int8"] = _quantize(ort, onnx_path, int8_path, kind, batches, names, references, module)
+        with phase("int8: quantising, scoring against float32 and timing"):
+            result["int8"] = _quantize(ort, onnx_path, int8_path, kind, batches, names, references, module)
         result["bytes"]["int8"] = int8_path.stat().st_size
     atomic_write_json(out / "export.json", result)
     return result

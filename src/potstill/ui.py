@@ -5,6 +5,7 @@ The lowest-level UI module: any part (tasks, teachers, the loop, the CLI) may im
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
@@ -46,3 +47,17 @@ def task_progress(description: str, total: int) -> Iterator[Callable[[int], None
     with make_progress() as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+@contextlib.contextmanager
+def phase(description: str, *, enabled: bool = True) -> Iterator[None]:
+    """A stretch of work without countable items (setting up models, an evaluation, a conversion), so that no part
+    of a command is silent: one line "description…" when it starts and one with the seconds it took. Plain lines,
+    not a spinner, so that progress bars inside it still work. `enabled=False` (other processes) shows nothing."""
+    if not enabled:
+        yield
+        return
+    start = time.perf_counter()
+    console.print(f"{description}…", highlight=False, soft_wrap=True)
+    yield
+    console.print(f"{description}: done in {time.perf_counter() - start:.1f} s", highlight=False, soft_wrap=True)

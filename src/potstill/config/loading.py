@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +20,61 @@ RESUMABLE_CHANGES = ("name", "output_dir", "eval", "trainer.log_every", "trainer
                      "trainer.num_threads", "trainer.fused_lm_head")
 
 
+def override_path(key: str) -> tuple[str | int, ...]:
+    """The field path of an override key: dotted, list items by index (`objectives.0.weight` or
+    `objectives[0].weight`)."""
+    key = re.sub(r"\[\s*(\d+)\s*\]", r".\1", key.strip())
+    return tuple(int(p) if p.isdigit() else p for p in key.split(".") if p != "")
+
+
+def _merge(old: Any, new: Any) -> Any:
+    """`new` merged into `old`: mappings key by key (recursively), anything else replaced."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{k: _merge(old.get(k), v) for k, v in new.items()}}
+    return new
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `--set a.b=c` overrides (values parsed as YAML; list items addressed by index)."""
+    """Apply `--set a.b=c` overrides: values parsed as YAML; list items addressed by index (`a.0.b` or `a[0].b`); a
+    mapping value is merged into the mapping already there (`--set student.kwargs={hidden: 32}` keeps the other
+    kwargs), so `a={x: 1}` and `a.x=1` mean the same; `a=null` clears a field."""
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.max_steps=200")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
+        parts = override_path(key)
+        if not parts:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.max_steps=200")
         node: Any = raw
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise UserError(f"--set {key}: {'.'.join(parts[:i]) or 'recipe'} is a list of "
+                if not isinstance(part, int) or part >= len(node):
+                    raise UserError(f"--set {key}: {'.'.join(map(str, parts[:i])) or 'recipe'} is a list of "
                                     f"{len(node)} items; {part!r} is not a valid index")
-                part = int(part)
             elif not isinstance(node, dict):
-                raise UserError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
+                raise UserError(f"--set {key}: {'.'.join(map(str, parts[:i]))} is not a mapping")
+            elif isinstance(part, int):
+                part = str(part)  # a mapping key that looks like a number
             if last:
                 try:
-                    node[part] = yaml.safe_load(value)
+                    parsed = yaml.safe_load(value)
                 except yaml.YAMLError as exc:
                     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
                     raise UserError(f"--set {key}: the value {value!r} is not valid YAML ({problem}); quote a "
                                     f"string, e.g. --set '{key}=\"...\"'") from None
+                current = node[part] if isinstance(node, list) else node.get(part)
+                node[part] = _merge(current, parsed)
             else:
                 if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
                     node[part] = {}
                 node = node[part]
     return raw
+
+
+def overridden_fields(overrides: list[str]) -> dict[tuple[str | int, ...], str]:
+    """Field path → the `--set` item that gave it (the last one wins), for error messages."""
+    return {override_path(item.split("=", 1)[0]): item for item in overrides if "=" in item}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -56,16 +83,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     raw, root = _read_yaml(path)
     raw = apply_overrides(raw, overrides or [])
-    return validate_recipe(raw, source=str(path), root=root, recipe_dir=path.resolve().parent)
+    return validate_recipe(raw, source=str(path), root=root, recipe_dir=path.resolve().parent,
+                           overridden=overridden_fields(overrides or []))
 
 
 def validate_recipe(raw: dict, *, source: str = "recipe", root: yaml.Node | None = None,
-                    recipe_dir: Path | None = None) -> Recipe:
-    """The recipe `raw` describes; with `recipe_dir`, its relative paths are resolved against that folder."""
+                    recipe_dir: Path | None = None,
+                    overridden: dict[tuple[str | int, ...], str] | None = None) -> Recipe:
+    """The recipe `raw` describes; with `recipe_dir`, its relative paths are resolved against that folder. A
+    problem in a field that `overridden` (path → `--set` item) gave is blamed on that `--set`, not on the file."""
     try:
         return RECIPE_ADAPTER.validate_python(raw, context={RECIPE_DIR: recipe_dir})
     except ValidationError as err:
-        raise UserError(format_validation_error(err, source, root)) from None
+        raise UserError(format_validation_error(err, source, root, overridden=overridden)) from None
 
 
 def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:

@@ -148,8 +148,18 @@ def _task_tag(e: dict, root: yaml.Node | None) -> tuple[tuple, int | None, str]:
     return ("task",), _line_of(root, ("task",)), f"unknown task {tag!r}{did_you_mean(tag, TASKS)}; valid: {valid}"
 
 
-def format_validation_error(err: ValidationError, source: str, root: yaml.Node | None) -> str:
-    """One line: `invalid recipe: <file>, line N: field a.b: message`; several problems are joined by "; "."""
+def _set_item(loc: tuple, overridden: dict[tuple, str] | None) -> str | None:
+    """The `--set` item that gave the field at `loc` (or a section above it), if one did."""
+    for path, item in (overridden or {}).items():
+        if tuple(str(p) for p in loc[:len(path)]) == tuple(str(p) for p in path):
+            return item
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str, root: yaml.Node | None, *,
+                            overridden: dict[tuple, str] | None = None) -> str:
+    """One line: `invalid recipe: <file>, line N: field a.b: message` (or `--set a.b=x: field a.b: message` when an
+    override gave the field, `overridden`: path → item); several problems are joined by "; "."""
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function")))
@@ -172,6 +182,7 @@ def format_validation_error(err: ValidationError, source: str, root: yaml.Node |
             if e["type"] not in ("missing", "value_error") and "input" in e:
                 msg += f" (got {e['input']!r})"
             line = _line_of(root, loc) if e["type"] != "missing" else _line_of(root, loc[:-1])
-        where = f"{source}, line {line}" if line else source
+        item = _set_item(loc, overridden)
+        where = f"--set {item}" if item else f"{source}, line {line}" if line else source
         lines.append(f"{where}: field {path}: {msg}")
     return "invalid recipe: " + "; ".join(lines)

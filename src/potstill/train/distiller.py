@@ -47,7 +47,7 @@ from potstill.train.objective import Objective, bind_objectives, loss_terms, obj
 from potstill.train.optim import ParameterBag, lr_lambda, param_groups
 from potstill.train.precision import Precision, new_accelerator
 from potstill.train.run_folder import check_run_dir, prepare_run_dir, run_lock
-from potstill.ui import console
+from potstill.ui import console, phase
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,14 +120,16 @@ class Distiller:
         start = pos * bs * world + self.accelerator.process_index * bs
         return self._perm[start:start + bs].tolist()
 
-    def _evaluate(self, model: nn.Module, role: str) -> dict[str, float]:
-        """Main process scores `model`; the others wait."""
-        metrics = self.task.evaluate(model, role=role) if self.is_main else {}
+    def _evaluate(self, model: nn.Module, role: str, *, announce: bool = True) -> dict[str, float]:
+        """Main process scores `model` (saying so unless `announce` is off: evaluations during training show in
+        the progress display); the others wait."""
+        with phase(f"evaluating the {role}", enabled=self.is_main and announce):
+            metrics = self.task.evaluate(model, role=role) if self.is_main else {}
         self.accelerator.wait_for_everyone()
         return metrics
 
     def _eval_step(self, step: int) -> None:
-        metrics = self._evaluate(self.accelerator.unwrap_model(self.state.student), "student")
+        metrics = self._evaluate(self.accelerator.unwrap_model(self.state.student), "student", announce=False)
         self.state.student.train()
         self._emit("on_evaluate", step, metrics)
 
@@ -175,7 +177,8 @@ class Distiller:
         if self.is_main:
             prepare_run_dir(self.run_dir, self.recipe_text, resume=resume)
         acc.wait_for_everyone()
-        task.setup(is_main=self.is_main, barrier=acc.wait_for_everyone)
+        with phase(f"setting up the {task.name} run: data, teacher and student", enabled=self.is_main):
+            task.setup(is_main=self.is_main, barrier=acc.wait_for_everyone)
         n, world = len(task.train_records), acc.num_processes
         self._ddk = domain_blocks(task, run_dir=self.run_dir, seed=self.seed, global_batch=cfg.batch_size * world,
                                   grad_accum=cfg.grad_accum, fresh=not resume)
@@ -245,7 +248,10 @@ class Distiller:
         summary: dict[str, Any] = {}
         if self.is_main:
             task.save_student(unwrapped, self.run_dir / "student")
-            sizes = task.measure(unwrapped) if self.eval_cfg.throughput else {}
+            sizes = {}
+            if self.eval_cfg.throughput:
+                with phase("measuring teacher and student throughput (interleaved)"):
+                    sizes = task.measure(unwrapped)
             rows = [{"model": "teacher", **teacher_metrics, **sizes.get("teacher", {})}]
             if before:
                 rows.append({"model": "student (before)", **before, **sizes.get("student", {})})

@@ -133,7 +133,10 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
         finished = finished_summary(recipe) if resume else None
         if finished is not None:
             if accelerator.is_main_process:
+                from potstill.train import checkpoint as ckpt
                 from potstill.ui import console
+
+                ckpt.prune(recipe.run_dir / "checkpoints", recipe.trainer.keep_last)  # keep_last holds on every start
 
                 console.print(f"{recipe.run_dir} is already complete ({finished['steps']} steps, same recipe): "
                               f"nothing to resume. To train it further, start a new run from its student: "

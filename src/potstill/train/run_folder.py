@@ -36,7 +36,8 @@ def run_lock(run_dir: Path, accelerator: Any) -> Iterator[None]:
     """Hold `<run>/.lock` for the `with` block: the main process takes it (re-entrant, so `run_recipe` and the
     Distiller can both ask), and every process learns whether it did, so all of them stop together when another
     run holds the folder (`UserError` naming its PID). A folder made only to hold the lock is removed again
-    when nothing else was written to it."""
+    when nothing else was written to it, and so is a folder this run made when the run fails (an exception, not
+    an interrupt) before its first checkpoint: a start that a model or the data refused leaves nothing behind."""
     run_dir = Path(run_dir)
     is_main, created = accelerator.is_main_process, not run_dir.exists()
     with contextlib.ExitStack() as stack:
@@ -52,6 +53,11 @@ def run_lock(run_dir: Path, accelerator: Any) -> Iterator[None]:
             raise refused
         try:
             yield
+        except Exception:
+            if is_main and created and not ckpt.list_checkpoints(run_dir / "checkpoints"):
+                stack.close()  # a failed start (a model that does not fit, bad records) leaves no folder behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         finally:
             stack.close()
             if is_main and created:
