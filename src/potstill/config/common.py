@@ -235,6 +235,18 @@ class TrainerConfig(Strict):
     group_by_length: StrictBool = Field(False, description="batch records of similar token length together (less "
                                   "padding): each window of 50 global micro-batches of the epoch's shuffled order "
                                   "is sorted by length, cut into batches, and the batches shuffled")
+    optimizer: Literal["adamw", "adamw_fused", "adafactor", "sgd", "adamw_8bit"] = Field(
+        "adamw", description="torch AdamW; adamw_fused: torch AdamW with fused=True; adafactor: transformers' "
+        "Adafactor at trainer.lr (no relative step); sgd: torch SGD with trainer.momentum; adamw_8bit: "
+        "bitsandbytes' AdamW8bit (needs bitsandbytes)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD's momentum (optimizer: sgd)")
+
+    @model_validator(mode="after")
+    def _momentum_is_sgd(self) -> TrainerConfig:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"trainer.momentum is SGD's; trainer.optimizer is {self.optimizer!r}: set optimizer: sgd "
+                             f"or drop momentum")
+        return self
 
 
 def check_domains(recipe: RecipeBase) -> None:

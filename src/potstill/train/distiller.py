@@ -44,7 +44,7 @@ from potstill.train import callbacks as cb
 from potstill.train import checkpoint as ckpt
 from potstill.train.data_order import domain_blocks, shuffled_order
 from potstill.train.objective import Objective, bind_objectives, loss_terms, objective_parameters
-from potstill.train.optim import ParameterBag, lr_lambda, param_groups
+from potstill.train.optim import ParameterBag, build_optimizer, lr_lambda, param_groups
 from potstill.train.precision import Precision, new_accelerator
 from potstill.train.run_folder import check_run_dir, prepare_run_dir, run_lock
 from potstill.ui import console
@@ -204,7 +204,8 @@ class Distiller:
         extra = objective_parameters(self.objectives)
         if extra:  # learned projections of intermediate objectives train with the student
             groups += param_groups(ParameterBag(extra), cfg.weight_decay)
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+        optimizer = build_optimizer(cfg.optimizer, [g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                                    momentum=cfg.momentum)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total))
         student, optimizer = acc.prepare(student, optimizer)
         self.state = cb.FitState(self.run_dir, self.is_main, 0, total, cfg.grad_accum * cfg.batch_size * world,
