@@ -206,6 +206,17 @@ class EvalConfig(Strict):
     batch_size: int = Field(64, ge=1, description="batch size for evaluation and teacher caching")
 
 
+class EarlyStoppingConfig(Strict):
+    """Stop when an eval metric stops improving, and save the student of its best evaluation."""
+
+    metric: str = Field(description="a metric the task's evaluation gives (eval/<metric> in metrics.jsonl), e.g. "
+                        "accuracy, perplexity, mrr@10")
+    mode: Literal["min", "max"] = Field(description="whether lower (min) or higher (max) values are better")
+    patience: int = Field(3, ge=1, description="evaluations in a row without improvement before training stops")
+    min_delta: float = Field(0.0, ge=0, description="an evaluation improves only when it beats the best by more "
+                             "than this")
+
+
 class TrainerConfig(Strict):
     """The optimisation loop (the fields every task has)."""
 
@@ -240,6 +251,9 @@ class TrainerConfig(Strict):
         "Adafactor at trainer.lr (no relative step); sgd: torch SGD with trainer.momentum; adamw_8bit: "
         "bitsandbytes' AdamW8bit (needs bitsandbytes)")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD's momentum (optimizer: sgd)")
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="stop on an eval metric evaluated every "
+                                                       "eval.every steps; the best evaluation's weights become "
+                                                       "the saved student")
 
     @model_validator(mode="after")
     def _momentum_is_sgd(self) -> TrainerConfig:
@@ -298,6 +312,13 @@ class RecipeBase(Strict):
     @model_validator(mode="after")
     def _rules(self) -> RecipeBase:
         self.check()
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluations(self) -> RecipeBase:
+        if self.trainer.early_stopping is not None and (self.eval.every == 0 or self.data.eval is None):
+            raise ValueError("trainer.early_stopping compares evaluations during training: it needs eval.every > 0 "
+                             f"(now {self.eval.every}) and data.eval" + ("" if self.data.eval else " (not given)"))
         return self
 
     def check(self) -> None:

@@ -61,6 +61,8 @@ from potstill.tasks.models import load_factory_teacher, load_hf_teacher
 class CausalLMTask(Task):
     signal_kind = "logits"
     name = "causal_lm"
+    metric_names = ("perplexity", "token_accuracy", "token_agreement", "kl_to_teacher", "label_accuracy",
+                    "rationale_perplexity")
 
     # ------------------------------------------------------------------ set-up
     def setup(self, *, is_main: bool = True, barrier=lambda: None, capture: bool = False) -> None:

@@ -36,6 +36,7 @@ def name_labels(model: nn.Module, label_ids: dict[Any, int]) -> None:
 class ClassificationTask(Task):
     signal_kind = "logits"
     name = "classification"
+    metric_names = ("accuracy", "macro_f1", "agreement")
 
     def check_records(self) -> None:
         r = self.recipe

@@ -3,7 +3,8 @@
 One loop for every method: a method is an objective (`potstill.train.objective`: a loss function, or a small
 stateful `nn.Module`), the task adapter supplies the signals. Built on Accelerate, so the same code runs on one
 CPU, one GPU, or `accelerate launch --num_processes N` (DDP). Progress, metrics, periodic evaluation, the
-teacher-hacking monitor and checkpoints are callbacks (`potstill.train.callbacks`).
+teacher-hacking monitor, early stopping (`potstill.train.early_stopping`) and checkpoints are callbacks
+(`potstill.train.callbacks`).
 
 Contracts:
 - Loss normalisation: each objective is evaluated with `reduction="sum"` and the total is divided by the
@@ -43,6 +44,7 @@ from potstill.tasks.base import Task
 from potstill.train import callbacks as cb
 from potstill.train import checkpoint as ckpt
 from potstill.train.data_order import domain_blocks, shuffled_order
+from potstill.train.early_stopping import EarlyStopping
 from potstill.train.objective import Objective, bind_objectives, loss_terms, objective_parameters
 from potstill.train.optim import ParameterBag, build_optimizer, lr_lambda, param_groups
 from potstill.train.precision import Precision, new_accelerator
@@ -81,6 +83,10 @@ class Distiller:
         self.callbacks: list[cb.Callback] = [
             cb.ProgressBar(trainer.log_every), self.metrics, cb.PeriodicEval(self.eval_cfg.every, self._eval_step),
             self.monitor, cb.Checkpointing(trainer.save_every, self._save), self.clock, *callbacks]
+        self.early = None if trainer.early_stopping is None else EarlyStopping(trainer.early_stopping,
+                                                                               self.accelerator.unwrap_model)
+        if self.early is not None:
+            self.callbacks.insert(self.callbacks.index(self.monitor) + 1, self.early)
         self._lengths: list[int] | None = None
         self._ddk: DomainBlocks | None = None
         self._perm_epoch: int | None = None
@@ -228,11 +234,13 @@ class Distiller:
         self._emit("on_fit_start")
         try:
             for step in range(self.state.start, total):
+                if self._stopped_early():  # a run resumed from the checkpoint where it stopped
+                    break
                 last = self._step(step, extra)
                 if self._ddk is not None and last.step % self._ddk.every == 0 and last.step < total:
                     self._ddk.on_block_end(last.step)
                 self._emit("on_step_end", last)
-                if self._out_of_time():
+                if self._out_of_time() or self._stopped_early():
                     break
         finally:
             self._emit("on_train_end")
@@ -245,13 +253,15 @@ class Distiller:
         after = self._evaluate(unwrapped, "student")
         summary: dict[str, Any] = {}
         if self.is_main:
+            self._emit("on_evaluate", done, after)
+            if self.early is not None:  # the saved student is the best evaluation's
+                after = self.early.restore_best(unwrapped) or after
             task.save_student(unwrapped, self.run_dir / "student")
             sizes = task.measure(unwrapped) if self.eval_cfg.throughput else {}
             rows = [{"model": "teacher", **teacher_metrics, **sizes.get("teacher", {})}]
             if before:
                 rows.append({"model": "student (before)", **before, **sizes.get("student", {})})
             rows.append({"model": "student (after)", **after, **sizes.get("student", {})})
-            self._emit("on_evaluate", done, after)
             summary = {"steps": done, "final_loss": last.loss if last else None, "train_seconds": seconds,
                        "table": rows, "student_dir": str(self.run_dir / "student"), "world_size": world,
                        "objectives": [o.name for o in self.objectives]}
@@ -259,6 +269,12 @@ class Distiller:
             atomic_write_json(self.run_dir / "summary.json", summary)
         acc.wait_for_everyone()
         return summary
+
+    def _stopped_early(self) -> bool:
+        """trainer.early_stopping ran out of patience (decided on the main process, which evaluates)."""
+        if self.early is None:
+            return False
+        return bool(self._reduce_sum(torch.tensor([float(self.early.stopped)])).item() > 0)
 
     def _out_of_time(self) -> bool:
         """trainer.max_seconds spent: every process stops at the same step (any one's clock past it stops all)."""
