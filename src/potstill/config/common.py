@@ -254,6 +254,17 @@ class TrainerConfig(Strict):
     early_stopping: EarlyStoppingConfig | None = Field(None, description="stop on an eval metric evaluated every "
                                                        "eval.every steps; the best evaluation's weights become "
                                                        "the saved student")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
+                            "trackio"]] = Field(
+        default_factory=list, description="experiment trackers (Accelerate's) that get the metrics.jsonl scalars; "
+        "a name or a list, none = []; TensorBoard writes to <run>/trackers/; each needs its package installed")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_none(cls, value: Any) -> Any:
+        if value in (None, "none"):
+            return []
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _momentum_is_sgd(self) -> TrainerConfig:

@@ -151,6 +151,7 @@ class MetricsLog(Callback):
 
     def __init__(self, run_dir: Path, is_main: bool, log_every: int) -> None:
         self.path, self.is_main, self.log_every = Path(run_dir) / "metrics.jsonl", is_main, log_every
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # each record also goes to these (trackers)
 
     def append(self, record: dict[str, Any]) -> None:
         if not self.is_main:
@@ -158,6 +159,8 @@ class MetricsLog(Callback):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        for listener in self.listeners:
+            listener(record)
 
     def on_fit_start(self, state: FitState) -> None:
         self.tick, self.rows = time.perf_counter(), 0.0

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from potstill.config import EvalConfig, TrainerConfig
@@ -49,6 +50,7 @@ from potstill.train.objective import Objective, bind_objectives, loss_terms, obj
 from potstill.train.optim import ParameterBag, build_optimizer, lr_lambda, param_groups
 from potstill.train.precision import Precision, new_accelerator
 from potstill.train.run_folder import check_run_dir, prepare_run_dir, run_lock
+from potstill.train.trackers import RunTrackers
 from potstill.ui import console
 
 
@@ -74,10 +76,12 @@ class Distiller:
         self.eval_cfg = eval_config or EvalConfig.model_validate({})
         self.run_dir, self.seed, self.recipe_text = Path(run_dir), seed, recipe_text
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.accelerator = accelerator or new_accelerator()
+        self.accelerator = accelerator or new_accelerator(trainer.report_to, self.run_dir)
         self.precision = Precision(trainer.mixed_precision, self.accelerator.device)
         self.task.device = self.accelerator.device
         self.metrics = cb.MetricsLog(self.run_dir, self.is_main, trainer.log_every)
+        self.trackers = RunTrackers(self.accelerator, trainer.report_to)
+        self.metrics.listeners.append(self.trackers.log)
         self.monitor = cb.TeacherHackingWatch(self.metrics)
         self.clock = cb.WallClock(trainer.max_seconds)
         self.callbacks: list[cb.Callback] = [
@@ -164,7 +168,10 @@ class Distiller:
         existing run in `run_dir` is an error unless `overwrite`. The run folder's lock is held throughout
         (`run_folder.run_lock`): a second run into the same folder is refused."""
         with run_lock(self.run_dir, self.accelerator):
-            return self._fit(resume, overwrite)
+            try:
+                return self._fit(resume, overwrite)
+            finally:
+                self.trackers.close()
 
     def _warn(self, message: str) -> None:
         console.print(f"[yellow]warning:[/] {message}", soft_wrap=True, highlight=False)
@@ -181,6 +188,8 @@ class Distiller:
         if self.is_main:
             prepare_run_dir(self.run_dir, self.recipe_text, resume=resume)
         acc.wait_for_everyone()
+        self.trackers.start(self.run_dir.name, yaml.safe_load(self.recipe_text) if self.recipe_text else
+                            {"trainer": self.cfg.model_dump(mode="json")})
         task.setup(is_main=self.is_main, barrier=acc.wait_for_everyone)
         n, world = len(task.train_records), acc.num_processes
         self._ddk = domain_blocks(task, run_dir=self.run_dir, seed=self.seed, global_batch=cfg.batch_size * world,

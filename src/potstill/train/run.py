@@ -142,7 +142,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     from potstill.train.run_folder import run_lock
 
     check_output_dir(recipe)  # a file or read-only output_dir: one line naming the field, before the lock
-    accelerator = accelerator or new_accelerator()
+    accelerator = accelerator or new_accelerator(recipe.trainer.report_to, recipe.run_dir)
     with run_lock(recipe.run_dir, accelerator):
         return _train_and_report(recipe, resume=resume, overwrite=overwrite, accelerator=accelerator)
 
