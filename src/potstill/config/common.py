@@ -259,6 +259,10 @@ class TrainerConfig(Strict):
         default_factory=list, description="experiment trackers (Accelerate's) that get the metrics.jsonl scalars; "
         "a name or a list, none = []; TensorBoard writes to <run>/trackers/; each needs its package installed")
 
+    gradient_checkpointing: StrictBool = Field(False, description="recompute the student's activations in "
+                                               "backward instead of keeping them (Hugging Face students: "
+                                               "gradient_checkpointing_enable): less memory, more compute")
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _one_or_none(cls, value: Any) -> Any:

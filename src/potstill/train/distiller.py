@@ -41,6 +41,7 @@ from potstill.data.ddk import DomainBlocks
 from potstill.errors import UserError
 from potstill.io import atomic_write_json
 from potstill.signals import Signals
+from potstill.students.gradient_checkpointing import enable_gradient_checkpointing
 from potstill.tasks.base import Task
 from potstill.train import callbacks as cb
 from potstill.train import checkpoint as ckpt
@@ -215,6 +216,8 @@ class Distiller:
         assert student is not None, "Task.setup must load the student"
         before = self._cached_eval("before", student, "student") if self.eval_cfg.compare_before else {}
 
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(student)
         groups = param_groups(student, cfg.weight_decay)
         extra = objective_parameters(self.objectives)
         if extra:  # learned projections of intermediate objectives train with the student
