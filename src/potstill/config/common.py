@@ -79,6 +79,19 @@ class NoTopKCache:
         return None
 
 
+class LoraStudentConfig(Strict):
+    """LoRA adapters on the student through peft: its weights stay frozen, low-rank updates train."""
+
+    r: int = Field(8, ge=1, description="rank of each update B·A")
+    alpha: int = Field(16, ge=1, description="scale: the update is (alpha / r)·B·A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="names of the linear layers that get adapters (e.g. [query, value]); all-linear; null = "
+        "peft's default for the architecture")
+    modules_to_save: list[str] | None = Field(None, description="modules trained in full next to the adapters "
+                                              "(e.g. [classifier] for a new classification head)")
+
+
 class StudentConfig(Strict):
     """How the student is built (the fields every task has; the embedding task adds init: static)."""
 
@@ -92,6 +105,9 @@ class StudentConfig(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
     layers_path: str | None = Field(None, description="module path of the student's list of transformer blocks, "
                                     "for objectives on internals; default: found from the config's layer count")
+    lora: LoraStudentConfig | None = Field(None, description="train LoRA adapters (peft) instead of the whole "
+                                           "student; the saved student has them merged, the adapter is saved in "
+                                           "<run>/adapter/")
 
     @field_validator("init", mode="before")
     @classmethod
@@ -105,6 +121,13 @@ class StudentConfig(Strict):
         need = {"layers_from_teacher": "layers", "pretrained": "path", "factory": "factory"}.get(self.init)
         if need and getattr(self, need) is None:
             raise ValueError(f"student.init is {self.init!r}, which needs student.{need}")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_on_layers(self) -> StudentConfig:
+        if self.lora is not None and self.init == "static":
+            raise ValueError("student.lora adapts a transformer's linear layers; a static-embedding student (init "
+                             "static) has none")
         return self
 
 

@@ -42,6 +42,7 @@ from potstill.errors import UserError
 from potstill.io import atomic_write_json
 from potstill.signals import Signals
 from potstill.students.gradient_checkpointing import enable_gradient_checkpointing
+from potstill.students.lora import save_adapter_and_merge, with_lora
 from potstill.tasks.base import Task
 from potstill.train import callbacks as cb
 from potstill.train import checkpoint as ckpt
@@ -192,6 +193,9 @@ class Distiller:
         self.trackers.start(self.run_dir.name, yaml.safe_load(self.recipe_text) if self.recipe_text else
                             {"trainer": self.cfg.model_dump(mode="json")})
         task.setup(is_main=self.is_main, barrier=acc.wait_for_everyone)
+        lora = getattr(task.recipe.student, "lora", None)
+        if lora is not None and task.student is not None:
+            task.student = with_lora(task.student, lora)
         n, world = len(task.train_records), acc.num_processes
         self._ddk = domain_blocks(task, run_dir=self.run_dir, seed=self.seed, global_batch=cfg.batch_size * world,
                                   grad_accum=cfg.grad_accum, fresh=not resume)
@@ -268,6 +272,8 @@ class Distiller:
             self._emit("on_evaluate", done, after)
             if self.early is not None:  # the saved student is the best evaluation's
                 after = self.early.restore_best(unwrapped) or after
+            if lora is not None:  # the adapter, then the plain student with it merged
+                unwrapped = task.student = save_adapter_and_merge(unwrapped, self.run_dir / "adapter")
             task.save_student(unwrapped, self.run_dir / "student")
             sizes = task.measure(unwrapped) if self.eval_cfg.throughput else {}
             rows = [{"model": "teacher", **teacher_metrics, **sizes.get("teacher", {})}]
