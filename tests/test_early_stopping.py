@@ -129,7 +129,7 @@ def test_resume_selects_the_same_best_checkpoint(digits_recipe):
 
 
 def test_needs_periodic_evaluations_and_eval_data(digits_recipe):
-    with pytest.raises(UserError, match=r"trainer.early_stopping .*needs eval.every > 0 \(now 0\) and data.eval"):
+    with pytest.raises(UserError, match=r"field trainer.early_stopping: .*eval.every > 0 \(now 0\) and data.eval"):
         validate_recipe(dict(digits_recipe, trainer={**digits_recipe["trainer"], "early_stopping": NEVER_BETTER}))
     no_eval = _recipe(digits_recipe, "x", early_stopping=NEVER_BETTER)
     no_eval["data"] = {"train": digits_recipe["data"]["train"]}

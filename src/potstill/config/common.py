@@ -355,8 +355,9 @@ class RecipeBase(Strict):
     @model_validator(mode="after")
     def _early_stopping_needs_evaluations(self) -> RecipeBase:
         if self.trainer.early_stopping is not None and (self.eval.every == 0 or self.data.eval is None):
-            raise ValueError("trainer.early_stopping compares evaluations during training: it needs eval.every > 0 "
-                             f"(now {self.eval.every}) and data.eval" + ("" if self.data.eval else " (not given)"))
+            raise SubFieldError(("trainer", "early_stopping"), "compares evaluations during training: it needs "
+                                f"eval.every > 0 (now {self.eval.every}) and data.eval"
+                                + ("" if self.data.eval else " (not given)"))
         return self
 
     def check(self) -> None:
