@@ -91,3 +91,39 @@ def test_lora_on_a_static_student_is_refused():
 
     with pytest.raises(ValueError, match="student.lora adapts a transformer's linear layers"):
         EmbeddingStudentConfig(init="static", lora={"r": 2})
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resumed_lora_run_ends_with_the_same_student(tmp_path):
+    from potstill.tasks import build_task
+    from potstill.train import Distiller, build_objectives
+
+    raw = tiny_text_classifier(tmp_path)
+    raw["student"] = {**raw["student"], "lora": LORA}
+    raw["trainer"] = {**raw["trainer"], "lr": 1e-2, "max_steps": 4, "save_every": 2}
+    straight = validate_recipe(dict(raw, name="straight"))
+    run_recipe(straight)
+    halted = validate_recipe(dict(raw, name="halted"))
+    task = build_task(halted, run_dir=halted.run_dir)
+    original, calls = task.teacher_signal, {"n": 0}
+
+    def interrupt_at_3(batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Interrupt
+        return original(batch)
+
+    task.teacher_signal = interrupt_at_3
+    with pytest.raises(_Interrupt):
+        Distiller(task, build_objectives(halted), halted.trainer, run_dir=halted.run_dir,
+                  eval_config=halted.eval).fit()
+    run_recipe(halted, resume=True)
+    wa = load_file(str(straight.run_dir / "student" / "model.safetensors"))
+    wb = load_file(str(halted.run_dir / "student" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    teacher = load_file(str(tmp_path / "teacher" / "model.safetensors"))
+    key = "bert.encoder.layer.0.attention.self.value.weight"
+    assert not torch.equal(wa[key], teacher[key])  # the merged adapter changed it
