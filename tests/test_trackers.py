@@ -63,3 +63,14 @@ def test_absent_tracker_names_the_install(digits_recipe):
 def test_flat_config():
     assert flat_config({"trainer": {"lr": 0.1, "betas": [0.9, 0.99], "x": None}, "name": "a"}) == {
         "trainer.lr": 0.1, "trainer.betas": "[0.9, 0.99]", "trainer.x": "None", "name": "a"}
+
+
+def test_report_to_may_change_on_resume(digits_recipe):
+    from potstill.config import dump_recipe, recipe_changes
+
+    old = dump_recipe(validate_recipe(digits_recipe))
+    new = dump_recipe(validate_recipe(dict(digits_recipe, trainer={**digits_recipe["trainer"],
+                                                                   "report_to": "tensorboard"})))
+    assert old != new and recipe_changes(old, new) == []
+    sgd = dump_recipe(validate_recipe(dict(digits_recipe, trainer={**digits_recipe["trainer"], "optimizer": "sgd"})))
+    assert recipe_changes(old, sgd) == ["trainer.optimizer"]
