@@ -146,3 +146,28 @@ def test_unknown_metric_names_the_field_and_the_valid_ones(digits_recipe):
     assert message == ("field trainer.early_stopping.metric: the classification task has no metric 'acuracy' "
                        '(did you mean "accuracy"?); valid: accuracy, macro_f1, agreement')
     assert not recipe.run_dir.exists()
+
+
+def test_declared_metric_names_cover_what_the_metric_functions_give():
+    """Task.metric_names (what trainer.early_stopping.metric is checked against) holds every key the tasks'
+    metric functions return, so a metric they gain is not refused."""
+    from potstill.eval.lm import token_metrics
+    from potstill.eval.metrics import classification_metrics, embedding_metrics
+    from potstill.eval.retrieval import rerank_metrics, retrieval_metrics
+    from potstill.tasks import task_class
+
+    logits, labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    vectors = torch.eye(12)
+    given = {
+        "classification": classification_metrics(logits, labels=labels, teacher_logits=logits),
+        "embedding": embedding_metrics(vectors, vectors),
+        "causal_lm": token_metrics({"nll": 1.0, "correct": 1.0, "tokens": 2.0, "kl": 0.5, "agree": 1.0}),
+        "ranking": {**rerank_metrics(torch.rand(3, 4), torch.rand(3, 4)),
+                    **retrieval_metrics(torch.rand(3, 5), torch.eye(3, 5), torch.rand(3, 5))},
+    }
+    given["seq2seq"] = token_metrics({"nll": 1.0, "correct": 1.0, "tokens": 2.0})
+    for task, metrics in given.items():
+        missing = set(metrics) - set(task_class(task).metric_names)
+        assert not missing, (task, missing)
+    assert "accuracy" in task_class("classification").metric_names
+    assert "perplexity" in task_class("causal_lm").metric_names
