@@ -115,3 +115,27 @@ def load_benchmark(name: str):
     spec.loader.exec_module(module)
     return module
 
+
+
+def tiny_text_classifier(tmp_path: Path, num_labels: int = 3) -> dict:
+    """A seeded 2-layer BERT classifier teacher (32 wide, MiniLM's tokenizer) in tmp_path/teacher and a 12-row
+    3-class CSV; returns a classification recipe (dict) distilling a 1-layer student from it, 2 steps."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from potstill.assets import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=num_labels)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    rows = [("the match ended in a draw", "sport"), ("shares fell sharply today", "business"),
+            ("a new phone was announced", "tech")] * 4
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    return {"name": "text", "output_dir": str(tmp_path / "runs"), "task": "classification",
+            "teacher": {"path": str(tmp_path / "teacher")}, "student": {"init": "layers_from_teacher", "layers": [0]},
+            "data": {"train": str(tmp_path / "train.csv"), "max_length": 16},
+            "objectives": [{"name": "forward_kl"}], "trainer": {"max_steps": 2, "batch_size": 4, "num_threads": 1},
+            "eval": {"throughput": False, "compare_before": False}}

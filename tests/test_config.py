@@ -137,6 +137,8 @@ NOT_PATHS = {
     "StepByStepConfig.rationale_column": "a record field", "StepByStepConfig.label_prefix": "prompt text",
     "StepByStepConfig.rationale_prefix": "prompt text", "EndpointConfig.base_url": "a URL",
     "EndpointConfig.model": "a model name sent to a server", "EndpointConfig.api_key_env": "an environment variable",
+    "EarlyStoppingConfig.metric": "a metric name", "LoraStudentConfig.target_modules": "module names in the model",
+    "LoraStudentConfig.modules_to_save": "module names in the model",
 }
 # names that say "path" (or file, folder, cache...) and must then be a RelPath, unless listed in NOT_PATHS
 PATH_NAME = re.compile(r"(^|_)(path|paths|file|files|dir|folder|cache|weights|tokenizer|scores|collection)($|_)")

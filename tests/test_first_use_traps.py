@@ -132,7 +132,9 @@ def test_serve_builtin_answers_its_short_name(monkeypatch, capsys):
     ("trainer", "bf16", "is trainer.mixed_precision: bf16"),
     ("trainer", "per_device_train_batch_size", "is trainer.batch_size"),
     (None, "warmup_steps", "belongs under trainer: (trainer.warmup_steps)"),
-    ("trainer", "report_to", "report_to"),
+    (None, "report_to", "belongs under trainer: (trainer.report_to)"),
+    ("trainer", "optim", "is trainer.optimizer"),
+    ("trainer", "metric_for_best_model", "is trainer.early_stopping.metric"),
 ])
 def test_hf_trainer_names_get_the_potstill_field(tmp_path, where, key, expected):
     from potstill.config import load_recipe

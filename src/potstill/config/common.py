@@ -79,6 +79,19 @@ class NoTopKCache:
         return None
 
 
+class LoraStudentConfig(Strict):
+    """LoRA adapters on the student through peft: its weights stay frozen, low-rank updates train."""
+
+    r: int = Field(8, ge=1, description="rank of each update B·A")
+    alpha: int = Field(16, ge=1, description="scale: the update is (alpha / r)·B·A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="names of the linear layers that get adapters (e.g. [query, value]); all-linear; null = "
+        "peft's default for the architecture")
+    modules_to_save: list[str] | None = Field(None, description="modules trained in full next to the adapters "
+                                              "(e.g. [classifier] for a new classification head)")
+
+
 class StudentConfig(Strict):
     """How the student is built (the fields every task has; the embedding task adds init: static)."""
 
@@ -92,6 +105,9 @@ class StudentConfig(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
     layers_path: str | None = Field(None, description="module path of the student's list of transformer blocks, "
                                     "for objectives on internals; default: found from the config's layer count")
+    lora: LoraStudentConfig | None = Field(None, description="train LoRA adapters (peft) instead of the whole "
+                                           "student; the saved student has them merged, the adapter is saved in "
+                                           "<run>/adapter/")
 
     @field_validator("init", mode="before")
     @classmethod
@@ -105,6 +121,13 @@ class StudentConfig(Strict):
         need = {"layers_from_teacher": "layers", "pretrained": "path", "factory": "factory"}.get(self.init)
         if need and getattr(self, need) is None:
             raise ValueError(f"student.init is {self.init!r}, which needs student.{need}")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_on_layers(self) -> StudentConfig:
+        if self.lora is not None and self.init == "static":
+            raise ValueError("student.lora adapts a transformer's linear layers; a static-embedding student (init "
+                             "static) has none")
         return self
 
 
@@ -206,6 +229,17 @@ class EvalConfig(Strict):
     batch_size: int = Field(64, ge=1, description="batch size for evaluation and teacher caching")
 
 
+class EarlyStoppingConfig(Strict):
+    """Stop when an eval metric stops improving, and save the student of its best evaluation."""
+
+    metric: str = Field(description="a metric the task's evaluation gives (eval/<metric> in metrics.jsonl), e.g. "
+                        "accuracy, perplexity, mrr@10")
+    mode: Literal["min", "max"] = Field(description="whether lower (min) or higher (max) values are better")
+    patience: int = Field(3, ge=1, description="evaluations in a row without improvement before training stops")
+    min_delta: float = Field(0.0, ge=0, description="an evaluation improves only when it beats the best by more "
+                             "than this")
+
+
 class TrainerConfig(Strict):
     """The optimisation loop (the fields every task has)."""
 
@@ -235,6 +269,36 @@ class TrainerConfig(Strict):
     group_by_length: StrictBool = Field(False, description="batch records of similar token length together (less "
                                   "padding): each window of 50 global micro-batches of the epoch's shuffled order "
                                   "is sorted by length, cut into batches, and the batches shuffled")
+    optimizer: Literal["adamw", "adamw_fused", "adafactor", "sgd", "adamw_8bit"] = Field(
+        "adamw", description="torch AdamW; adamw_fused: torch AdamW with fused=True; adafactor: transformers' "
+        "Adafactor at trainer.lr (no relative step); sgd: torch SGD with trainer.momentum; adamw_8bit: "
+        "bitsandbytes' AdamW8bit (needs bitsandbytes)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD's momentum (optimizer: sgd)")
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="stop on an eval metric evaluated every "
+                                                       "eval.every steps; the best evaluation's weights become "
+                                                       "the saved student")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
+                            "trackio"]] = Field(
+        default_factory=list, description="experiment trackers (Accelerate's) that get the metrics.jsonl scalars; "
+        "a name or a list, none = []; TensorBoard writes to <run>/trackers/; each needs its package installed")
+
+    gradient_checkpointing: StrictBool = Field(False, description="recompute the student's activations in "
+                                               "backward instead of keeping them (Hugging Face students: "
+                                               "gradient_checkpointing_enable): less memory, more compute")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_none(cls, value: Any) -> Any:
+        if value in (None, "none"):
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _momentum_is_sgd(self) -> TrainerConfig:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"trainer.momentum is SGD's; trainer.optimizer is {self.optimizer!r}: set optimizer: sgd "
+                             f"or drop momentum")
+        return self
 
 
 def check_domains(recipe: RecipeBase) -> None:
@@ -286,6 +350,14 @@ class RecipeBase(Strict):
     @model_validator(mode="after")
     def _rules(self) -> RecipeBase:
         self.check()
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluations(self) -> RecipeBase:
+        if self.trainer.early_stopping is not None and (self.eval.every == 0 or self.data.eval is None):
+            raise SubFieldError(("trainer", "early_stopping"), "compares evaluations during training: it needs "
+                                f"eval.every > 0 (now {self.eval.every}) and data.eval"
+                                + ("" if self.data.eval else " (not given)"))
         return self
 
     def check(self) -> None:

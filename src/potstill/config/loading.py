@@ -17,7 +17,7 @@ from potstill.errors import UserError
 
 # Fields a resumed run may change: where it is written, how it is evaluated, logged and checkpointed.
 RESUMABLE_CHANGES = ("name", "output_dir", "eval", "trainer.log_every", "trainer.save_every", "trainer.keep_last",
-                     "trainer.num_threads", "trainer.fused_lm_head")
+                     "trainer.num_threads", "trainer.fused_lm_head", "trainer.report_to")
 
 
 def override_path(key: str) -> tuple[str | int, ...]:

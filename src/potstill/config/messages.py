@@ -105,7 +105,10 @@ HF_TRAINER_NAMES: dict[str, str | None] = {
     "weight_decay": "trainer.weight_decay",
     "max_grad_norm": "trainer.max_grad_norm",
     "seed": "seed (top level)",
-    "report_to": None,
+    "report_to": "trainer.report_to",
+    "optim": "trainer.optimizer",
+    "load_best_model_at_end": "trainer.early_stopping",
+    "metric_for_best_model": "trainer.early_stopping.metric",
 }
 
 

@@ -27,6 +27,7 @@ class Task(ABC):
 
     signal_kind: str = ""
     name: str = ""
+    metric_names: tuple[str, ...] = ()  # every metric `evaluate` can give (which ones depends on the data)
 
     def __init__(self, recipe: Recipe, *, run_dir: Path, device: torch.device | str = "cpu") -> None:
         self.recipe = recipe

@@ -62,6 +62,8 @@ class CausalLMTask(Task):
     export_kind = "token_logits"
     signal_kind = "logits"
     name = "causal_lm"
+    metric_names = ("perplexity", "token_accuracy", "token_agreement", "kl_to_teacher", "label_accuracy",
+                    "rationale_perplexity")
 
     # ------------------------------------------------------------------ set-up
     def setup(self, *, is_main: bool = True, barrier=lambda: None, capture: bool = False) -> None:

@@ -37,6 +37,7 @@ class ClassificationTask(Task):
     export_kind = "logits"
     signal_kind = "logits"
     name = "classification"
+    metric_names = ("accuracy", "macro_f1", "agreement")
 
     def check_records(self) -> None:
         r = self.recipe

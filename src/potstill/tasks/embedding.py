@@ -37,6 +37,7 @@ class EmbeddingTask(Task):
     export_kind = "embedding"
     signal_kind = "embedding"
     name = "embedding"
+    metric_names = ("cosine_to_teacher", "neighbour_recall@10", "probe_accuracy", "similarity_spearman")
 
     def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
         from transformers import AutoModel

@@ -56,6 +56,7 @@ def unmasked(model: nn.Module):
 class VisionTask(Task):
     signal_kind = "pixels"
     name = "vision"
+    metric_names = ("reconstruction_mse", "probe_accuracy")
 
     def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:
         from transformers import ViTMAEForPreTraining

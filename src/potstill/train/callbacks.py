@@ -7,7 +7,8 @@ The loop calls every callback's hooks in order:
 - `on_train_end(state)` when the steps stop (also on an error), `on_fit_end(state, summary)` before the
   summary is written.
 A callback with state names its file in the checkpoint (`state_file`) and gives `state_dict` /
-`load_state_dict`; `Checkpointing` writes and restores it with the rest of the checkpoint.
+`load_state_dict` (and for tensors `tensors_file`, `tensors` / `load_tensors`); `Checkpointing` writes and
+restores it with the rest of the checkpoint.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Callback:
     """Base class: every hook does nothing."""
 
     state_file: str | None = None  # file name of this callback's state inside a checkpoint
+    tensors_file: str | None = None  # file name of this callback's tensors (safetensors) inside a checkpoint
 
     def on_fit_start(self, state: FitState) -> None:
         pass
@@ -81,6 +83,13 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def tensors(self) -> dict[str, Any] | None:
+        """Tensors to checkpoint in `tensors_file` (None: nothing to write this time)."""
+        return None
+
+    def load_tensors(self, tensors: dict[str, Any]) -> None:
         pass
 
 
@@ -122,6 +131,15 @@ class ProgressBar(Callback):
                 console.print(f"step {result.step}/{state.total} loss {result.loss:.4g}")
             self.tick, self.rows = time.perf_counter(), 0.0
 
+    def on_evaluate(self, state: FitState, step: int, metrics: dict[str, float]) -> None:
+        """One console line per evaluation: the step and every metric."""
+        if not state.is_main or not metrics:
+            return
+        from potstill.ui import console
+
+        values = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        console.print(f"eval step {step}/{state.total}: {values}", soft_wrap=True, highlight=False)
+
     def on_train_end(self, state: FitState) -> None:
         self._stack.close()
 
@@ -133,6 +151,7 @@ class MetricsLog(Callback):
 
     def __init__(self, run_dir: Path, is_main: bool, log_every: int) -> None:
         self.path, self.is_main, self.log_every = Path(run_dir) / "metrics.jsonl", is_main, log_every
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # each record also goes to these (trackers)
 
     def append(self, record: dict[str, Any]) -> None:
         if not self.is_main:
@@ -140,6 +159,8 @@ class MetricsLog(Callback):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        for listener in self.listeners:
+            listener(record)
 
     def on_fit_start(self, state: FitState) -> None:
         self.tick, self.rows = time.perf_counter(), 0.0

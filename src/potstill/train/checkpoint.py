@@ -1,7 +1,8 @@
 """Checkpoints: written whole or not at all, the last K kept, found again on `--resume`.
 
 Layout: `<run>/checkpoints/step-00000042/` holding `student.safetensors`, `optimizer.pt`, `scheduler.pt`,
-`objectives.pt`, the state of callbacks that keep one (`monitor.json`, the teacher-hacking monitor), `rng-rank<r>.pt`
+`objectives.pt`, the state of callbacks that keep one (`monitor.json`, the teacher-hacking monitor; a callback's
+tensors, e.g. early stopping's `best_student.safetensors`), `rng-rank<r>.pt`
 (one per process) and `state.json` (step, data position, world size).
 A checkpoint is assembled in `.step-00000042.tmp/`, every file fsynced with the umask's mode, and renamed
 when complete, so a run killed at any moment leaves either the previous checkpoints or the new one, never a
@@ -149,6 +150,9 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Any, student: Any, op
         for callback in callbacks:
             if callback.state_file is not None:
                 atomic_write_json(tmp / callback.state_file, callback.state_dict())
+            tensors = callback.tensors() if callback.tensors_file is not None else None
+            if tensors is not None:  # e.g. early stopping's best weights
+                save_file(safetensors_state(tensors), str(tmp / callback.tensors_file))
         write_state(tmp, {"step": step, "micro_batches": step * grad_accum, "world_size": acc.num_processes,
                           "seed": seed})
     acc.wait_for_everyone()
@@ -181,7 +185,8 @@ def _read(path: Path, name: str, loader: Any) -> Any:
 
 def read_checkpoint(path: Path, *, process_index: int, callbacks: list[Any]) -> dict[str, Any]:
     """Every file of checkpoint `path` this process restores, read into memory: {"state", "student",
-    "optimizer", "scheduler", "grad_scaler" (or None), "objectives", "callbacks" {state_file: dict}, "rng"}.
+    "optimizer", "scheduler", "grad_scaler" (or None), "objectives", "callbacks" {state_file: dict}, "callback_tensors"
+    {tensors_file: tensors}, "rng"}.
     Raises `DamagedCheckpoint` naming the first file that is missing or unreadable."""
     from safetensors.torch import load_file
 
@@ -198,6 +203,8 @@ def read_checkpoint(path: Path, *, process_index: int, callbacks: list[Any]) -> 
         "objectives": _read(path, "objectives.pt", load_torch),
         "callbacks": {c.state_file: _read(path, c.state_file, lambda p: json.loads(p.read_text()))
                       for c in callbacks if c.state_file is not None and (path / c.state_file).exists()},
+        "callback_tensors": {name: _read(path, name, lambda p: load_file(str(p)))
+                             for c in callbacks if (name := c.tensors_file) is not None and (path / name).exists()},
         "rng": _read(path, f"rng-rank{process_index}.pt", load_torch),
     }
 
@@ -231,6 +238,9 @@ def load_checkpoint(path: Path, *, accelerator: Any, student: Any, optimizer: An
         if callback.state_file in data["callbacks"]:
             restores.append((callback.state_file,
                              lambda c=callback: c.load_state_dict(data["callbacks"][c.state_file])))
+        if callback.tensors_file in data["callback_tensors"]:
+            restores.append((callback.tensors_file,
+                             lambda c=callback: c.load_tensors(data["callback_tensors"][c.tensors_file])))
     restores.append((f"rng-rank{acc.process_index}.pt", lambda: set_rng_state(data["rng"])))
     for name, restore in restores:
         try:

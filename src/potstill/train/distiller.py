@@ -3,7 +3,8 @@
 One loop for every method: a method is an objective (`potstill.train.objective`: a loss function, or a small
 stateful `nn.Module`), the task adapter supplies the signals. Built on Accelerate, so the same code runs on one
 CPU, one GPU, or `accelerate launch --num_processes N` (DDP). Progress, metrics, periodic evaluation, the
-teacher-hacking monitor and checkpoints are callbacks (`potstill.train.callbacks`).
+teacher-hacking monitor, early stopping (`potstill.train.early_stopping`) and checkpoints are callbacks
+(`potstill.train.callbacks`).
 
 Contracts:
 - Loss normalisation: each objective is evaluated with `reduction="sum"` and the total is divided by the
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from potstill.config import EvalConfig, TrainerConfig
@@ -39,14 +41,18 @@ from potstill.data.ddk import DomainBlocks
 from potstill.errors import UserError
 from potstill.io import atomic_write_json
 from potstill.signals import Signals
+from potstill.students.gradient_checkpointing import enable_gradient_checkpointing
+from potstill.students.lora import save_adapter_and_merge, with_lora
 from potstill.tasks.base import Task
 from potstill.train import callbacks as cb
 from potstill.train import checkpoint as ckpt
 from potstill.train.data_order import domain_blocks, shuffled_order
+from potstill.train.early_stopping import EarlyStopping
 from potstill.train.objective import Objective, bind_objectives, loss_terms, objective_parameters
-from potstill.train.optim import ParameterBag, lr_lambda, param_groups
+from potstill.train.optim import ParameterBag, build_optimizer, lr_lambda, param_groups
 from potstill.train.precision import Precision, new_accelerator
 from potstill.train.run_folder import check_run_dir, prepare_run_dir, run_lock
+from potstill.train.trackers import RunTrackers
 from potstill.ui import console, phase
 
 
@@ -72,15 +78,21 @@ class Distiller:
         self.eval_cfg = eval_config or EvalConfig.model_validate({})
         self.run_dir, self.seed, self.recipe_text = Path(run_dir), seed, recipe_text
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.accelerator = accelerator or new_accelerator()
+        self.accelerator = accelerator or new_accelerator(trainer.report_to, self.run_dir)
         self.precision = Precision(trainer.mixed_precision, self.accelerator.device)
         self.task.device = self.accelerator.device
         self.metrics = cb.MetricsLog(self.run_dir, self.is_main, trainer.log_every)
+        self.trackers = RunTrackers(self.accelerator, trainer.report_to)
+        self.metrics.listeners.append(self.trackers.log)
         self.monitor = cb.TeacherHackingWatch(self.metrics)
         self.clock = cb.WallClock(trainer.max_seconds)
         self.callbacks: list[cb.Callback] = [
             cb.ProgressBar(trainer.log_every), self.metrics, cb.PeriodicEval(self.eval_cfg.every, self._eval_step),
             self.monitor, cb.Checkpointing(trainer.save_every, self._save), self.clock, *callbacks]
+        self.early = None if trainer.early_stopping is None else EarlyStopping(trainer.early_stopping,
+                                                                               self.accelerator.unwrap_model)
+        if self.early is not None:
+            self.callbacks.insert(self.callbacks.index(self.monitor) + 1, self.early)
         self._lengths: list[int] | None = None
         self._ddk: DomainBlocks | None = None
         self._perm_epoch: int | None = None
@@ -160,7 +172,10 @@ class Distiller:
         existing run in `run_dir` is an error unless `overwrite`. The run folder's lock is held throughout
         (`run_folder.run_lock`): a second run into the same folder is refused."""
         with run_lock(self.run_dir, self.accelerator):
-            return self._fit(resume, overwrite)
+            try:
+                return self._fit(resume, overwrite)
+            finally:
+                self.trackers.close()
 
     def _warn(self, message: str) -> None:
         console.print(f"[yellow]warning:[/] {message}", soft_wrap=True, highlight=False)
@@ -177,8 +192,13 @@ class Distiller:
         if self.is_main:
             prepare_run_dir(self.run_dir, self.recipe_text, resume=resume)
         acc.wait_for_everyone()
+        self.trackers.start(self.run_dir.name, yaml.safe_load(self.recipe_text) if self.recipe_text else
+                            {"trainer": self.cfg.model_dump(mode="json")})
         with phase(f"setting up the {task.name} run: data, teacher and student", enabled=self.is_main):
             task.setup(is_main=self.is_main, barrier=acc.wait_for_everyone)
+        lora = getattr(task.recipe.student, "lora", None)
+        if lora is not None and task.student is not None:
+            task.student = with_lora(task.student, lora)
         n, world = len(task.train_records), acc.num_processes
         self._ddk = domain_blocks(task, run_dir=self.run_dir, seed=self.seed, global_batch=cfg.batch_size * world,
                                   grad_accum=cfg.grad_accum, fresh=not resume)
@@ -203,11 +223,14 @@ class Distiller:
         assert student is not None, "Task.setup must load the student"
         before = self._cached_eval("before", student, "student") if self.eval_cfg.compare_before else {}
 
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(student)
         groups = param_groups(student, cfg.weight_decay)
         extra = objective_parameters(self.objectives)
         if extra:  # learned projections of intermediate objectives train with the student
             groups += param_groups(ParameterBag(extra), cfg.weight_decay)
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+        optimizer = build_optimizer(cfg.optimizer, [g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                                    momentum=cfg.momentum)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total))
         student, optimizer = acc.prepare(student, optimizer)
         self.state = cb.FitState(self.run_dir, self.is_main, 0, total, cfg.grad_accum * cfg.batch_size * world,
@@ -230,11 +253,13 @@ class Distiller:
         self._emit("on_fit_start")
         try:
             for step in range(self.state.start, total):
+                if self._stopped_early():  # a run resumed from the checkpoint where it stopped
+                    break
                 last = self._step(step, extra)
                 if self._ddk is not None and last.step % self._ddk.every == 0 and last.step < total:
                     self._ddk.on_block_end(last.step)
                 self._emit("on_step_end", last)
-                if self._out_of_time():
+                if self._out_of_time() or self._stopped_early():
                     break
         finally:
             self._emit("on_train_end")
@@ -247,6 +272,11 @@ class Distiller:
         after = self._evaluate(unwrapped, "student")
         summary: dict[str, Any] = {}
         if self.is_main:
+            self._emit("on_evaluate", done, after)
+            if self.early is not None:  # the saved student is the best evaluation's
+                after = self.early.restore_best(unwrapped) or after
+            if lora is not None:  # the adapter, then the plain student with it merged
+                unwrapped = task.student = save_adapter_and_merge(unwrapped, self.run_dir / "adapter")
             task.save_student(unwrapped, self.run_dir / "student")
             sizes = {}
             if self.eval_cfg.throughput:
@@ -256,14 +286,20 @@ class Distiller:
             if before:
                 rows.append({"model": "student (before)", **before, **sizes.get("student", {})})
             rows.append({"model": "student (after)", **after, **sizes.get("student", {})})
-            self._emit("on_evaluate", done, after)
             summary = {"steps": done, "final_loss": last.loss if last else None, "train_seconds": seconds,
                        "table": rows, "student_dir": str(self.run_dir / "student"), "world_size": world,
-                       "objectives": [o.name for o in self.objectives], "complete": done >= total}
+                       "objectives": [o.name for o in self.objectives],
+                       "complete": done >= total or self._stopped_early()}
             self._emit("on_fit_end", summary)
             atomic_write_json(self.run_dir / "summary.json", summary)
         acc.wait_for_everyone()
         return summary
+
+    def _stopped_early(self) -> bool:
+        """trainer.early_stopping ran out of patience (decided on the main process, which evaluates)."""
+        if self.early is None:
+            return False
+        return bool(self._reduce_sum(torch.tensor([float(self.early.stopped)])).item() > 0)
 
     def _out_of_time(self) -> bool:
         """trainer.max_seconds spent: every process stops at the same step (any one's clock past it stops all)."""

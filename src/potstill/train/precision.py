@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,11 +29,20 @@ def _multi_process_without_accelerator() -> bool:
     return not (has_accelerator.is_available() if has_accelerator else torch.cuda.is_available())
 
 
-def new_accelerator() -> Any:
-    """An Accelerator for a run: the process group and device; precision is `Precision`'s."""
+def new_accelerator(report_to: Sequence[str] = (), run_dir: str | Path | None = None) -> Any:
+    """An Accelerator for a run: the process group and device, and the experiment trackers of `report_to` writing
+    under `<run_dir>/trackers` (`potstill.train.trackers`); precision is `Precision`'s."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision="no", cpu=_multi_process_without_accelerator())
+    if not report_to:
+        return Accelerator(mixed_precision="no", cpu=_multi_process_without_accelerator())
+    from potstill.train.trackers import check_trackers, tracker_dir
+
+    check_trackers(report_to)
+    if run_dir is None:
+        raise ValueError("new_accelerator: trackers need the run folder (run_dir)")
+    return Accelerator(mixed_precision="no", cpu=_multi_process_without_accelerator(), log_with=list(report_to),
+                       project_dir=str(tracker_dir(run_dir)))
 
 
 class Precision:

@@ -102,12 +102,26 @@ def check_factory_kwargs(recipe: Recipe) -> None:
             check_kwargs(fn, section.kwargs, field=f"{name}.kwargs", spec=section.factory)
 
 
+def check_early_stopping_metric(recipe: Recipe) -> None:
+    """trainer.early_stopping.metric must be one the task's evaluation gives (`Task.metric_names`)."""
+    early = recipe.trainer.early_stopping
+    if early is None:
+        return
+    valid = task_class(recipe.task).metric_names
+    if early.metric not in valid:
+        from potstill.errors import did_you_mean
+
+        raise UserError(f"field trainer.early_stopping.metric: the {recipe.task} task has no metric "
+                        f"{early.metric!r}{did_you_mean(early.metric, valid)}; valid: {', '.join(valid)}")
+
+
 def fit_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
                accelerator: Any = None) -> tuple[Any, Distiller, dict[str, Any]]:
     """Build the task and the loop of a recipe (with `data.prune`'s weight tie applied) and train: (task with
     its trained student, distiller, summary). `run_recipe` adds the report; loops over runs (PGKD) use this."""
     check_output_dir(recipe)
     check_factory_kwargs(recipe)
+    check_early_stopping_metric(recipe)
     recipe = with_pruned_kd_weights(recipe)
     task = build_task(recipe, run_dir=recipe.run_dir)
     task.check_records()
@@ -128,7 +142,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     from potstill.train.run_folder import run_lock
 
     check_output_dir(recipe)  # a file or read-only output_dir: one line naming the field, before the lock
-    accelerator = accelerator or new_accelerator()
+    accelerator = accelerator or new_accelerator(recipe.trainer.report_to, recipe.run_dir)
     with run_lock(recipe.run_dir, accelerator):
         finished = finished_summary(recipe) if resume else None
         if finished is not None:

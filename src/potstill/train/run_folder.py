@@ -1,10 +1,11 @@
 """The run folder's policy: what a new run clears, what a resume must match, what each run keeps once.
 
 `<run>/` holds `recipe.yaml`, `metrics.jsonl`, `eval_teacher.json` / `eval_before.json` (scores computed once
-per run, kept across resumes), `checkpoints/`, `student/`, `summary.json` and the files of data strategies
-(DDK's `domain_weights.json`). A new run refuses to overwrite an earlier one unless told to; a resumed run
-refuses a recipe that changed in a way that would not reproduce the run (`potstill.config.recipe_changes`,
-which ignores `RESUMABLE_CHANGES`: name, output_dir, eval and the trainer's logging/saving/thread fields).
+per run, kept across resumes), `checkpoints/`, `student/`, `summary.json`, `trackers/` (TensorBoard's files),
+`adapter/` (a LoRA student's adapter) and the files of data strategies (DDK's `domain_weights.json`). A new
+run refuses to overwrite an earlier one unless told to; a resumed run refuses a recipe that changed in a way
+that would not reproduce the run (`potstill.config.recipe_changes`, which ignores `RESUMABLE_CHANGES`: name,
+output_dir, eval and the trainer's logging/saving/thread/tracker fields).
 
 One run at a time per folder: `run_lock` holds `<run>/.lock` (`potstill.lockfile`) from before the folder is
 checked until the run has ended, however it ends; a second run into the folder is refused naming the holder's
@@ -29,6 +30,8 @@ from potstill.train import checkpoint as ckpt
 #: Files of an earlier run that a new (not resumed) run removes.
 RUN_FILES = ("metrics.jsonl", "summary.json", "eval_before.json", "eval_teacher.json", DDK_HISTORY)
 LOCK_FILE = ".lock"
+TRACKERS_DIR = "trackers"  # trainer.report_to's files (potstill.train.trackers)
+ADAPTER_DIR = "adapter"  # student.lora's adapter (potstill.students.lora)
 
 
 @contextlib.contextmanager
@@ -94,4 +97,6 @@ def prepare_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool) -> 
             (run_dir / stale).unlink(missing_ok=True)
         if root.exists():
             shutil.rmtree(root)
+        for folder in (TRACKERS_DIR, ADAPTER_DIR):  # an earlier run's TensorBoard files, LoRA adapter
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
     ckpt.remove_partial(root)
