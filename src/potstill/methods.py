@@ -97,6 +97,10 @@ METHODS: dict[str, MethodInfo] = {
                    'Knowledge Transfer in Language Models"', 2025, "objective", _LOSSES + "taid", "TAID"),
         MethodInfo("SinKD", 'Cui et al., "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation"', 2024,
                    "objective", _LOSSES + "sinkhorn", "sinkhorn"),
+        MethodInfo("ULD (cross-tokenizer)", 'Boizard et al., "Towards Cross-Tokenizer Distillation: the Universal '
+                   'Logit Distillation Loss for LLMs"', 2024, "objective", _LOSSES + "uld", "uld"),
+        MethodInfo("GOLD hybrid (cross-tokenizer)", 'Hugging Face TRL, "GOLD: General On-policy Logit Distillation" '
+                   '(software)', 2025, "objective", _LOSSES + "uld", "gold"),
         MethodInfo("Sequence-level KD", 'Kim & Rush, "Sequence-Level Knowledge Distillation"', 2016, "teacher",
                    "potstill.teachers.seq_kd", "seq_kd_completions", "benchmarks/llm_step.py"),
         MethodInfo("Black-box synthetic data", 'Shirgaonkar et al., "Knowledge Distillation Using Frontier '
