@@ -26,6 +26,8 @@ def test_uld_hand_value_v3_vs_v4():
     # sorted: s = [.5 .3 .2 0], t = [.4 .3 .2 .1] → |.1| + 0 + 0 + |−.1| = 0.2
     value = uld(_logits(P_S)[None], _logits(P_T)[None])
     assert value.item() == pytest.approx(0.2, abs=1e-6)
+    # symmetric: the wider side may be the student's too
+    assert uld(_logits(P_T)[None], _logits(P_S)[None]).item() == pytest.approx(0.2, abs=1e-6)
 
 
 def test_uld_is_zero_for_a_permutation_and_padding_with_zeros():
@@ -102,18 +104,18 @@ def _reference(s, t, s_scale, t_scale, matched, beta, w, rows):
     return total / len(rows)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 2])
-def test_float64_reference_with_mask_and_scales(chunk_size):
+@pytest.mark.parametrize(("chunk_size", "widths"), [(None, (6, 9)), (2, (6, 9)), (None, (9, 6))])
+def test_float64_reference_with_mask_and_scales(chunk_size, widths):
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(2, 4, 6, generator=g) * 2, torch.randn(2, 4, 9, generator=g) * 2
+    s, t = torch.randn(2, 4, widths[0], generator=g) * 2, torch.randn(2, 4, widths[1], generator=g) * 2
     s_scale, t_scale = -torch.rand(2, 4, generator=g), -torch.rand(2, 4, generator=g)
     mask = torch.tensor([[True, True, False, True], [False, True, True, True]])
     rows = [i for i, keep in enumerate(mask.flatten().tolist()) if keep]
     flat = (s.flatten(0, 1), t.flatten(0, 1), s_scale.flatten().tolist(), t_scale.flatten().tolist())
-    matched = torch.tensor([[0, 3], [4, 1], [8, 5]])
+    matched = torch.tensor([[0, 3], [4, 1], [5, 5]])
     got = gold(s, t, matched_ids=matched, beta=0.3, student_log_scale=s_scale, teacher_log_scale=t_scale,
-                      mask=mask, chunk_size=chunk_size)
-    assert got.item() == pytest.approx(_reference(*flat, matched.tolist(), 0.3, 3 / 9, rows), rel=1e-5)
+               mask=mask, chunk_size=chunk_size)
+    assert got.item() == pytest.approx(_reference(*flat, matched.tolist(), 0.3, 3 / widths[1], rows), rel=1e-5)
     got = uld(s, t, student_log_scale=s_scale, teacher_log_scale=t_scale, mask=mask, chunk_size=chunk_size)
     assert got.item() == pytest.approx(_reference(*flat, [], 0.5, 0.0, rows), rel=1e-5)
 
