@@ -160,6 +160,9 @@ def test_catalogue_entries():
     assert OBJECTIVES["gold"].defaults["beta"] == 0.5 and OBJECTIVES["gold"].defaults["matched_weight"] is None
     assert check_params("gold", {"matched_weight": 1.5})
     assert not check_params("gold", {"matched_weight": 0.4, "beta": 0.1})
+    # what the task fills in from the batch is no recipe parameter
+    assert check_params("gold", {"matched_ids": [[0, 1]]}) and check_params("uld", {"student_log_scale": 0.0})
+    assert "matched_ids" not in OBJECTIVES["gold"].defaults
 
 
 # ------------------------------------------------------------------------------------------------- TRL

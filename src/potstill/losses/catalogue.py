@@ -54,7 +54,8 @@ class ObjectiveInfo:
     stateful: bool = False
 
 
-_DATA_ARGS = ("mask", "labels")
+# Filled in by the task from the batch, never by a recipe (uld / gold: merged spans, matched vocabulary).
+_DATA_ARGS = ("mask", "labels", "student_log_scale", "teacher_log_scale", "matched_ids")
 
 
 def _defaults(fn: Callable) -> dict:
@@ -345,7 +346,7 @@ _BOUNDS: dict[str, dict] = {
     "t_end": {"low": 0, "high": 1},
 }
 _KINDS = {"float": "number", "int": "integer", "bool": "bool", "str": "text"}
-_NOT_PARAMS = ("mask", "labels", "reduction", "self")
+_NOT_PARAMS = (*_DATA_ARGS, "reduction", "self")
 
 
 def param_rules(name: str) -> dict[str, ParamRule]:

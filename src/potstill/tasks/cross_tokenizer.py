@@ -117,9 +117,6 @@ def check_cross_recipe(recipe: Recipe) -> None:
     if recipe.data.format == "messages":
         raise UserError("field data.format: cross-tokenizer distillation reads `text` or `prompt` + `completion` "
                         "records, not chat `messages`")
-    for i, o in enumerate(recipe.objectives):
-        if "matched_ids" in o.params:
-            raise UserError(f"field objectives.{i}.params.matched_ids: filled in from the two tokenizers; remove it")
 
 
 def _temperatures(recipe: Recipe) -> tuple[float, float]:
