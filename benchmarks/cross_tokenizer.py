@@ -11,7 +11,8 @@ Rows (every row: the recipe's optimizer, batch 8, lr 3e-3 constant after 5 warm-
 - uld: ULD (sorted-probability L1 per aligned span) + the student's own next-token cross-entropy (weight 1 each);
 - gold: GOLD's hybrid (JSD β 0.5 on the same-string tokens, weighted by their share of the teacher's vocabulary,
   sorted L1 on the rest) + cross-entropy;
-- sft: cross-entropy only (plain fine-tuning on the same text; the teacher is loaded but never run in training).
+- sft: cross-entropy only (plain fine-tuning on the same text; the teacher is loaded but never run in training);
+- uld_only (not run by default): ULD without the cross-entropy, to see what the teacher's signal alone teaches.
 
 Held-out score: bits per byte (summed next-token NLL / ln 2 / UTF-8 bytes) on `--eval-records` BBC validation
 articles, cut where both tokenizations fit 128 tokens, so teacher and students score the same bytes; also each
@@ -42,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROWS = ("uld", "gold", "sft")
+ROWS = ("uld", "gold", "sft", "uld_only")
 RECIPE = Path(__file__).resolve().parents[1] / "src" / "potstill" / "recipes" / "smollm2-cross-tokenizer.yaml"
 MARK = "@@ROW "
 
@@ -73,7 +74,10 @@ def _recipe(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     raw["name"] = f"{row}-seed{seed}"
     raw["output_dir"] = str(Path(args.out).resolve() / "runs")
     raw["seed"] = seed
-    raw["objectives"] = {"uld": [{"name": "uld"}], "gold": [{"name": "gold"}], "sft": []}[row]
+    raw["objectives"] = {"uld": [{"name": "uld"}], "gold": [{"name": "gold"}], "sft": [],
+                         "uld_only": [{"name": "uld"}]}[row]
+    if row == "uld_only":
+        raw["trainer"]["hard_label_weight"] = 0.0
     raw["data"]["train"]["limit"] = args.records
     raw["data"]["eval"]["limit"] = args.eval_records
     raw["trainer"].update(max_seconds=args.budget_seconds, num_threads=args.threads)
@@ -147,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget-seconds", type=float, default=240.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS[:3]))
     parser.add_argument("--records", type=int, default=256)
     parser.add_argument("--eval-records", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=0, help="subprocesses at a time (0: all rows of a seed)")

@@ -128,6 +128,12 @@ def test_a_tiny_cross_tokenizer_run_lowers_uld_and_reports_bits_per_byte(tmp_pat
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(r.run_dir / "student").get_vocab() == student_tok.get_vocab()
+    # `potstill eval` reloads the saved student (with its own tokenizer) and scores it like the run did
+    from potstill.evaluate import evaluate_run
+
+    rows = evaluate_run(r.run_dir)
+    assert rows[1]["bits_per_byte"] == pytest.approx(after["bits_per_byte"], rel=1e-4)
+    assert rows[0]["bits_per_byte"] == pytest.approx(teacher["bits_per_byte"], rel=1e-4)
 
 
 def test_a_bpe_student_tokenizer_is_trained_once_on_the_training_text(tmp_path):
