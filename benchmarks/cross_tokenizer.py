@@ -140,8 +140,10 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"{_mean([r['after']['bits_per_byte'] for r in rs])} | "
                      f"{statistics.mean(r['after']['perplexity'] for r in rs):.1f} |")
     first = results[0]
-    lines.append(f"| student before training | | 0 | | {first['before']['bits_per_byte']:.4f} | "
-                 f"{first['before']['perplexity']:.1f} |")
+    before = {r["seed"]: r["before"] for r in results}  # the same initial student in every row of a seed
+    lines.append(f"| student before training | {len(before)} | 0 | | "
+                 f"{_mean([b['bits_per_byte'] for b in before.values()])} | "
+                 f"{statistics.mean(b['perplexity'] for b in before.values()):.1f} |")
     lines.append(f"| teacher (SmolLM2-135M) | | | | {first['teacher']['bits_per_byte']:.4f} | "
                  f"{first['teacher']['perplexity']:.1f} |")
     return "\n".join(lines)
