@@ -52,7 +52,7 @@ def sorted_l1(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
     w largest entries: only the w largest of the wider side are needed (`topk`, much cheaper than sorting a
     49k-wide teacher row), plus its total."""
     width = min(student_probs.shape[-1], teacher_probs.shape[-1])
-    parts = []
+    parts: list[tuple[Tensor, Tensor | None]] = []
     for probs in (student_probs, teacher_probs):
         if probs.shape[-1] == width:
             parts.append((probs.sort(dim=-1, descending=True).values, None))
