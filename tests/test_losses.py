@@ -531,7 +531,7 @@ def test_catalogue_entries():
     hidden = {"hidden_mse", "hidden_cosine", "squarehead", "dmae_align"}
     attention = {"attention_kl", "minilm_relations", "attention_mse"}
     stateful = {"taid", "sparse_flops"} | hidden | attention
-    logits = set(NAMES) | {"taid", "sinkhorn"}
+    logits = set(NAMES) | {"taid", "sinkhorn", "uld", "gold"}
     scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops"}
     embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl"}
     expected = logits | hidden | attention | scores | embedding

@@ -62,6 +62,8 @@ _RESTTEST = _RESULTS + "interpolation-vs-extrapolation-resttest-style-split-meth
 _DATA = _RESULTS + "data-strategies-on-toy-tasks-benchmarksdata_strategiespy"
 _STEP_BY_STEP = _RESULTS + "distilling-step-by-step-on-arithmetic-word-problems-benchmarksstep_by_steppy"
 _ENDPOINT = _RESULTS + "a-text-only-teacher-behind-a-flaky-endpoint-benchmarksendpoint_generatepy"
+_CROSS_TOKENIZER = _RESULTS + ("cross-tokenizer-distillation-smollm2--a-student-with-its-own-bpe-uld--gold-vs-sft-"
+                               "issue-21-1-benchmarkscross_tokenizerpy")
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -97,6 +99,12 @@ METHODS: dict[str, MethodInfo] = {
                    'Knowledge Transfer in Language Models"', 2025, "objective", _LOSSES + "taid", "TAID"),
         MethodInfo("SinKD", 'Cui et al., "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation"', 2024,
                    "objective", _LOSSES + "sinkhorn", "sinkhorn"),
+        MethodInfo("ULD (cross-tokenizer)", 'Boizard et al., "Towards Cross-Tokenizer Distillation: the Universal '
+                   'Logit Distillation Loss for LLMs"', 2024, "objective", _LOSSES + "uld", "uld",
+                   _RECIPES + "smollm2-cross-tokenizer.yaml", _CROSS_TOKENIZER),
+        MethodInfo("GOLD hybrid (cross-tokenizer)", 'Hugging Face TRL, "GOLD: General On-policy Logit Distillation" '
+                   '(software)', 2025, "objective", _LOSSES + "uld", "gold", "benchmarks/cross_tokenizer.py",
+                   _CROSS_TOKENIZER),
         MethodInfo("Sequence-level KD", 'Kim & Rush, "Sequence-Level Knowledge Distillation"', 2016, "teacher",
                    "potstill.teachers.seq_kd", "seq_kd_completions", "benchmarks/llm_step.py"),
         MethodInfo("Black-box synthetic data", 'Shirgaonkar et al., "Knowledge Distillation Using Frontier '

@@ -5,7 +5,8 @@ A teacher's or a student's signal for one batch is one of:
 - `Signals`: that main signal plus the internals (hidden states, q/k/v) that objectives on internals read;
 - `RankingScores`: the ranking task's candidate and in-batch score matrices;
 - `potstill.losses.fused.LMHeadInputs`: a student's lm_head inputs (`trainer.fused_lm_head`);
-- `potstill.losses.sparse.TopKTeacher`: a cached teacher's top-k log-probs.
+- `potstill.losses.sparse.TopKTeacher`: a cached teacher's top-k log-probs;
+- `SpanLogits`: one side's logits per aligned span when teacher and student tokenizers differ (uld / gold).
 
 `Signal` names that union, for type hints. This module knows only torch at run time (the two loss-side
 classes are named for the type checker only), so that every part (tasks, teachers, students, the loop) can
@@ -51,5 +52,19 @@ class RankingScores:
     passage_terms: Tensor | None = None
 
 
+@dataclass
+class SpanLogits:
+    """Cross-tokenizer signal (`potstill.tasks.cross_tokenizer`): one side's logits at the first position of each
+    aligned span, `logits` `[N, V]` (its own vocabulary), and `log_scale` `[N]`, the summed log-probabilities
+    of the span's later tokens (0 for a one-token span). The teacher's also carries `matched_ids` `(M, 2)`,
+    the (teacher id, student id) pairs of tokens both vocabularies share (GOLD's hybrid loss); the student's
+    also carries its `token_logits` `[B, T, V]`, for the hard-label loss."""
+
+    logits: Tensor
+    log_scale: Tensor
+    matched_ids: Tensor | None = None
+    token_logits: Tensor | None = None
+
+
 #: What `Task.teacher_signal` / `Task.student_signal` return for one batch.
-Signal: TypeAlias = Union[Tensor, Signals, RankingScores, "LMHeadInputs", "TopKTeacher"]  # noqa: UP007
+Signal: TypeAlias = Union[Tensor, Signals, RankingScores, SpanLogits, "LMHeadInputs", "TopKTeacher"]  # noqa: UP007

@@ -20,6 +20,7 @@ from potstill.config.common import (
     ObjectiveConfig,
     RecipeBase,
     Strict,
+    StudentConfig,
     TeacherConfig,
     TrainerConfig,
     check_domains,
@@ -89,6 +90,14 @@ class CausalLMTeacherConfig(TextTeacherConfig):
     cache: RelPath | None = Field(None, description="top-k cache folder. `potstill cache RECIPE` writes the "
                                   "teacher's top-k log-probs there once; `potstill run` then reads them instead of "
                                   "running the teacher each step (sparse divergences: top-k ids + one tail bucket)")
+
+
+class CausalLMStudentConfig(StudentConfig):
+    tokenizer: ModelPath | None = Field(None, description="the student's own tokenizer when it differs from the "
+                                        "teacher's (cross-tokenizer distillation, objectives uld / gold only): a "
+                                        "folder, or bpe:<size> (a byte-level BPE trained on data.train's text, kept "
+                                        "in <run>/student_tokenizer); default: the teacher's (a pretrained "
+                                        "student: its folder's)")
 
 
 class Seq2SeqData(NoDomains, DataConfig):
@@ -185,6 +194,7 @@ class CausalLMRecipe(TextTargetsRecipe):
     teacher: CausalLMTeacherConfig = Field(default_factory=CausalLMTeacherConfig, description="the teacher model, "
                                            "or a text-only endpoint (teacher.endpoint); optional for a recipe "
                                            "without objectives, which trains on text the teacher wrote")
+    student: CausalLMStudentConfig = Field(description="how the student is built")
     data: CausalLMData
     trainer: CausalLMTrainerConfig = Field(default_factory=CausalLMTrainerConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig,

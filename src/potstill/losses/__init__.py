@@ -30,6 +30,7 @@ from .sparse import (
     sparse_version,
 )
 from .taid import TAID
+from .uld import gold, uld
 
 __all__ = [
     "OBJECTIVES",
@@ -42,6 +43,7 @@ __all__ = [
     "forward_kl",
     "fused_linear_divergence",
     "generalized_jsd",
+    "gold",
     "get_objective",
     "flops",
     "idf_flops",
@@ -64,4 +66,5 @@ __all__ = [
     "sparse_tvd",
     "sparse_version",
     "tvd",
+    "uld",
 ]

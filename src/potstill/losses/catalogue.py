@@ -24,6 +24,7 @@ from .minilm import MiniLMAttention, MiniLMRelations
 from .ranking import SparseFlops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
 from .sinkhorn import sinkhorn
 from .taid import TAID
+from .uld import gold, uld
 
 KINDS = ("logits", "scores", "embedding", "hidden_states", "attention")
 # Not listed: the sparse-retriever regularisers `ranking.flops` / `ranking.idf_flops` take only the student's
@@ -53,7 +54,8 @@ class ObjectiveInfo:
     stateful: bool = False
 
 
-_DATA_ARGS = ("mask", "labels")
+# Filled in by the task from the batch, never by a recipe (uld / gold: merged spans, matched vocabulary).
+_DATA_ARGS = ("mask", "labels", "student_log_scale", "teacher_log_scale", "matched_ids")
 
 
 def _defaults(fn: Callable) -> dict:
@@ -113,6 +115,21 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "½ Σ |p_t − p_s|",
             'Wen et al. 2023, "f-Divergence Minimization for Sequence-Level Knowledge Distillation"',
             "bounded in [0, 1]",
+        ),
+        _entry(
+            uld,
+            "logits",
+            "Σ_k |sort↓(p_s)_k − sort↓(p_t)_k| per aligned span, narrower vocabulary zero-padded",
+            'Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss '
+            'for LLMs"',
+            "teacher and student tokenizers may differ (causal_lm: spans aligned by byte offsets, split tokens merged)",
+        ),
+        _entry(
+            gold,
+            "logits",
+            "w·JSD_β(p_s^M, p_t^M) + (1−w)·sorted-L1(p_s^U, p_t^U), M = same-string ids, w = |M| / V_t",
+            "TRL GOLDTrainer (hybrid ULD); Boizard et al. 2024 (ULD), Agarwal et al. 2024 (GKD)",
+            "cross-tokenizer like uld; the task fills matched_ids from the two vocabularies",
         ),
         _entry(
             TAID,
@@ -324,11 +341,12 @@ _BOUNDS: dict[str, dict] = {
     "warmup_steps": {"low": 0},
     "alpha": {"low": 0, "high": 1},
     "beta": {"low": 0, "high": 1},
+    "matched_weight": {"low": 0, "high": 1},
     "t_start": {"low": 0, "high": 1},
     "t_end": {"low": 0, "high": 1},
 }
 _KINDS = {"float": "number", "int": "integer", "bool": "bool", "str": "text"}
-_NOT_PARAMS = ("mask", "labels", "reduction", "self")
+_NOT_PARAMS = (*_DATA_ARGS, "reduction", "self")
 
 
 def param_rules(name: str) -> dict[str, ParamRule]:

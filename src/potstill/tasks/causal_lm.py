@@ -11,6 +11,7 @@ This adapter wires the language-model pieces into the loop; each method lives in
 - on-policy distillation (GKD's λ, the student's own samples): `potstill.data.on_policy`;
 - the top-k teacher cache (`teacher.cache`, written by `potstill cache`): `potstill.teachers.capture`;
 - tokenizer, student, forward and fused lm_head: `potstill.tasks.lm_models`;
+- a student with its own tokenizer (cross-tokenizer uld / gold on aligned spans): `potstill.tasks.cross_tokenizer`;
 - metrics (perplexity, token_accuracy, token_agreement, kl_to_teacher, label_accuracy): `potstill.eval.lm`.
 
 A black-box step-by-step run needs no teacher model: without objectives the recipe may leave teacher.path out
@@ -46,7 +47,6 @@ from potstill.tasks.lm_models import (
     build_text_student,
     causal_logits,
     check_fused_head,
-    check_student_tokenizer,
     check_vocab,
     fused_chunk_size,
     lm_head_inputs,
@@ -63,7 +63,8 @@ class CausalLMTask(Task):
     signal_kind = "logits"
     name = "causal_lm"
     metric_names = ("perplexity", "token_accuracy", "token_agreement", "kl_to_teacher", "label_accuracy",
-                    "rationale_perplexity")
+                    "rationale_perplexity", "bits_per_byte")
+    cross: Any = None  # the cross-tokenizer set-up (`potstill.tasks.cross_tokenizer`), when tokenizers differ
 
     # ------------------------------------------------------------------ set-up
     def setup(self, *, is_main: bool = True, barrier=lambda: None, capture: bool = False) -> None:
@@ -83,12 +84,22 @@ class CausalLMTask(Task):
         self.tokenizer = text_tokenizer(r, self.tokenizer, task=self.name)
         if self.teacher is not None:
             self.teacher.to(self.device)
-        self.student = build_text_student(r, self.teacher, self.tokenizer, AutoModelForCausalLM)
-        check_student_tokenizer(r, self.tokenizer)
+        from potstill.data.cross_tokenizer import record_texts
+        from potstill.tasks.cross_tokenizer import cross_tokenizer_for
+
+        self.cross = cross_tokenizer_for(r, self.tokenizer, self.device, run_dir=self.run_dir,  # None: shared
+                                         train_texts=lambda: record_texts(self.load(r.data.train)))
+        tokenizers = {"teacher": self.tokenizer, "student": self.tokenizer}
+        if self.cross is not None:
+            self.tokenizer = tokenizers["student"] = self.cross.student_tokenizer
+            self.student = self.cross.build_student(self.teacher, AutoModelForCausalLM)
+        else:
+            self.student = build_text_student(r, self.teacher, self.tokenizer, AutoModelForCausalLM)
         self.vocab_size, self.pad_id = len(self.tokenizer), pad_id_of(self.tokenizer)
         for model, role in ((self.teacher, "teacher"), (self.student, "student")):
             if model is not None:
-                check_vocab(model, role, tokenizer=self.tokenizer, pad_id=self.pad_id, raw_logits=self._raw_logits)
+                check_vocab(model, role, tokenizer=tokenizers[role], pad_id=pad_id_of(tokenizers[role]),
+                            raw_logits=self._raw_logits)
         if r.trainer.fused_lm_head:
             check_fused_head(self.student, self.vocab_size, self._raw_logits)
         self.encoder = LMRecordEncoder(self.tokenizer, max_length=r.data.max_length, add_eos=r.data.add_eos)
@@ -131,6 +142,8 @@ class CausalLMTask(Task):
         records = self.load(source, required=FORMAT_FIELDS[fmt])
         if field == "data.train":
             self.train_format = fmt
+        if self.cross is not None:
+            return self.cross.encoder.examples(records, fmt, field)
         if r.data.domains is not None:  # one example per record (no packing): domains line up
             self._domain_sources = {**getattr(self, "_domain_sources", {}), field: records}
         return self.encoder.examples(records, fmt, field, packing=r.data.packing, is_main=is_main)
@@ -170,11 +183,15 @@ class CausalLMTask(Task):
         batch = {"input_ids": ids, "attention_mask": mask, "targets": targets, "index": torch.tensor(indices)}
         if views is not None:
             batch["view"] = views[1]
+        if self.cross is not None:
+            batch.update(self.cross.collate(rows, width))
         return batch
 
     def count_rows(self, batch: dict[str, Any]) -> int:
         """Counted target tokens; with step-by-step views, those of the label view only (the loop's divisor:
-        see `potstill.data.step_by_step.step_by_step_sum`)."""
+        see `potstill.data.step_by_step.step_by_step_sum`); cross-tokenizer: the aligned spans."""
+        if self.cross is not None:
+            return self.cross.count_rows(batch)
         return count_label_tokens(batch["targets"], batch.get("view"))
 
     def prepare_batch(self, batch: dict[str, Any], student: nn.Module, micro_batch: int) -> dict[str, Any]:
@@ -201,7 +218,10 @@ class CausalLMTask(Task):
         return logits[..., :self.vocab_size] if logits.shape[-1] != self.vocab_size else logits
 
     def teacher_signal(self, batch: dict[str, Any]) -> Any:
-        """The live teacher's logits `[B, T, V]`, or with `teacher.cache` its cached top-k (`TopKTeacher`)."""
+        """The live teacher's logits `[B, T, V]`, or with `teacher.cache` its cached top-k (`TopKTeacher`);
+        cross-tokenizer: its `SpanLogits`."""
+        if self.cross is not None:
+            return self.cross.teacher_signal(self.teacher, batch)
         if self.topk_cache is not None:
             lengths = batch["attention_mask"].sum(1).tolist()
             cached = self.topk_cache.get(batch["index"].tolist(), length=batch["input_ids"].shape[1],
@@ -213,7 +233,9 @@ class CausalLMTask(Task):
 
     def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> Any:
         """The student's logits; with trainer.fused_lm_head its last hidden states and lm_head instead (as
-        `Signals` with the internals, when objectives read them)."""
+        `Signals` with the internals, when objectives read them); cross-tokenizer: its `SpanLogits`."""
+        if self.cross is not None:
+            return self.cross.student_signal(self.logits(model, batch), batch)
         fn = self.head_inputs if self.recipe.trainer.fused_lm_head else self.logits
         return self.with_internals("student", fn, model, batch)
 
@@ -229,6 +251,8 @@ class CausalLMTask(Task):
         """Summed token cross-entropy (float32) of the student on the targets; with step-by-step views, the
         α-mix of the label view's and the rationale view's (`potstill.data.step_by_step`)."""
         view, targets = batch.get("view"), batch["targets"]
+        if self.cross is not None:  # the student's SpanLogits, with its token logits
+            return token_ce_sum(student_signal.token_logits, targets) * self.cross.hard_label_scale(batch)
         ce_sum = partial(token_ce_sum, student_signal, chunk_size=fused_chunk_size(self.recipe))
         if view is None:
             return ce_sum(targets)
@@ -237,11 +261,14 @@ class CausalLMTask(Task):
                                  ce_sum=ce_sum if fused else None)
 
     # ------------------------------------------------------------------ evaluation
-    def token_stats(self, model: nn.Module, examples: list[dict], *, teacher: nn.Module | None = None
-                    ) -> dict[str, float]:
-        """`potstill.eval.lm.token_stats` of `model` (and `teacher`) on `examples`."""
+    def token_stats(self, model: nn.Module, examples: list[dict], *, teacher: nn.Module | None = None,
+                    batch_of=None, logits=None) -> dict[str, float]:
+        """`potstill.eval.lm.token_stats` of `model` (and `teacher`) on `examples` (other batches / logits: a
+        cross-tokenizer teacher's)."""
+        device_batch = self._device_batch if batch_of is None else (lambda rows, idx: self.to_device(
+            batch_of(rows, idx)))
         return token_stats(model, examples, length_batches(examples, self.recipe.eval.batch_size),
-                           batch_of=self._device_batch, logits=self.logits, teacher=teacher)
+                           batch_of=device_batch, logits=logits or self.logits, teacher=teacher)
 
     def eval_loss(self, model: nn.Module, indices: list[int]) -> float:
         """Mean per-token cross-entropy of `model` on the held-out sequences `indices` (DDK's perplexities)."""
@@ -255,6 +282,9 @@ class CausalLMTask(Task):
         label view, plus `label_accuracy` and, when the eval records have rationales, `rationale_perplexity`."""
         if not self.eval_records or model is None:
             return {}
+        if self.cross is not None:  # each model on its own tokens, and bits per byte
+            return self.cross.evaluate(self.token_stats, model, self.eval_records,
+                                       teacher_role=role == "teacher" or model is self.teacher)
         teacher = None if role == "teacher" or model is self.teacher else self.teacher
         sbs = self.recipe.step_by_step is not None
         labels = [{"input_ids": ex["input_ids"], "targets": ex["targets"]} for ex in self.eval_records]

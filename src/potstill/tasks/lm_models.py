@@ -1,7 +1,8 @@
 """Models of the language-model tasks (causal_lm, seq2seq): the tokenizer teacher and student share, the text
 student, the forward pass to logits, and the fused lm_head.
 
-Teacher and student must share the tokenizer (`check_student_tokenizer` compares vocabularies); a model whose
+Teacher and student share the tokenizer, except in a cross-tokenizer run (`potstill.tasks.cross_tokenizer`,
+which compares the two vocabularies and refuses a differing one for other objectives than uld / gold); a model whose
 output has more ids than the tokenizer (a padded vocabulary) has its logits cut to the tokenizer's ids, so only
 real tokens are compared (`check_vocab`).
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from potstill.config import Recipe
-from potstill.data.lm_records import tokenizer_fingerprint, tokenizer_name
+from potstill.data.lm_records import tokenizer_name
 from potstill.errors import UserError
 from potstill.losses.fused import LMHeadInputs, fused_linear_cross_entropy
 from potstill.tasks.models import build_student, resolve_model_path
@@ -91,25 +92,6 @@ def build_text_student(recipe: Recipe, teacher: nn.Module | None, tokenizer: Any
 def pad_id_of(tokenizer: Any) -> int:
     """The id padding uses: the tokenizer's pad token, else its EOS, else 0."""
     return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-
-
-def check_student_tokenizer(recipe: Recipe, tokenizer: Any) -> None:
-    """Different vocabularies cannot be compared token by token: refuse a pretrained student whose own
-    tokenizer differs from `tokenizer`, with both names."""
-    cfg = recipe.student
-    if cfg.init != "pretrained":
-        return
-    from transformers import AutoTokenizer
-
-    path = resolve_model_path(cfg.path, field="student.path")
-    try:
-        student_tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        return  # a folder without a tokenizer uses the teacher's
-    if tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(tokenizer):
-        raise UserError(f"field student.path: the student's tokenizer {tokenizer_name(student_tok)} differs "
-                        f"from the teacher's {tokenizer_name(tokenizer)}; cross-tokenizer distillation "
-                        f"is not supported yet: teacher and student must share one tokenizer")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

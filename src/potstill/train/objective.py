@@ -8,6 +8,7 @@ parameters. `Objective.__call__` picks the form the signals call for, one typed 
 - a student given as its lm_head inputs (`LMHeadInputs`, `trainer.fused_lm_head`) takes the fused form, which
   never builds the student's full logits;
 - a cached top-k teacher (`TopKTeacher`) takes the sparse form over the teacher's top-k ids plus a tail bucket;
+- aligned spans of two tokenizers (`SpanLogits`, cross-tokenizer runs) go to uld / gold with their merge factors;
 - otherwise the loss itself, on the main signal.
 
 The protocols below are structural: the losses satisfy them by having the methods, without importing this file.
@@ -15,6 +16,7 @@ The protocols below are structural: the losses satisfy them by having the method
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -25,7 +27,7 @@ from torch import nn
 from potstill.errors import UserError
 from potstill.losses.fused import FUSED_DIVERGENCES, LMHeadInputs, fused_linear_divergence
 from potstill.losses.sparse import TopKTeacher, sparse_version
-from potstill.signals import Signal, Signals
+from potstill.signals import Signal, Signals, SpanLogits
 
 if TYPE_CHECKING:
     from potstill.tasks.base import Task
@@ -102,6 +104,8 @@ class Objective:
         kwargs = dict(self.params)
         if mask is not None:
             kwargs["mask"] = mask
+        if isinstance(main_teacher, SpanLogits):
+            return self._spans(main_student, main_teacher, kwargs)
         if isinstance(main_student, LMHeadInputs):
             return self._fused(main_student, main_teacher, kwargs)
         if isinstance(main_teacher, TopKTeacher):
@@ -117,6 +121,17 @@ class Objective:
         return fused_linear_divergence(student.hidden, student.weight, teacher, divergence=self.name,
                                        lm_head_bias=student.bias, vocab_size=student.vocab_size,
                                        reduction="sum", **kwargs)
+
+    def _spans(self, student: Any, teacher: SpanLogits, kwargs: dict[str, Any]) -> torch.Tensor:
+        params = inspect.signature(self.fn).parameters
+        if not isinstance(student, SpanLogits) or "student_log_scale" not in params:
+            raise UserError(f"objective {self.name!r} compares logits over one shared vocabulary, and teacher and "
+                            f"student tokenizers differ here; use the cross-tokenizer objectives uld or gold")
+        kwargs.pop("mask", None)
+        if "matched_ids" in params and teacher.matched_ids is not None:
+            kwargs["matched_ids"] = teacher.matched_ids
+        return self.fn(student.logits, teacher.logits, student_log_scale=student.log_scale,
+                       teacher_log_scale=teacher.log_scale, reduction="sum", **kwargs)
 
     def _sparse(self) -> Callable[..., torch.Tensor]:
         fn = sparse_version(self.name)
