@@ -51,3 +51,12 @@ def test_a_missing_package_is_a_user_error_with_the_install_hint(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="graph extra"):
         assets_graph._asset_dir("graspologic", "datasets")
+
+
+def test_connectivity_projection_is_the_projected_log_partner_counts():
+    adjacency = np.array([[0, 2, 0], [1, 0, 1], [0, 0, 3]], dtype=float)
+    features = assets_graph.connectivity_projection(adjacency, 2, seed=5)
+    partners = np.log1p(np.concatenate([adjacency, adjacency.T], axis=1))
+    raw = partners @ np.random.default_rng(5).normal(size=(6, 2))
+    assert np.allclose(features, (raw - raw.mean(0)) / raw.std(0), atol=1e-5)
+    assert features.dtype == np.float32
