@@ -62,6 +62,7 @@ _RESTTEST = _RESULTS + "interpolation-vs-extrapolation-resttest-style-split-meth
 _DATA = _RESULTS + "data-strategies-on-toy-tasks-benchmarksdata_strategiespy"
 _STEP_BY_STEP = _RESULTS + "distilling-step-by-step-on-arithmetic-word-problems-benchmarksstep_by_steppy"
 _ENDPOINT = _RESULTS + "a-text-only-teacher-behind-a-flaky-endpoint-benchmarksendpoint_generatepy"
+_VQGRAPH = _RESULTS + "vqgraph-gnn-to-mlp-on-the-drosophila-connectome-and-mutag-benchmarksvqgraphpy"
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -153,6 +154,14 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Distill-VQ", 'Xiao et al., "Distill-VQ: Learning Retrieval Oriented Vector Quantization By '
                    'Distilling Knowledge from Dense Embeddings"', 2022, "index", "potstill.index.distill_vq",
                    "distill_vq", "benchmarks/distill_vq.py", _DISTILL_VQ),
+        MethodInfo("VQGraph", 'Yang et al., "VQGraph: Rethinking Graph Representation Space for Bridging GNNs and '
+                   'MLPs"', 2024, "objective", _LOSSES + "vqgraph", "soft_code_kl", "benchmarks/vqgraph.py", _VQGRAPH),
+        MethodInfo("VQGraph teacher (codebook GNN)", 'Yang et al., "VQGraph: Rethinking Graph Representation Space '
+                   'for Bridging GNNs and MLPs"', 2024, "teacher", "potstill.teachers.vqgraph", "VQGraphTeacher",
+                   "benchmarks/vqgraph.py", _VQGRAPH),
+        MethodInfo("GLNN", 'Zhang et al., "Graph-less Neural Networks: Teaching Old MLPs New Tricks via '
+                   'Distillation"', 2022, "objective", _LOSSES + "vqgraph", "soft_label_loss", "benchmarks/vqgraph.py",
+                   _VQGRAPH),
         MethodInfo("DDK", 'Liu et al., "DDK: Distilling Domain Knowledge for Efficient Large Language Models"', 2024,
                    "sampler", "potstill.data.ddk", "DomainWeightedSampler", "benchmarks/data_strategies.py", _DATA),
         MethodInfo("Robust Active Distillation", 'Baykal et al., "Robust Active Distillation"', 2023, "sampler",
