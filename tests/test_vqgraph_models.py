@@ -123,7 +123,18 @@ def test_teacher_fits_a_toy_graph_and_the_student_learns_its_codes():
     for _ in range(100):
         s_opt.zero_grad()
         loss = soft_code_kl(student(x)[0], out.hidden, teacher.codebook.codewords)
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         loss.backward()
         s_opt.step()
-    assert float(loss) < 0.5 * first
+    assert float(loss.detach()) < 0.5 * first
+
+
+def test_teacher_without_pytorch_geometric_is_a_user_error(monkeypatch):
+    import sys
+
+    from potstill.errors import UserError
+    from potstill.teachers.vqgraph import VQGraphTeacher
+
+    monkeypatch.setitem(sys.modules, "torch_geometric.nn", None)
+    with pytest.raises(UserError, match=r"potstill\[graph\]"):
+        VQGraphTeacher(3, 2)
