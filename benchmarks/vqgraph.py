@@ -216,7 +216,7 @@ def run_graph_seed(graphs: list, seed: int, args: argparse.Namespace) -> dict[st
 
     torch.manual_seed(seed)
     teacher = VQGraphTeacher(7, 2, hidden_dim=args.hidden, codebook_size=args.codebook, graph_level=True,
-                             dropout=args.graph_dropout)
+                             pooling=args.graph_pooling, dropout=args.graph_dropout)
     opt = torch.optim.Adam(teacher.parameters(), lr=args.lr, weight_decay=5e-4)
     best: dict = {"val": -1.0}
 
@@ -240,7 +240,8 @@ def run_graph_seed(graphs: list, seed: int, args: argparse.Namespace) -> dict[st
 
     for method in ("mlp", "glnn", "vqgraph"):
         torch.manual_seed(seed)
-        student = GraphMLP(7, 2, hidden_dim=args.hidden, graph_level=True, dropout=args.graph_dropout)
+        student = GraphMLP(7, 2, hidden_dim=args.hidden, graph_level=True, pooling=args.graph_pooling,
+                           dropout=args.graph_dropout)
         s_opt = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=5e-4)
 
         def student_step(method: str = method, student: GraphMLP = student, s_opt=s_opt) -> None:
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="connectome node features: projected connectivity or eight local statistics")
     parser.add_argument("--tasks", nargs="+", choices=("node", "graph"), default=["node", "graph"])
     parser.add_argument("--graph-dropout", type=float, default=0.0, help="dropout of the MUTAG teacher and MLP")
+    parser.add_argument("--graph-pooling", choices=("mean", "sum"), default="mean", help="MUTAG readout")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from potstill.students.graph_mlp import GraphMLP
-from potstill.teachers.vqgraph import EMACodebook, mean_per_graph
+from potstill.teachers.vqgraph import EMACodebook, pool_per_graph
 
 
 def test_ema_codebook_quantises_to_the_nearest_codeword_then_moves_it_by_hand():
@@ -36,9 +36,10 @@ def test_ema_codebook_does_not_move_in_eval_mode_and_initialises_from_the_first_
     assert torch.equal(book.codewords, before)
 
 
-def test_mean_per_graph_by_hand():
+def test_pool_per_graph_by_hand():
     values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
-    assert mean_per_graph(values, torch.tensor([0, 0, 1]), 2).tolist() == [[2.0, 3.0], [5.0, 6.0]]
+    assert pool_per_graph(values, torch.tensor([0, 0, 1]), 2).tolist() == [[2.0, 3.0], [5.0, 6.0]]
+    assert pool_per_graph(values, torch.tensor([0, 0, 1]), 2, "sum").tolist() == [[4.0, 6.0], [5.0, 6.0]]
 
 
 def _identity_student(graph_level: bool) -> GraphMLP:

@@ -5,7 +5,7 @@ the plain and logit-distilled MLP are the GLNN baselines (Zhang et al., "Graph-l
 
 `GraphMLP(x)` returns `(hidden, logits)`: `hidden` [N, d] is the last hidden layer, whose width d must equal the
 teacher's codebook dimension so that VQGraph's code loss can compare it with the codewords. For graph
-classification (`graph_level=True`) the logits come from the mean of `hidden` over each graph's nodes (pass the
+classification (`graph_level=True`) the logits come from the mean (or sum) of `hidden` over each graph's nodes (pass the
 node-to-graph index `batch`): still no message passing, so inference costs one MLP pass per node.
 Plain torch: the student needs no graph library to run.
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from potstill.teachers.vqgraph import pool_per_graph
 
 __all__ = ["GraphMLP"]
 
@@ -30,6 +32,7 @@ class GraphMLP(nn.Module):
         layers: int = 2,
         dropout: float = 0.2,
         graph_level: bool = False,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
         if layers < 1:
@@ -43,7 +46,7 @@ class GraphMLP(nn.Module):
             width = hidden_dim
         self.body = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, num_classes))
-        self.graph_level = graph_level
+        self.graph_level, self.pooling = graph_level, pooling
 
     def forward(self, x: Tensor, batch: Tensor | None = None) -> tuple[Tensor, Tensor]:
         hidden = self.body(x)
@@ -51,7 +54,4 @@ class GraphMLP(nn.Module):
             return hidden, self.head(hidden)
         graph_of = torch.zeros(len(x), dtype=torch.long, device=x.device) if batch is None else batch
         num_graphs = int(graph_of.max()) + 1 if len(graph_of) else 0
-        sums = torch.zeros(num_graphs, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        sums.index_add_(0, graph_of, hidden)
-        counts = torch.bincount(graph_of, minlength=num_graphs).clamp_min(1).to(hidden.dtype)
-        return hidden, self.head(sums / counts.unsqueeze(-1))
+        return hidden, self.head(pool_per_graph(hidden, graph_of, num_graphs, self.pooling))

@@ -10,7 +10,8 @@ node to the codewords (`potstill.losses.vqgraph`).
 Forward (`VQGraphTeacher`):
 - `h = SAGE₁(X, A)`  (the node embedding, width d = the codebook's dimension)
 - `e = VQ(h)`  (the nearest codeword, straight-through gradient to h)
-- `u = dec_e(e)`;  logits = `SAGE₂(u, A)` per node, or a linear head on the mean of `SAGE₂(u, A)` per graph.
+- `u = dec_e(e)`;  logits = `SAGE₂(u, A)` per node, or a linear head on the mean (or sum) of `SAGE₂(u, A)` per
+  graph.
 - Reconstructions: features `x̂ = dec_n(e)`, adjacency `Â = minmax(u uᵀ)` (within each graph).
 
 Teacher loss (`teacher_loss`):
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from potstill.errors import UserError
 
-__all__ = ["EMACodebook", "VQGraphOutput", "VQGraphTeacher", "mean_per_graph", "teacher_logits", "teacher_loss"]
+__all__ = ["EMACodebook", "VQGraphOutput", "VQGraphTeacher", "pool_per_graph", "teacher_logits", "teacher_loss"]
 
 PYG_HINT = 'pip install "potstill[graph]"'
 
@@ -120,10 +121,14 @@ def _graph_index(batch: Tensor | None, num_nodes: int, device: torch.device) -> 
     return torch.zeros(num_nodes, dtype=torch.long, device=device) if batch is None else batch
 
 
-def mean_per_graph(values: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
-    """Mean of the rows of `values` [N, d] per graph id in `batch` [N]: shape [num_graphs, d]."""
+def pool_per_graph(values: Tensor, batch: Tensor, num_graphs: int, pooling: str = "mean") -> Tensor:
+    """Mean (or sum, `pooling="sum"`) of the rows of `values` [N, d] per graph id in `batch` [N]: [num_graphs, d]."""
+    if pooling not in ("mean", "sum"):
+        raise ValueError(f'pooling must be "mean" or "sum", got {pooling!r}')
     sums = torch.zeros(num_graphs, values.shape[-1], dtype=values.dtype, device=values.device)
     sums.index_add_(0, batch, values)
+    if pooling == "sum":
+        return sums
     counts = torch.bincount(batch, minlength=num_graphs).clamp_min(1).to(values.dtype)
     return sums / counts.unsqueeze(-1)
 
@@ -139,12 +144,13 @@ class VQGraphTeacher(nn.Module):
         hidden_dim: int = 64,
         codebook_size: int = 64,
         graph_level: bool = False,
+        pooling: str = "mean",
         dropout: float = 0.2,
         ema_decay: float = 0.8,
     ) -> None:
         super().__init__()
         conv = _sage_conv()
-        self.graph_level = graph_level
+        self.graph_level, self.pooling = graph_level, pooling
         self.encoder = conv(in_dim, hidden_dim)
         self.codebook = EMACodebook(codebook_size, hidden_dim, decay=ema_decay)
         self.edge_decoder = nn.Linear(hidden_dim, hidden_dim)
@@ -166,7 +172,7 @@ class VQGraphTeacher(nn.Module):
         node_out = self.classifier_conv(self.dropout(F.relu(decoded)), edge_index)
         if self.graph_head is not None:
             num_graphs = int(graph_of.max()) + 1 if len(graph_of) else 0
-            logits = self.graph_head(mean_per_graph(F.relu(node_out), graph_of, num_graphs))
+            logits = self.graph_head(pool_per_graph(F.relu(node_out), graph_of, num_graphs, self.pooling))
         else:
             logits = node_out
         return VQGraphOutput(hidden, quantised, codes, logits, self.feature_decoder(quantised), adjacency_scores,
@@ -182,7 +188,7 @@ def teacher_logits(model: VQGraphTeacher, x: Tensor, edge_index: Tensor, batch: 
     if model.graph_head is None:
         return node_out
     graph_of = _graph_index(batch, len(x), x.device)
-    return model.graph_head(mean_per_graph(F.relu(node_out), graph_of, int(graph_of.max()) + 1))
+    return model.graph_head(pool_per_graph(F.relu(node_out), graph_of, int(graph_of.max()) + 1, model.pooling))
 
 
 def teacher_loss(
