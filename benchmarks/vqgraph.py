@@ -26,7 +26,7 @@ neighbourhood of the batch cut out with `k_hop_subgraph`, then the teacher's log
 `potstill.eval.speed.compare_throughput`, one thread.
 
 Usage: python benchmarks/vqgraph.py [--seeds 0 1 2] [--tasks node graph] [--features projection|local]
-       [--token-weight 0.01] [--label-weight 0] [--out vqgraph.json]
+       [--graph-pooling mean|sum] [--token-weight 0.01] [--label-weight 0] [--out vqgraph.json]
 Needs the graph extra (`make venv` installs it).
 """
 
