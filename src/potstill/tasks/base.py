@@ -26,6 +26,8 @@ class Task(ABC):
     """
 
     signal_kind: str = ""
+    # objective kinds fed besides `signal_kind` (causal_lm: "preference", on preference pairs)
+    extra_objective_kinds: tuple[str, ...] = ()
     name: str = ""
 
     def __init__(self, recipe: Recipe, *, run_dir: Path, device: torch.device | str = "cpu") -> None:

@@ -9,6 +9,8 @@ This adapter wires the language-model pieces into the loop; each method lives in
 - distilling step-by-step (label and rationale views, α-mixed loss): `potstill.data.step_by_step`;
 - sequence-level KD (the teacher's completions, generated once): `potstill.teachers.seq_kd`;
 - on-policy distillation (GKD's λ, the student's own samples): `potstill.data.on_policy`;
+- preference distillation (`data.format: preference`, DPO with the teacher as reference): pairs in
+  `potstill.data.preference`, their batches and objectives in `potstill.tasks.preference`;
 - the top-k teacher cache (`teacher.cache`, written by `potstill cache`): `potstill.teachers.capture`;
 - tokenizer, student, forward and fused lm_head: `potstill.tasks.lm_models`;
 - metrics (perplexity, token_accuracy, token_agreement, kl_to_teacher, label_accuracy): `potstill.eval.lm`.
@@ -30,6 +32,7 @@ from torch import nn
 from potstill.config import DataSource
 from potstill.data.lm_records import FORMAT_FIELDS, LMRecordEncoder, infer_format, prompt_of, with_completion
 from potstill.data.on_policy import on_policy_batch
+from potstill.data.preference import pair_rows, preference_examples
 from potstill.data.sampling import sampling_settings
 from potstill.data.step_by_step import (
     causal_lm_views,
@@ -56,10 +59,18 @@ from potstill.tasks.lm_models import (
     token_ce_sum,
 )
 from potstill.tasks.models import load_factory_teacher, load_hf_teacher
+from potstill.tasks.preference import (
+    PairLogits,
+    adapt_preference_objective,
+    check_preference_objectives,
+    check_preference_recipe,
+    chosen_ce_sum,
+)
 
 
 class CausalLMTask(Task):
     signal_kind = "logits"
+    extra_objective_kinds = ("preference",)
     name = "causal_lm"
 
     # ------------------------------------------------------------------ set-up
@@ -96,6 +107,9 @@ class CausalLMTask(Task):
             raise UserError("generation.lmbda and generation.seq_kd sample completions after each record's prompt: "
                             "they need prompt/completion or messages records, without data.packing")
         cache = None
+        check_preference_objectives([o.name for o in r.objectives], pairs=self.train_format == "preference")
+        if self.train_format == "preference":
+            check_preference_recipe(r)
         if r.teacher.cache and not capture:
             from potstill.teachers.cache import TopKCache
 
@@ -125,9 +139,14 @@ class CausalLMTask(Task):
         if fmt == "auto":
             fmt = infer_format(self.load(DataSource(path=source.path, split=source.split, columns=source.columns,
                                                     limit=1))[0], field=field)
+        if field == "data.eval" and (fmt == "preference") != (self.train_format == "preference"):
+            raise UserError(f"data.eval: its records are {fmt}, data.train's {self.train_format}; preference pairs "
+                            f"(prompt, chosen, rejected) are evaluated on preference pairs")
         records = self.load(source, required=FORMAT_FIELDS[fmt])
         if field == "data.train":
             self.train_format = fmt
+        if fmt == "preference":
+            return preference_examples(records, self.encoder, field, is_main=is_main)
         if r.data.domains is not None:  # one example per record (no packing): domains line up
             self._domain_sources = {**getattr(self, "_domain_sources", {}), field: records}
         return self.encoder.examples(records, fmt, field, packing=r.data.packing, is_main=is_main)
@@ -144,7 +163,8 @@ class CausalLMTask(Task):
                 for p, c in zip(prompts, self.seq_kd_file["completions"], strict=True)]
 
     def record_lengths(self) -> list[int]:
-        return [max(len(ex["input_ids"]), len(ex.get("rationale", ex)["input_ids"])) for ex in self.train_records]
+        return [max(len(ex["input_ids"]), len(ex.get("rationale", ex.get("rejected", ex))["input_ids"]))
+                for ex in self.train_records]
 
     def domain_records(self, split: str) -> list[dict]:
         return self._domain_sources["data.train" if split == "train" else "data.eval"]
@@ -152,9 +172,11 @@ class CausalLMTask(Task):
     # ------------------------------------------------------------------ batches
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
         """Right-padded rows. Step-by-step records with a rationale view give 2B rows: the B label views, then
-        the B rationale views in the same order, and `view` [2B] says which (0 label, 1 rationale)."""
+        the B rationale views in the same order, and `view` [2B] says which (0 label, 1 rationale). Preference
+        pairs also give 2B rows: the chosen sequences, then the rejected ones."""
         views = step_by_step_rows(records)
         rows = records if views is None else views[0]
+        rows = pair_rows(records) or rows
         width = max(len(ex["input_ids"]) for ex in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -171,7 +193,9 @@ class CausalLMTask(Task):
 
     def count_rows(self, batch: dict[str, Any]) -> int:
         """Counted target tokens; with step-by-step views, those of the label view only (the loop's divisor:
-        see `potstill.data.step_by_step.step_by_step_sum`)."""
+        see `potstill.data.step_by_step.step_by_step_sum`); with preference pairs, the pairs."""
+        if self.train_format == "preference":
+            return batch["input_ids"].shape[0] // 2
         return count_label_tokens(batch["targets"], batch.get("view"))
 
     def prepare_batch(self, batch: dict[str, Any], student: nn.Module, micro_batch: int) -> dict[str, Any]:
@@ -206,13 +230,21 @@ class CausalLMTask(Task):
             return cached.to(self.device)
         from potstill.teachers import teacher_outputs
 
+        if self.train_format == "preference":
+            return PairLogits(teacher_outputs(self.logits, self.teacher, batch), batch["targets"])
         return teacher_outputs(self.with_internals, "teacher", self.logits, self.teacher, batch)
 
     def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> Any:
         """The student's logits; with trainer.fused_lm_head its last hidden states and lm_head instead (as
         `Signals` with the internals, when objectives read them)."""
+        if self.train_format == "preference":
+            return PairLogits(self.logits(model, batch), batch["targets"])
         fn = self.head_inputs if self.recipe.trainer.fused_lm_head else self.logits
         return self.with_internals("student", fn, model, batch)
+
+    def adapt_objective(self, name: str, fn: Any) -> Any:
+        """Logit divergences and preference objectives, ready for pair batches (`potstill.tasks.preference`)."""
+        return adapt_preference_objective(name, fn)
 
     def head_inputs(self, model: nn.Module, batch: dict[str, Any]) -> LMHeadInputs:
         """The student run up to its lm_head (`potstill.tasks.lm_models.lm_head_inputs`)."""
@@ -226,6 +258,8 @@ class CausalLMTask(Task):
         """Summed token cross-entropy (float32) of the student on the targets; with step-by-step views, the
         α-mix of the label view's and the rationale view's (`potstill.data.step_by_step`)."""
         view, targets = batch.get("view"), batch["targets"]
+        if isinstance(student_signal, PairLogits):  # preference pairs: CE on the chosen completions
+            return chosen_ce_sum(student_signal, token_ce_sum)
         ce_sum = partial(token_ce_sum, student_signal, chunk_size=fused_chunk_size(self.recipe))
         if view is None:
             return ce_sum(targets)
@@ -253,6 +287,8 @@ class CausalLMTask(Task):
         if not self.eval_records or model is None:
             return {}
         teacher = None if role == "teacher" or model is self.teacher else self.teacher
+        if self.train_format == "preference":
+            return self._preference_metrics(model, teacher)
         sbs = self.recipe.step_by_step is not None
         labels = [{"input_ids": ex["input_ids"], "targets": ex["targets"]} for ex in self.eval_records]
         metrics = token_metrics(self.token_stats(model, labels if sbs else self.eval_records, teacher=teacher))
@@ -263,6 +299,16 @@ class CausalLMTask(Task):
             if rationales:
                 metrics["rationale_perplexity"] = token_metrics(self.token_stats(model, rationales))["perplexity"]
         return metrics
+
+    def _preference_metrics(self, model: nn.Module, teacher: nn.Module | None) -> dict[str, float]:
+        """Token metrics on the chosen completions and `potstill.eval.preference`'s pair accuracies."""
+        from potstill.eval.preference import pair_logps, preference_metrics
+
+        chosen = [{"input_ids": ex["input_ids"], "targets": ex["targets"]} for ex in self.eval_records]
+        metrics = token_metrics(self.token_stats(model, chosen, teacher=teacher))
+        logps = partial(pair_logps, examples=self.eval_records, batch_size=self.recipe.eval.batch_size,
+                        batch_of=self._device_batch, logits=self.logits)
+        return {**metrics, **preference_metrics(logps(model), None if teacher is None else logps(teacher))}
 
     def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
         examples = (self.eval_records or self.train_records)[:8]
