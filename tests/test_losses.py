@@ -530,12 +530,13 @@ def test_embedding_errors():
 def test_catalogue_entries():
     hidden = {"hidden_mse", "hidden_cosine", "squarehead", "dmae_align"}
     attention = {"attention_kl", "minilm_relations", "attention_mse"}
-    stateful = {"taid", "sparse_flops"} | hidden | attention
+    stateful = {"taid", "sparse_flops", "moe_router_aux"} | hidden | attention
     logits = set(NAMES) | {"taid", "sinkhorn"}
     scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops"}
     embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl"}
     preference = {"dpo_teacher_ref"}
-    expected = logits | hidden | attention | scores | embedding | preference
+    router = {"moe_router_aux"}
+    expected = logits | hidden | attention | scores | embedding | preference | router
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
         assert info.name == name
@@ -553,6 +554,7 @@ def test_catalogue_entries():
     assert {k for k, v in kinds.items() if v == "hidden_states"} == hidden
     assert {k for k, v in kinds.items() if v == "attention"} == attention
     assert {k for k, v in kinds.items() if v == "preference"} == preference
+    assert {k for k, v in kinds.items() if v == "router"} == router
     assert OBJECTIVES["generalized_jsd"].defaults["beta"] == 0.5
 
 
@@ -576,7 +578,7 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
     g = torch.Generator().manual_seed(0)
     shapes = {"logits": (3, 5, 11), "preference": (4, 5, 11), "embedding": (6, 8), "scores": (4, 3)}
     for name, info in OBJECTIVES.items():
-        if name == "sparse_flops":  # a regulariser of the student's term weights: reads no teacher output
+        if name in ("sparse_flops", "moe_router_aux"):  # regularisers of the student alone: no teacher output
             continue
         if info.kind in ("hidden_states", "attention"):  # internals: per layer [B, T, D] tensors
             obj = info.fn()

@@ -11,6 +11,7 @@ This adapter wires the language-model pieces into the loop; each method lives in
 - on-policy distillation (GKD's λ, the student's own samples): `potstill.data.on_policy`;
 - preference distillation (`data.format: preference`, DPO with the teacher as reference): pairs in
   `potstill.data.preference`, their batches and objectives in `potstill.tasks.preference`;
+- a mixture-of-experts student and its router auxiliary loss (`moe_router_aux`): `potstill.tasks.moe`;
 - the top-k teacher cache (`teacher.cache`, written by `potstill cache`): `potstill.teachers.capture`;
 - tokenizer, student, forward and fused lm_head: `potstill.tasks.lm_models`;
 - metrics (perplexity, token_accuracy, token_agreement, kl_to_teacher, label_accuracy): `potstill.eval.lm`.
@@ -59,6 +60,7 @@ from potstill.tasks.lm_models import (
     token_ce_sum,
 )
 from potstill.tasks.models import load_factory_teacher, load_hf_teacher
+from potstill.tasks.moe import check_router_student, router_objective_params, router_signals, teacher_signals
 from potstill.tasks.preference import (
     PairLogits,
     adapt_preference_objective,
@@ -70,7 +72,7 @@ from potstill.tasks.preference import (
 
 class CausalLMTask(Task):
     signal_kind = "logits"
-    extra_objective_kinds = ("preference",)
+    extra_objective_kinds = ("preference", "router")
     name = "causal_lm"
 
     # ------------------------------------------------------------------ set-up
@@ -93,6 +95,9 @@ class CausalLMTask(Task):
             self.teacher.to(self.device)
         self.student = build_text_student(r, self.teacher, self.tokenizer, AutoModelForCausalLM)
         check_student_tokenizer(r, self.tokenizer)
+        self.router_aux = bool(router_objective_params(r))
+        if self.router_aux:
+            check_router_student(r, self.student)
         self.vocab_size, self.pad_id = len(self.tokenizer), pad_id_of(self.tokenizer)
         for model, role in ((self.teacher, "teacher"), (self.student, "student")):
             if model is not None:
@@ -232,6 +237,8 @@ class CausalLMTask(Task):
 
         if self.train_format == "preference":
             return PairLogits(teacher_outputs(self.logits, self.teacher, batch), batch["targets"])
+        if self.router_aux:
+            return teacher_signals(teacher_outputs(self.logits, self.teacher, batch), batch)
         return teacher_outputs(self.with_internals, "teacher", self.logits, self.teacher, batch)
 
     def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> Any:
@@ -239,6 +246,8 @@ class CausalLMTask(Task):
         `Signals` with the internals, when objectives read them)."""
         if self.train_format == "preference":
             return PairLogits(self.logits(model, batch), batch["targets"])
+        if self.router_aux:
+            return router_signals(model, batch, self.vocab_size)
         fn = self.head_inputs if self.recipe.trainer.fused_lm_head else self.logits
         return self.with_internals("student", fn, model, batch)
 
