@@ -118,3 +118,18 @@ def test_bad_preference_recipes(tmp_path, teacher_dir):
     same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " b"}])
     with pytest.raises(UserError, match="record 0: 'chosen' and 'rejected' are the same"):
         setup_task(pair_recipe(tmp_path, teacher_dir, data={"train": same, "eval": None}))
+
+
+def test_verified_pairs_from_generate_outputs(tmp_path):
+    from potstill.data.preference import verified_pairs
+
+    first, second = tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"
+    write_jsonl(first, [{"prompt": "2+2", "completion": "4"}, {"prompt": "3+3", "completion": "6"}])
+    write_jsonl(tmp_path / "s0.rejected.jsonl", [{"record": 3, "reason": "r", "prompt": "5+5", "response": "11"}])
+    write_jsonl(second, [{"prompt": "5+5", "completion": "10"}, {"prompt": "2+2", "completion": "4 "}])
+    write_jsonl(tmp_path / "s1.rejected.jsonl", [{"record": 1, "reason": "r", "prompt": "2+2", "response": "5"},
+                                                 {"record": 2, "reason": "r", "prompt": "7+7", "response": "1"}])
+    assert verified_pairs([first, second]) == [{"prompt": "2+2", "chosen": "4", "rejected": "5"},
+                                               {"prompt": "5+5", "chosen": "10", "rejected": "11"}]
+    with pytest.raises(UserError, match="no such file"):
+        verified_pairs([tmp_path / "missing.jsonl"])

@@ -7,10 +7,17 @@ Each record becomes one example: the chosen sequence as the example itself (``in
 targets are the chosen completion's tokens, -100 on the prompt) and the rejected sequence under ``rejected`` in the
 same layout. A micro-batch of B pairs is collated as 2B rows, the B chosen rows then the B rejected rows in the
 same order (`pair_rows`), which is the layout `potstill.losses.preference.dpo_teacher_ref` reads.
+
+Pairs from an endpoint teacher (`verified_pairs`): run `potstill generate` with a `match` or `verifier` filter
+(its endpoint client brings the response cache, retries and resume) once per sample, e.g. with temperature > 0
+and a different seed into a different output each time; each prompt with at least one kept completion and one
+rejected response becomes a pair (chosen = the first kept, rejected = the first rejected, in the outputs' order).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from potstill.data.lm_records import LMRecordEncoder, text_field
@@ -61,3 +68,28 @@ def pair_rows(records: list[dict]) -> list[dict] | None:
     if pairs != len(records):
         raise ValueError("a micro-batch mixes preference pairs with single sequences")
     return list(records) + [ex["rejected"] for ex in records]
+
+
+def verified_pairs(outputs: list[str | Path], *, column: str = "prompt") -> list[dict[str, str]]:
+    """Preference pairs from `potstill generate` outputs (`out.jsonl` with its `out.rejected.jsonl`; module
+    docstring), in the order prompts first appear. Prompts read from chat `messages` are left out."""
+    kept: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    for out in map(Path, outputs):
+        rejected_file = out.with_name(out.name.removesuffix(".jsonl") + ".rejected.jsonl")
+        for path, key, into in ((out, "completion", kept), (rejected_file, "response", refused)):
+            if not path.exists():
+                raise UserError(f"{path}: no such file; verified_pairs reads the outputs of `potstill generate` "
+                                f"with a match or verifier filter (out.jsonl and out.rejected.jsonl)")
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise UserError(f"{path}, line {n}: not JSON") from None
+                prompt = row.get(column, row.get("input"))
+                if isinstance(prompt, str) and isinstance(row.get(key), str):
+                    into.setdefault(prompt, row[key])
+    return [{"prompt": p, "chosen": kept[p], "rejected": refused[p]} for p in kept
+            if p in refused and kept[p] != refused[p]]
