@@ -147,13 +147,13 @@ def run_seed(seed: int, *, steps: int, teacher_steps: int, lr: float, root: Path
     return table
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--teacher-steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
     per_seed = []
@@ -175,7 +175,8 @@ def main() -> None:
         print(f"{model:<14} {cell('preference_accuracy'):>24} {cell('reward_accuracy'):>26} "
               f"{(f'{statistics.mean(kl):.3f}' if kl else '—'):>14}")
     print(f"\n{time.perf_counter() - started:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -77,13 +77,13 @@ def run_seed(seed: int, *, steps: int, n: int, c: float) -> tuple[dict[str, floa
     return mse, alphas
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--n", type=int, default=60)
     parser.add_argument("--cs", type=float, nargs="+", default=[0.01, 0.1, 1.0])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for c in args.cs:
         results = [run_seed(seed, steps=args.steps, n=args.n, c=c) for seed in args.seeds]
@@ -101,6 +101,8 @@ def main() -> None:
         ties = sum(mse["α* held-out"] <= end * 1.001 for (mse, _), end in zip(results, ends, strict=True)) - wins
         print(f"α* (held-out) beats both α = 0 and α = 1 in {wins} of {len(results)} seeds, ties the better one "
               f"(within 0.1 %) in {ties}")
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
