@@ -108,6 +108,9 @@ def test_run_reports_preference_accuracy(tmp_path, teacher_dir):
 def test_bad_preference_recipes(tmp_path, teacher_dir):
     with pytest.raises(UserError, match="data.packing"):
         setup_task(pair_recipe(tmp_path, teacher_dir, data={"packing": True}))
+    with pytest.raises(UserError, match="objectives.0.params.loss_type: expected one of sigmoid, kto_pair"):
+        setup_task(pair_recipe(tmp_path, teacher_dir, objectives=[{"name": "dpo_teacher_ref",
+                                                                   "params": {"loss_type": "ipo"}}]))
     with pytest.raises(UserError, match="objectives.0.name: with preference pairs"):
         setup_task(pair_recipe(tmp_path, teacher_dir, objectives=[{"name": "taid"}]))
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "the cat", "completion": " sat"}])

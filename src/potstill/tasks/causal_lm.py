@@ -112,7 +112,7 @@ class CausalLMTask(Task):
             raise UserError("generation.lmbda and generation.seq_kd sample completions after each record's prompt: "
                             "they need prompt/completion or messages records, without data.packing")
         cache = None
-        check_preference_objectives([o.name for o in r.objectives], pairs=self.train_format == "preference")
+        check_preference_objectives(r.objectives, pairs=self.train_format == "preference")
         if self.train_format == "preference":
             check_preference_recipe(r)
         if r.teacher.cache and not capture:

@@ -73,13 +73,20 @@ def adapt_preference_objective(name: str, fn: Any) -> Any:
     return PreferenceObjective(name, fn, info.kind)
 
 
-def check_preference_objectives(names: list[str], *, pairs: bool) -> None:
-    """Refuse a preference objective on records that are not pairs, and on pairs any objective other than
-    preference objectives and stateless logit divergences (`pairs`: the training records are preference pairs)."""
+def check_preference_objectives(objectives: list[Any], *, pairs: bool) -> None:
+    """Refuse a preference objective on records that are not pairs or with an unknown `loss_type`, and on pairs any
+    objective other than preference objectives and stateless logit divergences (`objectives`: the recipe's
+    entries, with `name` and `params`; `pairs`: the training records are preference pairs)."""
     from potstill.losses.catalogue import OBJECTIVES
+    from potstill.losses.preference import LOSS_TYPES
 
-    for i, name in enumerate(names):
+    for i, objective in enumerate(objectives):
+        name = objective.name
         info = OBJECTIVES[name]
+        loss_type = objective.params.get("loss_type", LOSS_TYPES[0])
+        if info.kind == "preference" and loss_type not in LOSS_TYPES:
+            raise UserError(f"field objectives.{i}.params.loss_type: expected one of {', '.join(LOSS_TYPES)}, got "
+                            f"{loss_type!r}")
         if info.kind == "preference" and not pairs:
             raise UserError(f"field objectives.{i}.name: {name} trains on preference pairs; data.train needs "
                             f"prompt, chosen and rejected fields (data.format: preference)")
