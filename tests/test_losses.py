@@ -530,11 +530,13 @@ def test_embedding_errors():
 def test_catalogue_entries():
     hidden = {"hidden_mse", "hidden_cosine", "squarehead", "dmae_align"}
     attention = {"attention_kl", "minilm_relations", "attention_mse"}
-    stateful = {"taid", "sparse_flops"} | hidden | attention
+    stateful = {"taid", "sparse_flops", "moe_router_aux"} | hidden | attention
     logits = set(NAMES) | {"taid", "sinkhorn", "uld", "gold"}
     scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops"}
     embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl"}
-    expected = logits | hidden | attention | scores | embedding
+    preference = {"dpo_teacher_ref"}
+    router = {"moe_router_aux"}
+    expected = logits | hidden | attention | scores | embedding | preference | router
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
         assert info.name == name
@@ -551,6 +553,8 @@ def test_catalogue_entries():
     assert {k for k, v in kinds.items() if v == "embedding"} == embedding
     assert {k for k, v in kinds.items() if v == "hidden_states"} == hidden
     assert {k for k, v in kinds.items() if v == "attention"} == attention
+    assert {k for k, v in kinds.items() if v == "preference"} == preference
+    assert {k for k, v in kinds.items() if v == "router"} == router
     assert OBJECTIVES["generalized_jsd"].defaults["beta"] == 0.5
 
 
@@ -572,9 +576,9 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
     from potstill.losses.intermediate import ModelShape
 
     g = torch.Generator().manual_seed(0)
-    shapes = {"logits": (3, 5, 11), "embedding": (6, 8), "scores": (4, 3)}
+    shapes = {"logits": (3, 5, 11), "preference": (4, 5, 11), "embedding": (6, 8), "scores": (4, 3)}
     for name, info in OBJECTIVES.items():
-        if name == "sparse_flops":  # a regulariser of the student's term weights: reads no teacher output
+        if name in ("sparse_flops", "moe_router_aux"):  # regularisers of the student alone: no teacher output
             continue
         if info.kind in ("hidden_states", "attention"):  # internals: per layer [B, T, D] tensors
             obj = info.fn()
@@ -607,6 +611,8 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
                 out = fn(s[:, 0], s[:, 1:], extra, teacher[:, 1:])
             elif name == "in_batch_margin_mse":  # a square (B, B) in-batch matrix
                 out = fn(s[:3], teacher[:3])
+            elif info.kind == "preference":  # chosen rows, then rejected rows, scored at their token ids
+                out = fn(s, teacher, labels=torch.randint(0, shape[-1], shape[:-1], generator=g))
             else:
                 out = fn(s, teacher) if info.stateful else fn(s, teacher, **kw)
             out.backward()

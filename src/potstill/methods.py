@@ -65,6 +65,12 @@ _ENDPOINT = _RESULTS + "a-text-only-teacher-behind-a-flaky-endpoint-benchmarksen
 _CROSS_TOKENIZER = _RESULTS + ("cross-tokenizer-distillation-smollm2--a-student-with-its-own-bpe-uld--gold-vs-sft-"
                                "issue-21-1-benchmarkscross_tokenizerpy")
 _VQGRAPH = _RESULTS + "vqgraph-gnn-to-mlp-on-the-drosophila-connectome-and-mutag-benchmarksvqgraphpy"
+_PREFERENCE = _RESULTS + ("preference-distillation-dpo-with-the-teacher-as-reference-vs-plain-mimic-"
+                          "benchmarksclaim_dpo_teacher_refpy")
+_MOE = _RESULTS + "a-sparse-mixture-of-experts-student-of-smollm2-with-the-router-auxiliary-loss-recipessmollm2-moeyaml"
+_GUIDANCE = _RESULTS + ("teacher-needs-guidance-the-per-step-alpha-of-iterated-self-distillation-"
+                        "benchmarksclaim_teacher_guidancepy")
+_LLAVA_MOD = 'Shu et al., "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation"'
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -183,6 +189,14 @@ METHODS: dict[str, MethodInfo] = {
                    'Classification at Scale"', 2024, "data generator", "potstill.data.pgkd", "PGKDLoop"),
         MethodInfo("Teacher-hacking monitor", 'Tiapkin et al., "On Teacher Hacking in Language Model Distillation"',
                    2025, "evaluation", "potstill.eval.teacher_hacking", "TeacherHackingMonitor"),
+        MethodInfo("LLaVA-MoD preference distillation (DPO, teacher as reference)", _LLAVA_MOD, 2024, "objective",
+                   _LOSSES + "preference", "dpo_teacher_ref", "benchmarks/claim_dpo_teacher_ref.py", _PREFERENCE),
+        MethodInfo("LLaVA-MoD sparse MoE student (router auxiliary loss)", _LLAVA_MOD, 2024, "objective",
+                   _LOSSES + "moe", "RouterLoadBalance", _RECIPES + "smollm2-moe.yaml", _MOE),
+        MethodInfo("Self-distillation with ground-truth mixing (α*)", 'Borup & Andersen, "Even your Teacher Needs '
+                   'Guidance: Ground-Truth Targets Dampen Regularization Imposed by Self-Distillation"', 2021,
+                   "loop hook", "potstill.train.self_distillation", "self_distill",
+                   "benchmarks/claim_teacher_guidance.py", _GUIDANCE),
         MethodInfo("Interpolation / extrapolation splits", 'Zhan et al., "Evaluating Interpolation and '
                    'Extrapolation Performance of Neural Retrieval Models"', 2022, "evaluation", "potstill.data.splits",
                    "interpolation_extrapolation_splits", "benchmarks/ranking_study.py", _RESTTEST),

@@ -2,7 +2,8 @@
 
 A teacher's or a student's signal for one batch is one of:
 - a `Tensor`: logits `[..., C]` (classification, causal_lm, seq2seq) or pooled embeddings `[B, D]`;
-- `Signals`: that main signal plus the internals (hidden states, q/k/v) that objectives on internals read;
+- `Signals`: that main signal plus the internals (hidden states, q/k/v, router logits) that objectives on
+  internals read;
 - `RankingScores`: the ranking task's candidate and in-batch score matrices;
 - `potstill.losses.fused.LMHeadInputs`: a student's lm_head inputs (`trainer.fused_lm_head`);
 - `potstill.losses.sparse.TopKTeacher`: a cached teacher's top-k log-probs;
@@ -33,6 +34,8 @@ class Signals:
     token_mask: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
     qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    # a mixture-of-experts student's router logits, one [B·T, E] per MoE layer (objective moe_router_aux)
+    router_logits: tuple[Tensor, ...] | None = None
 
 
 @dataclass

@@ -106,10 +106,11 @@ class Seq2SeqData(NoDomains, DataConfig):
 
 
 class CausalLMData(DomainWeightedData):
-    format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+    format: Literal["auto", "text", "prompt_completion", "messages", "preference"] = Field(
         "auto", description="`text` (loss on every token), `prompt_completion` (loss on the completion only), "
-        "`messages` (chat turns through the tokenizer's chat template; loss on assistant turns only); auto picks "
-        "from the columns: messages, else prompt + completion, else text")
+        "`messages` (chat turns through the tokenizer's chat template; loss on assistant turns only), `preference` "
+        "(prompt, chosen, rejected pairs for dpo_teacher_ref); auto picks from the columns: messages, else prompt + "
+        "chosen + rejected, else prompt + completion, else text")
     packing: StrictBool = Field(False, description="concatenate the tokenised records (each ending with EOS) and "
                                 "cut the stream into blocks of max_length tokens, instead of one record per sequence "
                                 "truncated to max_length")

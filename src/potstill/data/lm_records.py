@@ -33,7 +33,8 @@ from typing import Any
 from potstill.errors import UserError
 
 FORMATS = ("text", "prompt_completion", "messages")
-FORMAT_FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+FORMAT_FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",),
+                 "preference": ("prompt", "chosen", "rejected")}  # preference pairs: potstill.data.preference
 
 
 def shift_targets(ids: list[int], counted: list[bool]) -> list[int]:
@@ -72,9 +73,12 @@ def tokenizer_name(tokenizer: Any) -> str:
 
 
 def infer_format(record: dict, *, field: str) -> str:
-    """`messages`, else `prompt_completion` (prompt and completion), else `text`, from a record's fields."""
+    """`messages`, else `preference` (prompt, chosen and rejected), else `prompt_completion` (prompt and
+    completion), else `text`, from a record's fields."""
     if "messages" in record:
         return "messages"
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
     if "text" in record:

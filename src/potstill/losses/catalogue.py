@@ -21,12 +21,16 @@ from .divergences import (
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
 from .intermediate import AttentionMSE, DMAEAlign, HiddenCosine, HiddenMSE, SquareHead
 from .minilm import MiniLMAttention, MiniLMRelations
+from .moe import RouterLoadBalance
+from .preference import dpo_teacher_ref
 from .ranking import SparseFlops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
 from .sinkhorn import sinkhorn
 from .taid import TAID
 from .uld import gold, uld
 
-KINDS = ("logits", "scores", "embedding", "hidden_states", "attention")
+KINDS = ("logits", "preference", "router", "scores", "embedding", "hidden_states", "attention")
+# "router": a mixture-of-experts student's router logits (causal_lm; the teacher's signal is not read).
+# "preference": logits of a pair batch (chosen rows, then rejected rows) with the scored token ids as `labels`.
 # Not listed: the sparse-retriever regularisers `ranking.flops` / `ranking.idf_flops` take only the student's
 # term weights (no teacher signal), which no task feeds an objective yet.
 # Kinds read from a model's internals: any task whose models are Hugging Face transformers provides them.
@@ -146,6 +150,25 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "Σ_ij Π_ij W_ij, W_ij = ‖p_s,i − p_t,j‖₁ over the batch's rows, Π = Sinkhorn(exp(−W/ε))",
             'Cui et al. 2024, "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation" (LREC-COLING)',
             "batch-wise OT (one problem per micro-batch, or per block_size rows); official weight 1e-3 next to KD",
+        ),
+        _entry(
+            dpo_teacher_ref,
+            "preference",
+            "−log σ(β[(log π_s(y_w|x) − log π_t(y_w|x)) − (log π_s(y_l|x) − log π_t(y_l|x))]), log π summed over "
+            "completion tokens",
+            'Shu et al. 2024, "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation" (DPO: Rafailov et al. '
+            '2023)',
+            "DPO with the frozen teacher as reference; needs data.format: preference; loss_type kto_pair (LLaVA-MoD's "
+            "scripts); log 2 when student = teacher",
+        ),
+        _entry(
+            RouterLoadBalance,
+            "router",
+            "E · Σ_e f_e · P_e, f_e = share of top-k routing choices to expert e, P_e = mean router probability",
+            'Fedus et al. 2021, "Switch Transformers" (load balancing); Shu et al. 2024, "LLaVA-MoD" (KD + CE + '
+            'router aux)',
+            "the student's routers only (Mixtral / Qwen2-MoE students); k when balanced; LLaVA-MoD weight 0.01",
+            name="moe_router_aux",
         ),
         _entry(
             HiddenMSE,

@@ -26,6 +26,8 @@ class Task(ABC):
     """
 
     signal_kind: str = ""
+    # objective kinds fed besides `signal_kind` (causal_lm: "preference", on preference pairs)
+    extra_objective_kinds: tuple[str, ...] = ()
     name: str = ""
     metric_names: tuple[str, ...] = ()  # every metric `evaluate` can give (which ones depends on the data)
 

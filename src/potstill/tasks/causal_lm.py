@@ -9,6 +9,9 @@ This adapter wires the language-model pieces into the loop; each method lives in
 - distilling step-by-step (label and rationale views, α-mixed loss): `potstill.data.step_by_step`;
 - sequence-level KD (the teacher's completions, generated once): `potstill.teachers.seq_kd`;
 - on-policy distillation (GKD's λ, the student's own samples): `potstill.data.on_policy`;
+- preference distillation (`data.format: preference`, DPO with the teacher as reference): pairs in
+  `potstill.data.preference`, their batches and objectives in `potstill.tasks.preference`;
+- a mixture-of-experts student and its router auxiliary loss (`moe_router_aux`): `potstill.tasks.moe`;
 - the top-k teacher cache (`teacher.cache`, written by `potstill cache`): `potstill.teachers.capture`;
 - tokenizer, student, forward and fused lm_head: `potstill.tasks.lm_models`;
 - a student with its own tokenizer (cross-tokenizer uld / gold on aligned spans): `potstill.tasks.cross_tokenizer`;
@@ -31,6 +34,7 @@ from torch import nn
 from potstill.config import DataSource
 from potstill.data.lm_records import FORMAT_FIELDS, LMRecordEncoder, infer_format, prompt_of, with_completion
 from potstill.data.on_policy import on_policy_batch
+from potstill.data.preference import pair_rows, preference_examples
 from potstill.data.sampling import sampling_settings
 from potstill.data.step_by_step import (
     causal_lm_views,
@@ -56,11 +60,20 @@ from potstill.tasks.lm_models import (
     token_ce_sum,
 )
 from potstill.tasks.models import load_factory_teacher, load_hf_teacher
+from potstill.tasks.moe import check_router_student, router_objective_params, router_signals, teacher_signals
+from potstill.tasks.preference import (
+    PairLogits,
+    adapt_preference_objective,
+    check_preference_objectives,
+    check_preference_recipe,
+    chosen_ce_sum,
+)
 
 
 class CausalLMTask(Task):
     export_kind = "token_logits"
     signal_kind = "logits"
+    extra_objective_kinds = ("preference", "router")
     name = "causal_lm"
     metric_names = ("perplexity", "token_accuracy", "token_agreement", "kl_to_teacher", "label_accuracy",
                     "rationale_perplexity", "bits_per_byte")
@@ -95,6 +108,9 @@ class CausalLMTask(Task):
             self.student = self.cross.build_student(self.teacher, AutoModelForCausalLM)
         else:
             self.student = build_text_student(r, self.teacher, self.tokenizer, AutoModelForCausalLM)
+        self.router_aux = bool(router_objective_params(r))
+        if self.router_aux:
+            check_router_student(r, self.student)
         self.vocab_size, self.pad_id = len(self.tokenizer), pad_id_of(self.tokenizer)
         for model, role in ((self.teacher, "teacher"), (self.student, "student")):
             if model is not None:
@@ -110,6 +126,9 @@ class CausalLMTask(Task):
             raise UserError("generation.lmbda and generation.seq_kd sample completions after each record's prompt: "
                             "they need prompt/completion or messages records, without data.packing")
         cache = None
+        check_preference_objectives(r.objectives, pairs=self.train_format == "preference")
+        if self.train_format == "preference":
+            check_preference_recipe(r)
         if r.teacher.cache and not capture:
             from potstill.teachers.cache import TopKCache
 
@@ -139,11 +158,16 @@ class CausalLMTask(Task):
         if fmt == "auto":
             fmt = infer_format(self.load(DataSource(path=source.path, split=source.split, columns=source.columns,
                                                     limit=1))[0], field=field)
+        if field == "data.eval" and (fmt == "preference") != (self.train_format == "preference"):
+            raise UserError(f"data.eval: its records are {fmt}, data.train's {self.train_format}; preference pairs "
+                            f"(prompt, chosen, rejected) are evaluated on preference pairs")
         records = self.load(source, required=FORMAT_FIELDS[fmt])
         if field == "data.train":
             self.train_format = fmt
         if self.cross is not None:
             return self.cross.encoder.examples(records, fmt, field)
+        if fmt == "preference":
+            return preference_examples(records, self.encoder, field, is_main=is_main)
         if r.data.domains is not None:  # one example per record (no packing): domains line up
             self._domain_sources = {**getattr(self, "_domain_sources", {}), field: records}
         return self.encoder.examples(records, fmt, field, packing=r.data.packing, is_main=is_main)
@@ -160,7 +184,8 @@ class CausalLMTask(Task):
                 for p, c in zip(prompts, self.seq_kd_file["completions"], strict=True)]
 
     def record_lengths(self) -> list[int]:
-        return [max(len(ex["input_ids"]), len(ex.get("rationale", ex)["input_ids"])) for ex in self.train_records]
+        return [max(len(ex["input_ids"]), len(ex.get("rationale", ex.get("rejected", ex))["input_ids"]))
+                for ex in self.train_records]
 
     def domain_records(self, split: str) -> list[dict]:
         return self._domain_sources["data.train" if split == "train" else "data.eval"]
@@ -168,9 +193,11 @@ class CausalLMTask(Task):
     # ------------------------------------------------------------------ batches
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
         """Right-padded rows. Step-by-step records with a rationale view give 2B rows: the B label views, then
-        the B rationale views in the same order, and `view` [2B] says which (0 label, 1 rationale)."""
+        the B rationale views in the same order, and `view` [2B] says which (0 label, 1 rationale). Preference
+        pairs also give 2B rows: the chosen sequences, then the rejected ones."""
         views = step_by_step_rows(records)
         rows = records if views is None else views[0]
+        rows = pair_rows(records) or rows
         width = max(len(ex["input_ids"]) for ex in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -189,9 +216,12 @@ class CausalLMTask(Task):
 
     def count_rows(self, batch: dict[str, Any]) -> int:
         """Counted target tokens; with step-by-step views, those of the label view only (the loop's divisor:
-        see `potstill.data.step_by_step.step_by_step_sum`); cross-tokenizer: the aligned spans."""
+        see `potstill.data.step_by_step.step_by_step_sum`); cross-tokenizer: the aligned spans; with preference
+        pairs, the pairs."""
         if self.cross is not None:
             return self.cross.count_rows(batch)
+        if self.train_format == "preference":
+            return batch["input_ids"].shape[0] // 2
         return count_label_tokens(batch["targets"], batch.get("view"))
 
     def prepare_batch(self, batch: dict[str, Any], student: nn.Module, micro_batch: int) -> dict[str, Any]:
@@ -229,6 +259,10 @@ class CausalLMTask(Task):
             return cached.to(self.device)
         from potstill.teachers import teacher_outputs
 
+        if self.train_format == "preference":
+            return PairLogits(teacher_outputs(self.logits, self.teacher, batch), batch["targets"])
+        if self.router_aux:
+            return teacher_signals(teacher_outputs(self.logits, self.teacher, batch), batch)
         return teacher_outputs(self.with_internals, "teacher", self.logits, self.teacher, batch)
 
     def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> Any:
@@ -236,8 +270,16 @@ class CausalLMTask(Task):
         `Signals` with the internals, when objectives read them); cross-tokenizer: its `SpanLogits`."""
         if self.cross is not None:
             return self.cross.student_signal(self.logits(model, batch), batch)
+        if self.train_format == "preference":
+            return PairLogits(self.logits(model, batch), batch["targets"])
+        if self.router_aux:
+            return router_signals(model, batch, self.vocab_size)
         fn = self.head_inputs if self.recipe.trainer.fused_lm_head else self.logits
         return self.with_internals("student", fn, model, batch)
+
+    def adapt_objective(self, name: str, fn: Any) -> Any:
+        """Logit divergences and preference objectives, ready for pair batches (`potstill.tasks.preference`)."""
+        return adapt_preference_objective(name, fn)
 
     def head_inputs(self, model: nn.Module, batch: dict[str, Any]) -> LMHeadInputs:
         """The student run up to its lm_head (`potstill.tasks.lm_models.lm_head_inputs`)."""
@@ -253,6 +295,8 @@ class CausalLMTask(Task):
         view, targets = batch.get("view"), batch["targets"]
         if self.cross is not None:  # the student's SpanLogits, with its token logits
             return token_ce_sum(student_signal.token_logits, targets) * self.cross.hard_label_scale(batch)
+        if isinstance(student_signal, PairLogits):  # preference pairs: CE on the chosen completions
+            return chosen_ce_sum(student_signal, token_ce_sum)
         ce_sum = partial(token_ce_sum, student_signal, chunk_size=fused_chunk_size(self.recipe))
         if view is None:
             return ce_sum(targets)
@@ -286,6 +330,8 @@ class CausalLMTask(Task):
             return self.cross.evaluate(self.token_stats, model, self.eval_records,
                                        teacher_role=role == "teacher" or model is self.teacher)
         teacher = None if role == "teacher" or model is self.teacher else self.teacher
+        if self.train_format == "preference":
+            return self._preference_metrics(model, teacher)
         sbs = self.recipe.step_by_step is not None
         labels = [{"input_ids": ex["input_ids"], "targets": ex["targets"]} for ex in self.eval_records]
         metrics = token_metrics(self.token_stats(model, labels if sbs else self.eval_records, teacher=teacher))
@@ -296,6 +342,16 @@ class CausalLMTask(Task):
             if rationales:
                 metrics["rationale_perplexity"] = token_metrics(self.token_stats(model, rationales))["perplexity"]
         return metrics
+
+    def _preference_metrics(self, model: nn.Module, teacher: nn.Module | None) -> dict[str, float]:
+        """Token metrics on the chosen completions and `potstill.eval.preference`'s pair accuracies."""
+        from potstill.eval.preference import pair_logps, preference_metrics
+
+        chosen = [{"input_ids": ex["input_ids"], "targets": ex["targets"]} for ex in self.eval_records]
+        metrics = token_metrics(self.token_stats(model, chosen, teacher=teacher))
+        logps = partial(pair_logps, examples=self.eval_records, batch_size=self.recipe.eval.batch_size,
+                        batch_of=self._device_batch, logits=self.logits)
+        return {**metrics, **preference_metrics(logps(model), None if teacher is None else logps(teacher))}
 
     def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
         examples = (self.eval_records or self.train_records)[:8]

@@ -64,11 +64,16 @@ def text_tokenizer(recipe: Recipe, teacher_tokenizer: Any, *, task: str) -> Any:
 
 
 def build_text_student(recipe: Recipe, teacher: nn.Module | None, tokenizer: Any, auto_cls: Any) -> nn.Module:
-    """The recipe's student; without a teacher, `init: from_config` builds `student.config.model_type` from
+    """The recipe's student; without a teacher, or with a `student.config.model_type` other than the teacher's
+    (e.g. a Mixtral / Qwen2-MoE student of a dense teacher), `init: from_config` builds that model type from
     transformers' default config with the tokenizer's vocabulary size and special ids (student.config wins),
     its weights drawn from the recipe's seed."""
     cfg = recipe.student
-    if teacher is not None or cfg.init != "from_config":
+    own_type = cfg.config.get("model_type")
+    teacher_type = getattr(getattr(teacher, "config", None), "model_type", None)
+    if cfg.init != "from_config" or (teacher is not None and own_type in (None, teacher_type)):
+        if teacher is not None and own_type is not None and cfg.init == "from_config":
+            cfg = cfg.model_copy(update={"config": {k: v for k, v in cfg.config.items() if k != "model_type"}})
         return build_student(cfg, teacher, auto_cls=auto_cls)
     from potstill.students.build import from_model_type
 

@@ -46,7 +46,7 @@ def build_objectives(recipe: Recipe, task: Any = None) -> list[Objective]:
         elif kind == "pixels":
             raise UserError(f"field objectives.{i}.name: {cfg.name!r} compares {info.kind}; the vision task "
                             f"distils features: use dmae_align or another hidden-state objective")
-        elif info.kind != kind:
+        elif info.kind != kind and info.kind not in task_class(recipe.task).extra_objective_kinds:
             raise UserError(f"field objectives.{i}.name: {cfg.name!r} compares {info.kind}, but the {recipe.task} "
                             f"task gives {kind}; see `potstill objectives`")
         signature = list(inspect.signature(info.fn).parameters)
