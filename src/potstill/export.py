@@ -7,10 +7,11 @@ student ends in sentence-transformers' `Normalize`), next-token logits (causal_l
 the run's own data at other batch and sequence sizes than the trace's; the largest deviation from PyTorch must stay
 within `atol + rtol·|reference|`, else the export fails with that number.
 
-`--int8` adds ONNX Runtime's dynamic quantisation (int8 weights, activations quantised per batch at run time) and
-reports what it costs, measured on the same records against the float32 model: argmax agreement and accuracy
-(logits), top-1 token agreement (token logits), cosine (embeddings), plus file sizes and throughput of the three
-(PyTorch, ONNX float32, ONNX int8), measured interleaved. Everything lands in `<run>/export/`.
+`--int8` adds ONNX Runtime's dynamic quantisation (int8 weights with a scale per output channel, activations
+quantised per batch at run time) and reports what it costs, measured on the same records against the float32
+model: argmax agreement and accuracy (logits), top-1 token agreement (token logits), cosine (embeddings), plus
+file sizes and throughput of the three (PyTorch, ONNX float32, ONNX int8), measured interleaved. Everything lands
+in `<run>/export/`.
 """
 
 from __future__ import annotations
@@ -164,15 +165,20 @@ def export_run(run_dir: str | Path, *, int8: bool = False, atol: float = 1e-4, r
     result: dict[str, Any] = {
         "task": recipe.task, "output": kind, "inputs": names, "normalized": normalize, "model": onnx_path.name,
         "check": {"records": len(records), "max_abs_deviation": worst, "atol": atol, "rtol": rtol},
-        "export_seconds": export_seconds, "bytes": {"float32": onnx_path.stat().st_size},
+        "export_seconds": export_seconds, "bytes": {"float32": _onnx_bytes(onnx_path)},
         "tokenizer_files": tokenizer_files,
     }
     if int8:
         with phase("int8: quantising, scoring against float32 and timing"):
             result["int8"] = _quantize(ort, onnx_path, int8_path, kind, batches, names, references, module)
-        result["bytes"]["int8"] = int8_path.stat().st_size
+        result["bytes"]["int8"] = _onnx_bytes(int8_path)
     atomic_write_json(out / "export.json", result)
     return result
+
+
+def _onnx_bytes(path: Path) -> int:
+    """Size of an ONNX model with its external weights file (`<name>.data`, written beside large graphs)."""
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.is_file())
 
 
 def _copy_tokenizer(student_dir: Path, out: Path) -> list[str]:
@@ -194,7 +200,9 @@ def _quantize(ort: Any, onnx_path: Path, int8_path: Path, kind: str, batches: li
 
     from potstill.eval import compare_throughput
 
-    quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8)
+    # per-channel weight scales: one scale per output row keeps a MiniLM student's embeddings at cosine 0.996 to
+    # float32, against 0.95 with one scale per tensor (ONNX Runtime's default)
+    quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
     fp32 = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     q8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
     parts = [_quality(kind, ref, torch.from_numpy(q8.run(None, _onnx_feed(batch, names))[0]), batch)
