@@ -41,6 +41,7 @@ from potstill.data.step_by_step import (
 from potstill.errors import UserError
 from potstill.eval.lm import causal_label_accuracy, length_batches, token_metrics, token_stats
 from potstill.losses.fused import LMHeadInputs
+from potstill.students.pruning import Calibration, record_text
 from potstill.tasks.base import Task
 from potstill.tasks.lm_models import (
     build_text_student,
@@ -80,7 +81,8 @@ class CausalLMTask(Task):
         self.tokenizer = text_tokenizer(r, self.tokenizer, task=self.name)
         if self.teacher is not None:
             self.teacher.to(self.device)
-        self.student = build_text_student(r, self.teacher, self.tokenizer, AutoModelForCausalLM)
+        self.student = build_text_student(r, self.teacher, self.tokenizer, AutoModelForCausalLM,
+                                          calibration=self._calibration())
         check_student_tokenizer(r, self.tokenizer)
         self.vocab_size, self.pad_id = len(self.tokenizer), pad_id_of(self.tokenizer)
         for model, role in ((self.teacher, "teacher"), (self.student, "student")):
@@ -113,6 +115,14 @@ class CausalLMTask(Task):
         if not any(t != -100 for ex in self.train_records for t in ex["targets"]):
             raise UserError("data.train: no token is counted in any record (prompts longer than data.max_length, "
                             "or no assistant turns); raise data.max_length or check data.format")
+
+    def _calibration(self) -> Calibration:
+        """The training texts `student.init: pruned` measures importance on (read only when it is used)."""
+        r = self.recipe
+        n = r.student.calibration_batches * r.student.calibration_batch_size
+        source = r.data.train.model_copy(update={"limit": min(n, r.data.train.limit or n)})
+        return Calibration(lambda: [record_text(rec) for rec in self.load(source)], self.tokenizer, "causal_lm",
+                           r.data.max_length)
 
     def _examples(self, source: DataSource, field: str, *, is_main: bool) -> list[dict[str, Any]]:
         r = self.recipe

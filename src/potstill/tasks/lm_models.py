@@ -23,6 +23,7 @@ from potstill.config import Recipe
 from potstill.data.lm_records import tokenizer_fingerprint, tokenizer_name
 from potstill.errors import UserError
 from potstill.losses.fused import LMHeadInputs, fused_linear_cross_entropy
+from potstill.students.pruning import Calibration
 from potstill.tasks.models import build_student, resolve_model_path
 
 RawLogits = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,13 +63,14 @@ def text_tokenizer(recipe: Recipe, teacher_tokenizer: Any, *, task: str) -> Any:
         raise UserError(f"field {field}: cannot load a tokenizer from {path}: {exc}{hint}") from None
 
 
-def build_text_student(recipe: Recipe, teacher: nn.Module | None, tokenizer: Any, auto_cls: Any) -> nn.Module:
+def build_text_student(recipe: Recipe, teacher: nn.Module | None, tokenizer: Any, auto_cls: Any,
+                       calibration: Calibration | None = None) -> nn.Module:
     """The recipe's student; without a teacher, `init: from_config` builds `student.config.model_type` from
     transformers' default config with the tokenizer's vocabulary size and special ids (student.config wins),
-    its weights drawn from the recipe's seed."""
+    its weights drawn from the recipe's seed. `calibration`: the data of `init: pruned`."""
     cfg = recipe.student
     if teacher is not None or cfg.init != "from_config":
-        return build_student(cfg, teacher, auto_cls=auto_cls)
+        return build_student(cfg, teacher, auto_cls=auto_cls, calibration=calibration)
     from potstill.students.build import from_model_type
 
     fields = dict(cfg.config)
