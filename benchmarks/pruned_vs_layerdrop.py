@@ -7,18 +7,19 @@ MiniLM (all-MiniLM-L6-v2, 22.7 M): every candidate has ~15.6 M parameters, the d
 - `prune-6L-h288`: all 6 layers, hidden 288 of 384 (9 of 12 heads), FFN cut to match the size;
 - `prune-3L-h352`: 3 layers by importance, hidden 352 (11 heads), FFN cut to match the size.
 Each is distilled with the demo recipe (`recipes/demo.yaml`: embedding_mse on normalised vectors, lr 5e-4) on
-`--texts` texts of builtin:general (default 1,000; max_length 128; batch 32; one epoch) and scored on the whole
-general embedding suite (`potstill.eval.suite`, 12 tasks; the teacher once).
+`--texts` texts of builtin:general (default 640; `--max-length` 64; batch 32; one epoch: 20 steps) and scored on
+the general embedding suite (`potstill.eval.suite`): by default its quick subset `QUICK_TASKS` (8 tasks covering
+the six types), `--full-suite` for all 12.
 
 SmolLM2-135M-Instruct (134.5 M): the recipe's 7-layer slice `drop-7` (53.1 M) against `prune-7L` (7 layers chosen
 by importance, nothing else cut: exactly equal size) and `prune-12L-ffn` (12 layers by importance, FFN cut to match
-53.1 M), each distilled with forward KL for `--llm-steps` steps (default 20) of 4 × 128 tokens on BBC News
+53.1 M), each distilled with forward KL for `--llm-steps` steps (default 10) of 4 × 64 tokens on BBC News
 (`recipes/smollm2-slice.yaml` otherwise) and scored on held-out BBC perplexity and KL / token agreement with the
-teacher. Pruning importance: 8 calibration batches of the training text (MiniLM 16 texts each; SmolLM2 4 × 128
-tokens each).
+teacher (throughput is not measured: the study ran on a shared, loaded machine). Pruning importance: calibration
+batches of the training text (MiniLM 8 of 16 texts; SmolLM2 4 of 4 texts, max_length tokens each).
 
 DisWOT (`potstill.eval.diswot`, C × C form) scores every candidate at initialisation on 64 labelled BBC training
-articles (5 topics, max_length 128); Kendall τ between the score and the trained quality (suite average; minus
+articles (5 topics, 128 tokens); Kendall τ between the score and the trained quality (suite average; minus
 held-out perplexity) is reported per model family.
 
 Each run is a fresh `python -m potstill run` process; results go to `--out` (JSONL; finished runs are skipped, so
@@ -54,7 +55,10 @@ LLM = {
     "prune-12L-ffn": {"init": "pruned", "config": {"num_hidden_layers": 12, "intermediate_size": 0}},  # F fitted
 }
 CALIBRATION = {"minilm": {"calibration_batches": 8, "calibration_batch_size": 16},
-               "llm": {"calibration_batches": 8, "calibration_batch_size": 4}}
+               "llm": {"calibration_batches": 4, "calibration_batch_size": 4}}
+# One or two tasks of each of the suite's six types (~2,300 of its ~5,900 texts); --full-suite scores all 12.
+QUICK_TASKS = ["polarity-classification", "newsgroups-classification", "analogy-clustering",
+               "analogy-pairclassification", "newsgroups-reranking", "newsgroups-retrieval", "wordsim-sts", "lee-sts"]
 
 
 def _params_of(teacher: torch.nn.Module, student_cfg: dict) -> int:
@@ -152,7 +156,7 @@ def run_part(part: str, args: argparse.Namespace) -> list[dict]:
              for name, cfg in space.items()}
     train = ({"path": "builtin:general", "split": "train", "limit": args.texts} if minilm
              else {"path": "builtin:bbc", "split": "train"})
-    max_length = 128
+    max_length = args.max_length
     texts = [r["text"] for r in load_source(train["path"], split=train["split"], limit=16 * 8)]
     d_batch, d_labels, n_classes = _diswot_batch(tokenizer)
     rows = []
@@ -172,19 +176,18 @@ def run_part(part: str, args: argparse.Namespace) -> list[dict]:
                 f"data.max_length={max_length}"]
         if minilm:
             sets += [f"data.train={json.dumps(train)}", "data.eval.limit=100", "eval.probe_train=null",
-                     "eval.probe_test=null", "trainer.num_threads=2"]
+                     "eval.probe_test=null", "eval.throughput=false", "trainer.num_threads=2"]
             _share_teacher_cache(runs / run_name, runs)
             recipe = REPO / "recipes" / "demo.yaml"
         else:
-            sets += [f"trainer.max_steps={args.llm_steps}", "trainer.batch_size=4", "trainer.warmup_steps=2"]
+            sets += [f"trainer.max_steps={args.llm_steps}", "trainer.batch_size=4", "trainer.warmup_steps=2",
+                     "eval.throughput=false"]
             recipe = REPO / "recipes" / "smollm2-slice.yaml"
         summary, seconds = run_potstill(recipe, sets, label=key)
         table = {r["model"]: r for r in summary["table"]}
         after, t_row = table["student (after)"], table["teacher"]
         row = {"key": key, "part": part, "candidate": name, "seed": args.seed, "student": cfg, "params": params,
                "diswot": score.to_dict(), "seconds": round(seconds, 1), "steps": summary.get("steps"),
-               "speedup": (after.get("sentences_per_s") or after.get("tokens_per_s") or 0)
-               / max(t_row.get("sentences_per_s") or t_row.get("tokens_per_s") or 1, 1e-9),
                "metrics": {k: v for k, v in after.items() if isinstance(v, (int, float))},
                "teacher_metrics": {k: v for k, v in t_row.items() if isinstance(v, (int, float))}}
         if minilm:
@@ -201,12 +204,15 @@ _TEACHER_SUITE: dict = {}
 def _suite(student_dir: str, args: argparse.Namespace) -> dict:
     from potstill.eval.suite import cached_encoder, encoder_for, run_suite
 
+    tasks = None if args.full_suite else QUICK_TASKS
     if "encode" not in _TEACHER_SUITE:
         _TEACHER_SUITE["encode"] = cached_encoder(encoder_for("builtin:minilm"))
-        teacher = run_suite(_TEACHER_SUITE["encode"], teacher_encode=_TEACHER_SUITE["encode"], progress=False)
+        teacher = run_suite(_TEACHER_SUITE["encode"], teacher_encode=_TEACHER_SUITE["encode"], progress=False,
+                        tasks=tasks)
         _TEACHER_SUITE["result"] = {"average": teacher.average, "per_type": teacher.per_type}
         Path(args.out).with_name("teacher_suite.json").write_text(json.dumps(_TEACHER_SUITE["result"]))
-    result = run_suite(encoder_for(student_dir), teacher_encode=_TEACHER_SUITE["encode"], progress=False)
+    result = run_suite(encoder_for(student_dir), teacher_encode=_TEACHER_SUITE["encode"], progress=False,
+                       tasks=tasks)
     return {"average": result.average, "average_over_types": result.average_over_types,
             "per_type": result.per_type, **{k: v for k, v in result.fidelity.items() if v is not None}}
 
@@ -214,7 +220,7 @@ def _suite(student_dir: str, args: argparse.Namespace) -> dict:
 def table(rows: list[dict], part: str) -> str:
     if part == "minilm":
         lines = ["| candidate | init | params | suite avg | cls | clust | pair | rerank | retr | sts | recall@10 | "
-                 "speed-up | DisWOT |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "DisWOT |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             t = r["suite"]["per_type"]
             lines.append(f"| {r['candidate']} | {r['student']['init']} | {r['params'] / 1e6:.2f} M | "
@@ -222,18 +228,18 @@ def table(rows: list[dict], part: str) -> str:
                              f"{t.get(k, float('nan')):.3f}" for k in ("classification", "clustering",
                                                                         "pair_classification", "reranking",
                                                                         "retrieval", "sts")) +
-                         f" | {r['suite'].get('neighbour_recall@10', float('nan')):.3f} | {r['speedup']:.2f} | "
+                         f" | {r['suite'].get('neighbour_recall@10', float('nan')):.3f} | "
                          f"{r['diswot']['score']:.4f} |")
         quality = [r["suite"]["average"] for r in rows]
     else:
-        lines = ["| candidate | init | params | perplexity | KL to teacher | token agreement | speed-up | DisWOT |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = ["| candidate | init | params | perplexity | KL to teacher | token agreement | DisWOT |",
+                 "|---|---|---|---|---|---|---|"]
         for r in rows:
             m = r["metrics"]
             lines.append(f"| {r['candidate']} | {r['student']['init']} {json.dumps(r['student'].get('config', ''))}"
                          f" | {r['params'] / 1e6:.2f} M | {m.get('perplexity', float('nan')):.1f} | "
                          f"{m.get('kl_to_teacher', float('nan')):.3f} | {m.get('token_agreement', float('nan')):.3f} "
-                         f"| {r['speedup']:.2f} | {r['diswot']['score']:.4f} |")
+                         f"| {r['diswot']['score']:.4f} |")
         quality = [-r["metrics"].get("perplexity", float("nan")) for r in rows]
     tau = _kendall([r["diswot"]["score"] for r in rows], quality)
     lines.append(f"\nKendall τ (DisWOT score vs trained quality) over {len(rows)} candidates: {tau:.3f}")
@@ -244,8 +250,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["minilm", "llm", "all"], default="all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--texts", type=int, default=1000)
-    parser.add_argument("--llm-steps", type=int, default=20)
+    parser.add_argument("--texts", type=int, default=640)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--full-suite", action="store_true")
+    parser.add_argument("--llm-steps", type=int, default=10)
     parser.add_argument("--runs", default=str(REPO / "runs" / "pruned_vs_layerdrop"))
     parser.add_argument("--out", default=str(REPO / "runs" / "pruned_vs_layerdrop" / "results.jsonl"))
     args = parser.parse_args()
