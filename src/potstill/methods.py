@@ -62,6 +62,8 @@ _RESTTEST = _RESULTS + "interpolation-vs-extrapolation-resttest-style-split-meth
 _DATA = _RESULTS + "data-strategies-on-toy-tasks-benchmarksdata_strategiespy"
 _STEP_BY_STEP = _RESULTS + "distilling-step-by-step-on-arithmetic-word-problems-benchmarksstep_by_steppy"
 _ENDPOINT = _RESULTS + "a-text-only-teacher-behind-a-flaky-endpoint-benchmarksendpoint_generatepy"
+_PRUNED = _RESULTS + "pruned-init-vs-layer-drop-init-at-equal-size-issue-19-benchmarkspruned_vs_layerdroppy"
+_MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -169,6 +171,15 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Interpolation / extrapolation splits", 'Zhan et al., "Evaluating Interpolation and '
                    'Extrapolation Performance of Neural Retrieval Models"', 2022, "evaluation", "potstill.data.splits",
                    "interpolation_extrapolation_splits", "benchmarks/ranking_study.py", _RESTTEST),
+        MethodInfo("MiniMA prune-then-distil (structured pruning init)", 'Zhang et al., "Towards the Law of Capacity '
+                   'Gap in Distilling Language Models"', 2023, "student builder", "potstill.students.pruning",
+                   "prune_from_teacher", _RECIPES + "minilm-pruned.yaml", _PRUNED),
+        MethodInfo("DisWOT", 'Dong et al., "DisWOT: Student Architecture Search for Distillation WithOut Training"',
+                   2023, "evaluation", "potstill.eval.diswot", "diswot_score", "benchmarks/pruned_vs_layerdrop.py",
+                   _PRUNED),
+        MethodInfo("Distiller MI-alpha", 'He et al., "Distiller: A Systematic Study of Model Distillation Methods in '
+                   'Natural Language Processing"', 2021, "objective", _LOSSES + "mi_alpha", "MIAlpha",
+                   "benchmarks/mi_alpha_gaussians.py", _MI_ALPHA),
     )
 }
 
