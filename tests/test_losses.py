@@ -528,7 +528,7 @@ def test_embedding_errors():
 
 
 def test_catalogue_entries():
-    hidden = {"hidden_mse", "hidden_cosine", "squarehead", "dmae_align"}
+    hidden = {"hidden_mse", "hidden_cosine", "squarehead", "dmae_align", "mi_alpha"}
     attention = {"attention_kl", "minilm_relations", "attention_mse"}
     stateful = {"taid", "sparse_flops", "moe_router_aux"} | hidden | attention
     logits = set(NAMES) | {"taid", "sinkhorn", "uld", "gold"}

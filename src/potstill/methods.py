@@ -71,6 +71,8 @@ _MOE = _RESULTS + "a-sparse-mixture-of-experts-student-of-smollm2-with-the-route
 _GUIDANCE = _RESULTS + ("teacher-needs-guidance-the-per-step-alpha-of-iterated-self-distillation-"
                         "benchmarksclaim_teacher_guidancepy")
 _LLAVA_MOD = 'Shu et al., "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation"'
+_PRUNED = _RESULTS + "pruned-init-vs-layer-drop-init-at-equal-size-issue-19-benchmarkspruned_vs_layerdroppy"
+_MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -200,6 +202,15 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Interpolation / extrapolation splits", 'Zhan et al., "Evaluating Interpolation and '
                    'Extrapolation Performance of Neural Retrieval Models"', 2022, "evaluation", "potstill.data.splits",
                    "interpolation_extrapolation_splits", "benchmarks/ranking_study.py", _RESTTEST),
+        MethodInfo("MiniMA prune-then-distil (structured pruning init)", 'Zhang et al., "Towards the Law of Capacity '
+                   'Gap in Distilling Language Models"', 2023, "student builder", "potstill.students.pruning",
+                   "prune_from_teacher", _RECIPES + "minilm-pruned.yaml", _PRUNED),
+        MethodInfo("DisWOT", 'Dong et al., "DisWOT: Student Architecture Search for Distillation WithOut Training"',
+                   2023, "evaluation", "potstill.eval.diswot", "diswot_score", "benchmarks/pruned_vs_layerdrop.py",
+                   _PRUNED),
+        MethodInfo("Distiller MI-alpha", 'He et al., "Distiller: A Systematic Study of Model Distillation Methods in '
+                   'Natural Language Processing"', 2021, "objective", _LOSSES + "mi_alpha", "MIAlpha",
+                   "benchmarks/mi_alpha_gaussians.py", _MI_ALPHA),
     )
 }
 

@@ -92,14 +92,25 @@ class LoraStudentConfig(Strict):
                                               "(e.g. [classifier] for a new classification head)")
 
 
+# The dims `student.init: pruned` can cut (potstill.students.pruning.PRUNABLE_FIELDS).
+PRUNABLE_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                   "num_hidden_layers")
+
+
 class StudentConfig(Strict):
     """How the student is built (the fields every task has; the embedding task adds init: static)."""
 
-    init: Literal["layers_from_teacher", "from_config", "pretrained", "factory"] = Field(
-        "layers_from_teacher", description="how the student is built")
-    layers: list[int] | None = Field(None, description="teacher layers copied into the student (layers_from_teacher)")
+    init: Literal["layers_from_teacher", "from_config", "pretrained", "factory", "pruned"] = Field(
+        "layers_from_teacher", description="how the student is built; pruned: the teacher cut to the dims in "
+        "student.config by mask-gradient importance on the training data (MiniMA; embedding and causal_lm tasks)")
+    layers: list[int] | None = Field(None, description="teacher layers copied into the student (layers_from_teacher; "
+                                     "with pruned: the layers kept instead of choosing num_hidden_layers)")
     config: dict[str, Any] = Field(default_factory=dict,
-                                   description="config overrides for from_config, e.g. {num_hidden_layers: 2}")
+                                   description="config overrides for from_config, e.g. {num_hidden_layers: 2}; for "
+                                   "pruned the target dims: " + ", ".join(PRUNABLE_FIELDS))
+    calibration_batches: int = Field(8, ge=1, description="init pruned: training batches the importance is "
+                                     "averaged over (the first texts of data.train)")
+    calibration_batch_size: int = Field(8, ge=1, description="init pruned: texts per calibration batch")
     path: ModelPath | None = Field(None, description="pretrained student folder (init: pretrained)")
     factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module (init: factory)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
@@ -121,6 +132,11 @@ class StudentConfig(Strict):
         need = {"layers_from_teacher": "layers", "pretrained": "path", "factory": "factory"}.get(self.init)
         if need and getattr(self, need) is None:
             raise ValueError(f"student.init is {self.init!r}, which needs student.{need}")
+        if self.init == "pruned":
+            unknown = sorted(set(self.config) - set(PRUNABLE_FIELDS))
+            if unknown or not (self.config or self.layers):
+                raise ValueError(f"student.config for init pruned takes the target dims {', '.join(PRUNABLE_FIELDS)}"
+                                 f"{'; got ' + ', '.join(unknown) if unknown else ' (give at least one)'}")
         return self
 
     @model_validator(mode="after")

@@ -150,8 +150,8 @@ class TextTargetsRecipe(RecipeBase):
         """A teacher-less run (hard labels on the teacher's text): the student and the tokenizer must come from
         somewhere else."""
         init = self.student.init
-        if init == "layers_from_teacher":
-            raise ValueError("student.init layers_from_teacher copies a teacher's layers, and this recipe has no "
+        if init in ("layers_from_teacher", "pruned"):
+            raise ValueError(f"student.init {init} copies a teacher's layers, and this recipe has no "
                              "teacher; use init from_config (with student.config.model_type, e.g. llama or t5), "
                              "pretrained or factory")
         if init == "from_config" and "model_type" not in self.student.config:

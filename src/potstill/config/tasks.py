@@ -58,8 +58,9 @@ class ClassificationRecipe(RecipeBase):
 class EmbeddingStudentConfig(StudentConfig):
     """The embedding task's student: also a static-embedding student."""
 
-    init: Literal["layers_from_teacher", "from_config", "pretrained", "factory", "static"] = Field(
-        "layers_from_teacher", description="how the student is built; static: a model2vec-style static-embedding "
+    init: Literal["layers_from_teacher", "from_config", "pretrained", "factory", "pruned", "static"] = Field(
+        "layers_from_teacher", description="how the student is built; pruned: the teacher cut to the dims in "
+        "student.config by mask-gradient importance (MiniMA); static: a model2vec-style static-embedding "
         "student made from the teacher without data, config {pca_dims: 256, sif_coefficient: 1e-4, normalize: "
         "true}")
 

@@ -20,6 +20,7 @@ from .divergences import (
 )
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
 from .intermediate import AttentionMSE, DMAEAlign, HiddenCosine, HiddenMSE, SquareHead
+from .mi_alpha import MIAlpha
 from .minilm import MiniLMAttention, MiniLMRelations
 from .moe import RouterLoadBalance
 from .preference import dpo_teacher_ref
@@ -177,6 +178,17 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             'Jiao et al. 2020, "TinyBERT: Distilling BERT for Natural Language Understanding"',
             "layers: uniform | last | [[i, j], ...] (-1 = embeddings); P = learned Linear when widths differ",
             name="hidden_mse",
+        ),
+        _entry(
+            MIAlpha,
+            "hidden_states",
+            "−I_α per layer pair, I_α = 1 + mean_j[f_jj − log(α m⁺_j + (1−α) q_j)] − mean_{i≠j}[e^{f_ij} / (α m⁻_j + "
+            "(1−α) q_j)], f = (P_t h_t)·(P_s h_s)/√d_c over the batch's real tokens",
+            'He et al. 2021, "Distiller: A Systematic Study of Model Distillation Methods in Natural Language '
+            'Processing" (MI-α); Poole et al. 2019 (interpolated bound)',
+            "α = 1: InfoNCE (≤ log K, low variance); α = 0: NWJ (high variance); learned critic and baseline "
+            "(critic quadratic adds learned squares); layers as hidden_mse",
+            name="mi_alpha",
         ),
         _entry(
             HiddenCosine,

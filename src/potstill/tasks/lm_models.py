@@ -24,6 +24,7 @@ from potstill.config import Recipe
 from potstill.data.lm_records import tokenizer_name
 from potstill.errors import UserError
 from potstill.losses.fused import LMHeadInputs, fused_linear_cross_entropy
+from potstill.students.pruning import Calibration
 from potstill.tasks.models import build_student, resolve_model_path
 
 RawLogits = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,18 +64,19 @@ def text_tokenizer(recipe: Recipe, teacher_tokenizer: Any, *, task: str) -> Any:
         raise UserError(f"field {field}: cannot load a tokenizer from {path}: {exc}{hint}") from None
 
 
-def build_text_student(recipe: Recipe, teacher: nn.Module | None, tokenizer: Any, auto_cls: Any) -> nn.Module:
+def build_text_student(recipe: Recipe, teacher: nn.Module | None, tokenizer: Any, auto_cls: Any,
+                       calibration: Calibration | None = None) -> nn.Module:
     """The recipe's student; without a teacher, or with a `student.config.model_type` other than the teacher's
     (e.g. a Mixtral / Qwen2-MoE student of a dense teacher), `init: from_config` builds that model type from
     transformers' default config with the tokenizer's vocabulary size and special ids (student.config wins),
-    its weights drawn from the recipe's seed."""
+    its weights drawn from the recipe's seed. `calibration`: the data of `init: pruned`."""
     cfg = recipe.student
     own_type = cfg.config.get("model_type")
     teacher_type = getattr(getattr(teacher, "config", None), "model_type", None)
     if cfg.init != "from_config" or (teacher is not None and own_type in (None, teacher_type)):
         if teacher is not None and own_type is not None and cfg.init == "from_config":
             cfg = cfg.model_copy(update={"config": {k: v for k, v in cfg.config.items() if k != "model_type"}})
-        return build_student(cfg, teacher, auto_cls=auto_cls)
+        return build_student(cfg, teacher, auto_cls=auto_cls, calibration=calibration)
     from potstill.students.build import from_model_type
 
     fields = dict(cfg.config)
