@@ -14,6 +14,7 @@ pairs, and a divergence or the hard-label term is the sum over the chosen comple
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,8 @@ def adapt_preference_objective(name: str, fn: Any) -> Any:
 
     info = OBJECTIVES.get(name)
     if info is None or info.kind not in ("logits", "preference") or info.stateful:
+        return fn
+    if "student_log_scale" in inspect.signature(fn).parameters:  # uld / gold: span losses, not for pairs
         return fn
     return PreferenceObjective(name, fn, info.kind)
 
