@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llm_step  # noqa: E402  (the sibling benchmark whose setup this one reuses)
+from _machine import load_average, peak_rss_bytes, rss_bytes, span  # noqa: E402
 
 VARIANTS = ("unchunked", "chunked", "fused", "loop", "loop_chunked")
 PAIRS = (("chunked", "unchunked", "≤ 1.05, memory < 1"), ("fused", "unchunked", "≤ 1.00"),
@@ -116,7 +117,7 @@ def _worker(args: argparse.Namespace) -> None:
     n_steps = args.warmup + args.steps + 1
     variant = args.worker
     teacher, student, data = llm_step._build(args)
-    baseline = llm_step._rss_bytes()
+    baseline = rss_bytes()
     if variant.startswith("loop"):
         first = _run_loop(args, teacher, student, data, n_steps, args.chunk if variant == "loop_chunked" else None)
     else:
@@ -128,7 +129,7 @@ def _worker(args: argparse.Namespace) -> None:
     cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)][args.warmup:]
     print(llm_step.MARK + json.dumps({"variant": variant, "wall": statistics.median(wall),
                                       "cpu": statistics.median(cpu), "first_loss": first,
-                                      "peak": llm_step._peak_rss_bytes(), "baseline": baseline}), flush=True)
+                                      "peak": peak_rss_bytes(), "baseline": baseline}), flush=True)
 
 
 def _in_process(args: argparse.Namespace) -> int:
@@ -168,13 +169,13 @@ def _in_process(args: argparse.Namespace) -> int:
             step(k)
             times[k].append((time.perf_counter() - wall, time.process_time() - cpu))
     print(f"in-process, {args.in_process} repeats, {args.threads} threads, chunk {args.chunk}, load average "
-          f"{llm_step._load()}")
+          f"{load_average()}")
     for k in kinds:
-        wall_s, cpu_s = llm_step._span([x[0] for x in times[k]]), llm_step._span([x[1] for x in times[k]])
+        wall_s, cpu_s = span([x[0] for x in times[k]]), span([x[1] for x in times[k]])
         print(f"{k:<10} wall {wall_s} s  CPU {cpu_s} s")
     for k in kinds[1:]:
         ratios = [[a[i] / b[i] for a, b in zip(times[k], times["unchunked"], strict=True)] for i in (0, 1)]
-        print(f"{k} / unchunked: wall {llm_step._span(ratios[0])}  CPU {llm_step._span(ratios[1])}")
+        print(f"{k} / unchunked: wall {span(ratios[0])}  CPU {span(ratios[1])}")
     return 0
 
 
@@ -195,18 +196,17 @@ def _burst(args: argparse.Namespace, variant: str) -> dict:
 def _main(args: argparse.Namespace) -> int:
     variants = [v for v in VARIANTS if v in args.variants]
     labels = _labels(args.chunk)
-    span = llm_step._span
     print(f"LLM distillation step, CPU: teacher Llama 4×256 → student 2×128, vocab {args.vocab}, seq {args.seq}, "
           f"batch {args.batch}; generalized JSD β=0.5, AdamW, fp32, {args.threads} threads; chunk {args.chunk}; "
           f"{args.rounds} interleaved rounds, each burst a fresh process: {args.warmup} warm-up + {args.steps} timed "
-          f"steps; load average at start {llm_step._load()}")
+          f"steps; load average at start {load_average()}")
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             results[v].append(_burst(args, v))
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(
             f"{v} {results[v][-1]['wall']:.3f}s {(results[v][-1]['peak'] - results[v][-1]['baseline']) / 2**20:.0f}MiB"
-            for v in variants) + f"  (load {llm_step._load()})", flush=True)
+            for v in variants) + f"  (load {load_average()})", flush=True)
 
     def extra(b: dict) -> float:
         return (b["peak"] - b["baseline"]) / llm_step.MIB

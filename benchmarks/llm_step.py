@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -62,6 +61,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _machine import load_average, peak_rss_bytes, rss_bytes, span, trl_version
 
 VARIANTS = ("minimal", "potstill", "trl", "chunked", "potstill_fused", "potstill_bare")
 DEFAULT_VARIANTS = ("minimal", "potstill", "trl", "chunked", "potstill_fused")
@@ -80,15 +81,6 @@ SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------- worker side
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _build(args: argparse.Namespace):
     """Teacher, student (random init from configs, fixed seeds) and the token data, identical on every side."""
     import torch
@@ -340,7 +332,7 @@ def _worker(args: argparse.Namespace) -> None:
     for variant in variants:
         teacher, student, data = _build(args)
         stamps.clear()
-        baseline = _rss_bytes()
+        baseline = rss_bytes()
         if variant in ("minimal", "chunked"):
             chunk_size = 512 if variant == "chunked" else None
             first_loss, used = _run_minimal(args, teacher, student, data, n_steps, chunk_size)
@@ -355,24 +347,12 @@ def _worker(args: argparse.Namespace) -> None:
         cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)][args.warmup:]
         print(MARK + json.dumps({
             "variant": variant, "intervals": intervals, "cpu": cpu, "first_loss": first_loss[0], "task": used,
-            "peak": _peak_rss_bytes(), "baseline": baseline, "threads": torch.get_num_threads(),
+            "peak": peak_rss_bytes(), "baseline": baseline, "threads": torch.get_num_threads(),
         }), flush=True)
         del teacher, student, data
 
 
 # ---------------------------------------------------------------------------------------------- parent side
-def _has_trl() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("trl") is not None
-
-
-def _trl_version() -> str:
-    from importlib.metadata import version
-
-    return version("trl")
-
-
 def _child_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("THP_MEM_ALLOC_ENABLE", None)
@@ -398,22 +378,14 @@ def _burst(args: argparse.Namespace, variants: list[str]) -> list[dict]:
     return found
 
 
-def _span(values: list[float], fmt: str = "{:.3f}") -> str:
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def _main(args: argparse.Namespace) -> int:
     variants = [v for v in VARIANTS if v in args.variants]
-    if "trl" in variants and not _has_trl():
+    if "trl" in variants and not trl_version():
         print("TRL is not installed: skipping (c). Install it with `pip install -e '.[bench]'`.")
         variants.remove("trl")
     versions = ""
     if "trl" in variants:
-        versions = f", trl {_trl_version()}"
+        versions = f", trl {trl_version()}"
     print(f"LLM distillation step, CPU: teacher Llama 4×256 → student 2×128, vocab {args.vocab}, seq {args.seq}, "
           f"batch {args.batch}, {args.sequences} sequences; generalized JSD β=0.5 T=1, AdamW lr {args.lr}, fp32, "
           f"{args.threads} threads")
@@ -421,7 +393,7 @@ def _main(args: argparse.Namespace) -> int:
           f"{len(variants)} variants, {'all in one process (--quick)' if args.quick else 'each burst a fresh process'}"
           f": {args.warmup} warm-up + {args.steps} timed "
           f"steps{versions}; python {sys.version.split()[0]}")
-    print(f"load average at start: {_load()}")
+    print(f"load average at start: {load_average()}")
     if args.quick:
         print("--quick: a smoke test (tiny shapes, 2 steps, one process); its times and memory mean nothing")
     results: dict[str, list[dict]] = {v: [] for v in variants}
@@ -436,7 +408,7 @@ def _main(args: argparse.Namespace) -> int:
         loads.append(os.getloadavg()[0])
         line = "  ".join(f"{v} {statistics.median(results[v][-1]['intervals']):.3f}s "
                          f"(cpu {statistics.median(results[v][-1]['cpu']):.3f}s)" for v in variants)
-        print(f"round {r + 1}/{args.rounds}: {line}  (load {_load()})", flush=True)
+        print(f"round {r + 1}/{args.rounds}: {line}  (load {load_average()})", flush=True)
 
     def wall(b: dict) -> float:
         return statistics.median(b["intervals"])
@@ -458,15 +430,15 @@ def _main(args: argparse.Namespace) -> int:
     for v in variants:
         extra_s, peak_s = "-", "-"
         if not args.quick:
-            extra_s = _span(per_round(v, extra_mem), "{:.0f}")
+            extra_s = span(per_round(v, extra_mem), "{:.0f}")
             peak_s = f"{statistics.median(b['peak'] / MIB for b in results[v]):.0f}"
-        print(f"{LABELS[v]:<30} {_span(per_round(v, wall)):>22} {_span(per_round(v, cpu)):>22} {extra_s:>18} "
+        print(f"{LABELS[v]:<30} {span(per_round(v, wall)):>22} {span(per_round(v, cpu)):>22} {extra_s:>18} "
               f"{peak_s:>13} {results[v][0]['first_loss']:>17.9g}")
     print("(median over rounds of each burst's median step, (min–max) over rounds; CPU = process user+sys time, "
           "all threads)\n")
 
     def ratio(a: str, b: str, key) -> str:
-        return _span([key(x) / key(y) for x, y in zip(results[a], results[b], strict=True)])
+        return span([key(x) / key(y) for x, y in zip(results[a], results[b], strict=True)])
 
     pairs = [("potstill", "minimal", "≤ 1.03"), ("trl", "potstill", "≥ 1.3"), ("trl", "minimal", ""),
              ("chunked", "minimal", ""), ("potstill_fused", "minimal", ""), ("potstill_fused", "potstill", ""),
@@ -489,7 +461,7 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{v}: the Distiller was fed by the {results[v][0]['task']}")
     threads = {v: {b["threads"] for b in results[v]} for v in variants}
     print(f"torch threads after each run: {threads}")
-    print(f"load average (1 min) over the run: {_span(loads, '{:.2f}')}; at end: {_load()}")
+    print(f"load average (1 min) over the run: {span(loads, '{:.2f}')}; at end: {load_average()}")
     return 0 if worst < 1e-4 else 1
 
 

@@ -38,13 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+from _machine import peak_rss_bytes, span
 
 from potstill.losses import OBJECTIVES, divergences
 from potstill.losses.fused import fused_linear_divergence
@@ -74,10 +74,6 @@ def _step(
     return value.detach(), student.grad
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _child_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     if args.malloc == "pinned":
@@ -94,9 +90,9 @@ def _worker(args: argparse.Namespace) -> None:
     warm_s, warm_t = _inputs(4, 64)
     _step(args.loss, warm_s, warm_t, chunk_size and 2, args.temperature)
     student, teacher = _inputs(args.rows, args.vocab[0])
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     _step(args.loss, student, teacher, chunk_size, args.temperature)
-    print(_peak_rss_bytes() - baseline)
+    print(peak_rss_bytes() - baseline)
 
 
 def _measure_memory(args: argparse.Namespace, loss: str, variant: str, vocab: int) -> float:
@@ -113,10 +109,6 @@ def _memory_runs(args: argparse.Namespace, loss: str, vocab: int) -> dict[str, l
         for variant in mem:
             mem[variant].append(_measure_memory(args, loss, variant, vocab))
     return mem
-
-
-def _span(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
 def _logits_main(args: argparse.Namespace, vocab: int) -> None:
@@ -162,7 +154,7 @@ def _logits_main(args: argparse.Namespace, vocab: int) -> None:
         mem_ratio = [c / max(u, 1e-9) for c, u in zip(mem["chunked"], mem["unchunked"], strict=True)]
         time_ratio = [c / u for c, u in zip(times["chunked"], times["unchunked"], strict=True)]
         summaries.append(
-            f"{loss}: memory {_span(mem_ratio)}, time {_span(time_ratio)}; "
+            f"{loss}: memory {span(mem_ratio)}, time {span(time_ratio)}; "
             f"max |Δ value| {value_diff:.2e}, max |Δ grad| {grad_diff:.2e}"
         )
     print("\nchunked / unchunked, median (min–max):")
@@ -221,14 +213,14 @@ def _head_worker(args: argparse.Namespace) -> None:
     _head_step(args_warm, args.loss, args.variant, *warm)
     del warm
     h, w, teacher = _head_inputs(args.rows, vocab, args.hidden)
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     times = []
     for _ in range(1 + args.repeats):
         start = time.perf_counter()
         _head_step(args, args.loss, args.variant, h, w, teacher)
         times.append(time.perf_counter() - start)
         if len(times) == 1:
-            extra = _peak_rss_bytes() - baseline
+            extra = peak_rss_bytes() - baseline
     print(json.dumps({"mem": extra, "times": times}))
 
 
@@ -303,7 +295,7 @@ def _head_main(args: argparse.Namespace, vocab: int) -> None:
             star = "*" if variant == "naive" and scaled else " "
             print(
                 f"{loss:<16} {variant:<8} {chunk!s:>6} {statistics.median(mem[variant]):>14.0f}{star} "
-                f"{statistics.median(times[variant]):>8.2f}{star} {_span(m_ratio):>20} {_span(t_ratio):>20}"
+                f"{statistics.median(times[variant]):>8.2f}{star} {span(m_ratio):>20} {span(t_ratio):>20}"
             )
         if scaled:
             shown = "; ".join(

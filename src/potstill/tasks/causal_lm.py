@@ -79,6 +79,7 @@ class CausalLMTask(Task):
     metric_names = ("perplexity", "token_accuracy", "token_agreement", "kl_to_teacher", "label_accuracy",
                     "rationale_perplexity", "bits_per_byte")
     cross: Any = None  # the cross-tokenizer set-up (`potstill.tasks.cross_tokenizer`), when tokenizers differ
+    router_aux = False  # an MoE student whose router logits an objective reads (`potstill.tasks.moe`)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, *, is_main: bool = True, barrier=lambda: None, capture: bool = False) -> None:
