@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 HELDOUT_SOURCES = ("wikipedia", "lee-background")
@@ -109,3 +111,30 @@ def heldout_scores(student: Any, teacher: Any, blocks: dict[str, Any], *, batch_
         out[f"{prefix}/top1"] = totals[f"{prefix}/top1"][0] / n
         out[f"{prefix}/tokens"] = n
     return out
+
+
+_TEACHER_LOCK = threading.Lock()  # rows of one benchmark run in threads and share the tiny teacher
+
+
+def tiny_llama_teacher(folder: Path, *, layers: int, max_positions: int) -> Path:
+    """--quick runs: a seeded Llama, 32 wide, with SmolLM2's tokenizer and vocabulary, saved in `folder` once
+    (whole: written beside it and renamed, so a row never sees half a folder)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from potstill.assets import smollm2_path
+    from potstill.io import atomic_dir
+
+    with _TEACHER_LOCK:
+        if (folder / "config.json").exists():
+            return folder
+        tok = AutoTokenizer.from_pretrained(smollm2_path())
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
+                             tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id)
+        with atomic_dir(folder) as tmp:
+            LlamaForCausalLM(config).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    return folder

@@ -48,25 +48,6 @@ RECIPE = Path(__file__).resolve().parents[1] / "src" / "potstill" / "recipes" / 
 MARK = "@@ROW "
 
 
-def _tiny_teacher(folder: Path) -> Path:
-    """--quick: a seeded 2-layer Llama with SmolLM2's tokenizer and vocabulary."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from potstill.assets import smollm2_path
-
-    if (folder / "config.json").exists():
-        return folder
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def _recipe(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     import yaml
 
@@ -84,7 +65,10 @@ def _recipe(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     if args.max_steps:
         raw["trainer"]["max_steps"] = args.max_steps
     if args.quick:
-        raw["teacher"]["path"] = str(_tiny_teacher(Path(args.out).resolve() / "tiny-teacher"))
+        from _llm_common import tiny_llama_teacher
+
+        raw["teacher"]["path"] = str(tiny_llama_teacher(Path(args.out).resolve() / "tiny-teacher", layers=2,
+                                                        max_positions=256))
         raw["student"]["tokenizer"] = "bpe:512"
         raw["student"]["config"] = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
                                     "num_attention_heads": 2, "num_key_value_heads": 2}

@@ -73,23 +73,6 @@ def _shape(args: argparse.Namespace) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------- data and recipe
-def _tiny_teacher(folder: Path) -> Path:
-    """--quick: a seeded 3-layer Llama with SmolLM2's tokenizer and vocabulary."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from potstill.assets import smollm2_path
-
-    if (folder / "config.json").exists():
-        return folder
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _write_data(path: Path, shape: dict[str, int]) -> None:
@@ -131,11 +114,14 @@ def _objectives(row: str, quick: bool) -> list[dict[str, Any]]:
 
 
 def _recipe(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[str, Any]:
+    from _llm_common import tiny_llama_teacher
+
     shape = _shape(args)
     new_tokens = shape["max_length"] - shape["prompt"] - 1
     raw: dict[str, Any] = {
         "name": f"{row}-seed{seed}", "output_dir": str(work / "runs"), "task": "causal_lm", "seed": seed,
-        "teacher": {"path": str(_tiny_teacher(work / "tiny-teacher")) if args.quick else "builtin:smollm2"},
+        "teacher": {"path": str(tiny_llama_teacher(work / "tiny-teacher", layers=3, max_positions=64))
+                    if args.quick else "builtin:smollm2"},
         "student": {"init": "layers_from_teacher", "layers": [0, 2] if args.quick else LAYERS},
         "data": {"train": {"path": str(work / "train.jsonl")}, "format": "prompt_completion", "add_eos": False,
                  "max_length": shape["max_length"], "packing": False},
