@@ -11,8 +11,8 @@ docs/results.md, "rows": [row, ...]}`. A row holds
 - `result`: the JSON file, relative to `{out}`, the numbers are read from (a run's summary.json, or what a
   benchmark script writes with `--json`);
 - `seeds`, `threads` (what the command runs with), `seconds` (its wall time when recorded);
-- `metrics`: metric → stored value; a metric is a `/`-separated path into the result JSON (a list is indexed
-  by position);
+- `metrics`: metric → stored value; a metric is a `/`-separated path into the result JSON (in a list: a
+  position, or the `model` of an item, as in summary.json's `table`);
 - `tolerance`: metric → the largest absolute drift still counted as reproducing;
 - `commit`: the git commit the numbers were recorded at (`-dirty` when the tree had uncommitted changes).
 
@@ -77,13 +77,16 @@ class Check:
 
 
 def lookup(result: Any, metric: str) -> float | None:
-    """The number at `metric` (a `/`-separated path; a list is indexed by position) in `result`, None when absent."""
+    """The number at `metric` in `result`, None when absent. `metric` is a `/`-separated path; in a list a part is
+    a position, or the `model` of one of its items (summary.json's `table` rows: `table/student (after)/accuracy`)."""
     node = result
     for part in metric.split("/"):
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
+        elif isinstance(node, list) and any(isinstance(x, dict) and x.get("model") == part for x in node):
+            node = next(x for x in node if isinstance(x, dict) and x.get("model") == part)
         else:
             return None
     if isinstance(node, bool) or not isinstance(node, int | float):

@@ -27,6 +27,9 @@ def test_lookup_follows_slash_paths_and_list_positions(reproduce):
     assert reproduce.lookup(result, "flag") is None  # a bool is not a number
     assert reproduce.lookup(result, "name") is None
     assert reproduce.lookup(result, "ladder/128") is None  # a dict is not a number
+    table = {"table": [{"model": "teacher", "acc": 0.9}, {"model": "student (after)", "acc": 0.8}]}
+    assert reproduce.lookup(table, "table/student (after)/acc") == 0.8
+    assert reproduce.lookup(table, "table/student (before)/acc") is None
 
 
 def test_compare_within_beyond_and_missing(reproduce):
