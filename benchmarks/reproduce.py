@@ -16,7 +16,8 @@ docs/results.md, "rows": [row, ...]}`. A row holds
 - `tolerance`: metric → the largest absolute drift still counted as reproducing;
 - `commit`: the git commit the numbers were recorded at (`-dirty` when the tree had uncommitted changes).
 
-`python benchmarks/reproduce.py` re-runs every row (`--only NAME ...` some of them; `--list` lists them),
+`python benchmarks/reproduce.py` re-runs every row (`--only NAME ...` some of them; `--list` lists them; `--jobs N`
+runs N rows at once),
 prints a table (row, metric, stored, fresh, drift, OK / DRIFT / MISSING) and exits 1 when any metric drifts
 beyond its tolerance. `--update` writes the fresh numbers, the commit and the seconds back into the store
 (atomically).
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", metavar="FILE", help="print the Markdown block of docs/results/FILE.json")
     p.add_argument("--write-docs", action="store_true", help="regenerate the blocks in docs/results.md")
     p.add_argument("--runs", type=Path, default=RUNS, help="where the rows' output folders go")
+    p.add_argument("--jobs", type=int, default=1, help="rows run at once (numbers do not depend on it; each row "
+                                                       "pins its own threads)")
     args = p.parse_args(argv)
     sections = load_store()
     if args.markdown:
@@ -275,10 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     checks: list[Check] = []
     commit = current_commit()
-    for stem, row in rows:
+
+    def run(row: dict[str, Any]) -> tuple[Any, float, str]:
         print(f"[{row['name']}] {' && '.join(' '.join(c) for c in row['commands'])}", flush=True)
         result, seconds, error = run_row(row, args.runs)
         print(f"[{row['name']}] {seconds:.0f} s" + (f"  FAILED {error}" if error else ""), flush=True)
+        return result, seconds, error
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each row is its own subprocess
+        outcomes = list(pool.map(run, [row for _, row in rows]))
+    for (stem, row), (result, seconds, error) in zip(rows, outcomes, strict=True):
         row_checks = compare(row, result or {})
         checks += row_checks
         if args.update and not error:
