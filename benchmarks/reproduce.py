@@ -14,7 +14,9 @@ docs/results.md, "rows": [row, ...]}`. A row holds
 - `metrics`: metric → stored value; a metric is a `/`-separated path into the result JSON (in a list: a
   position, or the `model` of an item, as in summary.json's `table`);
 - `tolerance`: metric → the largest absolute drift still counted as reproducing;
-- `commit`: the git commit the numbers were recorded at (`-dirty` when the tree had uncommitted changes).
+- `commit`: the git commit the numbers were recorded at (`-dirty` when the tree had uncommitted changes), or
+  `unrecorded` with every stored value null: a row whose numbers were never recorded (a plain run skips it;
+  named in `--only` its checks print NEW and do not fail; `--update` records them).
 
 `python benchmarks/reproduce.py` re-runs every row (`--only NAME ...` some of them; `--list` lists them; `--jobs N`
 runs N rows at once),
@@ -38,6 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -171,8 +174,9 @@ def argv_of(command: list[str], out: Path) -> list[str]:
                    for arg in command[1:]]
 
 
-def run_row(row: dict[str, Any], runs: Path = RUNS) -> tuple[Any, float, str]:
-    """Run the row's commands into a fresh `runs/<name>`; (result JSON or None, seconds, last output lines)."""
+def run_row(row: dict[str, Any], runs: Path = RUNS, timeout: float | None = None) -> tuple[Any, float, str]:
+    """Run the row's commands into a fresh `runs/<name>`; (result JSON or None, seconds, last output lines).
+    A command still running after `timeout` seconds (from the row's start) is killed and the row fails."""
     out = runs / row["name"]
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -187,8 +191,12 @@ def run_row(row: dict[str, Any], runs: Path = RUNS) -> tuple[Any, float, str]:
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"$ {' '.join(command)}\n")
             f.flush()
-            done = subprocess.run(argv_of(command, out), cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                  check=False)
+            left = None if timeout is None else max(1.0, timeout - (time.perf_counter() - started))
+            try:
+                done = subprocess.run(argv_of(command, out), cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                      check=False, timeout=left)
+            except subprocess.TimeoutExpired:
+                return None, time.perf_counter() - started, f"killed after {timeout:.0f} s (--timeout)"
         if done.returncode != 0:
             tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
             return None, time.perf_counter() - started, f"exit {done.returncode}:\n{tail}"
@@ -251,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", metavar="FILE", help="print the Markdown block of docs/results/FILE.json")
     p.add_argument("--write-docs", action="store_true", help="regenerate the blocks in docs/results.md")
     p.add_argument("--runs", type=Path, default=RUNS, help="where the rows' output folders go")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="kill a row that runs longer (it fails)")
     p.add_argument("--jobs", type=int, default=1, help="rows run at once (numbers do not depend on it; each row "
                                                        "pins its own threads)")
     args = p.parse_args(argv)
@@ -275,26 +284,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for stem, row in rows:
             commands = " && ".join(" ".join(c) for c in row["commands"])
-            print(f"{row['name']:24} {stem:22} ~{_fmt(row.get('seconds'), 0):>4} s  {commands}")
+            print(f"{row['name']:24} {stem:22} {row.get('commit', '—'):>12} ~{_fmt(row.get('seconds'), 0):>4} s  "
+                  f"{commands}")
         return 0
+    unrecorded = [row["name"] for _, row in rows if row.get("commit") == "unrecorded"]
+    if unrecorded and not args.update and not args.only:  # nothing to compare them with
+        rows = [(stem, row) for stem, row in rows if row["name"] not in unrecorded]
+        print(f"not recorded yet, skipped (record with --update --only NAME): {', '.join(unrecorded)}")
     checks: list[Check] = []
     commit = current_commit()
+    store_lock = threading.Lock()
 
-    def run(row: dict[str, Any]) -> tuple[Any, float, str]:
+    def run(stem: str, row: dict[str, Any]) -> list[Check]:
         print(f"[{row['name']}] {' && '.join(' '.join(c) for c in row['commands'])}", flush=True)
-        result, seconds, error = run_row(row, args.runs)
+        result, seconds, error = run_row(row, args.runs, args.timeout)
         print(f"[{row['name']}] {seconds:.0f} s" + (f"  FAILED {error}" if error else ""), flush=True)
-        return result, seconds, error
+        row_checks = compare(row, result or {})
+        if args.update and not error:  # stored at once, so rows already done survive a later interruption
+            with store_lock:
+                row["metrics"] = {c.metric: c.fresh for c in row_checks}
+                row["commit"], row["seconds"] = commit, round(seconds)
+                write_section(stem, sections[stem])
+        return row_checks
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each row is its own subprocess
-        outcomes = list(pool.map(run, [row for _, row in rows]))
-    for (stem, row), (result, seconds, error) in zip(rows, outcomes, strict=True):
-        row_checks = compare(row, result or {})
-        checks += row_checks
-        if args.update and not error:
-            row["metrics"] = {c.metric: c.fresh for c in row_checks}
-            row["commit"], row["seconds"] = commit, round(seconds)
-            write_section(stem, sections[stem])
+        for row_checks in pool.map(lambda item: run(*item), rows):
+            checks += row_checks
     print()
     print(table(checks))
     bad = [c for c in checks if c.status in ("DRIFT", "MISSING")]
