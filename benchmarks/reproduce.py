@@ -4,7 +4,8 @@
 The store: one JSON file per results section in `docs/results/`, `{"section": heading, "anchor": its link in
 docs/results.md, "rows": [row, ...]}`. A row holds
 
-- `name` (unique over the store) and `what` (one line);
+- `name` (unique over the store), `what` (one line) and optionally `note` (what a reader must know about the
+  row, e.g. why its numbers differ from an older table);
 - `commands`: argv lists run one after the other from the repository root. `python` stands for this
   interpreter, `potstill` for `python -m potstill.cli`, and `{out}` for the row's fresh output folder
   `runs/reproduce/<name>` (emptied first);
@@ -218,7 +219,7 @@ def markdown(stem: str, section: dict[str, Any]) -> str:
         seeds = " ".join(str(s) for s in row.get("seeds", [])) or "—"
         lines.append(f"- `{row['name']}`: {row.get('what', '')} `{commands}` (seeds {seeds}, "
                      f"threads {row.get('threads', '?')}, {_fmt(row.get('seconds'), 0)} s, "
-                     f"recorded at {row.get('commit', '—')})")
+                     f"recorded at {row.get('commit', '—')})" + (f". {row['note']}" if row.get("note") else ""))
     lines += ["", "| row | metric | value | tolerance |", "|---|---|---|---|"]
     for row in section["rows"]:
         for metric, tol in row["tolerance"].items():

@@ -100,6 +100,8 @@ def test_write_docs_replaces_only_the_marked_block(reproduce, tmp_path):
     assert text.startswith("# R\n\nbefore\n<!-- reproduce:s begin -->\n") and text.endswith("end -->\nafter\n")
     assert "stale" not in text and "| r | acc | 0.5000 | ± 0.01 |" in text
     assert reproduce.docs_blocks(text) == {"s": reproduce.markdown("s", section)}
+    section["rows"][0]["note"] = "Why it moved."
+    assert "recorded at abc). Why it moved." in reproduce.markdown("s", section)
 
 
 def test_heading_anchor_matches_github(reproduce):
