@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from potstill.config.loading import validate_recipe
+from potstill.io import atomic_write_json
 from potstill.train.run import run_recipe
 
 BATCH = 32
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records", type=int, nargs="+", default=[128, 1257])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--hidden", type=int, default=16)
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON (reproduce.py)")
     args = p.parse_args(argv)
     teacher_kwargs: dict[str, Any] = {}
     rows = list(ROWS)
@@ -139,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             d_agree = [r["agreement"] - b["agreement"] for r, b in zip(runs, base, strict=True)]
             print(f"{records:7d} {row:16} {mean_std(acc):>17} {mean_std(d_acc, True):>17} {mean_std(agree):>17} "
                   f"{mean_std(d_agree, True):>17} {statistics.fmean(r['share'] for r in runs):14.2%}")
+    if args.json:
+        atomic_write_json(args.json, {
+            "seeds": args.seeds, "teacher_accuracy": teacher_accuracy,
+            "rows": {str(records): {row: {k: statistics.fmean(r[k] for r in results[(records, row)])
+                                          for k in ("accuracy", "agreement", "share")} for row in rows}
+                     for records in args.records},
+        })
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 

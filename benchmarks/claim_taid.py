@@ -31,10 +31,12 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from potstill.io import atomic_write_json
 from potstill.losses import TAID, forward_kl, reverse_kl
 
 VOCAB = 20
@@ -237,13 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1500, help="ladder steps per run")
     p.add_argument("--toy-steps", type=int, default=600)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the means as JSON (reproduce.py)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.widths, args.steps, args.toy_steps = [0], [16, 2], 10, 100
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    run_toy(args.seeds, args.toy_steps)
-    run_ladder(args.seeds, args.widths, args.steps)
+    toy = run_toy(args.seeds, args.toy_steps)
+    ladder = run_ladder(args.seeds, args.widths, args.steps)
+    if args.json:
+        atomic_write_json(args.json, {
+            "seeds": args.seeds,
+            "toy": {name: {k: statistics.fmean(r[k] for r in rows) for k in rows[0]} for name, rows in toy.items()},
+            "ladder": {str(w): {name: {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
+                                for (width, name), rows in ladder.items() if width == w} for w in args.widths},
+        })
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 

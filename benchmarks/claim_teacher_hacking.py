@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from potstill.eval.teacher_hacking import TeacherHackingMonitor
+from potstill.io import atomic_write_json
 from potstill.losses import forward_kl
 from potstill.train.callbacks import FitState, MetricsLog, TeacherHackingWatch
 
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--teacher-samples", type=int, default=2000)
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON (reproduce.py)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_every = [0], 60, 20
@@ -224,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{percent(col['golden_rise']):>15} {percent(col['proxy_change']):>16} "
               f"{int(sum(col['hacked']))}/{len(rows):<4} {warn_steps(col['warn_watch']):>13} "
               f"{warn_steps(col['warn_monitor']):>13}")
+    if args.json:  # per seed: a warning step is null where none came
+        atomic_write_json(args.json, {
+            "seeds": args.seeds, "teacher_golden": teacher_golden,
+            "regimes": {regime: {k: [None if math.isnan(r[k]) else r[k] for r in rows] for k in rows[0]}
+                        for regime, rows in results.items()},
+        })
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -131,7 +131,7 @@ def run_rad(seed: int, method: str) -> tuple[float, float]:
     return acc, float(teacher_wrong[queried].mean())
 
 
-def part_a(seeds: list[int]) -> None:
+def part_a(seeds: list[int]) -> dict[str, dict[str, float]]:
     print("\n(a) Robust Active Distillation: 2-D 3×3 checkerboard of Gaussians, 150 teacher queries (6 rounds × 25)")
     rng = np.random.default_rng(123)
     x, y = mixture(20000, rng)
@@ -139,6 +139,7 @@ def part_a(seeds: list[int]) -> None:
     bayes = float(np.mean((bayes_posterior(x) > 0.5) == y))
     print(f"Bayes accuracy {bayes:.3f}; teacher soft-label error rate on the pool distribution: {wrong.mean():.3f}")
     print(f"{'method':<8} {'test accuracy':>18} {'wrong queried labels':>22}   per seed accuracy")
+    table = {}
     for method in ("random", "margin", "rad", "rad@0.2", "rad@0.4"):
         accs, wrongs = [], []
         for s in seeds:
@@ -146,6 +147,8 @@ def part_a(seeds: list[int]) -> None:
             accs.append(a)
             wrongs.append(w)
         print(f"{method:<8} {mean_std(accs):>18} {mean_std(wrongs):>22}   " + " ".join(f"{a:.3f}" for a in accs))
+        table[method] = {"accuracy": statistics.mean(accs), "wrong_queried": statistics.mean(wrongs)}
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- (b) pruning + KD
@@ -157,7 +160,7 @@ def digits_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor([r["label"] for r in records]))
 
 
-def part_b(seeds: list[int]) -> None:
+def part_b(seeds: list[int]) -> dict[str, dict[str, float]]:
     from potstill.data.pruning import kd_weight_for_fraction, prune_indices, pruned_kd_loss
     from potstill.examples.digits import mlp, trained_teacher
 
@@ -172,6 +175,7 @@ def part_b(seeds: list[int]) -> None:
     fractions = (0.1, 0.3, 1.0)
     header = f"{'kept':>6} {'n':>5}  " + "  ".join(f"{name:>17}" for name in ("α=0", "α=0.5", "α=0.9", "α(f)"))
     print(header + f"  {'α(f)':>5}  {'best α':>6}  {'gain best':>9}  {'gain α(f)':>9}")
+    table = {}
     for f in fractions:
         alpha_f = kd_weight_for_fraction(f)
         results: dict[str, list[float]] = {}
@@ -195,6 +199,8 @@ def part_b(seeds: list[int]) -> None:
         print(f"{f:>6.0%} {int(keep.numel()):>5}  " + "  ".join(f"{mean_std(results[k]):>17}" for k in results)
               + f"  {alpha_f:>5.2f}  {best:>6}  {means[best] - means['α=0']:>+9.4f}  "
               f"{means['α(f)'] - means['α=0']:>+9.4f}")
+        table[f"{f:.0%}"] = means
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- (c) DDK
@@ -292,11 +298,12 @@ def run_ddk(seed: int, method: str) -> tuple[float, float, list[float]]:
     return final, statistics.mean(max_ratios), weights
 
 
-def part_c(seeds: list[int]) -> None:
+def part_c(seeds: list[int]) -> dict[str, dict[str, float]]:
     print("\n(c) DDK: 3 bigram domains (cycle / Dirichlet 0.5 / sparse 0.1), shared bigram student, KL to the exact "
           "tables; 1,200 steps × 16 sequences each")
     print(f"{'method':<8} {'final max ℓS/ℓT':>18} {'mean max ℓS/ℓT':>18}   final weights (cycle, dense, sparse), "
           "seed 0")
+    table = {}
     for method in ("mix", "uniform", "ddk"):
         finals, means, weights = [], [], None
         for s in seeds:
@@ -306,21 +313,29 @@ def part_c(seeds: list[int]) -> None:
             weights = weights or w
         print(f"{method:<8} {mean_std(finals):>18} {mean_std(means):>18}   "
               + ", ".join(f"{w:.3f}" for w in weights))
+        table[method] = {"final": statistics.mean(finals), "mean": statistics.mean(means)}
+    return table
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=("a", "b", "c"), default=["a", "b", "c"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the means as JSON (reproduce.py)")
     args = p.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     torch.set_num_threads(1)
     started = time.perf_counter()
     print(f"data strategies benchmark; seeds {args.seeds}; torch {torch.__version__}, 1 thread")
+    tables = {}
     for part in args.only:
         t0 = time.perf_counter()
-        {"a": part_a, "b": part_b, "c": part_c}[part](args.seeds)
+        tables[part] = {"a": part_a, "b": part_b, "c": part_c}[part](args.seeds)
         print(f"[{part}: {time.perf_counter() - t0:.1f} s]")
+    if args.json:
+        from potstill.io import atomic_write_json
+
+        atomic_write_json(args.json, {"seeds": args.seeds, **tables})
     print(f"total {time.perf_counter() - started:.1f} s")
     return 0
 

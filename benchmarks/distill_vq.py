@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ivf-lr", type=float, default=1e-3)
     parser.add_argument("--ivf-weight", default="1.0", help='a float, or "scaled_to_pq"')
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the table as JSON (for reproduce.py)")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "distill_vq" / "embeddings.npz")
     args = parser.parse_args(argv)
 
@@ -196,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['index B/vec']:>11.1f} {r['train s']:>7.0f}")
     print(f"(a flat float32 index: {4 * doc_emb.shape[1]} B/vec, recall 1 by definition); "
           f"total {time.perf_counter() - wall:.0f} s")
+    if args.json:
+        from potstill.io import atomic_write_json
+
+        atomic_write_json(args.json, {"seed": args.seed, "m": {str(m): {r["method"]: r for r in rows if r["m"] == m}
+                                                               for m in args.m}})
     return 0
 
 

@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="run folders and results.jsonl (default: a temp dir)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="another recipe override for every run, e.g. trainer.lr=1e-3")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the means as JSON (reproduce.py)")
     parser.add_argument("--write-recipe-data", type=Path, default=None, metavar="DIR")
     args = parser.parse_args()
     if args.write_recipe_data is not None:
@@ -176,6 +177,7 @@ def main() -> None:
     print(f"\nexact-match accuracy on 300 held-out problems, mean ± std over seeds {args.seeds} ({out})")
     print(f"{'train records':>13} {'steps':>6} {'label-only (α=1)':>18} {'multi-task (α=0.5)':>20} {'gap':>7} "
           f"{'s/run α=1':>10} {'s/run α=0.5':>12}")
+    table: dict[str, dict[str, float]] = {}
     for size, n_steps in zip(args.sizes, steps, strict=True):
         cells, times, means = [], [], []
         for alpha in (1.0, 0.5):
@@ -185,8 +187,13 @@ def main() -> None:
             cells.append(f"{statistics.mean(acc):.3f} ± {std:.3f}")
             means.append(statistics.mean(acc))
             times.append(statistics.mean(r["seconds"] for r in runs))
+            table.setdefault(str(size), {})[f"alpha_{alpha}"] = statistics.mean(acc)
         print(f"{size:>13} {n_steps:>6} {cells[0]:>18} {cells[1]:>20} {means[1] - means[0]:>+7.3f} "
               f"{times[0]:>10.1f} {times[1]:>12.1f}")
+    if args.json:
+        from potstill.io import atomic_write_json
+
+        atomic_write_json(args.json, {"seeds": args.seeds, "label_accuracy": table})
 
 
 if __name__ == "__main__":
