@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_runs import REPO, run_potstill  # noqa: E402
+from study_runs import REPO, run_potstill, share_teacher_cache  # noqa: E402
 
 MINILM = {
     "drop-0,3": {"init": "layers_from_teacher", "layers": [0, 3]},
@@ -124,17 +124,6 @@ def _append(out: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def _share_teacher_cache(run_dir: Path, runs: Path) -> None:
-    import shutil
-
-    if (run_dir / "teacher_cache").exists():
-        return
-    for other in sorted(runs.glob("minilm-*/teacher_cache/manifest.json")):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(other.parent, run_dir / "teacher_cache")
-        return
-
-
 def run_part(part: str, args: argparse.Namespace) -> list[dict]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -177,7 +166,7 @@ def run_part(part: str, args: argparse.Namespace) -> list[dict]:
         if minilm:
             sets += [f"data.train={json.dumps(train)}", "data.eval.limit=100", "eval.probe_train=null",
                      "eval.probe_test=null", "eval.throughput=false", "trainer.num_threads=2"]
-            _share_teacher_cache(runs / run_name, runs)
+            share_teacher_cache(runs / run_name, runs, pattern="minilm-*")
             recipe = REPO / "recipes" / "demo.yaml"
         else:
             sets += [f"trainer.max_steps={args.llm_steps}", "trainer.batch_size=4", "trainer.warmup_steps=2",

@@ -39,7 +39,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from study_runs import REPO, run_potstill
+from study_runs import REPO, run_potstill, share_teacher_cache
 
 STUDENTS = {
     "2x384-drop": {"init": "layers_from_teacher", "layers": [0, 3]},
@@ -76,22 +76,9 @@ def _overrides(student: str, objectives: str, seed: int, args: argparse.Namespac
     return sets
 
 
-def _share_teacher_cache(run_dir: Path, runs: Path) -> None:
-    """Copy a finished run's teacher embeddings into `run_dir`: every run distils the same teacher on the same
-    texts, and the embedding task reuses a cache whose manifest (teacher, data, max length, pooling) matches."""
-    import shutil
-
-    if (run_dir / "teacher_cache").exists():
-        return
-    for other in sorted(runs.glob("*/teacher_cache/manifest.json")):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(other.parent, run_dir / "teacher_cache")
-        return
-
-
 def _run(student: str, objectives: str, seed: int, args: argparse.Namespace) -> dict:
     sets = _overrides(student, objectives, seed, args)
-    _share_teacher_cache(Path(args.runs) / sets[0].split("=", 1)[1], Path(args.runs))
+    share_teacher_cache(Path(args.runs) / sets[0].split("=", 1)[1], Path(args.runs))
     summary, seconds = run_potstill(REPO / "recipes" / "demo.yaml", sets, label=f"{student} {objectives} seed {seed}")
     rows = {row["model"]: row for row in summary["table"]}
     teacher, after = rows["teacher"], rows["student (after)"]

@@ -26,3 +26,17 @@ def run_potstill(recipe: Path, sets: list[str], *, label: str) -> tuple[dict, fl
     values = dict(item.split("=", 1) for item in sets)
     summary = json.loads((Path(values["output_dir"]) / values["name"] / "summary.json").read_text())
     return summary, time.perf_counter() - start
+
+
+def share_teacher_cache(run_dir: Path, runs: Path, *, pattern: str = "*") -> None:
+    """Copy a finished run's teacher embeddings (the first of `runs/<pattern>/teacher_cache`) into `run_dir`:
+    runs that distil the same teacher on the same texts reuse a cache whose manifest (teacher, data, max length,
+    pooling) matches, and the embedding task recomputes one that does not."""
+    import shutil
+
+    if (run_dir / "teacher_cache").exists():
+        return
+    for other in sorted(runs.glob(f"{pattern}/teacher_cache/manifest.json")):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(other.parent, run_dir / "teacher_cache")
+        return
