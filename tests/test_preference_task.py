@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_causal_lm import llama, make_tokenizer
+from test_causal_lm import llama, make_tokenizer, setup_task
 
 from potstill.config import validate_recipe
 from potstill.errors import UserError
 from potstill.losses.preference import sequence_logps
-from potstill.tasks import build_task
 from potstill.tasks.preference import PairLogits
 from potstill.train import run_recipe
 from potstill.train.run import build_objectives
@@ -48,12 +47,6 @@ def pair_recipe(tmp_path: Path, teacher: Path, *, objectives=None, data=None, **
         "objectives": objectives if objectives is not None else [{"name": "dpo_teacher_ref"}],
         "trainer": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "log_every": 1, "num_threads": 1, **trainer},
         "eval": {"throughput": False, "compare_before": True}})
-
-
-def setup_task(recipe):
-    task = build_task(recipe, run_dir=recipe.run_dir)
-    task.setup()
-    return task
 
 
 def test_pairs_collate_chosen_rows_then_rejected(tmp_path, teacher_dir):
