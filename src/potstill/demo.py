@@ -106,11 +106,7 @@ def _target_line(t: dict) -> str:
 
 def _source(src: Any) -> str:
     """A data source in words, e.g. "builtin:bbc (test split, first 600)"."""
-    if src is None:
-        return "(none)"
-    extra = [f"{src.split} split"] if src.split else []
-    extra += [f"first {src.limit:,}"] if src.limit else []
-    return f"{src.path} ({', '.join(extra)})" if extra else src.path
+    return "(none)" if src is None else src.describe()
 
 
 def run_demo(overrides: list[str], *, suite_tasks: list[str] | None = None) -> dict[str, Any]:

@@ -44,6 +44,12 @@ class DataSource(Strict):
                                     description="canonical name -> column in the file, e.g. {text: sentence}")
     limit: int | None = Field(None, ge=1, description="keep only the first N records")
 
+    def describe(self) -> str:
+        """The source in words, e.g. "builtin:bbc (test split, first 600)" (reports and model cards)."""
+        extra = [f"{self.split} split"] if self.split else []
+        extra += [f"first {self.limit:,}"] if self.limit else []
+        return f"{self.path} ({', '.join(extra)})" if extra else str(self.path)
+
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:

@@ -202,12 +202,6 @@ def _train_and_report(recipe: Recipe, *, resume: bool, overwrite: bool, accelera
     return summary
 
 
-def _source(src: Any) -> str:
-    split = f", split {src.split}" if src.split else ""
-    limit = f", first {src.limit:,} records" if src.limit else ""
-    return f"`{src.path}`{split}{limit}"
-
-
 def card_facts(recipe: Recipe, summary: dict[str, Any]) -> Any:
     """What the student's model card (`report.model_card`) says about this run."""
     from potstill.report.model_card import CardFacts
@@ -223,5 +217,5 @@ def card_facts(recipe: Recipe, summary: dict[str, Any]) -> Any:
     training = (f"{steps} optimizer steps" if steps is not None else f"{t.epochs:g} epochs") + \
         f", batch {t.batch_size}×{t.grad_accum}, lr {t.lr:g} ({t.schedule}), seed {recipe.seed}"
     return CardFacts(name=recipe.name, task=recipe.task, teacher=str(teacher), student=student,
-                     data=_source(recipe.data.train), objectives=objectives, training=training,
+                     data=recipe.data.train.describe(), objectives=objectives, training=training,
                      recipe_yaml=dump_recipe(recipe))
