@@ -92,12 +92,11 @@ def evaluate_general_suite(run_dir: str | Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     student_dir = run_dir / "student"
-    if not (run_dir / "recipe.yaml").is_file() or not (student_dir / "modules.json").is_file():
-        raise UserError(f"{run_dir}: not a finished embedding run (expected recipe.yaml and a sentence-transformers "
-                        f"folder student/ inside)")
-    recipe = load_saved_recipe(run_dir / "recipe.yaml")
+    recipe = _saved_recipe(run_dir, "embedding")
     if recipe.task != "embedding":
         raise UserError(f"{run_dir}: --suite general scores text-embedding students; this run's task is {recipe.task}")
+    if not (student_dir / "modules.json").is_file():
+        raise UserError(f"{run_dir}: not a finished embedding run (student/ is not a sentence-transformers folder)")
     if not recipe.teacher.path:
         raise UserError(f"{run_dir / 'recipe.yaml'}: field teacher.path: --suite general needs the teacher's model "
                         f"folder (or builtin:minilm)")
