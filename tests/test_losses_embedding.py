@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from test_losses import close, logits_pair, random_mask
 
-from potstill.losses import OBJECTIVES, embedding_similarity_kl
+from potstill.losses import OBJECTIVES, embedding_cosine, embedding_mse, embedding_similarity_kl
 
 torch.set_num_threads(1)
 
@@ -188,3 +190,41 @@ def test_runs_in_a_tiny_embedding_recipe(tmp_path):
     log = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in log if "loss" in x]
     assert len(steps) == 3 and all(math.isfinite(x["obj/embedding_similarity_kl"]) for x in steps)
+
+
+# --- embeddings ----------------------------------------------------------------------------------------
+
+
+def test_embedding_mse():
+    s, t = logits_pair((10, 24), seed=40)
+    close(embedding_mse(s, t), F.mse_loss(s, t))
+    close(embedding_mse(s, t, reduction="none"), ((s - t) ** 2).mean(-1))
+    close(embedding_mse(s, t, reduction="sum"), ((s - t) ** 2).mean(-1).sum())
+    close(embedding_mse(s, t, normalize=True), F.mse_loss(F.normalize(s, dim=-1), F.normalize(t, dim=-1)))
+    mask = random_mask((10,), seed=41)
+    close(embedding_mse(s, t, mask=mask), F.mse_loss(s[mask], t[mask]))
+    s3, t3 = logits_pair((2, 5, 8), seed=42)
+    close(embedding_mse(s3, t3), F.mse_loss(s3, t3))
+    assert embedding_mse(s.bfloat16(), t.bfloat16()).dtype == torch.float32
+
+
+def test_embedding_cosine():
+    s, t = logits_pair((10, 24), seed=43)
+    rows = 1 - F.cosine_similarity(s.double(), t.double(), dim=-1)
+    close(embedding_cosine(s, t, reduction="none"), rows)
+    close(embedding_cosine(s, t), rows.mean())
+    close(embedding_cosine(s, t, reduction="sum"), rows.sum())
+    close(embedding_cosine(s, s.clone() * 3.0), torch.tensor(0.0), atol=1e-6)
+    mask = random_mask((10,), seed=44)
+    close(embedding_cosine(s, t, mask=mask), rows[mask].mean())
+
+
+def test_embedding_errors():
+    s = torch.randn(4, 8)
+    for fn in (embedding_mse, embedding_cosine):
+        with pytest.raises(ValueError, match="projection"):
+            fn(s, torch.randn(4, 16))
+        with pytest.raises(ValueError, match=r"\(4, 8\).*\(5, 8\)"):
+            fn(s, torch.randn(5, 8))
+        with pytest.raises(ValueError, match="reduction"):
+            fn(s, s, reduction="max")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_losses import _kl, logits_pair, random_mask
 
 from potstill.losses.catalogue import OBJECTIVES
 from potstill.losses.ranking import (
@@ -400,3 +401,78 @@ def test_new_score_losses_are_catalogued_and_regularisers_are_not():
         assert info.formula and "\n" not in info.formula and info.paper
         assert info.defaults == {"reduction": "mean"}
     assert "flops" not in OBJECTIVES and "idf_flops" not in OBJECTIVES
+
+
+# --- ranking -------------------------------------------------------------------------------------------
+
+
+def test_margin_mse_single_negative():
+    g = torch.Generator().manual_seed(30)
+    sp, sn, tp, tn = (torch.randn(8, generator=g) for _ in range(4))
+    per_query = ((sp - sn) - (tp - tn)) ** 2
+    close(margin_mse(sp, sn, tp, tn, reduction="none"), per_query)
+    close(margin_mse(sp, sn, tp, tn), per_query.mean())
+    close(margin_mse(sp, sn, tp, tn, reduction="sum"), per_query.sum())
+    close(margin_mse(sp, sn, tp, tn), F.mse_loss(sp - sn, tp - tn))
+
+
+def test_margin_mse_many_negatives():
+    g = torch.Generator().manual_seed(31)
+    sp, tp = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    sn, tn = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    terms = ((sp[:, None] - sn) - (tp[:, None] - tn)) ** 2
+    close(margin_mse(sp, sn, tp, tn, reduction="none"), terms.mean(-1))
+    close(margin_mse(sp, sn, tp, tn), terms.mean())
+    close(margin_mse(sp, sn, tp, tn, reduction="sum"), terms.mean(-1).sum())
+    half = margin_mse(sp.bfloat16(), sn.bfloat16(), tp.bfloat16(), tn.bfloat16())
+    assert half.dtype == torch.float32
+    with pytest.raises(ValueError):
+        margin_mse(sp, sn, tp, tn[:, :3])
+    with pytest.raises(ValueError):
+        margin_mse(sp, sn[:5], tp, tn[:5])
+    with pytest.raises(ValueError, match="reduction"):
+        margin_mse(sp, sn, tp, tn, reduction="avg")
+
+
+def _listwise_reference(s, t, temperature, valid):
+    rows = []
+    for i in range(s.shape[0]):
+        keep = valid[i]
+        if keep.any():
+            p_s = torch.softmax(s[i, keep].double() / temperature, -1)
+            p_t = torch.softmax(t[i, keep].double() / temperature, -1)
+            rows.append(_kl(p_t, p_s))
+        else:
+            rows.append(torch.tensor(0.0, dtype=torch.float64))
+    return torch.stack(rows)
+
+
+def test_listwise_kl():
+    s, t = logits_pair((7, 9), seed=32)
+    full = torch.ones(7, 9, dtype=torch.bool)
+    for temperature in (1.0, 2.0):
+        rows = _listwise_reference(s, t, temperature, full)
+        close(listwise_kl(s, t, temperature=temperature, reduction="none"), rows)
+        close(listwise_kl(s, t, temperature=temperature), rows.mean())
+        close(listwise_kl(s, t, temperature=temperature, scale_t2=True), rows.mean() * temperature**2)
+
+
+def test_listwise_kl_candidate_mask():
+    s, t = logits_pair((7, 9), seed=33)
+    valid = random_mask((7, 9), seed=34, p=0.7)
+    valid[3] = False
+    rows = _listwise_reference(s, t, 1.5, valid)
+    counted = valid.any(-1)
+    close(listwise_kl(s, t, temperature=1.5, mask=valid, reduction="none"), rows)
+    close(listwise_kl(s, t, temperature=1.5, mask=valid), rows.sum() / counted.sum())
+    s_grad = s.clone().requires_grad_(True)
+    listwise_kl(s_grad, t, mask=valid).backward()
+    assert torch.isfinite(s_grad.grad).all() and (s_grad.grad[~valid] == 0).all()
+
+
+def test_listwise_kl_query_mask():
+    s, t = logits_pair((7, 9), seed=35)
+    queries = torch.tensor([True, False, True, True, False, True, True])
+    rows = _listwise_reference(s, t, 1.0, torch.ones(7, 9, dtype=torch.bool))
+    close(listwise_kl(s, t, mask=queries), rows[queries].mean())
+    close(listwise_kl(s, t, mask=queries, reduction="none"), torch.where(queries, rows, 0.0))
