@@ -414,3 +414,18 @@ def test_teacher_folder_without_tokenizer_files_uses_teacher_tokenizer(tmp_path,
     assert task.tokenizer.get_vocab() == tok.get_vocab()
     batch = task.collate(task.train_records[:2], [0, 1])
     assert task.teacher_signal(batch).shape == (*batch["input_ids"].shape, len(tok))
+
+
+def test_from_config_student_weights_follow_the_recipe_seed(tmp_path, tok, folders):
+    """The shrunk student is drawn from the recipe's seed: seeds 0 and 1 differ, the same seed repeats."""
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in SENTENCES])
+
+    def student_weights(seed: int) -> torch.Tensor:
+        r = recipe(tmp_path, folders["llama"], data, student={"init": "from_config",
+                                                              "config": {"num_hidden_layers": 1}})
+        task = setup_task(r.model_copy(update={"seed": seed}))
+        return task.student.get_input_embeddings().weight.detach().clone()
+
+    first, again, other = student_weights(0), student_weights(0), student_weights(1)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)

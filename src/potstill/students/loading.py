@@ -37,10 +37,10 @@ def resolve_model_path(path: str, *, field: str) -> str:
     return path
 
 
-def build_student(cfg: StudentConfig, teacher: nn.Module, *, field_prefix: str = "student",
+def build_student(cfg: StudentConfig, teacher: nn.Module, *, seed: int, field_prefix: str = "student",
                   auto_cls: Any = None, calibration: Calibration | None = None) -> nn.Module:
-    """Build the student named by the recipe: teacher layers, a shrunk config, the pruned teacher (needs the
-    task's `calibration` data), a folder, or a factory."""
+    """Build the student named by the recipe: teacher layers, a shrunk config (its weights drawn from `seed`, the
+    recipe's), the pruned teacher (needs the task's `calibration` data), a folder, or a factory."""
     from potstill.students.build import from_config, layers_from_teacher
 
     hf_teacher = hasattr(teacher, "config") and hasattr(teacher, "save_pretrained")
@@ -56,7 +56,7 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, *, field_prefix: str =
         if cfg.init == "layers_from_teacher":
             student = layers_from_teacher(teacher, cfg.layers)
         elif cfg.init == "from_config":
-            student = from_config(teacher, **cfg.config)
+            student = from_config(teacher, seed=seed, **cfg.config)
         elif cfg.init == "pruned":
             from potstill.students.pruning import pruned_student
 

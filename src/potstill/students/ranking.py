@@ -187,7 +187,7 @@ def check_ranking_kinds(ranking: Any, *, student_type: str, in_batch: bool, teac
 
 
 def build_ranking_student(cfg: Any, ranking: Any, *, student_type: str, teacher: nn.Module | None,
-                          teacher_type: str, tokenizer: Any) -> nn.Module:
+                          teacher_type: str, tokenizer: Any, seed: int) -> nn.Module:
     """The student of the recipe's `student` (`cfg`) and `ranking` sections: a cross-encoder, a bi-encoder
     (its HF pooler frozen; two towers with `ranking.towers: separate`) or a SPLADE student (inference-free: a
     `DualEncoder` whose query tower is `InferenceFreeQuery`, IDF still zero)."""
@@ -204,7 +204,7 @@ def build_ranking_student(cfg: Any, ranking: Any, *, student_type: str, teacher:
                             f"encoder; the teacher here is a {teacher_type.replace('_', '-')}: use init: "
                             f"pretrained (e.g. path: builtin:minilm)")
         else:
-            student = splade_from_encoder(build_student(cfg, teacher, auto_cls=AutoModel))
+            student = splade_from_encoder(build_student(cfg, teacher, seed=seed, auto_cls=AutoModel))
         if ranking.inference_free:
             return DualEncoder(query=InferenceFreeQuery(student.vocab_size, tokenizer.all_special_ids),
                                passage=student)
@@ -224,7 +224,7 @@ def build_ranking_student(cfg: Any, ranking: Any, *, student_type: str, teacher:
             raise UserError(f"field student.path: cannot load a cross-encoder from {path}: {exc}") from None
         return student.train()
     auto_cls = AutoModelForSequenceClassification if student_type == "cross_encoder" else AutoModel
-    student = build_student(cfg, teacher, auto_cls=auto_cls)
+    student = build_student(cfg, teacher, seed=seed, auto_cls=auto_cls)
     if student_type == "cross_encoder":
         return student
     freeze_pooler(student)

@@ -63,7 +63,7 @@ class ClassificationTask(Task):
         else:
             self.teacher, self.tokenizer = load_factory_teacher(r.teacher), None
         self.teacher.to(self.device)
-        self.student = build_student(r.student, self.teacher, field_prefix="student")
+        self.student = build_student(r.student, self.teacher, seed=r.seed, field_prefix="student")
         num_classes = self._num_classes(width)
         if label_kind == "ids":
             check_label_range(groups, num_classes)

@@ -173,7 +173,7 @@ class CrossTokenizer:
                        "eos_token_id": tok.eos_token_id}
             fields = {"vocab_size": len(tok), **{k: v for k, v in special.items() if v is not None}, **cfg.config}
             cfg = cfg.model_copy(update={"config": fields})
-        return build_student(cfg, teacher, auto_cls=auto_cls)
+        return build_student(cfg, teacher, seed=self.recipe.seed, auto_cls=auto_cls)
 
     # ------------------------------------------------------------------ batches
     def collate(self, rows: list[dict], student_width: int) -> Batch:

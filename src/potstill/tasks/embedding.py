@@ -49,7 +49,7 @@ class EmbeddingTask(Task):
         if r.student.init == "static":
             self.student = self._static_student(is_main=is_main)
         else:
-            self.student = freeze_pooler(build_student(r.student, self.teacher, auto_cls=AutoModel,
+            self.student = freeze_pooler(build_student(r.student, self.teacher, seed=r.seed, auto_cls=AutoModel,
                                                        calibration=self._calibration()))
         self.train_records = self.load(r.data.train, required=("text",))
         self.eval_records = self.load(r.data.eval, required=("text",)) if r.data.eval else []

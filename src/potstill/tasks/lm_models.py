@@ -76,7 +76,7 @@ def build_text_student(recipe: Recipe, teacher: nn.Module | None, tokenizer: Any
     if cfg.init != "from_config" or (teacher is not None and own_type in (None, teacher_type)):
         if teacher is not None and own_type is not None and cfg.init == "from_config":
             cfg = cfg.model_copy(update={"config": {k: v for k, v in cfg.config.items() if k != "model_type"}})
-        return build_student(cfg, teacher, auto_cls=auto_cls, calibration=calibration)
+        return build_student(cfg, teacher, seed=recipe.seed, auto_cls=auto_cls, calibration=calibration)
     from potstill.students.build import from_model_type
 
     fields = dict(cfg.config)

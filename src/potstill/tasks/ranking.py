@@ -81,7 +81,7 @@ class RankingTask(Task):
         self.scorer = RankingScorer(self.tokenizer, max_length=r.data.max_length, pooling=r.pooling,
                                     similarity=rk.similarity, batch_size=r.eval.batch_size, to_device=self.to_device)
         self.student = build_ranking_student(r.student, rk, student_type=self.student_type, teacher=self.teacher,
-                                             teacher_type=self.teacher_type, tokenizer=self.tokenizer)
+                                             teacher_type=self.teacher_type, tokenizer=self.tokenizer, seed=r.seed)
         self.queries = ranking_records(self.load(r.data.train, required=("query", "positive")), "data.train",
                                        rk.negatives)
         self.eval_records = (ranking_records(self.load(r.data.eval, required=("query", "positive")), "data.eval",

@@ -67,7 +67,7 @@ class VisionTask(Task):
         else:
             self.teacher = load_factory_teacher(r.teacher)
         self.teacher.to(self.device)
-        self.student = build_student(r.student, self.teacher, auto_cls=ViTMAEForPreTraining)
+        self.student = build_student(r.student, self.teacher, seed=r.seed, auto_cls=ViTMAEForPreTraining)
         s_cfg = getattr(self.student, "config", None)
         if not hasattr(self.student, "decoder") or getattr(s_cfg, "mask_ratio", None) is None:
             raise UserError(f"field student: the vision task trains a masked autoencoder (ViTMAEForPreTraining); "
