@@ -17,6 +17,8 @@ Contracts:
 - The teacher runs only when some objective reads its signal (hard-label-only runs skip it).
 - Checkpoints hold the student, optimizer, scheduler, objective state, callback state and every process's RNG
   state; a run killed at any moment and resumed ends with the weights of an uninterrupted run (CPU, same seed).
+- Ctrl-C (SIGINT) lets the step in flight finish, writes a checkpoint at it and raises KeyboardInterrupt
+  (`potstill.train.interrupt`); `--resume` then continues as from any checkpoint.
 - A non-finite loss stops the run before the optimizer step, naming the step and the objective; no
   checkpoint is written after it.
 - Stateful objectives (`StatefulObjective`, e.g. TAID) get `on_optimizer_step(loss, step, total_steps)` once
@@ -48,6 +50,7 @@ from potstill.train import callbacks as cb
 from potstill.train import checkpoint as ckpt
 from potstill.train.data_order import domain_blocks, shuffled_order
 from potstill.train.early_stopping import EarlyStopping
+from potstill.train.interrupt import StopRequest
 from potstill.train.objective import Objective, bind_objectives, loss_terms, objective_parameters
 from potstill.train.optim import ParameterBag, build_optimizer, lr_lambda, param_groups
 from potstill.train.precision import Precision, new_accelerator
@@ -251,16 +254,21 @@ class Distiller:
         student.train()
         t_start, last = time.perf_counter(), None
         self._emit("on_fit_start")
+        stop = StopRequest()
         try:
-            for step in range(self.state.start, total):
-                if self._stopped_early():  # a run resumed from the checkpoint where it stopped
-                    break
-                last = self._step(step, extra)
-                if self._ddk is not None and last.step % self._ddk.every == 0 and last.step < total:
-                    self._ddk.on_block_end(last.step)
-                self._emit("on_step_end", last)
-                if self._out_of_time() or self._stopped_early():
-                    break
+            with stop:
+                for step in range(self.state.start, total):
+                    if self._stopped_early():  # a run resumed from the checkpoint where it stopped
+                        break
+                    last = self._step(step, extra)
+                    if self._ddk is not None and last.step % self._ddk.every == 0 and last.step < total:
+                        self._ddk.on_block_end(last.step)
+                    self._emit("on_step_end", last)
+                    if self._any_process(stop.requested):
+                        self._save_on_interrupt(last.step, total)
+                        raise KeyboardInterrupt
+                    if self._out_of_time() or self._stopped_early():
+                        break
         finally:
             self._emit("on_train_end")
         seconds = time.perf_counter() - t_start
@@ -299,13 +307,25 @@ class Distiller:
         """trainer.early_stopping ran out of patience (decided on the main process, which evaluates)."""
         if self.early is None:
             return False
-        return bool(self._reduce_sum(torch.tensor([float(self.early.stopped)])).item() > 0)
+        return self._any_process(self.early.stopped)
 
     def _out_of_time(self) -> bool:
         """trainer.max_seconds spent: every process stops at the same step (any one's clock past it stops all)."""
         if self.cfg.max_seconds is None:
             return False
-        return bool(self._reduce_sum(torch.tensor([float(self.clock.out_of_time())])).item() > 0)
+        return self._any_process(self.clock.out_of_time())
+
+    def _any_process(self, flag: bool) -> bool:
+        return bool(self._reduce_sum(torch.tensor([float(flag)])).item() > 0)
+
+    def _save_on_interrupt(self, step: int, total: int) -> None:
+        """The checkpoint of a Ctrl-C'd run at the step it finished (unless `trainer.save_every` just wrote it)."""
+        every = self.cfg.save_every
+        if not (every and step % every == 0 and step < total):
+            self._save(self.state, step)
+        if self.is_main:
+            console.print(f"checkpoint written at step {step} of {total}: {ckpt.step_dir(self.ckpt_root, step)}",
+                          soft_wrap=True, highlight=False)
 
     def _step(self, step: int, extra: list[nn.Parameter]) -> cb.StepResult:
         """Optimizer step `step` (0-based): its micro-batches, the normalised loss, backward, clip, update."""
