@@ -73,6 +73,8 @@ _GUIDANCE = _RESULTS + ("teacher-needs-guidance-the-per-step-alpha-of-iterated-s
 _LLAVA_MOD = 'Shu et al., "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation"'
 _PRUNED = _RESULTS + "pruned-init-vs-layer-drop-init-at-equal-size-issue-19-benchmarkspruned_vs_layerdroppy"
 _MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
+_ZOO = _RESULTS + "distillnearest-and-distillweighted-teachers-from-a-zoo-issue-19-benchmarksdistill_nearestpy"
+_BORUP = 'Borup, Phoo & Hariharan, "Distilling from Similar Tasks for Transfer Learning on a Budget"'
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -211,6 +213,10 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Distiller MI-alpha", 'He et al., "Distiller: A Systematic Study of Model Distillation Methods in '
                    'Natural Language Processing"', 2021, "objective", _LOSSES + "mi_alpha", "MIAlpha",
                    "benchmarks/mi_alpha_gaussians.py", _MI_ALPHA),
+        MethodInfo("DistillNearest", _BORUP, 2023, "teacher", "potstill.teachers.zoo", "nearest",
+                   "benchmarks/distill_nearest.py", _ZOO),
+        MethodInfo("DistillWeighted", _BORUP, 2023, "objective", _LOSSES + "multi_teacher",
+                   "weighted_multi_teacher_kl", "benchmarks/distill_nearest.py", _ZOO),
     )
 }
 
