@@ -54,8 +54,10 @@ class Task(ABC):
 
     def load(self, source: DataSource, *, required: tuple[str, ...] = ()) -> list[dict]:
         """Records of `source`; the training records are pruned when the recipe says `data.prune`."""
+        data = self.recipe.data
+        field = "data.train.path" if source is data.train else "data.eval.path" if source is data.eval else "data"
         records = load_source(source.path, columns=source.columns or None, required=required, split=source.split,
-                              limit=source.limit)
+                              limit=source.limit, field=field)
         prune = self.recipe.data.prune
         if prune is not None and source is self.recipe.data.train:
             records = prune_records(records, prune, seed=self.recipe.seed, where=f"data.train ({source.path})")
