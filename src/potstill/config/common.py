@@ -119,7 +119,7 @@ class StudentConfig(Strict):
     calibration_batches: int = Field(8, ge=1, description="init pruned: training batches the importance is "
                                      "averaged over (the first texts of data.train)")
     calibration_batch_size: int = Field(8, ge=1, description="init pruned: texts per calibration batch")
-    path: ModelPath | None = Field(None, description="pretrained student folder (init: pretrained)")
+    path: ModelPath | None = Field(None, description="pretrained student folder or Hugging Face id (init: pretrained)")
     factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module (init: factory)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
     layers_path: str | None = Field(None, description="module path of the student's list of transformer blocks, "
