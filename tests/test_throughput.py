@@ -76,3 +76,16 @@ def test_before_row_has_no_copy_of_the_after_speed(digits_recipe):
     assert "samples_per_s" not in before and "samples_per_s_spread" not in before
     for row in (teacher, after):
         assert row["samples_per_s"] > 0 and row["samples_per_s_spread"] >= 0
+
+
+def test_a_stalled_batch_inside_a_block_does_not_move_its_rate():
+    costs = iter([1, 1, 50, 1, 1] * 3)
+    now = [0.0]
+
+    def fn(batch: list) -> None:
+        now[0] += next(costs)
+
+    stats = measure_throughput_stats(fn, list(range(4)), batch_size=4, warmup_batches=0, min_seconds=162,
+                                     repeats=3, clock=lambda: now[0])
+    assert stats.rates == (4.0, 4.0, 4.0)  # the median batch of each 5-batch block: 1 unit; the mean: 10.8
+    assert stats.seconds == 162 and stats.items == 60

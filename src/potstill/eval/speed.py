@@ -1,16 +1,18 @@
 """Model size and throughput, measured so that a tiny model's number means something on a shared machine.
 
-A tiny model runs one batch in well under a millisecond, so a number from a few timed batches is mostly noise:
-timer resolution, Python overhead, another process taking the CPU, a thread pool waking up. The measurement here:
+A tiny model runs one batch in well under a millisecond, so its number is easily noise: another process takes the
+CPU for a while, a thread of torch's pool waits for a core, load comes and goes between two measurements. So:
 
 - warm-up first: untimed batches (`warmup_batches`, and at least `warmup_seconds` of them) so that caches, thread
   pools and lazy initialisation are done before the clock starts;
-- time blocks, not single batches: a block runs consecutive batches until it has lasted `block_seconds`, so the
-  clock's resolution and per-call jitter are averaged inside it; its rate is items / elapsed seconds;
-- repeat: `repeats` blocks per function, and for `compare_throughput` the blocks of the functions are interleaved
-  (A B B A A B ...: the order flips every round), so load that comes and goes hits every function alike;
-- report the median block rate (a block stalled by another process does not move it) and the spread, the relative
-  interquartile range of the block rates, (q3 - q1) / median, so that a reader sees how far to trust the number.
+- blocks: a block runs consecutive batches until it has lasted `block_seconds`, each batch timed on its own; the
+  block's rate is batch size / its median batch time, so batches stalled by another process (a minority while
+  the machine is not saturated) do not move it;
+- repeats, interleaved: `repeats` blocks per function, and for `compare_throughput` the blocks of the functions
+  alternate (A B B A A B ...: the order flips every round), so load that comes and goes hits every function alike
+  and the ratio between them holds even when the absolute numbers drift;
+- the result: the median block rate, and the spread, the relative interquartile range of the block rates,
+  (q3 - q1) / median, so that a reader sees how far to trust the number.
 
 Compare two models only with `compare_throughput`, never with two `measure_throughput` calls taken apart.
 """
@@ -38,7 +40,8 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 @dataclass(frozen=True)
 class Throughput:
-    """Items per second of one function: one rate per timed block, the seconds and items timed in all."""
+    """Items per second of one function: one rate per timed block (batch size / the block's median batch time), and
+    the seconds and items timed in all."""
 
     rates: tuple[float, ...]
     seconds: float
@@ -83,18 +86,20 @@ def _warm_up(fn: Callable[[list], Any], batches: _Batches, *, count: int, second
     batches.pos = 0
 
 
-def _block(fn: Callable[[list], Any], batches: _Batches, *, seconds: float, clock: Clock) -> tuple[float, int]:
-    """Run batches until `seconds` have passed (at least one); return (elapsed seconds, items)."""
+def _block(fn: Callable[[list], Any], batches: _Batches, *, seconds: float, clock: Clock) -> tuple[float, int, float]:
+    """Run batches until `seconds` have passed (at least one); return (elapsed seconds, items, median batch time)."""
     sync = _sync()
-    start, items = clock(), 0
+    start = clock()
+    durations: list[float] = []
     while True:
+        before = clock()
         fn(batches.next())
         if sync is not None:
             sync()
-        items += batches.size
-        elapsed = clock() - start
-        if elapsed >= seconds:
-            return elapsed, items
+        after = clock()
+        durations.append(after - before)
+        if after - start >= seconds:
+            return after - start, len(durations) * batches.size, float(statistics.median(durations))
 
 
 def _check(batch_size: int, items: list, max_items: int | None) -> list:
@@ -142,8 +147,8 @@ def compare_throughput_stats(
         rounds = 0
         while rounds < repeats or min(done.values()) < len(pool):
             for name in names if rounds % 2 == 0 else reversed(names):
-                elapsed, count = _block(fns[name], batches[name], seconds=block_seconds, clock=clock)
-                rates[name].append(count / max(elapsed, 1e-12))
+                elapsed, count, batch_time = _block(fns[name], batches[name], seconds=block_seconds, clock=clock)
+                rates[name].append(size / max(batch_time, 1e-12))
                 seconds[name] += elapsed
                 done[name] += count
             rounds += 1
