@@ -303,11 +303,13 @@ def write_report(
     notes: list[str] | None = None,
     summary: dict | None = None,
     sections: list[tuple[str, dict]] | None = None,
+    details: list[tuple[str, dict]] | None = None,
 ) -> Path:
     """Write `run_dir/report.html` (and `run_dir/loss_curve.png` when there is a curve); return the HTML path.
 
     The curve comes from `metrics_path`, by default `run_dir/metrics.jsonl` when it exists. `sections` are headed
-    key/value tables shown after the summary (e.g. the models, the speed-up, the hyper-parameters). The page is
+    key/value tables shown after the summary (e.g. the models, the speed-up), `details` more of them after the plot
+    (e.g. the hyper-parameters). The page is
     self-contained: inline CSS, the plot embedded as a base64 PNG, no scripts, no external resources.
     """
     run_dir = Path(run_dir)
@@ -341,6 +343,8 @@ def write_report(
         parts.append(_html_table(caption, list(rows)))
     if image is not None:
         parts += ["<h2>Training and evaluation curves</h2>", _figure(image)]
+    for heading, values in details or []:
+        parts += [f"<h2>{_esc(heading)}</h2>", _kv_table(values)]
     if notes:
         items = "\n".join(f"<li>{_esc(n)}</li>" for n in notes)
         parts += ["<h2>Notes</h2>", f'<ul class="notes">\n{items}\n</ul>']

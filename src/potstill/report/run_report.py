@@ -1,5 +1,5 @@
 """The report of one `potstill run`: `report.html` with the summary, the teacher and the student, the speed-up, the
-results table, the hyper-parameters, and the training and evaluation curves (`report.html.write_report`).
+results table, the training and evaluation curves, and the hyper-parameters (`report.html.write_report`).
 
 The speed-up is read from the results table: the student's (after training) rate ÷ the teacher's, in the task's
 throughput unit (the column ending in `_per_s`, measured interleaved by `eval.speed`), with each rate's spread
@@ -57,11 +57,11 @@ def write_run_report(run_dir: str | os.PathLike, facts: CardFacts, summary: dict
     table = list(summary.get("table") or [])
     models = {"task": facts.task, "teacher": facts.teacher, "student": facts.student, "training data": facts.data,
               "objectives": facts.objectives, "training": facts.training}
-    sections = [("Teacher and student", models)]
+    sections = [("Teacher and student", {k: v.replace("`", "") for k, v in models.items()})]
     speed = speedup(table)
     if speed:
         sections.append(("Speed-up", speed))
-    sections.append(("Hyper-parameters", flatten(hyperparameters)))
     return write_report(Path(run_dir), title=f"potstill run: {facts.name}",
                         tables=[("teacher / student before / student after", table)],
-                        summary={k: v for k, v in summary.items() if k != "table"}, sections=sections, notes=notes)
+                        summary={k: v for k, v in summary.items() if k != "table"}, sections=sections,
+                        details=[("Hyper-parameters", flatten(hyperparameters))], notes=notes)
