@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -121,10 +122,12 @@ def test_write_report(tmp_path):
     # summary and notes
     assert "bbc.yaml" in page and "0.065" in page
     assert "<li>student is 25x smaller</li>" in page
-    # self-contained, image linked relatively
-    assert '<img src="loss_curve.png"' in page
-    assert "http://" not in page and "https://" not in page
-    assert (run / "loss_curve.png").read_bytes()[:8] == PNG_MAGIC
+    # self-contained: the image is the PNG file itself, base64 in a data: URI; no URL, no other file needed
+    png = (run / "loss_curve.png").read_bytes()
+    assert png[:8] == PNG_MAGIC
+    assert f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page
+    assert "http://" not in page and "https://" not in page and "<link" not in page and "@import" not in page
+    assert "url(" not in page
     # atomic writes leave no temp files behind
     assert sorted(p.name for p in run.iterdir()) == ["loss_curve.png", "metrics.jsonl", "report.html"]
 
@@ -142,7 +145,7 @@ def test_write_report_explicit_metrics_path(tmp_path):
     run = tmp_path / "run"
     write_report(run, title="t", metrics_path=metrics)
     assert (run / "loss_curve.png").exists()
-    assert '<img src="loss_curve.png"' in (run / "report.html").read_text(encoding="utf-8")
+    assert '<img src="data:image/png;base64,' in (run / "report.html").read_text(encoding="utf-8")
 
 
 # -------------------------------------------------------------------------------------------------- rich
@@ -155,3 +158,18 @@ def test_rich_table():
     console.print(table)
     text = console.export_text()
     assert "0.500" in text and "12,000" in text and "—" in text
+
+
+def test_run_report_speedup_and_flatten():
+    from potstill.report.run_report import flatten, speedup
+
+    table = [{"model": "teacher", "params": 1000, "samples_per_s": 100.0, "samples_per_s_spread": 0.2},
+             {"model": "student (before)", "params": 100},
+             {"model": "student (after)", "params": 100, "samples_per_s": 250.0, "samples_per_s_spread": 0.1}]
+    assert speedup(table) == {"speed-up: student ÷ teacher samples_per_s": "2.50×",
+                              "teacher samples_per_s": "100.0 (interquartile range 20% of it)",
+                              "student samples_per_s": "250.0 (interquartile range 10% of it)",
+                              "size: teacher ÷ student parameters": "10.0×"}
+    assert speedup(table[:1]) == {}  # no trained student row: nothing to compare
+    assert flatten({"lr": 0.01, "early": {"metric": "acc", "patience": None}, "empty": {}}) == {
+        "lr": 0.01, "early.metric": "acc"}

@@ -408,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
     click of any version, an `OSError` such as a missing or read-only path, a file that is not UTF-8) prints one
     line and exits with code 2; divergence exits with 3; Ctrl-C with 130. Any other exception is a bug and keeps
     its traceback."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -7,7 +7,7 @@ file, the line and the field path.
 
 - `common`: the sections every task has (data, teacher, student, objectives, trainer, eval) and `RecipeBase`;
 - `tasks`: classification, embedding, vision and ranking recipes; `generative`: causal_lm and seq2seq;
-- `paths`: `RelPath` / `ModelPath`, path fields resolved against the recipe's folder at load time;
+- `paths`: `RelPath` / `ModelPath` / `DataPath`, path fields resolved against the recipe's folder at load time;
 - `loading`: load / validate / dump recipes, `--set` overrides, `recipe_changes`; `messages`: error text.
 """
 
@@ -50,7 +50,7 @@ from potstill.config.loading import (
     validate_recipe,
 )
 from potstill.config.messages import format_validation_error
-from potstill.config.paths import ModelPath, RecipeRelative, RelPath
+from potstill.config.paths import DataPath, ModelPath, RecipeRelative, RelPath
 from potstill.config.recipe import RECIPE_OF_TASK, Recipe
 from potstill.config.tasks import (
     ClassificationRecipe,
@@ -65,7 +65,7 @@ from potstill.config.tasks import (
 
 __all__ = [
     "RECIPE_OF_TASK", "RESUMABLE_CHANGES", "TASKS", "CausalLMData", "CausalLMRecipe", "CausalLMTeacherConfig",
-    "CausalLMTrainerConfig", "ClassificationRecipe", "DataConfig", "DataSource", "DomainWeightedData",
+    "CausalLMTrainerConfig", "ClassificationRecipe", "DataConfig", "DataPath", "DataSource", "DomainWeightedData",
     "DomainsConfig", "EmbeddingEvalConfig", "EmbeddingRecipe", "EmbeddingStudentConfig", "EndpointConfig",
     "EvalConfig", "GenerationConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData",
     "RankingRecipe", "Recipe", "RecipeBase", "RecipeRelative", "RelPath", "Seq2SeqData", "Seq2SeqRecipe",

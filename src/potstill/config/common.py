@@ -1,7 +1,7 @@
 """The sections every task's recipe has: data, teacher, student, objectives, trainer, eval.
 
 A task's recipe (potstill.config.tasks, potstill.config.generative) uses these or a subclass that adds the
-fields only that task reads. Path fields are `RelPath` / `ModelPath` (potstill.config.paths).
+fields only that task reads. Path fields are `RelPath` / `ModelPath` / `DataPath` (potstill.config.paths).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from potstill.config.paths import ModelPath, RelPath
+from potstill.config.paths import DataPath, ModelPath, RelPath
 from potstill.errors import did_you_mean
 
 
@@ -37,8 +37,9 @@ MAX_SEED = 2**32 - 1
 class DataSource(Strict):
     """Where records come from: a file (JSONL/CSV/TSV/Parquet), a `datasets` folder, or `builtin:<name>`."""
 
-    path: RelPath = Field(description="file, `datasets` folder, or builtin:digits / builtin:bbc / "
-                      "builtin:bbc-sentences / builtin:lee; relative paths are relative to the recipe")
+    path: DataPath = Field(description="file, `datasets` folder, Hugging Face dataset id (org/name, read through "
+                       "the HF cache), or builtin:digits / builtin:bbc / builtin:bbc-sentences / builtin:lee; "
+                       "relative paths are relative to the recipe")
     split: str | None = Field(None, description="split of a DatasetDict folder or a builtin dataset")
     columns: dict[str, str] = Field(default_factory=dict,
                                     description="canonical name -> column in the file, e.g. {text: sentence}")
@@ -59,7 +60,8 @@ class DataSource(Strict):
 class TeacherConfig(Strict):
     """The teacher model: a Hugging Face folder / id, or a factory function (the fields every task has)."""
 
-    path: ModelPath | None = Field(None, description="Hugging Face model folder or id (offline), or "
+    path: ModelPath | None = Field(None, description="Hugging Face model folder, or id (read through the HF "
+                                   "cache; downloaded when online), or "
                                    "builtin:minilm / builtin:smollm2")
     factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module teacher")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
@@ -117,7 +119,7 @@ class StudentConfig(Strict):
     calibration_batches: int = Field(8, ge=1, description="init pruned: training batches the importance is "
                                      "averaged over (the first texts of data.train)")
     calibration_batch_size: int = Field(8, ge=1, description="init pruned: texts per calibration batch")
-    path: ModelPath | None = Field(None, description="pretrained student folder (init: pretrained)")
+    path: ModelPath | None = Field(None, description="pretrained student folder or Hugging Face id (init: pretrained)")
     factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module (init: factory)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for `factory`")
     layers_path: str | None = Field(None, description="module path of the student's list of transformer blocks, "

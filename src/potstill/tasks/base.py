@@ -54,8 +54,10 @@ class Task(ABC):
 
     def load(self, source: DataSource, *, required: tuple[str, ...] = ()) -> list[dict]:
         """Records of `source`; the training records are pruned when the recipe says `data.prune`."""
+        data = self.recipe.data
+        field = "data.train.path" if source is data.train else "data.eval.path" if source is data.eval else "data"
         records = load_source(source.path, columns=source.columns or None, required=required, split=source.split,
-                              limit=source.limit)
+                              limit=source.limit, field=field)
         prune = self.recipe.data.prune
         if prune is not None and source is self.recipe.data.train:
             records = prune_records(records, prune, seed=self.recipe.seed, where=f"data.train ({source.path})")
@@ -189,23 +191,26 @@ class Task(ABC):
         return {}
 
     def compare_speed(self, student: torch.nn.Module, items: list, runner: Callable[[torch.nn.Module], Any], *,
-                      unit: str, batch_size: int, rounds: int = 3, min_seconds: float = 0.5, per_item: float = 1.0,
+                      unit: str, batch_size: int, rounds: int = 7, min_seconds: float = 0.25, per_item: float = 1.0,
                       teacher: torch.nn.Module | None = None) -> dict[str, dict[str, float]]:
-        """Parameters and `unit` (items/s × `per_item`) of the teacher and the student, measured interleaved
-        (`eval.compare_throughput`) in eval mode; `runner(model)` returns the function that runs one chunk.
-        Without a teacher model (e.g. teacher scores from a file) only the student is measured."""
-        from potstill.eval import compare_throughput, count_parameters
+        """Parameters, `unit` (the median items/s × `per_item`) and `<unit>_spread` (the relative interquartile
+        range of the rates of the `rounds` timed blocks) of the teacher and the student, measured in interleaved
+        blocks of ≥ `min_seconds` (`eval.compare_throughput_stats`) in eval mode; `runner(model)` returns the
+        function that runs one chunk. Without a teacher model (e.g. teacher scores from a file) only the student
+        is measured."""
+        from potstill.eval import compare_throughput_stats, count_parameters
 
         teacher = self.teacher if teacher is None else teacher
         models = {"teacher": teacher, "student": student} if teacher is not None else {"student": student}
         modes = {role: m.training for role, m in models.items()}
         for m in models.values():
             m.eval()
-        speed = compare_throughput({role: runner(m) for role, m in models.items()}, items, batch_size=batch_size,
-                                   rounds=rounds, min_seconds=min_seconds)
+        speed = compare_throughput_stats({role: runner(m) for role, m in models.items()}, items,
+                                         batch_size=batch_size, repeats=rounds, block_seconds=min_seconds)
         for role, m in models.items():
             m.train(modes[role])
-        return {role: {"params": count_parameters(m), unit: speed[role] * per_item} for role, m in models.items()}
+        return {role: {"params": count_parameters(m), unit: speed[role].median * per_item,
+                       f"{unit}_spread": speed[role].spread} for role, m in models.items()}
 
     # `potstill export`: what a deployed student returns ("logits", "embedding", "token_logits"; None: the task's
     # students are not exported) and the forward that computes it from a collated batch

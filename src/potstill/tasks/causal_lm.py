@@ -372,7 +372,7 @@ class CausalLMTask(Task):
             return lambda chunk: self.logits(model, self._device_batch(chunk, list(range(len(chunk)))))
 
         return self.compare_speed(student, examples, runner, unit="tokens_per_s", per_item=mean_tokens,
-                                  batch_size=min(4, self.recipe.eval.batch_size), rounds=2)
+                                  batch_size=min(4, self.recipe.eval.batch_size), rounds=4)
 
     # ------------------------------------------------------------------ output
     def export_output(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

@@ -22,14 +22,10 @@ __all__ = ["BUILTIN_MODELS", "build_student", "freeze_pooler", "load_factory_tea
 def load_hf_teacher(path: str, auto_cls: Any, *, field: str = "teacher.path",
                     tokenizer: bool = True) -> tuple[nn.Module, Any]:
     """Load a frozen Hugging Face teacher and its tokenizer (None when `tokenizer` is False, e.g. images)
-    from a local folder (offline)."""
+    from a local folder, `builtin:<name>`, or a Hugging Face id read through the HF cache (`potstill.hub`)."""
     from transformers import AutoTokenizer
 
     given, path = path, resolve_model_path(path, field=field)
-    if not Path(path).exists():
-        raise UserError(f"field {field}: model folder not found: {path} (models are not downloaded; give a "
-                        f"local folder saved with save_pretrained, or one of "
-                        f"{', '.join('builtin:' + k for k in BUILTIN_MODELS)})")
     try:
         model, info = auto_cls.from_pretrained(path, output_loading_info=True)
         loaded = AutoTokenizer.from_pretrained(path) if tokenizer else None

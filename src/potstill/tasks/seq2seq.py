@@ -217,7 +217,7 @@ class Seq2SeqTask(Task):
             return run
 
         return self.compare_speed(student, examples, runner, unit="examples_per_s",
-                                  batch_size=min(4, self.recipe.eval.batch_size), rounds=2)
+                                  batch_size=min(4, self.recipe.eval.batch_size), rounds=4)
 
     # ------------------------------------------------------------------ output
     def save_student(self, model: nn.Module, path: Path) -> None:

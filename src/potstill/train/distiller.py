@@ -291,8 +291,9 @@ class Distiller:
                 with phase("measuring teacher and student throughput (interleaved)"):
                     sizes = task.measure(unwrapped)
             rows = [{"model": "teacher", **teacher_metrics, **sizes.get("teacher", {})}]
-            if before:
-                rows.append({"model": "student (before)", **before, **sizes.get("student", {})})
+            if before:  # the same architecture as after training: its size, but no second speed (only noise)
+                rows.append({"model": "student (before)", **before,
+                             **{k: v for k, v in sizes.get("student", {}).items() if k == "params"}})
             rows.append({"model": "student (after)", **after, **sizes.get("student", {})})
             summary = {"steps": done, "final_loss": last.loss if last else None, "train_seconds": seconds,
                        "table": rows, "student_dir": str(self.run_dir / "student"), "world_size": world,

@@ -186,20 +186,29 @@ def _train_and_report(recipe: Recipe, *, resume: bool, overwrite: bool, accelera
     task, distiller, summary = fit_recipe(recipe, resume=resume, overwrite=overwrite, accelerator=accelerator)
     recipe = task.recipe  # with data.prune's weight tie applied: the weights that were trained with
     if distiller.is_main:
-        from potstill.report import write_report
         from potstill.report.model_card import write_model_card
+        from potstill.report.run_report import write_run_report
 
+        facts = card_facts(recipe, summary)
         if summary.get("student_dir"):
-            write_model_card(summary["student_dir"], card_facts(recipe, summary), summary["table"])
+            write_model_card(summary["student_dir"], facts, summary["table"])
 
-        write_report(recipe.run_dir, title=f"potstill run: {recipe.name}",
-                     tables=[("teacher / student before / student after", summary["table"])],
-                     summary={k: v for k, v in summary.items() if k != "table"},
-                     notes=[f"task: {recipe.task}", "objectives: " + ", ".join(
-                         f"{o.weight:g}·{o.name}({', '.join(f'{k}={v}' for k, v in o.params.items())})"
-                         for o in recipe.objectives) + (f" + {recipe.trainer.hard_label_weight:g}·hard-label CE"
-                                                        if recipe.trainer.hard_label_weight else "")])
+        terms = ", ".join(f"{o.weight:g}·{o.name}({', '.join(f'{k}={v}' for k, v in o.params.items())})"
+                          for o in recipe.objectives)
+        if recipe.trainer.hard_label_weight:
+            terms += f" + {recipe.trainer.hard_label_weight:g}·hard-label CE"
+        write_run_report(recipe.run_dir, facts, summary, hyperparameters(recipe),
+                         notes=[f"task: {recipe.task}", f"objectives: {terms}"])
     return summary
+
+
+def hyperparameters(recipe: Recipe) -> dict[str, Any]:
+    """What the report lists as the run's hyper-parameters: seed, trainer, objectives, data and eval settings."""
+    data = recipe.data.model_dump(mode="json", exclude={"train", "eval"})
+    return {"seed": recipe.seed, "trainer": recipe.trainer.model_dump(mode="json"),
+            "objectives": {f"{i}.{o.name}": {"weight": o.weight, **o.params} for i, o in enumerate(recipe.objectives)},
+            "data": {k: v for k, v in data.items() if not isinstance(v, (dict, list))},
+            "eval": recipe.eval.model_dump(mode="json")}
 
 
 def card_facts(recipe: Recipe, summary: dict[str, Any]) -> Any:
