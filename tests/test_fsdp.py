@@ -1,0 +1,178 @@
+"""Sharded training with FSDP2 (`trainer.distributed: fsdp`, `potstill.train.fsdp`): 2 processes on CPU over gloo
+with a tiny Llama student and teacher built from configs, against 1 process; SIGKILL and resume; the settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, write_yaml
+from safetensors.torch import load_file
+
+from potstill.errors import UserError
+from potstill.train import checkpoint as ckpt
+from potstill.train.fsdp import FSDPSettings, check_fsdp_run, fsdp_settings
+
+CONFIG = REPO / "docs" / "accelerate" / "fsdp2.yaml"
+TEXTS = ["the cat sat on the mat", "a dog ran in the park", "what is two plus two", "two plus two is four",
+         "the bird sang a song in the tree", "my friend reads a book every night", "rain fell on the old roof",
+         "the sun rose over the hill"]
+
+
+def test_settings_come_from_the_recipe_or_the_accelerate_config():
+    assert fsdp_settings("ddp", 2, env={}) is None
+    assert fsdp_settings("fsdp", 2, env={}) == FSDPSettings(reshard_after_forward=True)
+    assert fsdp_settings("fsdp", 1, env={}) is None  # one process: nothing to shard
+    launched = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}
+    assert fsdp_settings("ddp", 2, env=launched) == FSDPSettings(reshard_after_forward=False)
+    with pytest.raises(UserError, match="fsdp_version: 2"):
+        fsdp_settings("ddp", 2, env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+
+
+def test_options_the_sharded_loop_does_not_handle_are_refused(tmp_path):
+    from potstill.config import validate_recipe
+
+    raw = _recipe(tmp_path, tmp_path / "teacher", tmp_path / "train.jsonl", name="x")
+    check_fsdp_run(validate_recipe(raw))  # the plain recipe is accepted
+    for field, value, message in (("trainer", {"early_stopping": {"metric": "perplexity", "mode": "min"}},
+                                   "trainer.early_stopping"),
+                                  ("trainer", {"mixed_precision": "fp16"}, "trainer.mixed_precision: fp16"),
+                                  ("generation", {"lmbda": 0.5}, "generation.lmbda")):
+        bad = dict(raw, **{field: {**raw.get(field, {}), **value}})
+        with pytest.raises(UserError, match=message.replace(".", r"\.")):
+            check_fsdp_run(validate_recipe(bad))
+
+
+def test_the_documented_accelerate_config_asks_for_fsdp2():
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
+
+
+# ----------------------------------------------------------------------------------- 2 processes (gloo)
+
+
+def _models(folder: Path) -> Path:
+    """A tiny 2-layer Llama teacher (tied embeddings) with a byte-level BPE tokenizer trained here."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_causal_lm import make_tokenizer
+
+    tok = make_tokenizer(TEXTS)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64, initializer_range=0.3, tie_word_embeddings=True,
+                                         bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _recipe(tmp_path: Path, teacher: Path, train: Path, *, name: str, **trainer) -> dict:
+    return {"name": name, "output_dir": str(tmp_path / "runs"), "task": "causal_lm", "seed": 0,
+            "teacher": {"path": str(teacher)}, "student": {"init": "layers_from_teacher", "layers": [0]},
+            "data": {"train": str(train), "eval": str(train), "max_length": 16},
+            "objectives": [{"name": "forward_kl"}],
+            "trainer": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "log_every": 1, "num_threads": 1,
+                        "distributed": "fsdp", **trainer},
+            "eval": {"throughput": False, "compare_before": False}}
+
+
+@pytest.fixture(scope="module")
+def lm_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    teacher = _models(root / "teacher")
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"{a}, {b}"}) + "\n" for a in TEXTS for b in TEXTS[:2]))
+    return root, teacher, train
+
+
+def _launch(cwd: Path, recipe: Path, *args: str, port: int, wait: bool = True):
+    """`accelerate launch --config_file docs/accelerate/fsdp2.yaml -m potstill run RECIPE` (2 processes, gloo)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+           "--main_process_port", str(port), "-m", "potstill", "run", str(recipe), *args]
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
+
+
+def _losses(run: Path) -> list[float]:
+    return [row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_match_one_process(lm_setup):
+    """2 FSDP2 processes × batch 4 take the steps of 1 process × batch 8: the same losses and final weights (to
+    float32 reduction-order noise: the sharded sums run in another order), a sharded checkpoint (one file per
+    process, no whole student), and a student folder that plain transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    from potstill.config import validate_recipe
+    from potstill.train import run_recipe
+
+    root, teacher, train = lm_setup
+    recipe = write_yaml(root / "fsdp.yaml", _recipe(root, teacher, train, name="fsdp", save_every=2))
+    proc = _launch(root, recipe, port=29581)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = root / "runs" / "fsdp"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sharded"] is True
+    step = run / "checkpoints" / "step-00000004"
+    assert sorted(p.name for p in (step / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (step / "student.safetensors").exists() and json.loads((step / "state.json").read_text())["sharded"]
+
+    single = validate_recipe(_recipe(root, teacher, train, name="single", batch_size=8, distributed="ddp"))
+    single_summary = run_recipe(single)
+    assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-5)
+    a = load_file(str(run / "student" / "model.safetensors"))
+    b = load_file(str(single.run_dir / "student" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert summary["table"][-1]["perplexity"] == pytest.approx(single_summary["table"][-1]["perplexity"], rel=1e-4)
+    student = AutoModelForCausalLM.from_pretrained(run / "student")
+    assert student.config.num_hidden_layers == 1 and student.config.tie_word_embeddings
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_of_a_sharded_run_gives_identical_weights(lm_setup):
+    """SIGKILL every process of a 2-process FSDP2 run (the launcher, torchrun and both ranks) once it has written
+    a checkpoint; `--resume` ends with exactly the weights and losses of an uninterrupted sharded run."""
+    import psutil
+
+    root, teacher, train = lm_setup
+    raw = _recipe(root, teacher, train, name="ref", max_steps=200, save_every=10, keep_last=2, log_every=10)
+    done = _launch(root, write_yaml(root / "ref.yaml", raw), port=29583)
+    assert done.returncode == 0, done.stderr[-3000:]
+    victim = write_yaml(root / "victim.yaml", dict(raw, name="victim"))
+    checkpoints = root / "runs" / "victim" / "checkpoints"
+    proc = _launch(root, victim, port=29585, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not ckpt.list_checkpoints(checkpoints):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+    launcher = psutil.Process(proc.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:  # torchrun starts the ranks in their own groups
+        process.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = [s for s, _ in ckpt.list_checkpoints(checkpoints)]
+    assert killed_at and max(killed_at) < 200 and not (root / "runs" / "victim" / "summary.json").exists()
+    resumed = _launch(root, victim, "--resume", port=29587)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a = load_file(str(root / "runs" / "ref" / "student" / "model.safetensors"))
+    b = load_file(str(root / "runs" / "victim" / "student" / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _losses(root / "runs" / "ref") == _losses(root / "runs" / "victim")
