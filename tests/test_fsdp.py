@@ -176,3 +176,62 @@ def test_sigkill_and_resume_of_a_sharded_run_gives_identical_weights(lm_setup):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert _losses(root / "runs" / "ref") == _losses(root / "runs" / "victim")
+
+
+# ------------------------------------------------------------------------------------ the top-k cache by ranks
+
+
+def test_rank_parts_join_into_one_cache(tmp_path):
+    """Two ranks' parts (records 0, 2 and 1, one row each, k = 2 of 3 ids) join into one cache whose index is
+    sorted by record, whose shards are the ranks' own files, and which reads back each record's rows."""
+    from potstill.teachers.cache import TopKCache
+    from potstill.teachers.cache_merge import merge_rank_parts, rank_part_dir
+    from potstill.teachers.cache_writer import TopKCacheWriter
+
+    out = tmp_path / "cache"
+    logits = {0: [[2.0, 1.0, 0.0]], 1: [[0.0, 3.0, 1.0]], 2: [[0.0, 0.0, 5.0], [1.0, 0.0, 0.0]]}
+    for rank, records in ((0, (0, 2)), (1, (1,))):
+        with TopKCacheWriter(rank_part_dir(out, rank), k=2, temperature=1.0, vocab_size=3, meta={"t": 1}) as w:
+            for record in records:
+                w.add(record, torch.tensor(logits[record]))
+    manifest = merge_rank_parts([rank_part_dir(out, 0), rank_part_dir(out, 1)], out)
+    assert manifest["ranks"] == 2 and manifest["num_records"] == 3 and manifest["num_tokens"] == 4
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert [s["num_records"] for s in manifest["shards"]] == [2, 1]
+    assert not rank_part_dir(out, 0).exists() and not rank_part_dir(out, 1).exists()
+    cache = TopKCache(out, expect={"t": 1})
+    assert cache.records == [0, 1, 2]
+    rows = cache.get([1, 2])
+    assert rows.ids[0, 0].tolist() == [1, 2] and rows.ids[1, 0].tolist() == [2, 0] and rows.ids[1, 1].tolist()[0] == 0
+    # record 1: log-softmax of (0, 3, 1) at ids 1 and 2 = 3 − log(1 + e³ + e), 1 − log(1 + e³ + e)
+    lse = torch.logsumexp(torch.tensor([0.0, 3.0, 1.0]), 0)
+    torch.testing.assert_close(rows.logprobs[0, 0], torch.stack([3.0 - lse, 1.0 - lse]), atol=8e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_write_the_cache_of_one_process(lm_setup, tmp_path):
+    """`accelerate launch --config_file fsdp2.yaml -m potstill cache` (teacher sharded, 2 ranks): each rank writes
+    its own shard; the joined cache holds the rows a single process writes (to float16 storage and float32
+    reduction-order noise), and a sharded run trains from it."""
+    from potstill.cli import main
+    from potstill.teachers.cache import TopKCache
+
+    root, teacher, train = lm_setup
+    raw = _recipe(tmp_path, teacher, train, name="cached", max_steps=2)
+    raw["teacher"]["cache"] = str(tmp_path / "cache2")
+    recipe = write_yaml(tmp_path / "cached.yaml", raw)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+                           "--main_process_port", "29589", "-m", "potstill", "cache", str(recipe), "--k", "8",
+                           "--batch-size", "4"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["cache", str(recipe), "--k", "8", "--batch-size", "4", "--out", str(tmp_path / "cache1")]) == 0
+    two, one = TopKCache(tmp_path / "cache2"), TopKCache(tmp_path / "cache1")
+    assert two.manifest["ranks"] == 2 and len(two.manifest["shards"]) == 2
+    assert two.meta == one.meta and two.records == one.records == list(range(16))
+    a, b = two.get(list(range(16))), one.get(list(range(16)))
+    assert torch.equal(a.ids[..., :4], b.ids[..., :4])  # the 4 likeliest ids; later ones may swap on near-ties
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-3, rtol=0)
+    run = _launch(tmp_path, recipe, port=29591)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "runs" / "cached" / "summary.json").read_text())["sharded"] is True
