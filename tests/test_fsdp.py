@@ -60,6 +60,70 @@ def test_the_documented_accelerate_config_asks_for_fsdp2():
 # ----------------------------------------------------------------------------------- 2 processes (gloo)
 
 
+PIECES = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from potstill.train.fsdp import FSDPSettings, Sharding, clip_grad_norm, load_sharded, save_sharded
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank, out = dist.get_rank(), sys.argv[1]
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+
+class Task:  # what Sharding.shard reads
+    student, teacher = build(), None
+
+x = torch.arange(16.0).reshape(4, 4) / 10 + rank  # each rank its own rows
+plain = build()
+for r in range(2):  # the whole batch on one module: the mean over ranks of each rank's mean loss
+    (plain(torch.arange(16.0).reshape(4, 4) / 10 + r).pow(2).mean() / 2).backward()
+expected_norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.05)
+sharding = Sharding(FSDPSettings(), is_main=rank == 0, device=torch.device("cpu"))
+student = sharding.shard(Task)
+student(x).pow(2).mean().backward()  # FSDP2 averages the gradients over the ranks
+norm = clip_grad_norm(list(student.parameters()), [], 0.05)
+whole_grads = [p.grad.full_tensor() for p in student.parameters()]
+optimizer = torch.optim.AdamW(student.parameters(), lr=0.1)
+optimizer.step()
+save_sharded(__import__("pathlib").Path(out) / "ck", student, optimizer)
+saved = {k: v.full_tensor().clone() for k, v in student.state_dict().items()}
+optimizer.step()  # move away, then come back
+load_sharded(__import__("pathlib").Path(out) / "ck", student, optimizer)
+back = {k: v.full_tensor() for k, v in student.state_dict().items()}
+whole = sharding.whole_student(student)
+if rank == 0:
+    torch.save({"norm": norm, "expected_norm": float(expected_norm), "grads": whole_grads,
+                "expected_grads": [p.grad for p in plain.parameters()],
+                "same_after_load": all(torch.equal(saved[k], back[k]) for k in saved),
+                "whole": {k: v.clone() for k, v in whole.state_dict().items()}, "saved": saved,
+                "whole_type": type(whole).__name__}, out + "/result.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_pieces_on_two_processes(tmp_path):
+    """2 gloo processes shard a 2-layer MLP: `clip_grad_norm` gives the norm of the whole averaged gradient and
+    scales the DTensor gradients as clipping the unsharded module does (torch's clip_grads_with_norm_ does not
+    scale them); `save_sharded` / `load_sharded` bring back the exact weights after a further step; and
+    `Sharding.whole_student` gathers a plain module with those weights on the main process."""
+    script = tmp_path / "pieces.py"
+    script.write_text(PIECES)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29579", str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert result["norm"] == pytest.approx(result["expected_norm"], rel=1e-5) and result["norm"] > 0.05
+    for got, want in zip(result["grads"], result["expected_grads"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert result["same_after_load"] and result["whole_type"] == "Sequential"
+    for key, value in result["saved"].items():
+        assert torch.equal(result["whole"][key], value), key
+
+
 def _models(folder: Path) -> Path:
     """A tiny 2-layer Llama teacher (tied embeddings) with a byte-level BPE tokenizer trained here."""
     from transformers import LlamaConfig, LlamaForCausalLM
