@@ -40,7 +40,7 @@ def capture_cache(recipe: Any, target: Path, *, k: int, temperature: float, batc
     meta = expected_cache_meta(task)
     settings = fsdp_settings(recipe.trainer.distributed, acc.num_processes)
     if settings is not None:
-        shard_model(task.teacher, settings, acc.device)
+        shard_model(task.teacher, settings)
     else:
         task.teacher.to(acc.device)
     return capture_teacher_topk(task, target, k=k, temperature=temperature, batch_size=batch_size,

@@ -89,11 +89,12 @@ def check_fsdp_run(recipe: Any) -> None:
                             f"use trainer.distributed: ddp")
 
 
-def shard_model(model: nn.Module, settings: FSDPSettings, device: torch.device) -> nn.Module:
-    """`fully_shard` each block named in `model._no_split_modules`, then the root (in place; returns `model`)."""
+def shard_model(model: nn.Module, settings: FSDPSettings) -> nn.Module:
+    """`fully_shard` each block named in `model._no_split_modules`, then the root (in place; returns `model`).
+    `fully_shard` moves each process's shards (and the buffers) to the device of the default mesh (the process's
+    GPU under NCCL, the CPU under gloo), so the whole model never has to fit on one device."""
     from torch.distributed.fsdp import fully_shard
 
-    model.to(device)
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for name, module in model.named_modules():
         if name and type(module).__name__ in blocks:
@@ -123,11 +124,11 @@ class Sharding:
         (meta-device) copy of each is kept to rebuild whole models from gathered state dicts."""
         student = task.student
         self._student_template = copy.deepcopy(student).to("meta")
-        shard_model(student, self.settings, self.device)
+        shard_model(student, self.settings)
         teacher = task.teacher
         if isinstance(teacher, nn.Module) and any(True for _ in teacher.parameters()):
             self._teacher_template = copy.deepcopy(teacher).to("meta")
-            shard_model(teacher, self.settings, self.device)
+            shard_model(teacher, self.settings)
         return student
 
     def _rebuild(self, template: nn.Module, sharded: nn.Module) -> nn.Module | None:
