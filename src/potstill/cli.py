@@ -149,10 +149,11 @@ def cache(recipe: Annotated[Path, typer.Argument(help="causal_lm recipe YAML fil
           ) -> None:
     """Run a causal_lm recipe's teacher once over its training data; store the top-k log-probs per token."""
     from potstill.config import load_recipe
-    from potstill.tasks import build_task
-    from potstill.teachers.capture import capture_teacher_topk
+    from potstill.train.cache_processes import capture_cache
+    from potstill.train.launch import relaunch_as_cpu_process_group
     from potstill.ui import make_progress
 
+    relaunch_as_cpu_process_group()  # several processes: each rank writes its own part (train.cache_processes)
     cfg = load_recipe(recipe, set_ or [])
     if cfg.task != "causal_lm":
         raise UserError(f"{recipe}: field task: `potstill cache` stores a causal LM's token log-probs; this recipe's "
@@ -166,17 +167,16 @@ def cache(recipe: Annotated[Path, typer.Argument(help="causal_lm recipe YAML fil
 
         torch.set_num_threads(cfg.trainer.num_threads)
     cfg.teacher.cache = str(target)
-    task = build_task(cfg, run_dir=cfg.run_dir)
-    task.setup(capture=True)
     progress = make_progress()
     with progress:
-        bar = progress.add_task("teacher top-k", total=len(task.train_records))
-        manifest = capture_teacher_topk(task, target, k=k, temperature=temperature, batch_size=batch_size,
-                                        overwrite=overwrite,
-                                        on_batch=lambda done, total: progress.update(bar, completed=done))
-    _console().print(f"cache written to {target}: {manifest['num_records']:,} sequences, "
-                     f"{manifest['num_tokens']:,} tokens, k={k}, T={temperature:g}, "
-                     f"{manifest['bytes_per_token']} bytes/token, {manifest['seconds']:.1f} s")
+        bar = progress.add_task("teacher top-k", total=None)
+        manifest = capture_cache(cfg, target, k=k, temperature=temperature, batch_size=batch_size,
+                                 overwrite=overwrite,
+                                 on_batch=lambda done, total: progress.update(bar, completed=done, total=total))
+    if os.environ.get("RANK", "0") == "0":
+        _console().print(f"cache written to {target}: {manifest['num_records']:,} sequences, "
+                         f"{manifest['num_tokens']:,} tokens, k={k}, T={temperature:g}, "
+                         f"{manifest['bytes_per_token']} bytes/token, {manifest['seconds']:.1f} s")
 
 
 @app.command()

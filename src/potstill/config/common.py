@@ -306,6 +306,12 @@ class TrainerConfig(Strict):
         default_factory=list, description="experiment trackers (Accelerate's) that get the metrics.jsonl scalars; "
         "a name or a list, none = []; TensorBoard writes to <run>/trackers/; each needs its package installed")
 
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="how several processes (accelerate launch --num_processes N) share the models: ddp = "
+        "each holds the whole student and teacher; fsdp = FSDP2 (fully_shard) splits the student's and the frozen "
+        "teacher's parameters and the optimizer state across them, checkpoints sharded by torch.distributed."
+        "checkpoint; an Accelerate config with distributed_type: FSDP (fsdp_version: 2) selects it too; one "
+        "process: no effect")
     gradient_checkpointing: StrictBool = Field(False, description="recompute the student's activations in "
                                                "backward instead of keeping them (Hugging Face students: "
                                                "gradient_checkpointing_enable): less memory, more compute")

@@ -49,6 +49,24 @@ def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) 
     return data[:8] + text.ljust(size) + data[8 + size:]
 
 
+def check_cache_target(path: Path, overwrite: bool) -> None:
+    """Refuse to write a cache to `path` when it holds something else, or a cache and not `overwrite`."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"cannot write a top-k cache to {path}: it exists and is not a folder")
+    if not any(path.iterdir()):
+        return
+    try:
+        is_cache = json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_cache = False
+    if not is_cache:
+        raise UserError(f"{path} exists and is not a potstill top-k cache; refusing to replace it")
+    if not overwrite:
+        raise UserError(f"a top-k cache already exists at {path}; pass overwrite=True to replace it")
+
+
 class TopKCacheWriter:
     """Writes a top-k cache to `out_dir`; use as a context manager, or call `close()` (or `abort()`).
 
@@ -109,21 +127,7 @@ class TopKCacheWriter:
         self._open = True
 
     def _check_target(self, overwrite: bool) -> None:
-        path = self.out_dir
-        if not path.exists():
-            return
-        if not path.is_dir():
-            raise UserError(f"cannot write a top-k cache to {path}: it exists and is not a folder")
-        if not any(path.iterdir()):
-            return
-        try:
-            is_cache = json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
-        except (OSError, ValueError, AttributeError):
-            is_cache = False
-        if not is_cache:
-            raise UserError(f"{path} exists and is not a potstill top-k cache; refusing to replace it")
-        if not overwrite:
-            raise UserError(f"a top-k cache already exists at {path}; pass overwrite=True to replace it")
+        check_cache_target(self.out_dir, overwrite)
 
     # --- writing -------------------------------------------------------------------------------------
 

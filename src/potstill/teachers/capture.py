@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from torch import nn
 
 from potstill.data.lm_records import tokenizer_fingerprint
 from potstill.errors import UserError
-from potstill.teachers.cache_writer import TopKCacheWriter
+from potstill.teachers.cache_format import MANIFEST
+from potstill.teachers.cache_merge import merge_rank_parts, rank_part_dir
+from potstill.teachers.cache_writer import TopKCacheWriter, check_cache_target
 from potstill.teachers.seq_kd import SEQ_KD_FILE
 
 
@@ -76,11 +79,19 @@ def check_objectives_for_cache(objectives: list[Any], cache: Any) -> None:
 
 
 def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, temperature: float = 1.0,
-                         batch_size: int = 8, overwrite: bool = False, on_batch=None) -> dict[str, Any]:
+                         batch_size: int = 8, overwrite: bool = False, on_batch=None, rank: int = 0,
+                         world_size: int = 1, barrier=None, meta: dict[str, Any] | None = None,
+                         same_forwards: bool = False) -> dict[str, Any]:
     """Write the teacher's top-`k` log-probs at `temperature` for every position of every training sequence.
 
     `task` is a set-up causal-LM task. `on_batch(done_sequences, total_sequences)` reports progress. Returns
     the manifest, plus "seconds".
+
+    Several processes (`world_size` > 1, every one calling this with its `rank` and a `barrier`): rank r takes
+    every `world_size`-th batch and writes its own part, which the main process joins into `out_dir`
+    (`potstill.teachers.cache_merge`). `same_forwards`: the teacher is sharded (FSDP2), so every rank runs as
+    many forwards as the busiest one (a spare forward's rows are dropped). `meta`: the cache facts, computed
+    beforehand when the teacher is sharded (its weights' fingerprint needs the whole tensors).
     """
     import math
 
@@ -91,21 +102,36 @@ def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, tempera
                         f"{temperature!r}")
     start = time.perf_counter()
     records = task.train_records
-    meta = {key: value for key, value in expected_cache_meta(task).items() if key not in ("vocab_size",
-                                                                                          "num_records")}
+    meta = {key: value for key, value in (meta or expected_cache_meta(task)).items()
+            if key not in ("vocab_size", "num_records")}
     order = sorted(range(len(records)), key=lambda i: len(records[i]["input_ids"]))  # less padding per batch
-    with TopKCacheWriter(out_dir, k=k, temperature=temperature, vocab_size=task.vocab_size, meta=meta,
+    batches = [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
+    target = Path(out_dir)
+    if world_size > 1:
+        check_cache_target(target, overwrite)  # every rank sees the same folder, so all refuse alike
+        target, overwrite = rank_part_dir(out_dir, rank), True
+        shutil.rmtree(target, ignore_errors=True)  # a part left by an interrupted earlier attempt
+    mine = batches[rank::world_size]
+    rounds = -(-len(batches) // world_size) if same_forwards else len(mine)
+    with TopKCacheWriter(target, k=k, temperature=temperature, vocab_size=task.vocab_size, meta=meta,
                          overwrite=overwrite) as writer:
-        if getattr(task, "seq_kd_file", None) is not None:  # the teacher's seq-KD completions live with the cache
+        if getattr(task, "seq_kd_file", None) is not None and rank == 0:  # seq-KD completions live with the cache
             writer.add_file(SEQ_KD_FILE, json.dumps(task.seq_kd_file).encode())
-        for first in range(0, len(order), batch_size):
-            idx = order[first:first + batch_size]
+        for j in range(rounds):
+            idx = mine[j] if j < len(mine) else batches[0]
             batch = task.to_device(task.collate([records[i] for i in idx], idx))
             with torch.inference_mode():
                 logits = task.logits(task.teacher, batch)
-            for row, i in enumerate(idx):
-                writer.add(i, logits[row, :len(records[i]["input_ids"])].float().cpu())
+            if j < len(mine):
+                for row, i in enumerate(idx):
+                    writer.add(i, logits[row, :len(records[i]["input_ids"])].float().cpu())
             if on_batch is not None:
-                on_batch(min(first + batch_size, len(order)), len(order))
+                on_batch(min((j + 1) * batch_size * world_size, len(order)), len(order))
         manifest = writer.close()
+    if world_size > 1:
+        barrier()
+        if rank == 0:
+            manifest = merge_rank_parts([rank_part_dir(out_dir, r) for r in range(world_size)], out_dir)
+        barrier()
+        manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
     return {**manifest, "seconds": time.perf_counter() - start}

@@ -3,7 +3,9 @@
 Layout: `<run>/checkpoints/step-00000042/` holding `student.safetensors`, `optimizer.pt`, `scheduler.pt`,
 `objectives.pt`, the state of callbacks that keep one (`monitor.json`, the teacher-hacking monitor; a callback's
 tensors, e.g. early stopping's `best_student.safetensors`), `rng-rank<r>.pt`
-(one per process) and `state.json` (step, data position, world size).
+(one per process) and `state.json` (step, data position, world size). A sharded run (FSDP2,
+`potstill.train.fsdp`) has `sharded/` instead of `student.safetensors` and `optimizer.pt`: the student and optimizer
+state as a `torch.distributed.checkpoint` folder, one file per process plus `.metadata`.
 A checkpoint is assembled in `.step-00000042.tmp/`, every file fsynced with the umask's mode, and renamed
 when complete, so a run killed at any moment leaves either the previous checkpoints or the new one, never a
 half one.
@@ -25,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from potstill.train.fsdp import SHARDED_DIR, load_sharded, save_sharded
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -120,9 +124,10 @@ GRAD_SCALER_FILE = "grad_scaler.pt"  # fp16 runs only
 
 def save_checkpoint(root: Path, step: int, *, accelerator: Any, student: Any, optimizer: Any, scheduler: Any,
                     objectives: list[Any], callbacks: list[Any], seed: int, grad_accum: int, keep_last: int,
-                    grad_scaler: Any = None) -> None:
+                    grad_scaler: Any = None, sharded: bool = False) -> None:
     """Write the checkpoint of optimizer step `step` (every process takes part; the main one writes the
-    shared files): assembled in a temporary folder, then renamed, then the oldest beyond `keep_last` pruned."""
+    shared files): assembled in a temporary folder, then renamed, then the oldest beyond `keep_last` pruned.
+    `sharded`: the student and optimizer are FSDP2-sharded; every process writes its shard into `sharded/`."""
     from torch import nn
 
     acc = accelerator
@@ -133,15 +138,18 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Any, student: Any, op
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     save_torch(rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
-    state_dict = acc.get_state_dict(student)
+    if sharded:
+        save_sharded(tmp / SHARDED_DIR, student, optimizer)
+    state_dict = None if sharded else acc.get_state_dict(student)
     if is_main:
         from safetensors.torch import save_file
 
         from potstill.io import atomic_write_json
         from potstill.students.save import safetensors_state
 
-        save_file(safetensors_state(state_dict), str(tmp / "student.safetensors"))  # fsynced by settle_tree
-        save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+        if state_dict is not None:
+            save_file(safetensors_state(state_dict), str(tmp / "student.safetensors"))  # fsynced by settle_tree
+            save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
         if grad_scaler is not None:  # fp16: the loss scale and its growth tracker
             save_torch(grad_scaler.state_dict(), tmp / GRAD_SCALER_FILE)
@@ -154,7 +162,7 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Any, student: Any, op
             if tensors is not None:  # e.g. early stopping's best weights
                 save_file(safetensors_state(tensors), str(tmp / callback.tensors_file))
         write_state(tmp, {"step": step, "micro_batches": step * grad_accum, "world_size": acc.num_processes,
-                          "seed": seed})
+                          "seed": seed, "sharded": sharded})
     acc.wait_for_everyone()
     if is_main:
         from potstill.io import fsync_dir, settle_tree
@@ -183,10 +191,18 @@ def _read(path: Path, name: str, loader: Any) -> Any:
         raise DamagedCheckpoint(f"{name} is unreadable ({_short(err)})") from None
 
 
-def read_checkpoint(path: Path, *, process_index: int, callbacks: list[Any]) -> dict[str, Any]:
+def _sharded_folder(path: Path) -> Path:
+    folder = path / SHARDED_DIR
+    if not (folder / ".metadata").is_file():
+        raise DamagedCheckpoint(f"{SHARDED_DIR}/.metadata is missing")
+    return folder
+
+
+def read_checkpoint(path: Path, *, process_index: int, callbacks: list[Any], sharded: bool = False) -> dict[str, Any]:
     """Every file of checkpoint `path` this process restores, read into memory: {"state", "student",
     "optimizer", "scheduler", "grad_scaler" (or None), "objectives", "callbacks" {state_file: dict}, "callback_tensors"
-    {tensors_file: tensors}, "rng"}.
+    {tensors_file: tensors}, "rng"}. `sharded`: the student and optimizer stay on disk ("student" and
+    "optimizer" are None, "sharded" is their folder), as torch.distributed.checkpoint loads them in place.
     Raises `DamagedCheckpoint` naming the first file that is missing or unreadable."""
     from safetensors.torch import load_file
 
@@ -196,8 +212,9 @@ def read_checkpoint(path: Path, *, process_index: int, callbacks: list[Any]) -> 
     has_scaler = (path / GRAD_SCALER_FILE).exists()
     return {
         "state": state,
-        "student": _read(path, "student.safetensors", lambda p: load_file(str(p))),
-        "optimizer": _read(path, "optimizer.pt", load_torch),
+        "sharded": _sharded_folder(path) if sharded else None,
+        "student": None if sharded else _read(path, "student.safetensors", lambda p: load_file(str(p))),
+        "optimizer": None if sharded else _read(path, "optimizer.pt", load_torch),
         "scheduler": _read(path, "scheduler.pt", load_torch),
         "grad_scaler": _read(path, GRAD_SCALER_FILE, load_torch) if has_scaler else None,
         "objectives": _read(path, "objectives.pt", load_torch),
@@ -211,24 +228,35 @@ def read_checkpoint(path: Path, *, process_index: int, callbacks: list[Any]) -> 
 
 def load_checkpoint(path: Path, *, accelerator: Any, student: Any, optimizer: Any, scheduler: Any,
                     objectives: list[Any], callbacks: list[Any], grad_scaler: Any = None,
-                    data: dict[str, Any] | None = None) -> int:
+                    data: dict[str, Any] | None = None, sharded: bool = False) -> int:
     """Restore a checkpoint written by `save_checkpoint` into the run's parts; returns its step. `data` is
     `read_checkpoint`'s result when already read. Raises `DamagedCheckpoint` when a file is damaged or does
-    not fit the run's parts, a `UserError` when the checkpoint was written by another number of processes."""
+    not fit the run's parts, a `UserError` when the checkpoint was written by another number of processes or
+    with the other sharding (`sharded`: this run's student and optimizer are FSDP2-sharded)."""
     from torch import nn
 
     from potstill.errors import UserError
 
     acc = accelerator
-    data = data if data is not None else read_checkpoint(path, process_index=acc.process_index, callbacks=callbacks)
+    if data is None:
+        try:
+            state = read_state(path)
+        except (OSError, ValueError):
+            state = {}  # read_checkpoint names what is wrong with it
+        if isinstance(state, dict) and bool(state.get("sharded", False)) != sharded:
+            raise UserError(f"{path}: written by a {'sharded' if state.get('sharded') else 'not sharded'} run "
+                            f"(trainer.distributed), resumed {'sharded' if sharded else 'not sharded'}; resume "
+                            f"with the same trainer.distributed and accelerate config")
+        data = read_checkpoint(path, process_index=acc.process_index, callbacks=callbacks, sharded=sharded)
     state = data["state"]
     if state["world_size"] != acc.num_processes:
         raise UserError(f"{path}: written by {state['world_size']} process(es), resumed with "
                         f"{acc.num_processes}; resume with the same number of processes")
     restores: list[tuple[str, Any]] = [
+        (SHARDED_DIR, lambda: load_sharded(data["sharded"], student, optimizer))] if sharded else [
         ("student.safetensors", lambda: acc.unwrap_model(student).load_state_dict(data["student"])),
-        ("optimizer.pt", lambda: optimizer.load_state_dict(data["optimizer"])),
-        ("scheduler.pt", lambda: scheduler.load_state_dict(data["scheduler"]))]
+        ("optimizer.pt", lambda: optimizer.load_state_dict(data["optimizer"]))]
+    restores.append(("scheduler.pt", lambda: scheduler.load_state_dict(data["scheduler"])))
     if grad_scaler is not None and data["grad_scaler"] is not None:
         restores.append((GRAD_SCALER_FILE, lambda: grad_scaler.load_state_dict(data["grad_scaler"])))
     for o in objectives:

@@ -2,9 +2,9 @@
 
 One loop for every method: a method is an objective (`potstill.train.objective`: a loss function, or a small
 stateful `nn.Module`), the task adapter supplies the signals. Built on Accelerate, so the same code runs on one
-CPU, one GPU, or `accelerate launch --num_processes N` (DDP). Progress, metrics, periodic evaluation, the
-teacher-hacking monitor, early stopping (`potstill.train.early_stopping`) and checkpoints are callbacks
-(`potstill.train.callbacks`).
+CPU, one GPU, or `accelerate launch --num_processes N` (DDP, or FSDP2 sharding: `potstill.train.fsdp`). Progress,
+metrics, periodic evaluation, the teacher-hacking monitor, early stopping (`potstill.train.early_stopping`) and
+checkpoints are callbacks (`potstill.train.callbacks`).
 
 Contracts:
 - Loss normalisation: each objective is evaluated with `reduction="sum"` and the total is divided by the
@@ -50,6 +50,7 @@ from potstill.train import callbacks as cb
 from potstill.train import checkpoint as ckpt
 from potstill.train.data_order import domain_blocks, shuffled_order
 from potstill.train.early_stopping import EarlyStopping
+from potstill.train.fsdp import Sharding, check_fsdp_run, clip_grad_norm, fsdp_settings
 from potstill.train.interrupt import StopRequest
 from potstill.train.objective import Objective, bind_objectives, loss_terms, objective_parameters
 from potstill.train.optim import ParameterBag, build_optimizer, lr_lambda, param_groups
@@ -100,6 +101,7 @@ class Distiller:
         self._ddk: DomainBlocks | None = None
         self._perm_epoch: int | None = None
         self._epoch_rows = 0
+        self.sharding: Sharding | None = None  # trainer.distributed: fsdp with several processes
 
     @property
     def is_main(self) -> bool:
@@ -138,13 +140,21 @@ class Distiller:
     def _evaluate(self, model: nn.Module, role: str, *, announce: bool = True) -> dict[str, float]:
         """Main process scores `model` (saying so unless `announce` is off: evaluations during training show in
         the progress display); the others wait."""
-        with phase(f"evaluating the {role}", enabled=self.is_main and announce):
+        whole_teacher = self.sharding.whole_teacher(self.task) if self.sharding else contextlib.nullcontext()
+        with phase(f"evaluating the {role}", enabled=self.is_main and announce), whole_teacher:
             metrics = self.task.evaluate(model, role=role) if self.is_main else {}
         self.accelerator.wait_for_everyone()
         return metrics
 
+    def _plain_student(self, student: nn.Module) -> nn.Module:
+        """The student as a plain module: unwrapped from DDP, or (sharded) gathered whole on the main process
+        (collective; the other processes get the sharded module, which they do not evaluate or save)."""
+        if self.sharding is None:
+            return self.accelerator.unwrap_model(student)
+        return self.sharding.whole_student(student) or student
+
     def _eval_step(self, step: int) -> None:
-        metrics = self._evaluate(self.accelerator.unwrap_model(self.state.student), "student", announce=False)
+        metrics = self._evaluate(self._plain_student(self.state.student), "student", announce=False)
         self.state.student.train()
         self._emit("on_evaluate", step, metrics)
 
@@ -165,7 +175,8 @@ class Distiller:
         ckpt.save_checkpoint(self.ckpt_root, step, accelerator=self.accelerator, student=state.student,
                              optimizer=state.optimizer, scheduler=state.scheduler, objectives=self.objectives,
                              callbacks=self.callbacks, seed=self.seed, grad_accum=self.cfg.grad_accum,
-                             keep_last=self.cfg.keep_last, grad_scaler=self.precision.scaler)
+                             keep_last=self.cfg.keep_last, grad_scaler=self.precision.scaler,
+                             sharded=self.sharding is not None)
 
     def _bind_objectives(self) -> None:
         bind_objectives(self.objectives, self.task, self.accelerator.device)
@@ -190,6 +201,9 @@ class Distiller:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         set_seed(self.seed)
+        fsdp = fsdp_settings(cfg.distributed, acc.num_processes)
+        if fsdp is not None:
+            check_fsdp_run(task.recipe)
         check_run_dir(self.run_dir, self.recipe_text, resume=resume, overwrite=overwrite)
         acc.wait_for_everyone()
         if self.is_main:
@@ -228,6 +242,9 @@ class Distiller:
 
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(student)
+        if fsdp is not None:  # after the evaluations above, which run whole models on the main process
+            self.sharding = Sharding(fsdp, is_main=self.is_main, device=acc.device)
+            student = self.sharding.shard(task)
         groups = param_groups(student, cfg.weight_decay)
         extra = objective_parameters(self.objectives)
         if extra:  # learned projections of intermediate objectives train with the student
@@ -235,7 +252,8 @@ class Distiller:
         optimizer = build_optimizer(cfg.optimizer, [g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
                                     momentum=cfg.momentum)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total))
-        student, optimizer = acc.prepare(student, optimizer)
+        if self.sharding is None:
+            student, optimizer = acc.prepare(student, optimizer)
         self.state = cb.FitState(self.run_dir, self.is_main, 0, total, cfg.grad_accum * cfg.batch_size * world,
                                  self._epoch_rows, student, optimizer, scheduler)
 
@@ -243,7 +261,8 @@ class Distiller:
         if resume:
             resumed = ckpt.resume_newest(self.ckpt_root, accelerator=acc, say=self._warn, student=student,
                                          optimizer=optimizer, scheduler=scheduler, objectives=self.objectives,
-                                         callbacks=self.callbacks, grad_scaler=self.precision.scaler)
+                                         callbacks=self.callbacks, grad_scaler=self.precision.scaler,
+                                         sharded=self.sharding is not None)
             self.state.start = resumed or 0
         if self.is_main:
             ckpt.prune(self.ckpt_root, cfg.keep_last)  # also when trainer.keep_last was lowered for this start
@@ -276,7 +295,7 @@ class Distiller:
 
         if resumed is None or self.state.start != done:  # else the newest checkpoint is already the final one
             self._save(self.state, done)
-        unwrapped = acc.unwrap_model(student)
+        unwrapped = self._plain_student(student)
         after = self._evaluate(unwrapped, "student")
         summary: dict[str, Any] = {}
         if self.is_main:
@@ -288,7 +307,8 @@ class Distiller:
             task.save_student(unwrapped, self.run_dir / "student")
             sizes = {}
             if self.eval_cfg.throughput:
-                with phase("measuring teacher and student throughput (interleaved)"):
+                whole_teacher = self.sharding.whole_teacher(task) if self.sharding else contextlib.nullcontext()
+                with phase("measuring teacher and student throughput (interleaved)"), whole_teacher:
                     sizes = task.measure(unwrapped)
             rows = [{"model": "teacher", **teacher_metrics, **sizes.get("teacher", {})}]
             if before:  # the same architecture as after training: its size, but no second speed (only noise)
@@ -297,6 +317,7 @@ class Distiller:
             rows.append({"model": "student (after)", **after, **sizes.get("student", {})})
             summary = {"steps": done, "final_loss": last.loss if last else None, "train_seconds": seconds,
                        "table": rows, "student_dir": str(self.run_dir / "student"), "world_size": world,
+                       "sharded": self.sharding is not None,
                        "objectives": [o.name for o in self.objectives],
                        "complete": done >= total or self._stopped_early()}
             self._emit("on_fit_end", summary)
@@ -345,7 +366,8 @@ class Distiller:
         scale = acc.num_processes / counts
         term_sums = torch.zeros(len(names))
         for j, batch in enumerate(batches):
-            with contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(student):
+            last_micro_batch = j == len(batches) - 1 or self.sharding is not None  # FSDP2 reduces every backward
+            with contextlib.nullcontext() if last_micro_batch else acc.no_sync(student):
                 with self.precision.autocast():
                     teacher_signal = task.teacher_signal(batch) if self.objectives else None
                     student_signal = task.student_signal(student, batch)
@@ -371,7 +393,8 @@ class Distiller:
         grad_norm = None
         if cfg.max_grad_norm:
             self.precision.unscale(self.state.optimizer)
-            grad_norm = float(acc.clip_grad_norm_([*student.parameters(), *extra], cfg.max_grad_norm))
+            grad_norm = (clip_grad_norm(list(student.parameters()), extra, cfg.max_grad_norm) if self.sharding else
+                         float(acc.clip_grad_norm_([*student.parameters(), *extra], cfg.max_grad_norm)))
         self.precision.step(self.state.optimizer)
         self.state.scheduler.step()
         self.state.optimizer.zero_grad(set_to_none=True)
