@@ -22,6 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -241,6 +242,19 @@ def load_images(path: str, *, split: str | None = None, labels: str | None = Non
     if file.suffix == ".npz":
         return _npz(file, where)
     return _idx(file, Path(labels) if labels else None, where)
+
+
+def load_image_source(source: Any, *, where: str) -> ImageSet:
+    """The images of an `ImageSource` recipe field (`potstill.config.ImageSource`), with its `fraction` / `rest`,
+    `limit` and `drop_labels` applied."""
+    images = load_images(source.path, split=source.split, labels=source.labels, columns=source.columns,
+                         where=where)
+    if source.fraction is not None:
+        images = images.take(subset_indices(images.labels, source.fraction, rest=source.rest,
+                                            seed=source.subset_seed))
+    if source.limit is not None:
+        images = images.take(list(range(min(source.limit, len(images)))))
+    return images.without_labels() if source.drop_labels else images
 
 
 def subset_indices(labels: torch.Tensor, fraction: float, *, rest: bool = False, seed: int = 0) -> list[int]:

@@ -30,23 +30,11 @@ import torch
 from torch import nn
 
 from potstill.data import image_transforms as tf
-from potstill.data.images import NO_LABEL, ImageSet, fingerprint_images, load_images, subset_indices
+from potstill.data.images import NO_LABEL, ImageSet, fingerprint_images, load_image_source
 from potstill.errors import UserError
 from potstill.eval import classification_metrics
 from potstill.tasks.base import Task
 from potstill.tasks.models import build_student, load_factory_teacher, load_hf_teacher
-
-
-def load_image_source(source: Any, *, where: str) -> ImageSet:
-    """The images of an `ImageSource` recipe field, with its subset, limit and label options applied."""
-    images = load_images(source.path, split=source.split, labels=source.labels, columns=source.columns,
-                         where=where)
-    if source.fraction is not None:
-        images = images.take(subset_indices(images.labels, source.fraction, rest=source.rest,
-                                            seed=source.subset_seed))
-    if source.limit is not None:
-        images = images.take(list(range(min(source.limit, len(images)))))
-    return images.without_labels() if source.drop_labels else images
 
 
 def state_digest(model: nn.Module) -> str:
