@@ -81,7 +81,7 @@ def test_npz_channels_last_and_missing_arrays(tmp_path):
 
 
 def test_image_folder_one_subfolder_per_class(tmp_path):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image", reason="image folders need Pillow (the images extra)")
 
     for name, value in (("cat", 10), ("ant", 200)):
         (tmp_path / name).mkdir()

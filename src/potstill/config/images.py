@@ -22,7 +22,7 @@ from potstill.config.common import (
     StudentConfig,
     TeacherConfig,
 )
-from potstill.config.paths import RelPath
+from potstill.config.paths import ModelPath, RelPath
 
 
 class ImageSource(DataSource):
@@ -109,7 +109,10 @@ class ImageTeacherConfig(NoTopKCache, TeacherConfig):
 
 
 class ImageStudentConfig(StudentConfig):
-    """init pretrained also takes a potstill factory-student folder (a run's student/)."""
+    """An image student; init pretrained also takes a potstill factory-student folder (a run's student/)."""
+
+    path: ModelPath | None = Field(None, description="init pretrained: a Hugging Face image classifier folder, or "
+                                   "a saved factory student (a run's student/ folder with potstill_student.json)")
 
 
 class ImageEvalConfig(EvalConfig):
