@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from potstill.tasks import build_task
 
 torch.set_num_threads(1)
 TINY_CNN = "potstill.students.cnn:small_cnn"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -116,6 +118,12 @@ def test_builtin_mnist_5k_splits_are_disjoint_and_stratified():
     assert not set(image_hashes(train.images)) & set(image_hashes(test.images[:200]))
 
 
+@pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist")
+def test_builtin_fashion_mnist_test_split():
+    test = load_images("builtin:fashion-mnist", split="test")
+    assert test.images.shape == (10_000, 1, 28, 28) and torch.bincount(test.labels).tolist() == [1000] * 10
+
+
 def test_builtin_errors_name_the_field_and_the_package(tmp_path):
     from potstill.assets_image import fashion_mnist_dir
 
@@ -199,6 +207,9 @@ def test_model_and_label_mismatches_are_one_line_errors(tmp_path):
     np.savez(tmp_path / "train.npz", x=x, y=np.full(len(x), 5))
     with pytest.raises(UserError, match="data.train: label 5 but the teacher has 2 classes"):
         build_task(validate_recipe(raw), run_dir=tmp_path / "c").setup()
+    raw["student"] = {"init": "pretrained", "path": str(tmp_path / "runs" / "stage-1" / "student")}
+    with pytest.raises(UserError, match="field student.path: folder not found: .*stage-1/student"):
+        build_task(validate_recipe(raw), run_dir=tmp_path / "d").setup()
 
 
 def test_potstill_run_then_a_second_stage_from_the_saved_student(tmp_path):

@@ -92,6 +92,9 @@ class ImageClassificationTask(Task):
 
     def _build_student(self, auto_cls: Any) -> nn.Module:
         cfg = self.recipe.student
+        if cfg.init == "pretrained" and not cfg.path.startswith("builtin:") and not Path(cfg.path).exists():
+            raise UserError(f"field student.path: folder not found: {cfg.path} (a saved student: a Hugging Face "
+                            f"image classifier, or a run's student/ folder, e.g. of the first stage)")
         if cfg.init == "pretrained" and (Path(cfg.path) / "potstill_student.json").is_file():
             from potstill.students.save import load_factory_student
 
