@@ -10,6 +10,7 @@ import torch
 from potstill.losses import (
     forward_kl,
     generalized_jsd,
+    js_divergence,
     reverse_kl,
     skew_kl,
     skew_reverse_kl,
@@ -22,6 +23,7 @@ DIVERGENCES = {
     "reverse_kl": (reverse_kl, {}),
     "soft_cross_entropy": (soft_cross_entropy, {}),
     "generalized_jsd": (generalized_jsd, {"beta": 0.3}),
+    "js_divergence": (js_divergence, {}),
     "skew_kl": (skew_kl, {"alpha": 0.2}),
     "skew_reverse_kl": (skew_reverse_kl, {"alpha": 0.2}),
     "tvd": (tvd, {}),
@@ -56,6 +58,9 @@ def reference_rows(name: str, s: torch.Tensor, t: torch.Tensor, temperature: flo
             return _kl(p_s, p_t)
         m = beta * p_t + (1 - beta) * p_s
         return beta * _kl(p_t, m) + (1 - beta) * _kl(p_s, m)
+    if name == "js_divergence":
+        m = (p_t + p_s) / 2
+        return 0.5 * _kl(p_t, m) + 0.5 * _kl(p_s, m)
     if name == "skew_kl":
         alpha = kw.get("alpha", 0.1)
         return _kl(p_t, alpha * p_t + (1 - alpha) * p_s)

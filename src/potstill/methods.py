@@ -72,6 +72,7 @@ _GUIDANCE = _RESULTS + ("teacher-needs-guidance-the-per-step-alpha-of-iterated-s
                         "benchmarksclaim_teacher_guidancepy")
 _LLAVA_MOD = 'Shu et al., "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation"'
 _PRUNED = _RESULTS + "pruned-init-vs-layer-drop-init-at-equal-size-issue-19-benchmarkspruned_vs_layerdroppy"
+_IMAGE_KD = _RESULTS + "image-kd-and-ssld-on-mnist-5k-issue-20-benchmarksimage_kdpy"
 _MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
 _ZOO = _RESULTS + "distillnearest-and-distillweighted-teachers-from-a-zoo-issue-19-benchmarksdistill_nearestpy"
 _BORUP = 'Borup, Phoo & Hariharan, "Distilling from Similar Tasks for Transfer Learning on a Budget"'
@@ -149,6 +150,11 @@ METHODS: dict[str, MethodInfo] = {
                    "StaticStudent", _RECIPES + "minilm-static.yaml", _GENERAL),
         MethodInfo("DMAE", 'Bai et al., "Masked Autoencoders Enable Efficient Knowledge Distillers"', 2023,
                    "objective", _LOSSES + "intermediate", "DMAEAlign", _RECIPES + "digits-dmae.yaml", _DMAE),
+        MethodInfo("KD on images (MNIST CNN → small CNN)", _HINTON, 2015, "objective", _LOSSES + "divergences",
+                   "forward_kl", _RECIPES + "mnist-kd.yaml", _IMAGE_KD),
+        MethodInfo("SSLD", 'Cui et al., "Beyond Self-Supervision: A Simple Yet Effective Network Distillation '
+                   'Alternative to Improve Backbones"', 2021, "sampler", "potstill.data.ssld", "ssld_select",
+                   _RECIPES + "mnist-ssld.yaml", _IMAGE_KD),
         MethodInfo("Margin-MSE", _MARGIN_MSE, 2020, "objective", _LOSSES + "ranking", "margin_mse",
                    _RECIPES + "chatterbot-rank.yaml", _RANKING),
         MethodInfo("RocketQAv2 listwise KL", 'Ren et al., "RocketQAv2: A Joint Training Method for Dense Passage '

@@ -7,6 +7,7 @@ file, the line and the field path.
 
 - `common`: the sections every task has (data, teacher, student, objectives, trainer, eval) and `RecipeBase`;
 - `tasks`: classification, embedding, vision and ranking recipes; `generative`: causal_lm and seq2seq;
+  `images`: image_classification (image sources, transforms, SSLD's pool);
 - `paths`: `RelPath` / `ModelPath` / `DataPath`, path fields resolved against the recipe's folder at load time;
 - `loading`: load / validate / dump recipes, `--set` overrides, `recipe_changes`; `messages`: error text.
 """
@@ -40,6 +41,13 @@ from potstill.config.generative import (
     StepByStepConfig,
     TextTeacherConfig,
 )
+from potstill.config.images import (
+    ImageClassificationRecipe,
+    ImageData,
+    ImageSource,
+    SSLDConfig,
+    TransformsConfig,
+)
 from potstill.config.loading import (
     RESUMABLE_CHANGES,
     apply_overrides,
@@ -67,7 +75,8 @@ __all__ = [
     "RECIPE_OF_TASK", "RESUMABLE_CHANGES", "TASKS", "CausalLMData", "CausalLMRecipe", "CausalLMTeacherConfig",
     "CausalLMTrainerConfig", "ClassificationRecipe", "DataConfig", "DataPath", "DataSource", "DomainWeightedData",
     "DomainsConfig", "EmbeddingEvalConfig", "EmbeddingRecipe", "EmbeddingStudentConfig", "EndpointConfig",
-    "EvalConfig", "GenerationConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData",
+    "EvalConfig", "GenerationConfig", "ImageClassificationRecipe", "ImageData", "ImageSource", "SSLDConfig",
+    "TransformsConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData",
     "RankingRecipe", "Recipe", "RecipeBase", "RecipeRelative", "RelPath", "Seq2SeqData", "Seq2SeqRecipe",
     "Seq2SeqTeacherConfig", "StepByStepConfig", "StudentConfig", "TeacherConfig", "TextTeacherConfig",
     "TrainerConfig", "VisionRecipe", "apply_overrides", "dump_recipe", "format_validation_error", "load_recipe",

@@ -345,7 +345,7 @@ def check_domains_teacher(recipe: RecipeBase) -> None:
                          "teacher.path or teacher.factory")
 
 
-TASKS = ("classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq")
+TASKS = ("classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq", "image_classification")
 
 
 class RecipeBase(Strict):

@@ -8,10 +8,12 @@ from pydantic import Field, TypeAdapter
 
 from potstill.config.common import TASKS, RecipeBase
 from potstill.config.generative import CausalLMRecipe, Seq2SeqRecipe
+from potstill.config.images import ImageClassificationRecipe
 from potstill.config.tasks import ClassificationRecipe, EmbeddingRecipe, RankingRecipe, VisionRecipe
 
 Recipe = Annotated[
-    ClassificationRecipe | EmbeddingRecipe | CausalLMRecipe | VisionRecipe | RankingRecipe | Seq2SeqRecipe,
+    ClassificationRecipe | EmbeddingRecipe | CausalLMRecipe | VisionRecipe | RankingRecipe | Seq2SeqRecipe
+    | ImageClassificationRecipe,
     Field(discriminator="task"),
 ]
 """A whole run. See recipes/*.yaml for examples and `potstill run --help`."""
@@ -19,6 +21,7 @@ Recipe = Annotated[
 RECIPE_OF_TASK: dict[str, type[RecipeBase]] = {
     "classification": ClassificationRecipe, "embedding": EmbeddingRecipe, "causal_lm": CausalLMRecipe,
     "vision": VisionRecipe, "ranking": RankingRecipe, "seq2seq": Seq2SeqRecipe,
+    "image_classification": ImageClassificationRecipe,
 }
 assert tuple(RECIPE_OF_TASK) == TASKS
 

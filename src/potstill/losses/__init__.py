@@ -8,6 +8,7 @@ from .catalogue import OBJECTIVES, ObjectiveInfo, get_objective
 from .divergences import (
     forward_kl,
     generalized_jsd,
+    js_divergence,
     reverse_kl,
     skew_kl,
     skew_reverse_kl,
@@ -43,6 +44,7 @@ __all__ = [
     "forward_kl",
     "fused_linear_divergence",
     "generalized_jsd",
+    "js_divergence",
     "gold",
     "get_objective",
     "flops",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .divergences import (
     forward_kl,
     generalized_jsd,
+    js_divergence,
     reverse_kl,
     skew_kl,
     skew_reverse_kl,
@@ -111,6 +112,14 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "β·KL(p_t ‖ m) + (1−β)·KL(p_s ‖ m), m = β·p_t + (1−β)·p_s",
             'Agarwal et al. 2024, "On-Policy Distillation of Language Models" (GKD)',
             "β = 0 is forward_kl and β = 1 is reverse_kl (TRL's convention)",
+        ),
+        _entry(
+            js_divergence,
+            "logits",
+            "½·KL(p_t ‖ m) + ½·KL(p_s ‖ m), m = (p_t + p_s)/2",
+            'Cui et al. 2021, "Beyond Self-Supervision: A Simple Yet Effective Network Distillation Alternative '
+            'to Improve Backbones" (SSLD)',
+            "symmetric, ≤ log 2, no label term: trains on unlabelled data; generalized_jsd at β = ½",
         ),
         _entry(skew_kl, "logits", "KL(p_t ‖ α·p_t + (1−α)·p_s)", _DISTILLM, "α = 0 is forward_kl"),
         _entry(skew_reverse_kl, "logits", "KL(p_s ‖ (1−α)·p_t + α·p_s)", _DISTILLM, "α = 0 is reverse_kl"),

@@ -328,6 +328,29 @@ def generalized_jsd(
     )
 
 
+def js_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    scale_t2: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Jensen-Shannon divergence, ½·KL(p_t ‖ m) + ½·KL(p_s ‖ m), m = (p_t + p_s) / 2.
+
+    SSLD's only loss (Cui et al. 2021, "Beyond Self-Supervision: A Simple Yet Effective Network Distillation
+    Alternative to Improve Backbones"): symmetric, bounded by log 2, and 0 only when the two distributions are
+    equal; with no label term it trains on unlabelled images. It is `generalized_jsd` at β = ½, named for the
+    paper. Defaults: temperature=1.0 (the paper uses none), reduction="mean", scale_t2=False, chunk_size=None.
+    """
+    return _divergence(
+        _jsd_rows(0.5), student_logits, teacher_logits, temperature, mask, labels, reduction, scale_t2, chunk_size
+    )
+
+
 def skew_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,

@@ -28,6 +28,10 @@ def task_class(name: str) -> type[Task]:
         from potstill.tasks.ranking import RankingTask
 
         return RankingTask
+    if name == "image_classification":
+        from potstill.tasks.image_classification import ImageClassificationTask
+
+        return ImageClassificationTask
     if name == "seq2seq":
         from potstill.tasks.seq2seq import Seq2SeqTask
 

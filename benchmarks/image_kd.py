@@ -1,0 +1,121 @@
+"""Image KD and SSLD on MNIST-5k (issue #20): does KD beat labels-only at 10 % of the labels, and does SSLD
+(JS-only distillation on the teacher's most confident unlabelled digits, then a labelled fine-tune) beat both?
+
+Teacher: ccexam's MNIST CNN (`potstill.assets_image:mnist_cnn`, 0.42 M parameters). Student: `small_cnn`
+(width 8, depth 2, 9.1 k parameters). Data: builtin:mnist-5k, train split 4,000 digits, test split 1,000; the
+labelled 10 % is a per-class draw of 400 (subset_seed = seed), the unlabelled pool is the other 3,600 (labels
+dropped). Rows, all the packaged recipes run in this process with the seed changed (student init, data
+order, labelled draw):
+- `CE (10 % labels)`: recipes/mnist-kd.yaml with objectives=[] (cross-entropy on the 400 labels);
+- `KD (10 % labels) + CE`: recipes/mnist-kd.yaml (forward KL at T = 4, T²-scaled, plus the labels);
+- `SSLD (JS on pool, then fine-tune)`: recipes/mnist-ssld.yaml (JS only, on the 400 + up to 300 digits per
+  teacher class from the pool, de-duplicated against the test digits), then recipes/mnist-ssld-finetune.yaml
+  (labels only, lr / 10) from its student; the stage-1 accuracy is reported too.
+Throughput of teacher and student is measured interleaved (batch 256, potstill.eval.compare_throughput) in the KD
+runs (one torch thread: these CNNs are too small to gain from a second).
+Reported: test accuracy and teacher agreement, mean ± std over the seeds.
+
+Usage: nice -n 5 python benchmarks/image_kd.py [--seeds 0 1 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = ("CE (10 % labels)", "KD (10 % labels) + CE", "SSLD stage 1 (JS on labelled + pool)",
+        "SSLD (JS on pool, then fine-tune)")
+
+
+def recipe(packaged: str, seed: int, work: Path, **changes: Any) -> dict:
+    raw = yaml.safe_load((REPO / "src" / "potstill" / "recipes" / f"{packaged}.yaml").read_text())
+    raw.update(name=f"{packaged}-s{seed}", output_dir=str(work), seed=seed)
+    for source in ("train",):
+        raw["data"][source]["subset_seed"] = seed
+    if "ssld" in raw["data"]:
+        raw["data"]["ssld"]["pool"]["subset_seed"] = seed
+    if raw["student"]["init"] == "factory":
+        raw["student"]["kwargs"]["seed"] = seed
+    raw["trainer"]["num_threads"] = 1  # tiny CNNs: a second thread only adds synchronisation
+    raw["eval"] = {"compare_before": False, "throughput": False, **raw.get("eval", {})}
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            raw[section][field] = value
+        else:
+            raw[section] = value
+    return raw
+
+
+def after(summary: dict) -> dict:
+    return summary["table"][-1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--json", type=Path, default=None, help="also write the per-seed numbers here")
+    args = p.parse_args()
+    sys.path.insert(0, str(REPO / "src"))
+    import torch
+
+    from potstill.config import validate_recipe
+    from potstill.train.run import fit_recipe
+
+    def run_recipe(recipe: Any) -> dict:
+        return fit_recipe(recipe)[2]  # the summary; no HTML report
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="potstill-image-kd-"))
+    results: dict[str, list[dict]] = {row: [] for row in ROWS}
+    speed: list[dict] = []
+    teacher: dict = {}
+    t0 = time.perf_counter()
+    for seed in args.seeds:
+        ce = run_recipe(validate_recipe(recipe("mnist-kd", seed, work, objectives=[], name=f"ce-s{seed}")))
+        kd = run_recipe(validate_recipe(recipe("mnist-kd", seed, work, **{"eval.throughput": True})))
+        stage1 = run_recipe(validate_recipe(recipe("mnist-ssld", seed, work)))
+        student = str(work / f"mnist-ssld-s{seed}" / "student")
+        ssld = run_recipe(validate_recipe(recipe("mnist-ssld-finetune", seed, work,
+                                                 student={"init": "pretrained", "path": student})))
+        kept = json.loads((work / f"mnist-ssld-s{seed}" / "ssld_selection.json").read_text())["kept"]
+        for row, summary in zip(ROWS, (ce, kd, stage1, ssld), strict=True):
+            results[row].append({"seed": seed, **{k: after(summary)[k] for k in ("accuracy", "agreement")},
+                                 "train_seconds": summary["train_seconds"]})
+        teacher = kd["table"][0]
+        speed.append({"teacher": teacher["images_per_s"], "student": after(kd)["images_per_s"],
+                      "teacher_params": teacher["params"], "student_params": after(kd)["params"]})
+        print(f"seed {seed}: CE {after(ce)['accuracy']:.4f}  KD {after(kd)['accuracy']:.4f}  SSLD-1 "
+              f"{after(stage1)['accuracy']:.4f}  SSLD {after(ssld)['accuracy']:.4f}  (pool kept {kept})", flush=True)
+
+    def mean_std(values: list[float]) -> str:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.4f} ± {std:.4f}"
+
+    print(f"\nteacher: accuracy {teacher['accuracy']:.4f}, {speed[0]['teacher_params']:,} params; student "
+          f"{speed[0]['student_params']:,} params")
+    ratios = [s["student"] / s["teacher"] for s in speed]
+    print(f"throughput (images/s, batch 256, interleaved): teacher {statistics.mean(s['teacher'] for s in speed):,.0f}"
+          f", student {statistics.mean(s['student'] for s in speed):,.0f}, speed-up {mean_std(ratios)}×")
+    print(f"\n| row ({len(args.seeds)} seeds) | test accuracy | agreement with teacher | train s |")
+    print("|---|---|---|---|")
+    for row, runs in results.items():
+        print(f"| {row} | {mean_std([r['accuracy'] for r in runs])} | {mean_std([r['agreement'] for r in runs])} | "
+              f"{statistics.mean(r['train_seconds'] for r in runs):.1f} |")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": results, "speed": speed, "teacher": teacher}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
