@@ -38,6 +38,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,7 +59,8 @@ _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re
 @dataclass(frozen=True)
 class ProgramSettings:
     """How programs are sampled and verified. Defaults: 1 retry at temperature 0.5 (the paper's code), 4
-    exemplars by TF-IDF similarity, the executor's default limits, tolerance 1e-2."""
+    exemplars by TF-IDF similarity, the executor's default limits, tolerance 1e-2, 4 programs run at once (a
+    hanging one holds one worker until its limit)."""
 
     retries: int = 1
     retry_temperature: float = 0.5
@@ -67,8 +69,11 @@ class ProgramSettings:
     limits: ExecutionLimits = field(default_factory=ExecutionLimits)
     tolerance: float = ANSWER_TOLERANCE
     instruction: str = PROGRAM_INSTRUCTION
+    workers: int = 4
 
     def __post_init__(self) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise UserError(f"workers: expected a whole number >= 1 of programs run at once, got {self.workers!r}")
         for name in ("retries", "exemplars"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -167,19 +172,21 @@ def _annotate(records: Sequence[dict], teacher: Any, out: Path, column: str, ref
                     for q, s in zip(questions, shots, strict=True)]
         results = teacher.chat_many(messages, max_tokens=settings.max_tokens, temperature=temperature,
                                     top_p=settings.top_p, seed=seed)
+        sources = [None if isinstance(r, Exception) else extract_program(r.text) for r in results]
+        golds = [records[i][reference_column] for i in pending]
+        with ThreadPoolExecutor(max_workers=program.workers) as pool:
+            runs = list(pool.map(lambda job: None if job[0] is None else verify_program(
+                job[0], job[1], program.limits, tolerance=program.tolerance), zip(sources, golds, strict=True)))
         unsolved, solved = [], 0
-        for i, shot, result in zip(pending, shots, results, strict=True):
+        for i, shot, result, source, run in zip(pending, shots, results, sources, runs, strict=True):
             if isinstance(result, Exception):
                 failed[i] = str(result)
                 continue
             report.answered += 1
             report.from_cache += int(result.cached)
-            source = extract_program(result.text)
-            if source is None:
+            if run is None:
                 status, reason, value = "no_program", "no program in the reply", None
             else:
-                run = verify_program(source, records[i][reference_column], program.limits,
-                                     tolerance=program.tolerance)
                 status, reason, value = run.status, run.reason(), run.value
             statuses[status] += 1
             attempts[i].append({"attempt": round_ + 1, "temperature": temperature, "seed": seed, "status": status,
