@@ -274,3 +274,39 @@ def test_cli_generate_filter_program(tmp_path, monkeypatch, capsys):
     assert main(args) == 0  # resumed: every answer from the cache
     assert json.loads((tmp_path / "gen" / "programs.manifest.json").read_text())["requests"] == 0
     assert main([*args[:-2], "--resample", "-1"]) == 2
+
+
+# -- the packaged recipe and the benchmark's evaluation -----------------------------------------------------------
+
+def test_student_program_decoding():
+    from conftest import load_benchmark
+
+    bench = load_benchmark("program_distillation")
+    assert bench.flat("count = 12\ncount = count // 3\nanswer = count") == \
+        "count = 12 ; count = count // 3 ; answer = count"
+    decoded = "count = 1 2 ; count = count / / 3 ; answer = count"  # word-level tokens joined by spaces
+    assert bench.student_program(decoded) == "count = 12 ; count = count // 3 ; answer = count"
+    assert verify_program(bench.student_program(decoded), 4, LIMITS).status == "ok"
+
+
+@pytest.mark.parametrize("kind", ["program", "answer"])
+def test_packaged_recipe_trains_and_its_student_is_evaluated_by_execution(tmp_path, kind):
+    from conftest import load_benchmark
+
+    from potstill.config import load_recipe
+    from potstill.recipes import packaged_recipe
+    from potstill.train import run_recipe
+
+    bench = load_benchmark("program_distillation")
+    sets = [f"output_dir={tmp_path}", "trainer.max_steps=2", "data.train.limit=64", "data.eval.limit=8",
+            "trainer.num_threads=1"]
+    if kind == "answer":
+        sets += ["data.train.path=program-distillation/train-answers.jsonl",
+                 "data.eval.path=program-distillation/eval-answers.jsonl"]
+    summary = run_recipe(load_recipe(packaged_recipe("program-distillation"), sets), overwrite=True)
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (bench.DATA / "eval-answers.jsonl").read_text().splitlines()]
+    rows = rows[:3] + rows[-3:]
+    accuracy = bench.evaluate(tmp_path / "program-distillation", kind, rows)
+    assert set(accuracy) == {"in_distribution", "held_out_templates"}
+    assert all(0.0 <= v <= 1.0 for v in accuracy.values())
