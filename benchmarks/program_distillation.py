@@ -20,7 +20,8 @@ Evaluation on the held-out problems: the greedy completion of each question; for
 decoded (`student_program`: digits joined, "/ /" → "//"), run in the sandbox and its answer compared with the
 gold (|a − gold| < 1e-2); for the answer student its text is read as a number. Exact-match accuracy, mean ±
 sample std over the seeds. Also measured: the annotation (kept, attempts, statuses) and how often the 4
-retrieved exemplars of a held-out question share its template (TF-IDF and MiniLM against random).
+exemplars retrieved for an in-distribution held-out question share its template (TF-IDF and MiniLM against
+random).
 
 `--write-recipe-data DIR` (re)writes the recipe's data (runs the annotation; deterministic) into DIR.
 
@@ -184,13 +185,15 @@ def run_one(out: Path, *, kind: str, seed: int, steps: int, extra: list[str]) ->
 
 
 def retrieval_study(embedders: list[str]) -> dict[str, float]:
-    """Share of the 4 exemplars retrieved for each held-out question (from the kept training programs) that
-    share its template, per embedder, and for 4 random exemplars."""
+    """Share of the 4 exemplars retrieved for each in-distribution held-out question (from the kept training
+    programs) that share its template, per embedder, and for 4 random exemplars (the held-out templates have
+    no exemplar of their own template by construction)."""
     from potstill.data.program_exemplars import ExemplarIndex, exemplar_records
 
     kept = [json.loads(line) for line in (DATA / "train-programs.jsonl").read_text().splitlines()]
     template = {r["prompt"]: r["template"] for r in kept}
-    queries = [json.loads(line) for line in (DATA / "eval-programs.jsonl").read_text().splitlines()]
+    queries = [r for r in map(json.loads, (DATA / "eval-programs.jsonl").read_text().splitlines())
+               if r["split"] == "in_distribution"]
     scores = {}
     for name in embedders:
         index = ExemplarIndex(name, exemplar_records(kept))
