@@ -73,6 +73,9 @@ _GUIDANCE = _RESULTS + ("teacher-needs-guidance-the-per-step-alpha-of-iterated-s
 _LLAVA_MOD = 'Shu et al., "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation"'
 _PRUNED = _RESULTS + "pruned-init-vs-layer-drop-init-at-equal-size-issue-19-benchmarkspruned_vs_layerdroppy"
 _MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
+_PROGRAMS = _RESULTS + ("program-distillation-verified-teacher-programs-vs-answer-only-sft-issue-21-item-7-"
+                        "benchmarksprogram_distillationpy")
+_PAD = 'Jie & Lu, "Leveraging Training Data in Few-Shot Prompting for Numerical Reasoning"'
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -211,6 +214,12 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Distiller MI-alpha", 'He et al., "Distiller: A Systematic Study of Model Distillation Methods in '
                    'Natural Language Processing"', 2021, "objective", _LOSSES + "mi_alpha", "MIAlpha",
                    "benchmarks/mi_alpha_gaussians.py", _MI_ALPHA),
+        MethodInfo("Program distillation (execution-verified teacher programs)", _PAD, 2023, "data generator",
+                   "potstill.program_distillation", "generate_programs", _RECIPES + "program-distillation.yaml",
+                   _PROGRAMS),
+        MethodInfo("Dynamic program exemplars (retrieved verified programs)", _PAD, 2023, "data generator",
+                   "potstill.data.program_exemplars", "ExemplarIndex", "benchmarks/program_distillation.py",
+                   _PROGRAMS),
     )
 }
 
