@@ -23,9 +23,20 @@ sample std over the seeds. Also measured: the annotation (kept, attempts, status
 exemplars retrieved for an in-distribution held-out question share its template (TF-IDF and MiniLM against
 random).
 
+Measured (2 shared CPU cores under load 4-15; 300 steps of 32; seeds 0-2; 29 min of runs in all):
+
+                   student  in-distribution  held-out templates   s/run
+               program SFT    0.828 ± 0.008       0.682 ± 0.090   408.2
+           answer-only SFT    0.045 ± 0.005       0.042 ± 0.024   167.4
+
+Program distillation wins by far: the program student copies numbers and picks operations, the interpreter does
+the arithmetic; the answer-only student (random init) stays at the majority answer's level (0.04 / 0.03).
+Annotation: 707 of 1,000 kept greedily, 199 more on the retry, 94 rejected. Exemplars sharing the template:
+TF-IDF 0.464, MiniLM 0.228, random 0.086.
+
 `--write-recipe-data DIR` (re)writes the recipe's data (runs the annotation; deterministic) into DIR.
 
-Usage: python benchmarks/program_distillation.py [--seeds 0 1 2] [--steps 600] [--out DIR] [--json PATH]
+Usage: python benchmarks/program_distillation.py [--seeds 0 1 2] [--steps 300] [--out DIR] [--json PATH]
 """
 
 from __future__ import annotations
