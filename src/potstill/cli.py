@@ -255,7 +255,9 @@ def generate(prompts: Annotated[Path, typer.Argument(help="prompts file: JSONL/C
              top_logprobs: Annotated[int, typer.Option(min=0, max=20, help="store the teacher's top-k log-probs "
                                                        "per generated token")] = 0,
              filter_: Annotated[str, typer.Option("--filter", help="none | match (answer equals --reference-column) "
-                                                  "| verifier (--verifier module:function)")] = "none",
+                                                  "| verifier (--verifier module:function) | program (run the "
+                                                  "teacher's program; keep it when it gives the reference)")] = "none",
+             resample: Annotated[int, typer.Option(min=0, help="--filter program: retries at temperature 0.5")] = 1,
              reference_column: Annotated[str | None, typer.Option(help="field with the expected answer")] = None,
              verifier: Annotated[str | None, typer.Option(help="'module:function' called as fn(record, answer) -> "
                                                           "bool")] = None,
@@ -270,13 +272,16 @@ def generate(prompts: Annotated[Path, typer.Argument(help="prompts file: JSONL/C
     """Ask a text-only teacher for every prompt; write a JSONL dataset with provenance.
 
     Resumable: on a re-run, answered prompts come from the response cache."""
+    from functools import partial
+
     from potstill.generate import GenerationSettings, generate_dataset, load_prompts, sidecar
+    from potstill.program_distillation import ProgramSettings, generate_programs
     from potstill.teachers.endpoint import EndpointTeacher
     from potstill.teachers.live import load_callable
     from potstill.ui import make_progress
 
-    if filter_ not in ("none", "match", "verifier"):
-        raise UserError(f"--filter: expected none, match or verifier, got {filter_!r}")
+    if filter_ not in ("none", "match", "verifier", "program"):
+        raise UserError(f"--filter: expected none, match, verifier or program, got {filter_!r}")
     records = load_prompts(prompts, column)[:limit]
     check = load_callable(verifier, field="--verifier") if verifier else None
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -287,9 +292,10 @@ def generate(prompts: Annotated[Path, typer.Argument(help="prompts file: JSONL/C
     progress = make_progress()
     with teacher, progress:
         bar = progress.add_task("teacher responses", total=len(records))
-        report = generate_dataset(records, teacher, out, column=column, settings=settings, filter=filter_,
-                                  reference_column=reference_column, verifier=check,
-                                  on_progress=lambda done, total: progress.update(bar, completed=done))
+        write = partial(generate_programs, program=ProgramSettings(retries=resample)) if filter_ == "program" \
+            else partial(generate_dataset, filter=filter_, verifier=check)
+        report = write(records, teacher, out, column=column, settings=settings, reference_column=reference_column,
+                       on_progress=lambda done, total: progress.update(bar, completed=done))
     console = _console()
     console.print(f"{out}: {report.kept:,} rows kept of {report.prompts:,} prompts ({report.from_cache:,} answers "
                   f"from the cache, {report.requests:,} requests, {report.retries:,} retries, "

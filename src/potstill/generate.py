@@ -16,7 +16,9 @@ Modes:
 Filter (optional): `match` keeps rows whose answer equals the record's reference (`reference_column`) after
 normalisation (case, surrounding space and punctuation, thousands separators; numbers compared as numbers);
 `verifier` keeps rows for which a user function `fn(record, answer) -> bool` says yes. Rejected rows go to
-`<out>.rejected.jsonl` with the reason, so a filter can be audited.
+`<out>.rejected.jsonl` with the reason, so a filter can be audited. `potstill generate --filter program`
+(program distillation) is a separate loop, `potstill.program_distillation.generate_programs`: the teacher
+writes a program, a sandbox runs it, and it is kept when its result matches the gold answer.
 
 Every row carries `provenance`: teacher (base URL, requested and served model), sampling settings, the request's
 cache key, whether it came from the cache, and when the row was written. `<out>.manifest.json` sums up the run

@@ -76,6 +76,9 @@ _IMAGE_KD = _RESULTS + "image-kd-and-ssld-on-mnist-5k-issue-20-benchmarksimage_k
 _MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
 _ZOO = _RESULTS + "distillnearest-and-distillweighted-teachers-from-a-zoo-issue-19-benchmarksdistill_nearestpy"
 _BORUP = 'Borup, Phoo & Hariharan, "Distilling from Similar Tasks for Transfer Learning on a Budget"'
+_PROGRAMS = _RESULTS + ("program-distillation-verified-teacher-programs-vs-answer-only-sft-issue-21-item-7-"
+                        "benchmarksprogram_distillationpy")
+_PAD = 'Jie & Lu, "Leveraging Training Data in Few-Shot Prompting for Numerical Reasoning"'
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -223,6 +226,12 @@ METHODS: dict[str, MethodInfo] = {
                    "benchmarks/distill_nearest.py", _ZOO),
         MethodInfo("DistillWeighted", _BORUP, 2023, "objective", _LOSSES + "multi_teacher",
                    "weighted_multi_teacher_kl", "benchmarks/distill_nearest.py", _ZOO),
+        MethodInfo("Program distillation (execution-verified teacher programs)", _PAD, 2023, "data generator",
+                   "potstill.program_distillation", "generate_programs", _RECIPES + "program-distillation.yaml",
+                   _PROGRAMS),
+        MethodInfo("Dynamic program exemplars (retrieved verified programs)", _PAD, 2023, "data generator",
+                   "potstill.data.program_exemplars", "ExemplarIndex", "benchmarks/program_distillation.py",
+                   _PROGRAMS),
     )
 }
 
