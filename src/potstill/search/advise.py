@@ -120,10 +120,10 @@ def log_lines(logs: list[dict[str, Any]], teacher: str, student: int) -> list[st
 
         model = Recommender.fit(records, maximize=mine[0].get("direction", "maximize") == "maximize")
         new = [r for r in model.rank(model.combinations()) if not r.tried]
-        if new:
-            lines.append(f"recommender (ridge on {model.trials} logged trials; leave-one-out error "
-                         f"{model.loo_mae:.4f} vs {model.baseline_mae:.4f} for the mean): best untried configuration "
-                         f"{new[0].config}, predicted {log['metric']} {new[0].predicted:.4f}.")
+        pick = (f"best untried configuration {new[0].config}, predicted {log['metric']} {new[0].predicted:.4f}"
+                if new else "every combination of the logged values was tried")
+        lines.append(f"recommender (ridge on {model.trials} logged trials; leave-one-out error {model.loo_mae:.4f} "
+                     f"vs {model.baseline_mae:.4f} for the mean of the others): {pick}.")
     return lines
 
 
