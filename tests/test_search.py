@@ -151,6 +151,8 @@ def test_a_three_trial_search_writes_its_outputs_and_resumes(embedding_setup):
     result = _search(recipe, space, study, trials=3)
     assert result["finished"] == 3 and len(result["trials"]) == 3
     assert result["metric"] == "cosine_to_teacher" and result["proxy"] == "train"
+    assert result["trials"][0]["values"]["layers"] == "[0]"  # the recipe's own student comes first
+    assert result["trials"][0]["label"].endswith("(the recipe's own student)")
     stored = json.loads((study / "search.json").read_text())
     assert stored["pareto"] == result["pareto"] and stored["pareto"]
     for trial in stored["trials"]:

@@ -117,6 +117,10 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
             "task": recipe.task, "teacher": str(recipe.teacher.path), "proxy": space.proxy, "metric": metric,
             "direction": direction, "budget_seconds": settings.budget_seconds, "user_sets": settings.user_sets,
             "teacher_layers": shape.layers, "valid_metrics": list(task_class(recipe.task).metric_names)}
+    if not study.trials:
+        baseline = recipe_values(space, recipe)
+        if baseline:
+            study.enqueue_trial(baseline, user_attrs={"baseline": True})
     start = time.perf_counter()
     durations: list[float] = []
     while True:
@@ -130,7 +134,7 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
             break
         trial = study.ask()
         values = sample(space, trial)
-        label = describe(values)
+        label = describe(values) + (" (the recipe's own student)" if trial.user_attrs.get("baseline") else "")
         trial.set_user_attr("label", label)
         target = f"/{settings.trials}" if settings.trials is not None else ""
         console.rule(f"[bold]search {name}: trial {trial.number} ({len(_complete(study))}{target} done, {finished} "
@@ -156,6 +160,31 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
         durations.append(time.perf_counter() - tick)
         write_outputs(study, settings, meta)
     return write_outputs(study, settings, meta, final=True)
+
+
+def recipe_values(space: SearchSpace, recipe: Any) -> dict[str, Any]:
+    """The space's values of the recipe's own student (layer-drop layers, lr, temperature), enqueued as a new
+    study's first trial so that the front shows whether any candidate beats the recipe as it is; empty when the
+    recipe's student is not in the space."""
+    import json
+
+    from potstill.search.space import Range
+
+    student, values = recipe.student, {}
+    if student.init != "layers_from_teacher" or "layers_from_teacher" not in space.student.init:
+        return {}
+    values["init"] = "layers_from_teacher"
+    if space.student.layers is not None:
+        if list(student.layers) not in space.student.layers:
+            return {}
+        values["layers"] = json.dumps(list(student.layers))
+    elif space.student.depth is not None:
+        return {}
+    lr = recipe.trainer.lr
+    if isinstance(space.lr, Range) and space.lr.low <= lr <= space.lr.high or \
+            isinstance(space.lr, list) and lr in space.lr:
+        values["lr"] = lr
+    return values
 
 
 def describe(values: dict[str, Any]) -> str:
