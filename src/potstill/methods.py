@@ -73,6 +73,8 @@ _GUIDANCE = _RESULTS + ("teacher-needs-guidance-the-per-step-alpha-of-iterated-s
 _LLAVA_MOD = 'Shu et al., "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation"'
 _PRUNED = _RESULTS + "pruned-init-vs-layer-drop-init-at-equal-size-issue-19-benchmarkspruned_vs_layerdroppy"
 _MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
+_SEARCH = _RESULTS + ("student-search-proxies-and-advice-on-the-minilm-demo-issue-19-benchmarkssearch_proxiespy-"
+                      "potstill-search")
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -211,6 +213,15 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Distiller MI-alpha", 'He et al., "Distiller: A Systematic Study of Model Distillation Methods in '
                    'Natural Language Processing"', 2021, "objective", _LOSSES + "mi_alpha", "MIAlpha",
                    "benchmarks/mi_alpha_gaussians.py", _MI_ALPHA),
+        MethodInfo("AutoDistil-style student search (potstill search)", 'Xu et al., "AutoDistil: Few-shot '
+                   'Task-agnostic Neural Architecture Search for Distilling Large Language Models"', 2022,
+                   "student builder", "potstill.search.study", "run_search", "benchmarks/search_proxies.py", _SEARCH),
+        MethodInfo("AutoDistiller recommender", 'He et al., "Distiller: A Systematic Study of Model Distillation '
+                   'Methods in Natural Language Processing"', 2021, "evaluation", "potstill.search.recommender",
+                   "Recommender", "benchmarks/search_proxies.py", _SEARCH),
+        MethodInfo("Capacity-gap advisor (potstill advise)", 'Zhang et al., "Towards the Law of Capacity Gap in '
+                   'Distilling Language Models"', 2023, "student builder", "potstill.search.advise", "advise_text",
+                   "benchmarks/search_proxies.py", _SEARCH),
     )
 }
 

@@ -137,8 +137,10 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
         label = describe(values) + (" (the recipe's own student)" if trial.user_attrs.get("baseline") else "")
         trial.set_user_attr("label", label)
         target = f"/{settings.trials}" if settings.trials is not None else ""
-        console.rule(f"[bold]search {name}: trial {trial.number} ({len(_complete(study))}{target} done, {finished} "
-                     f"in the study) · {_best_line(study, direction == 'maximize')} · {_clock(left)} left")
+        console.rule(f"[bold]search {name}: trial {trial.number}")
+        console.print(f"{len(_complete(study))}{target} trials done ({finished} finished in the study) · "
+                      f"{_best_line(study, direction == 'maximize')} · {_clock(left)} left", highlight=False,
+                      soft_wrap=True)
         console.print(f"candidate: {label}", highlight=False, soft_wrap=True)
         tick = time.perf_counter()
         try:
