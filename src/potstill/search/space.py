@@ -56,7 +56,7 @@ class Range(Strict):
 
 
 class StudentSpace(Strict):
-    init: list[Init] = Field(default_factory=lambda: ["layers_from_teacher"], min_length=1)
+    init: list[Init] = Field(default_factory=lambda: list[Init](["layers_from_teacher"]), min_length=1)
     layers: list[list[int]] | None = Field(None, min_length=1)
     depth: list[int] | None = Field(None, min_length=1)
     width: list[int] | None = Field(None, min_length=1)
@@ -131,7 +131,7 @@ class SearchSpace(Strict):
         if self.quality is not None:
             return self.quality
         metric, direction = DEFAULT_QUALITY[task]
-        return Quality(metric=metric, direction=direction)  # type: ignore[arg-type]
+        return Quality.model_validate({"metric": metric, "direction": direction})
 
 
 def parse_space(raw: Any, source: str = "space") -> SearchSpace:

@@ -63,7 +63,8 @@ def open_study(study_dir: Path, name: str, directions: list[str], seed: int) -> 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / STUDY_FILE}")
-    study = optuna.create_study(study_name=name, storage=storage, directions=directions, load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=storage, directions=list(directions),  # type: ignore[arg-type]
+                                load_if_exists=True)
     if [d.name.lower() for d in study.directions] != directions:
         stored = [d.name.lower() for d in study.directions]
         raise UserError(f"{study_dir / STUDY_FILE}: study {name!r} optimises {stored}, this search {directions}; "
