@@ -249,3 +249,17 @@ def test_the_shipped_space_matches_the_demo_recipe():
     space = load_space(packaged_recipe("demo").parent / "spaces" / "minilm.yaml")
     assert space.proxy == "train" and [0, 3] in (space.student.layers or [])
     assert yaml.safe_load((packaged_recipe("demo").parent / "spaces" / "minilm.yaml").read_text())
+
+
+def test_the_command_reports_a_bad_space_in_one_line(tmp_path, capsys):
+    from conftest import write_yaml
+
+    from potstill.cli import main
+
+    space = write_yaml(tmp_path / "space.yaml", {"student": {"init": ["layers_from_teacher"], "layers": [[0]]},
+                                                 "lr": {"low": 1.0, "high": 0.1}})
+    assert main(["search", "demo", "--space", str(space), "--budget", "1m"]) == 2
+    err = capsys.readouterr().err
+    assert "field lr: low (1.0) must be below high (0.1)" in " ".join(err.split())
+    assert main(["search", "demo", "--space", str(tmp_path / "missing.yaml")]) == 2
+    assert "search space file not found" in capsys.readouterr().err

@@ -142,15 +142,19 @@ def parse_space(raw: Any, source: str = "space") -> SearchSpace:
     try:
         return SearchSpace.model_validate(raw)
     except ValidationError as err:
-        problems = []
+        by_field: dict[str, list[str]] = {}
         for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p[0].isupper()
-                                                              or p in ("list[float]", "float", "Range")))
-            message = e["msg"].removeprefix("Value error, ")
-            if e["type"] == "extra_forbidden":
-                message = "unknown field"
-            problems.append(f"field {loc or '(top)'}: {message}")
-        raise UserError(f"invalid search space: {source}: " + "; ".join(dict.fromkeys(problems))) from None
+            # a union's branches add their type tags (`function-after[...]`, `list[float]`, `Range`) to the path
+            loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p[:1].isupper()
+                                                                                      or p in ("float", "int"))))
+            message = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+            by_field.setdefault(loc or "(top)", []).append(message)
+        problems = []
+        for loc, messages in by_field.items():
+            # of a union's branches, keep the specific complaint over "not the other type"
+            specific = [m for m in messages if not m.startswith("Input should be a valid")] or messages
+            problems += [f"field {loc}: {m}" for m in dict.fromkeys(specific)]
+        raise UserError(f"invalid search space: {source}: " + "; ".join(problems)) from None
 
 
 def load_space(path: str | Path) -> SearchSpace:
