@@ -157,6 +157,10 @@ def test_a_three_trial_search_writes_its_outputs_and_resumes(embedding_setup):
     assert stored["pareto"] == result["pareto"] and stored["pareto"]
     for trial in stored["trials"]:
         assert trial["speedup"] > 0 and trial["params"] > 0 and -1 <= trial["quality"] <= 1
+    speeds = json.loads((study / "speed.json").read_text())  # one measurement per architecture
+    assert len(speeds) == len({t["params"] for t in stored["trials"]})
+    by_params = {t["params"]: t["speedup"] for t in stored["trials"]}
+    assert all(t["speedup"] == by_params[t["params"]] for t in stored["trials"])
     recipes = sorted((study / "pareto").glob("*.yaml"))
     assert len(recipes) == len(stored["pareto"])
     for path in recipes:  # each loads as a valid recipe, with the recipe's own budget, not the trial's

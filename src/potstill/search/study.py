@@ -148,7 +148,7 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
             candidate = candidate_overrides(space, values, base, shape)
             trial.set_user_attr("overrides", candidate)
             result = run_trial(settings.recipe_path, settings.user_sets, candidate,
-                               proxy_overrides(space, study_dir, trial.number), space, metric)
+                               proxy_overrides(space, study_dir, trial.number), space, metric, study_dir)
         except UserError as exc:
             trial.set_user_attr("error", str(exc))
             study.tell(trial, state=TrialState.FAIL)

@@ -8,8 +8,11 @@ and folder, the trial budget: what only the search uses). A trial is then a norm
   trained student on the recipe's held-out data;
 - proxy `diswot`: no training step; the quality is the DisWOT score of the student at initialisation
   (`potstill.eval.diswot`) on one labelled batch.
-Either way the run measures teacher and student throughput interleaved on the recipe's held-out texts at its
-`data.max_length` (`Task.measure`, `eval.speed.compare_throughput`); the speed-up is student / teacher.
+Either way teacher and student throughput are then measured interleaved on the recipe's held-out texts at its
+`data.max_length` (`Task.measure`, `eval.speed.compare_throughput`); the speed-up is student / teacher. Speed
+depends on the architecture, not the weights, so it is measured once per architecture (class, parameter count,
+config dims) and kept in `<study>/speed.json`: layer-drop students of the same depth share one measurement,
+which saves minutes per trial on a loaded machine and removes noise between equal students.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def candidate_overrides(space: SearchSpace, values: dict[str, Any], base: dict[s
 def proxy_overrides(space: SearchSpace, study_dir: Path, number: int) -> list[str]:
     """The `--set` items of the trial run itself: its folder, the trial budget, throughput on."""
     sets = [f"name=trial-{number:04d}", f"output_dir={json.dumps(str(study_dir / 'trials'))}",
-            "eval.throughput=true", "eval.compare_before=false", "eval.every=0", "trainer.save_every=0",
+            "eval.throughput=false", "eval.compare_before=false", "eval.every=0", "trainer.save_every=0",
             "trainer.early_stopping=null"]
     if space.proxy == "diswot":
         return [*sets, "trainer.max_steps=0", "trainer.max_seconds=null"]
@@ -134,6 +137,33 @@ def share_teacher_cache(run_dir: Path) -> None:
 
 def _rate(row: dict[str, Any]) -> float | None:
     return next((float(v) for k, v in row.items() if k.endswith("_per_s")), None)
+
+
+def architecture_key(model: Any) -> str:
+    """What a model's speed depends on: its class, parameter count and config dims."""
+    from potstill.eval import count_parameters
+
+    config = getattr(model, "config", None)
+    dims = {k: getattr(config, k, None) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                  "num_key_value_heads", "intermediate_size")} if config else {}
+    return json.dumps([type(model).__name__, count_parameters(model), dims])
+
+
+def measured_speed(task: Any, study_dir: Path) -> dict[str, float]:
+    """{teacher, student: items/s, speedup} of the task's student, from `<study>/speed.json` when an equal
+    architecture was measured before, else measured now (interleaved with the teacher) and stored."""
+    from potstill.io import atomic_write_json
+
+    path = study_dir / "speed.json"
+    cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    key = architecture_key(task.student)
+    if key not in cache:
+        sizes = task.measure(task.student)
+        t_rate, s_rate = _rate(sizes.get("teacher", {})), _rate(sizes.get("student", {}))
+        cache[key] = {"teacher": t_rate, "student": s_rate,
+                      "speedup": s_rate / t_rate if s_rate and t_rate else float("nan")}
+        atomic_write_json(path, cache)
+    return cache[key]
 
 
 def _diswot(task: Any, space: SearchSpace) -> dict[str, float]:
@@ -168,17 +198,17 @@ def _diswot(task: Any, space: SearchSpace) -> dict[str, float]:
 
 
 def run_trial(recipe_path: Path, user_sets: list[str], candidate: list[str], proxy: list[str], space: SearchSpace,
-              metric: str) -> TrialResult:
+              metric: str, study_dir: Path) -> TrialResult:
     """Run one trial (see the module docstring); its run folder holds the usual run outputs."""
     from potstill.config import load_recipe
+    from potstill.eval import count_parameters
     from potstill.train.run import fit_recipe
 
     recipe = load_recipe(recipe_path, [*user_sets, *candidate, *proxy])
     start = time.perf_counter()
     share_teacher_cache(recipe.run_dir)
     task, _, summary = fit_recipe(recipe, overwrite=True)
-    rows = {r["model"]: r for r in summary["table"]}
-    teacher, student = rows.get("teacher", {}), rows["student (after)"]
+    student = {r["model"]: r for r in summary["table"]}["student (after)"]
     metrics = {k: float(v) for k, v in student.items() if isinstance(v, (int, float))}
     if space.proxy == "diswot":
         metrics.update(_diswot(task, space))
@@ -188,9 +218,9 @@ def run_trial(recipe_path: Path, user_sets: list[str], candidate: list[str], pro
                         f"{', '.join(sorted(metrics))})")
     else:
         quality = metrics[metric]
-    t_rate, s_rate = _rate(teacher), _rate(student)
-    speedup = s_rate / t_rate if s_rate and t_rate else float("nan")
-    return TrialResult(quality=quality, speedup=speedup, params=int(student.get("params", 0)),
+    speed = measured_speed(task, study_dir)
+    metrics.update({"teacher_per_s": speed["teacher"], "student_per_s": speed["student"]})
+    return TrialResult(quality=quality, speedup=speed["speedup"], params=count_parameters(task.student),
                        seconds=time.perf_counter() - start, metrics=metrics)
 
 
