@@ -108,7 +108,8 @@ def main() -> None:
         del student
         run_name = f"proxy-{name}-s{args.seed}".replace(",", "_")
         share_teacher_cache(runs / run_name, runs, pattern="proxy-*")
-        sets = [f"name={run_name}", f"output_dir={runs}", f"seed={args.seed}", f"student={json.dumps(cfg)}",
+        sets = [f"name={run_name}", f"output_dir={runs}", f"seed={args.seed}", "student=null",  # replace, not merge
+                f"student={json.dumps(cfg)}",
                 f"data.max_length={args.max_length}", f"data.train={json.dumps(train)}",
                 f"data.eval.limit={args.eval_texts}", "eval.probe_train=null", "eval.probe_test=null",
                 "eval.throughput=false", "eval.compare_before=true", f"eval.every={args.k}", "trainer.num_threads=2"]
