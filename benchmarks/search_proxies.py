@@ -16,6 +16,8 @@ Proxies, all taken before or early in that same run:
 Runs are in-process, one after the other, each its own run folder under `--runs`; rows are appended to `--out`
 (JSONL) and finished candidates are skipped, so a killed study resumes.
 Usage: python benchmarks/search_proxies.py [--k 5] [--texts 640] [--max-length 64]
+       python benchmarks/search_proxies.py --score-trials runs/search-minilm 0 1 13   # a search's trial students
+                                                                                      # on the same suite subset
 """
 
 from __future__ import annotations
@@ -74,9 +76,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="candidate names (default: all 12)")
     parser.add_argument("--runs", default=str(REPO / "runs" / "search_proxies"))
     parser.add_argument("--out", default=str(REPO / "runs" / "search_proxies" / "results.jsonl"))
+    parser.add_argument("--score-trials", nargs="+", metavar=("STUDY_DIR", "TRIAL"),
+                        help="only score these trials' saved students of a `potstill search` study on the suite subset")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(2)
+    if args.score_trials:
+        score_trials(Path(args.score_trials[0]), [int(n) for n in args.score_trials[1:]])
+        return
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
@@ -132,6 +139,17 @@ def main() -> None:
               f"heldout@{args.k} {row[f'heldout@{args.k}']} ({row['seconds']} s)", flush=True)
     print(table(list(done.values()), args.k))
     print(f"total {time.perf_counter() - start:.0f} s")
+
+
+def score_trials(study_dir: Path, numbers: list[int]) -> None:
+    from potstill.eval.suite import cached_encoder, encoder_for, run_suite
+
+    teacher = cached_encoder(encoder_for("builtin:minilm"))
+    for n in numbers:
+        result = run_suite(encoder_for(study_dir / "trials" / f"trial-{n:04d}" / "student"), teacher_encode=teacher,
+                           progress=False, tasks=QUICK_TASKS)
+        print(json.dumps({"trial": n, "average": round(result.average, 4),
+                          "per_type": {k: round(v, 3) for k, v in result.per_type.items()}}), flush=True)
 
 
 def table(rows: list[dict], k: int) -> str:
