@@ -108,7 +108,13 @@ def main() -> None:
         if (args.only and name not in args.only) or name in done:
             continue
         tick = time.perf_counter()
-        student = _student(teacher, cfg, texts, tokenizer, "embedding", args.max_length)
+        if cfg["init"] == "from_config":
+            from potstill.students.build import from_config
+
+            torch.manual_seed(args.seed)
+            student = from_config(teacher, **cfg["config"])
+        else:
+            student = _student(teacher, cfg, texts, tokenizer, "embedding", args.max_length)
         params = sum(p.numel() for p in student.parameters())
         torch.manual_seed(args.seed)
         score = diswot_score(teacher, student, d_batch, d_labels, n_classes)
