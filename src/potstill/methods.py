@@ -79,6 +79,8 @@ _BORUP = 'Borup, Phoo & Hariharan, "Distilling from Similar Tasks for Transfer L
 _PROGRAMS = _RESULTS + ("program-distillation-verified-teacher-programs-vs-answer-only-sft-issue-21-item-7-"
                         "benchmarksprogram_distillationpy")
 _PAD = 'Jie & Lu, "Leveraging Training Data in Few-Shot Prompting for Numerical Reasoning"'
+_SEARCH = _RESULTS + ("student-search-proxies-and-advice-on-the-minilm-demo-issue-19-benchmarkssearch_proxiespy-"
+                      "potstill-search")
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -232,6 +234,15 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Dynamic program exemplars (retrieved verified programs)", _PAD, 2023, "data generator",
                    "potstill.data.program_exemplars", "ExemplarIndex", "benchmarks/program_distillation.py",
                    _PROGRAMS),
+        MethodInfo("AutoDistil-style student search (potstill search)", 'Xu et al., "AutoDistil: Few-shot '
+                   'Task-agnostic Neural Architecture Search for Distilling Large Language Models"', 2022,
+                   "student builder", "potstill.search.study", "run_search", "benchmarks/search_proxies.py", _SEARCH),
+        MethodInfo("AutoDistiller recommender", 'He et al., "Distiller: A Systematic Study of Model Distillation '
+                   'Methods in Natural Language Processing"', 2021, "evaluation", "potstill.search.recommender",
+                   "Recommender", "benchmarks/search_proxies.py", _SEARCH),
+        MethodInfo("Capacity-gap advisor (potstill advise)", 'Zhang et al., "Towards the Law of Capacity Gap in '
+                   'Distilling Language Models"', 2023, "student builder", "potstill.search.advise", "advise_text",
+                   "benchmarks/search_proxies.py", _SEARCH),
     )
 }
 
