@@ -73,6 +73,9 @@ _GUIDANCE = _RESULTS + ("teacher-needs-guidance-the-per-step-alpha-of-iterated-s
 _LLAVA_MOD = 'Shu et al., "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation"'
 _PRUNED = _RESULTS + "pruned-init-vs-layer-drop-init-at-equal-size-issue-19-benchmarkspruned_vs_layerdroppy"
 _MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
+_SWIFTKV = _RESULTS + "swiftkv-on-smollm2-135m-prefill-cost-vs-agreement-issue-21-10-benchmarksswiftkvpy"
+_UNIVERSAL_NER = _RESULTS + ("universalner-targeted-distillation-of-a-scripted-ner-teacher-issue-21-8-"
+                             "benchmarksuniversal_nerpy")
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -211,6 +214,17 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Distiller MI-alpha", 'He et al., "Distiller: A Systematic Study of Model Distillation Methods in '
                    'Natural Language Processing"', 2021, "objective", _LOSSES + "mi_alpha", "MIAlpha",
                    "benchmarks/mi_alpha_gaussians.py", _MI_ALPHA),
+        MethodInfo("SwiftKV (SingleInputKV, AcrossKV) with knowledge-preserving self-distillation",
+                   'Qiao et al., "SwiftKV: Fast Prefill-Optimized Inference with Knowledge-Preserving Model '
+                   'Transformation"', 2024, "student builder", "potstill.students.swiftkv", "SwiftKVForCausalLM",
+                   _RECIPES + "smollm2-swiftkv.yaml", _SWIFTKV),
+        MethodInfo("UniversalNER targeted distillation (per-type conversations, negative types)",
+                   'Zhou et al., "UniversalNER: Targeted Distillation from Large Language Models for Open Named '
+                   'Entity Recognition"', 2024, "data generator", "potstill.data.universal_ner",
+                   "universal_ner_conversations", _RECIPES + "smollm2-universal-ner.yaml", _UNIVERSAL_NER),
+        MethodInfo("Entity-level NER F1 (strict)", 'Zhou et al., "UniversalNER: Targeted Distillation from Large '
+                   'Language Models for Open Named Entity Recognition"', 2024, "evaluation", "potstill.eval.ner",
+                   "entity_f1", "benchmarks/universal_ner.py", _UNIVERSAL_NER),
     )
 }
 
