@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_causal_lm import make_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from potstill.config import validate_recipe
 from potstill.errors import UserError
@@ -139,6 +139,12 @@ def test_refusals():
         swiftkv_student(base, {"cut": 2})
     with pytest.raises(UserError, match="across_kv"):
         swiftkv_student(base, {"cut_layer": 2, "across_kv": 0})
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2))
+    with pytest.raises(UserError, match="'gpt2' model; the SwiftKV transform is built for the Llama layout"):
+        swiftkv_student(gpt2, {"cut_layer": 1})
+    with pytest.raises(UserError, match="init swiftkv takes cut_layer and across_kv; got layers"):
+        validate_recipe({"name": "x", "task": "causal_lm", "teacher": {"path": "t"},
+                         "student": {"init": "swiftkv", "config": {"layers": 2}}, "data": {"train": "d.jsonl"}})
 
 
 def test_prefill_flops_by_hand():

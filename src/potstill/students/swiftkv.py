@@ -295,7 +295,7 @@ def swiftkv_student(teacher: nn.Module, config: dict[str, Any]) -> SwiftKVForCau
         raise UserError(f"field student.config: init swiftkv takes {', '.join(SWIFTKV_FIELDS)}; got "
                         f"{', '.join(unknown)}")
     depth = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
-    if depth is None or not hasattr(teacher, "model"):
+    if depth is None:
         raise UserError("field student.init: swiftkv needs a Hugging Face Llama-layout causal LM teacher")
     model = SwiftKVForCausalLM(teacher, int(config.get("cut_layer", depth // 2)), int(config.get("across_kv", 1)))
     model.train()
