@@ -11,7 +11,9 @@ For each cut layer l (default 15 and 22 of 30 layers: SingleInputKV on the last 
   teacher (the same model, transform off) and KL(teacher ‖ student) per token, at initialisation and after
   `recipes/smollm2-swiftkv.yaml` (`--steps` steps of 4 × 128 BBC tokens, only the new weights training).
 
-Usage: python benchmarks/swiftkv.py [--cuts 15 22] [--steps 20] [--prompt-tokens 256] [--rounds 5]
+`--init-cuts 26 28`: also score those cuts at initialisation (no training, no timing).
+
+Usage: python benchmarks/swiftkv.py [--cuts 15 22] [--init-cuts 26 28] [--steps 20] [--prompt-tokens 256] [--rounds 5]
        [--eval-blocks 12] [--out runs/swiftkv_bench] [--threads 2]
 Writes <out>/results.json and prints the table.
 """
@@ -90,6 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cuts", type=int, nargs="+", default=[15, 22])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--init-cuts", type=int, nargs="*", default=[],
+                        help="cuts scored at initialisation only (no training, no timing)")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--eval-blocks", type=int, default=12)
@@ -138,6 +142,14 @@ def main() -> None:
                      "agreement_before": before["agreement"], "kl_before": before["kl"],
                      "agreement": after["agreement"], "kl": after["kl"], "steps": args.steps})
         del trained
+    for cut in args.init_cuts:
+        init = agreement(SwiftKVForCausalLM(base, cut).eval(), base, examples, vocab)
+        print(f"cut {cut} at initialisation: {init}", flush=True)
+        rows.append({"model": f"swiftkv cut {cut} (init)", "cut": cut,
+                     "prefill_gflops": prefill_flops(base.config, args.prompt_tokens, cut_layer=cut) / 1e9,
+                     "flops_reduction": 1 - prefill_flops(base.config, args.prompt_tokens, cut_layer=cut)
+                     / flops_original, "prefill_s": float("nan"), "agreement_before": init["agreement"],
+                     "kl_before": init["kl"], "agreement": init["agreement"], "kl": init["kl"], "steps": 0})
     result = {"prompt_tokens": args.prompt_tokens, "rounds": args.rounds, "threads": args.threads,
               "eval_tokens": sum(sum(t != -100 for t in ex["targets"]) for ex in examples),
               "seconds": time.perf_counter() - started, "rows": rows}
