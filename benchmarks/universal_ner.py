@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-zero-shot", action="store_true")
+    parser.add_argument("--student", default=None,
+                        help="score this trained student folder (same --out data) instead of training one")
     parser.add_argument("--write-recipe-data", action="store_true")
     parser.add_argument("--out", default="runs/universal_ner")
     args = parser.parse_args()
@@ -212,11 +214,13 @@ def main() -> None:
                                   f"trainer.num_threads={args.threads}",
                                   f"data.train.path={out / 'data' / 'train.jsonl'}",
                                   f"data.eval.path={out / 'data' / 'eval.jsonl'}"])
-    train_started = time.perf_counter()
-    summary = run_recipe(recipe)
-    result["train_seconds"] = time.perf_counter() - train_started
-    result["run_table"] = summary.get("table")
-    student = AutoModelForCausalLM.from_pretrained(out / "runs" / recipe.name / "student")
+    result["train_seconds"] = 0.0
+    if args.student is None:
+        train_started = time.perf_counter()
+        summary = run_recipe(recipe)
+        result["train_seconds"] = time.perf_counter() - train_started
+        result["run_table"] = summary.get("table")
+    student = AutoModelForCausalLM.from_pretrained(args.student or out / "runs" / recipe.name / "student")
     result["student"] = score(student, tokenizer, held)
     result["steps"], result["seconds"] = args.steps, time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(result, indent=2))
