@@ -81,6 +81,9 @@ _PROGRAMS = _RESULTS + ("program-distillation-verified-teacher-programs-vs-answe
 _PAD = 'Jie & Lu, "Leveraging Training Data in Few-Shot Prompting for Numerical Reasoning"'
 _SEARCH = _RESULTS + ("student-search-proxies-and-advice-on-the-minilm-demo-issue-19-benchmarkssearch_proxiespy-"
                       "potstill-search")
+_SWIFTKV = _RESULTS + "swiftkv-on-smollm2-135m-prefill-cost-vs-agreement-issue-21-10-benchmarksswiftkvpy"
+_UNIVERSAL_NER = _RESULTS + ("universalner-targeted-distillation-of-a-scripted-ner-teacher-issue-21-8-"
+                             "benchmarksuniversal_nerpy")
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -243,6 +246,17 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Capacity-gap advisor (potstill advise)", 'Zhang et al., "Towards the Law of Capacity Gap in '
                    'Distilling Language Models"', 2023, "student builder", "potstill.search.advise", "advise_text",
                    "benchmarks/search_proxies.py", _SEARCH),
+        MethodInfo("SwiftKV (SingleInputKV, AcrossKV) with knowledge-preserving self-distillation",
+                   'Qiao et al., "SwiftKV: Fast Prefill-Optimized Inference with Knowledge-Preserving Model '
+                   'Transformation"', 2024, "student builder", "potstill.students.swiftkv", "SwiftKVForCausalLM",
+                   _RECIPES + "smollm2-swiftkv.yaml", _SWIFTKV),
+        MethodInfo("UniversalNER targeted distillation (per-type conversations, negative types)",
+                   'Zhou et al., "UniversalNER: Targeted Distillation from Large Language Models for Open Named '
+                   'Entity Recognition"', 2024, "data generator", "potstill.data.universal_ner",
+                   "universal_ner_conversations", _RECIPES + "smollm2-universal-ner.yaml", _UNIVERSAL_NER),
+        MethodInfo("Entity-level NER F1 (strict)", 'Zhou et al., "UniversalNER: Targeted Distillation from Large '
+                   'Language Models for Open Named Entity Recognition"', 2024, "evaluation", "potstill.eval.ner",
+                   "entity_f1", "benchmarks/universal_ner.py", _UNIVERSAL_NER),
     )
 }
 

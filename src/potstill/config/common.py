@@ -108,14 +108,17 @@ PRUNABLE_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", 
 class StudentConfig(Strict):
     """How the student is built (the fields every task has; the embedding task adds init: static)."""
 
-    init: Literal["layers_from_teacher", "from_config", "pretrained", "factory", "pruned"] = Field(
+    init: Literal["layers_from_teacher", "from_config", "pretrained", "factory", "pruned", "swiftkv"] = Field(
         "layers_from_teacher", description="how the student is built; pruned: the teacher cut to the dims in "
-        "student.config by mask-gradient importance on the training data (MiniMA; embedding and causal_lm tasks)")
+        "student.config by mask-gradient importance on the training data (MiniMA; embedding and causal_lm tasks); "
+        "swiftkv: the teacher itself with SwiftKV's SingleInputKV from student.config.cut_layer on (across_kv: "
+        "layers sharing one K/V), only the new K/V weights training (Llama-layout causal LMs)")
     layers: list[int] | None = Field(None, description="teacher layers copied into the student (layers_from_teacher; "
                                      "with pruned: the layers kept instead of choosing num_hidden_layers)")
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="config overrides for from_config, e.g. {num_hidden_layers: 2}; for "
-                                   "pruned the target dims: " + ", ".join(PRUNABLE_FIELDS))
+                                   "pruned the target dims: " + ", ".join(PRUNABLE_FIELDS) + "; for swiftkv "
+                                   "cut_layer (default half the depth) and across_kv (default 1)")
     calibration_batches: int = Field(8, ge=1, description="init pruned: training batches the importance is "
                                      "averaged over (the first texts of data.train)")
     calibration_batch_size: int = Field(8, ge=1, description="init pruned: texts per calibration batch")
@@ -145,6 +148,9 @@ class StudentConfig(Strict):
             if unknown or not (self.config or self.layers):
                 raise ValueError(f"student.config for init pruned takes the target dims {', '.join(PRUNABLE_FIELDS)}"
                                  f"{'; got ' + ', '.join(unknown) if unknown else ' (give at least one)'}")
+        if self.init == "swiftkv" and set(self.config) - {"cut_layer", "across_kv"}:
+            raise ValueError(f"student.config for init swiftkv takes cut_layer and across_kv; got "
+                             f"{', '.join(sorted(set(self.config) - {'cut_layer', 'across_kv'}))}")
         return self
 
     @model_validator(mode="after")

@@ -49,12 +49,16 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, *, seed: int, field_pr
     hf_teacher = hasattr(teacher, "config") and hasattr(teacher, "save_pretrained")
     if cfg.init == "pruned" and calibration is None:
         raise UserError(f"field {field_prefix}.init: pruned is built for the embedding and causal_lm tasks only")
-    if cfg.init in ("layers_from_teacher", "from_config", "pruned") and not hf_teacher:
+    if cfg.init in ("layers_from_teacher", "from_config", "pruned", "swiftkv") and not hf_teacher:
         raise UserError(f"field {field_prefix}.init: {cfg.init!r} needs a Hugging Face teacher; for a plain "
                         f"torch teacher use init: factory")
     if cfg.config and cfg.init in ("layers_from_teacher", "pretrained", "factory"):
         raise UserError(f"field {field_prefix}.config: used only with init: from_config or pruned, but init is "
                         f"{cfg.init!r}; remove it (keys: {', '.join(sorted(cfg.config))})")
+    if cfg.init == "swiftkv":  # shares the teacher's frozen weights: only its own new weights train
+        from potstill.students.swiftkv import swiftkv_student
+
+        return swiftkv_student(teacher, dict(cfg.config))
     try:
         if cfg.init == "layers_from_teacher":
             student = layers_from_teacher(teacher, cfg.layers)

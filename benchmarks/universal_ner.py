@@ -1,0 +1,239 @@
+"""UniversalNER's targeted distillation at small scale (issue #21 §8): a chat student learns a teacher's entity labels.
+
+The teacher is SCRIPTED, not a language model (no NER model is available offline): `scripted_teacher` labels 8 types
+with regular expressions and gazetteers written here — date, money, percentage, year, weekday, country, city,
+organization — and answers in the format the paper prompts an LLM for (a JSON list of [mention, type] pairs), which
+`potstill.data.universal_ner.parse_teacher_entities` reads. Its labels are the reference: it scores F1 = 1 against
+itself by construction, and no independent gold exists here, so the student's F1 against the teacher's labels is
+the measure (the paper's "targeted distillation" question: how much of the teacher's skill the student keeps).
+
+Data: training passages from BBC News articles (`builtin:bbc` train split, two sentences per passage, ≤ 400
+characters); held-out passages from other sources: the Lee news corpus and 20 Newsgroups posts (the LM suite's
+texts, `potstill.data.lm_suite_sources`). Conversations: `universal_ner_conversations` (one turn per type present,
+`--negatives` absent types drawn by frequency, answer []). Student: SmolLM2-135M-Instruct fine-tuned with the loss
+on assistant turns only (`recipes/smollm2-universal-ner.yaml`: causal_lm, data.format messages, no teacher model).
+
+Evaluation: for every held-out passage and every one of the 8 types, the student answers "What describes <type> in
+the text?" greedily (≤ 16 new tokens); answers are parsed (`parse_answer`) and scored with strict (type, mention)
+micro F1 (`potstill.eval.ner`) against the teacher's labels, for the untrained student (zero-shot) and the trained one.
+
+Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2]
+       [--threads 2] [--out runs/universal_ner]
+       python benchmarks/universal_ner.py --write-recipe-data    # rewrites src/potstill/recipes/universal-ner/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "src" / "potstill" / "recipes" / "smollm2-universal-ner.yaml"
+RECIPE_DATA = ROOT / "src" / "potstill" / "recipes" / "universal-ner"
+TYPES = ("date", "money", "percentage", "year", "weekday", "country", "city", "organization")
+
+MONTHS = ("January|February|March|April|May|June|July|August|September|October|November|December|"
+          "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec")
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+COUNTRIES = (
+    "Afghanistan", "Argentina", "Australia", "Austria", "Belgium", "Brazil", "Britain", "Canada", "Chile", "China",
+    "Colombia", "Denmark", "Egypt", "England", "Finland", "France", "Germany", "Greece", "India", "Indonesia", "Iran",
+    "Iraq", "Ireland", "Israel", "Italy", "Japan", "Kenya", "Lebanon", "Malaysia", "Mexico", "Netherlands",
+    "New Zealand", "Nigeria", "North Korea", "Norway", "Pakistan", "Palestine", "Poland", "Portugal", "Russia",
+    "Saudi Arabia", "Scotland", "South Africa", "South Korea", "Spain", "Sweden", "Switzerland", "Syria", "Taiwan",
+    "Thailand", "Turkey", "Ukraine", "United States", "US", "USA", "UK", "Vietnam", "Wales", "Zimbabwe")
+CITIES = (
+    "Adelaide", "Amsterdam", "Athens", "Baghdad", "Bangkok", "Beijing", "Belfast", "Berlin", "Birmingham", "Brisbane",
+    "Brussels", "Cairo", "Canberra", "Cardiff", "Chicago", "Dublin", "Edinburgh", "Geneva", "Glasgow", "Hobart",
+    "Hong Kong", "Jerusalem", "Kabul", "Leeds", "Liverpool", "London", "Los Angeles", "Madrid", "Manchester",
+    "Melbourne", "Milan", "Moscow", "Mumbai", "Munich", "New Delhi", "New York", "Paris", "Perth", "Rome",
+    "San Francisco", "Seoul", "Shanghai", "Singapore", "Sydney", "Tokyo", "Toronto", "Vienna", "Washington",
+    "Wellington")
+ORGANIZATIONS = (
+    "Apple", "BBC", "Microsoft", "Google", "IBM", "Intel", "Sony", "Nintendo", "Yahoo", "eBay", "Nokia", "Vodafone",
+    "European Union", "EU", "United Nations", "UN", "Nato", "NATO", "Labour", "Conservatives", "Tories",
+    "Liberal Democrats", "Chelsea", "Arsenal", "Manchester United", "Liverpool FC", "Federal Reserve", "NASA",
+    "World Bank", "IMF", "FBI", "Reuters", "Hamas", "Taliban", "Qantas", "Telstra", "WTO", "Fifa", "Uefa", "Oscars")
+
+
+def _alternation(words: tuple[str, ...]) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+# (type, pattern) in priority order: an earlier type's match wins over an overlapping later one
+PATTERNS = [
+    ("date", rf"\b(?:\d{{1,2}} (?:{MONTHS})\.?(?: \d{{4}})?"
+             rf"|(?:{MONTHS})\.? \d{{1,2}}(?:st|nd|rd|th)?(?:, \d{{4}})?)\b"),
+    ("money", r"(?:[$£€]|US\$|A\$)\d[\d,]*(?:\.\d+)?(?:\s?(?:m|bn|billion|million|trillion|k))?\b"),
+    ("percentage", r"\b\d+(?:\.\d+)?(?:%| ?per ?cent\b)"),
+    ("year", r"\b(?:19|20)\d{2}\b"),
+    ("weekday", rf"\b(?:{_alternation(WEEKDAYS)})\b"),
+    ("country", rf"\b(?:{_alternation(COUNTRIES)})\b"),
+    ("city", rf"\b(?:{_alternation(CITIES)})\b"),
+    ("organization", rf"\b(?:{_alternation(ORGANIZATIONS)})\b"),
+]
+COMPILED = [(t, re.compile(p)) for t, p in PATTERNS]
+
+
+def scripted_teacher(passage: str) -> str:
+    """The scripted teacher's answer for one passage: a JSON list of [mention, type] pairs in text order (matches of
+    the types in `PATTERNS` order, an overlap going to the earlier type)."""
+    taken: list[tuple[int, int, str, str]] = []
+    for entity_type, pattern in COMPILED:
+        for m in pattern.finditer(passage):
+            if all(m.end() <= s or m.start() >= e for s, e, _, _ in taken):
+                taken.append((m.start(), m.end(), m.group(0), entity_type))
+    return json.dumps([[mention, t] for _, _, mention, t in sorted(taken)])
+
+
+def passages_of(texts: list[str], *, limit: int, max_chars: int = 400) -> list[str]:
+    """Consecutive pairs of sentences of `texts` (one line each, ≤ `max_chars`), the first `limit`."""
+    out: list[str] = []
+    for text in texts:
+        sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s.strip()]
+        for k in range(0, len(sentences) - 1, 2):
+            passage = f"{sentences[k]} {sentences[k + 1]}"
+            if 40 <= len(passage) <= max_chars:
+                out.append(passage)
+                if len(out) == limit:
+                    return out
+    return out
+
+
+def corpora(train: int, heldout: int) -> tuple[list[str], list[str]]:
+    from potstill.data.lm_suite_sources import source_texts
+    from potstill.data.loaders import builtin_records
+
+    bbc = [r["text"] for r in builtin_records("bbc", "train")]
+    # every 7th article first, so that all five topics come in early
+    bbc = bbc[::7] + [t for k, t in enumerate(bbc) if k % 7]
+    half = heldout // 2
+    held = passages_of(source_texts("lee"), limit=half) + passages_of(source_texts("newsgroups"),
+                                                                      limit=heldout - half)
+    return passages_of(bbc, limit=train), held
+
+
+def annotate(passages: list[str], source: str) -> list[dict[str, list[str]]]:
+    from potstill.data.universal_ner import parse_teacher_entities
+
+    return [parse_teacher_entities(scripted_teacher(p), where=f"{source} passage {k}") for k, p in enumerate(passages)]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: int = 0) -> dict[str, Any]:
+    """train.jsonl (conversations), eval.jsonl (conversations of the held-out passages, for the run's perplexity)
+    and heldout.jsonl (passage + teacher labels) in `folder`."""
+    from potstill.data.universal_ner import universal_ner_conversations
+
+    train_passages, held = corpora(train, heldout)
+    train_labels, held_labels = annotate(train_passages, "bbc"), annotate(held, "heldout")
+    write_jsonl(folder / "train.jsonl", universal_ner_conversations(train_passages, train_labels,
+                                                                    negatives=negatives, seed=seed))
+    write_jsonl(folder / "eval.jsonl", universal_ner_conversations(held, held_labels, negatives=negatives,
+                                                                   seed=seed + 1))
+    write_jsonl(folder / "heldout.jsonl", [{"passage": p, "entities": e} for p, e in zip(held, held_labels,
+                                                                                           strict=True)])
+    count = lambda labels: sum(len(m) for e in labels for m in e.values())  # noqa: E731
+    return {"train_passages": len(train_passages), "train_mentions": count(train_labels),
+            "heldout_passages": len(held), "heldout_mentions": count(held_labels)}
+
+
+def predict(model: Any, tokenizer: Any, passages: list[str], *, max_new_tokens: int = 16) -> list[dict]:
+    """The model's {type: [mentions]} per passage: every type asked, greedy answers, parsed leniently."""
+    import torch
+
+    from potstill.data.universal_ner import parse_answer, query_messages
+
+    tokenizer.padding_side = "left"
+    out = []
+    model.eval()
+    for passage in passages:
+        prompts = [tokenizer.apply_chat_template(query_messages(passage, t), tokenize=False,
+                                                 add_generation_prompt=True) for t in TYPES]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out.append({t: parse_answer(a) for t, a in zip(TYPES, answers, strict=True)})
+    return out
+
+
+def score(model: Any, tokenizer: Any, held: list[dict]) -> dict[str, Any]:
+    from potstill.eval.ner import entity_f1, per_type
+
+    predicted = predict(model, tokenizer, [h["passage"] for h in held])
+    reference = [h["entities"] for h in held]
+    return {**entity_f1(predicted, reference), "per_type": {t: round(s["f1"], 3) for t, s in
+                                                            per_type(predicted, reference).items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train", type=int, default=600)
+    parser.add_argument("--heldout", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--negatives", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-zero-shot", action="store_true")
+    parser.add_argument("--student", default=None,
+                        help="score this trained student folder (same --out data) instead of training one")
+    parser.add_argument("--write-recipe-data", action="store_true")
+    parser.add_argument("--out", default="runs/universal_ner")
+    args = parser.parse_args()
+    if args.write_recipe_data:
+        print(write_data(RECIPE_DATA, train=args.train, heldout=args.heldout, negatives=args.negatives))
+        return
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from potstill.assets import smollm2_path
+    from potstill.config import load_recipe
+    from potstill.train import run_recipe
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    out = Path(args.out).resolve()
+    data = write_data(out / "data", train=args.train, heldout=args.heldout, negatives=args.negatives)
+    print(data, flush=True)
+    held = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    result: dict[str, Any] = {"data": data, "teacher": {"f1": 1.0, "note": "scripted; its own labels"}}
+    if not args.skip_zero_shot:
+        result["zero_shot"] = score(AutoModelForCausalLM.from_pretrained(smollm2_path()), tokenizer, held)
+        print("zero-shot", result["zero_shot"], flush=True)
+    recipe = load_recipe(RECIPE, [f"output_dir={out / 'runs'}", f"trainer.max_steps={args.steps}",
+                                  f"trainer.num_threads={args.threads}",
+                                  f"data.train.path={out / 'data' / 'train.jsonl'}",
+                                  f"data.eval.path={out / 'data' / 'eval.jsonl'}"])
+    result["train_seconds"] = 0.0
+    if args.student is None:
+        train_started = time.perf_counter()
+        summary = run_recipe(recipe)
+        result["train_seconds"] = time.perf_counter() - train_started
+        result["run_table"] = summary.get("table")
+    student = AutoModelForCausalLM.from_pretrained(args.student or out / "runs" / recipe.name / "student")
+    result["student"] = score(student, tokenizer, held)
+    result["steps"], result["seconds"] = args.steps, time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"{'model':<28}{'precision':>10}{'recall':>8}{'F1':>7}{'tp':>5}{'fp':>5}{'fn':>5}")
+    print(f"{'teacher (scripted)':<28}{1:>10.3f}{1:>8.3f}{1:>7.3f}")
+    for name, key in (("SmolLM2 zero-shot", "zero_shot"), (f"student ({args.steps} steps)", "student")):
+        if key in result:
+            r = result[key]
+            print(f"{name:<28}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}{r['tp']:>5}{r['fp']:>5}"
+                  f"{r['fn']:>5}")
+    print("student per type:", result["student"]["per_type"])
+    print(f"total {result['seconds']:.0f} s (training {result['train_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""UniversalNER's conversation builder: targeted distillation of open-type entity extraction into a chat student.
+
+Paper: Zhou et al., ICLR 2024, "UniversalNER: Targeted Distillation from Large Language Models for Open Named
+Entity Recognition".
+
+A teacher annotates unlabeled passages with (mention, type) pairs of free-form types. Each passage becomes one
+multi-turn conversation (the paper's `ie_as_qa` layout):
+
+    user:      Text: <passage>
+    assistant: I've read this text.
+    user:      What describes <type> in the text?      (one turn per type)
+    assistant: ["mention 1", "mention 2"]               (a JSON list, mentions in order of first appearance)
+
+Every type the teacher found in the passage gets a turn; `negatives` types it did not find are added with the answer
+`[]`, drawn without replacement with probability ∝ their frequency over all passages' annotations (frequent types
+are asked about most, as the paper samples them); the turns of a passage are shuffled. The student is fine-tuned on
+these records (`data.format: messages`) with the loss on the assistant turns only: `potstill.data.lm_records`
+renders the chat template and leaves every other token's target at -100. The paper's defaults (LLaMA-7B, 3 epochs,
+lr 2e-5, cosine, 4 % warm-up, max length 1024) are for its scale; the recipe here says what it uses.
+
+The teacher's answer is parsed by `parse_teacher_entities`: a JSON list of [mention, type] pairs (or
+{"entity", "type"} objects), the format the paper prompts for; anything else is a `UserError` naming the passage.
+`parse_answer` reads a student's answer to one question (a JSON list of strings; unreadable → no mentions).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from potstill.errors import UserError
+
+QUESTION = "What describes {type} in the text?"
+ACKNOWLEDGEMENT = "I've read this text."
+Entities = dict[str, list[str]]
+
+
+def text_turn(passage: str) -> str:
+    return f"Text: {passage}"
+
+
+def question_turn(entity_type: str) -> str:
+    return QUESTION.format(type=entity_type)
+
+
+def type_frequencies(annotations: Sequence[Mapping[str, Sequence[str]]]) -> Counter[str]:
+    """In how many passages each type has at least one mention."""
+    return Counter(t for entities in annotations for t, mentions in entities.items() if mentions)
+
+
+def sample_negative_types(present: set[str], frequencies: Mapping[str, int], k: int, rng: random.Random) -> list[str]:
+    """Up to `k` types not in `present`, without replacement, each draw ∝ the type's frequency."""
+    pool = {t: n for t, n in frequencies.items() if t not in present and n > 0}
+    chosen: list[str] = []
+    while pool and len(chosen) < k:
+        types = sorted(pool)
+        pick = rng.choices(types, weights=[pool[t] for t in types])[0]
+        chosen.append(pick)
+        del pool[pick]
+    return chosen
+
+
+def conversation(passage: str, entities: Mapping[str, Sequence[str]], negative_types: Sequence[str],
+                 rng: random.Random) -> dict[str, Any]:
+    """One record `{"messages": [...]}`: the text turn, its acknowledgement, then one question per type (the
+    passage's types with their mentions, `negative_types` with []), in a shuffled order."""
+    answers = [(t, unique(m)) for t, m in entities.items() if m] + [(t, []) for t in negative_types]
+    rng.shuffle(answers)
+    messages = [{"role": "user", "content": text_turn(passage)}, {"role": "assistant", "content": ACKNOWLEDGEMENT}]
+    for entity_type, mentions in answers:
+        messages.append({"role": "user", "content": question_turn(entity_type)})
+        messages.append({"role": "assistant", "content": json.dumps(mentions, ensure_ascii=False)})
+    return {"messages": messages}
+
+
+def universal_ner_conversations(passages: Sequence[str], annotations: Sequence[Mapping[str, Sequence[str]]], *,
+                                negatives: int = 2, seed: int = 0) -> list[dict[str, Any]]:
+    """One conversation per passage (`conversation`), negatives sampled by the types' frequency over
+    `annotations`; seeded, so the same inputs give the same records."""
+    if len(passages) != len(annotations):
+        raise UserError(f"universal_ner: {len(passages)} passages but {len(annotations)} annotations; give one "
+                        f"annotation ({{type: [mentions]}}) per passage")
+    frequencies = type_frequencies(annotations)
+    rng = random.Random(seed)
+    records = []
+    for passage, entities in zip(passages, annotations, strict=True):
+        present = {t for t, m in entities.items() if m}
+        records.append(conversation(passage, entities, sample_negative_types(present, frequencies, negatives, rng),
+                                    rng))
+    return records
+
+
+def query_messages(passage: str, entity_type: str) -> list[dict[str, str]]:
+    """The prompt asking a trained student for one type's mentions (the answer follows the generation prompt)."""
+    return [{"role": "user", "content": text_turn(passage)}, {"role": "assistant", "content": ACKNOWLEDGEMENT},
+            {"role": "user", "content": question_turn(entity_type)}]
+
+
+def unique(mentions: Sequence[str]) -> list[str]:
+    """Mentions without repeats, in order of first appearance."""
+    return list(dict.fromkeys(m for m in mentions if m))
+
+
+def parse_teacher_entities(text: str, *, where: str) -> Entities:
+    """The teacher's JSON list of [mention, type] pairs (or {"entity": ..., "type": ...} objects) as
+    {type: [mentions]}; a `UserError` naming `where` when it is not one."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: the teacher's answer is not JSON ({exc.msg} at character {exc.pos}); expected a "
+                        f"list of [mention, type] pairs") from None
+    if not isinstance(items, list):
+        raise UserError(f"{where}: the teacher's answer is a JSON {type(items).__name__}; expected a list of "
+                        f"[mention, type] pairs")
+    out: Entities = {}
+    for k, item in enumerate(items):
+        if isinstance(item, dict) and {"entity", "type"} <= set(item):
+            mention, entity_type = item["entity"], item["type"]
+        elif isinstance(item, list) and len(item) == 2:
+            mention, entity_type = item
+        else:
+            raise UserError(f"{where}: item {k} of the teacher's answer is {json.dumps(item)[:60]}; expected "
+                            f"[mention, type] or {{\"entity\": ..., \"type\": ...}}")
+        if not isinstance(mention, str) or not isinstance(entity_type, str) or not mention or not entity_type:
+            raise UserError(f"{where}: item {k} of the teacher's answer needs a non-empty mention and type (strings)")
+        out.setdefault(entity_type.strip().lower(), []).append(mention.strip())
+    return {t: unique(m) for t, m in out.items()}
+
+
+def parse_answer(text: str) -> list[str]:
+    """A student's answer to one question: the first JSON list of strings in `text`; [] when there is none."""
+    start = text.find("[")
+    while start != -1:
+        end = text.find("]", start)
+        while end != -1:
+            try:
+                value = json.loads(text[start:end + 1])
+            except json.JSONDecodeError:
+                end = text.find("]", end + 1)
+                continue
+            if isinstance(value, list):
+                return unique([str(v) for v in value if isinstance(v, (str, int, float))])
+            break
+        start = text.find("[", start + 1)
+    return []

@@ -1,0 +1,96 @@
+"""UniversalNER's conversation builder (potstill.data.universal_ner) and entity-level F1 (potstill.eval.ner)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+from test_causal_lm import make_tokenizer
+
+from potstill.data.lm_records import LMRecordEncoder
+from potstill.data.universal_ner import (
+    ACKNOWLEDGEMENT,
+    parse_answer,
+    parse_teacher_entities,
+    sample_negative_types,
+    type_frequencies,
+    universal_ner_conversations,
+)
+from potstill.errors import UserError
+from potstill.eval.ner import entity_f1, per_type
+
+PASSAGES = ["Ann paid $5 in Paris on Monday.", "Bob flew to Rome.", "It rained in Oslo on Friday."]
+ANNOTATIONS = [{"money": ["$5"], "city": ["Paris"], "weekday": ["Monday"]}, {"city": ["Rome"], "person": ["Bob"]},
+               {"city": ["Oslo"], "weekday": ["Friday"]}]
+
+
+def test_one_turn_per_type_and_negatives_answer_empty_lists():
+    records = universal_ner_conversations(PASSAGES, ANNOTATIONS, negatives=2, seed=0)
+    assert len(records) == 3
+    msgs = records[1]["messages"]
+    assert msgs[0] == {"role": "user", "content": "Text: Bob flew to Rome."}
+    assert msgs[1] == {"role": "assistant", "content": ACKNOWLEDGEMENT}
+    turns = {msgs[k]["content"]: msgs[k + 1]["content"] for k in range(2, len(msgs), 2)}
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 5
+    assert turns["What describes city in the text?"] == '["Rome"]'
+    assert turns["What describes person in the text?"] == '["Bob"]'
+    # the two negatives are the types absent from this passage: weekday and money, the only ones left
+    assert turns["What describes weekday in the text?"] == "[]" and turns["What describes money in the text?"] == "[]"
+
+
+def test_negatives_are_drawn_by_type_frequency():
+    freq = type_frequencies(ANNOTATIONS)
+    assert freq == Counter({"city": 3, "weekday": 2, "money": 1, "person": 1})
+    rng = random.Random(0)
+    draws = Counter(sample_negative_types({"city"}, freq, 1, rng)[0] for _ in range(4000))
+    assert set(draws) == {"weekday", "money", "person"}
+    # weekday has weight 2 of 4: about half the single draws
+    assert abs(draws["weekday"] / 4000 - 0.5) < 0.03 and abs(draws["money"] / 4000 - 0.25) < 0.03
+    assert sorted(sample_negative_types({"city"}, freq, 9, rng)) == ["money", "person", "weekday"]
+
+
+def test_labels_count_only_the_assistant_turns():
+    tok = make_tokenizer(sentences=PASSAGES + ["What describes city in the text?", ACKNOWLEDGEMENT])
+    record = universal_ner_conversations(PASSAGES[1:2], ANNOTATIONS[1:2], negatives=0, seed=0)[0]
+    encoder = LMRecordEncoder(tok, max_length=256, add_eos=False)
+    ex = encoder.examples([record], "messages", "data.train", packing=False)[0]
+    counted = tok.decode([t for t in ex["targets"] if t != -100])
+    answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    assert counted == "".join(a + "<|im_end|>\n" for a in answers)
+    assert "Text:" not in counted and "What describes" not in counted
+
+
+def test_teacher_json_is_parsed_or_refused_by_name():
+    got = parse_teacher_entities('[["Paris", "City"], {"entity": "$5", "type": "money"}, ["Paris", "city"]]',
+                                 where="passage 3")
+    assert got == {"city": ["Paris"], "money": ["$5"]}
+    with pytest.raises(UserError, match="passage 3: the teacher's answer is not JSON"):
+        parse_teacher_entities('[["Paris", "city"]', where="passage 3")
+    with pytest.raises(UserError, match="item 1"):
+        parse_teacher_entities('[["Paris", "city"], ["Rome"]]', where="passage 3")
+    with pytest.raises(UserError, match="UniversalNER|annotation"):
+        universal_ner_conversations(PASSAGES, ANNOTATIONS[:2])
+
+
+def test_student_answers_are_read_leniently():
+    assert parse_answer('["Paris", "Rome"]<|im_end|>') == ["Paris", "Rome"]
+    assert parse_answer('x [oops] then ["$5"]') == ["$5"]
+    assert parse_answer("none") == [] and parse_answer('["unterminated') == []
+    assert json.loads(json.dumps(parse_answer("[]"))) == []
+
+
+def test_entity_f1_by_hand():
+    reference = [{"city": ["Paris"], "money": ["$5"]}, {"city": ["Rome"]}]
+    predicted = [{"city": ["Paris", "Paris "], "weekday": ["$5"]}, {"city": ["Rome"], "person": ["Bob"]}]
+    # tp: (city, Paris), (city, Rome) = 2; fp: (weekday, $5), (person, Bob) = 2; fn: (money, $5) = 1
+    got = entity_f1(predicted, reference)
+    assert (got["tp"], got["fp"], got["fn"]) == (2, 2, 1)
+    assert got["precision"] == pytest.approx(0.5) and got["recall"] == pytest.approx(2 / 3)
+    assert got["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    types = per_type(predicted, reference)
+    assert types["city"]["f1"] == 1.0 and types["money"]["recall"] == 0.0 and types["person"]["precision"] == 0.0
+    assert entity_f1([{}], [{}])["f1"] == 0.0
+    with pytest.raises(ValueError, match="2 predicted passages but 1"):
+        entity_f1(predicted, reference[:1])
