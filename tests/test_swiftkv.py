@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from potstill.config import validate_recipe
 from potstill.errors import UserError
+from potstill.evaluate import evaluate_run
 from potstill.students.swiftkv import SwiftKVForCausalLM, prefill_flops, swiftkv_student
 from potstill.train import run_recipe
 
@@ -196,3 +197,9 @@ def test_one_distillation_step_through_a_recipe(tmp_path):
     assert torch.equal(again.base.model.layers[3].mlp.up_proj.weight, original.model.layers[3].mlp.up_proj.weight)
     assert not torch.equal(again.k_proj[0].weight, SwiftKVForCausalLM(original, 2).k_proj[0].weight)
     assert summary["table"][-1]["model"] == "student (after)"
+    # `potstill eval` scores the student with the transform on: its rows equal the run's own "after" row
+    rows = evaluate_run(tmp_path / "runs" / "swiftkv")
+    after = summary["table"][-1]
+    for metric in ("perplexity", "kl_to_teacher"):
+        assert rows[1][metric] == pytest.approx(after[metric], rel=1e-5), metric
+    assert rows[1]["kl_to_teacher"] > 0  # the transform on: not the teacher's own weights

@@ -23,7 +23,8 @@ def _load_student(run_dir: Path, recipe: Any) -> tuple[Any, Any]:
 
     student_dir = run_dir / "student"
     factory_student = recipe.student.init == "factory"
-    if not factory_student:
+    swiftkv_student = recipe.student.init == "swiftkv"  # rebuilt over the teacher, then its new weights loaded
+    if not (factory_student or swiftkv_student):
         # the saved folder holds the built student: its config overrides and layer picks are spent
         recipe.student = recipe.student.model_copy(update={"init": "pretrained", "path": str(student_dir),
                                                            "config": {}, "layers": None})
@@ -34,6 +35,10 @@ def _load_student(run_dir: Path, recipe: Any) -> tuple[Any, Any]:
         raise UserError(f"{student_dir}: the {recipe.task} task loaded no student from it")
     if factory_student:
         student.load_state_dict(load_state_dict(str(student_dir / "model.safetensors"), field="student"))
+    if swiftkv_student:
+        from potstill.students.swiftkv import load_swiftkv_weights
+
+        load_swiftkv_weights(student, student_dir)
     student.eval()
     return task, student
 

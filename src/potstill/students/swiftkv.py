@@ -253,7 +253,6 @@ class SwiftKVForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> SwiftKVForCausalLM:
         """A folder written by `save_pretrained`, rebuilt."""
-        from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
         folder = Path(path)
@@ -261,10 +260,22 @@ class SwiftKVForCausalLM(nn.Module):
             raise UserError(f"{folder}: not a saved SwiftKV model (expected {SWIFTKV_CONFIG} inside)")
         spec = json.loads((folder / SWIFTKV_CONFIG).read_text())
         model = cls(AutoModelForCausalLM.from_pretrained(folder), **spec)
-        missing, unexpected = model.load_state_dict(load_file(str(folder / SWIFTKV_FILE)), strict=False)
-        if unexpected or any(not k.startswith("base.") for k in missing):
-            raise UserError(f"{folder / SWIFTKV_FILE}: does not match {SWIFTKV_CONFIG} ({spec})")
+        load_swiftkv_weights(model, folder)
         return model
+
+
+def load_swiftkv_weights(model: SwiftKVForCausalLM, folder: str | Path) -> None:
+    """Load the new weights of a folder written by `save_pretrained` (`swiftkv.safetensors`) into `model`, whose
+    base (the original model) is already in place; a file that does not fit its cut is a UserError."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not isinstance(model, SwiftKVForCausalLM) or not (folder / SWIFTKV_FILE).is_file():
+        raise UserError(f"{folder}: not a saved SwiftKV student (expected {SWIFTKV_FILE} inside)")
+    missing, unexpected = model.load_state_dict(load_file(str(folder / SWIFTKV_FILE)), strict=False)
+    if unexpected or any(not k.startswith("base.") for k in missing):
+        raise UserError(f"{folder / SWIFTKV_FILE}: does not match the student's cut (cut_layer {model.cut_layer}, "
+                        f"across_kv {model.across_kv})")
 
 
 def _copy_linear(src: nn.Linear, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> nn.Linear:
