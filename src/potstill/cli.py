@@ -1,4 +1,5 @@
-"""The `potstill` command line: run, demo, eval, cache, objectives, serve, generate, pgkd.
+"""The `potstill` command line: run, demo, eval, export, cache, objectives, recipes, methods, serve, generate,
+pgkd, search, advise.
 
 A user's mistake (bad recipe, missing file, malformed data line) prints one paragraph and exits with
 code 2, without a traceback. A run that diverges (NaN/inf loss) exits with code 3; `generate` exits with
@@ -14,7 +15,9 @@ from typing import Annotated
 
 import typer
 
+from potstill.cli_errors import error_line, interrupted, one_line, usage_errors, usage_line
 from potstill.errors import UserError
+from potstill.search.command import advise, search  # typer signatures only; work is imported lazily
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="potstill: distil a large teacher model into a small, fast student.")
@@ -399,10 +402,9 @@ def serve(model: Annotated[str, typer.Argument(help="Hugging Face causal LM fold
             pass
 
 
-from potstill.search.command import advise, search  # noqa: E402  (light: typer only; work is imported lazily)
-
 app.command()(search)
 app.command()(advise)
+
 
 def _print_summary(summary: dict, run_dir: Path) -> None:
     if not summary:
@@ -428,65 +430,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=args, prog_name="potstill", standalone_mode=False)
     except UserError as exc:
-        return _error(str(exc))
+        return error_line(str(exc))
     except TrainingDiverged as exc:
-        print(_one_line(f"potstill: training diverged: {exc}"), file=sys.stderr)
+        print(one_line(f"potstill: training diverged: {exc}"), file=sys.stderr)
         return 3
     except typer.Exit as exc:
         code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):  # older typer / click: Ctrl-C arrives as Abort
-        return _interrupted(args)
-    except _usage_errors() as exc:
-        return _error(_usage_line(exc))
+        return interrupted(args)
+    except usage_errors() as exc:
+        return error_line(usage_line(exc))
     except OSError as exc:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        return _error(f"{where}{exc.strerror or exc}")
+        return error_line(f"{where}{exc.strerror or exc}")
     except UnicodeDecodeError as exc:
-        return _error(f"an input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+        return error_line(f"an input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
                       f"save it as UTF-8")
     if code == 130:  # typer ≥ 0.29 turns Ctrl-C into Exit(130) and returns that code
-        return _interrupted(args)
+        return interrupted(args)
     return code if isinstance(code, int) else 0
-
-
-def _interrupted(args: list[str]) -> int:
-    hint = ("; `potstill run RECIPE --resume` continues the run from its last checkpoint"
-            if args[:1] == ["run"] else "")
-    print(f"potstill: interrupted{hint}", file=sys.stderr)
-    return 130
-
-
-def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
-
-
-def _error(message: str) -> int:
-    print(_one_line(f"potstill: error: {message}"), file=sys.stderr)
-    return 2
-
-
-def _usage_line(exc: BaseException) -> str:
-    """A click / typer usage error in one line: its message and the command's usage."""
-    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-    ctx = getattr(exc, "ctx", None)
-    usage = ctx.get_usage().strip() if ctx is not None else ""
-    message = message or "no command given"
-    return f"{message} ({_one_line(usage)}; see --help)" if usage else message
-
-
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    """Click's usage errors: typer ≥ 0.29 raises its vendored click's, whose base is `typer.TyperException`;
-    older typer raises the `click` package's `ClickException`."""
-    found: list[type[BaseException]] = []
-    if isinstance(getattr(typer, "TyperException", None), type):
-        found.append(typer.TyperException)
-    try:
-        import click
-
-        found.append(click.ClickException)
-    except ImportError:
-        pass
-    return tuple(found)
 
 
 if __name__ == "__main__":

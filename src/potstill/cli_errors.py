@@ -1,0 +1,47 @@
+"""How the CLI reports what ends a command: one line for a user's mistake (exit 2) or Ctrl-C (exit 130)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+
+def interrupted(args: list[str]) -> int:
+    hint = ("; `potstill run RECIPE --resume` continues the run from its last checkpoint"
+            if args[:1] == ["run"] else "")
+    print(f"potstill: interrupted{hint}", file=sys.stderr)
+    return 130
+
+
+def one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def error_line(message: str) -> int:
+    print(one_line(f"potstill: error: {message}"), file=sys.stderr)
+    return 2
+
+
+def usage_line(exc: BaseException) -> str:
+    """A click / typer usage error in one line: its message and the command's usage."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    usage = ctx.get_usage().strip() if ctx is not None else ""
+    message = message or "no command given"
+    return f"{message} ({one_line(usage)}; see --help)" if usage else message
+
+
+def usage_errors() -> tuple[type[BaseException], ...]:
+    """Click's usage errors: typer ≥ 0.29 raises its vendored click's, whose base is `typer.TyperException`;
+    older typer raises the `click` package's `ClickException`."""
+    found: list[type[BaseException]] = []
+    if isinstance(getattr(typer, "TyperException", None), type):
+        found.append(typer.TyperException)
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
