@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_losses import close, logits_pair, random_mask
+from test_losses import reference_reduce as reduce_ref
 
 from potstill.losses import OBJECTIVES, TAID, forward_kl, get_objective, reverse_kl, sinkhorn
 
@@ -15,32 +17,6 @@ REDUCTIONS = ["mean", "sum", "none"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def logits_pair(shape, seed=0, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g) * scale, torch.randn(shape, generator=g) * scale
-
-
-def random_mask(row_shape, seed=1, p=0.6):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(row_shape, generator=g) < p
-    mask.view(-1)[0] = True
-    return mask
-
-
-def reduce_ref(rows, mask, reduction):
-    keep = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask
-    rows = torch.where(keep, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / keep.sum().clamp_min(1)
-
-
-def close(a, b, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
 
 
 def taid_at(t, **kw):
