@@ -105,7 +105,7 @@ def test_unsupported_task_and_missing_runtime_are_one_line_errors(tmp_path, digi
     run_recipe(validate_recipe(raw))
     run_dir = tmp_path / "runs" / raw["name"]
     monkeypatch.setattr(type(export._load_student(run_dir, export._saved_recipe(run_dir))[0]), "export_kind", None)
-    with pytest.raises(UserError, match="supports classification, embedding and causal_lm"):
+    with pytest.raises(UserError, match="supports classification, image_classification, embedding and causal_lm"):
         export.export_run(run_dir)
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(UserError, match=r"pip install 'potstill\[export\]'"):
@@ -114,3 +114,26 @@ def test_unsupported_task_and_missing_runtime_are_one_line_errors(tmp_path, digi
     missing = subprocess.run([*POTSTILL, "export", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert missing.returncode == 2 and "not a finished potstill run" in missing.stderr
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_image_classifier_exports_on_its_evaluation_images(tmp_path):
+    """An image student exports with `pixels` in [0, 1] as input; ONNX Runtime answers as the saved student does
+    on the run's evaluation images (not its training images), and int8 reports its agreement and accuracy."""
+    import numpy as np
+    from test_image_classification import tiny_recipe
+
+    from potstill.export import export_run
+    from potstill.students.save import load_factory_student
+
+    raw = tiny_recipe(tmp_path)
+    run_recipe(validate_recipe(raw))
+    run_dir = tmp_path / "runs" / "tiny"
+    result = export_run(run_dir, int8=True)
+    assert result["inputs"] == ["pixels"] and result["output"] == "logits"
+    assert result["check"]["records"] == 16  # the 16 evaluation images, not the 40 training ones
+    assert 0 <= result["int8"]["accuracy_int8"] <= 1 and result["int8"]["argmax_agreement_with_float32"] > 0.5
+    session = ort.InferenceSession(str(run_dir / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    pixels = np.load(tmp_path / "eval.npz")["x"][:, None].astype(np.float32) / 255.0
+    got = session.run(None, {"pixels": pixels})[0]
+    want = load_factory_student(run_dir / "student")(torch.from_numpy(pixels)).detach().numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)

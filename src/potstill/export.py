@@ -30,7 +30,7 @@ from potstill.evaluate import _load_student, _saved_recipe
 from potstill.io import atomic_write_json
 from potstill.ui import phase
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "features")
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "features", "pixels")
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SAMPLE_RECORDS = 128  # records of the run's data used for the check and the int8 quality delta
 
@@ -125,8 +125,8 @@ def export_run(run_dir: str | Path, *, int8: bool = False, atol: float = 1e-4, r
     task, student = _load_student(run_dir, recipe)
     kind = getattr(task, "export_kind", None)
     if kind is None:
-        raise UserError(f"{run_dir}: potstill export supports classification, embedding and causal_lm students; "
-                        f"this run's task is {recipe.task}")
+        raise UserError(f"{run_dir}: potstill export supports classification, image_classification, embedding and "
+                        f"causal_lm students; this run's task is {recipe.task}")
     records = (task.eval_records or task.train_records)[:SAMPLE_RECORDS]
     if not records:
         raise UserError(f"{run_dir / 'recipe.yaml'}: data.eval and data.train give no records to check the export on")

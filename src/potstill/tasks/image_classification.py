@@ -48,7 +48,7 @@ def state_digest(model: nn.Module) -> str:
 
 
 class ImageClassificationTask(Task):
-    export_kind = None
+    export_kind = "logits"  # potstill export: input `pixels` (N, C, H, W) in [0, 1], normalisation in the graph
     signal_kind = "logits"
     name = "image_classification"
     metric_names = ("accuracy", "macro_f1", "agreement")
@@ -85,7 +85,7 @@ class ImageClassificationTask(Task):
         if self.pool is not None:
             self.train_set = self._with_ssld_pool(is_main, barrier)
         self.train_records = [{"i": i} for i in range(len(self.train_set))]
-        self.eval_records = [{"i": i} for i in range(len(self.eval_set))] if self.eval_set else []
+        self.eval_records = [{"i": i, "eval": True} for i in range(len(self.eval_set))] if self.eval_set else []
         self._teacher_logits = None
         if r.teacher.cache_logits and not r.data.transforms.augments:
             self._teacher_logits = self._cached_teacher_logits(is_main, barrier)
@@ -189,9 +189,11 @@ class ImageClassificationTask(Task):
 
     # ---- batches
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
+        """A batch of training images, or of evaluation images for `eval_records` (e.g. `potstill export`'s check)."""
+        images = self.eval_set if records and records[0].get("eval") and self.eval_set is not None else self.train_set
         rows = torch.tensor([rec["i"] for rec in records], dtype=torch.long)
-        labels = self.train_set.labels[rows]
-        batch: dict[str, Any] = {"pixels": self.pixels(self.train_set.images[rows]), "index": rows}
+        labels = images.labels[rows]
+        batch: dict[str, Any] = {"pixels": self.pixels(images.images[rows]), "index": rows}
         if bool((labels != NO_LABEL).any()):
             batch["labels"] = labels
         return batch
@@ -223,6 +225,9 @@ class ImageClassificationTask(Task):
 
     def _run(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return self._forward(model, self.model_inputs(batch["pixels"]))
+
+    def export_output(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return self._run(model, batch)
 
     def teacher_signal(self, batch: dict[str, Any]) -> Any:
         if self._teacher_logits is not None and not self.internals.get("teacher"):
