@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from potstill.cli_errors import error_line, interrupted, one_line, usage_errors, usage_line
-from potstill.errors import UserError
+from potstill.cli_errors import error_line, interrupted, usage_errors, usage_line
+from potstill.errors import UserError, one_line
 from potstill.search.command import advise, search  # typer signatures only; work is imported lazily
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -6,16 +6,14 @@ import sys
 
 import typer
 
+from potstill.errors import one_line
+
 
 def interrupted(args: list[str]) -> int:
     hint = ("; `potstill run RECIPE --resume` continues the run from its last checkpoint"
             if args[:1] == ["run"] else "")
     print(f"potstill: interrupted{hint}", file=sys.stderr)
     return 130
-
-
-def one_line(text: str) -> str:
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def error_line(message: str) -> int:

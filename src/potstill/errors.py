@@ -14,6 +14,12 @@ class UserError(Exception):
     """
 
 
+def one_line(text: str, limit: int | None = None) -> str:
+    """`text`'s non-blank lines joined by single spaces (a message fit for one line), cut at `limit` characters."""
+    joined = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return joined if limit is None else joined[:limit]
+
+
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest choice, or '' when nothing is close."""
     import difflib

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from potstill.errors import UserError
+from potstill.errors import UserError, one_line
 
 __all__ = ["hub_cache_dir", "is_offline", "load_hub_dataset", "looks_like_hub_id", "model_folder"]
 
@@ -88,7 +88,7 @@ def _snapshot(repo_id: str, *, repo_type: str, field: str) -> Path:
     except LocalEntryNotFoundError:
         reason = "the Hub cannot be reached (no network?)"
     except (HfHubHTTPError, OSError) as exc:
-        reason = f"the download failed ({_one_line(str(exc))})"
+        reason = f"the download failed ({one_line(str(exc), 300)})"
     raise UserError(f"{_not_cached(repo_id, repo_type, field)} ({cache}) and could not be downloaded: {reason}")
 
 
@@ -124,13 +124,9 @@ def load_hub_dataset(repo_id: str, *, split: str | None, field: str) -> Any:
         raise UserError(f"{_not_cached(repo_id, 'dataset', field)}, nor on the Hub (or it is private or gated: "
                         f"log in with `hf auth login`)") from None
     except ValueError as exc:  # an unknown split
-        raise UserError(f"field {field}: dataset {repo_id!r}: {_one_line(str(exc))}") from None
+        raise UserError(f"field {field}: dataset {repo_id!r}: {one_line(str(exc), 300)}") from None
     folder = _snapshot(repo_id, repo_type="dataset", field=field)
     try:
         return datasets.load_dataset(str(folder), split=split)
     except ValueError as exc:
-        raise UserError(f"field {field}: dataset {repo_id!r} ({folder}): {_one_line(str(exc))}") from None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())[:300]
+        raise UserError(f"field {field}: dataset {repo_id!r} ({folder}): {one_line(str(exc), 300)}") from None

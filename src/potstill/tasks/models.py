@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from potstill.config import StudentConfig, TeacherConfig
-from potstill.errors import UserError
+from potstill.errors import UserError, one_line
 from potstill.students.loading import BUILTIN_MODELS, build_student, freeze_pooler, resolve_model_path
 from potstill.teachers import call_factory, freeze
 
@@ -87,12 +87,8 @@ def load_factory_teacher(cfg: TeacherConfig) -> nn.Module:
             model.load_state_dict(load_state_dict(cfg.weights, field="teacher.weights"))
         except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
             raise UserError(f"field teacher.weights: {cfg.weights} does not fit {cfg.factory}'s module: "
-                            f"{_one_line(str(exc))}") from None
+                            f"{one_line(str(exc), 400)}") from None
     return freeze(model)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())[:400]
 
 
 def load_state_dict(path: str, *, field: str) -> dict[str, torch.Tensor]:
@@ -108,7 +104,7 @@ def load_state_dict(path: str, *, field: str) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors, pickle, zipfile and torch each raise their own type for a bad file
         raise UserError(f"field {field}: {path} is not a readable state dict ({type(exc).__name__}: "
-                        f"{_one_line(str(exc))[:200]})") from None
+                        f"{one_line(str(exc), 200)})") from None
     if not isinstance(state, dict):
         raise UserError(f"field {field}: {path} holds a {type(state).__name__}, expected a state dict")
     return state
