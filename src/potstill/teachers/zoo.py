@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,21 +53,26 @@ def h_score(features: Tensor | np.ndarray, labels: Sequence[int] | np.ndarray, *
     return float(np.trace(np.linalg.solve(cov_f, cov_g)))
 
 
+def _probe() -> Any:
+    """The head every source gets: logistic regression on standardised features (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+
+
 def probe_score(features: Tensor | np.ndarray, labels: Sequence[int] | np.ndarray, *, folds: int = 5,
                 seed: int = 0) -> float:
     """Mean accuracy of a logistic-regression probe on standardised features over stratified `folds`."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     y = np.asarray(labels)
     smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
     if smallest < 2:
         raise UserError("probe_score needs at least 2 labelled examples of every class")
     splits = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    return float(cross_val_score(probe, _as_numpy(features), y, cv=splits).mean())
+    return float(cross_val_score(_probe(), _as_numpy(features), y, cv=splits).mean())
 
 
 def similarity_weights(scores: Sequence[float] | Tensor, *, temperature: float = 0.1) -> Tensor:
@@ -91,11 +97,7 @@ class ZooSource:
 
     def fit_head(self, x_labelled: Tensor, y_labelled: Sequence[int]) -> None:
         """Fit the target head h_s: logistic regression on standardised φ_s(L)."""
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        probe = _probe()
         probe.fit(_as_numpy(self.features(x_labelled)), np.asarray(y_labelled))
         self.head = probe.decision_function
 
