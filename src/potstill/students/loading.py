@@ -1,8 +1,9 @@
 """Student models from recipe fields: built-in model folders, and building a student from a teacher's layers, a
-shrunk config, a pretrained folder or a factory."""
+shrunk config, a pretrained folder (a Hugging Face one, or a saved factory student) or a factory."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -72,8 +73,12 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, *, seed: int, field_pr
                                      batch_size=cfg.calibration_batch_size, layers=cfg.layers)
         elif cfg.init == "pretrained":
             path = resolve_model_path(cfg.path, field=f"{field_prefix}.path")
-            cls = auto_cls or type(teacher)
-            student = cls.from_pretrained(path)
+            if (Path(path) / "potstill_student.json").is_file():  # a saved factory student (a run's student/)
+                from potstill.students.save import load_factory_student
+
+                student = load_factory_student(path)
+            else:
+                student = (auto_cls or type(teacher)).from_pretrained(path)
         else:
             student = call_factory(cfg.factory, cfg.kwargs, field=f"{field_prefix}.factory")
     except (ValueError, OSError) as exc:

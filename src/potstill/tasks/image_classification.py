@@ -97,11 +97,6 @@ class ImageClassificationTask(Task):
                 and not looks_like_hub_id(cfg.path)):
             raise UserError(f"field student.path: folder not found: {cfg.path} (a saved student: a Hugging Face "
                             f"image classifier, or a run's student/ folder, e.g. of the first stage)")
-        if cfg.init == "pretrained" and (Path(cfg.path) / "potstill_student.json").is_file():
-            from potstill.students.save import load_factory_student
-
-            student = load_factory_student(cfg.path)
-            return student.train().requires_grad_(True)
         return build_student(cfg, self.teacher, seed=self.recipe.seed, auto_cls=auto_cls)
 
     def _check_models(self) -> int:
