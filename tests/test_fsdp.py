@@ -64,6 +64,7 @@ PIECES = """
 import sys, torch, torch.distributed as dist
 from torch import nn
 from potstill.train.fsdp import FSDPSettings, Sharding, clip_grad_norm, load_sharded, save_sharded
+from potstill.train.precision import close_process_group
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 rank, out = dist.get_rank(), sys.argv[1]
@@ -99,7 +100,7 @@ if rank == 0:
                 "same_after_load": all(torch.equal(saved[k], back[k]) for k in saved),
                 "whole": {k: v.clone() for k, v in whole.state_dict().items()}, "saved": saved,
                 "whole_type": type(whole).__name__}, out + "/result.pt")
-dist.destroy_process_group()
+close_process_group()
 """
 
 

@@ -448,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"save it as UTF-8")
     if code == 130:  # typer ≥ 0.29 turns Ctrl-C into Exit(130) and returns that code
         return interrupted(args)
+    if code in (0, None) and "torch.distributed" in sys.modules:  # end a launched run's process group ourselves
+        from potstill.train.precision import close_process_group
+
+        close_process_group()
     return code if isinstance(code, int) else 0
 
 

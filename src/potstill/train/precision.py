@@ -29,6 +29,18 @@ def _multi_process_without_accelerator() -> bool:
     return not (has_accelerator.is_available() if has_accelerator else torch.cuda.is_available())
 
 
+def close_process_group() -> None:
+    """End a multi-process run's process group: a barrier, then `destroy_process_group`, so that every collective
+    has finished and gloo's worker threads are joined while Python is still alive. Left to interpreter shutdown,
+    a worker thread can free a finished collective after Python has begun to finalize, and the process aborts
+    ("terminate called without an active exception") although its work is done. No-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def new_accelerator(report_to: Sequence[str] = (), run_dir: str | Path | None = None) -> Any:
     """An Accelerator for a run: the process group and device, and the experiment trackers of `report_to` writing
     under `<run_dir>/trackers` (`potstill.train.trackers`); precision is `Precision`'s."""
