@@ -101,6 +101,8 @@ if rank == 0:
                 "whole": {k: v.clone() for k, v in whole.state_dict().items()}, "saved": saved,
                 "whole_type": type(whole).__name__}, out + "/result.pt")
 close_process_group()
+sys.stdout.flush()
+__import__("os")._exit(0)  # no interpreter finalization, as potstill.cli ends a multi-process run
 """
 
 

@@ -448,11 +448,24 @@ def main(argv: list[str] | None = None) -> int:
                       f"save it as UTF-8")
     if code == 130:  # typer ≥ 0.29 turns Ctrl-C into Exit(130) and returns that code
         return interrupted(args)
-    if code in (0, None) and "torch.distributed" in sys.modules:  # end a launched run's process group ourselves
+    code = code if isinstance(code, int) else 0
+    if code == 0 and "torch.distributed" in sys.modules:  # a launched run: end its process group ourselves
         from potstill.train.precision import close_process_group
 
-        close_process_group()
-    return code if isinstance(code, int) else 0
+        if close_process_group():
+            _exit_without_finalizing(code)
+    return code
+
+
+def _exit_without_finalizing(code: int) -> None:
+    """Exit after the atexit handlers and a flush, but without the interpreter's finalization, where gloo's
+    threads can still be freeing collectives (`close_process_group`)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

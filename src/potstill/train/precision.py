@@ -29,16 +29,24 @@ def _multi_process_without_accelerator() -> bool:
     return not (has_accelerator.is_available() if has_accelerator else torch.cuda.is_available())
 
 
-def close_process_group() -> None:
-    """End a multi-process run's process group: a barrier, then `destroy_process_group`, so that every collective
-    has finished and gloo's worker threads are joined while Python is still alive. Left to interpreter shutdown,
-    a worker thread can free a finished collective after Python has begun to finalize, and the process aborts
-    ("terminate called without an active exception") although its work is done. No-op in a single process."""
+def close_process_group() -> bool:
+    """End a multi-process run's process group; True when there was one. A barrier, `destroy_process_group`, a
+    garbage collection (the sharded modules' tensors and device meshes hold the group too) and a pause of 0.2 s
+    that lets gloo's worker threads finish freeing the last collectives, which needs the GIL. A worker thread that
+    frees one after Python has begun to finalize aborts the process ("terminate called without an active
+    exception") although its work is done; `potstill.cli` therefore also skips finalization after this."""
+    import gc
+    import time
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+    time.sleep(0.2)
+    return True
 
 
 def new_accelerator(report_to: Sequence[str] = (), run_dir: str | Path | None = None) -> Any:
