@@ -33,7 +33,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ class ContinualNet(nn.Module):
     `num_classes` and `num_classes` prototypes (rows of `prototypes`)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, projection_dim: int = 32,
-                 seed: int = 0) -> None:
+                 seed: int = 0, prototype_scale: float = 1e-3) -> None:
         super().__init__()
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -62,7 +62,7 @@ class ContinualNet(nn.Module):
         self.projection = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(),
                                         nn.Linear(feature_dim, projection_dim))
         self.classifier = nn.Linear(feature_dim, num_classes)
-        self.prototypes = nn.Parameter(torch.randn(num_classes, feature_dim))
+        self.prototypes = nn.Parameter(prototype_scale * torch.randn(num_classes, feature_dim))
         torch.random.set_rng_state(state)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ class StreamConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
-    prototype_lr: float = 1.0
+    prototype_lr: float = 0.01
     supcon_temperature: float = 0.1
     prototype_weight: float = 2.0
     distill_weight: float = 4.0
@@ -156,10 +156,11 @@ def train_task(model: ContinualNet, old: ContinualNet | None, task: StreamTask, 
     generator = torch.Generator().manual_seed(cfg.seed * 1_000 + task.index)
     prototype_ids = {id(model.prototypes)}
     network = [p for p in model.parameters() if id(p) not in prototype_ids]
-    optimizer = torch.optim.SGD([
+    groups: list[dict[str, Any]] = [
         {"params": network},
         {"params": [model.prototypes], "lr": cfg.prototype_lr, "momentum": 0.0, "weight_decay": 0.0},
-    ], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    ]
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     inputs, labels = to_unit(task.train.images), task.train.labels
     model.train()
     for _ in range(cfg.epochs):
