@@ -24,7 +24,9 @@ teacher state beyond one signal, and `image_classification` evaluates arg-max lo
 the student's width. The loop below is kept to one step function and one task function.
 
 Defaults follow the paper where they carry over (SupCon τ 0.1, λ_p 2, λ_d 4, distillation τ 1, prototype
-lr 0.01, batch 128); epochs per task and the backbone are small, for CPU runs.
+lr 0.01, batch 128); epochs per task and the backbone are small, for CPU runs. Prototypes start at scale 1e-3:
+at lr 0.01 and a few hundred steps per task, unit-scale random prototypes barely move, while near zero the
+cosine's gradient (∝ 1/‖p‖) turns them towards their class within the first steps.
 """
 
 from __future__ import annotations
