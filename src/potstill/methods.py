@@ -73,6 +73,10 @@ _GUIDANCE = _RESULTS + ("teacher-needs-guidance-the-per-step-alpha-of-iterated-s
 _LLAVA_MOD = 'Shu et al., "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation"'
 _PRUNED = _RESULTS + "pruned-init-vs-layer-drop-init-at-equal-size-issue-19-benchmarkspruned_vs_layerdroppy"
 _IMAGE_KD = _RESULTS + "image-kd-and-ssld-on-mnist-5k-issue-20-benchmarksimage_kdpy"
+_PRD = _RESULTS + ("prd-vs-fine-tuning-and-lwf-on-class-incremental-split-mnist-no-replay-issue-20-"
+                 "benchmarksprd_continualpy")
+_PRD_PAPER = ('Asadi et al., "Prototype-Sample Relation Distillation: Towards Replay-Free Continual '
+              'Learning"')
 _MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
 _ZOO = _RESULTS + "distillnearest-and-distillweighted-teachers-from-a-zoo-issue-19-benchmarksdistill_nearestpy"
 _BORUP = 'Borup, Phoo & Hariharan, "Distilling from Similar Tasks for Transfer Learning on a Budget"'
@@ -257,6 +261,11 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Entity-level NER F1 (strict)", 'Zhou et al., "UniversalNER: Targeted Distillation from Large '
                    'Language Models for Open Named Entity Recognition"', 2024, "evaluation", "potstill.eval.ner",
                    "entity_f1", "benchmarks/universal_ner.py", _UNIVERSAL_NER),
+        MethodInfo("PRD (prototype-sample relation distillation)", _PRD_PAPER, 2023, "objective", _LOSSES + "prd",
+                   "prd_relation_kl", "benchmarks/prd_continual.py", _PRD),
+        MethodInfo("PRD continual-learning stream (SupCon + prototypes, no replay; fine-tuning and LwF baselines)",
+                   _PRD_PAPER, 2023, "loop hook", "potstill.train.prd_stream", "train_stream",
+                   "benchmarks/prd_continual.py", _PRD),
     )
 }
 
