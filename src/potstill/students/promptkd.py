@@ -170,7 +170,7 @@ def _tower(tower: str | nn.Module, tower_kwargs: dict[str, Any] | None) -> nn.Mo
     return call_factory(tower, dict(tower_kwargs or {}), field="student.kwargs.tower")
 
 
-def prompted_vit(tower: str | nn.Module = "potstill.examples.digits_vit:mae_teacher",
+def prompted_vit(tower: str | nn.Module = "potstill.examples.digits_vit_classifier:digits_vit_classifier",
                  tower_kwargs: dict[str, Any] | None = None, embed_dim: int = 384, prompts: int = 4,
                  depth: int | None = None, projector_hidden: int | None = None, seed: int = 0) -> PromptedViT:
     """A PromptKD student (factory for `student.factory`): `tower` is a ViT module or a `module:callable` that
@@ -179,7 +179,7 @@ def prompted_vit(tower: str | nn.Module = "potstill.examples.digits_vit:mae_teac
                        projector_hidden=projector_hidden, seed=seed)
 
 
-def probe_student(tower: str | nn.Module = "potstill.examples.digits_vit:mae_teacher",
+def probe_student(tower: str | nn.Module = "potstill.examples.digits_vit_classifier:digits_vit_classifier",
                   tower_kwargs: dict[str, Any] | None = None, embed_dim: int = 384, hidden: int | None = None,
                   budget: int | None = None, seed: int = 0) -> ProbeStudent:
     """The equal-budget probe: `hidden` given, or sized to train about `budget` parameters."""
