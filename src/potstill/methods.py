@@ -75,6 +75,7 @@ _PRUNED = _RESULTS + "pruned-init-vs-layer-drop-init-at-equal-size-issue-19-benc
 _IMAGE_KD = _RESULTS + "image-kd-and-ssld-on-mnist-5k-issue-20-benchmarksimage_kdpy"
 _MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
 _ZOO = _RESULTS + "distillnearest-and-distillweighted-teachers-from-a-zoo-issue-19-benchmarksdistill_nearestpy"
+_PROMPTKD = _RESULTS + "promptkd-on-mnist-5k-with-an-offline-lit-teacher-issue-20-benchmarkspromptkdpy"
 _BORUP = 'Borup, Phoo & Hariharan, "Distilling from Similar Tasks for Transfer Learning on a Budget"'
 _PROGRAMS = _RESULTS + ("program-distillation-verified-teacher-programs-vs-answer-only-sft-issue-21-item-7-"
                         "benchmarksprogram_distillationpy")
@@ -257,6 +258,15 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Entity-level NER F1 (strict)", 'Zhou et al., "UniversalNER: Targeted Distillation from Large '
                    'Language Models for Open Named Entity Recognition"', 2024, "evaluation", "potstill.eval.ner",
                    "entity_f1", "benchmarks/universal_ner.py", _UNIVERSAL_NER),
+        MethodInfo("PromptKD (deep visual prompts + projector on a frozen ViT)", 'Li et al., "PromptKD: '
+                   'Unsupervised Prompt Distillation for Vision-Language Models"', 2024, "student builder",
+                   "potstill.students.promptkd", "prompted_vit", _RECIPES + "mnist-promptkd.yaml", _PROMPTKD),
+        MethodInfo("LiT teacher (locked image and text towers, trained alignment head)", 'Zhai et al., "LiT: '
+                   'Zero-Shot Transfer with Locked-image text Tuning"', 2022, "teacher", "potstill.teachers.lit",
+                   "build_lit_teacher", _RECIPES + "mnist-promptkd.yaml", _PROMPTKD),
+        MethodInfo("Zero-shot classification with prompt ensembling, image-text R@k", 'Radford et al., "Learning '
+                   'Transferable Visual Models From Natural Language Supervision" (CLIP)', 2021, "evaluation",
+                   "potstill.eval.zero_shot", "prompt_ensemble", "benchmarks/promptkd.py", _PROMPTKD),
     )
 }
 
