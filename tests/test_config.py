@@ -34,7 +34,7 @@ def minimal(task: str) -> dict:
     raw = {"name": f"min-{task}", "task": task, "teacher": {"path": "some/teacher"},
            "student": {"init": "layers_from_teacher", "layers": [0]}, "data": {"train": "train.jsonl"},
            "objectives": [{"name": "forward_kl"}]}
-    if task in ("classification", "vision", "image_classification"):
+    if task in ("classification", "vision", "image_classification", "vision_language"):
         raw.update(teacher=FACTORY, student=STUDENT)
     if task == "seq2seq":
         raw.update(objectives=[], trainer={"hard_label_weight": 1.0})
@@ -139,6 +139,7 @@ NOT_PATHS = {
     "EndpointConfig.model": "a model name sent to a server", "EndpointConfig.api_key_env": "an environment variable",
     "EarlyStoppingConfig.metric": "a metric name", "LoraStudentConfig.target_modules": "module names in the model",
     "LoraStudentConfig.modules_to_save": "module names in the model",
+    "VisionLanguageConfig.class_names": "class names or builtin:<set>", "VisionLanguageConfig.templates": "captions",
 }
 # names that say "path" (or file, folder, cache...) and must then be a RelPath, unless listed in NOT_PATHS
 PATH_NAME = re.compile(r"(^|_)(path|paths|file|files|dir|folder|cache|weights|tokenizer|scores|collection)($|_)")

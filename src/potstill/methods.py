@@ -79,6 +79,7 @@ _PRD_PAPER = ('Asadi et al., "Prototype-Sample Relation Distillation: Towards Re
               'Learning"')
 _MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
 _ZOO = _RESULTS + "distillnearest-and-distillweighted-teachers-from-a-zoo-issue-19-benchmarksdistill_nearestpy"
+_PROMPTKD = _RESULTS + "promptkd-on-mnist-5k-with-an-offline-lit-teacher-issue-20-benchmarkspromptkdpy"
 _BORUP = 'Borup, Phoo & Hariharan, "Distilling from Similar Tasks for Transfer Learning on a Budget"'
 _PROGRAMS = _RESULTS + ("program-distillation-verified-teacher-programs-vs-answer-only-sft-issue-21-item-7-"
                         "benchmarksprogram_distillationpy")
@@ -266,6 +267,15 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("PRD continual-learning stream (SupCon + prototypes, no replay; fine-tuning and LwF baselines)",
                    _PRD_PAPER, 2023, "loop hook", "potstill.train.prd_stream", "train_stream",
                    "benchmarks/prd_continual.py", _PRD),
+        MethodInfo("PromptKD (deep visual prompts + projector on a frozen ViT)", 'Li et al., "PromptKD: '
+                   'Unsupervised Prompt Distillation for Vision-Language Models"', 2024, "student builder",
+                   "potstill.students.promptkd", "prompted_vit", _RECIPES + "mnist-promptkd.yaml", _PROMPTKD),
+        MethodInfo("LiT teacher (locked image and text towers, trained alignment head)", 'Zhai et al., "LiT: '
+                   'Zero-Shot Transfer with Locked-image text Tuning"', 2022, "teacher", "potstill.teachers.lit",
+                   "build_lit_teacher", _RECIPES + "mnist-promptkd.yaml", _PROMPTKD),
+        MethodInfo("Zero-shot classification with prompt ensembling, image-text R@k", 'Radford et al., "Learning '
+                   'Transferable Visual Models From Natural Language Supervision" (CLIP)', 2021, "evaluation",
+                   "potstill.eval.zero_shot", "prompt_ensemble", "benchmarks/promptkd.py", _PROMPTKD),
     )
 }
 

@@ -36,6 +36,10 @@ def task_class(name: str) -> type[Task]:
         from potstill.tasks.seq2seq import Seq2SeqTask
 
         return Seq2SeqTask
+    if name == "vision_language":
+        from potstill.tasks.vision_language import VisionLanguageTask
+
+        return VisionLanguageTask
     from potstill.tasks.embedding import EmbeddingTask
 
     return EmbeddingTask
