@@ -351,7 +351,8 @@ def check_domains_teacher(recipe: RecipeBase) -> None:
                          "teacher.path or teacher.factory")
 
 
-TASKS = ("classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq", "image_classification")
+TASKS = ("classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq", "image_classification",
+         "masked_lm")
 
 
 class RecipeBase(Strict):
