@@ -19,7 +19,7 @@ CPU budget). Both are scored on 400 articles of the test split (held out from ev
 `distance`, the L2 distance of the encoder weights (MLM head excluded) to θ0, and `mlm_loss`, the held-out MLM loss
 on 100 validation articles after pre-training.
 
-Usage: python benchmarks/further_pretraining_sd.py [--seeds 0 1 2] [--steps 60] [--out runs/fpsd-bench]
+Usage: python benchmarks/further_pretraining_sd.py [--seeds 0 1 2] [--steps 60] [--lr 1e-4] [--out runs/fpsd-bench]
 Each pre-training stage is a fresh `python -m potstill run` process; finished seeds in --out/results.jsonl are
 skipped, so a killed study resumes.
 """
@@ -134,7 +134,7 @@ def distance(folder: Path, theta0: Path) -> float:
 def run_seed(seed: int, args: argparse.Namespace, data: dict) -> dict:
     work = args.out / f"seed{seed}"
     theta0 = make_theta0(work / "theta0", layers=args.layers, seed=seed)
-    common = [f"output_dir={work}", f"seed={seed}", f"trainer.max_steps={args.steps}",
+    common = [f"output_dir={work}", f"seed={seed}", f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}",
               f"trainer.num_threads={args.threads}", f"data.max_length={args.max_length}", "eval.probe_train=null",
               "eval.probe_test=null",
               "eval.compare_before=false"]
@@ -147,7 +147,7 @@ def run_seed(seed: int, args: argparse.Namespace, data: dict) -> dict:
                                            ["name=self_distilled", *common, f"teacher.path={phi}",
                                             f"student.path={theta0}"], label=f"seed {seed} stage 2")
     sd = work / "self_distilled" / "student"
-    row: dict = {"seed": seed, "steps": args.steps, **{k: round(v, 1) for k, v in timings.items()}}
+    row: dict = {"seed": seed, "steps": args.steps, "lr": args.lr, **{k: round(v, 1) for k, v in timings.items()}}
     for arm, folder, summary in (("theta0", theta0, None), ("further_pretrained", phi, s1), ("self_distilled", sd, s2)):
         start = time.perf_counter()
         row[arm] = {"probe": probe(folder, data, args.max_length, seed),
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps of each pre-training stage")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of both pre-training stages")
     parser.add_argument("--layers", type=int, default=2, help="MiniLM layers kept in θ0")
     parser.add_argument("--max-length", type=int, default=32, help="tokens per text (the recipes' data.max_length)")
     parser.add_argument("--ft-epochs", type=int, default=5)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"train": bbc("train", 100), "test": bbc("test", 400)}
     results = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
-    rows = [r for r in rows if r["steps"] == args.steps]
+    rows = [r for r in rows if r["steps"] == args.steps and r.get("lr", 1e-4) == args.lr]
     for seed in args.seeds:
         if any(r["seed"] == seed for r in rows):
             continue
