@@ -26,7 +26,7 @@ def test_catalogue_entries():
     stateful = {"taid", "sparse_flops", "moe_router_aux"} | hidden | attention
     logits = set(NAMES) | {"taid", "sinkhorn", "uld", "gold"}
     scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops"}
-    embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl"}
+    embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl", "further_pretraining_sd"}
     preference = {"dpo_teacher_ref"}
     router = {"moe_router_aux"}
     expected = logits | hidden | attention | scores | embedding | preference | router

@@ -90,6 +90,8 @@ _SWIFTKV = _RESULTS + "swiftkv-on-smollm2-135m-prefill-cost-vs-agreement-issue-2
 _UNIVERSAL_NER = _RESULTS + ("universalner-targeted-distillation-of-a-scripted-ner-teacher-issue-21-8-"
                              "benchmarksuniversal_nerpy")
 
+_FURTHER_PRETRAINING = _RESULTS + ("self-distillation-for-further-pre-training-mlm-then-mlm--cls-matching-issue-21-11-"
+                                   "benchmarksfurther_pretraining_sdpy")
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
 _GKD = 'Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"'
@@ -276,6 +278,10 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Zero-shot classification with prompt ensembling, image-text R@k", 'Radford et al., "Learning '
                    'Transferable Visual Models From Natural Language Supervision" (CLIP)', 2021, "evaluation",
                    "potstill.eval.zero_shot", "prompt_ensemble", "benchmarks/promptkd.py", _PROMPTKD),
+        MethodInfo("Self-distillation for further pre-training (MLM, then MLM + [CLS] matching)",
+                   'Lee et al., "Self-Distillation for Further Pre-training of Transformers"', 2023, "objective",
+                   _LOSSES + "further_pretraining", "further_pretraining_sd", _RECIPES + "bbc-self-distil.yaml",
+                   _FURTHER_PRETRAINING),
     )
 }
 

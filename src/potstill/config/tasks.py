@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, model_validator
 
 from potstill.config.common import (
     DataConfig,
@@ -173,3 +173,38 @@ class RankingRecipe(RecipeBase):
         if not self.has_teacher_model() and self.ranking.teacher_scores is None:
             raise ValueError("give exactly one of teacher.path or teacher.factory (or only ranking.teacher_scores, "
                              "a file of the teacher's scores)")
+
+
+class MaskingConfig(Strict):
+    """masked_lm task: BERT / RoBERTa-style token masking (transformers' DataCollatorForLanguageModeling)."""
+
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of the real tokens the MLM loss predicts")
+    mask_replace_prob: float = Field(0.8, ge=0, le=1, description="of the chosen tokens, the share replaced by "
+                                     "the mask token")
+    random_replace_prob: float = Field(0.1, ge=0, le=1, description="of the chosen tokens, the share replaced by "
+                                       "a random token (the rest stay as they are)")
+
+    @model_validator(mode="after")
+    def _shares(self) -> MaskingConfig:
+        if self.mask_replace_prob + self.random_replace_prob > 1:
+            raise ValueError(f"masking.mask_replace_prob + masking.random_replace_prob must be ≤ 1, got "
+                             f"{self.mask_replace_prob} + {self.random_replace_prob}")
+        return self
+
+
+class MaskedLMEvalConfig(EvalConfig):
+    probe_train: DataSource | None = Field(None, description="labelled texts (text, label) to fit a linear probe "
+                                           "on the frozen final-layer [CLS] vectors")
+    probe_test: DataSource | None = Field(None, description="labelled texts to score the probe")
+
+
+class MaskedLMRecipe(RecipeBase):
+    """task: masked_lm: (further) pre-training of a BERT-layout encoder with its masked-language-model loss
+    (trainer.hard_label_weight), optionally pulled towards a teacher's [CLS] vectors (further_pretraining_sd)."""
+
+    task: Literal["masked_lm"]
+    teacher: EncoderTeacherConfig = Field(default_factory=EncoderTeacherConfig, description="the teacher model "
+                                          "(an encoder; only its [CLS] vectors are read, by the objectives)")
+    data: EncoderData
+    masking: MaskingConfig = Field(default_factory=MaskingConfig, description="which tokens the MLM loss predicts")
+    eval: MaskedLMEvalConfig = Field(default_factory=MaskedLMEvalConfig)

@@ -16,6 +16,7 @@ from .divergences import (
     tvd,
 )
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
+from .further_pretraining import further_pretraining_sd
 from .fused import fused_linear_divergence
 from .ranking import flops, idf_flops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
 from .sinkhorn import sinkhorn, sinkhorn_plan
@@ -41,6 +42,7 @@ __all__ = [
     "embedding_cosine",
     "embedding_mse",
     "embedding_similarity_kl",
+    "further_pretraining_sd",
     "forward_kl",
     "fused_linear_divergence",
     "generalized_jsd",

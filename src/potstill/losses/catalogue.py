@@ -20,6 +20,7 @@ from .divergences import (
     tvd,
 )
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
+from .further_pretraining import further_pretraining_sd
 from .intermediate import AttentionMSE, DMAEAlign, HiddenCosine, HiddenMSE, SquareHead
 from .mi_alpha import MIAlpha
 from .minilm import MiniLMAttention, MiniLMRelations
@@ -312,6 +313,14 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             'Fang et al. 2021, "SEED: Self-supervised Distillation for Visual Representation"',
             ("relational: B × B in-batch similarities, width-free; cross=True (SEED's form) uses cos(s_i, t_j), "
              "equal widths; τ_t defaults to τ_s; exclude_diagonal drops self-similarity"),
+        ),
+        _entry(
+            further_pretraining_sd,
+            "embedding",
+            "‖h_θ(x) − sg(h_φ(x))‖², summed over D, mean over the batch; h = final-layer [CLS] of the unmasked input",
+            'Lee et al. 2023, "Self-Distillation for Further Pre-training of Transformers" (ICLR)',
+            ("masked_lm task, stage 2: the teacher φ is θ0 further-pretrained with MLM, the student restarts from "
+             "θ0 with MLM (trainer.hard_label_weight) + λ·this; paper λ = 1"),
         ),
     )
 }

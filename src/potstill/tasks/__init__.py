@@ -32,6 +32,10 @@ def task_class(name: str) -> type[Task]:
         from potstill.tasks.image_classification import ImageClassificationTask
 
         return ImageClassificationTask
+    if name == "masked_lm":
+        from potstill.tasks.masked_lm import MaskedLMTask
+
+        return MaskedLMTask
     if name == "seq2seq":
         from potstill.tasks.seq2seq import Seq2SeqTask
 
