@@ -309,3 +309,18 @@ def test_layers_path_and_a_pretrained_compact_student(tmp_path, classifier):
     raw["teacher"]["layers_path"] = "encoder.layer"
     with pytest.raises(UserError, match="has no module 'encoder.layer'"):
         run_recipe(validate_recipe(dict(raw, name="badpath")))
+
+
+@pytest.mark.parametrize("task", ["ranking", "vision_language", "masked_lm"])
+def test_tasks_without_internals_refuse_internal_objectives_in_one_line(task):
+    """These tasks' signals carry no hidden states or q/k/v: an objective on internals is a recipe mistake named
+    by its field, before any model loads (it used to end in an AttributeError inside the loop)."""
+    from test_config import minimal
+
+    from potstill.errors import UserError
+    from potstill.train.run import build_objectives
+
+    raw = minimal(task)
+    raw["objectives"] = [{"name": "hidden_mse"}]
+    with pytest.raises(UserError, match=f"objectives.0.name: hidden_mse .* the {task} task does not capture"):
+        build_objectives(validate_recipe(raw), None)

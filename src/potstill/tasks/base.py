@@ -28,6 +28,7 @@ class Task(ABC):
     signal_kind: str = ""
     # objective kinds fed besides `signal_kind` (causal_lm: "preference", on preference pairs)
     extra_objective_kinds: tuple[str, ...] = ()
+    captures_internals: bool = True  # hidden states / q, k, v for objectives on internals (`with_internals`)
     name: str = ""
     metric_names: tuple[str, ...] = ()  # every metric `evaluate` can give (which ones depends on the data)
 

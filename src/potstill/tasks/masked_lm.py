@@ -78,6 +78,7 @@ def masked_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 class MaskedLMTask(Task):
     signal_kind = "embedding"
     name = "masked_lm"
+    captures_internals = False
     metric_names = ("mlm_loss", "mlm_accuracy", "probe_accuracy")
 
     def setup(self, *, is_main: bool = True, barrier=lambda: None) -> None:

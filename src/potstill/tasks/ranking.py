@@ -58,6 +58,7 @@ from potstill.teachers.score_cache import TeacherScoreCache, cached_tensor, load
 class RankingTask(Task):
     signal_kind = "scores"
     name = "ranking"
+    captures_internals = False
     metric_names = ("rerank_mrr@10", "teacher_kendall_tau", "teacher_top1_agreement", "mrr@10", "ndcg@10", "recall@10",
                     "teacher_top10_overlap", "passage_active_terms", "query_active_terms")
 

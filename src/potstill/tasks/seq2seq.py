@@ -59,6 +59,7 @@ PLAIN_FIELDS = ("input", "target")
 class Seq2SeqTask(Task):
     signal_kind = "logits"
     name = "seq2seq"
+    captures_internals = False
     metric_names = ("perplexity", "token_accuracy", "label_accuracy", "rationale_perplexity")
 
     # ------------------------------------------------------------------ set-up

@@ -50,6 +50,7 @@ def _prepare(images: torch.Tensor, transforms: Any) -> torch.Tensor:
 class VisionLanguageTask(Task):
     signal_kind = "logits"
     name = "vision_language"
+    captures_internals = False
     metric_names = ("accuracy", "agreement", "i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5")
 
     def check_records(self) -> None:

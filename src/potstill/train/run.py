@@ -40,6 +40,9 @@ def build_objectives(recipe: Recipe, task: Any = None) -> list[Objective]:
     for i, cfg in enumerate(recipe.objectives):
         info = get_objective(cfg.name)
         if info.kind in INTERNAL_KINDS:
+            if not task_class(recipe.task).captures_internals:
+                raise UserError(f"field objectives.{i}.name: {cfg.name} reads hidden states or attention, which "
+                                f"the {recipe.task} task does not capture; see `potstill objectives`")
             if recipe.teacher.cache is not None:
                 raise UserError(f"field objectives.{i}.name: {cfg.name} reads the teacher's internals, which a "
                                 f"teacher.cache does not hold; use a live teacher")
