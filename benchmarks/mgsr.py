@@ -29,8 +29,10 @@ Each row and seed runs in its own subprocess (`--jobs` at a time); `<out>/result
 runs, and a rerun with the same settings reuses them. `--quick`: a tiny random teacher, 16 records, a 2 s
 budget: a smoke test, the numbers mean nothing.
 
+`--steps N` trains every run N steps instead (an equal-steps check of the losses' cost).
+
 Usage: python benchmarks/mgsr.py [--budget-seconds 240] [--seeds 0 1 2] [--only on_policy mgsr] [--jobs 2]
-       [--threads 1] [--out runs/mgsr] [--quick]
+       [--threads 1] [--steps 0] [--out runs/mgsr] [--quick]
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def _recipe(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[s
         "data": {"train": {"path": str(work / "train.jsonl")}, "format": "prompt_completion", "add_eos": False,
                  "max_length": shape["max_length"], "packing": False},
         "objectives": _objectives(row),
-        "trainer": {"max_steps": 1_000_000, "max_seconds": args.budget_seconds, "batch_size": shape["batch"],
+        "trainer": {"max_steps": args.steps or 1_000_000, "max_seconds": None if args.steps else args.budget_seconds,
+                    "batch_size": shape["batch"],
                     "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 3, "schedule": "constant",
                     "max_grad_norm": 1.0, "num_threads": args.threads, "log_every": 1, "save_every": 0},
         "eval": {"every": 0, "compare_before": False, "throughput": False},
@@ -198,7 +201,7 @@ def _main(args: argparse.Namespace) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     settings = {"budget_seconds": args.budget_seconds, "quick": args.quick, "records": args.records,
-                "threads": args.threads}
+                "threads": args.threads, "steps": args.steps}
     results: dict[str, Any] = {"settings": settings, "runs": {}}
     if path.exists() and json.loads(path.read_text()).get("settings") == settings:
         results = json.loads(path.read_text())
@@ -215,7 +218,8 @@ def _main(args: argparse.Namespace) -> int:
             item = todo.pop(0)
             log = out / "logs" / f"{item.replace(':', '-')}{'-quick' if args.quick else ''}.log"
             cmd = [sys.executable, __file__, "--worker", item, "--out", args.out, "--threads", str(args.threads),
-                   "--budget-seconds", str(args.budget_seconds), "--records", str(args.records)] + \
+                   "--budget-seconds", str(args.budget_seconds), "--records", str(args.records),
+                   "--steps", str(args.steps)] + \
                   (["--quick"] if args.quick else [])
             running.append((subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env), log,
                             item))
@@ -246,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-seconds", type=float, default=240.0, help="training wall time per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (default: on_policy and mgsr)")
+    parser.add_argument("--steps", type=int, default=0, help="train this many steps instead (equal steps, not "
+                        "equal time; 0 = use the time budget)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (each its own process)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--records", type=int, default=128, help="BBC prompt / completion records to train on")
