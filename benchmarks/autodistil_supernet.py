@@ -4,8 +4,8 @@ each is distilled on its own (Kendall τ > 0; methods-b §12's CPU check), witho
 Teacher: all-MiniLM-L6-v2 (6 layers × 384, FFN 1536, head size 32). Supernet: a trainable copy of it,
 `potstill.students.supernet.ElasticBert` over the space depth {1, 2, 3, 4, 6} × width {192, 288, 384} × FFN
 {384, 768, 1536}. Loss: q-q / k-k / v-v relation MSE of the last layer against the teacher's (12 relation heads).
-Data: `--steps` batches of 16 `builtin:general` texts at 64 tokens for training, 64 BBC validation articles (another
-source) for the held-out loss. For each seed:
+Data: `--steps` batches of `--batch` (8) `builtin:general` texts at `--max-length` (32) tokens for training, 64 BBC
+validation articles (another source) at the same length for the held-out loss. For each seed:
 1. the supernet trains `--steps` sandwich steps (the largest, the smallest and 2 random subnets per step);
 2. proxy `supernet`: each candidate's held-out loss as a slice of the trained supernet (no retraining);
    proxy `init`: its held-out loss as a slice of the untrained copy (the teacher's own weights);
@@ -13,7 +13,7 @@ source) for the held-out loss. For each seed:
    same batches with the same optimizer, then its held-out loss.
 τ is Kendall's between each proxy and the trained losses over the candidates.
 
-Usage: python benchmarks/autodistil_supernet.py [--seeds 0 1 2] [--steps 60] [--json OUT]
+Usage: python benchmarks/autodistil_supernet.py [--seeds 0 1 2] [--steps 60] [--batch 8] [--max-length 32] [--json OUT]
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ SPACE = ElasticSpace(layers=(1, 2, 3, 4, 6), hidden=(192, 288, 384), ffn=(384, 7
 CANDIDATES = [Subnet(1, 384, 1536), Subnet(2, 384, 1536), Subnet(2, 192, 768), Subnet(3, 288, 1536),
               Subnet(4, 192, 384), Subnet(4, 384, 768), Subnet(6, 192, 1536), Subnet(2, 288, 384),
               Subnet(3, 384, 384), Subnet(1, 192, 384)]
-HEADS, BATCH, MAX_LENGTH, LR = 12, 16, 64, 1e-4
+HEADS, LR = 12, 1e-4
+BATCH, MAX_LENGTH = 8, 32  # set from --batch / --max-length
 
 
 def batches(tokenizer, texts: list[str]) -> list[dict[str, torch.Tensor]]:
@@ -120,9 +121,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    global BATCH, MAX_LENGTH
+    BATCH, MAX_LENGTH = args.batch, args.max_length
     torch.set_num_threads(args.threads)
     from transformers import AutoModel, AutoTokenizer
 

@@ -93,6 +93,8 @@ _UNIVERSAL_NER = _RESULTS + ("universalner-targeted-distillation-of-a-scripted-n
 _FURTHER_PRETRAINING = _RESULTS + ("self-distillation-for-further-pre-training-mlm-then-mlm--cls-matching-issue-21-11-"
                                    "benchmarksfurther_pretraining_sdpy")
 _RECIPES = "src/potstill/recipes/"
+_MGSR = 'Liu et al., "Multi-Granularity Semantic Revision for Large Language Model Distillation"'
+_MGSR_RESULTS = _RESULTS + "mgsr-vs-plain-on-policy-gkd-at-equal-time-benchmarksmgsrpy"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
 _GKD = 'Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"'
 _TINYBERT = 'Jiao et al., "TinyBERT: Distilling BERT for Natural Language Understanding"'
@@ -116,6 +118,12 @@ METHODS: dict[str, MethodInfo] = {
                    "benchmarks/llm_step.py"),
         MethodInfo("GKD on-policy samples", _GKD, 2024, "loop hook", "potstill.data.on_policy",
                    "on_policy_batch", "benchmarks/llm_step.py"),
+        MethodInfo("MGSR sequence correction and re-generation (SCRG)", _MGSR, 2024, "loop hook",
+                   "potstill.data.mgsr_scrg", "correct_and_regenerate", _RECIPES + "smollm2-mgsr.yaml", _MGSR_RESULTS),
+        MethodInfo("MGSR distribution-adaptive clipped KL (DAC-KL)", _MGSR, 2024, "objective",
+                   _LOSSES + "mgsr_dac_kl", "DACKL", _RECIPES + "smollm2-mgsr.yaml", _MGSR_RESULTS),
+        MethodInfo("MGSR span-level probability correlation", _MGSR, 2024, "objective", _LOSSES + "mgsr_span",
+                   "span_correlation", _RECIPES + "smollm2-mgsr.yaml", _MGSR_RESULTS),
         MethodInfo("DistiLLM skew KL",
                    'Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models"', 2024,
                    "objective", _LOSSES + "divergences", "skew_kl"),

@@ -57,6 +57,15 @@ class GenerationConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1.0 = off)")
 
 
+class MGSRConfig(Strict):
+    """MGSR (Liu et al. 2024) on top of on-policy distillation. Its token- and span-level losses are the
+    objectives dac_kl and span_correlation; this block holds its sequence level."""
+
+    scrg: StrictBool = Field(True, description="sequence correction and re-generation: each on-policy sample gets "
+                             "the teacher's token at its position of largest teacher–student KL and a suffix "
+                             "re-sampled by the student (potstill.data.mgsr_scrg); needs generation.lmbda > 0")
+
+
 class StepByStepConfig(Strict):
     """Distilling step-by-step (Hsieh et al. 2023): each record (input, label, rationale) trains two views,
     (label_prefix + input → label) and (rationale_prefix + input → rationale); the hard-label loss is
@@ -200,6 +209,7 @@ class CausalLMRecipe(TextTargetsRecipe):
     trainer: CausalLMTrainerConfig = Field(default_factory=CausalLMTrainerConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig,
                                          description="on-policy and sequence-level distillation")
+    mgsr: MGSRConfig | None = Field(None, description="MGSR's revision of the on-policy samples (null = off)")
 
     def check(self) -> None:
         self.check_loss()
@@ -218,6 +228,8 @@ class CausalLMRecipe(TextTargetsRecipe):
                 if objective.name not in FUSED_DIVERGENCES:
                     raise ValueError(f"trainer.fused_lm_head: objective {objective.name!r} has no fused form; use "
                                      f"{', '.join(FUSED_DIVERGENCES)}, or turn fused_lm_head off")
+        if self.mgsr is not None and self.mgsr.scrg and not self.generation.lmbda:
+            raise ValueError("mgsr.scrg revises the student's on-policy samples: set generation.lmbda > 0")
         if self.generation.lmbda and self.teacher.cache is not None:
             raise ValueError("generation.lmbda > 0 needs a live teacher to score the student's samples; "
                              "remove teacher.cache or set generation.lmbda: 0")

@@ -9,6 +9,9 @@ of sequences. λ = 0 is plain (supervised) KD, λ = 1 fully on-policy.
 
 The coin and the samples are seeded by (seed, micro-batch, process), so a resumed run redraws exactly the
 same batches.
+
+`revise` (optional) rewrites the sampled completions before they are collated: MGSR's sequence correction
+and re-generation (`potstill.data.mgsr_scrg`, `mgsr.scrg`).
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ def on_policy_seed(seed: int, micro_batch: int) -> int:
 def on_policy_batch(batch: dict[str, Any], student: nn.Module, micro_batch: int, *, lmbda: float, seed: int,
                     examples: list[dict[str, list[int]]], settings: SamplingSettings, pad_id: int,
                     eos_id: int | None, max_length: int,
-                    collate: Callable[[list[dict], list[int]], dict[str, Any]]) -> dict[str, Any]:
+                    collate: Callable[[list[dict], list[int]], dict[str, Any]],
+                    revise: Callable[[list[list[int]], list[list[int]], int], list[list[int]]] | None = None,
+                    ) -> dict[str, Any]:
     """`batch` unchanged, or with probability `lmbda` the same prompts (`examples[i]` for the batch's `index`)
     followed by the `student`'s sampled completions, collated by `collate(examples, indices)` (on the
-    device) and marked `on_policy`."""
+    device) and marked `on_policy`. `revise(prompts, completions, seed)`, when given, rewrites the samples."""
     seed = on_policy_seed(seed, micro_batch)
     if float(torch.rand(1, generator=torch.Generator().manual_seed(seed))) >= lmbda:
         return batch
@@ -44,5 +49,7 @@ def on_policy_batch(batch: dict[str, Any], student: nn.Module, micro_batch: int,
     prompts = [prompt_of(examples[i]) for i in indices]
     completions = sample_completions(student, prompts, settings=settings, pad_token_id=pad_id, eos_token_id=eos_id,
                                      seed=seed)
+    if revise is not None:
+        completions = revise(prompts, completions, seed)
     new = collate([with_completion(p, c, max_length) for p, c in zip(prompts, completions, strict=True)], indices)
     return {**new, "on_policy": True}

@@ -18,6 +18,8 @@ from .divergences import (
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
 from .further_pretraining import further_pretraining_sd
 from .fused import fused_linear_divergence
+from .mgsr_dac_kl import DACKL, dac_kl
+from .mgsr_span import span_correlation
 from .ranking import flops, idf_flops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
 from .sinkhorn import sinkhorn, sinkhorn_plan
 from .sparse import (
@@ -35,6 +37,7 @@ from .taid import TAID
 from .uld import gold, uld
 
 __all__ = [
+    "DACKL",
     "OBJECTIVES",
     "TAID",
     "TopKTeacher",
@@ -45,6 +48,7 @@ __all__ = [
     "further_pretraining_sd",
     "forward_kl",
     "fused_linear_divergence",
+    "dac_kl",
     "generalized_jsd",
     "js_divergence",
     "gold",
@@ -61,6 +65,7 @@ __all__ = [
     "skew_kl",
     "skew_reverse_kl",
     "soft_cross_entropy",
+    "span_correlation",
     "sparse_forward_kl",
     "sparse_generalized_jsd",
     "sparse_reverse_kl",

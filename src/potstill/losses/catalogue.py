@@ -22,6 +22,8 @@ from .divergences import (
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
 from .further_pretraining import further_pretraining_sd
 from .intermediate import AttentionMSE, DMAEAlign, HiddenCosine, HiddenMSE, SquareHead
+from .mgsr_dac_kl import DACKL
+from .mgsr_span import span_correlation
 from .mi_alpha import MIAlpha
 from .minilm import MiniLMAttention, MiniLMRelations
 from .moe import RouterLoadBalance
@@ -62,7 +64,7 @@ class ObjectiveInfo:
 
 
 # Filled in by the task from the batch, never by a recipe (uld / gold: merged spans, matched vocabulary).
-_DATA_ARGS = ("mask", "labels", "student_log_scale", "teacher_log_scale", "matched_ids")
+_DATA_ARGS = ("mask", "labels", "student_log_scale", "teacher_log_scale", "matched_ids", "span_ids", "target_ids")
 
 
 def _defaults(fn: Callable) -> dict:
@@ -81,6 +83,7 @@ def _entry(fn: Callable, kind: str, formula: str, paper: str, notes: str = "", n
 
 
 _HINTON = 'Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"'
+_MGSR = 'Liu et al. 2024, "Multi-Granularity Semantic Revision for Large Language Model Distillation" (MGSR)'
 _DISTILLM = 'Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large Language Models"'
 
 OBJECTIVES: dict[str, ObjectiveInfo] = {
@@ -154,6 +157,22 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             'Transfer in Language Models" (ICLR)',
             "stateful (t, momentum, prev_loss); t = 1 is forward_kl; the official code uses H(p_t, p_s)",
             name="taid",
+        ),
+        _entry(
+            DACKL,
+            "logits",
+            "KL(p̃ ‖ q̃), p̃ ∝ w·p_t, q̃ ∝ w·p_s, w = soft band [lo, hi] of log p_t from a learned net g_φ(sorted p_t), "
+            "target token kept",
+            _MGSR,
+            "MGSR's token level; the clipping net trains with the student; a coverage penalty keeps the band wide",
+            name="dac_kl",
+        ),
+        _entry(
+            span_correlation,
+            "logits",
+            "Σ_spans (1/n)·‖Q Qᵀ − P Pᵀ‖²_F, rows of P, Q = teacher / student probabilities of a span's n tokens",
+            _MGSR,
+            "MGSR's span level: spans of span_length counted tokens, or span_ids (words) when the batch has them",
         ),
         _entry(
             sinkhorn,

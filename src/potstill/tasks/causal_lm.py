@@ -8,7 +8,8 @@ This adapter wires the language-model pieces into the loop; each method lives in
   positions j with ``targets[j] != -100``, ascending. Without packing example i is data record i.
 - distilling step-by-step (label and rationale views, α-mixed loss): `potstill.data.step_by_step`;
 - sequence-level KD (the teacher's completions, generated once): `potstill.teachers.seq_kd`;
-- on-policy distillation (GKD's λ, the student's own samples): `potstill.data.on_policy`;
+- on-policy distillation (GKD's λ, the student's own samples): `potstill.data.on_policy`; MGSR's correction and
+  re-generation of those samples (`mgsr.scrg`): `potstill.data.mgsr_scrg`;
 - preference distillation (`data.format: preference`, DPO with the teacher as reference): pairs in
   `potstill.data.preference`, their batches and objectives in `potstill.tasks.preference`;
 - a mixture-of-experts student and its router auxiliary loss (`moe_router_aux`): `potstill.tasks.moe`;
@@ -241,10 +242,17 @@ class CausalLMTask(Task):
         r = self.recipe
         if not r.generation.lmbda:
             return batch
+        settings, eos_id = sampling_settings(r.generation), self.tokenizer.eos_token_id
+        revise = None
+        if r.mgsr is not None and r.mgsr.scrg:  # MGSR's sequence correction and re-generation
+            from potstill.data.mgsr_scrg import scrg_reviser
+
+            revise = scrg_reviser(self.teacher, student, settings=settings, pad_id=self.pad_id, eos_id=eos_id,
+                                  logits=lambda m, ids, mask: self.logits(m, self.to_device(
+                                      {"input_ids": ids, "attention_mask": mask})))
         return on_policy_batch(batch, student, micro_batch, lmbda=r.generation.lmbda, seed=r.seed,
-                               examples=self.train_records, settings=sampling_settings(r.generation),
-                               pad_id=self.pad_id, eos_id=self.tokenizer.eos_token_id,
-                               max_length=r.data.max_length, collate=self._device_batch)
+                               examples=self.train_records, settings=settings, pad_id=self.pad_id, eos_id=eos_id,
+                               max_length=r.data.max_length, collate=self._device_batch, revise=revise)
 
     def _device_batch(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
         return self.to_device(self.collate(records, indices))

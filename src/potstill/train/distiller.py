@@ -372,7 +372,7 @@ class Distiller:
                     teacher_signal = task.teacher_signal(batch) if self.objectives else None
                     student_signal = task.student_signal(student, batch)
                 mask = task.signal_mask(batch)
-                terms = [o(student_signal, teacher_signal, mask) for o in self.objectives]
+                terms = [o(student_signal, teacher_signal, mask, batch) for o in self.objectives]
                 if cfg.hard_label_weight:
                     main = student_signal.main if isinstance(student_signal, Signals) else student_signal
                     terms.append(task.hard_label_loss(main, batch))

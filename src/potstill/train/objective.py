@@ -91,8 +91,11 @@ class Objective:
         or target tokens) or "tokens" (real input tokens, for objectives on internals)."""
         return self.internals.unit if self.internals is not None else "rows"
 
-    def __call__(self, student: Signal, teacher: Signal | None, mask: torch.Tensor | None) -> torch.Tensor:
-        """The objective's sum over the counted rows (see the module docstring for the forms)."""
+    def __call__(self, student: Signal, teacher: Signal | None, mask: torch.Tensor | None,
+                 batch: dict[str, Any] | None = None) -> torch.Tensor:
+        """The objective's sum over the counted rows (see the module docstring for the forms). An objective
+        with `batch_fields` ({batch key: keyword}, e.g. MGSR's DAC-KL reads the target tokens) also gets those
+        fields of `batch` that are there."""
         if self.internals is not None:
             if not isinstance(student, Signals) or not isinstance(teacher, Signals):
                 raise RuntimeError(f"objective {self.name!r} reads internals; the task gave no Signals")
@@ -104,6 +107,9 @@ class Objective:
         kwargs = dict(self.params)
         if mask is not None:
             kwargs["mask"] = mask
+        for key, keyword in getattr(self.fn, "batch_fields", {}).items():
+            if batch is not None and key in batch:
+                kwargs[keyword] = batch[key]
         if isinstance(main_teacher, SpanLogits):
             return self._spans(main_student, main_teacher, kwargs)
         if isinstance(main_student, LMHeadInputs):
