@@ -138,3 +138,30 @@ def tiny_llama_teacher(folder: Path, *, layers: int, max_positions: int) -> Path
             LlamaForCausalLM(config).save_pretrained(tmp)
             tok.save_pretrained(tmp)
     return folder
+
+
+def write_bbc_prompt_records(path: Path, shape: dict[str, int]) -> None:
+    """`shape["records"]` BBC training articles as prompt / completion JSONL in SmolLM2's tokens (the first
+    `shape["prompt"]` tokens, then the rest up to `shape["max_length"]` − 1), once: an existing file is kept."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from potstill.assets import smollm2_path
+    from potstill.data.loaders import builtin_records
+    from potstill.io import atomic_write_text
+
+    if path.exists():
+        return
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    lines = []
+    for record in builtin_records("bbc", "train"):
+        ids = tok(" ".join(record["text"].split()), add_special_tokens=False)["input_ids"]
+        if len(ids) < shape["max_length"]:
+            continue
+        prompt, completion = ids[:shape["prompt"]], ids[shape["prompt"]:shape["max_length"] - 1]
+        lines.append(json.dumps({"prompt": tok.decode(prompt), "completion": tok.decode(completion)}))
+        if len(lines) == shape["records"]:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")

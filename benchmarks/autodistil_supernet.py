@@ -118,6 +118,7 @@ def run_seed(seed: int, steps: int, teacher, tokenizer, general: list[str], bbc:
 
 
 def main() -> None:
+    global BATCH, MAX_LENGTH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
@@ -126,7 +127,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    global BATCH, MAX_LENGTH
     BATCH, MAX_LENGTH = args.batch, args.max_length
     torch.set_num_threads(args.threads)
     from transformers import AutoModel, AutoTokenizer

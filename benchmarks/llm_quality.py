@@ -75,27 +75,6 @@ def _shape(args: argparse.Namespace) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------- data and recipe
 
 
-def _write_data(path: Path, shape: dict[str, int]) -> None:
-    """The BBC prompt / completion records (see the module docstring), once."""
-    from transformers import AutoTokenizer
-
-    from potstill.assets import smollm2_path
-    from potstill.data.loaders import builtin_records
-    from potstill.io import atomic_write_text
-
-    if path.exists():
-        return
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
-    lines = []
-    for record in builtin_records("bbc", "train"):
-        ids = tok(" ".join(record["text"].split()), add_special_tokens=False)["input_ids"]
-        if len(ids) < shape["max_length"]:
-            continue
-        prompt, completion = ids[:shape["prompt"]], ids[shape["prompt"]:shape["max_length"] - 1]
-        lines.append(json.dumps({"prompt": tok.decode(prompt), "completion": tok.decode(completion)}))
-        if len(lines) == shape["records"]:
-            break
-    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _objectives(row: str, quick: bool) -> list[dict[str, Any]]:
@@ -271,10 +250,11 @@ def _score(args: argparse.Namespace, student: Any, teacher: Any, tokenizer: Any)
 
 def _worker(args: argparse.Namespace) -> None:
     import torch
+    from _llm_common import write_bbc_prompt_records
 
     torch.set_num_threads(args.threads)
     work = Path(args.out) / "work"
-    _write_data(work / "train.jsonl", _shape(args))
+    write_bbc_prompt_records(work / "train.jsonl", _shape(args))
     for item in args.worker.split(","):
         row, seed = item.rsplit(":", 1)
         started = time.perf_counter()

@@ -60,28 +60,6 @@ def _shape(args: argparse.Namespace) -> dict[str, int]:
     return {"prompt": 32, "max_length": 80, "batch": 8, "records": args.records, "blocks": 4, "prompts": 8}
 
 
-def _write_data(path: Path, shape: dict[str, int]) -> None:
-    """The BBC prompt / completion records (see the module docstring), once."""
-    from transformers import AutoTokenizer
-
-    from potstill.assets import smollm2_path
-    from potstill.data.loaders import builtin_records
-    from potstill.io import atomic_write_text
-
-    if path.exists():
-        return
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
-    lines = []
-    for record in builtin_records("bbc", "train"):
-        ids = tok(" ".join(record["text"].split()), add_special_tokens=False)["input_ids"]
-        if len(ids) < shape["max_length"]:
-            continue
-        prompt, completion = ids[:shape["prompt"]], ids[shape["prompt"]:shape["max_length"] - 1]
-        lines.append(json.dumps({"prompt": tok.decode(prompt), "completion": tok.decode(completion)}))
-        if len(lines) == shape["records"]:
-            break
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _objectives(row: str) -> list[dict[str, Any]]:
@@ -149,10 +127,11 @@ def _run(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[str,
 
 def _worker(args: argparse.Namespace) -> None:
     import torch
+    from _llm_common import write_bbc_prompt_records
 
     torch.set_num_threads(args.threads)
     work = Path(args.out) / "work"
-    _write_data(work / "train.jsonl", _shape(args))
+    write_bbc_prompt_records(work / "train.jsonl", _shape(args))
     for item in args.worker.split(","):
         row, seed = item.rsplit(":", 1)
         started = time.perf_counter()
