@@ -27,6 +27,7 @@ all defaults are this project's choices (see `potstill.losses.lad`).
 
 Usage: python benchmarks/lad_segmentation.py [--seeds 0 1 2] [--train 800] [--epochs 12] [--p 0.5]
        [--mode pixel|block] [--consistency 1.0] [--distance symmetric_kl|mse] [--out lad.json]
+       python benchmarks/lad_segmentation.py --merge seed0.json seed1.json seed2.json   # one table
 """
 
 from __future__ import annotations
@@ -207,7 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="print the table of earlier runs' --out files (e.g. one process per seed) and exit")
     args = parser.parse_args(argv)
+    if args.merge:
+        runs = []
+        for path in args.merge:
+            with open(path, encoding="utf-8") as f:
+                runs += json.load(f)["per_seed"]
+        print_table(summarise(runs), len(runs))
+        return 0
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     per_seed = []

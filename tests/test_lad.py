@@ -197,15 +197,20 @@ def test_benchmark_mean_iou_hand_value():
     assert bench.mean_iou(pred, target) == pytest.approx(2 / 3)
 
 
-def test_benchmark_tiny_run_prints_every_row(capsys):
+def test_benchmark_tiny_run_prints_every_row_and_merges_its_output(capsys, tmp_path):
     bench = load_benchmark("lad_segmentation")
     threads = torch.get_num_threads()
+    out_file = tmp_path / "lad.json"
     try:
         assert bench.main(["--seeds", "0", "--train", "16", "--test", "8", "--epochs", "1", "--draws", "2",
-                           "--teacher-width", "2", "--student-width", "2"]) == 0
+                           "--teacher-width", "2", "--student-width", "2", "--out", str(out_file)]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
+    assert bench.main(["--merge", str(out_file), str(out_file)]) == 0
+    merged = capsys.readouterr().out
+    assert "| model (2 seeds, mean ± sd over seeds) |" in merged
+    assert "± 0.000 |" in merged  # the same run twice: no spread
     for row in ("image-only teacher", "LAD teacher p=0.5 λ=0", "LAD teacher p=0.5 λ=1", "student, labels only",
                 "student ← image-only teacher", "student ← LAD teacher λ=1"):
         assert f"| {row} |" in out

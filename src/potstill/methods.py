@@ -84,6 +84,9 @@ _SEARCH = _RESULTS + ("student-search-proxies-and-advice-on-the-minilm-demo-issu
 _SWIFTKV = _RESULTS + "swiftkv-on-smollm2-135m-prefill-cost-vs-agreement-issue-21-10-benchmarksswiftkvpy"
 _UNIVERSAL_NER = _RESULTS + ("universalner-targeted-distillation-of-a-scripted-ner-teacher-issue-21-8-"
                              "benchmarksuniversal_nerpy")
+_LAD = _RESULTS + "lad-label-assisted-distillation-on-synthetic-shapes-issue-20-5-benchmarkslad_segmentationpy"
+_LAD_PAPER = ('Qiu et al., "Make a Strong Teacher with Label Assistance: A Novel Knowledge Distillation Approach for '
+              'Semantic Segmentation"')
 
 _RECIPES = "src/potstill/recipes/"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
@@ -257,6 +260,11 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Entity-level NER F1 (strict)", 'Zhou et al., "UniversalNER: Targeted Distillation from Large '
                    'Language Models for Open Named Entity Recognition"', 2024, "evaluation", "potstill.eval.ner",
                    "entity_f1", "benchmarks/universal_ner.py", _UNIVERSAL_NER),
+        MethodInfo("LAD label-assisted teacher (noised label as input, dual-path consistency)", _LAD_PAPER, 2024,
+                   "teacher", "potstill.teachers.lad", "LabelAssistedTeacher", "benchmarks/lad_segmentation.py", _LAD),
+        MethodInfo("LAD teacher and pixel-wise student losses (operators configurable: teacher half unreleased)",
+                   _LAD_PAPER, 2024, "objective", _LOSSES + "lad", "lad_teacher_loss",
+                   "benchmarks/lad_segmentation.py", _LAD),
     )
 }
 

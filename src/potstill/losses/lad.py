@@ -1,10 +1,11 @@
 """LAD: label-assisted distillation for semantic segmentation — the label-noising operator and both losses.
 
-Paper: "Label-Assisted Distillation" for segmentation (code: skyshoumeng/Label_Assisted_Distillation; spec in
-methods-b §17). A light teacher f becomes strong by reading, besides the image x, a corrupted copy N(y) of the
-ground-truth mask as C extra one-hot input channels (privileged information; builder:
-`potstill.teachers.lad.LabelAssistedTeacher`). The student g sees the image only and learns from the teacher by
-ordinary pixel-wise KD; during KD the teacher is again fed a noised training label.
+Paper: Qiu et al., "Make a Strong Teacher with Label Assistance: A Novel Knowledge Distillation Approach for
+Semantic Segmentation" (2024; code: skyshoumeng/Label_Assisted_Distillation; spec in methods-b §17).
+A light teacher f becomes strong by reading, besides the image x, a corrupted copy N(y) of the ground-truth
+mask as C extra one-hot input channels (privileged information; builder:
+`potstill.teachers.lad.LabelAssistedTeacher`). The student g sees the image only and learns from the teacher
+by ordinary pixel-wise KD; during KD the teacher is again fed a noised training label.
 
 The authors released evaluation code only; the teacher's noising and dual-path training are not public, so the
 operators below are this project's reading of the paper's formulas, and every choice is a parameter:

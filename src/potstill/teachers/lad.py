@@ -1,10 +1,10 @@
 """LAD's teacher and student networks: a tiny fully convolutional segmenter, and the label-assisted teacher whose
 input stem reads the image plus C one-hot channels of a (noised) label mask.
 
-Paper: "Label-Assisted Distillation" (methods-b §17; the losses and the noising operator are in
-`potstill.losses.lad`). The paper's teacher is a light segmentation net given the corrupted ground truth as
-privileged input; its architecture is not released, so this one is this project's choice, sized for 32×32
-images on a CPU.
+Paper: Qiu et al., "Make a Strong Teacher with Label Assistance" (2024, LAD; methods-b §17; the losses and
+the noising operator are in `potstill.losses.lad`). The paper's teacher is a light segmentation net given the
+corrupted ground truth as privileged input; its architecture is not released, so this one is this project's
+choice, sized for 32×32 images on a CPU.
 
 `segmentation_net(in_channels, num_classes, width, seed)`: a two-level U-Net —
   full resolution: conv3×3(in→w) → ReLU → conv3×3(w→w) → ReLU        (skip)
