@@ -182,6 +182,8 @@ def print_table(table: dict[str, dict[str, tuple[float, float]]], seeds: int) ->
                 cells.append("—")
             elif c == "secs":
                 cells.append(f"{row[c][0]:.0f}")
+            elif "miou" not in c:  # spreads across draws are small: one more digit
+                cells.append(f"{row[c][0]:.4f} ± {row[c][1]:.4f}")
             else:
                 cells.append(f"{row[c][0]:.3f} ± {row[c][1]:.3f}")
         print(f"| {model} | " + " | ".join(cells) + " |")
