@@ -89,6 +89,9 @@ _SEARCH = _RESULTS + ("student-search-proxies-and-advice-on-the-minilm-demo-issu
 _SWIFTKV = _RESULTS + "swiftkv-on-smollm2-135m-prefill-cost-vs-agreement-issue-21-10-benchmarksswiftkvpy"
 _UNIVERSAL_NER = _RESULTS + ("universalner-targeted-distillation-of-a-scripted-ner-teacher-issue-21-8-"
                              "benchmarksuniversal_nerpy")
+_LAD = _RESULTS + "lad-label-assisted-distillation-on-synthetic-shapes-issue-20-5-benchmarkslad_segmentationpy"
+_LAD_PAPER = ('Qiu et al., "Make a Strong Teacher with Label Assistance: A Novel Knowledge Distillation Approach for '
+              'Semantic Segmentation"')
 
 _FURTHER_PRETRAINING = _RESULTS + ("self-distillation-for-further-pre-training-mlm-then-mlm--cls-matching-issue-21-11-"
                                    "benchmarksfurther_pretraining_sdpy")
@@ -290,6 +293,11 @@ METHODS: dict[str, MethodInfo] = {
                    'Lee et al., "Self-Distillation for Further Pre-training of Transformers"', 2023, "objective",
                    _LOSSES + "further_pretraining", "further_pretraining_sd", _RECIPES + "bbc-self-distil.yaml",
                    _FURTHER_PRETRAINING),
+        MethodInfo("LAD label-assisted teacher (noised label as input, dual-path consistency)", _LAD_PAPER, 2024,
+                   "teacher", "potstill.teachers.lad", "LabelAssistedTeacher", "benchmarks/lad_segmentation.py", _LAD),
+        MethodInfo("LAD teacher and pixel-wise student losses (operators configurable: teacher half unreleased)",
+                   _LAD_PAPER, 2024, "objective", _LOSSES + "lad", "lad_teacher_loss",
+                   "benchmarks/lad_segmentation.py", _LAD),
     )
 }
 
