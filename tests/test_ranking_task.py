@@ -54,7 +54,9 @@ def _data(tmp_path, negatives: bool = False):
     return path
 
 
-def _recipe(tmp_path, teacher, data, *, student=None, objectives=None, ranking=None, **trainer):
+def _recipe(tmp_path, teacher, data, *, student=None, objectives=None, ranking=None, throughput=False, **trainer):
+    """A small ranking recipe; `throughput` adds the interleaved speed measurement (seconds per run), which only
+    the tests that read queries_per_s need."""
     return validate_recipe({
         "name": "rank", "output_dir": str(tmp_path / "runs"), "task": "ranking",
         "teacher": {"path": str(teacher)},
@@ -63,7 +65,7 @@ def _recipe(tmp_path, teacher, data, *, student=None, objectives=None, ranking=N
         "objectives": objectives if objectives is not None else [{"name": "margin_mse"}],
         "ranking": ranking or {"negatives": 3},
         "trainer": {"max_steps": 6, "batch_size": 4, "lr": 3e-3, "log_every": 1, **trainer},
-        "eval": {"throughput": True, "compare_before": True, "batch_size": 16}})
+        "eval": {"throughput": throughput, "compare_before": True, "batch_size": 16}})
 
 
 def test_margin_mse_over_candidates_is_margin_mse_and_shift_invariant():
@@ -82,7 +84,7 @@ def test_margin_mse_over_candidates_is_margin_mse_and_shift_invariant():
 def test_bi_encoder_teacher_mines_negatives_and_trains(tmp_path):
     teacher = _tiny(tmp_path, "bi", cross=False)
     recipe = _recipe(tmp_path, teacher, _data(tmp_path), batch_size=8, lr=1e-3, max_steps=10,  # full batch
-                     student={"init": "from_config", "config": {"num_hidden_layers": 1}},
+                     student={"init": "from_config", "config": {"num_hidden_layers": 1}}, throughput=True,
                      objectives=[{"name": "margin_mse"}, {"name": "listwise_kl", "weight": 0.5}])
     task = build_task(recipe, run_dir=recipe.run_dir)
     task.setup()
