@@ -98,6 +98,8 @@ _FURTHER_PRETRAINING = _RESULTS + ("self-distillation-for-further-pre-training-m
 _RECIPES = "src/potstill/recipes/"
 _MGSR = 'Liu et al., "Multi-Granularity Semantic Revision for Large Language Model Distillation"'
 _MGSR_RESULTS = _RESULTS + "mgsr-vs-plain-on-policy-gkd-at-equal-time-benchmarksmgsrpy"
+_SUPERNET = _RESULTS + ("autodistils-weight-sharing-supernet-ranks-its-subnets-without-retraining-issue-19-"
+                        "benchmarksautodistil_supernetpy")
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
 _GKD = 'Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"'
 _TINYBERT = 'Jiao et al., "TinyBERT: Distilling BERT for Natural Language Understanding"'
@@ -258,6 +260,10 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("AutoDistil-style student search (potstill search)", 'Xu et al., "AutoDistil: Few-shot '
                    'Task-agnostic Neural Architecture Search for Distilling Large Language Models"', 2022,
                    "student builder", "potstill.search.study", "run_search", "benchmarks/search_proxies.py", _SEARCH),
+        MethodInfo("AutoDistil weight-sharing supernet (elastic depth, width, FFN)", 'Xu et al., "AutoDistil: '
+                   'Few-shot Task-agnostic Neural Architecture Search for Distilling Large Language Models"', 2022,
+                   "student builder", "potstill.students.supernet", "ElasticBert", "benchmarks/autodistil_supernet.py",
+                   _SUPERNET),
         MethodInfo("AutoDistiller recommender", 'He et al., "Distiller: A Systematic Study of Model Distillation '
                    'Methods in Natural Language Processing"', 2021, "evaluation", "potstill.search.recommender",
                    "Recommender", "benchmarks/search_proxies.py", _SEARCH),
