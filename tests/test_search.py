@@ -11,7 +11,8 @@ import yaml
 
 from potstill.errors import UserError
 from potstill.search.pareto import pareto_front
-from potstill.search.space import SearchSpace, parse_space, sample, spread_layers
+from potstill.search.space import SearchSpace, parse_space, sample
+from potstill.students.build import spread_layers
 
 pytest.importorskip("optuna")
 

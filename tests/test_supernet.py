@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from potstill.errors import UserError
-from potstill.students.supernet import ElasticBert, ElasticSpace, Subnet, last_layer_qkv, relation_mse, spread
+from potstill.students.build import spread_layers
+from potstill.students.supernet import ElasticBert, ElasticSpace, Subnet, last_layer_qkv, relation_mse
 
 SPACE = ElasticSpace(layers=(1, 2, 4), hidden=(32, 64), ffn=(64, 128))
 
@@ -41,7 +42,7 @@ def test_an_extracted_subnet_holds_slices_of_the_supernet_and_computes_the_same(
     assert (small.config.hidden_size, small.config.num_attention_heads, small.config.num_hidden_layers,
             small.config.intermediate_size) == (32, 2, 2, 64)
     big = elastic.supernet
-    assert spread(2, 4) == [0, 3]
+    assert spread_layers(2, 4) == [0, 3]
     torch.testing.assert_close(small.encoder.layer[1].intermediate.dense.weight,
                                big.encoder.layer[3].intermediate.dense.weight[:64, :32], rtol=0, atol=0)
     torch.testing.assert_close(small.encoder.layer[1].output.dense.weight,

@@ -174,15 +174,6 @@ def _suggest(trial: Any, name: str, spec: Range | list) -> Any:
     return trial.suggest_categorical(name, list(spec))
 
 
-def spread_layers(depth: int, n_teacher: int) -> list[int]:
-    """`depth` teacher layers spread evenly from the first to the last (depth 1: the first)."""
-    if depth >= n_teacher:
-        return list(range(n_teacher))
-    if depth == 1:
-        return [0]
-    return sorted({round(i * (n_teacher - 1) / (depth - 1)) for i in range(depth)})
-
-
 def sample(space: SearchSpace, trial: Any) -> dict[str, Any]:
     """One candidate: the space's values drawn through an Optuna trial (`suggest_*`, define-by-run: the dims of
     an init are drawn only when that init is). Lists are drawn as their JSON text (Optuna's choices are scalars)."""

@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from potstill.errors import UserError
-from potstill.search.space import DIMS, SHAPED_INITS, SearchSpace, spread_layers
+from potstill.search.space import DIMS, SHAPED_INITS, SearchSpace
+from potstill.students.build import spread_layers
 
 # student fields that describe how it is built; the search replaces them, the rest of the section is kept
 BUILD_FIELDS = ("init", "layers", "config", "path", "factory", "kwargs")

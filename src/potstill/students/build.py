@@ -91,6 +91,15 @@ def _new_model_like(model_cls: type[PreTrainedModel], config: PretrainedConfig, 
     return model.to(dtype)
 
 
+def spread_layers(depth: int, n_teacher: int) -> list[int]:
+    """`depth` teacher layers spread evenly from the first to the last (depth 1: the first)."""
+    if depth >= n_teacher:
+        return list(range(n_teacher))
+    if depth == 1:
+        return [0]
+    return sorted({round(i * (n_teacher - 1) / (depth - 1)) for i in range(depth)})
+
+
 def layers_from_teacher(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
     """A student of the teacher's class keeping the teacher layers `layers` (DistilBERT-style init).
 

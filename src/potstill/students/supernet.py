@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from potstill.errors import UserError
+from potstill.students.build import spread_layers
 
 
 @dataclass(frozen=True)
@@ -69,15 +70,6 @@ class ElasticSpace:
         drawn = [Subnet(rng.choice(self.layers), rng.choice(self.hidden), rng.choice(self.ffn))
                  for _ in range(n_random)]
         return [self.largest(), self.smallest(), *drawn]
-
-
-def spread(depth: int, total: int) -> list[int]:
-    """`depth` of `total` layer indices spread evenly from the first to the last (depth 1: the first)."""
-    if depth >= total:
-        return list(range(total))
-    if depth == 1:
-        return [0]
-    return sorted({round(i * (total - 1) / (depth - 1)) for i in range(depth)})
 
 
 class ElasticBert(nn.Module):
@@ -125,7 +117,7 @@ class ElasticBert(nn.Module):
     def _slices(self, subnet: Subnet) -> Iterator[tuple[str, Tensor]]:
         """(name in the subnet's module, view of the supernet's tensor) for every weight and buffer it reads."""
         h, f = subnet.hidden, subnet.ffn
-        layer_of = spread(subnet.layers, self.supernet.config.num_hidden_layers)
+        layer_of = spread_layers(subnet.layers, self.supernet.config.num_hidden_layers)
         tensors = dict(self.supernet.named_parameters())
         tensors.update(dict(self.supernet.named_buffers()))
         for name, tensor in tensors.items():
