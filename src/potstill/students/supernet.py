@@ -109,10 +109,8 @@ class ElasticBert(nn.Module):
         if subnet not in self._modules_by_subnet:
             with torch.device("meta"):
                 module = self.supernet.__class__(self.subnet_config(subnet), add_pooling_layer=False)
-            self._modules_by_subnet[subnet] = module.eval() if not self.training else module
-        module = self._modules_by_subnet[subnet]
-        module.train(self.training)
-        return module
+            self._modules_by_subnet[subnet] = module
+        return self._modules_by_subnet[subnet].train(self.training)
 
     def _slices(self, subnet: Subnet) -> Iterator[tuple[str, Tensor]]:
         """(name in the subnet's module, view of the supernet's tensor) for every weight and buffer it reads."""
