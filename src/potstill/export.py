@@ -25,13 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from potstill.encoder_inputs import ENCODER_INPUTS
 from potstill.errors import UserError
 from potstill.evaluate import _load_student, _saved_recipe
 from potstill.io import atomic_write_json
 from potstill.ui import phase
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "features", "pixels")
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TOKEN_INPUTS = ENCODER_INPUTS
 SAMPLE_RECORDS = 128  # records of the run's data used for the check and the int8 quality delta
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from potstill.encoder_inputs import encoder_inputs
 from potstill.errors import UserError
 
 
@@ -61,7 +62,7 @@ def teacher_embeddings(path: str, texts: list[str], *, pooling: str, max_length:
 
     def embed(chunk: list[str]) -> torch.Tensor:
         batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = encoder_inputs(batch)
         return pool(model(**inputs).last_hidden_state, batch["attention_mask"], pooling)
 
     return encode_texts(model, texts, embed, batch_size=batch_size)

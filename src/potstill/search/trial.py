@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from potstill.encoder_inputs import encoder_inputs
 from potstill.errors import UserError
 from potstill.search.space import DIMS, SHAPED_INITS, SearchSpace
 from potstill.students.build import spread_layers
@@ -190,7 +191,7 @@ def _diswot(task: Any, space: SearchSpace) -> dict[str, float]:
     names = sorted({str(r["label"]) for r in records})
     enc = task.tokenizer([r["text"] for r in records], padding=True, truncation=True,
                          max_length=recipe.data.max_length, return_tensors="pt")
-    batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    batch = encoder_inputs(enc)
     labels = torch.tensor([names.index(str(r["label"])) for r in records])
     score = diswot_score(task.teacher, task.student, batch, labels, len(names), form=source["form"],
                          pooling=getattr(recipe, "pooling", "mean") if getattr(recipe, "pooling", "mean") == "cls"

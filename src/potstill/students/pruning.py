@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from potstill.encoder_inputs import encoder_inputs_on
+
 Batch = dict[str, torch.Tensor]
 CalibrationLoss = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -380,8 +382,7 @@ def calibration_batches(texts: list[str], tokenizer: Any, *, batches: int, batch
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
-        out.append({k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask",
-                                                                      "token_type_ids")})
+        out.append(encoder_inputs_on(enc, device))
     return out
 
 

@@ -23,12 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from potstill.encoder_inputs import encoder_inputs
 from potstill.errors import UserError
 from potstill.signals import RankingScores
 from potstill.students.encode import encode_texts, pool
 from potstill.students.loading import build_student, freeze_pooler, resolve_model_path
-
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class DualEncoder(nn.Module):
@@ -82,12 +81,12 @@ class RankingScorer:
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
-        return {k: v for k, v in enc.items() if k in INPUT_KEYS}
+        return encoder_inputs(enc)
 
     def embed(self, model: nn.Module, batch: dict[str, torch.Tensor], side: str = "passage") -> torch.Tensor:
         """Vectors of a bi-encoder's `side` tower ("query" or "passage"; the same model unless a DualEncoder)."""
         tower = getattr(model, side) if isinstance(model, DualEncoder) else model
-        inputs = {k: v for k, v in batch.items() if k in INPUT_KEYS}
+        inputs = encoder_inputs(batch)
         return self.vectors(tower(**inputs), inputs)
 
     def vectors(self, out: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

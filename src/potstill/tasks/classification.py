@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from potstill.data.record_checks import check_class_labels, check_feature_vectors, check_label_range
+from potstill.encoder_inputs import encoder_inputs
 from potstill.errors import UserError
 from potstill.eval import classification_metrics
 from potstill.tasks.base import Task
@@ -159,7 +160,7 @@ class ClassificationTask(Task):
 
     def _forward(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         if self.hf:
-            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            inputs = encoder_inputs(batch)
             return model(**inputs).logits
         out = model(batch["features"])
         return out.logits if hasattr(out, "logits") else out

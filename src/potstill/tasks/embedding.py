@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from potstill.data import fingerprint_records
+from potstill.encoder_inputs import encoder_inputs
 from potstill.errors import UserError
 from potstill.eval import (
     embedding_metrics,
@@ -88,10 +89,10 @@ class EmbeddingTask(Task):
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.recipe.data.max_length,
                              return_tensors="pt")
-        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return encoder_inputs(enc)
 
     def _embed(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = encoder_inputs(batch)
         out = model(**inputs)
         if isinstance(out, torch.Tensor):  # a model that returns sentence vectors (the static student)
             return out

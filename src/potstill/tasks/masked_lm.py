@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from potstill.encoder_inputs import encoder_inputs
 from potstill.errors import UserError
 from potstill.eval import linear_probe_accuracy
 from potstill.tasks.base import Task
@@ -58,7 +59,7 @@ def mlm_head(model: nn.Module) -> nn.Module | None:
 def cls_vectors(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """Final-layer [CLS] vectors `[B, D]` of the unmasked inputs (the encoder's last hidden state, position 0)."""
     encoder = getattr(model, "base_model", model)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    inputs = encoder_inputs(batch)
     return encoder(**inputs).last_hidden_state[:, 0]
 
 
@@ -107,8 +108,7 @@ class MaskedLMTask(Task):
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.recipe.data.max_length,
                              return_tensors="pt", return_special_tokens_mask=True)
-        return {k: v for k, v in enc.items()
-                if k in ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")}
+        return encoder_inputs(enc, extra=("special_tokens_mask",))
 
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
         batch: dict[str, Any] = self._tokenize([rec["text"] for rec in records])

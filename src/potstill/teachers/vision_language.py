@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from potstill.encoder_inputs import encoder_inputs_on
 from potstill.errors import UserError
 
 
@@ -100,7 +101,7 @@ class TextTower(nn.Module):
     def forward(self, texts: list[str]) -> torch.Tensor:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        enc = encoder_inputs_on(enc, device)
         hidden = self.model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return _unit((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
