@@ -26,12 +26,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "ccexam==1.0.0"
 	$(PY) -m pip install -q -e ".[assets,dev,export,graph,images,search]"
 	# Debian packages: Chromium + ChromeDriver (tests/test_report_browser.py opens report.html in them) and
-	# Fashion-MNIST (the image recipes). Only where apt-get runs as root; without them those tests skip.
+	# Fashion-MNIST and OpenCV's digit sheet (the image recipes). Only where apt-get runs as root; without them those tests skip.
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get install -y -qq chromium chromium-driver dataset-fashion-mnist >/dev/null 2>&1 || \
-	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver dataset-fashion-mnist >/dev/null 2>&1; } || \
-	  echo "note: apt-get could not install chromium / dataset-fashion-mnist; the browser test will skip"; \
-	else echo "note: not root with apt-get: chromium and dataset-fashion-mnist not installed; the browser test will skip"; fi
+	  apt-get install -y -qq chromium chromium-driver dataset-fashion-mnist opencv-doc >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver dataset-fashion-mnist opencv-doc >/dev/null 2>&1; } || \
+	  echo "note: apt-get could not install chromium / dataset-fashion-mnist / opencv-doc; the browser test will skip"; \
+	else echo "note: not root with apt-get: chromium, dataset-fashion-mnist and opencv-doc not installed; the browser test will skip"; fi
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -22,6 +22,7 @@ from potstill.tasks import build_task
 torch.set_num_threads(1)
 TINY_CNN = "potstill.students.cnn:small_cnn"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+OPENCV_DIGITS = Path("/usr/share/doc/opencv-doc/examples/data/digits.png")
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -124,12 +125,32 @@ def test_builtin_fashion_mnist_test_split():
     assert test.images.shape == (10_000, 1, 28, 28) and torch.bincount(test.labels).tolist() == [1000] * 10
 
 
+
+@pytest.mark.skipif(not OPENCV_DIGITS.is_file(), reason="needs opencv-doc (builtin:opencv-digits)")
+def test_builtin_opencv_digits_are_centred_28_pixel_digits_in_class_blocks():
+    train = load_images("builtin:opencv-digits", split="train")
+    test = load_images("builtin:opencv-digits", split="test")
+    assert len(train) == 4000 and test.images.shape == (1000, 1, 28, 28)
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    border = torch.ones(28, 28, dtype=torch.bool)
+    border[4:24, 4:24] = False
+    assert int(test.images[:, 0][:, border].max()) == 0  # the 20 x 20 cells sit on a 4-pixel black margin
+    ink = test.images[:, 0].float().mean(dim=(1, 2))
+    assert 10 < float(ink.mean()) < 80  # white strokes on black, as MNIST's
+    from potstill.data.images import image_hashes
+
+    assert not set(image_hashes(train.images)) & set(image_hashes(test.images[:200]))
+
 def test_builtin_errors_name_the_field_and_the_package(tmp_path):
     from potstill.assets_image import fashion_mnist_dir
 
     with pytest.raises(UserError, match="field data.eval: builtin:fashion-mnist .*apt-get install "
                                         "dataset-fashion-mnist"):
         fashion_mnist_dir(field="data.eval", root=tmp_path)
+    from potstill.assets_image import opencv_digits_png
+
+    with pytest.raises(UserError, match="field data.eval: builtin:opencv-digits .*apt-get install opencv-doc"):
+        opencv_digits_png(field="data.eval", path=tmp_path / "digits.png")
     with pytest.raises(UserError, match="unknown builtin image set 'mnist5k'.*did you mean.*mnist-5k"):
         load_images("builtin:mnist5k")
 

