@@ -12,9 +12,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import statistics
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +170,49 @@ def write_bbc_prompt_records(path: Path, shape: dict[str, int]) -> None:
             break
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# --- one process per run: the parent launches workers, each prints its results as MARK + JSON lines ----------------
+MARK = "@@ROW "
+
+
+def fmt_mean_std(values: list[float], digits: int) -> str:
+    """One value as it is; several as mean ± sample std."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def worker_results(log: Path) -> list[dict[str, Any]]:
+    """The results a worker printed to its log (lines starting with MARK)."""
+    return [json.loads(line[len(MARK):]) for line in log.read_text().splitlines() if line.startswith(MARK)]
+
+
+def run_worker_pool(batches: list[list[str]], command: Callable[[list[str]], list[str]], *, jobs: int,
+                    threads: int, log_dir: Path, log_suffix: str, on_result: Callable[[dict[str, Any]], None],
+                    after_worker: Callable[[], None]) -> int:
+    """Run `command(items)` for each batch of "row:seed" items, at most `jobs` processes at a time, each with
+    `threads` OpenMP threads and its own log in `log_dir`; `on_result` gets every result a finished worker
+    printed, then `after_worker()` runs (e.g. saving results.json). Returns the number of failed workers."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    pending, running, failed = list(batches), [], 0
+    while pending or running:
+        while pending and len(running) < jobs:
+            items = pending.pop(0)
+            log = log_dir / f"{items[0].replace(':', '-')}{log_suffix}.log"
+            with open(log, "w") as out:
+                proc = subprocess.Popen(command(items), stdout=out, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, log, items))
+        time.sleep(0.5)
+        for proc, log, items in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((proc, log, items))
+            for result in worker_results(log):
+                on_result(result)
+            after_worker()
+            if proc.returncode:
+                failed += 1
+                print(f"{','.join(items)} failed (exit {proc.returncode}); see {log}", flush=True)
+    return failed

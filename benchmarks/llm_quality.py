@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,7 +61,6 @@ ROWS = ("forward_kl", "reverse_kl", "generalized_jsd", "taid", "sinkhorn_fkl", "
 TRL_ROWS = {"trl_gkd": 0.0, "trl_gkd_on_policy": 0.5}
 LAYERS = [0, 1, 2, 3, 27, 28, 29]
 SLOW_START = ("seq_kd", "topk_cache")  # teacher generation / cache before training: launched first
-MARK = "@@ROW "
 TOP_K = 64
 
 
@@ -250,7 +248,7 @@ def _score(args: argparse.Namespace, student: Any, teacher: Any, tokenizer: Any)
 
 def _worker(args: argparse.Namespace) -> None:
     import torch
-    from _llm_common import write_bbc_prompt_records
+    from _llm_common import MARK, write_bbc_prompt_records
 
     torch.set_num_threads(args.threads)
     work = Path(args.out) / "work"
@@ -266,27 +264,10 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- parent side
-def _launch(args: argparse.Namespace, items: list[str], log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--worker", ",".join(items), "--out", args.out, "--threads", str(args.threads),
-           "--budget-seconds", str(args.budget_seconds), "--records", str(args.records)] + \
-          (["--quick"] if args.quick else [])
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-
-
-def _collect(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line[len(MARK):]) for line in log.read_text().splitlines() if line.startswith(MARK)]
-
-
-def _fmt(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def table(results: dict[str, Any], rows: list[str]) -> str:
     """The Markdown table of `results` (mean ± sample std over seeds where there are several)."""
+    from _llm_common import fmt_mean_std
+
     runs: dict[str, list[dict[str, Any]]] = {}
     for run in results["runs"].values():
         runs.setdefault(run["row"], []).append(run)
@@ -302,11 +283,12 @@ def table(results: dict[str, Any], rows: list[str]) -> str:
         extra = f" (+ cache {got[0]['cache_seconds']:.0f} s)" if got[0].get("cache_seconds") else ""
 
         def col(key: str, digits: int, got=got) -> str:
-            return _fmt([r["scores"][key] for r in got], digits)
+            return fmt_mean_std([r["scores"][key] for r in got], digits)
 
-        lines.append(f"| {row} | {len(got)} | {_fmt([r['steps'] for r in got], 0)} | "
-                     f"{_fmt([r['tokens'] for r in got], 0)} | {_fmt([r['train_seconds'] for r in got], 0)} | "
-                     f"{_fmt([r['setup_seconds'] for r in got], 0)}{extra} | {col('all/ppl', 1)} | "
+        lines.append(f"| {row} | {len(got)} | {fmt_mean_std([r['steps'] for r in got], 0)} | "
+                     f"{fmt_mean_std([r['tokens'] for r in got], 0)} | "
+                     f"{fmt_mean_std([r['train_seconds'] for r in got], 0)} | "
+                     f"{fmt_mean_std([r['setup_seconds'] for r in got], 0)}{extra} | {col('all/ppl', 1)} | "
                      f"{col('all/kl', 3)} | {col('all/top1', 3)} | {col('wikipedia/ppl', 1)} | "
                      f"{col('lee-background/ppl', 1)} |")
     if teacher is not None:
@@ -316,6 +298,8 @@ def table(results: dict[str, Any], rows: list[str]) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from _llm_common import run_worker_pool
+
     from potstill.io import atomic_write_json
 
     out = Path(args.out)
@@ -335,29 +319,22 @@ def _main(args: argparse.Namespace) -> int:
           f"{len(todo)} run(s) to do, {sum(1 for s in args.seeds for r in rows if f'{r}:{s}' in results['runs'])} "
           f"reused; load {os.getloadavg()[0]:.1f}", flush=True)
     batches = ([todo] if todo else []) if args.quick else [[item] for item in todo]
-    running: list[tuple[subprocess.Popen, Path, list[str]]] = []
-    failed = 0
-    while batches or running:
-        while batches and len(running) < args.jobs:
-            items = batches.pop(0)
-            log = out / "logs" / f"{items[0].replace(':', '-')}{'-quick' if args.quick else ''}.log"
-            running.append((_launch(args, items, log), log, items))
-        time.sleep(0.5)
-        for proc, log, items in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove((proc, log, items))
-            for result in _collect(log):
-                key = f"{result['row']}:{result['seed']}"
-                results["runs"][key] = result
-                s = result["scores"]
-                print(f"{key}: {result['steps']} steps in {result['train_seconds']:.0f} s, ppl {s['all/ppl']:.1f}, "
-                      f"KL {s['all/kl']:.3f}, top-1 {s['all/top1']:.3f} (teacher ppl {s['all/teacher_ppl']:.1f}); "
-                      f"load {result['load'][0]:.1f}", flush=True)
-            atomic_write_json(path, results)
-            if proc.returncode:
-                failed += 1
-                print(f"{','.join(items)} failed (exit {proc.returncode}); see {log}", flush=True)
+    def command(items: list[str]) -> list[str]:
+        return [sys.executable, __file__, "--worker", ",".join(items), "--out", args.out, "--threads",
+                str(args.threads), "--budget-seconds", str(args.budget_seconds), "--records", str(args.records)] + \
+               (["--quick"] if args.quick else [])
+
+    def on_result(result: dict[str, Any]) -> None:
+        key = f"{result['row']}:{result['seed']}"
+        results["runs"][key] = result
+        s = result["scores"]
+        print(f"{key}: {result['steps']} steps in {result['train_seconds']:.0f} s, ppl {s['all/ppl']:.1f}, "
+              f"KL {s['all/kl']:.3f}, top-1 {s['all/top1']:.3f} (teacher ppl {s['all/teacher_ppl']:.1f}); "
+              f"load {result['load'][0]:.1f}", flush=True)
+
+    failed = run_worker_pool(batches, command, jobs=args.jobs, threads=args.threads, log_dir=out / "logs",
+                             log_suffix="-quick" if args.quick else "", on_result=on_result,
+                             after_worker=lambda: atomic_write_json(path, results))
     print()
     print(table(results, rows))
     return 1 if failed else 0

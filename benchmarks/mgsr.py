@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,7 +50,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROWS = ("on_policy", "mgsr", "mgsr_no_scrg", "dac_kl_only")
 LAYERS = [0, 1, 2, 3, 27, 28, 29]
-MARK = "@@ROW "
 
 
 def _shape(args: argparse.Namespace) -> dict[str, int]:
@@ -127,7 +125,7 @@ def _run(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[str,
 
 def _worker(args: argparse.Namespace) -> None:
     import torch
-    from _llm_common import write_bbc_prompt_records
+    from _llm_common import MARK, write_bbc_prompt_records
 
     torch.set_num_threads(args.threads)
     work = Path(args.out) / "work"
@@ -140,14 +138,11 @@ def _worker(args: argparse.Namespace) -> None:
         print(MARK + json.dumps(result), flush=True)
 
 
-def _fmt(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
 
 def table(results: dict[str, Any], rows: list[str]) -> str:
     """The Markdown table of `results` (mean ± sample std over seeds where there are several)."""
+    from _llm_common import fmt_mean_std
+
     runs: dict[str, list[dict[str, Any]]] = {}
     for run in results["runs"].values():
         runs.setdefault(run["row"], []).append(run)
@@ -161,10 +156,10 @@ def table(results: dict[str, Any], rows: list[str]) -> str:
         teacher = got[0]["scores"]
 
         def col(key: str, digits: int, got=got) -> str:
-            return _fmt([r["scores"][key] for r in got], digits)
+            return fmt_mean_std([r["scores"][key] for r in got], digits)
 
-        lines.append(f"| {row} | {len(got)} | {_fmt([r['steps'] for r in got], 1)} | "
-                     f"{_fmt([r['train_seconds'] for r in got], 0)} | {col('mean/perplexity', 1)} | "
+        lines.append(f"| {row} | {len(got)} | {fmt_mean_std([r['steps'] for r in got], 1)} | "
+                     f"{fmt_mean_std([r['train_seconds'] for r in got], 0)} | {col('mean/perplexity', 1)} | "
                      f"{col('mean/kl_to_teacher', 3)} | {col('mean/top1_agreement', 3)} | "
                      f"{col('rougeL_vs_teacher', 3)} | {col('rougeL_vs_reference', 3)} |")
     if teacher is not None:
@@ -174,6 +169,8 @@ def table(results: dict[str, Any], rows: list[str]) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from _llm_common import run_worker_pool
+
     from potstill.io import atomic_write_json
 
     out = Path(args.out)
@@ -188,37 +185,22 @@ def _main(args: argparse.Namespace) -> int:
     todo = [f"{row}:{seed}" for seed in args.seeds for row in rows if f"{row}:{seed}" not in results["runs"]]
     print(f"mgsr: budget {args.budget_seconds} s per run, {args.threads} thread(s), {args.jobs} job(s); "
           f"{len(todo)} run(s) to do; load {os.getloadavg()[0]:.1f}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    running: list[tuple[subprocess.Popen, Path, str]] = []
-    failed = 0
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            item = todo.pop(0)
-            log = out / "logs" / f"{item.replace(':', '-')}{'-quick' if args.quick else ''}.log"
-            cmd = [sys.executable, __file__, "--worker", item, "--out", args.out, "--threads", str(args.threads),
-                   "--budget-seconds", str(args.budget_seconds), "--records", str(args.records),
-                   "--steps", str(args.steps)] + \
-                  (["--quick"] if args.quick else [])
-            running.append((subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env), log,
-                            item))
-        time.sleep(0.5)
-        for proc, log, item in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove((proc, log, item))
-            for line in log.read_text().splitlines():
-                if line.startswith(MARK):
-                    result = json.loads(line[len(MARK):])
-                    results["runs"][item] = result
-                    s = result["scores"]
-                    print(f"{item}: {result['steps']} steps in {result['train_seconds']:.0f} s, ppl "
-                          f"{s['mean/perplexity']:.1f}, KL {s['mean/kl_to_teacher']:.3f}, ROUGE-L vs teacher "
-                          f"{s['rougeL_vs_teacher']:.3f}; load {result['load'][0]:.1f}", flush=True)
-            atomic_write_json(path, results)
-            if proc.returncode:
-                failed += 1
-                print(f"{item} failed (exit {proc.returncode}); see {log}", flush=True)
+    def command(items: list[str]) -> list[str]:
+        return [sys.executable, __file__, "--worker", ",".join(items), "--out", args.out, "--threads",
+                str(args.threads), "--budget-seconds", str(args.budget_seconds), "--records", str(args.records),
+                "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
+
+    def on_result(result: dict[str, Any]) -> None:
+        item = f"{result['row']}:{result['seed']}"
+        results["runs"][item] = result
+        s = result["scores"]
+        print(f"{item}: {result['steps']} steps in {result['train_seconds']:.0f} s, ppl "
+              f"{s['mean/perplexity']:.1f}, KL {s['mean/kl_to_teacher']:.3f}, ROUGE-L vs teacher "
+              f"{s['rougeL_vs_teacher']:.3f}; load {result['load'][0]:.1f}", flush=True)
+
+    failed = run_worker_pool([[item] for item in todo], command, jobs=args.jobs, threads=args.threads,
+                             log_dir=out / "logs", log_suffix="-quick" if args.quick else "", on_result=on_result,
+                             after_worker=lambda: atomic_write_json(path, results))
     print()
     print(table(results, rows))
     return 1 if failed else 0
