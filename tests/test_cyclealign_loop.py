@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from fastapi import Request
 
 from potstill.data.cyclealign import longest_common_subsequence, parse_ranking, rank_by_scores
 from potstill.errors import UserError
@@ -170,3 +171,45 @@ def test_bad_settings_are_user_errors() -> None:
         CycleAlignConfig(samples=1)
     with pytest.raises(UserError, match="prompts"):
         run_cyclealign(_policy(), _tokenizer(), [], _by_length)
+
+
+def ranker_app(requests: list[dict]):
+    """A scripted black-box behind /v1/chat/completions: ranks longer responses first."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> dict:
+        body = await request.json()
+        requests.append(body)
+        return {"model": "scripted", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": _by_length(body["messages"])}}], "usage": {}}
+
+    return app
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_align_runs_resumes_and_reuses_the_cache(tmp_path, capsys) -> None:
+    from potstill.cli import main
+    from potstill.serve import LocalServer
+
+    _policy().save_pretrained(tmp_path / "base")
+    _tokenizer().save_pretrained(tmp_path / "base")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    requests: list[dict] = []
+    with LocalServer(ranker_app(requests)) as server:
+        args = ["align", str(tmp_path / "base"), str(tmp_path / "prompts.txt"), "--base-url", server.base_url,
+                "--model", "scripted", "--samples", "3", "--max-new-tokens", "4", "--lr", "1e-2", "--demos", "1"]
+        out = tmp_path / "run"
+        assert main([*args, "--out", str(out), "--cycles", "1"]) == 0
+        assert len(requests) == 4 and requests[0]["temperature"] == 0.0
+        assert main([*args, "--out", str(out), "--cycles", "2"]) == 2  # a run is there: --resume or remove it
+        assert "--resume" in " ".join(capsys.readouterr().err.split())
+        assert main([*args, "--out", str(out), "--cycles", "2", "--resume"]) == 0
+        assert len(requests) == 8 and json.loads((out / "state.json").read_text())["cycle"] == 2
+        assert (out / "policy" / "config.json").exists() and (out / "policy" / "tokenizer.json").exists()
+        # a run killed after its ranker answered asks nothing again: the same chats come from the cache
+        again = tmp_path / "again"
+        assert main([*args, "--out", str(again), "--cycles", "1", "--cache", str(out / "cache.sqlite")]) == 0
+        assert len(requests) == 8

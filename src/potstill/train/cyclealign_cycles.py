@@ -220,12 +220,14 @@ def run_cyclealign(policy: Any, tokenizer: Any, prompts: Sequence[str], ranker: 
         replies = ranker(chats)
         if len(replies) != len(chats):
             raise ValueError(f"the ranker answered {len(replies)} of {len(chats)} chats")
-        targets, candidates, agreements, failed, malformed = [], [], [], 0, 0
+        targets, candidates, agreements, errors, malformed = [], [], [], [], 0
         for p, reply in enumerate(replies):
             black = None if isinstance(reply, BaseException) else parse_ranking(reply, config.samples)
             if black is None:
-                failed += isinstance(reply, BaseException)
-                malformed += not isinstance(reply, BaseException)
+                if isinstance(reply, BaseException):
+                    errors.append(reply)
+                else:
+                    malformed += 1
                 continue
             agreed = longest_common_subsequence(black, rank_by_scores(white_scores[p]))
             agreements.append(len(agreed) / config.samples)
@@ -235,8 +237,9 @@ def run_cyclealign(policy: Any, tokenizer: Any, prompts: Sequence[str], ranker: 
         if config.demos:
             state.demos = update_demo_pool(state.demos, candidates, capacity=config.demo_pool,
                                            min_agreement=config.min_demo_agreement)
-        row: dict[str, Any] = {"cycle": cycle, "ranked": len(targets), "failed": failed, "malformed": malformed,
-                               "skipped": failed + malformed, "loss": loss, "demos": len(state.demos),
+        row: dict[str, Any] = {"cycle": cycle, "ranked": len(targets), "failed": len(errors),
+                               "malformed": malformed, "skipped": len(errors) + malformed, "loss": loss,
+                               "demos": len(state.demos),
                                "agreement": sum(agreements) / len(agreements) if agreements else float("nan")}
         if after_cycle is not None:
             row.update(after_cycle(cycle, policy))
@@ -245,5 +248,6 @@ def run_cyclealign(policy: Any, tokenizer: Any, prompts: Sequence[str], ranker: 
         if path is not None:
             _save(path, policy, state)
         log(f"cycle {cycle}: agreement {row['agreement']:.3f} on {len(targets)} prompts "
-            f"({row['skipped']} skipped), loss {loss:.3f}, {len(state.demos)} demos")
+            f"({malformed} malformed replies, {len(errors)} failed requests), loss {loss:.3f}, "
+            f"{len(state.demos)} demos" + (f"; first failure: {errors[0]}" if errors else ""))
     return state
