@@ -18,6 +18,8 @@ from potstill.train.cyclealign_cycles import (
     run_cyclealign,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
+
 WORDS = [f"w{k}" for k in range(8)]
 PROMPTS = ["w0 w1", "w2 w3", "w4 w5", "w6 w7"]
 
@@ -189,7 +191,6 @@ def ranker_app(requests: list[dict]):
     return app
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_cli_align_runs_resumes_and_reuses_the_cache(tmp_path, capsys) -> None:
     from potstill.cli import main
     from potstill.serve import LocalServer
