@@ -1,5 +1,5 @@
 """The `potstill` command line: run, demo, eval, export, cache, objectives, recipes, methods, serve, generate,
-pgkd, search, advise.
+pgkd, align, search, advise.
 
 A user's mistake (bad recipe, missing file, malformed data line) prints one paragraph and exits with
 code 2, without a traceback. A run that diverges (NaN/inf loss) exits with code 3; `generate` exits with
@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from potstill.cli_errors import error_line, interrupted, usage_errors, usage_line
+from potstill.cyclealign_command import align  # typer signature only; work is imported lazily
 from potstill.errors import UserError, one_line
 from potstill.search.command import advise, search  # typer signatures only; work is imported lazily
 
@@ -402,6 +403,7 @@ def serve(model: Annotated[str, typer.Argument(help="Hugging Face causal LM fold
             pass
 
 
+app.command()(align)
 app.command()(search)
 app.command()(advise)
 

@@ -96,6 +96,10 @@ _LAD_PAPER = ('Qiu et al., "Make a Strong Teacher with Label Assistance: A Novel
 _FURTHER_PRETRAINING = _RESULTS + ("self-distillation-for-further-pre-training-mlm-then-mlm--cls-matching-issue-21-11-"
                                    "benchmarksfurther_pretraining_sdpy")
 _RECIPES = "src/potstill/recipes/"
+_CYCLEALIGN = _RESULTS + ("cyclealign-black-box-ranking-agreement-distilled-into-a-white-box-policy-issue-21-4-"
+                          "benchmarkscyclealignpy")
+_CYCLEALIGN_PAPER = ('Hong et al., "CycleAlign: Iterative Distillation from Black-box LLM to White-box Models for '
+                     'Better Human Alignment"')
 _MGSR = 'Liu et al., "Multi-Granularity Semantic Revision for Large Language Model Distillation"'
 _MGSR_RESULTS = _RESULTS + "mgsr-vs-plain-on-policy-gkd-at-equal-time-benchmarksmgsrpy"
 _SUPERNET = _RESULTS + ("autodistils-weight-sharing-supernet-ranks-its-subnets-without-retraining-issue-19-"
@@ -301,6 +305,12 @@ METHODS: dict[str, MethodInfo] = {
                    _FURTHER_PRETRAINING),
         MethodInfo("LAD label-assisted teacher (noised label as input, dual-path consistency)", _LAD_PAPER, 2024,
                    "teacher", "potstill.teachers.lad", "LabelAssistedTeacher", "benchmarks/lad_segmentation.py", _LAD),
+        MethodInfo("CycleAlign (black-box ranking agreement by LCS, demo pool, cycles; potstill align)",
+                   _CYCLEALIGN_PAPER, 2023, "loop hook", "potstill.train.cyclealign_cycles", "run_cyclealign",
+                   "benchmarks/cyclealign.py", _CYCLEALIGN),
+        MethodInfo("RRHF ranking loss (PRO listwise as an option)", 'Yuan et al., "RRHF: Rank Responses to Align '
+                   'Language Models with Human Feedback"', 2023, "objective", _LOSSES + "rrhf", "rrhf_loss",
+                   "benchmarks/cyclealign.py", _CYCLEALIGN),
         MethodInfo("LAD teacher and pixel-wise student losses (operators configurable: teacher half unreleased)",
                    _LAD_PAPER, 2024, "objective", _LOSSES + "lad", "lad_teacher_loss",
                    "benchmarks/lad_segmentation.py", _LAD),
