@@ -63,6 +63,7 @@ def test_student_stages_train_only_their_part():
     assert not any(p.requires_grad for p in distil.projection.parameters())
     assert all(p.requires_grad for p in distil.backbone.parameters())
     assert align(torch.rand(3, 1, 8, 8)).shape == (3, 4)
+    assert all(p.requires_grad for p in vl2v_student(**BACKBONE, embed_dim=4, stage="full").parameters())
     with pytest.raises(UserError, match="stage"):
         vl2v_student(**BACKBONE, embed_dim=4, stage="predict")
 
@@ -117,3 +118,16 @@ def test_unlabelled_images_and_a_wrong_init_folder_are_refused(tmp_path):
         build_task(validate_recipe(raw), run_dir=tmp_path / "a").setup()
     with pytest.raises(UserError, match="init_from"):
         vl2v_student(**BACKBONE, embed_dim=4, init_from=str(tmp_path))
+
+
+def test_packaged_recipes_load():
+    from potstill.config import load_recipe
+    from potstill.recipes import packaged_recipe
+
+    align, distil = (load_recipe(packaged_recipe(f"mnist-vl2v-{s}")) for s in ("align", "distil"))
+    assert align.student.kwargs["stage"] == "align" and distil.student.kwargs["stage"] == "distil"
+    assert distil.student.kwargs["init_from"] == "runs/mnist-vl2v-align/student"
+    ood = load_recipe(packaged_recipe("mnist-vlm-ood"))
+    assert {o.name for o in ood.objectives} == {"vlm_ood_label_ce", "vlm_ood_coherence", "vlm_ood_visual_mse",
+                                                "vlm_ood_visual_contrastive"}
+    assert ood.vision_language.descriptions == "builtin:digits"

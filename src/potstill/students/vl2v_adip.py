@@ -6,6 +6,7 @@ trained in two stages (Addepalli et al. 2024; official code DFC_STAGE1 / DFC_STA
 - stage `distil` (stage 2): W is frozen (loaded with the backbone from the stage-1 student, `init_from`) and
   the backbone trains with the same loss;
 - predict: argmax_c ⟨ℓ2n(W φ_S(x)), ê_txt_c⟩, the task's zero-shot classification with the stored class text.
+Stage `full` trains both (the large-VLM OOD paper's student, and the logit-KD baseline).
 
 Backbones (a module, or a `module:callable` with `backbone_kwargs`, returning (N, feature_dim) vectors):
 `usps_cnn_features` (the ccexam USPS CNN up to its 128-d penultimate layer, pretrained on USPS digits, 16×16 —
@@ -23,7 +24,7 @@ from torch import nn
 
 from potstill.errors import UserError
 
-STAGES = ("align", "distil")
+STAGES = ("align", "distil", "full")
 USPS_MEAN, USPS_STD = 0.2471, 0.2994
 
 
@@ -62,12 +63,12 @@ class ProjectedBackbone(nn.Module):
         self.lock()
 
     def lock(self) -> ProjectedBackbone:
-        """Train only this stage's part: W in `align`, the backbone in `distil` (after a builder that made every
-        weight trainable)."""
+        """Train only this stage's part: W in `align`, the backbone in `distil`, both in `full` (after a builder
+        that made every weight trainable)."""
         for p in self.backbone.parameters():
-            p.requires_grad_(self.stage == "distil")
+            p.requires_grad_(self.stage != "align")
         for p in self.projection.parameters():
-            p.requires_grad_(self.stage == "align")
+            p.requires_grad_(self.stage != "distil")
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> ProjectedBackbone:
