@@ -3,6 +3,7 @@ label-text CE against hand values, the enriched label text, and a run mixing the
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -108,10 +109,16 @@ def test_ood_losses_with_a_logit_objective_through_the_loop(tmp_path):
                                   "backbone_kwargs": {"width": 2, "depth": 1, "num_classes": 6, "image_size": 8},
                                   "stage": "distil"}},
            "data": {"train": str(tmp_path / "train.npz")},
-           "vision_language": {"class_names": ["cat", "dog"]},
+           "vision_language": {"class_names": ["cat", "dog"], "descriptions": [["furry", "small"], ["loyal", "big"]]},
            "objectives": [{"name": n} for n in ("vlm_ood_visual_mse", "vlm_ood_visual_contrastive",
                                                 "vlm_ood_coherence", "vlm_ood_label_ce", "taid")],
-           "trainer": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "num_threads": 1, "log_every": 1},
+           "trainer": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "num_threads": 1, "log_every": 1,
+                       "hard_label_weight": 0.5},
            "eval": {"compare_before": False, "throughput": False}}
     summary = run_recipe(validate_recipe(raw))
     assert summary["complete"]
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "ood" / "metrics.jsonl").read_text().splitlines()]
+    terms = {k for rec in logged for k in rec if k.startswith("obj/")}
+    assert {"obj/vlm_ood_coherence", "obj/taid", "obj/hard_label"} <= terms
+    stored = torch.load(tmp_path / "runs" / "ood" / "student" / "class_text.pt")
+    assert stored["descriptions"] == [["furry", "small"], ["loyal", "big"]]

@@ -146,7 +146,8 @@ class VisionLanguageTask(Task):
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.run_dir / "class_text.pt.tmp"
-            torch.save({"class_names": self.class_names, "templates": self.templates, "features": classes}, tmp)
+            torch.save({"class_names": self.class_names, "templates": self.templates,
+                        "descriptions": self.descriptions, "features": classes}, tmp)
             tmp.replace(self.run_dir / "class_text.pt")
         return flat, classes
 
@@ -288,7 +289,8 @@ class VisionLanguageTask(Task):
                              extra={"image_shape": list(self.train_set.images.shape[1:]),
                                     "transforms": self.student_transforms.model_dump(), "logit_scale": self.scale,
                                     "class_names": self.class_names})
-        torch.save({"class_names": self.class_names, "templates": self.templates, "features": self.class_text},
+        torch.save({"class_names": self.class_names, "templates": self.templates, "descriptions": self.descriptions,
+                    "features": self.class_text},
                    Path(path) / "class_text.pt")
 
 
