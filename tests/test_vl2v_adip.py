@@ -4,6 +4,7 @@ on the vision_language task with a black-box teacher file (tiny config-built bac
 from __future__ import annotations
 
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -106,6 +107,7 @@ def test_two_stages_through_the_loop_align_then_distil(tmp_path):
     folder = str(tmp_path / "runs" / "adip-align" / "student")
     summary = run_recipe(validate_recipe(adip_recipe(tmp_path, "distil", init_from=folder)))
     assert summary["complete"] and "accuracy" in summary["table"][-1]
+    shutil.rmtree(folder)  # the saved stage-2 student does not need the stage-1 folder any more
     distilled = load_factory_student(tmp_path / "runs" / "adip-distil" / "student")
     assert torch.equal(distilled.projection.weight, aligned.projection.weight)
     assert not torch.equal(distilled.backbone.state_dict()["0.weight"], aligned.backbone.state_dict()["0.weight"])

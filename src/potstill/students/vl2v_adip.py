@@ -50,6 +50,8 @@ def usps_cnn_features(pretrained: bool = True) -> nn.Module:
 class ProjectedBackbone(nn.Module):
     """φ_S then W: `forward(pixels)` → (N, embed_dim) = W φ_S(x) (the task and the loss normalise it)."""
 
+    start_only_kwargs = ("init_from",)  # the saved student rebuilds from its own weights, not the stage-1 folder
+
     def __init__(self, backbone: nn.Module, feature_dim: int, embed_dim: int, *, stage: str = "align",
                  seed: int = 0) -> None:
         super().__init__()

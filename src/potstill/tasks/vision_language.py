@@ -284,8 +284,9 @@ class VisionLanguageTask(Task):
     def save_student(self, model: nn.Module, path: Path) -> None:
         from potstill.students.save import save_factory_student
 
-        cfg = self.recipe.student
-        save_factory_student(model, path, factory=cfg.factory, kwargs=cfg.kwargs,
+        cfg, start_only = self.recipe.student, getattr(model, "start_only_kwargs", ())  # e.g. VL2V's init_from
+        kwargs = {k: v for k, v in cfg.kwargs.items() if k not in start_only}
+        save_factory_student(model, path, factory=cfg.factory, kwargs=kwargs,
                              extra={"image_shape": list(self.train_set.images.shape[1:]),
                                     "transforms": self.student_transforms.model_dump(), "logit_scale": self.scale,
                                     "class_names": self.class_names})
