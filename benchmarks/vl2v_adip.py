@@ -24,6 +24,7 @@ grey dilation, `thicken_images`), accuracy of argmax over the classes (the zero-
 Mean ± std over the seeds (student head init, data order).
 
 Usage: nice -n 5 python benchmarks/vl2v_adip.py [--teacher runs/lit-teacher] [--seeds 0 1 2] [--epochs 10]
+       [--rows CE 'KD (logits)' ...] [--kd-temperature 2] [--kd-ce-weight 1]
 """
 
 from __future__ import annotations
@@ -119,36 +120,42 @@ def run_seed(seed: int, data: dict, args: argparse.Namespace) -> dict[str, dict[
         out[row]["seconds"] = seconds
         print(f"  seed {seed} {row:26s} " + " ".join(f"{k} {v:.3f}" for k, v in out[row].items()), flush=True)
 
-    t0 = time.time()
-    torch.manual_seed(seed)
-    ce = nn.Sequential(usps_cnn_features(), nn.Linear(128, 10))
-    train(ce, lambda o, r: nn.functional.cross_entropy(o, y[r]), x, epochs=args.epochs, seed=seed)
-    evaluate("CE", ce, None, time.time() - t0)
-
     text = data["text"]
-    t0 = time.time()
-    kd = vl2v_student(stage="full", seed=seed)
+    if "CE" in args.rows:
+        t0 = time.time()
+        torch.manual_seed(seed)
+        ce = nn.Sequential(usps_cnn_features(), nn.Linear(128, 10))
+        train(ce, lambda o, r: nn.functional.cross_entropy(o, y[r]), x, epochs=args.epochs, seed=seed)
+        evaluate("CE", ce, None, time.time() - t0)
 
-    def kd_loss(o: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        z_s, z_t = clip_logits(o, text), clip_logits(t_img[r], text)
-        return forward_kl(z_s, z_t, temperature=2.0, scale_t2=True) + nn.functional.cross_entropy(z_s, y[r])
+    if "KD (logits)" in args.rows:
+        t0 = time.time()
+        kd = vl2v_student(stage="full", seed=seed)
 
-    train(kd, kd_loss, x, epochs=args.epochs, seed=seed)
-    evaluate("KD (logits)", kd, text, time.time() - t0)
+        def kd_loss(o: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            z_s, z_t = clip_logits(o, text), clip_logits(t_img[r], text)
+            return (forward_kl(z_s, z_t, temperature=args.kd_temperature, scale_t2=True)
+                    + args.kd_ce_weight * nn.functional.cross_entropy(z_s, y[r]))
 
-    t0 = time.time()
-    adip = vl2v_student(stage="align", seed=seed)
+        train(kd, kd_loss, x, epochs=args.epochs, seed=seed)
+        evaluate("KD (logits)", kd, text, time.time() - t0)
 
-    def adip_loss(o: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return vl2v_adip_loss(o, t_img[r], text[y[r]], lam=args.lam)
+    if "VL2V-ADiP" in args.rows:
+        t0 = time.time()
+        adip = vl2v_student(stage="align", seed=seed)
 
-    train(adip, adip_loss, x, epochs=args.align_epochs, seed=seed)
-    adip.stage = "distil"
-    adip.lock()
-    train(adip, adip_loss, x, epochs=args.epochs, seed=seed + 1000)
-    evaluate("VL2V-ADiP", adip, text, time.time() - t0)
+        def adip_loss(o: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return vl2v_adip_loss(o, t_img[r], text[y[r]], lam=args.lam)
+
+        train(adip, adip_loss, x, epochs=args.align_epochs, seed=seed)
+        adip.stage = "distil"
+        adip.lock()
+        train(adip, adip_loss, x, epochs=args.epochs, seed=seed + 1000)
+        evaluate("VL2V-ADiP", adip, text, time.time() - t0)
 
     for row, row_text in (("VLM-OOD losses", text), ("VLM-OOD + enriched text", data["enriched"])):
+        if row not in args.rows:
+            continue
         t0 = time.time()
         ood = vl2v_student(stage="full", seed=seed)
 
@@ -169,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--align-epochs", type=int, default=5)
     parser.add_argument("--lam", type=float, default=0.5)
+    parser.add_argument("--kd-temperature", type=float, default=2.0)
+    parser.add_argument("--kd-ce-weight", type=float, default=1.0, help="weight of CE on labels in the KD row")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the per-seed results as JSON here")
     args = parser.parse_args(argv)
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row:33s} " + " ".join(f"{k} {v:.3f}" for k, v in teacher_rows[row].items()), flush=True)
     per_seed = {seed: run_seed(seed, data, args) for seed in args.seeds}
     print(f"\n| row | {' | '.join(SETS)} | s / run |\n|---|" + "---|" * (len(SETS) + 1))
-    for row in ROWS:
+    for row in args.rows:
         cells = []
         for key in (*SETS, "seconds"):
             values = [per_seed[s][row][key] for s in args.seeds]
