@@ -140,6 +140,7 @@ NOT_PATHS = {
     "EarlyStoppingConfig.metric": "a metric name", "LoraStudentConfig.target_modules": "module names in the model",
     "LoraStudentConfig.modules_to_save": "module names in the model",
     "VisionLanguageConfig.class_names": "class names or builtin:<set>", "VisionLanguageConfig.templates": "captions",
+    "VisionLanguageConfig.descriptions": "class descriptions or builtin:<set>",
 }
 # names that say "path" (or file, folder, cache...) and must then be a RelPath, unless listed in NOT_PATHS
 PATH_NAME = re.compile(r"(^|_)(path|paths|file|files|dir|folder|cache|weights|tokenizer|scores|collection)($|_)")

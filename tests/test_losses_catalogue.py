@@ -29,7 +29,9 @@ def test_catalogue_entries():
     embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl", "further_pretraining_sd"}
     preference = {"dpo_teacher_ref"}
     router = {"moe_router_aux"}
-    expected = logits | hidden | attention | scores | embedding | preference | router
+    vision_language = {"vl2v_adip", "vlm_ood_visual_mse", "vlm_ood_visual_contrastive", "vlm_ood_coherence",
+                       "vlm_ood_label_ce"}
+    expected = logits | hidden | attention | scores | embedding | preference | router | vision_language
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
         assert info.name == name
@@ -48,6 +50,7 @@ def test_catalogue_entries():
     assert {k for k, v in kinds.items() if v == "attention"} == attention
     assert {k for k, v in kinds.items() if v == "preference"} == preference
     assert {k for k, v in kinds.items() if v == "router"} == router
+    assert {k for k, v in kinds.items() if v == "vision_language"} == vision_language
     assert OBJECTIVES["generalized_jsd"].defaults["beta"] == 0.5
 
 
@@ -90,6 +93,19 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
                 leaves = [x for v in student.values() for x in v]
             obj(student, teacher, mask=torch.ones(2, 5, dtype=torch.bool)).backward()
             assert any(x.grad is not None for x in leaves), name
+            continue
+        if info.kind == "vision_language":  # image vectors and the shared class text (VisionLanguageSignal)
+            from potstill.signals import VisionLanguageSignal
+
+            with torch.inference_mode():
+                image, text = torch.randn(4, 8, generator=g), torch.randn(3, 8, generator=g)
+                teacher = VisionLanguageSignal(image @ text.T, image, text)
+            s = torch.randn(4, 8, generator=g).requires_grad_(True)
+            student = VisionLanguageSignal(s @ text.T.clone(), s, text.clone())
+            labels = teacher.logits.argmax(-1)
+            kw = {"labels": labels} if "labels" in getattr(info.fn, "batch_fields", {}) else {}
+            info.fn(student, teacher, **kw).backward()
+            assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, name
             continue
         shape = shapes[info.kind]
         with torch.inference_mode():

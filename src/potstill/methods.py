@@ -80,6 +80,11 @@ _PRD_PAPER = ('Asadi et al., "Prototype-Sample Relation Distillation: Towards Re
 _MI_ALPHA = _RESULTS + "mi-alpha-on-correlated-gaussians-issue-19-benchmarksmi_alpha_gaussianspy"
 _ZOO = _RESULTS + "distillnearest-and-distillweighted-teachers-from-a-zoo-issue-19-benchmarksdistill_nearestpy"
 _PROMPTKD = _RESULTS + "promptkd-on-mnist-5k-with-an-offline-lit-teacher-issue-20-benchmarkspromptkdpy"
+_VL2V = _RESULTS + ("vl2v-adip-and-large-vlm-ood-distillation-on-rotated-and-thickened-digits-issue-20-"
+                   "benchmarksvl2v_adippy")
+_VL2V_PAPER = ('Addepalli et al., "Leveraging Vision-Language Models for Improving Domain Generalization in Image '
+               'Classification" (VL2V-ADiP)')
+_VLM_OOD_PAPER = 'Li et al., "Distilling Large Vision-Language Model with Out-of-Distribution Generalizability"'
 _BORUP = 'Borup, Phoo & Hariharan, "Distilling from Similar Tasks for Transfer Learning on a Budget"'
 _PROGRAMS = _RESULTS + ("program-distillation-verified-teacher-programs-vs-answer-only-sft-issue-21-item-7-"
                         "benchmarksprogram_distillationpy")
@@ -293,6 +298,21 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("PromptKD (deep visual prompts + projector on a frozen ViT)", 'Li et al., "PromptKD: '
                    'Unsupervised Prompt Distillation for Vision-Language Models"', 2024, "student builder",
                    "potstill.students.promptkd", "prompted_vit", _RECIPES + "mnist-promptkd.yaml", _PROMPTKD),
+        MethodInfo("VL2V-ADiP (align W to the teacher's image + class-text vectors, then distil the backbone)",
+                   _VL2V_PAPER, 2024, "objective", _LOSSES + "vl2v_adip", "vl2v_adip",
+                   _RECIPES + "mnist-vl2v-align.yaml", _VL2V),
+        MethodInfo("VL2V-ADiP student (pretrained backbone + projection, stages align / distil)", _VL2V_PAPER, 2024,
+                   "student builder", "potstill.students.vl2v_adip", "vl2v_student",
+                   _RECIPES + "mnist-vl2v-distil.yaml", _VL2V),
+        MethodInfo("Large-VLM OOD distillation: visual-space imitation (MSE, contrastive)", _VLM_OOD_PAPER, 2023,
+                   "objective", _LOSSES + "vlm_ood", "vlm_ood_visual_contrastive", _RECIPES + "mnist-vlm-ood.yaml",
+                   _VL2V),
+        MethodInfo("Large-VLM OOD distillation: vision-language coherence over the class texts", _VLM_OOD_PAPER,
+                   2023, "objective", _LOSSES + "vlm_ood", "vlm_ood_coherence", _RECIPES + "mnist-vlm-ood.yaml",
+                   _VL2V),
+        MethodInfo("Enriched label text (attribute descriptions per class, prompt-ensembled)", _VLM_OOD_PAPER, 2023,
+                   "data generator", "potstill.data.vision_language", "class_descriptions",
+                   _RECIPES + "mnist-vlm-ood.yaml", _VL2V),
         MethodInfo("LiT teacher (locked image and text towers, trained alignment head)", 'Zhai et al., "LiT: '
                    'Zero-Shot Transfer with Locked-image text Tuning"', 2022, "teacher", "potstill.teachers.lit",
                    "build_lit_teacher", _RECIPES + "mnist-promptkd.yaml", _PROMPTKD),

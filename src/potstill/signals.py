@@ -7,7 +7,9 @@ A teacher's or a student's signal for one batch is one of:
 - `RankingScores`: the ranking task's candidate and in-batch score matrices;
 - `potstill.losses.fused.LMHeadInputs`: a student's lm_head inputs (`trainer.fused_lm_head`);
 - `potstill.losses.sparse.TopKTeacher`: a cached teacher's top-k log-probs;
-- `SpanLogits`: one side's logits per aligned span when teacher and student tokenizers differ (uld / gold).
+- `SpanLogits`: one side's logits per aligned span when teacher and student tokenizers differ (uld / gold);
+- `VisionLanguageSignal`: the vision_language task's zero-shot logits with the image vectors and class text
+  they come from, for objectives that compare embeddings (VL2V-ADiP, the large-VLM OOD losses).
 
 `Signal` names that union, for type hints. This module knows only torch at run time (the two loss-side
 classes are named for the type checker only), so that every part (tasks, teachers, students, the loop) can
@@ -69,5 +71,19 @@ class SpanLogits:
     token_logits: Tensor | None = None
 
 
+@dataclass
+class VisionLanguageSignal:
+    """One side of a vision_language batch when an objective reads embeddings (kind "vision_language").
+
+    `logits` (B, C): zero-shot logits s·⟨ℓ2n(image), t_c⟩, what logit objectives read; `image` (B, D): the image
+    vectors (the teacher's are unit length, the student's are its raw outputs); `class_text` (C, D): the unit
+    class text features t_c both sides share."""
+
+    logits: Tensor
+    image: Tensor
+    class_text: Tensor
+
+
 #: What `Task.teacher_signal` / `Task.student_signal` return for one batch.
-Signal: TypeAlias = Union[Tensor, Signals, RankingScores, SpanLogits, "LMHeadInputs", "TopKTeacher"]  # noqa: UP007
+Signal: TypeAlias = Union[Tensor, Signals, RankingScores, SpanLogits, VisionLanguageSignal, "LMHeadInputs",  # noqa: UP007
+                          "TopKTeacher"]

@@ -26,6 +26,10 @@ class VisionLanguageConfig(Strict):
                                          "builtin:digits / builtin:fashion (with their default templates)")
     templates: list[str] | None = Field(None, description="caption templates with one {} for the class name, e.g. "
                                         "'a photo of the digit {}.'; default: the builtin's, else 'a photo of a {}.'")
+    descriptions: list[list[str]] | str | None = Field(None, description="enriched label text (large-VLM OOD "
+                                                      "distillation): builtin:digits / builtin:fashion or, per "
+                                                      "class, a list of attribute descriptions (equally many); each "
+                                                      "caption becomes '<template>, <description>.'")
     scale: float | None = Field(None, gt=0, description="logit scale s of z = s·⟨image, t_c⟩; default: the "
                                 "teacher's (CLIP's exp(logit_scale)), 100 for a file of embeddings")
     retrieval: StrictBool = Field(True, description="also report image→text and text→image R@1 / R@5 on data.eval, "

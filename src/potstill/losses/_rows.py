@@ -226,6 +226,16 @@ def reduce_rows(values: Tensor, idx: Tensor | None, row_shape: torch.Size, reduc
     return values.reshape(row_shape)
 
 
+def reduce_counted(per_row: Tensor, keep: Tensor | None, reduction: str) -> Tensor:
+    """Reduce (N,) per-row values over the rows where `keep` (N,) is True (all rows when None); "none" gives 0
+    at the rows not kept."""
+    check_reduction(reduction)
+    if keep is None:
+        return reduce_rows(per_row, None, per_row.shape, reduction)
+    idx = keep.to(per_row.device).bool().nonzero().flatten()
+    return reduce_rows(per_row[idx], idx, per_row.shape, reduction)
+
+
 def check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0

@@ -32,9 +32,12 @@ from .ranking import SparseFlops, in_batch_margin_mse, listwise_kl, margin_mse, 
 from .sinkhorn import sinkhorn
 from .taid import TAID
 from .uld import gold, uld
+from .vl2v_adip import vl2v_adip
+from .vlm_ood import vlm_ood_coherence, vlm_ood_label_ce, vlm_ood_visual_contrastive, vlm_ood_visual_mse
 
-KINDS = ("logits", "preference", "router", "scores", "embedding", "hidden_states", "attention")
+KINDS = ("logits", "preference", "router", "scores", "embedding", "vision_language", "hidden_states", "attention")
 # "router": a mixture-of-experts student's router logits (causal_lm; the teacher's signal is not read).
+# "vision_language": the vision_language task's image vectors + shared class text (`VisionLanguageSignal`).
 # "preference": logits of a pair batch (chosen rows, then rejected rows) with the scored token ids as `labels`.
 # Not listed: the sparse-retriever regularisers `ranking.flops` / `ranking.idf_flops` take only the student's
 # term weights (no teacher signal), which no task feeds an objective yet.
@@ -84,6 +87,7 @@ def _entry(fn: Callable, kind: str, formula: str, paper: str, notes: str = "", n
 
 _HINTON = 'Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"'
 _MGSR = 'Liu et al. 2024, "Multi-Granularity Semantic Revision for Large Language Model Distillation" (MGSR)'
+_VLM_OOD = 'Li et al. 2023, "Distilling Large Vision-Language Model with Out-of-Distribution Generalizability"'
 _DISTILLM = 'Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large Language Models"'
 
 OBJECTIVES: dict[str, ObjectiveInfo] = {
@@ -341,6 +345,17 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             ("masked_lm task, stage 2: the teacher φ is θ0 further-pretrained with MLM, the student restarts from "
              "θ0 with MLM (trainer.hard_label_weight) + λ·this; paper λ = 1"),
         ),
+        _entry(vl2v_adip, "vision_language", "−λ·cos(p, e_img(x)) − (1−λ)·cos(p, e_txt(y)), p = ℓ2n(W φ_S(x))",
+               'Addepalli et al. 2024, "Leveraging Vision-Language Models for Improving Domain Generalization in '
+               'Image Classification" (VL2V-ADiP)', "needs labels; stage 1 trains W, stage 2 the backbone"),
+        _entry(vlm_ood_visual_mse, "vision_language", "‖ℓ2n(s) − ℓ2n(v)‖², s / v: student / teacher image vectors",
+               _VLM_OOD, "L-mse: visual-space imitation"),
+        _entry(vlm_ood_visual_contrastive, "vision_language", "½[CE(⟨s_i, v_j⟩/τ, i) + CE(⟨s_j, v_i⟩/τ, i)], batch",
+               _VLM_OOD, "L-im-cst: visual-space imitation with in-batch negatives"),
+        _entry(vlm_ood_coherence, "vision_language", "KL(softmax(⟨v, t_c⟩/τ) ‖ softmax(⟨s, t_c⟩/τ)), teacher top-k c",
+               _VLM_OOD, "L-vlalign: vision–language coherence; rows the teacher misclassifies skipped"),
+        _entry(vlm_ood_label_ce, "vision_language", "CE(⟨s, t_c⟩/τ, y)", _VLM_OOD,
+               "L-cls: labels against the (enriched) class text; needs labels"),
     )
 }
 

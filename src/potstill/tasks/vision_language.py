@@ -10,7 +10,10 @@ features on the training images (`<run>/teacher_cache/`).
 Both signals are zero-shot logits z = s·⟨ℓ2n(image feature), t_c⟩ (`potstill.losses.promptkd.clip_logits`), so
 the logit objectives apply unchanged; PromptKD is `forward_kl` with `scale_t2: true` on unlabelled images and a
 `potstill.students.promptkd:prompted_vit` student. Gold labels, when the images have them, feed
-`trainer.hard_label_weight`.
+`trainer.hard_label_weight`. When an objective of kind "vision_language" reads embeddings (VL2V-ADiP, the
+large-VLM OOD losses), both signals are `VisionLanguageSignal`s: the logits, the image vectors (the teacher's
+cached ones, the student's raw outputs) and the shared class text; logit objectives then read their `logits`.
+`vision_language.descriptions` enriches every caption with attribute descriptions of its class.
 
 Metrics on `data.eval`: zero-shot `accuracy` and `agreement` (top-1 equal to the teacher's), and with
 `vision_language.retrieval` image→text / text→image R@1 and R@5 over every class caption (`potstill.eval.zero_shot`).
@@ -29,10 +32,12 @@ from torch import nn
 
 from potstill.data import image_transforms as tf
 from potstill.data.images import NO_LABEL, ImageSet, fingerprint_images, load_image_source
-from potstill.data.vision_language import class_captions, class_names_and_templates
+from potstill.data.vision_language import class_captions, class_descriptions, class_names_and_templates
 from potstill.errors import UserError
 from potstill.eval.zero_shot import class_relevance, prompt_ensemble, retrieval_recall, zero_shot_metrics
+from potstill.losses.catalogue import OBJECTIVES
 from potstill.losses.promptkd import clip_logits
+from potstill.signals import VisionLanguageSignal
 from potstill.tasks.base import Task
 from potstill.tasks.models import build_student, load_factory_teacher
 
@@ -49,6 +54,7 @@ def _prepare(images: torch.Tensor, transforms: Any) -> torch.Tensor:
 
 class VisionLanguageTask(Task):
     signal_kind = "logits"
+    extra_objective_kinds = ("vision_language",)
     name = "vision_language"
     captures_internals = False
     metric_names = ("accuracy", "agreement", "i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5")
@@ -67,6 +73,7 @@ class VisionLanguageTask(Task):
             self.check_records()
         vl = r.vision_language
         self.class_names, self.templates = class_names_and_templates(vl.class_names, vl.templates)
+        self.descriptions = class_descriptions(vl.descriptions, len(self.class_names))
         self.embedding_file = None
         if r.teacher.embeddings is not None:
             from potstill.teachers.vision_language import read_embedding_file
@@ -89,6 +96,10 @@ class VisionLanguageTask(Task):
             if images is not None and int(images.labels.max()) >= len(self.class_names):
                 raise UserError(f"{where}: label {int(images.labels.max())} but vision_language.class_names has "
                                 f"{len(self.class_names)} classes")
+        for i, o in enumerate(r.objectives):
+            if getattr(OBJECTIVES[o.name].fn, "needs_labels", False) and not self.train_set.has_labels:
+                raise UserError(f"field objectives.{i}.name: {o.name} needs labelled data.train images (the class "
+                                f"text of each image's label); data.train has none (drop_labels?)")
         self.train_records = [{"i": i} for i in range(len(self.train_set))]
         self.eval_records = [{"i": i, "eval": True} for i in range(len(self.eval_set))] if self.eval_set else []
         self._teacher_train = self._teacher_train_features(is_main, barrier)
@@ -128,14 +139,15 @@ class VisionLanguageTask(Task):
             classes = self.embedding_file.class_embeddings
             return classes, classes
         assert self.teacher is not None
-        captions = [c for cls in class_captions(self.class_names, self.templates) for c in cls]
+        captions = [c for cls in class_captions(self.class_names, self.templates, self.descriptions) for c in cls]
         with torch.inference_mode():
             flat = self.teacher.encode_texts(captions).float().cpu()
-        classes = prompt_ensemble(flat.view(len(self.class_names), len(self.templates), -1))
+        classes = prompt_ensemble(flat.view(len(self.class_names), -1, flat.shape[-1]))
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.run_dir / "class_text.pt.tmp"
-            torch.save({"class_names": self.class_names, "templates": self.templates, "features": classes}, tmp)
+            torch.save({"class_names": self.class_names, "templates": self.templates,
+                        "descriptions": self.descriptions, "features": classes}, tmp)
             tmp.replace(self.run_dir / "class_text.pt")
         return flat, classes
 
@@ -194,14 +206,34 @@ class VisionLanguageTask(Task):
     def count_rows(self, batch: dict[str, Any]) -> int:
         return int(batch["index"].numel())
 
-    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor:
-        features = self._teacher_train[batch["index"].cpu()]
-        return clip_logits(features, self.class_text, scale=self.scale).to(self.device)
+    @property
+    def reads_vectors(self) -> bool:
+        """Whether an objective reads embeddings (kind "vision_language"): the signals are then
+        `VisionLanguageSignal`s, else the logits alone."""
+        return any(OBJECTIVES[o.name].kind == "vision_language" for o in self.recipe.objectives if o.name in OBJECTIVES)
 
-    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return clip_logits(model(batch["pixels"]), self.class_text.to(self.device), scale=self.scale)
+    def _signal(self, features: torch.Tensor) -> torch.Tensor | VisionLanguageSignal:
+        text = self.class_text.to(features.device)
+        logits = clip_logits(features, text, scale=self.scale)
+        return VisionLanguageSignal(logits, features, text) if self.reads_vectors else logits
 
-    def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def teacher_signal(self, batch: dict[str, Any]) -> torch.Tensor | VisionLanguageSignal:
+        return self._signal(self._teacher_train[batch["index"].cpu()].to(self.device))
+
+    def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | VisionLanguageSignal:
+        return self._signal(model(batch["pixels"]))
+
+    def adapt_objective(self, name: str, fn: Any) -> Any:
+        """Logit objectives read the `logits` of `VisionLanguageSignal`s (when the signals are those)."""
+        if not self.reads_vectors or OBJECTIVES[name].kind != "logits":
+            return fn
+        from potstill.tasks.vision_language_objectives import on_logits
+
+        return on_logits(fn, stateful=OBJECTIVES[name].stateful)
+
+    def hard_label_loss(self, student_signal: Any, batch: dict[str, Any]) -> torch.Tensor:
+        if isinstance(student_signal, VisionLanguageSignal):
+            student_signal = student_signal.logits
         if "labels" not in batch:
             return student_signal.float().sum() * 0.0
         return nn.functional.cross_entropy(student_signal.float(), batch["labels"], reduction="sum",
@@ -252,12 +284,14 @@ class VisionLanguageTask(Task):
     def save_student(self, model: nn.Module, path: Path) -> None:
         from potstill.students.save import save_factory_student
 
-        cfg = self.recipe.student
-        save_factory_student(model, path, factory=cfg.factory, kwargs=cfg.kwargs,
+        cfg, start_only = self.recipe.student, getattr(model, "start_only_kwargs", ())  # e.g. VL2V's init_from
+        kwargs = {k: v for k, v in cfg.kwargs.items() if k not in start_only}
+        save_factory_student(model, path, factory=cfg.factory, kwargs=kwargs,
                              extra={"image_shape": list(self.train_set.images.shape[1:]),
                                     "transforms": self.student_transforms.model_dump(), "logit_scale": self.scale,
                                     "class_names": self.class_names})
-        torch.save({"class_names": self.class_names, "templates": self.templates, "features": self.class_text},
+        torch.save({"class_names": self.class_names, "templates": self.templates, "descriptions": self.descriptions,
+                    "features": self.class_text},
                    Path(path) / "class_text.pt")
 
 

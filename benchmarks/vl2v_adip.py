@@ -1,0 +1,228 @@
+"""VL2V-ADiP and the large-VLM OOD losses on digits (issue #20): does distilling a CLIP-style teacher's image and
+text embeddings make a vision student more robust to a digit style shift than training on labels or on the
+teacher's logits?
+
+Teacher: the offline LiT teacher (`potstill.teachers.lit`: the locked ccexam MNIST CNN → a trained head into
+all-MiniLM-L6-v2's caption space; built into --teacher when missing). Its image vectors on the training digits
+are computed once; its class text is the prompt ensemble of the 4 `builtin:digits` templates (and, for the
+enriched rows, of every template × the 3 attribute descriptions of `CLASS_DESCRIPTIONS`).
+Student (every row): ccexam's USPS CNN (pretrained on USPS digits, 16×16 — another source and style, the
+stand-in for the paper's ImageNet backbone) up to its 128-d features, fed each MNIST digit's centre 20×20 crop
+resized to 16×16, then one linear map (to 10 classes for CE, to the teacher's 384-d space for the others).
+Rows, all on the same labelled MNIST-5k train digits (4,000), Adam lr 1e-3, batch 64, no augmentation:
+- `CE`: backbone + linear classifier, cross-entropy on the labels, `--epochs`;
+- `KD (logits)`: backbone + W, zero-shot logits s·⟨ℓ2n(Wφ(x)), t_c⟩ (s = 100), T²·KL to the teacher's at T = 2
+  plus CE on the labels (Hinton's KD), `--epochs`;
+- `VL2V-ADiP`: stage 1 trains W alone (backbone frozen, `--align-epochs`), stage 2 freezes W and trains the
+  backbone (`--epochs`), both with −λ·cos(p, e_img) − (1−λ)·cos(p, e_txt(y)), λ = 0.5 (`potstill.losses.vl2v_adip`);
+- `VLM-OOD losses`: backbone + W trained with the paper's sum L-cls + L-vlalign + L-mse + L-im-cst, τ = 0.07,
+  misaligned rows filtered (`potstill.losses.vlm_ood`), `--epochs`; `VLM-OOD + enriched text`: the same with the
+  enriched class text (the student then also predicts with it);
+- `teacher`: the LiT teacher's zero-shot accuracy (plain and enriched class text).
+Evaluation on MNIST-5k test (1,000 digits): in domain, rotated ±35° (`rotate_images`) and thickened strokes (3×3
+grey dilation, `thicken_images`), accuracy of argmax over the classes (the zero-shot rows with the class text).
+Mean ± std over the seeds (student head init, data order).
+
+Usage: nice -n 5 python benchmarks/vl2v_adip.py [--teacher runs/lit-teacher] [--seeds 0 1 2] [--epochs 10]
+       [--rows CE 'KD (logits)' ...] [--kd-temperature 2] [--kd-ce-weight 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = ("CE", "KD (logits)", "VL2V-ADiP", "VLM-OOD losses", "VLM-OOD + enriched text")
+SETS = ("mnist", "rotated", "thick")
+
+
+def student_pixels(images: torch.Tensor) -> torch.Tensor:
+    """28×28 images (uint8 or [0, 1]) → the USPS CNN's 16×16 view: centre 20×20 crop, area resize."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return nn.functional.interpolate(x[..., 4:24, 4:24], size=(16, 16), mode="area")
+
+
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int = 500) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(x[i:i + size]).float() for i in range(0, len(x), size)])
+
+
+def class_text(teacher, descriptions: bool) -> torch.Tensor:
+    from potstill.data.vision_language import DIGIT_NAMES, DIGIT_TEMPLATES, class_captions, class_descriptions
+    from potstill.eval.zero_shot import prompt_ensemble
+
+    extra = class_descriptions("builtin:digits", 10) if descriptions else None
+    captions = class_captions(list(DIGIT_NAMES), list(DIGIT_TEMPLATES), extra)
+    flat = teacher.encode_texts([c for cls in captions for c in cls]).float()
+    return prompt_ensemble(flat.view(10, -1, flat.shape[-1]))
+
+
+def train(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pixels: torch.Tensor,
+          *, epochs: int, seed: int, batch: int = 64, lr: float = 1e-3) -> float:
+    """Adam on the trainable parameters; `loss_fn(outputs, rows)` with the batch's row indices."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    loss = torch.tensor(0.0)
+    for _ in range(epochs):
+        order = torch.randperm(len(pixels), generator=generator)
+        for start in range(0, len(pixels), batch):
+            rows = order[start:start + batch]
+            loss = loss_fn(model(pixels[rows]), rows)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def accuracy(outputs: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None) -> float:
+    from potstill.eval.zero_shot import zero_shot_predictions
+
+    preds = outputs.argmax(-1) if text is None else zero_shot_predictions(outputs, text)
+    return float((preds == labels).float().mean())
+
+
+class Signal:
+    """What the vision_language objectives read: image vectors and the shared class text."""
+
+    def __init__(self, image: torch.Tensor, text: torch.Tensor) -> None:
+        self.image, self.class_text = image, text
+
+
+def run_seed(seed: int, data: dict, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    from potstill.losses.divergences import forward_kl
+    from potstill.losses.promptkd import clip_logits
+    from potstill.losses.vl2v_adip import vl2v_adip_loss
+    from potstill.losses.vlm_ood import (
+        vlm_ood_coherence,
+        vlm_ood_label_ce,
+        vlm_ood_visual_contrastive,
+        vlm_ood_visual_mse,
+    )
+    from potstill.students.vl2v_adip import usps_cnn_features, vl2v_student
+
+    x, y, t_img = data["train_pixels"], data["train_labels"], data["teacher_train"]
+    out: dict[str, dict[str, float]] = {}
+
+    def evaluate(row: str, model: nn.Module, text: torch.Tensor | None, seconds: float) -> None:
+        out[row] = {name: accuracy(batched(model, pixels), data["test_labels"], text)
+                    for name, pixels in data["test"].items()}
+        out[row]["seconds"] = seconds
+        print(f"  seed {seed} {row:26s} " + " ".join(f"{k} {v:.3f}" for k, v in out[row].items()), flush=True)
+
+    text = data["text"]
+    if "CE" in args.rows:
+        t0 = time.time()
+        torch.manual_seed(seed)
+        ce = nn.Sequential(usps_cnn_features(), nn.Linear(128, 10))
+        train(ce, lambda o, r: nn.functional.cross_entropy(o, y[r]), x, epochs=args.epochs, seed=seed)
+        evaluate("CE", ce, None, time.time() - t0)
+
+    if "KD (logits)" in args.rows:
+        t0 = time.time()
+        kd = vl2v_student(stage="full", seed=seed)
+
+        def kd_loss(o: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            z_s, z_t = clip_logits(o, text), clip_logits(t_img[r], text)
+            return (forward_kl(z_s, z_t, temperature=args.kd_temperature, scale_t2=True)
+                    + args.kd_ce_weight * nn.functional.cross_entropy(z_s, y[r]))
+
+        train(kd, kd_loss, x, epochs=args.epochs, seed=seed)
+        evaluate("KD (logits)", kd, text, time.time() - t0)
+
+    if "VL2V-ADiP" in args.rows:
+        t0 = time.time()
+        adip = vl2v_student(stage="align", seed=seed)
+
+        def adip_loss(o: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return vl2v_adip_loss(o, t_img[r], text[y[r]], lam=args.lam)
+
+        train(adip, adip_loss, x, epochs=args.align_epochs, seed=seed)
+        adip.stage = "distil"
+        adip.lock()
+        train(adip, adip_loss, x, epochs=args.epochs, seed=seed + 1000)
+        evaluate("VL2V-ADiP", adip, text, time.time() - t0)
+
+    for row, row_text in (("VLM-OOD losses", text), ("VLM-OOD + enriched text", data["enriched"])):
+        if row not in args.rows:
+            continue
+        t0 = time.time()
+        ood = vl2v_student(stage="full", seed=seed)
+
+        def ood_loss(o: torch.Tensor, r: torch.Tensor, row_text: torch.Tensor = row_text) -> torch.Tensor:
+            s, t, labels = Signal(o, row_text), Signal(t_img[r], row_text), y[r]
+            return (vlm_ood_label_ce(s, t, labels=labels) + vlm_ood_coherence(s, t, labels=labels)
+                    + vlm_ood_visual_mse(s, t) + vlm_ood_visual_contrastive(s, t))
+
+        train(ood, ood_loss, x, epochs=args.epochs, seed=seed)
+        evaluate(row, ood, row_text, time.time() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default=str(REPO / "runs" / "lit-teacher"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--align-epochs", type=int, default=5)
+    parser.add_argument("--lam", type=float, default=0.5)
+    parser.add_argument("--kd-temperature", type=float, default=2.0)
+    parser.add_argument("--kd-ce-weight", type=float, default=1.0, help="weight of CE on labels in the KD row")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write the per-seed results as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(REPO / "src"))
+    from potstill.data.images import load_images
+    from potstill.data.vision_language import rotate_images, thicken_images
+    from potstill.teachers.lit import load_lit_teacher
+    from potstill.teachers.lit import main as build_teacher
+
+    if not (Path(args.teacher) / "head.pt").is_file():
+        build_teacher(["--out", args.teacher])
+    teacher = load_lit_teacher(args.teacher)
+    train_set = load_images("builtin:mnist-5k", split="train")
+    test_set = load_images("builtin:mnist-5k", split="test")
+    raw_test = {"mnist": test_set.images.float() / 255.0, "rotated": rotate_images(test_set.images),
+                "thick": thicken_images(test_set.images)}
+    data = {"train_pixels": student_pixels(train_set.images), "train_labels": train_set.labels,
+            "teacher_train": batched(teacher.encode_images, train_set.images.float() / 255.0),
+            "test": {k: student_pixels(v) for k, v in raw_test.items()}, "test_labels": test_set.labels}
+    with torch.no_grad():
+        data["text"], data["enriched"] = class_text(teacher, False), class_text(teacher, True)
+    teacher_rows = {}
+    for row, text in (("teacher (LiT)", data["text"]), ("teacher, enriched text", data["enriched"])):
+        teacher_rows[row] = {k: accuracy(batched(teacher.encode_images, v), test_set.labels, text)
+                             for k, v in raw_test.items()}
+        print(f"  {row:33s} " + " ".join(f"{k} {v:.3f}" for k, v in teacher_rows[row].items()), flush=True)
+    per_seed = {seed: run_seed(seed, data, args) for seed in args.seeds}
+    print(f"\n| row | {' | '.join(SETS)} | s / run |\n|---|" + "---|" * (len(SETS) + 1))
+    for row in args.rows:
+        cells = []
+        for key in (*SETS, "seconds"):
+            values = [per_seed[s][row][key] for s in args.seeds]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.0f}" if key == "seconds" else
+                         f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}")
+        print(f"| {row} | {' | '.join(cells)} |")
+    for row, values in teacher_rows.items():
+        print(f"| {row} | {' | '.join(f'{100 * values[k]:.1f}' for k in SETS)} | – |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "teacher": teacher_rows,
+                                              "per_seed": per_seed}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
