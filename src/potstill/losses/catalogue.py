@@ -9,6 +9,7 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .dcd import dcd_loss
 from .divergences import (
     forward_kl,
     generalized_jsd,
@@ -300,6 +301,15 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "Hofstätter et al. 2020, "
             '"Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge Distillation"',
             "the pointwise baseline: needs the teacher's score scale; mask (B, N) or (B,)",
+        ),
+        _entry(
+            dcd_loss,
+            "scores",
+            "α T² Σ_i w_i MSE(t_i/T, s_i/T) + (1−α) Σ_i ê_i BCE(s_i, [1,0..0]), ê_i = e_i/Σ_j e_j, e_i = Σ p log p of "
+            "p = softmax(t_i), w = softmax_batch((1−ê)²)",
+            'Rao et al. 2023, "Dynamic Contrastive Distillation for Image-Text Retrieval" (DCD)',
+            "(B, 1 + K) scores, positive first, K = 7 teacher-mined negatives (potstill.data.hard_negatives); "
+            "per-row MSE (the official code's batch MSE makes w inert); dynamic=False: uniform weights",
         ),
         _entry(
             SparseFlops,
