@@ -83,7 +83,8 @@ def test_style_classes_and_captions():
     assert style_class_words(7 * 9 + 5) == ("seven", "medium", "leaning right")
     captions, classes = style_captions()
     assert len(captions) == 90 * len(STYLE_TEMPLATES) and classes[3].item() == 1
-    assert captions[0] == "a thin handwritten zero, leaning left."
+    assert captions[0] == "a handwritten thin zero leaning left."
+    assert captions[5] == "an image of a thin zero upright, drawn by hand."
     relevant = style_relevance(torch.tensor([1]), classes)
     assert relevant.sum().item() == len(STYLE_TEMPLATES) and relevant[0, 3:6].all()
 

@@ -96,3 +96,23 @@ def test_bad_shapes_are_refused():
 def test_catalogue_entry():
     info = OBJECTIVES["dcd_loss"]
     assert info.kind == "scores" and info.defaults["alpha"] == 0.2 and info.defaults["temperature"] == 1.0
+
+
+def test_class_logits_keep_the_label_and_the_teachers_best_other_classes():
+    from potstill.losses.dcd import dcd_logits
+
+    teacher = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 4.0, 1.0]])
+    student = torch.tensor([[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, -1.0, 3.0]])
+    labels = torch.tensor([2, 0])
+    # row 0: [class 2, then classes 1 (3.0) and 3 (2.0)]; row 1: [class 0, then classes 2 (4.0) and 3 (1.0)]
+    lists = torch.tensor([[2, 1, 3], [0, 2, 3]])
+    expected = dcd_loss(student.gather(1, lists), teacher.gather(1, lists))
+    got = dcd_logits(student, teacher, labels=labels, negatives=2)
+    assert float(got) == pytest.approx(float(expected), abs=1e-6)
+    unlabelled = dcd_logits(student, teacher, labels=torch.tensor([2, -100]), negatives=2)
+    assert float(unlabelled) == pytest.approx(float(dcd_loss(student[:1].gather(1, lists[:1]),
+                                                            teacher[:1].gather(1, lists[:1]))), abs=1e-6)
+    with pytest.raises(ValueError, match="labels"):
+        dcd_logits(student, teacher)
+    assert dcd_logits.batch_fields == {"labels": "labels"}
+    assert OBJECTIVES["dcd_logits"].kind == "logits" and OBJECTIVES["dcd_logits"].defaults["negatives"] == 7

@@ -10,10 +10,12 @@ style attributes measured from its pixels, and each caption names the digit and 
 
 Each attribute is cut into three bins at the tertiles of the training images of the same digit (`fit_style_bins`),
 so the bins are balanced per digit and a "bold one" is bold for a one. An image's style class is
-`digit · 9 + weight · 3 + slant` (90 classes); `style_captions` fills every class into each of
-`STYLE_TEMPLATES` (3 templates → 270 captions), and `style_relevance` marks image i relevant to caption j when
-their style classes are equal. Out-of-domain copies (e.g. `potstill.data.vision_language.rotate_images`) are
-labelled with the same bins measured on their own pixels: the captions describe what the image shows.
+`digit · 9 + weight · 3 + slant` (90 classes), named by a phrase such as "bold seven leaning right"
+(`style_class_names`); `style_captions` fills every name into each of `STYLE_TEMPLATES` ("a handwritten {}.",
+3 templates → 270 captions, the layout of `task: vision_language`'s class captions), and `style_relevance`
+marks image i relevant to caption j when their style classes are equal. Out-of-domain copies (e.g.
+`potstill.data.vision_language.rotate_images`) are labelled with the same bins measured on their own pixels: the
+captions describe what the image shows.
 """
 
 from __future__ import annotations
@@ -22,15 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from potstill.data.vision_language import DIGIT_NAMES
+from potstill.data.vision_language import DIGIT_NAMES, class_captions
 
 WEIGHT_WORDS = ("thin", "medium", "bold")
 SLANT_WORDS = ("leaning left", "upright", "leaning right")
-STYLE_TEMPLATES = (
-    "a {weight} handwritten {digit}, {slant}.",
-    "the digit {digit} written in {weight} strokes, {slant}.",
-    "an image of a {digit} drawn {slant} with a {weight} pen.",
-)
+STYLE_TEMPLATES = ("a handwritten {}.", "a photo of a {}.", "an image of a {}, drawn by hand.")
 STYLES_PER_DIGIT = len(WEIGHT_WORDS) * len(SLANT_WORDS)
 
 
@@ -98,15 +96,20 @@ def style_class_words(style_class: int) -> tuple[str, str, str]:
     return DIGIT_NAMES[digit], WEIGHT_WORDS[weight], SLANT_WORDS[lean]
 
 
-def style_captions(templates: tuple[str, ...] = STYLE_TEMPLATES) -> tuple[list[str], torch.Tensor]:
-    """Every caption (class-major: the templates of class 0, then class 1, ...) and each caption's style class."""
-    captions, classes = [], []
+def style_class_names() -> list[str]:
+    """The 90 style classes as phrases, "thin zero leaning left", ..., "bold nine leaning right" (the class names
+    of a `task: vision_language` recipe)."""
+    names = []
     for c in range(len(DIGIT_NAMES) * STYLES_PER_DIGIT):
         digit, weight, lean = style_class_words(c)
-        for template in templates:
-            captions.append(template.format(digit=digit, weight=weight, slant=lean))
-            classes.append(c)
-    return captions, torch.tensor(classes)
+        names.append(f"{weight} {digit} {lean}")
+    return names
+
+
+def style_captions(templates: tuple[str, ...] = STYLE_TEMPLATES) -> tuple[list[str], torch.Tensor]:
+    """Every caption (class-major: the templates of class 0, then class 1, ...) and each caption's style class."""
+    captions = [c for per_class in class_captions(style_class_names(), list(templates)) for c in per_class]
+    return captions, torch.arange(len(DIGIT_NAMES) * STYLES_PER_DIGIT).repeat_interleave(len(templates))
 
 
 def style_relevance(image_classes: torch.Tensor, caption_classes: torch.Tensor) -> torch.Tensor:
@@ -115,4 +118,4 @@ def style_relevance(image_classes: torch.Tensor, caption_classes: torch.Tensor) 
 
 
 __all__ = ["SLANT_WORDS", "STYLE_TEMPLATES", "WEIGHT_WORDS", "StyleBins", "fit_style_bins", "ink_mass", "slant",
-           "style_captions", "style_class_words", "style_classes", "style_relevance"]
+           "style_captions", "style_class_names", "style_class_words", "style_classes", "style_relevance"]

@@ -9,7 +9,7 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .dcd import dcd_loss
+from .dcd import dcd_logits, dcd_loss
 from .divergences import (
     forward_kl,
     generalized_jsd,
@@ -310,6 +310,13 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             'Rao et al. 2023, "Dynamic Contrastive Distillation for Image-Text Retrieval" (DCD)',
             "(B, 1 + K) scores, positive first, K = 7 teacher-mined negatives (potstill.data.hard_negatives); "
             "per-row MSE (the official code's batch MSE makes w inert); dynamic=False: uniform weights",
+        ),
+        _entry(
+            dcd_logits,
+            "logits",
+            "dcd_loss on [z_y, the K other classes with the highest teacher logits] of (B, C) logits, y the gold label",
+            'Rao et al. 2023, "Dynamic Contrastive Distillation for Image-Text Retrieval" (DCD)',
+            "vision_language task with labelled images: the classes' captions are the texts; K = negatives (7)",
         ),
         _entry(
             SparseFlops,

@@ -26,6 +26,9 @@ formula reads. The code's mining (objectives.py, `compute_irtr`) also gathers th
 rank order while the student's row is [positive, negatives]; the two differ whenever the teacher ranks a
 negative above the positive. Here both rows are [positive, negatives] in the same order.
 
+`dcd_logits` is the same loss on (B, C) class logits with gold labels (`task: vision_language`): the positive is
+the label's column and the negatives are the K other columns the teacher scores highest.
+
 Reductions: the paper's L is already a weighted average over the batch. To keep the library's convention
 (`"mean"` = `"sum"` / counted rows), row i's value is B·(α T² w_i MSE_i + (1 − α) ê_i BCE_i) (`"none"`), so
 `"sum"` is B·L and `"mean"` is L. `mask` (B,) drops rows (they take no share of w or ê). Float32.
@@ -113,4 +116,43 @@ def dcd_loss(
     return total / n if reduction == "mean" and n > 0 else total
 
 
-__all__ = ["dcd_loss", "dcd_weights"]
+def dcd_logits(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    labels: Tensor | None = None,
+    negatives: int = 7,
+    alpha: float = 0.2,
+    temperature: float = 1.0,
+    dynamic: bool = True,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """`dcd_loss` on (B, C) image-to-class-text logits (`task: vision_language`'s zero-shot logits), the gold
+    class the positive: each row keeps [its label, the `negatives` other classes the teacher scores highest]
+    (every other class is a candidate, N = C − 1). Rows labelled < 0 are not counted. The training loop passes
+    the batch's `labels`. Defaults: negatives=7, alpha=0.2, temperature=1.0, dynamic=True, reduction="mean".
+    """
+    if labels is None:
+        raise ValueError("dcd_logits needs the images' gold labels (the positive class of each row)")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(f"dcd_logits: expected (B, C) student and teacher logits of one shape, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    classes = student_logits.shape[1]
+    if not 1 <= negatives <= classes - 1:
+        raise ValueError(f"dcd_logits: negatives must be in [1, {classes - 1}] for {classes} classes, got {negatives}")
+    labels = labels.to(student_logits.device).long()
+    counted = labels >= 0
+    if mask is not None:
+        counted = counted & _row_mask(mask, labels.shape[0], labels.device)
+    positive = labels.clamp_min(0).view(-1, 1)
+    t = teacher_logits.detach().float()
+    others = t.scatter(1, positive, float("-inf"))
+    lists = torch.cat([positive, others.topk(negatives, dim=1).indices], dim=1)
+    return dcd_loss(student_logits.gather(1, lists), t.gather(1, lists), alpha=alpha, temperature=temperature,
+                    dynamic=dynamic, mask=counted, reduction=reduction)
+
+
+dcd_logits.batch_fields = {"labels": "labels"}  # type: ignore[attr-defined]  # the loop passes batch["labels"]
+
+__all__ = ["dcd_logits", "dcd_loss", "dcd_weights"]
