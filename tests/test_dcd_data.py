@@ -103,3 +103,16 @@ def test_scorer_scores_candidates_like_the_full_matrix():
     assert recall["i2t_r@1"] == 1.0
     again = image_text_scorer(embed_dim=8, text_dim=8, width=2, hidden=4, scale=10.0, seed=0)
     assert torch.equal(again.score_all(pixels, texts), full)
+
+
+def test_style_tower_appends_pooled_conv_maps_to_the_cnn_features():
+    pytest.importorskip("ccexam", reason="the MNIST CNN's weights come with ccexam (assets extra)")
+    from potstill.teachers.lit import mnist_cnn_features
+    from potstill.teachers.style_tower import mnist_cnn_style_features
+
+    tower = mnist_cnn_style_features(pool=2)
+    pixels = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        features = tower(pixels)
+        assert features.shape == (2, tower.feature_dim) == (2, 128 + 64 * 4)
+        assert torch.allclose(features[:, :128], mnist_cnn_features()(pixels), atol=1e-5)
