@@ -24,8 +24,8 @@ def test_catalogue_entries():
     hidden = {"hidden_mse", "hidden_cosine", "squarehead", "dmae_align", "mi_alpha"}
     attention = {"attention_kl", "minilm_relations", "attention_mse"}
     stateful = {"taid", "sparse_flops", "moe_router_aux", "dac_kl"} | hidden | attention
-    logits = set(NAMES) | {"taid", "sinkhorn", "uld", "gold", "dac_kl", "span_correlation"}
-    scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops"}
+    logits = set(NAMES) | {"taid", "sinkhorn", "uld", "gold", "dac_kl", "span_correlation", "dcd_logits"}
+    scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops", "dcd_loss"}
     embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl", "further_pretraining_sd"}
     preference = {"dpo_teacher_ref"}
     router = {"moe_router_aux"}
@@ -120,6 +120,8 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
                 out = fn(s[:, 0], s[:, 1:], extra, teacher[:, 1:])
             elif name == "in_batch_margin_mse":  # a square (B, B) in-batch matrix
                 out = fn(s[:3], teacher[:3])
+            elif name == "dcd_logits":  # (B, C) class logits with gold labels
+                out = fn(s[:, 0], teacher[:, 0], labels=torch.tensor([0, 4, 10]))
             elif info.kind == "preference":  # chosen rows, then rejected rows, scored at their token ids
                 out = fn(s, teacher, labels=torch.randint(0, shape[-1], shape[:-1], generator=g))
             else:

@@ -105,6 +105,8 @@ _CYCLEALIGN = _RESULTS + ("cyclealign-black-box-ranking-agreement-distilled-into
                           "benchmarkscyclealignpy")
 _CYCLEALIGN_PAPER = ('Hong et al., "CycleAlign: Iterative Distillation from Black-box LLM to White-box Models for '
                      'Better Human Alignment"')
+_DCD = _RESULTS + "dcd-on-digit-style-captions-teacher-mined-vs-random-negatives-issue-20-benchmarksdcdpy"
+_DCD_PAPER = 'Rao et al., "Dynamic Contrastive Distillation for Image-Text Retrieval"'
 _MGSR = 'Liu et al., "Multi-Granularity Semantic Revision for Large Language Model Distillation"'
 _MGSR_RESULTS = _RESULTS + "mgsr-vs-plain-on-policy-gkd-at-equal-time-benchmarksmgsrpy"
 _SUPERNET = _RESULTS + ("autodistils-weight-sharing-supernet-ranks-its-subnets-without-retraining-issue-19-"
@@ -319,6 +321,10 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Zero-shot classification with prompt ensembling, image-text R@k", 'Radford et al., "Learning '
                    'Transferable Visual Models From Natural Language Supervision" (CLIP)', 2021, "evaluation",
                    "potstill.eval.zero_shot", "prompt_ensemble", "benchmarks/promptkd.py", _PROMPTKD),
+        MethodInfo("DCD (entropy-weighted score regression + BCE over the positive and hard negatives)", _DCD_PAPER,
+                   2023, "objective", _LOSSES + "dcd", "dcd_loss", _RECIPES + "mnist-dcd.yaml", _DCD),
+        MethodInfo("DCD's teacher-mined hard negatives (the teacher's top K of N random texts)", _DCD_PAPER, 2023,
+                   "sampler", "potstill.data.hard_negatives", "mine_hard_negatives", "benchmarks/dcd.py", _DCD),
         MethodInfo("Self-distillation for further pre-training (MLM, then MLM + [CLS] matching)",
                    'Lee et al., "Self-Distillation for Further Pre-training of Transformers"', 2023, "objective",
                    _LOSSES + "further_pretraining", "further_pretraining_sd", _RECIPES + "bbc-self-distil.yaml",

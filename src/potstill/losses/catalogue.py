@@ -9,6 +9,7 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .dcd import dcd_logits, dcd_loss
 from .divergences import (
     forward_kl,
     generalized_jsd,
@@ -304,6 +305,22 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "Hofstätter et al. 2020, "
             '"Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge Distillation"',
             "the pointwise baseline: needs the teacher's score scale; mask (B, N) or (B,)",
+        ),
+        _entry(
+            dcd_loss,
+            "scores",
+            "α T² Σ_i w_i MSE(t_i/T, s_i/T) + (1−α) Σ_i ê_i BCE(s_i, [1,0..0]), ê_i = e_i/Σ_j e_j, e_i = Σ p log p of "
+            "p = softmax(t_i), w = softmax_batch((1−ê)²)",
+            'Rao et al. 2023, "Dynamic Contrastive Distillation for Image-Text Retrieval" (DCD)',
+            "(B, 1 + K) scores, positive first, K = 7 teacher-mined negatives (potstill.data.hard_negatives); "
+            "per-row MSE (the official code's batch MSE makes w inert); dynamic=False: uniform weights",
+        ),
+        _entry(
+            dcd_logits,
+            "logits",
+            "dcd_loss on [z_y, the K other classes with the highest teacher logits] of (B, C) logits, y the gold label",
+            'Rao et al. 2023, "Dynamic Contrastive Distillation for Image-Text Retrieval" (DCD)',
+            "vision_language task with labelled images: the classes' captions are the texts; K = negatives (7)",
         ),
         _entry(
             SparseFlops,
