@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from potstill.losses.catalogue import OBJECTIVES, check_params
+from potstill.losses.catalogue import OBJECTIVES
+from potstill.losses.objective_params import check_params
 from potstill.losses.uld import gold, uld
 
 P_S = [0.5, 0.3, 0.2]  # student, V = 3

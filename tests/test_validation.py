@@ -89,7 +89,7 @@ def test_stateful_objective_refuses_through_its_constructor(tmp_path, capsys, di
 
 
 def test_param_rules_follow_the_loss_signatures():
-    from potstill.losses.catalogue import check_params, param_rules
+    from potstill.losses.objective_params import check_params, param_rules
 
     rules = param_rules("generalized_jsd")
     assert sorted(rules) == ["beta", "chunk_size", "scale_t2", "temperature"]

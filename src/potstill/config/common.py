@@ -180,7 +180,7 @@ class ObjectiveConfig(Strict):
 
     @model_validator(mode="after")
     def _params(self) -> ObjectiveConfig:
-        from potstill.losses.catalogue import check_params
+        from potstill.losses.objective_params import check_params
 
         for key, problem in check_params(self.name, self.params):
             raise SubFieldError(("params", key), problem)
