@@ -146,11 +146,26 @@ def run_seed(seed: int, args: argparse.Namespace, model, tok, embed) -> dict[str
     return result
 
 
+def print_table(results: dict[Any, dict[str, Any]]) -> None:
+    """Mean ± sd over seeds of every row's metrics, then each seed's reference numbers."""
+    seeds = sorted(results)
+    print(f"\n{'row':<44}{'spearman':>12}{'pearson':>12}{'best-of-n':>12}{'sel@50%':>12}"
+          f"   (mean ± sd, {len(seeds)} seeds)")
+    for row in ROWS:
+        cells = []
+        for key in ("spearman", "pearson", "best_of_n_acc", "selective_acc_50"):
+            vals = np.array([results[s][row][key] for s in seeds])
+            cells.append(f"{vals.mean():.3f}±{vals.std():.3f}")
+        print(f"{row:<44}" + "".join(f"{c:>12}" for c in cells))
+    for seed in seeds:
+        print(f"seed {seed}:", json.dumps(results[seed]["_reference"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train", type=int, default=60, help="training questions")
-    parser.add_argument("--test", type=int, default=40, help="held-out questions")
+    parser.add_argument("--train", type=int, default=40, help="training questions")
+    parser.add_argument("--test", type=int, default=30, help="held-out questions")
     parser.add_argument("--n", type=int, default=4, help="replies per question")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -158,7 +173,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/self_judge")
+    parser.add_argument("--report", nargs="+", default=None,
+                        help="only print the table of these results.json files (seeds run as separate processes)")
     args = parser.parse_args()
+    if args.report:
+        merged = {}
+        for path in args.report:
+            merged.update(json.loads(Path(path).read_text())["results"])
+        print_table(merged)
+        return
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -172,16 +195,7 @@ def main() -> None:
     for seed in args.seeds:
         results[seed] = run_seed(seed, args, model, tok, embed)
         (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    print(f"\n{'row':<44}{'spearman':>10}{'pearson':>9}{'best-of-n':>11}{'sel@50%':>9}   (mean ± sd over seeds)")
-    for row in ROWS:
-        cells = []
-        for key in ("spearman", "pearson", "best_of_n_acc", "selective_acc_50"):
-            vals = np.array([results[s][row][key] for s in args.seeds])
-            cells.append(f"{vals.mean():.3f}±{vals.std():.3f}")
-        print(f"{row:<44}" + " ".join(f"{c:>11}" for c in cells))
-    for seed in args.seeds:
-        print(f"seed {seed}:", json.dumps(results[seed]["_reference"]))
-
+    print_table(results)
 
 if __name__ == "__main__":
     main()

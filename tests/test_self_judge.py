@@ -90,7 +90,7 @@ def test_self_judge_masks_rows_and_soft_labels():
 def test_judge_prompt_views():
     with_ref = judge_prompt("What is 2 + 2?", "2 + 2 = 5", "2 + 2 = 4")
     without = judge_prompt("What is 2 + 2?", "2 + 2 = 5")
-    assert "[Reference]\n2 + 2 = 4" in with_ref and "reference" in with_ref
+    assert "[Reference]\n2 + 2 = 4" in with_ref and "reference answer" in with_ref
     assert "[Reference]" not in without and "reference" not in without
     assert without.endswith("[Answer]\n2 + 2 = 5") and "0 to 9" in without
 

@@ -35,9 +35,8 @@ from potstill.errors import UserError
 MAX_SCORE = 9
 SIMILARITY_WEIGHT = 0.5
 
-_ASK = ("Act as a strict judge of the answer to the question below. Give it a score from 0 to {top}; a higher "
-        "score means a better answer.{ref_note} Reply with one integer from 0 to {top}.")
-_REF_NOTE = " Compare the answer with the reference answer to decide."
+_ASK = "Judge the answer to the question: rate it from 0 to {top}, higher is better.{ref_note} Reply with one digit."
+_REF_NOTE = " Use the reference answer."
 
 
 def judge_prompt(instruction: str, response: str, reference: str | None = None, *, max_score: int = MAX_SCORE) -> str:
