@@ -136,7 +136,12 @@ def run_seed(seed: int, args: argparse.Namespace, model, tok, embed) -> dict[str
         losses[row] = fit_score_head(head_judge.head, train["free"], train["ref"], labels, distill_weight=beta,
                        epochs=args.epochs, lr=args.lr, seed=seed)
         scores[row] = head_judge.scores_from_features(test["free"]).numpy()
-    result = {row: metrics(scores[row], test["quality"], test["correct"], test["groups"]) for row in ROWS}
+    result: dict[str, Any] = {row: metrics(scores[row], test["quality"], test["correct"], test["groups"])
+                              for row in ROWS}
+    for row in ROWS:  # the issue's yardstick: agreement with the held-out reference-based score (the label)
+        result[row]["spearman_vs_label"] = float(spearmanr(scores[row], scores[ROWS[5]])[0])
+    result["_replies"] = {"reply": test["replies"], "quality": test["quality"].tolist(),
+                          **{row: np.round(scores[row], 4).tolist() for row in ROWS}}
     result["_reference"] = {"random_reply_acc": float(test["correct"].mean()),
                             "oracle_best_of_n_acc": float(np.mean([test["correct"][np.array(test["groups"]) == g].max()
                                                                    for g in set(test["groups"])])),
@@ -149,11 +154,11 @@ def run_seed(seed: int, args: argparse.Namespace, model, tok, embed) -> dict[str
 def print_table(results: dict[Any, dict[str, Any]]) -> None:
     """Mean ± sd over seeds of every row's metrics, then each seed's reference numbers."""
     seeds = sorted(results)
-    print(f"\n{'row':<44}{'spearman':>12}{'pearson':>12}{'best-of-n':>12}{'sel@50%':>12}"
+    print(f"\n{'row':<44}{'spearman':>12}{'pearson':>12}{'best-of-n':>12}{'sel@50%':>12}{'ρ vs label':>12}"
           f"   (mean ± sd, {len(seeds)} seeds)")
     for row in ROWS:
         cells = []
-        for key in ("spearman", "pearson", "best_of_n_acc", "selective_acc_50"):
+        for key in ("spearman", "pearson", "best_of_n_acc", "selective_acc_50", "spearman_vs_label"):
             vals = np.array([results[s][row][key] for s in seeds])
             cells.append(f"{vals.mean():.3f}±{vals.std():.3f}")
         print(f"{row:<44}" + "".join(f"{c:>12}" for c in cells))

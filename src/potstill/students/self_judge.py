@@ -15,7 +15,9 @@ prompt, reference-guided and reference-free, share the head, as they share the L
 `SelfJudge` runs the prompts (`potstill.data.self_judge.judge_prompt`, chat-templated when the tokenizer has a
 template), caches nothing, and offers the paper's two uses: `best_of_n` (rerank sampled responses) and
 `answer_or_abstain` (selective instruction following: decline below a threshold). `fit_score_head` trains the
-head on cached hidden states of the two views.
+head on cached hidden states of the two views; its targets are two-hot over the digits by default, so a
+fractional label (the recalibrated ones are) keeps its exact value (`target="hard"` rounds it to one digit, as
+writing the score as a single token would).
 """
 
 from __future__ import annotations
