@@ -43,7 +43,8 @@ from potstill.students.self_judge import SelfJudge, best_of_n, fit_score_head
 
 SYSTEM = "You are a precise judge."
 ROWS = ("Self-J judge", "judge without self-distillation", "raw self-evaluation (no reference)",
-        "similarity-only (uses gold)", "self-evaluation with reference (uses gold)", "Self-J label (uses gold)")
+        "similarity-only (uses gold)", "self-evaluation with reference (uses gold)", "Self-J label (uses gold)",
+        "judge trained on cosine-only labels")
 
 
 def problems(rng: random.Random, count: int, seen: set[str]) -> list[tuple[str, int]]:
@@ -122,6 +123,9 @@ def run_seed(seed: int, args: argparse.Namespace, model, tok, embed) -> dict[str
         print(f"seed {seed} {split}: {len(replies)} replies, accuracy {data[split]['correct'].mean():.3f}, "
               f"{time.perf_counter() - started:.0f} s", flush=True)
     train, test = data["train"], data["test"]
+    if args.save_features:  # hidden states and scores, to study labels and heads without the LM again
+        torch.save(data,
+                   Path(args.out) / f"features_seed{seed}.pt")
     records = build_records(train["questions"], train["replies"], train["refs"], train["self_eval_ref"].tolist(),
                             train["cos"].tolist())
     labels = torch.tensor([r.label for r in records], dtype=torch.float32)
@@ -130,10 +134,11 @@ def run_seed(seed: int, args: argparse.Namespace, model, tok, embed) -> dict[str
     scores = {ROWS[2]: test["self_eval_free"], ROWS[3]: MAX_SCORE * np.clip(test["cos"], 0, 1),
               ROWS[4]: test["self_eval_ref"], ROWS[5]: np.array([r.label for r in label_test])}
     losses: dict[str, list[float]] = {}
-    for row, beta in ((ROWS[0], 2.0), (ROWS[1], 0.0)):
+    cosine_labels = torch.tensor(MAX_SCORE * np.clip(train["cos"], 0, 1), dtype=torch.float32)
+    for row, beta, targets in ((ROWS[0], 2.0, labels), (ROWS[1], 0.0, labels), (ROWS[6], 2.0, cosine_labels)):
         torch.manual_seed(seed)
         head_judge = SelfJudge(model, tok, system=SYSTEM, rank=args.rank)
-        losses[row] = fit_score_head(head_judge.head, train["free"], train["ref"], labels, distill_weight=beta,
+        losses[row] = fit_score_head(head_judge.head, train["free"], train["ref"], targets, distill_weight=beta,
                        epochs=args.epochs, lr=args.lr, seed=seed)
         scores[row] = head_judge.scores_from_features(test["free"]).numpy()
     result: dict[str, Any] = {row: metrics(scores[row], test["quality"], test["correct"], test["groups"])
@@ -154,14 +159,14 @@ def run_seed(seed: int, args: argparse.Namespace, model, tok, embed) -> dict[str
 def print_table(results: dict[Any, dict[str, Any]]) -> None:
     """Mean ± sd over seeds of every row's metrics, then each seed's reference numbers."""
     seeds = sorted(results)
-    print(f"\n{'row':<44}{'spearman':>12}{'pearson':>12}{'best-of-n':>12}{'sel@50%':>12}{'ρ vs label':>12}"
+    print(f"\n{'row':<44}{'spearman':>13}{'pearson':>13}{'best-of-n':>13}{'sel@50%':>13}{'ρ vs label':>13}"
           f"   (mean ± sd, {len(seeds)} seeds)")
     for row in ROWS:
         cells = []
         for key in ("spearman", "pearson", "best_of_n_acc", "selective_acc_50", "spearman_vs_label"):
             vals = np.array([results[s][row][key] for s in seeds])
-            cells.append(f"{vals.mean():.3f}±{vals.std():.3f}")
-        print(f"{row:<44}" + "".join(f"{c:>12}" for c in cells))
+            cells.append(f"{vals.mean():+.3f}±{vals.std():.3f}")
+        print(f"{row:<44}" + "".join(f"{c:>13}" for c in cells))
     for seed in seeds:
         print(f"seed {seed}:", json.dumps(results[seed]["_reference"]))
 
@@ -178,6 +183,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/self_judge")
+    parser.add_argument("--save-features", action="store_true")
     parser.add_argument("--report", nargs="+", default=None,
                         help="only print the table of these results.json files (seeds run as separate processes)")
     args = parser.parse_args()
