@@ -14,12 +14,13 @@ term (β = 0). Rows on the held-out replies, all reference-free except the three
 
     Self-J judge · judge without self-distillation · raw self-evaluation (no reference) ·
     similarity-only (cosine to the gold; uses gold) · self-evaluation with reference (uses gold) ·
-    Self-J label = recalibrated self-evaluation (uses gold)
+    Self-J label = recalibrated self-evaluation (uses gold) · judge trained on cosine-only labels (the paper's
+    "Judge (Cosine)")
 
 Metrics: Spearman and Pearson with closeness; best-of-4 accuracy (is the top-scored reply of a question right);
 selective accuracy at 50 % abstention (accuracy on the half of the held-out replies the score ranks highest).
 
-    PYTHONPATH=src python benchmarks/self_judge.py --seeds 0 1 2 --out runs/self_judge
+    PYTHONPATH=src python benchmarks/self_judge.py --seeds 0 1 2 --out runs/self_judge    # ~35 min a seed, loaded
 """
 
 from __future__ import annotations
