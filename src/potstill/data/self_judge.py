@@ -9,7 +9,9 @@ model being judged:
    for an integer 0–9. Its score is the expectation of the digit under its next-token distribution, renormalised
    over the ten digit tokens (`potstill.losses.self_judge.expected_score`; the authors' `judge.py` reads it the
    same way from the first generated token). Prompts: `judge_prompt` (our wording of the authors' two templates,
-   "with reference" and "without reference": same fields, same 0–9 scale).
+   "with reference" and "without reference": same fields, same 0–9 scale). The score itself comes from an
+   untrained `potstill.students.self_judge.SelfJudge` (its head starts as the LM's digit rows):
+   `SelfJudge(model, tokenizer).score(instructions, responses, references=references)`.
 2. *Recalibration by semantic similarity*: the cosine similarity of sentence embeddings of y and r
    (the paper's "cosine" score; here the packaged all-MiniLM-L6-v2, `minilm_embedder`).
 3. *Combination*: the authors' released training data holds "the combination of the model's self-evaluation and
