@@ -100,6 +100,8 @@ _LAD_PAPER = ('Qiu et al., "Make a Strong Teacher with Label Assistance: A Novel
 
 _FURTHER_PRETRAINING = _RESULTS + ("self-distillation-for-further-pre-training-mlm-then-mlm--cls-matching-issue-21-11-"
                                    "benchmarksfurther_pretraining_sdpy")
+_SELF_J = _RESULTS + "self-j-a-self-trained-judge-on-smollm2-135m-issue-21-6-benchmarksself_judgepy"
+_SELF_J_PAPER = 'Ye & Ng, "Self-Judge: Selective Instruction Following with Alignment Self-Evaluation"'
 _RECIPES = "src/potstill/recipes/"
 _CYCLEALIGN = _RESULTS + ("cyclealign-black-box-ranking-agreement-distilled-into-a-white-box-policy-issue-21-4-"
                           "benchmarkscyclealignpy")
@@ -281,6 +283,14 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Capacity-gap advisor (potstill advise)", 'Zhang et al., "Towards the Law of Capacity Gap in '
                    'Distilling Language Models"', 2023, "student builder", "potstill.search.advise", "advise_text",
                    "benchmarks/search_proxies.py", _SEARCH),
+        MethodInfo("Self-J judge loss (reference-guided → reference-free self-distillation)", _SELF_J_PAPER, 2024,
+                   "objective", _LOSSES + "self_judge", "self_judge", "benchmarks/self_judge.py", _SELF_J),
+        MethodInfo("Self-J labels (reference-guided self-evaluation recalibrated by cosine to the gold)",
+                   _SELF_J_PAPER, 2024, "data generator", "potstill.data.self_judge", "build_records",
+                   "benchmarks/self_judge.py", _SELF_J),
+        MethodInfo("Self-J judge (score head on a causal LM; best-of-n, abstention)", _SELF_J_PAPER, 2024,
+                   "student builder", "potstill.students.self_judge", "SelfJudge", "benchmarks/self_judge.py",
+                   _SELF_J),
         MethodInfo("SwiftKV (SingleInputKV, AcrossKV) with knowledge-preserving self-distillation",
                    'Qiao et al., "SwiftKV: Fast Prefill-Optimized Inference with Knowledge-Preserving Model '
                    'Transformation"', 2024, "student builder", "potstill.students.swiftkv", "SwiftKVForCausalLM",

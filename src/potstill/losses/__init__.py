@@ -21,6 +21,7 @@ from .fused import fused_linear_divergence
 from .mgsr_dac_kl import DACKL, dac_kl
 from .mgsr_span import span_correlation
 from .ranking import flops, idf_flops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
+from .self_judge import expected_score, self_judge
 from .sinkhorn import sinkhorn, sinkhorn_plan
 from .sparse import (
     TopKTeacher,
@@ -66,6 +67,8 @@ __all__ = [
     "skew_reverse_kl",
     "soft_cross_entropy",
     "span_correlation",
+    "self_judge",
+    "expected_score",
     "sparse_forward_kl",
     "sparse_generalized_jsd",
     "sparse_reverse_kl",

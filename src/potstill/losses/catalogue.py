@@ -28,6 +28,7 @@ from .minilm import MiniLMAttention, MiniLMRelations
 from .moe import RouterLoadBalance
 from .preference import dpo_teacher_ref
 from .ranking import SparseFlops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
+from .self_judge import self_judge
 from .sinkhorn import sinkhorn
 from .taid import TAID
 from .uld import gold, uld
@@ -176,6 +177,15 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "Σ_spans (1/n)·‖Q Qᵀ − P Pᵀ‖²_F, rows of P, Q = teacher / student probabilities of a span's n tokens",
             _MGSR,
             "MGSR's span level: spans of span_length counted tokens, or span_ids (words) when the batch has them",
+        ),
+        _entry(
+            self_judge,
+            "logits",
+            "CE(z_ref, y) + α·CE(z_free, y) + β·KL(softmax(sg(z_ref)) ‖ softmax(z_free)) at the score token; "
+            "score = Σ_k k·p(k) over digits 0–9",
+            'Ye & Ng 2024, "Self-Judge: Selective Instruction Following with Alignment Self-Evaluation" (Self-J)',
+            "student = reference-free view, teacher = reference-guided view of the same judge; α = 0.3, β = 2 (the "
+            "authors' script); labels optional (KL only without them); potstill.students.self_judge trains a head",
         ),
         _entry(
             sinkhorn,
