@@ -28,8 +28,9 @@ def test_catalogue_entries():
     scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops"}
     embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl", "further_pretraining_sd"}
     preference = {"dpo_teacher_ref"}
+    demo_sets = {"bialign"}
     router = {"moe_router_aux"}
-    expected = logits | hidden | attention | scores | embedding | preference | router
+    expected = logits | hidden | attention | scores | embedding | preference | demo_sets | router
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
         assert info.name == name
@@ -48,6 +49,7 @@ def test_catalogue_entries():
     assert {k for k, v in kinds.items() if v == "attention"} == attention
     assert {k for k, v in kinds.items() if v == "preference"} == preference
     assert {k for k, v in kinds.items() if v == "router"} == router
+    assert {k for k, v in kinds.items() if v == "demo_sets"} == demo_sets
     assert OBJECTIVES["generalized_jsd"].defaults["beta"] == 0.5
 
 
@@ -69,7 +71,8 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
     from potstill.losses.intermediate import ModelShape
 
     g = torch.Generator().manual_seed(0)
-    shapes = {"logits": (3, 5, 11), "preference": (4, 5, 11), "embedding": (6, 8), "scores": (4, 3)}
+    shapes = {"logits": (3, 5, 11), "preference": (4, 5, 11), "demo_sets": (4, 5, 11), "embedding": (6, 8),
+              "scores": (4, 3)}
     for name, info in OBJECTIVES.items():
         if name in ("sparse_flops", "moe_router_aux"):  # regularisers of the student alone: no teacher output
             continue
@@ -104,7 +107,7 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
                 out = fn(s[:, 0], s[:, 1:], extra, teacher[:, 1:])
             elif name == "in_batch_margin_mse":  # a square (B, B) in-batch matrix
                 out = fn(s[:3], teacher[:3])
-            elif info.kind == "preference":  # chosen rows, then rejected rows, scored at their token ids
+            elif info.kind in ("preference", "demo_sets"):  # pair / demo-set rows, scored at their token ids
                 out = fn(s, teacher, labels=torch.randint(0, shape[-1], shape[:-1], generator=g))
             else:
                 out = fn(s, teacher) if info.stateful else fn(s, teacher, **kw)
