@@ -22,30 +22,25 @@ def test_kendall_tau_by_hand(bench) -> None:
     assert bench.kendall_tau([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]) == pytest.approx(1 / 3)
 
 
-def test_query_pool_holds_the_answer_and_one_distractor(bench) -> None:
-    rng = random.Random(0)
-    task = bench.random_task(rng)
-    q = bench.query(task, rng)
-    key = int(q.query[1:])
-    assert q.target == f"v{task[key]}"
-    on_key = [d.output for d in q.pool if d.input == q.query]
-    assert len(q.pool) == 7 and len(on_key) == 2 and q.target in on_key
-    assert all(d.output == f"v{task[int(d.input[1:])]}" for d in q.pool if d.input != q.query)
+def test_query_pool_holds_three_right_demos(bench) -> None:
+    q = bench.query(5, random.Random(0))
+    assert q.target == "v5" and len(q.pool) == 7
+    assert sum(d.output == "v5" for d in q.pool) == 3
+    assert all(d.input in bench.KEYS for d in q.pool) and q.query in bench.KEYS
 
 
-def test_pretraining_batch_targets_are_the_values(bench) -> None:
-    batch = bench.pretraining_batch(random.Random(0), 2, noise=0.0)
+def test_pretraining_batch_targets_are_the_labels(bench) -> None:
+    batch = bench.pretraining_batch(random.Random(0), 4, noise=0.0)
     ids, targets = batch["input_ids"], batch["targets"]
-    assert torch.equal(targets[:, 0::2], ids[:, 1::2])  # after each key, its value
+    assert torch.equal(targets[:, 0::2], ids[:, 1::2])  # after each input, its label
     assert (targets[:, 1::2] == -100).all()
-    first = {}
-    for key, value in zip(ids[0, 0::2].tolist(), ids[0, 1::2].tolist(), strict=True):
-        assert first.setdefault(key, value) == value  # noise 0: one value per key
+    for row in ids.tolist():
+        assert len(set(row[1::2])) == 1  # noise 0: the task's label throughout
 
 
-def test_split_keeps_held_out_tasks_apart(bench) -> None:
-    train, held_out = bench.task_split()
-    assert len(train) == 512 and len(held_out) == 64 and not set(train) & set(held_out)
+def test_held_out_labels_are_never_trained_answers(bench) -> None:
+    assert not set(bench.TRAIN_LABELS) & set(bench.HELD_OUT_LABELS)
+    assert sorted(bench.TRAIN_LABELS + bench.HELD_OUT_LABELS) == list(range(16))
 
 
 @pytest.mark.slow
@@ -56,5 +51,5 @@ def test_quick_run(bench, tmp_path, capsys) -> None:
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for row in ("| sft |", "| kd |", "| bialign |", "| teacher |"):
+    for row in ("| sft |", "| kd |", "| bialign (μ = 1) |", "| teacher |"):
         assert row in out
