@@ -224,14 +224,14 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def table(results: dict[str, dict[str, float]], seeds: list[int], mu: float) -> str:
+def table(results: dict[str, dict[str, float]], seeds: list[int], mu: float, margin: float) -> str:
     lines = ["| row | ICL accuracy (held-out) | Kendall τ teacher–student (held-out) | ICL accuracy (seen labels) | "
              "Kendall τ (seen labels) | s / run |", "|---|---|---|---|---|---|"]
     for row in ROWS:
         got = [results[f"{row}/{s}"] for s in seeds if f"{row}/{s}" in results]
         if got:
             seconds = statistics.mean(g["seconds"] for g in got)
-            name = f"bialign (μ = {mu:g})" if row == "bialign" else row
+            name = f"bialign (μ = {mu:g}, λ = {margin:g})" if row == "bialign" else row
             lines.append(f"| {name} | {_fmt([g['icl_accuracy'] for g in got])} | "
                          f"{_fmt([g['kendall_tau'] for g in got])} | {_fmt([g['seen_icl_accuracy'] for g in got])} | "
                          f"{_fmt([g['seen_kendall_tau'] for g in got])} | {seconds:.0f} |")
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                             "seen_icl_accuracy": seen["icl_accuracy"], "seen_kendall_tau": seen["kendall_tau"]}
             print(key, json.dumps(results[key]), flush=True)
             results_path.write_text(json.dumps(results, indent=1))
-    print(table(results, args.seeds, args.mu))
+    print(table(results, args.seeds, args.mu, args.margin))
     return 0
 
 

@@ -179,3 +179,15 @@ def test_icl_queries_refuse_malformed_records() -> None:
         icl_queries([good, {"query": "q", "target": "z"}], "data.train")
     with pytest.raises(UserError, match=r"pool\[0\]"):
         icl_queries([{**good, "pool": [{"input": "a"}]}])
+
+
+def test_a_causal_lm_recipe_refuses_bialign_until_a_task_feeds_demo_sets() -> None:
+    from potstill.config import validate_recipe
+    from potstill.train.run import build_objectives
+
+    recipe = validate_recipe({"name": "x", "task": "causal_lm", "teacher": {"path": "/nonexistent/teacher"},
+                              "student": {"init": "from_config", "config": {"model_type": "gpt2"}},
+                              "data": {"train": {"path": "/nonexistent/train.jsonl"}},
+                              "objectives": [{"name": "bialign"}]})
+    with pytest.raises(UserError, match="'bialign' compares demo_sets, but the causal_lm task gives logits"):
+        build_objectives(recipe)

@@ -51,5 +51,5 @@ def test_quick_run(bench, tmp_path, capsys) -> None:
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for row in ("| sft |", "| kd |", "| bialign (μ = 1) |", "| teacher |"):
+    for row in ("| sft |", "| kd |", "| bialign (μ = 1, λ = 0.01) |", "| teacher |"):
         assert row in out
