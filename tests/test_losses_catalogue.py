@@ -29,10 +29,11 @@ def test_catalogue_entries():
     scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops", "dcd_loss"}
     embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl", "further_pretraining_sd"}
     preference = {"dpo_teacher_ref"}
+    demo_sets = {"bialign"}
     router = {"moe_router_aux"}
     vision_language = {"vl2v_adip", "vlm_ood_visual_mse", "vlm_ood_visual_contrastive", "vlm_ood_coherence",
                        "vlm_ood_label_ce"}
-    expected = logits | hidden | attention | scores | embedding | preference | router | vision_language
+    expected = logits | hidden | attention | scores | embedding | preference | demo_sets | router | vision_language
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
         assert info.name == name
@@ -52,6 +53,7 @@ def test_catalogue_entries():
     assert {k for k, v in kinds.items() if v == "preference"} == preference
     assert {k for k, v in kinds.items() if v == "router"} == router
     assert {k for k, v in kinds.items() if v == "vision_language"} == vision_language
+    assert {k for k, v in kinds.items() if v == "demo_sets"} == demo_sets
     assert OBJECTIVES["generalized_jsd"].defaults["beta"] == 0.5
 
 
@@ -73,7 +75,8 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
     from potstill.losses.intermediate import ModelShape
 
     g = torch.Generator().manual_seed(0)
-    shapes = {"logits": (3, 5, 11), "preference": (4, 5, 11), "embedding": (6, 8), "scores": (4, 3)}
+    shapes = {"logits": (3, 5, 11), "preference": (4, 5, 11), "demo_sets": (4, 5, 11), "embedding": (6, 8),
+              "scores": (4, 3)}
     for name, info in OBJECTIVES.items():
         if name in ("sparse_flops", "moe_router_aux"):  # regularisers of the student alone: no teacher output
             continue
@@ -123,7 +126,7 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
                 out = fn(s[:3], teacher[:3])
             elif name == "dcd_logits":  # (B, C) class logits with gold labels
                 out = fn(s[:, 0], teacher[:, 0], labels=torch.tensor([0, 4, 10]))
-            elif info.kind == "preference":  # chosen rows, then rejected rows, scored at their token ids
+            elif info.kind in ("preference", "demo_sets"):  # pair / demo-set rows, scored at their token ids
                 out = fn(s, teacher, labels=torch.randint(0, shape[-1], shape[:-1], generator=g))
             else:
                 out = fn(s, teacher) if info.stateful else fn(s, teacher, **kw)

@@ -67,6 +67,7 @@ _CROSS_TOKENIZER = _RESULTS + ("cross-tokenizer-distillation-smollm2--a-student-
 _VQGRAPH = _RESULTS + "vqgraph-gnn-to-mlp-on-the-drosophila-connectome-and-mutag-benchmarksvqgraphpy"
 _PREFERENCE = _RESULTS + ("preference-distillation-dpo-with-the-teacher-as-reference-vs-plain-mimic-"
                           "benchmarksclaim_dpo_teacher_refpy")
+_BIALIGN = _RESULTS + "bialign-on-toy-in-context-label-inference-issue-21-5-benchmarksbialignpy"
 _MOE = _RESULTS + "a-sparse-mixture-of-experts-student-of-smollm2-with-the-router-auxiliary-loss-recipessmollm2-moeyaml"
 _GUIDANCE = _RESULTS + ("teacher-needs-guidance-the-per-step-alpha-of-iterated-self-distillation-"
                         "benchmarksclaim_teacher_guidancepy")
@@ -242,6 +243,9 @@ METHODS: dict[str, MethodInfo] = {
                    2025, "evaluation", "potstill.eval.teacher_hacking", "TeacherHackingMonitor"),
         MethodInfo("LLaVA-MoD preference distillation (DPO, teacher as reference)", _LLAVA_MOD, 2024, "objective",
                    _LOSSES + "preference", "dpo_teacher_ref", "benchmarks/claim_dpo_teacher_ref.py", _PREFERENCE),
+        MethodInfo("BiAlign input-preference alignment for in-context learning", 'Qin et al., "Improving '
+                   'In-context Learning via Bidirectional Alignment"', 2023, "objective", _LOSSES + "bialign",
+                   "bialign", "benchmarks/bialign.py", _BIALIGN),
         MethodInfo("LLaVA-MoD sparse MoE student (router auxiliary loss)", _LLAVA_MOD, 2024, "objective",
                    _LOSSES + "moe", "RouterLoadBalance", _RECIPES + "smollm2-moe.yaml", _MOE),
         MethodInfo("Self-distillation with ground-truth mixing (α*)", 'Borup & Andersen, "Even your Teacher Needs '

@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .bialign import bialign
 from .dcd import dcd_logits, dcd_loss
 from .divergences import (
     forward_kl,
@@ -35,10 +36,13 @@ from .uld import gold, uld
 from .vl2v_adip import vl2v_adip
 from .vlm_ood import vlm_ood_coherence, vlm_ood_label_ce, vlm_ood_visual_contrastive, vlm_ood_visual_mse
 
-KINDS = ("logits", "preference", "router", "scores", "embedding", "vision_language", "hidden_states", "attention")
+KINDS = ("logits", "preference", "demo_sets", "router", "scores", "embedding", "vision_language", "hidden_states",
+         "attention")
 # "router": a mixture-of-experts student's router logits (causal_lm; the teacher's signal is not read).
 # "vision_language": the vision_language task's image vectors + shared class text (`VisionLanguageSignal`).
 # "preference": logits of a pair batch (chosen rows, then rejected rows) with the scored token ids as `labels`.
+# "demo_sets": logits of B queries × M demonstration-set prompts (query-major), scored token ids as `labels`; no
+# task feeds it yet (BiAlign: Python API, `potstill.data.icl_demos.DemoSetCollator` builds the batches).
 # Not listed: the sparse-retriever regularisers `ranking.flops` / `ranking.idf_flops` take only the student's
 # term weights (no teacher signal), which no task feeds an objective yet.
 # Kinds read from a model's internals: any task whose models are Hugging Face transformers provides them.
@@ -203,6 +207,15 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             '2023)',
             "DPO with the frozen teacher as reference; needs data.format: preference; loss_type kto_pair (LLaVA-MoD's "
             "scripts); log 2 when student = teacher",
+        ),
+        _entry(
+            bialign,
+            "demo_sets",
+            "KL(p_t ‖ p_s) on target tokens + μ·Σ_{a<b} max(0, s_π(b) − s_π(a) + (b−a)·λ), "
+            "s_j = mean log p(y | D_j, x), π = teacher's order of the M demo sets",
+            'Qin et al. 2023, "Improving In-context Learning via Bidirectional Alignment" (BiAlign, arXiv 2312.17055)',
+            "input-preference ranking over M demonstration sets + output KD; batches from icl_demos.DemoSetCollator; "
+            "0 rank loss when the student follows the teacher's order with λ gaps",
         ),
         _entry(
             RouterLoadBalance,
