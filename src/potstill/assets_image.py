@@ -40,22 +40,28 @@ class Normalized(nn.Module):
         return self.model((pixels - self.mean) / self.std)
 
 
-def mnist_cnn(pretrained: bool = True) -> nn.Module:
-    """ccexam's MNISTNet for 28×28 grey digits in [0, 1] → 10 logits, with the package's weights (eval mode)."""
+def ccexam_net(net_class: str, weights: str, *, input_size: int, pretrained: bool, field: str, what: str) -> nn.Module:
+    """`ccexam.models.<net_class>(input_size=...)`, with the package's `weights/<weights>` loaded when `pretrained`;
+    a missing package or weights file is a one-line error naming `field` and `what` needs it."""
     try:
         root = package_dir("ccexam")
     except UserError:
-        raise UserError(f'field teacher.factory: the MNIST CNN needs the "ccexam" package; install it with '
-                        f"`{CCEXAM_HINT}`") from None
-    from ccexam.models import MNISTNet
+        raise UserError(f'field {field}: {what} needs the "ccexam" package; install it with `{CCEXAM_HINT}`') from None
+    from ccexam import models  # the submodule: the package's own __init__ imports torchvision
 
-    net = MNISTNet(input_size=28)
+    net = getattr(models, net_class)(input_size=input_size)
     if pretrained:
-        weights = root / "weights" / "mnist.pth"
-        if not weights.is_file():
-            raise UserError(f"{weights} is missing from the installed ccexam package; reinstall it with "
-                            f"`{CCEXAM_HINT}`")
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        path = root / "weights" / weights
+        if not path.is_file():
+            raise UserError(f"{path} is missing from the installed ccexam package; reinstall it with `{CCEXAM_HINT}`")
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net
+
+
+def mnist_cnn(pretrained: bool = True) -> nn.Module:
+    """ccexam's MNISTNet for 28×28 grey digits in [0, 1] → 10 logits, with the package's weights (eval mode)."""
+    net = ccexam_net("MNISTNet", "mnist.pth", input_size=28, pretrained=pretrained, field="teacher.factory",
+                     what="the MNIST CNN")
     return Normalized(net, MNIST_MEAN, MNIST_STD).eval()
 
 

@@ -30,19 +30,10 @@ USPS_MEAN, USPS_STD = 0.2471, 0.2994
 
 def usps_cnn_features(pretrained: bool = True) -> nn.Module:
     """ccexam's USPS CNN (2 conv + BN blocks, Linear 1024→128, ReLU) for [0, 1] pixels (N, 1, 16, 16) → 128-d."""
-    from potstill.assets import package_dir
-    from potstill.assets_image import CCEXAM_HINT, Normalized
+    from potstill.assets_image import Normalized, ccexam_net
 
-    try:
-        root = package_dir("ccexam")
-    except UserError:
-        raise UserError(f'field student.kwargs.backbone: the USPS CNN needs the "ccexam" package; install it with '
-                        f"`{CCEXAM_HINT}`") from None
-    from ccexam.models import USPSNet
-
-    net = USPSNet(input_size=16)
-    if pretrained:
-        net.load_state_dict(torch.load(root / "weights" / "usps.pth", map_location="cpu", weights_only=True))
+    net = ccexam_net("USPSNet", "usps.pth", input_size=16, pretrained=pretrained, field="student.kwargs.backbone",
+                     what="the USPS CNN")
     body = nn.Sequential(net.features, nn.Flatten(), net.classifier[1], net.classifier[2])
     return Normalized(body, USPS_MEAN, USPS_STD)
 
