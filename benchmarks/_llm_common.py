@@ -188,6 +188,27 @@ def worker_results(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line[len(MARK):]) for line in log.read_text().splitlines() if line.startswith(MARK)]
 
 
+def earlier_results(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The results.json at `path` when it was written with the same `settings` (its finished runs are reused),
+    else a fresh one."""
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier.get("settings") == settings:
+            return earlier
+    return {"settings": settings, "runs": {}}
+
+
+def serve_items(items: str, run: Callable[[str, int], dict[str, Any]]) -> None:
+    """The worker side: `run(row, seed)` for each "row:seed" of the comma-separated `items`, each result printed as
+    one MARK line with its row, seed, wall time and load average."""
+    for item in items.split(","):
+        row, seed = item.rsplit(":", 1)
+        started = time.perf_counter()
+        result = run(row, int(seed))
+        result.update(row=row, seed=int(seed), wall_seconds=time.perf_counter() - started, load=os.getloadavg())
+        print(MARK + json.dumps(result), flush=True)
+
+
 def run_worker_pool(batches: list[list[str]], command: Callable[[list[str]], list[str]], *, jobs: int,
                     threads: int, log_dir: Path, log_suffix: str, on_result: Callable[[dict[str, Any]], None],
                     after_worker: Callable[[], None]) -> int:

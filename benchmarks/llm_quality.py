@@ -248,19 +248,17 @@ def _score(args: argparse.Namespace, student: Any, teacher: Any, tokenizer: Any)
 
 def _worker(args: argparse.Namespace) -> None:
     import torch
-    from _llm_common import MARK, write_bbc_prompt_records
+    from _llm_common import serve_items, write_bbc_prompt_records
 
     torch.set_num_threads(args.threads)
     work = Path(args.out) / "work"
     write_bbc_prompt_records(work / "train.jsonl", _shape(args))
-    for item in args.worker.split(","):
-        row, seed = item.rsplit(":", 1)
-        started = time.perf_counter()
-        run = _run_trl if row in TRL_ROWS else _run_potstill
-        result = run(args, row, int(seed), work)
-        result.update(row=row, seed=int(seed), wall_seconds=time.perf_counter() - started,
-                      load=os.getloadavg(), threads=torch.get_num_threads())
-        print(MARK + json.dumps(result), flush=True)
+
+    def run(row: str, seed: int) -> dict[str, Any]:
+        result = (_run_trl if row in TRL_ROWS else _run_potstill)(args, row, seed, work)
+        return {**result, "threads": torch.get_num_threads()}
+
+    serve_items(args.worker, run)
 
 
 # ---------------------------------------------------------------------------------------------- parent side
@@ -298,7 +296,7 @@ def table(results: dict[str, Any], rows: list[str]) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from _llm_common import run_worker_pool
+    from _llm_common import earlier_results, run_worker_pool
 
     from potstill.io import atomic_write_json
 
@@ -307,11 +305,7 @@ def _main(args: argparse.Namespace) -> int:
     path = out / "results.json"
     settings = {"budget_seconds": args.budget_seconds, "quick": args.quick, "records": args.records,
                 "threads": args.threads}
-    results: dict[str, Any] = {"settings": settings, "runs": {}}
-    if path.exists():
-        earlier = json.loads(path.read_text())
-        if earlier.get("settings") == settings:
-            results = earlier
+    results = earlier_results(path, settings)
     rows = [r for r in ROWS if r in (args.only or ROWS)]
     todo = [f"{row}:{seed}" for seed in args.seeds for row in rows if f"{row}:{seed}" not in results["runs"]]
     todo.sort(key=lambda item: item.split(":")[0] not in SLOW_START)  # long set-ups first, stable otherwise
@@ -319,6 +313,7 @@ def _main(args: argparse.Namespace) -> int:
           f"{len(todo)} run(s) to do, {sum(1 for s in args.seeds for r in rows if f'{r}:{s}' in results['runs'])} "
           f"reused; load {os.getloadavg()[0]:.1f}", flush=True)
     batches = ([todo] if todo else []) if args.quick else [[item] for item in todo]
+
     def command(items: list[str]) -> list[str]:
         return [sys.executable, __file__, "--worker", ",".join(items), "--out", args.out, "--threads",
                 str(args.threads), "--budget-seconds", str(args.budget_seconds), "--records", str(args.records)] + \

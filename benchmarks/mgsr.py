@@ -38,7 +38,6 @@ Usage: python benchmarks/mgsr.py [--budget-seconds 240] [--seeds 0 1 2] [--only 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -125,17 +124,12 @@ def _run(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[str,
 
 def _worker(args: argparse.Namespace) -> None:
     import torch
-    from _llm_common import MARK, write_bbc_prompt_records
+    from _llm_common import serve_items, write_bbc_prompt_records
 
     torch.set_num_threads(args.threads)
     work = Path(args.out) / "work"
     write_bbc_prompt_records(work / "train.jsonl", _shape(args))
-    for item in args.worker.split(","):
-        row, seed = item.rsplit(":", 1)
-        started = time.perf_counter()
-        result = _run(args, row, int(seed), work)
-        result.update(row=row, seed=int(seed), wall_seconds=time.perf_counter() - started, load=os.getloadavg())
-        print(MARK + json.dumps(result), flush=True)
+    serve_items(args.worker, lambda row, seed: _run(args, row, seed, work))
 
 
 
@@ -169,7 +163,7 @@ def table(results: dict[str, Any], rows: list[str]) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from _llm_common import run_worker_pool
+    from _llm_common import earlier_results, run_worker_pool
 
     from potstill.io import atomic_write_json
 
@@ -178,13 +172,12 @@ def _main(args: argparse.Namespace) -> int:
     path = out / "results.json"
     settings = {"budget_seconds": args.budget_seconds, "quick": args.quick, "records": args.records,
                 "threads": args.threads, "steps": args.steps}
-    results: dict[str, Any] = {"settings": settings, "runs": {}}
-    if path.exists() and json.loads(path.read_text()).get("settings") == settings:
-        results = json.loads(path.read_text())
+    results = earlier_results(path, settings)
     rows = [r for r in ROWS if r in (args.only or ROWS[:2])]
     todo = [f"{row}:{seed}" for seed in args.seeds for row in rows if f"{row}:{seed}" not in results["runs"]]
     print(f"mgsr: budget {args.budget_seconds} s per run, {args.threads} thread(s), {args.jobs} job(s); "
           f"{len(todo)} run(s) to do; load {os.getloadavg()[0]:.1f}", flush=True)
+
     def command(items: list[str]) -> list[str]:
         return [sys.executable, __file__, "--worker", ",".join(items), "--out", args.out, "--threads",
                 str(args.threads), "--budget-seconds", str(args.budget_seconds), "--records", str(args.records),
