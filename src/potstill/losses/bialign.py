@@ -45,14 +45,14 @@ from torch import Tensor
 
 from ._rows import check_reduction, check_temperature
 from .divergences import forward_kl
-from .preference import sequence_logps
+from .rrhf import mean_token_logps
 
 
 def demo_set_scores(logits: Tensor, labels: Tensor) -> Tensor:
     """Length-normalised log-likelihood of each row's target: `[N, T, V]` logits, `[N, T]` labels (-100 = not
-    counted) → `[N]` float32 mean log-probability per counted token (0 for a row with none)."""
-    counted = (labels != -100).sum(-1).clamp(min=1)
-    return sequence_logps(logits, labels) / counted
+    counted) → `[N]` float32 mean log-probability per counted token (0 for a row with none); the score RRHF ranks
+    responses by (`rrhf.mean_token_logps`)."""
+    return mean_token_logps(logits, labels)
 
 
 def input_preference_rank(student_scores: Tensor, teacher_scores: Tensor, *, margin: float = 0.01,
