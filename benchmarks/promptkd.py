@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -39,19 +38,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _digit_views import batched, centre_view, train_rows  # noqa: E402
+
 ROWS = ("PromptKD", "probe (equal params)", "linear probe")
 SETS = ("mnist", "rotated", "opencv", "fashion")
 
 
 def student_pixels(images: torch.Tensor) -> torch.Tensor:
-    """28×28 images (uint8 or [0, 1]) → the student's 8×8 view: centre 20×20 crop, area resize."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    return torch.nn.functional.interpolate(x[..., 4:24, 4:24], size=(8, 8), mode="area")
-
-
-def embed(fn, pixels: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([fn(pixels[i:i + batch]).float() for i in range(0, len(pixels), batch)])
+    """The student's 8×8 view of 28×28 digits (centre 20×20 crop, area resize)."""
+    return centre_view(images, 8)
 
 
 def build_students(tower: torch.nn.Module, embed_dim: int, seed: int) -> dict[str, torch.nn.Module]:
@@ -67,24 +63,8 @@ def train(student: torch.nn.Module, pixels: torch.Tensor, teacher_feats: torch.T
           epochs: int, seed: int, batch: int = 32, lr: float = 1e-3) -> float:
     from potstill.losses.promptkd import promptkd_loss
 
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    steps = epochs * math.ceil(len(pixels) / batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    generator = torch.Generator().manual_seed(seed)
-    student.train()
-    loss = torch.tensor(0.0)
-    for _ in range(epochs):
-        order = torch.randperm(len(pixels), generator=generator)
-        for start in range(0, len(pixels), batch):
-            idx = order[start:start + batch]
-            loss = promptkd_loss(student(pixels[idx]), teacher_feats[idx], text)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    student.eval()
-    return float(loss.detach())
+    return train_rows(student, lambda out, rows: promptkd_loss(out, teacher_feats[rows], text), pixels,
+                      epochs=epochs, seed=seed, batch=batch, lr=lr, cosine=True)
 
 
 def scores(student: torch.nn.Module, evals: dict, texts: dict, teacher_preds: dict) -> dict[str, float]:
@@ -92,7 +72,7 @@ def scores(student: torch.nn.Module, evals: dict, texts: dict, teacher_preds: di
 
     out = {}
     for name, (pixels, labels) in evals.items():
-        m = zero_shot_metrics(embed(student, pixels), texts[name], labels, teacher_preds[name])
+        m = zero_shot_metrics(batched(student, pixels), texts[name], labels, teacher_preds[name])
         out[f"{name}_acc"], out[f"{name}_agree"] = m["accuracy"], m["agreement"]
     return out
 
@@ -131,10 +111,10 @@ def main() -> int:
            "rotated": (rotate_images(test.images), test.labels),
            "opencv": (opencv.images.float() / 255, opencv.labels),
            "fashion": (fashion.images.float() / 255, fashion.labels)}
-    teacher_feats = embed(teacher.encode_images, train_set.images.float() / 255)
+    teacher_feats = batched(teacher.encode_images, train_set.images.float() / 255)
     teacher_preds, teacher_row = {}, {}
     for name, (pixels, labels) in raw.items():
-        feats = embed(teacher.encode_images, pixels)
+        feats = batched(teacher.encode_images, pixels)
         teacher_preds[name] = zero_shot_predictions(feats, texts[name])
         teacher_row[f"{name}_acc"] = zero_shot_metrics(feats, texts[name], labels)["accuracy"]
     evals = {name: (student_pixels(pixels), labels) for name, (pixels, labels) in raw.items()}

@@ -43,19 +43,16 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _digit_views import batched, centre_view, train_rows  # noqa: E402
+
 ROWS = ("CE", "KD (logits)", "VL2V-ADiP", "VLM-OOD losses", "VLM-OOD + enriched text")
 SETS = ("mnist", "rotated", "thick", "opencv")
 
 
 def student_pixels(images: torch.Tensor) -> torch.Tensor:
-    """28×28 images (uint8 or [0, 1]) → the USPS CNN's 16×16 view: centre 20×20 crop, area resize."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    return nn.functional.interpolate(x[..., 4:24, 4:24], size=(16, 16), mode="area")
-
-
-def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int = 500) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([fn(x[i:i + size]).float() for i in range(0, len(x), size)])
+    """The USPS CNN's 16×16 view of 28×28 digits (centre 20×20 crop, area resize)."""
+    return centre_view(images, 16)
 
 
 def class_text(teacher, descriptions: bool) -> torch.Tensor:
@@ -71,20 +68,7 @@ def class_text(teacher, descriptions: bool) -> torch.Tensor:
 def train(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pixels: torch.Tensor,
           *, epochs: int, seed: int, batch: int = 64, lr: float = 1e-3) -> float:
     """Adam on the trainable parameters; `loss_fn(outputs, rows)` with the batch's row indices."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    loss = torch.tensor(0.0)
-    for _ in range(epochs):
-        order = torch.randperm(len(pixels), generator=generator)
-        for start in range(0, len(pixels), batch):
-            rows = order[start:start + batch]
-            loss = loss_fn(model(pixels[rows]), rows)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    return float(loss.detach())
+    return train_rows(model, loss_fn, pixels, epochs=epochs, seed=seed, batch=batch, lr=lr)
 
 
 def accuracy(outputs: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None) -> float:
