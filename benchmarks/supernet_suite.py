@@ -53,8 +53,9 @@ def _done(out: Path) -> dict[str, dict]:
     return {r["candidate"]: r for r in (json.loads(x) for x in out.read_text().splitlines() if x.strip())}
 
 
-def proxies(teacher, tokenizer, steps: int, seed: int) -> dict[str, dict[str, float]]:
-    """The supernet and init proxies (held-out relation loss) of every candidate."""
+def proxies(teacher, tokenizer, untrained: ElasticBert, steps: int, seed: int) -> dict[str, dict[str, float]]:
+    """The supernet and init proxies (held-out relation loss) of every candidate; `untrained` is the supernet
+    over an untouched copy of the teacher."""
     from potstill.data.loaders import load_source
 
     general = [r["text"] for r in load_source("builtin:general", split="train", limit=4000)]
@@ -64,7 +65,6 @@ def proxies(teacher, tokenizer, steps: int, seed: int) -> dict[str, dict[str, fl
     train_data = ad.batches(tokenizer, random.Random(seed).sample(general, steps * ad.BATCH))
     held_data = ad.batches(tokenizer, bbc)
     train_targets, held_targets = ad.teacher_qkv(teacher, train_data), ad.teacher_qkv(teacher, held_data)
-    untrained = ElasticBert(copy.deepcopy(teacher).requires_grad_(False), ad.SPACE)
     supernet = ElasticBert(copy.deepcopy(teacher).requires_grad_(True), ad.SPACE)
     ad.train(supernet, lambda _step: ad.SPACE.sample(rng, n_random=2), train_data, train_targets)
     return {c.label: {"supernet": ad.heldout(supernet, c, held_data, held_targets),
@@ -111,7 +111,8 @@ def main() -> None:
     path = resolve_model_path("builtin:minilm", field="teacher.path")
     teacher, tokenizer = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     start = time.perf_counter()
-    scores = proxies(teacher, tokenizer, args.supernet_steps, args.seed) \
+    untrained = ElasticBert(copy.deepcopy(teacher).requires_grad_(False), ad.SPACE)
+    scores = proxies(teacher, tokenizer, untrained, args.supernet_steps, args.seed) \
         if args.rescore or len(done) < len(CANDIDATES) else {}
     print(f"supernet ({args.supernet_steps} steps) trained and every candidate scored in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
@@ -121,7 +122,6 @@ def main() -> None:
         for label, row in done.items():
             row.update(scores[label], supernet_steps=args.supernet_steps)
         atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in done.values()))
-    untrained = ElasticBert(copy.deepcopy(teacher).requires_grad_(False), ad.SPACE)
     teacher_encode = cached_encoder(encoder_for("builtin:minilm"))
     train = {"path": "builtin:general", "split": "train", "limit": args.texts}
     for c in CANDIDATES:
