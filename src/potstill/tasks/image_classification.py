@@ -47,6 +47,14 @@ def state_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def labelled_cross_entropy(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Summed cross-entropy of `logits` against the batch's labels, unlabelled rows (-100) left out; a batch with no
+    labels at all (SSLD's pool, unlabelled images) adds 0, still attached to the graph."""
+    if "labels" not in batch:
+        return logits.float().sum() * 0.0
+    return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum", ignore_index=NO_LABEL)
+
+
 class ImageClassificationTask(Task):
     export_kind = "logits"  # potstill export: input `pixels` (N, C, H, W) in [0, 1], normalisation in the graph
     signal_kind = "logits"
@@ -235,10 +243,7 @@ class ImageClassificationTask(Task):
         return self.with_internals("student", self._run, model, batch)
 
     def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        if "labels" not in batch:
-            return student_signal.float().sum() * 0.0  # an unlabelled batch (SSLD's pool) adds no label term
-        return nn.functional.cross_entropy(student_signal.float(), batch["labels"], reduction="sum",
-                                           ignore_index=NO_LABEL)
+        return labelled_cross_entropy(student_signal, batch)
 
     # ---- evaluation
     def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:

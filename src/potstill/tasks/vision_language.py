@@ -39,6 +39,7 @@ from potstill.losses.catalogue import OBJECTIVES
 from potstill.losses.promptkd import clip_logits
 from potstill.signals import VisionLanguageSignal
 from potstill.tasks.base import Task
+from potstill.tasks.image_classification import labelled_cross_entropy, state_digest
 from potstill.tasks.models import build_student, load_factory_teacher
 
 
@@ -164,7 +165,6 @@ class VisionLanguageTask(Task):
     def _teacher_train_features(self, is_main: bool, barrier: Any) -> torch.Tensor:
         if self.embedding_file is not None:
             return self.embedding_file.image_embeddings
-        from potstill.tasks.image_classification import state_digest
         from potstill.teachers.score_cache import cached_tensor
 
         r = self.recipe
@@ -234,10 +234,7 @@ class VisionLanguageTask(Task):
     def hard_label_loss(self, student_signal: Any, batch: dict[str, Any]) -> torch.Tensor:
         if isinstance(student_signal, VisionLanguageSignal):
             student_signal = student_signal.logits
-        if "labels" not in batch:
-            return student_signal.float().sum() * 0.0
-        return nn.functional.cross_entropy(student_signal.float(), batch["labels"], reduction="sum",
-                                           ignore_index=NO_LABEL)
+        return labelled_cross_entropy(student_signal, batch)
 
     # ---- evaluation
     def student_features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
