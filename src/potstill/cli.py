@@ -72,7 +72,7 @@ def run(recipe: Annotated[Path, typer.Argument(help="recipe YAML file, or the na
 
 @app.command()
 def demo(set_: SetOption = None) -> None:
-    """Distil all-MiniLM-L6-v2 into a 2-layer student on BBC News, offline, and report before/after."""
+    """Distil all-MiniLM-L6-v2 into a 2-layer student on general text, offline, and judge it on held-out tasks."""
     from potstill.demo import run_demo
 
     _quiet_transformers()

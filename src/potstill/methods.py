@@ -252,6 +252,9 @@ METHODS: dict[str, MethodInfo] = {
                    'Guidance: Ground-Truth Targets Dampen Regularization Imposed by Self-Distillation"', 2021,
                    "loop hook", "potstill.train.self_distillation", "self_distill",
                    "benchmarks/claim_teacher_guidance.py", _GUIDANCE),
+        MethodInfo("WiSE-FT weight interpolation with the student's init", 'Wortsman et al., "Robust fine-tuning '
+                   'of zero-shot models"', 2022, "loop hook", "potstill.train.wise_ft", "WiSEFT",
+                   _RECIPES + "demo.yaml", _GENERAL),
         MethodInfo("Interpolation / extrapolation splits", 'Zhan et al., "Evaluating Interpolation and '
                    'Extrapolation Performance of Neural Retrieval Models"', 2022, "evaluation", "potstill.data.splits",
                    "interpolation_extrapolation_splits", "benchmarks/ranking_study.py", _RESTTEST),

@@ -304,6 +304,9 @@ class TrainerConfig(Strict):
         "Adafactor at trainer.lr (no relative step); sgd: torch SGD with trainer.momentum; adamw_8bit: "
         "bitsandbytes' AdamW8bit (needs bitsandbytes)")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD's momentum (optimizer: sgd)")
+    wise_ft_alpha: float | None = Field(None, gt=0, lt=1, description="WiSE-FT (potstill.train.wise_ft): save "
+                                        "(1 − α)·init + α·trained weights, α in (0, 1), 0.5 the paper's default; "
+                                        "the final evaluation scores the mixed student; null = the trained weights")
     early_stopping: EarlyStoppingConfig | None = Field(None, description="stop on an eval metric evaluated every "
                                                        "eval.every steps; the best evaluation's weights become "
                                                        "the saved student")
@@ -387,6 +390,18 @@ class RecipeBase(Strict):
     @model_validator(mode="after")
     def _rules(self) -> RecipeBase:
         self.check()
+        return self
+
+    @model_validator(mode="after")
+    def _wise_ft_alone(self) -> RecipeBase:
+        if self.trainer.wise_ft_alpha is None:
+            return self
+        if self.trainer.early_stopping is not None:
+            raise SubFieldError(("trainer", "wise_ft_alpha"), "mixes the final weights with the init, while "
+                                "trainer.early_stopping picks an earlier evaluation's weights: use one of them")
+        if getattr(self.student, "lora", None) is not None:
+            raise SubFieldError(("trainer", "wise_ft_alpha"), "is not supported with student.lora (a LoRA "
+                                "student's adapter would be mixed, not its merged weights): drop one of them")
         return self
 
     @model_validator(mode="after")

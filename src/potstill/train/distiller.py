@@ -4,7 +4,8 @@ One loop for every method: a method is an objective (`potstill.train.objective`:
 stateful `nn.Module`), the task adapter supplies the signals. Built on Accelerate, so the same code runs on one
 CPU, one GPU, or `accelerate launch --num_processes N` (DDP, or FSDP2 sharding: `potstill.train.fsdp`). Progress,
 metrics, periodic evaluation, the teacher-hacking monitor, early stopping (`potstill.train.early_stopping`) and
-checkpoints are callbacks (`potstill.train.callbacks`).
+checkpoints are callbacks (`potstill.train.callbacks`). With `trainer.wise_ft_alpha` the student is mixed with its
+init (`potstill.train.wise_ft`) before the final evaluation and save.
 
 Contracts:
 - Loss normalisation: each objective is evaluated with `reduction="sum"` and the total is divided by the
@@ -57,6 +58,7 @@ from potstill.train.optim import ParameterBag, build_optimizer, lr_lambda, param
 from potstill.train.precision import Precision, new_accelerator
 from potstill.train.run_folder import check_run_dir, prepare_run_dir, run_lock
 from potstill.train.trackers import RunTrackers
+from potstill.train.wise_ft import WiSEFT
 from potstill.ui import console, phase
 
 
@@ -240,6 +242,12 @@ class Distiller:
         assert student is not None, "Task.setup must load the student"
         before = self._cached_eval("before", student, "student") if self.eval_cfg.compare_before else {}
 
+        wise = None if cfg.wise_ft_alpha is None or not self.is_main else WiSEFT(cfg.wise_ft_alpha, self.run_dir)
+        if wise is not None:  # θ₀: stored by the run's start, read back by a resume
+            if resume and ckpt.list_checkpoints(self.ckpt_root):
+                wise.load()
+            else:
+                wise.capture(student, write=True)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(student)
         if fsdp is not None:  # after the evaluations above, which run whole models on the main process
@@ -296,6 +304,10 @@ class Distiller:
         if resumed is None or self.state.start != done:  # else the newest checkpoint is already the final one
             self._save(self.state, done)
         unwrapped = self._plain_student(student)
+        if wise is not None:
+            wise.apply(unwrapped)
+            console.print(f"WiSE-FT: the student is now {1 - wise.alpha:g} × its init + {wise.alpha:g} × its trained "
+                          f"weights", soft_wrap=True, highlight=False)
         after = self._evaluate(unwrapped, "student")
         summary: dict[str, Any] = {}
         if self.is_main:
@@ -318,7 +330,7 @@ class Distiller:
             summary = {"steps": done, "final_loss": last.loss if last else None, "train_seconds": seconds,
                        "table": rows, "student_dir": str(self.run_dir / "student"), "world_size": world,
                        "sharded": self.sharding is not None,
-                       "objectives": [o.name for o in self.objectives],
+                       "objectives": [o.name for o in self.objectives], "wise_ft_alpha": cfg.wise_ft_alpha,
                        "complete": done >= total or self._stopped_early()}
             self._emit("on_fit_end", summary)
             atomic_write_json(self.run_dir / "summary.json", summary)

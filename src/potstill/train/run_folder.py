@@ -2,7 +2,8 @@
 
 `<run>/` holds `recipe.yaml`, `metrics.jsonl`, `eval_teacher.json` / `eval_before.json` (scores computed once
 per run, kept across resumes), `checkpoints/`, `student/`, `summary.json`, `trackers/` (TensorBoard's files),
-`adapter/` (a LoRA student's adapter) and the files of data strategies (DDK's `domain_weights.json`). A new
+`adapter/` (a LoRA student's adapter), `wise_ft_init.safetensors` (the student's init, for
+`trainer.wise_ft_alpha`) and the files of data strategies (DDK's `domain_weights.json`). A new
 run refuses to overwrite an earlier one unless told to; a resumed run refuses a recipe that changed in a way
 that would not reproduce the run (`potstill.config.recipe_changes`, which ignores `RESUMABLE_CHANGES`: name,
 output_dir, eval and the trainer's logging/saving/thread/tracker fields).
@@ -26,9 +27,11 @@ from potstill.errors import UserError
 from potstill.io import atomic_write_text, sweep_temp
 from potstill.lockfile import hold
 from potstill.train import checkpoint as ckpt
+from potstill.train.wise_ft import INIT_FILE as WISE_FT_INIT
 
 #: Files of an earlier run that a new (not resumed) run removes.
-RUN_FILES = ("metrics.jsonl", "summary.json", "eval_before.json", "eval_teacher.json", DDK_HISTORY)
+RUN_FILES = ("metrics.jsonl", "summary.json", "eval_before.json", "eval_teacher.json", DDK_HISTORY,
+             WISE_FT_INIT)
 LOCK_FILE = ".lock"
 TRACKERS_DIR = "trackers"  # trainer.report_to's files (potstill.train.trackers)
 ADAPTER_DIR = "adapter"  # student.lora's adapter (potstill.students.lora)
