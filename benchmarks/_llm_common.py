@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -237,3 +238,29 @@ def run_worker_pool(batches: list[list[str]], command: Callable[[list[str]], lis
                 failed += 1
                 print(f"{','.join(items)} failed (exit {proc.returncode}); see {log}", flush=True)
     return failed
+
+
+def study_parser(description: str, rows: list[str] | tuple[str, ...], *, budget_seconds: float, threads: int,
+                 records: int, out: str, quick_seconds: float, only_help: str) -> argparse.ArgumentParser:
+    """The options both LLM studies take: budget, seeds, rows, processes, threads, data size, output, smoke run."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--budget-seconds", type=float, default=budget_seconds, help="training wall time per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--only", nargs="+", choices=rows, help=only_help)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (each its own process)")
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads per run")
+    parser.add_argument("--records", type=int, default=records, help="BBC prompt / completion records to train on")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny smoke run (tiny teacher, {quick_seconds:g} s per run)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.set_defaults(quick_seconds=quick_seconds)
+    return parser
+
+
+def parse_study_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parsed options; a smoke run caps the budget."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.budget_seconds = min(args.budget_seconds, args.quick_seconds)
+    return args

@@ -336,19 +336,11 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget-seconds", type=float, default=180.0, help="training wall time per row and seed")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--only", nargs="+", choices=ROWS, help="run these rows only")
-    parser.add_argument("--jobs", type=int, default=1, help="rows run at the same time (each its own process)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per row")
-    parser.add_argument("--records", type=int, default=160, help="BBC prompt / completion records to train on")
-    parser.add_argument("--out", default="runs/llm_quality")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (tiny teacher, 1 s per row)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.budget_seconds = min(args.budget_seconds, 1.0)
+    from _llm_common import parse_study_args, study_parser
+
+    parser = study_parser(__doc__.split("\n\n")[0], ROWS, budget_seconds=180.0, threads=2, records=160,
+                          out="runs/llm_quality", quick_seconds=1.0, only_help="run these rows only")
+    args = parse_study_args(parser, argv)
     if args.worker:
         _worker(args)
         return 0

@@ -200,21 +200,13 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget-seconds", type=float, default=240.0, help="training wall time per run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (default: on_policy and mgsr)")
+    from _llm_common import parse_study_args, study_parser
+
+    parser = study_parser(__doc__.split("\n\n")[0], ROWS, budget_seconds=240.0, threads=1, records=128,
+                          out="runs/mgsr", quick_seconds=2.0, only_help="rows to run (default: on_policy and mgsr)")
     parser.add_argument("--steps", type=int, default=0, help="train this many steps instead (equal steps, not "
                         "equal time; 0 = use the time budget)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (each its own process)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--records", type=int, default=128, help="BBC prompt / completion records to train on")
-    parser.add_argument("--out", default="runs/mgsr")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (tiny teacher, 2 s per run)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.budget_seconds = min(args.budget_seconds, 2.0)
+    args = parse_study_args(parser, argv)
     if args.worker:
         _worker(args)
         return 0
