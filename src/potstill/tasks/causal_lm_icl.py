@@ -149,9 +149,8 @@ def adapt_icl_objective(name: str, fn: Any) -> Any:
 
 
 def check_icl_objectives(objectives: list[Any], *, icl: bool) -> None:
-    """Refuse a demo-set objective on records that are not ICL records, its data parameters in a recipe, and on
-    ICL records any objective other than demo-set objectives and stateless logit divergences (`objectives`: the
-    recipe's entries, with `name` and `params`)."""
+    """Refuse a demo-set objective on records that are not ICL records, and on ICL records any objective other
+    than demo-set objectives and stateless logit divergences (`objectives`: the recipe's entries, with `name`)."""
     from potstill.losses.catalogue import OBJECTIVES
 
     for i, objective in enumerate(objectives):
@@ -159,10 +158,6 @@ def check_icl_objectives(objectives: list[Any], *, icl: bool) -> None:
         if info.kind == "demo_sets" and not icl:
             raise UserError(f"field objectives.{i}.name: {name} ranks demonstration sets; it needs data.format: icl "
                             f"(records with query, target and a demo pool or demo_sets)")
-        for key in ("num_sets", "teacher_scores"):
-            if info.kind == "demo_sets" and key in objective.params:
-                raise UserError(f"field objectives.{i}.params.{key}: set by the task from the data (M is "
-                                f"data.icl.num_sets); remove it")
         uld_like = "student_log_scale" in inspect.signature(info.fn).parameters
         if icl and (info.kind not in ("logits", "demo_sets") or info.stateful or uld_like):
             raise UserError(f"field objectives.{i}.name: with ICL records (data.format: icl) the objectives are "
