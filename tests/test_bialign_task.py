@@ -168,3 +168,13 @@ def test_metrics_and_an_interrupted_run_resumes_bit_identical(tmp_path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_the_recipe_tokenizer_gives_the_toy_models_ids() -> None:
+    from transformers import AutoTokenizer
+
+    from potstill.examples.icl_labels import VOCAB
+
+    tok = AutoTokenizer.from_pretrained(RECIPE.parent / "bialign-toy" / "tokenizer")
+    assert len(tok) == len(VOCAB) == 33 and tok.pad_token_id == 0
+    assert tok("k3 v9 k0", add_special_tokens=False).input_ids == [VOCAB["k3"], VOCAB["v9"], VOCAB["k0"]] == [4, 26, 1]
