@@ -124,8 +124,8 @@ def test_bialign_checks_its_batch() -> None:
 def test_catalogue_entry() -> None:
     info = OBJECTIVES["bialign"]
     assert info.kind == "demo_sets" and info.fn is bialign
-    assert info.defaults == {"num_sets": 4, "margin": 0.01, "rank_weight": 1.0, "temperature": 1.0,
-                             "reduction": "mean"}
+    # num_sets and teacher_scores come from the data (data.icl.num_sets, the teacher pass), not from a recipe
+    assert info.defaults == {"margin": 0.01, "rank_weight": 1.0, "temperature": 1.0, "reduction": "mean"}
 
 
 # --- demonstration sets and the collator ----------------------------------------------------------------
@@ -175,19 +175,22 @@ def test_collator_rows_and_targets() -> None:
 def test_icl_queries_refuse_malformed_records() -> None:
     good = {"query": "q", "target": "z", "pool": [{"input": "a", "output": "x"}]}
     assert icl_queries([good]) == [ICLQuery("q", "z", (Demo("a", "x"),))]
-    with pytest.raises(UserError, match=r"data.train, record 1: no 'pool'"):
+    with pytest.raises(UserError, match=r"data.train, record 1: give either 'pool' .* or 'demo_sets' .* not neither"):
         icl_queries([good, {"query": "q", "target": "z"}], "data.train")
+    with pytest.raises(UserError, match=r"record 0: give either .* not both"):
+        icl_queries([{**good, "demo_sets": [[{"input": "a", "output": "x"}]]}])
     with pytest.raises(UserError, match=r"pool\[0\]"):
         icl_queries([{**good, "pool": [{"input": "a"}]}])
+    with pytest.raises(UserError, match=r"record 0: 'demo_sets' must be a list of 2 .* got 1"):
+        icl_queries([{"query": "q", "target": "z", "demo_sets": [[{"input": "a", "output": "x"}]]}], num_sets=2)
 
 
-def test_a_causal_lm_recipe_refuses_bialign_until_a_task_feeds_demo_sets() -> None:
-    from potstill.config import validate_recipe
-    from potstill.train.run import build_objectives
-
-    recipe = validate_recipe({"name": "x", "task": "causal_lm", "teacher": {"path": "/nonexistent/teacher"},
-                              "student": {"init": "from_config", "config": {"model_type": "gpt2"}},
-                              "data": {"train": {"path": "/nonexistent/train.jsonl"}},
-                              "objectives": [{"name": "bialign"}]})
-    with pytest.raises(UserError, match="'bialign' compares demo_sets, but the causal_lm task gives logits"):
-        build_objectives(recipe)
+def test_given_demo_sets_share_one_pool_and_are_kept_as_given() -> None:
+    a, b, c = ({"input": i, "output": o} for i, o in (("a", "x"), ("b", "y"), ("c", "x")))
+    (query,) = icl_queries([{"query": "q", "target": "z", "demo_sets": [[a, b], [c], [b, a]]}], num_sets=3)
+    assert query.pool == (Demo("a", "x"), Demo("b", "y"), Demo("c", "x"))
+    assert query.sets == ((0, 1), (2,), (1, 0))
+    collate = DemoSetCollator(lambda s: [WORDS[w] for w in s.split()], num_sets=3, shots=9, seed=0)
+    assert collate.variants(query, 7) == [("a x b y q", " z"), ("c x q", " z"), ("b y a x q", " z")]
+    batch = collate([query], [7])
+    assert batch["demo_sets"].tolist() == [[[0, 1], [2, -1], [1, 0]]]  # -1 after a shorter set

@@ -214,3 +214,72 @@ def test_cli_align_runs_resumes_and_reuses_the_cache(tmp_path, capsys) -> None:
         again = tmp_path / "again"
         assert main([*args, "--out", str(again), "--cycles", "1", "--cache", str(out / "cache.sqlite")]) == 0
         assert len(requests) == 8
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
+
+
+def _chat_tokenizer():
+    """The word tokenizer with the chat markers as special tokens (ids 11, 12) and a chat template."""
+    tok = _tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_prompt_ids_follow_the_chat_template_when_there_is_one() -> None:
+    from potstill.data.cyclealign import prompt_token_ids
+
+    tok = _chat_tokenizer()
+    start, end, unk = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<unk>"])
+    assert (start, end, unk) == (11, 12, 2)
+    # "<|im_start|>user w0 w1<|im_end|><|im_start|>assistant": the role words are not in the word vocabulary
+    assert prompt_token_ids(tok, "w0 w1") == [start, unk, 3, 4, end, start, unk]
+    assert prompt_token_ids(tok, "w0 w1", chat_template=False) == [3, 4]
+    assert prompt_token_ids(_tokenizer(), "w0 w1") == _tokenizer()("w0 w1")["input_ids"] == [3, 4]
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_sampling_and_the_ranking_loss_read_the_same_prompt_ids(monkeypatch, chat_template) -> None:
+    from potstill.train import cyclealign_cycles
+
+    tok, seen = _chat_tokenizer(), []
+    policy = _policy()
+    policy.resize_token_embeddings(len(tok), mean_resizing=False)
+    original_logps, original_generate = cyclealign_cycles.response_logps, policy.generate
+
+    def logps(model, prompt_ids, responses, pad):
+        seen.append(("loss", [list(p) for p in prompt_ids]))
+        return original_logps(model, prompt_ids, responses, pad)
+
+    def generate(inputs, **kwargs):
+        seen.append(("sample", [inputs[0].tolist()]))
+        return original_generate(inputs, **kwargs)
+
+    monkeypatch.setattr(cyclealign_cycles, "response_logps", logps)
+    monkeypatch.setattr(policy, "generate", generate)
+    config = CycleAlignConfig(cycles=1, samples=2, max_new_tokens=2, batch_prompts=4, demos=0,
+                              chat_template=chat_template)
+    run_cyclealign(policy, tok, PROMPTS[:2], lambda chats: [_by_length(c) for c in chats], config=config)
+    wanted = [[11, 2, 3, 4, 12, 11, 2], [11, 2, 5, 6, 12, 11, 2]] if chat_template else [[3, 4], [5, 6]]
+    assert [ids for kind, ids in seen if kind == "sample"] == [[w] for w in wanted]
+    # the policy's own ranking, then training (prompts shuffled)
+    assert [sorted(ids) for kind, ids in seen if kind == "loss"] == [wanted, wanted]
+
+
+def test_cli_no_chat_template_reaches_the_loop(tmp_path, monkeypatch) -> None:
+    from potstill.cli import main
+    from potstill.data.cyclealign import CycleAlignState
+    from potstill.train import cyclealign_cycles
+
+    _policy().save_pretrained(tmp_path / "base")
+    _chat_tokenizer().save_pretrained(tmp_path / "base")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    configs = []
+    monkeypatch.setattr(cyclealign_cycles, "run_cyclealign",
+                        lambda *args, config, **kwargs: configs.append(config) or CycleAlignState())
+    args = ["align", str(tmp_path / "base"), str(tmp_path / "prompts.txt"), "--base-url", "http://127.0.0.1:9/v1",
+            "--model", "m", "--out", str(tmp_path / "run")]
+    assert main(args) == 0 and main([*args, "--no-chat-template"]) == 0
+    assert [c.chat_template for c in configs] == [True, False]

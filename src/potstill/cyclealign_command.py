@@ -3,7 +3,8 @@
 Registered in potstill.cli; the work is `potstill.train.cyclealign_cycles.run_cyclealign`. The endpoint client
 (`potstill.teachers.endpoint.EndpointTeacher`) brings its response cache (`<out>/cache.sqlite` by default),
 retries and concurrency; `<out>/state.json` and the policy weights of the last finished cycle let `--resume`
-continue a killed run; the aligned policy is saved with its tokenizer in `<out>/policy/`.
+continue a killed run; the aligned policy is saved with its tokenizer in `<out>/policy/`. An instruct policy (a
+tokenizer with a chat template) reads each prompt as a chat turn unless `--no-chat-template`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def align(policy: Annotated[Path, typer.Argument(help="the white-box policy: a H
           loss: Annotated[str, typer.Option(help="ranking loss: rrhf or pro")] = "rrhf",
           demos: Annotated[int, typer.Option(min=0, help="in-context demos per ranking request")] = 2,
           seed: Annotated[int, typer.Option(help="seed of sampling and shuffling")] = 0,
+          chat_template: Annotated[bool, typer.Option("--chat-template/--no-chat-template",
+                                                      help="wrap each prompt in the tokenizer's chat template "
+                                                      "(a user turn, then the assistant's) when it has one; "
+                                                      "--no-chat-template: the plain text")] = True,
           resume: Annotated[bool, typer.Option("--resume", help="continue a killed run")] = False,
           cache: Annotated[Path | None, typer.Option(help="response cache; default <out>/cache.sqlite")] = None,
           concurrency: Annotated[int, typer.Option(min=1, help="requests in flight")] = 4,
@@ -62,7 +67,8 @@ def align(policy: Annotated[Path, typer.Argument(help="the white-box policy: a H
     tokenizer = AutoTokenizer.from_pretrained(policy)
     lm = AutoModelForCausalLM.from_pretrained(policy)
     config = CycleAlignConfig(cycles=cycles, samples=samples, max_new_tokens=max_new_tokens, epochs=epochs,
-                              batch_prompts=batch_prompts, lr=lr, loss_type=loss, demos=demos, seed=seed)
+                              batch_prompts=batch_prompts, lr=lr, loss_type=loss, demos=demos, seed=seed,
+                              chat_template=chat_template)
     teacher = EndpointTeacher(base_url, model, api_key_env=api_key_env, cache=cache or out / "cache.sqlite",
                               concurrency=concurrency, timeout=timeout, max_retries=max_retries)
     with teacher:

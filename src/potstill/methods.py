@@ -245,7 +245,7 @@ METHODS: dict[str, MethodInfo] = {
                    _LOSSES + "preference", "dpo_teacher_ref", "benchmarks/claim_dpo_teacher_ref.py", _PREFERENCE),
         MethodInfo("BiAlign input-preference alignment for in-context learning", 'Qin et al., "Improving '
                    'In-context Learning via Bidirectional Alignment"', 2023, "objective", _LOSSES + "bialign",
-                   "bialign", "benchmarks/bialign.py", _BIALIGN),
+                   "bialign", _RECIPES + "bialign-toy.yaml", _BIALIGN),
         MethodInfo("LLaVA-MoD sparse MoE student (router auxiliary loss)", _LLAVA_MOD, 2024, "objective",
                    _LOSSES + "moe", "RouterLoadBalance", _RECIPES + "smollm2-moe.yaml", _MOE),
         MethodInfo("Self-distillation with ground-truth mixing (α*)", 'Borup & Andersen, "Even your Teacher Needs '

@@ -114,12 +114,31 @@ class Seq2SeqData(NoDomains, DataConfig):
                                 "target)")
 
 
+class ICLDataConfig(Strict):
+    """In-context-learning records (`data.format: icl`, BiAlign): each record is a query, its target and either a
+    pool of demonstrations to draw `num_sets` sets of `shots` from, or its own `demo_sets`
+    (potstill.data.icl_demos). A prompt is the demos (`demo_template`), then the query (`query_template`), joined by
+    `separator`; `target_prefix` + target follows."""
+
+    num_sets: int = Field(4, ge=2, description="M, the demonstration sets (prompt variants) per query; a micro-batch "
+                          "of B queries has B·M rows")
+    shots: int = Field(4, ge=1, description="demonstrations per set drawn from a record's pool (records with "
+                       "demo_sets keep their own)")
+    demo_template: str = Field("{input} {output}", description="how one demonstration is written")
+    query_template: str = Field("{input}", description="how the query is written")
+    separator: str = Field(" ", description="text between demonstrations and before the query")
+    target_prefix: str = Field(" ", description="text between the prompt and the target (scored with the target)")
+
+
 class CausalLMData(DomainWeightedData):
-    format: Literal["auto", "text", "prompt_completion", "messages", "preference"] = Field(
+    format: Literal["auto", "text", "prompt_completion", "messages", "preference", "icl"] = Field(
         "auto", description="`text` (loss on every token), `prompt_completion` (loss on the completion only), "
         "`messages` (chat turns through the tokenizer's chat template; loss on assistant turns only), `preference` "
-        "(prompt, chosen, rejected pairs for dpo_teacher_ref); auto picks from the columns: messages, else prompt + "
-        "chosen + rejected, else prompt + completion, else text")
+        "(prompt, chosen, rejected pairs for dpo_teacher_ref), `icl` (query, target and a demo pool or demo_sets, "
+        "for bialign; see data.icl); auto picks from the columns: messages, else query + pool / demo_sets, else "
+        "prompt + chosen + rejected, else prompt + completion, else text")
+    icl: ICLDataConfig = Field(default_factory=ICLDataConfig, description="the demonstration sets of "
+                               "data.format: icl")
     packing: StrictBool = Field(False, description="concatenate the tokenised records (each ending with EOS) and "
                                 "cut the stream into blocks of max_length tokens, instead of one record per sequence "
                                 "truncated to max_length")

@@ -117,6 +117,18 @@ def select_demos(pool: Sequence[Demo], k: int, *, exclude_query: str | None = No
     return [d for d in pool if d.query != exclude_query][:k]
 
 
+def prompt_token_ids(tokenizer: Any, prompt: str, *, chat_template: bool = True) -> list[int]:
+    """The policy's tokens for `prompt`, what it samples after and what the ranking loss conditions on: with
+    `chat_template` and a tokenizer that has one (an instruct model), the prompt as one user turn plus the opening
+    of the assistant's turn (`apply_chat_template(..., add_generation_prompt=True)`, its special tokens written by
+    the template itself); else the plain text as the tokenizer encodes it."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
 def format_request(query: str, responses: Sequence[str]) -> str:
     lines = [f"Query: {query}", "Responses:"]
     lines += [f"[{k + 1}] {' '.join(text.split())}" for k, text in enumerate(responses)]

@@ -3,7 +3,9 @@
 A record is ``{"query": str, "target": str, "pool": [{"input": str, "output": str}, ...]}``: the query of one task,
 its answer, and the candidate demonstrations of that task. For each record `DemoSetCollator` draws M sets of
 `shots` demonstrations from the pool (distinct sets where the pool allows; draws seeded by the collator's seed and
-the record's index, so teacher and student, and every epoch, see the same strings), writes one prompt per set
+the record's index, so teacher and student, and every epoch, see the same strings). A record may instead give its
+own sets, ``"demo_sets": [[{"input": str, "output": str}, ...], ...]`` (exactly M of them, any number of demos
+each), which are used as they are. Each set becomes one prompt
 
     demo_1 · sep · demo_2 · sep · … · sep · query      (each demo: `PromptTemplate.demo`, the query: `.query`)
 
@@ -42,6 +44,7 @@ class ICLQuery:
     query: str
     target: str
     pool: tuple[Demo, ...]
+    sets: tuple[tuple[int, ...], ...] | None = None  # given demo sets (indices into `pool`); None: drawn
 
 
 @dataclass(frozen=True)
@@ -54,26 +57,44 @@ class PromptTemplate:
     target_prefix: str = " "
 
 
-def icl_queries(records: Sequence[dict[str, Any]], field: str = "data") -> list[ICLQuery]:
-    """Records → `ICLQuery`s; a malformed record is a `UserError` naming `field`, the record and what is wrong."""
+def _demos(items: Any, where: str, name: str) -> list[Demo]:
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{where}: {name!r} must be a non-empty list of {{input, output}} demonstrations")
+    demos = []
+    for j, demo in enumerate(items):
+        if not isinstance(demo, dict) or not isinstance(demo.get("input"), str) \
+                or not isinstance(demo.get("output"), str):
+            raise UserError(f"{where}: {name}[{j}] must be {{'input': text, 'output': text}}, got {demo!r}")
+        demos.append(Demo(demo["input"], demo["output"]))
+    return demos
+
+
+def icl_queries(records: Sequence[dict[str, Any]], field: str = "data", *,
+                num_sets: int | None = None) -> list[ICLQuery]:
+    """Records → `ICLQuery`s; a malformed record is a `UserError` naming `field`, the record and what is wrong.
+    `num_sets`: the M a record's own ``demo_sets`` must have (None: any)."""
     queries = []
     for i, rec in enumerate(records):
         where = f"{field}, record {i}"
-        for key in ("query", "target", "pool"):
+        for key in ("query", "target"):
             if key not in rec:
-                raise UserError(f"{where}: no {key!r}; an ICL record has query, target and pool")
+                raise UserError(f"{where}: no {key!r}; an ICL record has query, target and pool (or demo_sets)")
+        if ("pool" in rec) == ("demo_sets" in rec):
+            raise UserError(f"{where}: give either 'pool' (demonstrations to draw sets from) or 'demo_sets' (the "
+                            f"sets themselves), not {'both' if 'pool' in rec else 'neither'}")
         if not isinstance(rec["query"], str) or not isinstance(rec["target"], str) or not rec["target"]:
             raise UserError(f"{where}: 'query' and 'target' must be text (target not empty)")
-        pool = rec["pool"]
-        if not isinstance(pool, list) or not pool:
-            raise UserError(f"{where}: 'pool' must be a non-empty list of {{input, output}} demonstrations")
-        demos = []
-        for j, demo in enumerate(pool):
-            if not isinstance(demo, dict) or not isinstance(demo.get("input"), str) \
-                    or not isinstance(demo.get("output"), str):
-                raise UserError(f"{where}: pool[{j}] must be {{'input': text, 'output': text}}, got {demo!r}")
-            demos.append(Demo(demo["input"], demo["output"]))
-        queries.append(ICLQuery(rec["query"], rec["target"], tuple(demos)))
+        if "pool" in rec:
+            queries.append(ICLQuery(rec["query"], rec["target"], tuple(_demos(rec["pool"], where, "pool"))))
+            continue
+        given = rec["demo_sets"]
+        if not isinstance(given, list) or (num_sets is not None and len(given) != num_sets):
+            raise UserError(f"{where}: 'demo_sets' must be a list of {num_sets or 'M'} demonstration sets (data.icl."
+                            f"num_sets), got {len(given) if isinstance(given, list) else type(given).__name__}")
+        pool: dict[Demo, int] = {}
+        sets = tuple(tuple(pool.setdefault(d, len(pool)) for d in _demos(s, where, f"demo_sets[{k}]"))
+                     for k, s in enumerate(given))
+        queries.append(ICLQuery(rec["query"], rec["target"], tuple(pool), sets))
     return queries
 
 
@@ -106,7 +127,7 @@ def build_prompt(demos: Sequence[Demo], query: str, template: PromptTemplate = P
 class DemoSetCollator:
     """B ICL records → B·M rows (module docstring). `collate(examples, indices)` returns ``input_ids``,
     ``attention_mask`` (right padding with `pad_id`), ``targets`` and ``demo_sets`` (`[B, M, shots]` pool
-    indices). The draw for a record depends on (`seed`, its index) only."""
+    indices, -1 after the end of a shorter given set). The draw for a record depends on (`seed`, its index) only."""
 
     def __init__(self, encode: Callable[[str], list[int]], *, num_sets: int = 4, shots: int = 4, seed: int = 0,
                  pad_id: int = 0, template: PromptTemplate = PromptTemplate()) -> None:
@@ -116,6 +137,11 @@ class DemoSetCollator:
         self.pad_id, self.template = pad_id, template
 
     def demo_sets(self, example: ICLQuery, index: int) -> list[tuple[int, ...]]:
+        """The record's own sets when it gives them (M of them), else M sets drawn for (`seed`, `index`)."""
+        if example.sets is not None:
+            if len(example.sets) != self.num_sets:
+                raise UserError(f"record {index} gives {len(example.sets)} demo_sets; num_sets is {self.num_sets}")
+            return list(example.sets)
         return sample_demo_sets(len(example.pool), num_sets=self.num_sets, shots=self.shots,
                                 seed=self.seed * 1_000_003 + index)
 
@@ -145,5 +171,7 @@ class DemoSetCollator:
             input_ids[r, :len(ids)] = torch.tensor(ids)
             targets[r, :len(tgt)] = torch.tensor(tgt)
             attention[r, :len(ids)] = 1
-        sets = torch.tensor([self.demo_sets(ex, i) for ex, i in zip(examples, indices, strict=True)])
+        chosen = [self.demo_sets(ex, i) for ex, i in zip(examples, indices, strict=True)]
+        shots = max(len(s) for sets in chosen for s in sets)
+        sets = torch.tensor([[list(s) + [-1] * (shots - len(s)) for s in sets] for sets in chosen])
         return {"input_ids": input_ids, "attention_mask": attention, "targets": targets, "demo_sets": sets}

@@ -83,8 +83,11 @@ def input_preference_rank(student_scores: Tensor, teacher_scores: Tensor, *, mar
 
 def bialign(student_logits: Tensor, teacher_logits: Tensor, *, labels: Tensor, num_sets: int = 4,
             margin: float = 0.01, rank_weight: float = 1.0, temperature: float = 1.0,
-            reduction: str = "mean") -> Tensor:
+            reduction: str = "mean", teacher_scores: Tensor | None = None) -> Tensor:
     """L_KD + μ·L_rank on a batch of B queries × M = `num_sets` demonstration-set variants (module docstring).
+
+    `teacher_scores` `[B, M]`: the teacher's demo-set scores when the caller has them already (the causal_lm task
+    computes them in its teacher pass); by default `demo_set_scores` of `teacher_logits`.
 
     `reduction` "mean": KD averaged over counted target tokens plus μ × the rank loss averaged over queries;
     "sum": the token sum plus μ × the query sum; "none": `[B]`, each query's KD token sum plus μ × its rank loss."""
@@ -104,8 +107,13 @@ def bialign(student_logits: Tensor, teacher_logits: Tensor, *, labels: Tensor, n
     kd_rows = forward_kl(student_logits, teacher_logits, labels=labels, temperature=temperature,
                          reduction="none")  # [B·M, T], 0 where not counted
     student_scores = demo_set_scores(student_logits, labels).view(-1, num_sets)
-    with torch.no_grad():
-        teacher_scores = demo_set_scores(teacher_logits, labels).view(-1, num_sets)
+    if teacher_scores is None:
+        with torch.no_grad():
+            teacher_scores = demo_set_scores(teacher_logits, labels).view(-1, num_sets)
+    elif teacher_scores.shape != student_scores.shape:
+        raise ValueError(f"teacher_scores must be [B, M] = {tuple(student_scores.shape)}, got "
+                         f"{tuple(teacher_scores.shape)}")
+    teacher_scores = teacher_scores.detach()
     if reduction == "none":
         kd = kd_rows.sum(-1).view(-1, num_sets).sum(-1)
         return kd + rank_weight * input_preference_rank(student_scores, teacher_scores, margin=margin,

@@ -41,8 +41,8 @@ KINDS = ("logits", "preference", "demo_sets", "router", "scores", "embedding", "
 # "router": a mixture-of-experts student's router logits (causal_lm; the teacher's signal is not read).
 # "vision_language": the vision_language task's image vectors + shared class text (`VisionLanguageSignal`).
 # "preference": logits of a pair batch (chosen rows, then rejected rows) with the scored token ids as `labels`.
-# "demo_sets": logits of B queries × M demonstration-set prompts (query-major), scored token ids as `labels`; no
-# task feeds it yet (BiAlign: Python API, `potstill.data.icl_demos.DemoSetCollator` builds the batches).
+# "demo_sets": logits of B queries × M demonstration-set prompts (query-major), scored token ids as `labels`:
+# causal_lm with data.format: icl (`potstill.tasks.causal_lm_icl`; batches from `potstill.data.icl_demos`).
 # Not listed: the sparse-retriever regularisers `ranking.flops` / `ranking.idf_flops` take only the student's
 # term weights (no teacher signal), which no task feeds an objective yet.
 # Kinds read from a model's internals: any task whose models are Hugging Face transformers provides them.
@@ -71,7 +71,8 @@ class ObjectiveInfo:
 
 
 # Filled in by the task from the batch, never by a recipe (uld / gold: merged spans, matched vocabulary).
-_DATA_ARGS = ("mask", "labels", "student_log_scale", "teacher_log_scale", "matched_ids", "span_ids", "target_ids")
+_DATA_ARGS = ("mask", "labels", "student_log_scale", "teacher_log_scale", "matched_ids", "span_ids", "target_ids",
+              "num_sets", "teacher_scores")
 
 
 def _defaults(fn: Callable) -> dict:
@@ -214,8 +215,8 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "KL(p_t ‖ p_s) on target tokens + μ·Σ_{a<b} max(0, s_π(b) − s_π(a) + (b−a)·λ), "
             "s_j = mean log p(y | D_j, x), π = teacher's order of the M demo sets",
             'Qin et al. 2023, "Improving In-context Learning via Bidirectional Alignment" (BiAlign, arXiv 2312.17055)',
-            "input-preference ranking over M demonstration sets + output KD; batches from icl_demos.DemoSetCollator; "
-            "0 rank loss when the student follows the teacher's order with λ gaps",
+            "input-preference ranking over M demonstration sets + output KD; causal_lm with data.format: icl (M = "
+            "data.icl.num_sets); 0 rank loss when the student follows the teacher's order with λ gaps",
         ),
         _entry(
             RouterLoadBalance,

@@ -12,6 +12,8 @@ This adapter wires the language-model pieces into the loop; each method lives in
   re-generation of those samples (`mgsr.scrg`): `potstill.data.mgsr_scrg`;
 - preference distillation (`data.format: preference`, DPO with the teacher as reference): pairs in
   `potstill.data.preference`, their batches and objectives in `potstill.tasks.preference`;
+- BiAlign on in-context-learning records (`data.format: icl`, M demonstration sets per query): the records in
+  `potstill.data.icl_demos`, their batches, signals, objectives and metrics in `potstill.tasks.causal_lm_icl`;
 - a mixture-of-experts student and its router auxiliary loss (`moe_router_aux`): `potstill.tasks.moe`;
 - the top-k teacher cache (`teacher.cache`, written by `potstill cache`): `potstill.teachers.capture`;
 - tokenizer, student, forward and fused lm_head: `potstill.tasks.lm_models`;
@@ -49,6 +51,20 @@ from potstill.eval.lm import causal_label_accuracy, length_batches, token_metric
 from potstill.losses.fused import LMHeadInputs
 from potstill.students.pruning import Calibration, record_text
 from potstill.tasks.base import Task
+from potstill.tasks.causal_lm_icl import (
+    ICL_FIELDS,
+    DemoSetLogits,
+    adapt_icl_objective,
+    check_icl_objectives,
+    check_icl_recipe,
+    flat_rows,
+    icl_examples,
+    icl_lengths,
+    icl_metrics,
+    icl_rows,
+    is_icl_record,
+    teacher_demo_sets,
+)
 from potstill.tasks.lm_models import (
     build_text_student,
     causal_logits,
@@ -75,10 +91,10 @@ from potstill.tasks.preference import (
 class CausalLMTask(Task):
     export_kind = "token_logits"
     signal_kind = "logits"
-    extra_objective_kinds = ("preference", "router")
+    extra_objective_kinds = ("preference", "router", "demo_sets")
     name = "causal_lm"
     metric_names = ("perplexity", "token_accuracy", "token_agreement", "kl_to_teacher", "label_accuracy",
-                    "rationale_perplexity", "bits_per_byte")
+                    "rationale_perplexity", "bits_per_byte", "answer_accuracy", "demo_set_tau")
     cross: Any = None  # the cross-tokenizer set-up (`potstill.tasks.cross_tokenizer`), when tokenizers differ
     router_aux = False  # an MoE student whose router logits an objective reads (`potstill.tasks.moe`)
 
@@ -133,6 +149,9 @@ class CausalLMTask(Task):
         check_preference_objectives(r.objectives, pairs=self.train_format == "preference")
         if self.train_format == "preference":
             check_preference_recipe(r)
+        check_icl_objectives(r.objectives, icl=self.train_format == "icl")
+        if self.train_format == "icl":
+            check_icl_recipe(r)
         if r.teacher.cache and not capture:
             from potstill.teachers.cache import TopKCache
 
@@ -147,7 +166,8 @@ class CausalLMTask(Task):
             cache.check_expect(expected_cache_meta(self))
             check_objectives_for_cache(r.objectives, cache)
             self.topk_cache = cache
-        if not any(t != -100 for ex in self.train_records for t in ex["targets"]):
+        rows = flat_rows(self.train_records) if self.train_format == "icl" else self.train_records
+        if not any(t != -100 for ex in rows for t in ex["targets"]):
             raise UserError("data.train: no token is counted in any record (prompts longer than data.max_length, "
                             "or no assistant turns); raise data.max_length or check data.format")
 
@@ -168,14 +188,18 @@ class CausalLMTask(Task):
             return causal_lm_views(records, r.step_by_step, field, self.encoder, is_main=is_main)
         fmt = r.data.format
         if fmt == "auto":
-            fmt = infer_format(self.load(DataSource(path=source.path, split=source.split, columns=source.columns,
-                                                    limit=1))[0], field=field)
-        if field == "data.eval" and (fmt == "preference") != (self.train_format == "preference"):
-            raise UserError(f"data.eval: its records are {fmt}, data.train's {self.train_format}; preference pairs "
-                            f"(prompt, chosen, rejected) are evaluated on preference pairs")
-        records = self.load(source, required=FORMAT_FIELDS[fmt])
+            first = self.load(DataSource(path=source.path, split=source.split, columns=source.columns, limit=1))[0]
+            fmt = "icl" if is_icl_record(first) else infer_format(first, field=field)
+        for special in ("preference", "icl"):
+            if field == "data.eval" and (fmt == special) != (self.train_format == special):
+                raise UserError(f"data.eval: its records are {fmt}, data.train's {self.train_format}; {special} "
+                                f"records are evaluated on {special} records")
+        records = self.load(source, required=ICL_FIELDS if fmt == "icl" else FORMAT_FIELDS[fmt])
         if field == "data.train":
             self.train_format = fmt
+        if fmt == "icl":
+            return icl_examples(records, r.data.icl, self.tokenizer, seed=r.seed, max_length=r.data.max_length,
+                                field=field)
         if self.cross is not None:
             return self.cross.encoder.examples(records, fmt, field)
         if fmt == "preference":
@@ -196,6 +220,8 @@ class CausalLMTask(Task):
                 for p, c in zip(prompts, self.seq_kd_file["completions"], strict=True)]
 
     def record_lengths(self) -> list[int]:
+        if self.train_format == "icl":
+            return icl_lengths(self.train_records)
         return [max(len(ex["input_ids"]), len(ex.get("rationale", ex.get("rejected", ex))["input_ids"]))
                 for ex in self.train_records]
 
@@ -206,10 +232,11 @@ class CausalLMTask(Task):
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
         """Right-padded rows. Step-by-step records with a rationale view give 2B rows: the B label views, then
         the B rationale views in the same order, and `view` [2B] says which (0 label, 1 rationale). Preference
-        pairs also give 2B rows: the chosen sequences, then the rejected ones."""
+        pairs also give 2B rows: the chosen sequences, then the rejected ones; ICL records B·M rows, each record's
+        M demo-set prompts in turn."""
         views = step_by_step_rows(records)
         rows = records if views is None else views[0]
-        rows = pair_rows(records) or rows
+        rows = pair_rows(records) or icl_rows(records) or rows
         width = max(len(ex["input_ids"]) for ex in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -280,6 +307,9 @@ class CausalLMTask(Task):
 
         if self.train_format == "preference":
             return PairLogits(teacher_outputs(self.logits, self.teacher, batch), batch["targets"])
+        if self.train_format == "icl":  # with the teacher's demo-set scores
+            return teacher_demo_sets(teacher_outputs(self.logits, self.teacher, batch), batch["targets"],
+                                     self.recipe.data.icl.num_sets)
         if self.router_aux:
             return teacher_signals(teacher_outputs(self.logits, self.teacher, batch), batch)
         return teacher_outputs(self.with_internals, "teacher", self.logits, self.teacher, batch)
@@ -291,14 +321,17 @@ class CausalLMTask(Task):
             return self.cross.student_signal(self.logits(model, batch), batch)
         if self.train_format == "preference":
             return PairLogits(self.logits(model, batch), batch["targets"])
+        if self.train_format == "icl":
+            return DemoSetLogits(self.logits(model, batch), batch["targets"], self.recipe.data.icl.num_sets)
         if self.router_aux:
             return router_signals(model, batch, self.vocab_size)
         fn = self.head_inputs if self.recipe.trainer.fused_lm_head else self.logits
         return self.with_internals("student", fn, model, batch)
 
     def adapt_objective(self, name: str, fn: Any) -> Any:
-        """Logit divergences and preference objectives, ready for pair batches (`potstill.tasks.preference`)."""
-        return adapt_preference_objective(name, fn)
+        """Logit divergences and preference objectives, ready for pair batches (`potstill.tasks.preference`), or
+        with ICL records, logit divergences and bialign for demo-set batches (`potstill.tasks.causal_lm_icl`)."""
+        return adapt_icl_objective(name, adapt_preference_objective(name, fn))
 
     def head_inputs(self, model: nn.Module, batch: dict[str, Any]) -> LMHeadInputs:
         """The student run up to its lm_head (`potstill.tasks.lm_models.lm_head_inputs`)."""
@@ -316,6 +349,8 @@ class CausalLMTask(Task):
             return token_ce_sum(student_signal.token_logits, targets) * self.cross.hard_label_scale(batch)
         if isinstance(student_signal, PairLogits):  # preference pairs: CE on the chosen completions
             return chosen_ce_sum(student_signal, token_ce_sum)
+        if isinstance(student_signal, DemoSetLogits):  # every demo-set prompt's target
+            return token_ce_sum(student_signal.logits, targets)
         ce_sum = partial(token_ce_sum, student_signal, chunk_size=fused_chunk_size(self.recipe))
         if view is None:
             return ce_sum(targets)
@@ -351,6 +386,11 @@ class CausalLMTask(Task):
         teacher = None if role == "teacher" or model is self.teacher else self.teacher
         if self.train_format == "preference":
             return self._preference_metrics(model, teacher)
+        if self.train_format == "icl":
+            return {**token_metrics(self.token_stats(model, flat_rows(self.eval_records), teacher=teacher)),
+                    **icl_metrics(model, teacher, self.eval_records, num_sets=self.recipe.data.icl.num_sets,
+                                  batch_size=self.recipe.eval.batch_size, batch_of=self._device_batch,
+                                  logits=self.logits)}
         sbs = self.recipe.step_by_step is not None
         labels = [{"input_ids": ex["input_ids"], "targets": ex["targets"]} for ex in self.eval_records]
         metrics = token_metrics(self.token_stats(model, labels if sbs else self.eval_records, teacher=teacher))
@@ -374,6 +414,8 @@ class CausalLMTask(Task):
 
     def measure(self, student: nn.Module) -> dict[str, dict[str, float]]:
         examples = (self.eval_records or self.train_records)[:8]
+        if self.train_format == "icl":
+            examples = flat_rows(examples)[:8]
         mean_tokens = sum(len(ex["input_ids"]) for ex in examples) / len(examples)
 
         def runner(model: nn.Module):

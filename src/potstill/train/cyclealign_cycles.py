@@ -21,6 +21,10 @@ After each cycle the policy's weights (`<folder>/policy-cycle<c>.pt`) and then `
 atomically; a killed run resumes at its next cycle. Sampling and shuffling are seeded by (seed, cycle) and each
 cycle starts a fresh AdamW, so on CPU a resumed run ends with the same weights as an uninterrupted one.
 
+The policy reads each prompt through its tokenizer's chat template when it has one (`chat_template`, on by
+default: an instruct model sees a user turn and answers in the assistant's), for sampling and for the ranking loss
+alike (`potstill.data.cyclealign.prompt_token_ids`); the black-box ranker sees the plain prompt.
+
 Defaults (the paper's are for 7B models and not stated in the spec): 3 cycles, n = 4, 32 new tokens, RRHF with
 λ = 1, 1 epoch of 8 prompts a step at lr 1e-5, 2 demos from a pool of 32, demo threshold agreement ≥ 0.75.
 """
@@ -43,6 +47,7 @@ from potstill.data.cyclealign import (
     longest_common_subsequence,
     order_to_scores,
     parse_ranking,
+    prompt_token_ids,
     rank_by_scores,
     ranking_messages,
     select_demos,
@@ -74,6 +79,7 @@ class CycleAlignConfig:
     demo_pool: int = 32
     min_demo_agreement: float = 0.75
     seed: int = 0
+    chat_template: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -204,7 +210,7 @@ def run_cyclealign(policy: Any, tokenizer: Any, prompts: Sequence[str], ranker: 
     state = _resume(path, policy, resume, config) if path is not None else CycleAlignState()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = pad if pad is not None else (eos if eos is not None else 0)
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    prompt_ids = [prompt_token_ids(tokenizer, p, chat_template=config.chat_template) for p in prompts]
     policy.eval()
     if not state.history and after_cycle is not None:
         state.history.append({"cycle": 0, **after_cycle(0, policy)})
