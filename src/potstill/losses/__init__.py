@@ -18,6 +18,7 @@ from .divergences import (
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
 from .further_pretraining import further_pretraining_sd
 from .fused import fused_linear_divergence
+from .logit_standardization import logit_std_kd, standardize_logits
 from .mgsr_dac_kl import DACKL, dac_kl
 from .mgsr_span import span_correlation
 from .ranking import flops, idf_flops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
@@ -58,6 +59,7 @@ __all__ = [
     "idf_flops",
     "in_batch_margin_mse",
     "listwise_kl",
+    "logit_std_kd",
     "margin_mse",
     "pointwise_mse",
     "reverse_kl",
@@ -67,6 +69,7 @@ __all__ = [
     "skew_reverse_kl",
     "soft_cross_entropy",
     "span_correlation",
+    "standardize_logits",
     "self_judge",
     "expected_score",
     "sparse_forward_kl",

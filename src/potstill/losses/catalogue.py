@@ -22,6 +22,7 @@ from .divergences import (
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
 from .further_pretraining import further_pretraining_sd
 from .intermediate import AttentionMSE, DMAEAlign, HiddenCosine, HiddenMSE, SquareHead
+from .logit_standardization import logit_std_kd
 from .mgsr_dac_kl import DACKL
 from .mgsr_span import span_correlation
 from .mi_alpha import MIAlpha
@@ -133,6 +134,13 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             'Cui et al. 2021, "Beyond Self-Supervision: A Simple Yet Effective Network Distillation Alternative '
             'to Improve Backbones" (SSLD)',
             "symmetric, ≤ log 2, no label term: trains on unlabelled data; generalized_jsd at β = ½",
+        ),
+        _entry(
+            logit_std_kd,
+            "logits",
+            "KL(softmax(Z(z_t)/T) ‖ softmax(Z(z_s)/T)), Z(z) = (z − mean z) / (std z + 1e-7) per row",
+            'Sun et al. 2024, "Logit Standardization in Knowledge Distillation" (CVPR)',
+            "T is a base temperature on unit-scale logits; matches class relations, not the teacher's logit range",
         ),
         _entry(skew_kl, "logits", "KL(p_t ‖ α·p_t + (1−α)·p_s)", _DISTILLM, "α = 0 is forward_kl"),
         _entry(skew_reverse_kl, "logits", "KL(p_s ‖ (1−α)·p_t + α·p_s)", _DISTILLM, "α = 0 is reverse_kl"),
