@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,46 @@ def test_augmentation_is_drawn_per_micro_batch_and_the_teacher_runs_live(tmp_pat
     batch = task.collate(task.train_records[:8], list(range(8)))
     a, b = (task.prepare_batch(batch, task.student, m)["pixels"] for m in (5, 5))
     assert torch.equal(a, b) and not torch.equal(a, task.prepare_batch(batch, task.student, 6)["pixels"])
+
+
+def test_mixup_hand_values_and_seeding():
+    x = torch.arange(4.0).view(4, 1, 1, 1)
+    mixed, partner, lam = tf.mixup(x, 1.0, torch.Generator().manual_seed(0))
+    assert sorted(partner.tolist()) == [0, 1, 2, 3] and bool(((lam >= 0) & (lam <= 1)).all())
+    expected = lam * x.flatten() + (1 - lam) * x.flatten()[partner]
+    assert torch.allclose(mixed.flatten(), expected)
+    again = tf.mixup(x, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], mixed) and torch.equal(again[2], lam)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        tf.mixup(x, 0.0, torch.Generator())
+
+
+def test_mixup_label_loss_is_the_lambda_mix_of_both_labels():
+    from potstill.tasks.image_classification import labelled_cross_entropy
+
+    # row 0: softmax([0, ln 3]) = [1/4, 3/4], λ = 1/4 of label 0 and 3/4 of its partner's label 1:
+    # ¼·ln 4 + ¾·ln(4/3); row 1: uniform logits, λ = 1: ln 2. Unlabelled partners (-100) add nothing.
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+    batch = {"labels": torch.tensor([0, 1]), "mix_partner": torch.tensor([1, 0]),
+             "mix_weight": torch.tensor([0.25, 1.0])}
+    expected = 0.25 * math.log(4) + 0.75 * math.log(4 / 3) + math.log(2)
+    assert float(labelled_cross_entropy(logits, batch)) == pytest.approx(expected, rel=1e-6)  # 1.25548
+    batch["labels"] = torch.tensor([0, -100])
+    assert float(labelled_cross_entropy(logits, batch)) == pytest.approx(0.25 * math.log(4), rel=1e-6)
+
+
+def test_mixup_in_the_task_blends_the_batch_the_teacher_scores(tmp_path):
+    raw = tiny_recipe(tmp_path, transforms={"mixup_alpha": 0.4})
+    task = build_task(validate_recipe(raw), run_dir=tmp_path / "run")
+    task.setup()
+    assert task._teacher_logits is None  # augmented views: the teacher runs live
+    batch = task.collate(task.train_records[:8], list(range(8)))
+    out = task.prepare_batch(batch, task.student, 3)
+    lam = out["mix_weight"].view(-1, 1, 1, 1)
+    assert torch.allclose(out["pixels"], lam * batch["pixels"] + (1 - lam) * batch["pixels"][out["mix_partner"]])
+    assert torch.equal(out["mix_weight"], task.prepare_batch(batch, task.student, 3)["mix_weight"])
+    with pytest.raises(UserError, match="mixup_alpha"):
+        validate_recipe(tiny_recipe(tmp_path, transforms={"mixup_alpha": -1.0}))
 
 
 def test_model_and_label_mismatches_are_one_line_errors(tmp_path):

@@ -60,6 +60,9 @@ class TransformsConfig(Strict):
                                      "a random offset (0 = off)")
     horizontal_flip: StrictBool = Field(False, description="training: flip each image left-right with "
                                         "probability 0.5 (not for digits)")
+    mixup_alpha: float = Field(0.0, ge=0, description="training: blend each image with a random partner of its "
+                               "micro-batch, λ ~ Beta(α, α) per image (mixup; 0 = off); the teacher scores the "
+                               "blended image, the label loss becomes λ·CE(y) + (1 − λ)·CE(y_partner)")
 
     @model_validator(mode="after")
     def _mean_with_std(self) -> TransformsConfig:
@@ -74,7 +77,7 @@ class TransformsConfig(Strict):
 
     @property
     def augments(self) -> bool:
-        return self.random_crop_padding > 0 or self.horizontal_flip
+        return self.random_crop_padding > 0 or self.horizontal_flip or self.mixup_alpha > 0
 
 
 class SSLDConfig(Strict):

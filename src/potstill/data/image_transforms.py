@@ -7,6 +7,8 @@ its own small set, written on plain torch:
   imports, its `Resize` (same interpolation, antialiased) is used instead, so results match torchvision users';
 - `random_crop`: zero-pad by `padding` pixels, crop back to the size at an offset drawn per image;
 - `horizontal_flip`: flip each image left-right with probability 0.5;
+- `mixup`: each image blended with a partner of the same batch, λ·x + (1 − λ)·x_partner, λ ~ Beta(α, α) per
+  image (Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization");
 - `normalize`: (x − mean) / std per channel.
 The random ones take an explicit `torch.Generator`, so the task draws them from (seed, micro-batch, process) and
 a resumed run augments the same way (torchvision's random transforms draw from the global generator).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -71,6 +74,21 @@ def horizontal_flip(images: torch.Tensor, generator: torch.Generator, probabilit
     """Each image flipped left-right with `probability`."""
     flip = torch.rand(images.shape[0], generator=generator) < probability
     return torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+
+
+def mixup(images: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+    """(mixed images, partner index (N,), λ (N,)): image i becomes λ_i·x_i + (1 − λ_i)·x_partner(i), the partners a
+    random permutation of the batch and λ_i ~ Beta(α, α), all drawn from `generator`."""
+    if alpha <= 0:
+        raise ValueError(f"mixup needs alpha > 0, got {alpha}")
+    n = images.shape[0]
+    partner = torch.randperm(n, generator=generator)
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    lam = torch.as_tensor(rng.beta(alpha, alpha, size=n), dtype=torch.float32)
+    weight = lam.to(images.device, images.dtype).view(-1, *([1] * (images.dim() - 1)))
+    mixed = weight * images + (1 - weight) * images[partner.to(images.device)]
+    return mixed, partner, lam
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

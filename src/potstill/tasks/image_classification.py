@@ -8,7 +8,7 @@ is how a second stage (SSLD's labelled fine-tune) starts from the first stage's 
 
 Data (`potstill.data.images`): IDX, `.npz`, image folders, `datasets` folders, `builtin:mnist-5k` and
 `builtin:fashion-mnist`. Both models see the same tensors: pixels in [0, 1], then `data.transforms` (resize,
-channel repeat, normalise; training augmentation by random crop / flip, drawn from (seed, micro-batch, process),
+channel repeat, normalise; training augmentation by random crop / flip / mixup, drawn from (seed, micro-batch, process),
 `potstill.data.image_transforms`). With `data.ssld`, the teacher's most confident images of an unlabelled pool join
 the training images without labels (`potstill.data.ssld`; kept rows in `<run>/ssld_selection.json`).
 
@@ -49,10 +49,17 @@ def state_digest(model: nn.Module) -> str:
 
 def labelled_cross_entropy(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """Summed cross-entropy of `logits` against the batch's labels, unlabelled rows (-100) left out; a batch with no
-    labels at all (SSLD's pool, unlabelled images) adds 0, still attached to the graph."""
+    labels at all (SSLD's pool, unlabelled images) adds 0, still attached to the graph. A mixup batch (`mix_partner`,
+    `mix_weight` λ) gives λ·CE(y) + (1 − λ)·CE(y_partner) per row."""
     if "labels" not in batch:
         return logits.float().sum() * 0.0
-    return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum", ignore_index=NO_LABEL)
+    if "mix_partner" not in batch:
+        return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum", ignore_index=NO_LABEL)
+    labels, lam = batch["labels"], batch["mix_weight"].to(logits.device)
+    own = nn.functional.cross_entropy(logits.float(), labels, reduction="none", ignore_index=NO_LABEL)
+    partner = nn.functional.cross_entropy(logits.float(), labels[batch["mix_partner"].to(labels.device)],
+                                          reduction="none", ignore_index=NO_LABEL)
+    return (lam * own + (1 - lam) * partner).sum()
 
 
 class ImageClassificationTask(Task):
@@ -212,6 +219,9 @@ class ImageClassificationTask(Task):
         x = tf.random_crop(batch["pixels"], t.random_crop_padding, generator)
         if t.horizontal_flip:
             x = tf.horizontal_flip(x, generator)
+        if t.mixup_alpha > 0:
+            x, partner, lam = tf.mixup(x, t.mixup_alpha, generator)
+            return {**batch, "pixels": x, "mix_partner": partner, "mix_weight": lam}
         return {**batch, "pixels": x}
 
     def count_rows(self, batch: dict[str, Any]) -> int:
