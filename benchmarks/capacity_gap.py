@@ -8,9 +8,9 @@ students get worse from much larger teachers. This sweep measures it on Fashion-
 Student: `small_cnn(width 8, depth 2)`. Teachers: `small_cnn` of depth 2 and the widths whose parameter counts are
 closest to 1x, 2x, 4x and 8x the student's, each trained here with labels only (seed 0) on the same training
 images. Then, per teacher and seed, the student is distilled with forward KL at T = 4 (T²-scaled) plus the labels
-(recipe as `recipes/mnist-kd.yaml`); a labels-only student is the baseline. Data: builtin:fashion-mnist (Debian
-package dataset-fashion-mnist), a per-class 10 % of the training split (6,000 images) for every run, and a
-per-class 20 % of the test split (2,000 images) for evaluation. One torch thread per run.
+(plain KD, as `recipes/mnist-kd.yaml` had it before session 29); a labels-only student is the baseline. Data:
+builtin:fashion-mnist (Debian package dataset-fashion-mnist), a per-class 10 % of the training split (6,000 images)
+for every run, and a per-class 20 % of the test split (2,000 images) for evaluation. One torch thread per run.
 
 Usage: nice -n 5 python benchmarks/capacity_gap.py [--seeds 0 1 2] [--ratios 1 2 4 8] [--epochs 15] [--json OUT]
 """

@@ -6,8 +6,12 @@ Teacher: ccexam's MNIST CNN (`potstill.assets_image:mnist_cnn`, 0.42 M parameter
 labelled 10 % is a per-class draw of 400 (subset_seed = seed), the unlabelled pool is the other 3,600 (labels
 dropped). Rows, all the packaged recipes run in this process with the seed changed (student init, data
 order, labelled draw):
-- `CE (10 % labels)`: recipes/mnist-kd.yaml with objectives=[] (cross-entropy on the 400 labels);
-- `KD (10 % labels) + CE`: recipes/mnist-kd.yaml (forward KL at T = 4, T²-scaled, plus the labels);
+- `CE (10 % labels)`: recipes/mnist-kd.yaml with objectives=[] and the label weight 1 (cross-entropy on the 400
+  labels);
+- `plain KD (forward KL, T = 4) + CE`: recipes/mnist-kd.yaml with its objective swapped for Hinton's forward KL at
+  T = 4 (T²-scaled) plus the labels at weight 1 (the packaged recipe until session 29);
+- `KD (10 % labels, logit-standardised)`: recipes/mnist-kd.yaml (logit_std_kd at T = 2 on the 400 digits, no label
+  term; why in benchmarks/kd_low_label.py and its docs/results.md section);
 - `SSLD (JS on pool, then fine-tune)`: recipes/mnist-ssld.yaml (JS only, on the 400 + up to 300 digits per
   teacher class from the pool, de-duplicated against the test digits), then recipes/mnist-ssld-finetune.yaml
   (labels only, lr / 10) from its student; the stage-1 accuracy is reported too.
@@ -34,8 +38,11 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ("CE (10 % labels)", "KD (10 % labels) + CE", "SSLD stage 1 (JS on labelled + pool)",
+ROWS = ("CE (10 % labels)", "plain KD (forward KL, T = 4) + CE", "KD (10 % labels, logit-standardised)",
+        "SSLD stage 1 (JS on labelled + pool)",
         "SSLD (JS on pool, then fine-tune)")
+
+PLAIN_KD = {"name": "forward_kl", "params": {"temperature": 4.0, "scale_t2": True}}
 
 
 def recipe(packaged: str, seed: int, work: Path, **changes: Any) -> dict:
@@ -97,20 +104,24 @@ def main() -> int:
     teacher: dict = {}
     t0 = time.perf_counter()
     for seed in args.seeds:
-        ce = run_recipe(validate_recipe(recipe("mnist-kd", seed, work, objectives=[], name=f"ce-s{seed}")))
+        ce = run_recipe(validate_recipe(recipe("mnist-kd", seed, work, objectives=[], name=f"ce-s{seed}",
+                                               **{"trainer.hard_label_weight": 1.0})))
+        plain = run_recipe(validate_recipe(recipe("mnist-kd", seed, work, objectives=[PLAIN_KD],
+                                                  name=f"plain-kd-s{seed}", **{"trainer.hard_label_weight": 1.0})))
         kd = run_recipe(validate_recipe(recipe("mnist-kd", seed, work, **{"eval.throughput": True})))
         stage1 = run_recipe(validate_recipe(recipe("mnist-ssld", seed, work)))
         student = str(work / f"mnist-ssld-s{seed}" / "student")
         ssld = run_recipe(validate_recipe(recipe("mnist-ssld-finetune", seed, work,
                                                  student={"init": "pretrained", "path": student})))
         kept = json.loads((work / f"mnist-ssld-s{seed}" / "ssld_selection.json").read_text())["kept"]
-        for row, summary in zip(ROWS, (ce, kd, stage1, ssld), strict=True):
+        for row, summary in zip(ROWS, (ce, plain, kd, stage1, ssld), strict=True):
             results[row].append({"seed": seed, **{k: after(summary)[k] for k in ("accuracy", "agreement")},
                                  "train_seconds": summary["train_seconds"], "ood": summary.get("ood")})
         teacher = kd["table"][0]
         speed.append({"teacher": teacher["images_per_s"], "student": after(kd)["images_per_s"],
                       "teacher_params": teacher["params"], "student_params": after(kd)["params"]})
-        print(f"seed {seed}: CE {after(ce)['accuracy']:.4f}  KD {after(kd)['accuracy']:.4f}  SSLD-1 "
+        print(f"seed {seed}: CE {after(ce)['accuracy']:.4f}  plain KD {after(plain)['accuracy']:.4f}  KD "
+              f"{after(kd)['accuracy']:.4f}  SSLD-1 "
               f"{after(stage1)['accuracy']:.4f}  SSLD {after(ssld)['accuracy']:.4f}  (pool kept {kept})", flush=True)
 
     def mean_std(values: list[float]) -> str:

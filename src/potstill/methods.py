@@ -74,6 +74,7 @@ _GUIDANCE = _RESULTS + ("teacher-needs-guidance-the-per-step-alpha-of-iterated-s
 _LLAVA_MOD = 'Shu et al., "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation"'
 _PRUNED = _RESULTS + "pruned-init-vs-layer-drop-init-at-equal-size-issue-19-benchmarkspruned_vs_layerdroppy"
 _IMAGE_KD = _RESULTS + "image-kd-and-ssld-on-mnist-5k-issue-20-benchmarksimage_kdpy"
+_KD_LOW_LABEL = _RESULTS + "kd-at-10--of-the-labels-logit-standardisation-issue-20-benchmarkskd_low_labelpy"
 _PRD = _RESULTS + ("prd-vs-fine-tuning-and-lwf-on-class-incremental-split-mnist-no-replay-issue-20-"
                  "benchmarksprd_continualpy")
 _PRD_PAPER = ('Asadi et al., "Prototype-Sample Relation Distillation: Towards Replay-Free Continual '
@@ -193,7 +194,10 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("DMAE", 'Bai et al., "Masked Autoencoders Enable Efficient Knowledge Distillers"', 2023,
                    "objective", _LOSSES + "intermediate", "DMAEAlign", _RECIPES + "digits-dmae.yaml", _DMAE),
         MethodInfo("KD on images (MNIST CNN → small CNN)", _HINTON, 2015, "objective", _LOSSES + "divergences",
-                   "forward_kl", _RECIPES + "mnist-kd.yaml", _IMAGE_KD),
+                   "forward_kl", "benchmarks/image_kd.py", _IMAGE_KD),
+        MethodInfo("Logit standardisation (z-scored KD)", 'Sun et al., "Logit Standardization in Knowledge '
+                   'Distillation"', 2024, "objective", _LOSSES + "logit_standardization", "logit_std_kd",
+                   _RECIPES + "mnist-kd.yaml", _KD_LOW_LABEL),
         MethodInfo("SSLD", 'Cui et al., "Beyond Self-Supervision: A Simple Yet Effective Network Distillation '
                    'Alternative to Improve Backbones"', 2021, "sampler", "potstill.data.ssld", "ssld_select",
                    _RECIPES + "mnist-ssld.yaml", _IMAGE_KD),
