@@ -194,3 +194,17 @@ def test_the_supernet_is_trained_once_scores_slices_and_writes_runnable_recipes(
                                                  "student": {"depth": [1, 3], "width": [16, 32], "ffn": [64]}})
     with pytest.raises(UserError, match="trained with other settings"):
         _search(recipe, other, study)
+
+
+def test_the_shipped_supernet_space_fits_the_demo_teacher():
+    from potstill.config import load_recipe
+    from potstill.recipes import packaged_recipe
+    from potstill.search.space import load_space
+    from potstill.search.study import check_space
+    from potstill.search.supernet_proxy import all_values, elastic_space, teacher_config
+
+    path = packaged_recipe("demo").parent / "spaces" / "minilm-supernet.yaml"
+    space, recipe = load_space(path), load_recipe(packaged_recipe("demo"))
+    check_space(space, recipe, str(path))  # every subnet fits all-MiniLM-L6-v2 (6 layers, 384 wide, FFN 1536)
+    assert space.supernet is not None and space.supernet.steps == 240
+    assert len(all_values(space, elastic_space(space, teacher_config(recipe)))) == 45
