@@ -177,11 +177,13 @@ class SupernetProxy:
                                                               split=self.recipe.data.train.split,
                                                               limit=self.recipe.data.train.limit)
         held = self.recipe.data.eval
-        if self.settings.heldout is None and held is None:
+        if self.settings.heldout is not None:
+            self.heldout_source = self.settings.heldout
+        elif held is not None:
+            self.heldout_source = TextSource(path=str(held.path), split=held.split, limit=held.limit or HELDOUT_LIMIT)
+        else:
             raise UserError("search space: field supernet.heldout: the recipe has no data.eval; give the held-out "
                             "texts {path, split, limit}")
-        self.heldout_source = self.settings.heldout or TextSource(path=str(held.path), split=held.split,
-                                                                  limit=held.limit or HELDOUT_LIMIT)
         self.elastic, self.trained_now, self.train_seconds = self._load_or_train()
         held_batches = _batches(self.tokenizer, _texts(self.heldout_source), self.settings.batch_size,
                                 self.settings.max_length)
@@ -283,7 +285,7 @@ class SupernetProxy:
         """The subnet as a standalone `BertModel`, saved once in `<study>/students/<label>/` with the tokenizer."""
         from potstill.io import atomic_dir
 
-        model = self.elastic.extract(subnet).eval()
+        model: Any = self.elastic.extract(subnet).eval()
         folder = student_folder(self.study_dir, subnet)
         if not (folder / "config.json").is_file():
             with atomic_dir(folder) as tmp:
