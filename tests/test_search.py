@@ -43,7 +43,7 @@ def test_a_full_space_parses_into_typed_fields():
     ({"lr": {"low": 0, "high": 1e-4, "log": True}}, "log range needs low > 0"),
     ({"budget": {}, "student": {"init": ["layers_from_teacher"], "depth": [1]}}, "needs max_steps or max_seconds"),
     ({"depth": [2]}, "field depth: unknown field"),
-    ({"proxy": "nas"}, "field proxy: Input should be 'train' or 'diswot'"),
+    ({"proxy": "nas"}, "field proxy: Input should be 'train', 'diswot' or 'supernet'"),
     ([1, 2], "a search space is a YAML mapping"),
 ])
 def test_space_mistakes_are_one_line_naming_the_field(raw, message):

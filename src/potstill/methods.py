@@ -115,6 +115,7 @@ _MGSR = 'Liu et al., "Multi-Granularity Semantic Revision for Large Language Mod
 _MGSR_RESULTS = _RESULTS + "mgsr-vs-plain-on-policy-gkd-at-equal-time-benchmarksmgsrpy"
 _SUPERNET = _RESULTS + ("autodistils-weight-sharing-supernet-ranks-its-subnets-without-retraining-issue-19-"
                         "benchmarksautodistil_supernetpy")
+_SUPERNET_SEARCH = _RESULTS + "potstill-search-with-proxy-supernet-on-all-minilm-l6-v2-issue-19-5-dec"
 _HINTON = 'Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network"'
 _GKD = 'Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"'
 _TINYBERT = 'Jiao et al., "TinyBERT: Distilling BERT for Natural Language Understanding"'
@@ -284,6 +285,10 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("AutoDistil-style student search (potstill search)", 'Xu et al., "AutoDistil: Few-shot '
                    'Task-agnostic Neural Architecture Search for Distilling Large Language Models"', 2022,
                    "student builder", "potstill.search.study", "run_search", "benchmarks/search_proxies.py", _SEARCH),
+        MethodInfo("AutoDistil supernet as a search proxy (potstill search, proxy: supernet)", 'Xu et al., '
+                   '"AutoDistil: Few-shot Task-agnostic Neural Architecture Search for Distilling Large Language '
+                   'Models"', 2022, "evaluation", "potstill.search.supernet_proxy", "SupernetProxy",
+                   _RECIPES + "spaces/minilm-supernet.yaml", _SUPERNET_SEARCH),
         MethodInfo("AutoDistil weight-sharing supernet (elastic depth, width, FFN)", 'Xu et al., "AutoDistil: '
                    'Few-shot Task-agnostic Neural Architecture Search for Distilling Large Language Models"', 2022,
                    "student builder", "potstill.students.supernet", "ElasticBert", "benchmarks/autodistil_supernet.py",

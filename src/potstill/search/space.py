@@ -2,7 +2,8 @@
 
 A space names what varies between candidate students (everything else comes from the recipe):
 
-    proxy: train                 # train: a short run through the Distiller; diswot: the zero-cost score at init
+    proxy: train                 # train: a short run through the Distiller; diswot: the zero-cost score at init;
+                                 # supernet: a slice of AutoDistil's supernet, trained once (supernet: {...})
     budget: {max_steps: 20}      # per trial (proxy train): max_steps and/or max_seconds
     quality: {metric: cosine_to_teacher, direction: maximize}   # a metric of the task's evaluation
     student:
@@ -19,6 +20,11 @@ A space names what varies between candidate students (everything else comes from
 
 A range is {low, high, log}; a list is a categorical choice. A field left out does not vary. Mistakes are
 `UserError`s naming the file and the field.
+
+`proxy: supernet` (`potstill.search.supernet_proxy`) searches architecture only: `student.init` is `[supernet]`
+(the default under that proxy), the candidates are `depth` × `width` × `ffn` (a dim left out keeps the teacher's),
+and `layers`, `heads`, `objectives`, `temperature`, `lr` and `quality` are refused (a subnet keeps its depth's
+layers spread evenly, its heads follow the width, and its quality is the held-out relation loss).
 """
 
 from __future__ import annotations
@@ -33,12 +39,13 @@ from pydantic import Field, ValidationError, model_validator
 from potstill.config.common import Strict
 from potstill.errors import UserError
 
-Init = Literal["layers_from_teacher", "pruned", "from_config", "static"]
+Init = Literal["layers_from_teacher", "pruned", "from_config", "static", "supernet"]
 SHAPED_INITS = ("pruned", "from_config")  # the inits whose dims the space sets
 DIMS = {"depth": "num_hidden_layers", "width": "hidden_size", "heads": "num_attention_heads",
         "ffn": "intermediate_size"}
 DEFAULT_QUALITY = {"embedding": ("cosine_to_teacher", "maximize"), "causal_lm": ("kl_to_teacher", "minimize")}
 SEARCH_TASKS = tuple(DEFAULT_QUALITY)
+SUPERNET_METRIC = "supernet_loss"  # proxy supernet's quality: a subnet's held-out relation loss (lower is better)
 
 
 class Range(Strict):
@@ -69,6 +76,8 @@ class StudentSpace(Strict):
             values = getattr(self, field)
             if values is not None and min(values) < 1:
                 raise ValueError(f"{field}: sizes must be >= 1, got {min(values)}")
+        if "supernet" in self.init:
+            return self._supernet_consistent()
         if self.layers is not None:
             if "layers_from_teacher" not in self.init:
                 raise ValueError("layers are the layer-drop choices: add layers_from_teacher to init")
@@ -82,6 +91,19 @@ class StudentSpace(Strict):
             raise ValueError("init layers_from_teacher needs layers (the layer-drop choices) or depth")
         if set(SHAPED_INITS) & set(self.init) and not (self.depth or shaped):
             raise ValueError("init pruned / from_config need at least one of depth, width, heads, ffn")
+        return self
+
+    def _supernet_consistent(self) -> StudentSpace:
+        if self.init != ["supernet"]:
+            raise ValueError("init supernet (a slice of the study's supernet) is the only init of proxy supernet")
+        if self.layers is not None:
+            raise ValueError("layers: a supernet subnet of depth L keeps L teacher layers spread evenly from the "
+                             "first to the last; give depth instead of layer choices")
+        if self.heads is not None:
+            raise ValueError("heads: a supernet subnet keeps the teacher's head size, so its heads follow its "
+                             "width; leave heads out")
+        if not (self.depth or self.width or self.ffn):
+            raise ValueError("init supernet needs at least one of depth, width, ffn")
         return self
 
 
@@ -108,8 +130,32 @@ class DisWOTData(Strict):
     form: Literal["gram", "code"] = "gram"
 
 
+class TextSource(Strict):
+    """Texts the supernet reads: a data path or builtin:<name>, its split, the first `limit` records."""
+
+    path: str
+    split: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+
+class SupernetSettings(Strict):
+    """AutoDistil's supernet of proxy supernet; the defaults are `benchmarks/supernet_suite.py`'s measured
+    setting (240 sandwich steps of batch 8 at 32 tokens, lr 1e-4, 2 random subnets beside the largest and the
+    smallest, last-layer q/k/v relations with the teacher's head count, 64 held-out texts)."""
+
+    steps: int = Field(240, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(32, ge=2)
+    lr: float = Field(1.0e-4, gt=0)
+    n_random: int = Field(2, ge=0)
+    relation_heads: int | None = Field(None, ge=1)
+    seed: int = 0
+    train: TextSource | None = None  # default: the recipe's data.train
+    heldout: TextSource | None = None  # default: the recipe's data.eval, first 64
+
+
 class SearchSpace(Strict):
-    proxy: Literal["train", "diswot"] = "train"
+    proxy: Literal["train", "diswot", "supernet"] = "train"
     budget: TrialBudget = Field(default_factory=lambda: TrialBudget(max_steps=20))
     quality: Quality | None = None
     student: StudentSpace = Field(default_factory=StudentSpace)
@@ -117,17 +163,45 @@ class SearchSpace(Strict):
     temperature: Range | list[float] | None = None
     lr: Range | list[float] | None = None
     diswot: DisWOTData | None = None
+    supernet: SupernetSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supernet_init(cls, raw: Any) -> Any:
+        """Under proxy supernet, a student section without init means init [supernet]."""
+        if isinstance(raw, dict) and raw.get("proxy") == "supernet" and isinstance(raw.get("student"), dict) \
+                and "init" not in raw["student"]:
+            return {**raw, "student": {**raw["student"], "init": ["supernet"]}}
+        return raw
 
     @model_validator(mode="after")
     def _budget(self) -> SearchSpace:
+        if self.proxy == "supernet":
+            return self._supernet_only()
+        if "supernet" in self.student.init:
+            raise ValueError("student.init supernet is a slice of AutoDistil's supernet: it needs proxy: supernet")
+        if self.supernet is not None:
+            raise ValueError("supernet: these are the settings of proxy supernet; set proxy: supernet or remove them")
         if self.proxy == "train" and self.budget.max_steps is None and self.budget.max_seconds is None:
             raise ValueError("budget: proxy train needs max_steps or max_seconds per trial")
         if self.objectives is not None and any(not choice for choice in self.objectives):
             raise ValueError("objectives: each choice is a non-empty list of objectives")
         return self
 
+    def _supernet_only(self) -> SearchSpace:
+        if self.student.init != ["supernet"]:
+            raise ValueError("student.init: proxy supernet scores slices of the study's supernet: init is "
+                             "[supernet] (or left out), with depth / width / ffn choices")
+        varied = [f for f in ("objectives", "temperature", "lr", "quality", "diswot") if getattr(self, f) is not None]
+        if varied:
+            raise ValueError(f"{', '.join(varied)}: proxy supernet searches the architecture only (its quality is "
+                             f"the held-out relation loss, minimized); remove them")
+        return self
+
     def quality_for(self, task: str) -> Quality:
-        """The quality metric and direction: the space's, else the task's default."""
+        """The quality metric and direction: the space's, else the proxy's or the task's default."""
+        if self.proxy == "supernet":
+            return Quality.model_validate({"metric": SUPERNET_METRIC, "direction": "minimize"})
         if self.quality is not None:
             return self.quality
         metric, direction = DEFAULT_QUALITY[task]
@@ -184,7 +258,7 @@ def sample(space: SearchSpace, trial: Any) -> dict[str, Any]:
             values["layers"] = json.loads(trial.suggest_categorical("layers", [json.dumps(c) for c in s.layers]))
         else:
             values["depth"] = trial.suggest_categorical("depth", list(s.depth or []))
-    elif values["init"] in SHAPED_INITS:
+    elif values["init"] in (*SHAPED_INITS, "supernet"):
         for field in DIMS:
             options = getattr(s, field)
             if options is not None:

@@ -106,7 +106,7 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
 
     space, study_dir = settings.space, settings.study_dir
     recipe = load_recipe(settings.recipe_path, settings.user_sets)
-    check_space(space, recipe)
+    check_space(space, recipe, str(settings.space_path or "space"))
     quality = space.quality_for(recipe.task)
     metric = "diswot_score" if space.proxy == "diswot" else quality.metric
     direction = "maximize" if space.proxy == "diswot" else quality.direction
@@ -123,11 +123,23 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
         if baseline:
             study.enqueue_trial(baseline, user_attrs={"baseline": True})
     start = time.perf_counter()
+    supernet = None
+    if space.proxy == "supernet":
+        from potstill.search.supernet_proxy import SupernetProxy, all_values, supernet_overrides
+
+        if not study.trials:  # AutoDistil scores the whole space: every subnet is queued, in a fixed order
+            for values in all_values(space, elastic_space_of(space, recipe)):
+                study.enqueue_trial(values)
+        supernet = SupernetProxy(settings.recipe_path, settings.user_sets, space, study_dir)
+        meta["supernet"] = supernet.describe()
     durations: list[float] = []
     while True:
         finished = len([t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)])
         left = settings.budget_seconds - (time.perf_counter() - start)
         if settings.trials is not None and len(_complete(study)) >= settings.trials:
+            break
+        if supernet is not None and supernet.done(study):
+            console.print("search: every subnet of the space is scored", highlight=False)
             break
         if left <= 0 or (durations and left < sum(durations) / len(durations) / 2):
             console.print(f"search: budget spent ({left:.0f} s left, a trial takes ~"
@@ -145,10 +157,15 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
         console.print(f"candidate: {label}", highlight=False, soft_wrap=True)
         tick = time.perf_counter()
         try:
-            candidate = candidate_overrides(space, values, base, shape)
-            trial.set_user_attr("overrides", candidate)
-            result = run_trial(settings.recipe_path, settings.user_sets, candidate,
-                               proxy_overrides(space, study_dir, trial.number), space, metric, study_dir)
+            if supernet is not None:
+                candidate = supernet_overrides(values, base, supernet.space, study_dir)
+                trial.set_user_attr("overrides", candidate)
+                result = supernet.run_trial(values, candidate)
+            else:
+                candidate = candidate_overrides(space, values, base, shape)
+                trial.set_user_attr("overrides", candidate)
+                result = run_trial(settings.recipe_path, settings.user_sets, candidate,
+                                   proxy_overrides(space, study_dir, trial.number), space, metric, study_dir)
         except UserError as exc:
             trial.set_user_attr("error", str(exc))
             study.tell(trial, state=TrialState.FAIL)
@@ -208,10 +225,21 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def check_space(space: SearchSpace, recipe: Any) -> None:
+def elastic_space_of(space: SearchSpace, recipe: Any) -> Any:
+    from potstill.search.supernet_proxy import elastic_space, teacher_config
+
+    return elastic_space(space, teacher_config(recipe))
+
+
+def check_space(space: SearchSpace, recipe: Any, source: str = "space") -> None:
     """Refuse what the recipe's task cannot express, before any trial runs."""
     from potstill.search.space import SEARCH_TASKS
     from potstill.tasks import task_class
+
+    if space.proxy == "supernet":
+        from potstill.search.supernet_proxy import check_supernet_space
+
+        check_supernet_space(space, recipe, source)
 
     if recipe.task not in SEARCH_TASKS:
         raise UserError(f"potstill search: the {recipe.task} task is not searchable yet; supported tasks: "
