@@ -139,3 +139,28 @@ def tiny_text_classifier(tmp_path: Path, num_labels: int = 3) -> dict:
             "data": {"train": str(tmp_path / "train.csv"), "max_length": 16},
             "objectives": [{"name": "forward_kl"}], "trainer": {"max_steps": 2, "batch_size": 4, "num_threads": 1},
             "eval": {"throughput": False, "compare_before": False}}
+
+
+class CrashInStep(Exception):
+    """Raised inside a training step by `fit_until_crash`: a run that dies mid-step."""
+
+
+def fit_until_crash(recipe, at_call: int, error: type[BaseException] = CrashInStep) -> None:
+    """Train `recipe` through the Distiller and raise `error` from the teacher pass of its `at_call`-th
+    micro-batch, as a killed run would stop; the checkpoints written before stay in the run folder."""
+    from potstill.tasks import build_task
+    from potstill.train import Distiller, build_objectives
+
+    task = build_task(recipe, run_dir=recipe.run_dir)
+    original, calls = task.teacher_signal, {"n": 0}
+
+    def crash_at_call(batch):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise error
+        return original(batch)
+
+    task.teacher_signal = crash_at_call
+    with pytest.raises(error):
+        Distiller(task, build_objectives(recipe, task), recipe.trainer, run_dir=recipe.run_dir,
+                  eval_config=recipe.eval).fit()

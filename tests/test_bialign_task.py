@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit_until_crash
 from safetensors.torch import load_file
 
 from potstill.config import load_recipe
@@ -15,7 +16,7 @@ from potstill.losses import forward_kl
 from potstill.losses.bialign import bialign, demo_set_scores
 from potstill.tasks import build_task
 from potstill.tasks.causal_lm_icl import DemoSetLogits, kendall_tau
-from potstill.train import Distiller, build_objectives, run_recipe
+from potstill.train import build_objectives, run_recipe
 from potstill.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,19 +149,7 @@ def test_metrics_and_an_interrupted_run_resumes_bit_identical(tmp_path) -> None:
     assert -1.0 <= after["demo_set_tau"] <= 1.0
 
     halted = recipe(tmp_path, "name=halted", "trainer.max_steps=4", "trainer.save_every=2")
-    task = build_task(halted, run_dir=halted.run_dir)
-    original, calls = task.teacher_signal, {"n": 0}
-
-    def interrupt_in_step_3(batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(batch)
-
-    task.teacher_signal = interrupt_in_step_3
-    with pytest.raises(KeyboardInterrupt):
-        Distiller(task, build_objectives(halted, task), halted.trainer, run_dir=halted.run_dir,
-                  eval_config=halted.eval).fit()
+    fit_until_crash(halted, 3, KeyboardInterrupt)
     assert ckpt.latest_checkpoint(halted.run_dir / "checkpoints") is not None
     run_recipe(halted, resume=True)
     a = load_file(str(straight.run_dir / "student" / "model.safetensors"))

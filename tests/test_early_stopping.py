@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import fit_until_crash
 from safetensors.torch import load_file
 
 from potstill.config import validate_recipe
 from potstill.config.common import EarlyStoppingConfig
 from potstill.errors import UserError
-from potstill.tasks import build_task
-from potstill.train import Distiller, build_objectives, run_recipe
 from potstill.train import checkpoint as ckpt
+from potstill.train import run_recipe
 from potstill.train.early_stopping import EarlyStopping
 
 
@@ -97,28 +97,12 @@ def test_run_stops_and_saves_the_best_step(digits_recipe, capsys):
     assert "early stopping at step 4" in err
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_selects_the_same_best_checkpoint(digits_recipe):
     """Killed during step 4 (checkpoint at 2 holds step 1's best weights), resumed: same saved student and best."""
     straight = validate_recipe(_recipe(digits_recipe, "straight", early_stopping=NEVER_BETTER, save_every=2))
     run_recipe(straight)
     halted = validate_recipe(_recipe(digits_recipe, "halted", early_stopping=NEVER_BETTER, save_every=2))
-    task = build_task(halted, run_dir=halted.run_dir)
-    original, calls = task.teacher_signal, {"n": 0}
-
-    def interrupt_at_4(batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise _Interrupt
-        return original(batch)
-
-    task.teacher_signal = interrupt_at_4
-    with pytest.raises(_Interrupt):
-        Distiller(task, build_objectives(halted), halted.trainer, run_dir=halted.run_dir,
-                  eval_config=halted.eval).fit()
+    fit_until_crash(halted, 4)
     found = ckpt.list_checkpoints(halted.run_dir / "checkpoints")
     assert [s for s, _ in found] == [2] and (found[0][1] / "best_student.safetensors").is_file()
     summary = run_recipe(halted, resume=True)

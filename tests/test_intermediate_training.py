@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import embedding_recipe, numbered_texts_jsonl, tiny_bert_encoder
+from conftest import embedding_recipe, fit_until_crash, numbered_texts_jsonl, tiny_bert_encoder
 from safetensors.torch import load_file
 from test_tasks import TOPICS
 from transformers import (
@@ -196,19 +196,7 @@ def test_narrow_student_trains_a_projection_and_resumes_exactly(tmp_path, classi
     assert state["hidden_mse"]["projections.0.weight"].shape == (32, 16)
 
     halted = validate_recipe(dict(base, name="halted"))
-    task = build_task(halted, run_dir=halted.run_dir)
-    original, calls = task.teacher_signal, {"n": 0}
-
-    def interrupt_at_5(batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(batch)
-
-    task.teacher_signal = interrupt_at_5
-    with pytest.raises(KeyboardInterrupt):
-        Distiller(task, build_objectives(halted), halted.trainer, run_dir=halted.run_dir,
-                  eval_config=halted.eval).fit()
+    fit_until_crash(halted, 5, KeyboardInterrupt)
     run_recipe(halted, resume=True)
     a = load_file(str(straight.run_dir / "student" / "model.safetensors"))
     b = load_file(str(halted.run_dir / "student" / "model.safetensors"))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_text_classifier
+from conftest import fit_until_crash, tiny_text_classifier
 from safetensors.torch import load_file
 
 from potstill.config import validate_recipe
@@ -93,33 +93,14 @@ def test_lora_on_a_static_student_is_refused():
         EmbeddingStudentConfig(init="static", lora={"r": 2})
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resumed_lora_run_ends_with_the_same_student(tmp_path):
-    from potstill.tasks import build_task
-    from potstill.train import Distiller, build_objectives
-
     raw = tiny_text_classifier(tmp_path)
     raw["student"] = {**raw["student"], "lora": LORA}
     raw["trainer"] = {**raw["trainer"], "lr": 1e-2, "max_steps": 4, "save_every": 2}
     straight = validate_recipe(dict(raw, name="straight"))
     run_recipe(straight)
     halted = validate_recipe(dict(raw, name="halted"))
-    task = build_task(halted, run_dir=halted.run_dir)
-    original, calls = task.teacher_signal, {"n": 0}
-
-    def interrupt_at_3(batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Interrupt
-        return original(batch)
-
-    task.teacher_signal = interrupt_at_3
-    with pytest.raises(_Interrupt):
-        Distiller(task, build_objectives(halted), halted.trainer, run_dir=halted.run_dir,
-                  eval_config=halted.eval).fit()
+    fit_until_crash(halted, 3)
     run_recipe(halted, resume=True)
     wa = load_file(str(straight.run_dir / "student" / "model.safetensors"))
     wb = load_file(str(halted.run_dir / "student" / "model.safetensors"))

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import fit_until_crash
 from safetensors.torch import load_file
 
 from potstill.config import validate_recipe
 from potstill.errors import UserError
-from potstill.tasks import build_task
-from potstill.train import Distiller, build_objectives, run_recipe
 from potstill.train import checkpoint as ckpt
+from potstill.train import run_recipe
 from potstill.train.wise_ft import INIT_FILE, WiSEFT, interpolate_weights
 
 
@@ -77,28 +77,12 @@ def test_run_saves_the_mix_of_init_and_trained(digits_recipe, capsys):
     assert not (mixed.run_dir / INIT_FILE).exists()
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_mixes_with_the_init_of_the_start(digits_recipe):
     """Killed at step 4 with a checkpoint at 2, then resumed: the same saved student as an uninterrupted run."""
     straight = validate_recipe(_recipe(digits_recipe, "straight", wise_ft_alpha=0.5, save_every=2))
     run_recipe(straight)
     halted = validate_recipe(_recipe(digits_recipe, "halted", wise_ft_alpha=0.5, save_every=2))
-    task = build_task(halted, run_dir=halted.run_dir)
-    original, calls = task.teacher_signal, {"n": 0}
-
-    def interrupt_at_4(batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise _Interrupt
-        return original(batch)
-
-    task.teacher_signal = interrupt_at_4
-    with pytest.raises(_Interrupt):
-        Distiller(task, build_objectives(halted), halted.trainer, run_dir=halted.run_dir,
-                  eval_config=halted.eval).fit()
+    fit_until_crash(halted, 4)
     assert [s for s, _ in ckpt.list_checkpoints(halted.run_dir / "checkpoints")] == [2]
     lost = validate_recipe(_recipe(digits_recipe, "lost", wise_ft_alpha=0.5, save_every=2))
     shutil.copytree(halted.run_dir, lost.run_dir)
