@@ -164,3 +164,15 @@ def fit_until_crash(recipe, at_call: int, error: type[BaseException] = CrashInSt
     with pytest.raises(error):
         Distiller(task, build_objectives(recipe, task), recipe.trainer, run_dir=recipe.run_dir,
                   eval_config=recipe.eval).fit()
+
+
+def tiny_search_recipe(tmp_path: Path, *, max_steps: int) -> dict:
+    """The search tests' base: a 3-layer, 32-wide BERT teacher (head size 16) and an embedding recipe (dict) on 16
+    short texts with 8 held out, starting from teacher layer 0."""
+    teacher = tiny_bert_encoder(tmp_path / "teacher", num_hidden_layers=3)
+    texts = ["a small cat sat", "the dog ran far away", "rain on the roof", "two plus two is four"]
+    train = numbered_texts_jsonl(tmp_path / "train.jsonl", texts * 4)
+    held = numbered_texts_jsonl(tmp_path / "eval.jsonl", texts * 2)
+    return embedding_recipe(tmp_path, teacher, train, eval_data=held, name="tiny",
+                            student={"init": "layers_from_teacher", "layers": [0]},
+                            objectives=[{"name": "embedding_mse"}], max_steps=max_steps)

@@ -118,15 +118,9 @@ def test_pareto_front_on_hand_made_points():
 
 @pytest.fixture
 def embedding_setup(tmp_path):
-    from conftest import embedding_recipe, numbered_texts_jsonl, tiny_bert_encoder, write_yaml
+    from conftest import tiny_search_recipe, write_yaml
 
-    teacher = tiny_bert_encoder(tmp_path / "teacher", num_hidden_layers=3)
-    texts = ["a small cat sat", "the dog ran far away", "rain on the roof", "two plus two is four"]
-    train = numbered_texts_jsonl(tmp_path / "train.jsonl", texts * 4)
-    held = numbered_texts_jsonl(tmp_path / "eval.jsonl", texts * 2)
-    raw = embedding_recipe(tmp_path, teacher, train, eval_data=held, name="tiny",
-                           student={"init": "layers_from_teacher", "layers": [0]},
-                           objectives=[{"name": "embedding_mse"}], max_steps=2)
+    raw = tiny_search_recipe(tmp_path, max_steps=2)
     raw["eval"]["batch_size"] = 8
     recipe = write_yaml(tmp_path / "recipe.yaml", raw)
     space = write_yaml(tmp_path / "space.yaml", {
