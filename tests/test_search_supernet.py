@@ -202,3 +202,40 @@ def test_the_shipped_supernet_space_fits_the_demo_teacher():
     check_space(space, recipe, str(path))  # every subnet fits all-MiniLM-L6-v2 (6 layers, 384 wide, FFN 1536)
     assert space.supernet is not None and space.supernet.steps == 240
     assert len(all_values(space, elastic_space(space, teacher_config(recipe)))) == 45
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_search_killed_while_the_supernet_trains_continues_it(tiny, monkeypatch):
+    """Killed in the supernet's 3rd step (partial saves every step), the rerun starts at step 2 and ends with the
+    weights of an uninterrupted training, bit for bit; the partial file is gone once the supernet is whole."""
+    import torch
+    from safetensors.torch import load_file
+
+    import potstill.students.supernet as supernet_module
+    from potstill.search import supernet_proxy
+    from potstill.search.space import load_space
+
+    tmp_path, recipe, space = tiny
+    supernet_proxy.SupernetProxy(recipe, [], load_space(space), tmp_path / "straight")
+    monkeypatch.setattr(supernet_proxy, "SAVE_EVERY", 1)
+    original, calls = supernet_module.sandwich_step, []
+
+    def killed_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(supernet_module, "sandwich_step", killed_in_step_3)
+    halted = tmp_path / "halted"
+    with pytest.raises(KeyboardInterrupt):
+        supernet_proxy.SupernetProxy(recipe, [], load_space(space), halted)
+    partial = halted / "supernet" / "partial.pt"
+    assert torch.load(partial, weights_only=False)["step"] == 2
+    assert not (halted / "supernet" / "supernet.safetensors").exists()
+    supernet_proxy.SupernetProxy(recipe, [], load_space(space), halted)
+    assert len(calls) == 4  # steps 1, 2, the killed 3rd, then only the 3rd again
+    a = load_file(str(tmp_path / "straight" / "supernet" / "supernet.safetensors"))
+    b = load_file(str(halted / "supernet" / "supernet.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not partial.exists()

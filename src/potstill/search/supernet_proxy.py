@@ -16,8 +16,10 @@ teacher's head count, the recipe's training texts, the first 64 of its held-out 
 
 Per study, in `<study>/supernet/`: `supernet.safetensors` (the trained weights, written atomically) and
 `manifest.json` (the settings it was trained with, written last). A rerun of the search, killed or not, loads
-it instead of training again; a rerun with other settings is refused. Per trial: the quality is the candidate's
-held-out relation loss (`supernet_loss`, minimized); the candidate is extracted as a standalone `BertModel`
+it instead of training again; a rerun with other settings is refused. While it trains, `partial.pt` (weights,
+optimizer, random states, step; atomic) is written every `SAVE_EVERY` steps, so a search killed during the
+supernet's training continues it where it stopped and ends with the same weights. Per trial: the quality is the
+candidate's held-out relation loss (`supernet_loss`, minimized); the candidate is extracted as a standalone `BertModel`
 folder `<study>/students/<label>/` (the trained supernet's slice, with the tokenizer) and its speed-up over the
 teacher is measured as for the other proxies (`trial.measured_speed`). The candidate's recipe (a Pareto point's)
 is the search recipe with `student: {init: pretrained, path: <that folder>}`: `potstill run` distils it further.
@@ -44,6 +46,8 @@ from potstill.students.supernet import ElasticBert, ElasticSpace, Subnet
 SUPERNET_DIR = "supernet"
 WEIGHTS_FILE = "supernet.safetensors"
 MANIFEST_FILE = "manifest.json"
+PARTIAL_FILE = "partial.pt"
+SAVE_EVERY = 20  # supernet steps between the partial saves of an unfinished training
 STUDENTS_DIR = "students"
 HELDOUT_LIMIT = 64
 
@@ -245,15 +249,53 @@ class SupernetProxy:
         optimizer = torch.optim.AdamW([p for p in elastic.parameters() if p.requires_grad], lr=s.lr,
                                       weight_decay=0.0)
         elastic.train()
-        losses = []
+        losses: list[float] = []
+        partial = self.study_dir / SUPERNET_DIR / PARTIAL_FILE
+        start = self._resume_partial(partial, elastic, optimizer, rng, losses)
         with task_progress(f"supernet: {s.steps} sandwich steps (once per study)", s.steps) as advance:
-            for inputs in batches:
+            advance(start)
+            for step in range(start, len(batches)):
+                inputs = batches[step]
                 losses.append(sandwich_step(elastic, self.space.sample(rng, n_random=s.n_random), inputs,
                                             self.teacher_qkv(inputs), heads=self.heads))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 advance(1)
+                if (step + 1) % SAVE_EVERY == 0 and step + 1 < len(batches):
+                    self._save_partial(partial, step + 1, elastic, optimizer, rng, losses)
         return statistics.fmean(losses[-10:])
+
+    def _save_partial(self, path: Path, step: int, elastic: ElasticBert, optimizer: Any, rng: random.Random,
+                      losses: list[float]) -> None:
+        import io
+
+        import torch
+
+        from potstill.io import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        torch.save({"manifest": self.manifest(), "step": step, "supernet": elastic.state_dict(),
+                    "optimizer": optimizer.state_dict(), "python_rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "losses": losses}, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def _resume_partial(self, path: Path, elastic: ElasticBert, optimizer: Any, rng: random.Random,
+                        losses: list[float]) -> int:
+        """The step an interrupted training of this study's supernet reached (its state restored), else 0."""
+        import torch
+
+        if not path.is_file():
+            return 0
+        saved = torch.load(path, map_location="cpu", weights_only=False)  # written by _save_partial above
+        if saved["manifest"] != self.manifest():
+            raise UserError(f"{path}: this study's unfinished supernet was trained with other settings (teacher, "
+                            f"space dims or supernet block); use another --study-dir")
+        elastic.load_state_dict(saved["supernet"])
+        optimizer.load_state_dict(saved["optimizer"])
+        rng.setstate(saved["python_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        losses.extend(saved["losses"])
+        return int(saved["step"])
 
     def _save(self, elastic: ElasticBert, manifest: dict[str, Any]) -> None:
         from safetensors.torch import save
@@ -265,6 +307,7 @@ class SupernetProxy:
         state = {k: v.detach().contiguous() for k, v in elastic.supernet.state_dict().items()}
         atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
         atomic_write_json(folder / MANIFEST_FILE, manifest)  # last: its presence means the weights are whole
+        (folder / PARTIAL_FILE).unlink(missing_ok=True)
 
     # ---- per trial
     def heldout_loss(self, subnet: Subnet) -> float:
