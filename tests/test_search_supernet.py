@@ -239,3 +239,31 @@ def test_a_search_killed_while_the_supernet_trains_continues_it(tiny, monkeypatc
     b = load_file(str(halted / "supernet" / "supernet.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not partial.exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_budget_spent_while_the_supernet_trains_ends_the_search_and_the_rerun_continues(tiny, monkeypatch,
+                                                                                        capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from potstill.search import supernet_proxy
+    from potstill.search.space import load_space
+
+    tmp_path, recipe, space = tiny
+    _fake_speed(monkeypatch)
+    supernet_proxy.SupernetProxy(recipe, [], load_space(space), tmp_path / "straight")
+    with monkeypatch.context() as clock:  # the budget is over as soon as the first supernet step ends
+        clock.setattr(supernet_proxy, "time", SimpleNamespace(perf_counter=lambda: 1e12))
+        study = tmp_path / "study"
+        first = _search(recipe, space, study)
+    assert first["finished"] == 0 and {t["state"] for t in first["trials"]} == {"waiting"}  # 4 queued subnets
+    assert "supernet" not in first
+    assert "the budget ran out while the supernet trained (step 1 of 3, saved); run the same command again" \
+        in capsys.readouterr().err
+    assert torch.load(study / "supernet" / "partial.pt", weights_only=False)["step"] == 1
+    again = _search(recipe, space, study)
+    assert again["finished"] == 4 and again["supernet"]["trained_now"]
+    a = load_file(str(tmp_path / "straight" / "supernet" / "supernet.safetensors"))
+    b = load_file(str(study / "supernet" / "supernet.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not (study / "supernet" / "partial.pt").exists()

@@ -125,12 +125,18 @@ def run_search(settings: SearchSettings) -> dict[str, Any]:
     start = time.perf_counter()
     supernet = None
     if space.proxy == "supernet":
-        from potstill.search.supernet_proxy import SupernetProxy, all_values, supernet_overrides
+        from potstill.search.supernet_proxy import SupernetProxy, SupernetUnfinished, all_values, supernet_overrides
 
         if not study.trials:  # AutoDistil scores the whole space: every subnet is queued, in a fixed order
             for values in all_values(space, elastic_space_of(space, recipe)):
                 study.enqueue_trial(values)
-        supernet = SupernetProxy(settings.recipe_path, settings.user_sets, space, study_dir)
+        try:
+            supernet = SupernetProxy(settings.recipe_path, settings.user_sets, space, study_dir,
+                                     deadline=start + settings.budget_seconds)
+        except SupernetUnfinished as unfinished:
+            console.print(f"search: {unfinished}; run the same command again to continue it", highlight=False,
+                          soft_wrap=True)
+            return write_outputs(study, settings, meta, final=True)
         meta["supernet"] = supernet.describe()
     durations: list[float] = []
     while True:

@@ -18,7 +18,8 @@ Per study, in `<study>/supernet/`: `supernet.safetensors` (the trained weights, 
 `manifest.json` (the settings it was trained with, written last). A rerun of the search, killed or not, loads
 it instead of training again; a rerun with other settings is refused. While it trains, `partial.pt` (weights,
 optimizer, random states, step; atomic) is written every `SAVE_EVERY` steps, so a search killed during the
-supernet's training continues it where it stopped and ends with the same weights. Per trial: the quality is the
+supernet's training continues it where it stopped and ends with the same weights; so does one that ran out of
+`--budget` during it (the state is saved at that step and the search ends). Per trial: the quality is the
 candidate's held-out relation loss (`supernet_loss`, minimized); the candidate is extracted as a standalone `BertModel`
 folder `<study>/students/<label>/` (the trained supernet's slice, with the tokenizer) and its speed-up over the
 teacher is measured as for the other proxies (`trial.measured_speed`). The candidate's recipe (a Pareto point's)
@@ -160,16 +161,27 @@ def training_texts(pool: list[str], count: int, seed: int) -> list[str]:
     return out[:count]
 
 
-class SupernetProxy:
-    """The study's supernet (trained or loaded on construction) and the per-trial scoring."""
+class SupernetUnfinished(Exception):
+    """The search's budget ran out while the supernet trained; its state is in `partial.pt` for the rerun."""
 
-    def __init__(self, recipe_path: Path, user_sets: list[str], space: SearchSpace, study_dir: Path) -> None:
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"the budget ran out while the supernet trained (step {step} of {total}, saved)")
+        self.step, self.total = step, total
+
+
+class SupernetProxy:
+    """The study's supernet (trained or loaded on construction) and the per-trial scoring. Past `deadline`
+    (a `time.perf_counter()` value) an unfinished training saves its state and raises `SupernetUnfinished`."""
+
+    def __init__(self, recipe_path: Path, user_sets: list[str], space: SearchSpace, study_dir: Path,
+                 deadline: float | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         from potstill.config import load_recipe
         from potstill.students.loading import resolve_model_path
 
         self.recipe_path, self.user_sets, self.study_dir = recipe_path, user_sets, study_dir
+        self.deadline = deadline
         self.recipe = load_recipe(recipe_path, user_sets)
         self.settings = space.supernet or SupernetSettings()
         folder = resolve_model_path(str(self.recipe.teacher.path), field="teacher.path")
@@ -261,8 +273,11 @@ class SupernetProxy:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 advance(1)
-                if (step + 1) % SAVE_EVERY == 0 and step + 1 < len(batches):
+                out_of_time = self.deadline is not None and time.perf_counter() > self.deadline
+                if step + 1 < len(batches) and ((step + 1) % SAVE_EVERY == 0 or out_of_time):
                     self._save_partial(partial, step + 1, elastic, optimizer, rng, losses)
+                    if out_of_time:
+                        raise SupernetUnfinished(step + 1, len(batches))
         return statistics.fmean(losses[-10:])
 
     def _save_partial(self, path: Path, step: int, elastic: ElasticBert, optimizer: Any, rng: random.Random,
