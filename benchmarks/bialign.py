@@ -53,14 +53,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from potstill.data.icl_demos import Demo, DemoSetCollator, ICLQuery
+from potstill.data.icl_demos import DemoSetCollator, ICLQuery, icl_queries
+from potstill.examples import icl_labels
+from potstill.examples.icl_labels import VALUES, VOCAB, icl_record
 from potstill.losses.bialign import bialign, demo_set_scores
 
-KEYS = [f"k{i}" for i in range(16)]
-VALUES = [f"v{i}" for i in range(16)]
-VOCAB = {w: i + 1 for i, w in enumerate(KEYS + VALUES)}  # 0 = padding
 VALUE_IDS = torch.tensor([VOCAB[v] for v in VALUES])
-POOL_RIGHT, POOL_WRONG, SHOTS, TRAIN_SETS, EVAL_SETS = 3, 4, 3, 4, 6
+SHOTS, TRAIN_SETS, EVAL_SETS = 3, 4, 6
 TRAIN_LABELS, HELD_OUT_LABELS = list(range(12)), list(range(12, 16))
 ROWS = ("sft", "kd", "bialign")
 TEACHER, STUDENT = (2, 64, 4), (1, 32, 2)  # layers, width, heads
@@ -72,17 +71,14 @@ def encode(text: str) -> list[int]:
 
 def query(label: int, rng: random.Random) -> ICLQuery:
     """One query of the task whose answer is `label`; its pool: 3 demos with the label, 4 with other labels."""
-    wrong = [rng.choice([v for v in range(16) if v != label]) for _ in range(POOL_WRONG)]
-    pool = [Demo(KEYS[rng.randrange(16)], VALUES[v]) for v in [label] * POOL_RIGHT + wrong]
-    rng.shuffle(pool)
-    return ICLQuery(KEYS[rng.randrange(16)], VALUES[label], tuple(pool))
+    return icl_queries([icl_record(label, rng)])[0]
 
 
 def gpt2(layers: int, width: int, heads: int, seed: int) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(VOCAB) + 1, n_positions=16, n_embd=width, n_layer=layers, n_head=heads,
+    config = GPT2Config(vocab_size=len(VOCAB), n_positions=16, n_embd=width, n_layer=layers, n_head=heads,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config)
 
@@ -97,16 +93,9 @@ def warmup_adamw(model: torch.nn.Module, lr: float) -> tuple[torch.optim.Optimiz
 
 
 def pretraining_batch(rng: random.Random, size: int, noise: float) -> dict[str, torch.Tensor]:
-    """Label inference: 8 (key, label) pairs of a task with a random label, each pair's label the task's with
-    probability 1 − `noise`, else a random one. Loss on every label token."""
-    ids = torch.zeros(size, 16, dtype=torch.long)
-    for b in range(size):
-        label = rng.randrange(16)
-        for pair in range(8):
-            value = label if rng.random() >= noise else rng.randrange(16)
-            ids[b, 2 * pair], ids[b, 2 * pair + 1] = VOCAB[KEYS[rng.randrange(16)]], VOCAB[VALUES[value]]
-    targets = torch.full_like(ids, -100)
-    targets[:, 0:-1:2] = ids[:, 1::2]
+    """Label inference: 8 (key, label) pairs of a task with a random label (`icl_labels.pretraining_batch`), as a
+    batch with its attention mask. Loss on every label token."""
+    ids, targets = icl_labels.pretraining_batch(rng, size, noise)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "targets": targets}
 
 
