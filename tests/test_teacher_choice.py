@@ -10,7 +10,8 @@ import yaml
 from conftest import embedding_recipe, numbered_texts_jsonl, tiny_bert_encoder, write_yaml
 
 from potstill.errors import UserError
-from potstill.search.teacher_choice import TeacherChoiceSettings, choose_teacher, teacher_embeddings
+from potstill.search.teacher_choice import TeacherChoiceSettings, choose_teacher
+from potstill.tasks.embedding_sources import encoder_embeddings
 from potstill.teachers.zoo import h_score, probe_score
 
 ANIMALS = ["the cat purrs on the warm sofa", "a puppy chews a rubber bone", "the horse grazes in the field",
@@ -40,7 +41,7 @@ def test_scores_are_the_zoo_scores_of_each_teachers_embeddings_and_the_pick_is_t
     texts = [json.loads(line)["text"] for line in (root / "probe.jsonl").read_text().splitlines()]
     labels = [0] * len(ANIMALS) + [1] * len(MARKETS)
     for row, path in zip(result["teachers"], teachers, strict=True):
-        want = probe_score(teacher_embeddings(path, texts, pooling="mean", max_length=16), labels, seed=0)
+        want = probe_score(encoder_embeddings(path, texts, pooling="mean", max_length=16), labels, seed=0)
         assert row["teacher"] == path and row["score"] == pytest.approx(want)
     scores = [r["score"] for r in result["teachers"]]
     assert result["nearest"] == teachers[scores.index(max(scores))]
@@ -54,7 +55,7 @@ def test_h_score_metric(setup):
     root, recipe, teachers = setup
     result = choose_teacher(TeacherChoiceSettings(recipe, teachers, root / "h", metric="h_score"))
     texts = [json.loads(line)["text"] for line in (root / "probe.jsonl").read_text().splitlines()]
-    want = h_score(teacher_embeddings(teachers[1], texts, pooling="mean", max_length=16),
+    want = h_score(encoder_embeddings(teachers[1], texts, pooling="mean", max_length=16),
                    [0] * len(ANIMALS) + [1] * len(MARKETS))
     assert result["teachers"][1]["score"] == pytest.approx(want, rel=1e-6)
 

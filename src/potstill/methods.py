@@ -276,6 +276,8 @@ METHODS: dict[str, MethodInfo] = {
                    "benchmarks/distill_nearest.py", _ZOO),
         MethodInfo("DistillWeighted", _BORUP, 2023, "objective", _LOSSES + "multi_teacher",
                    "weighted_multi_teacher_kl", "benchmarks/distill_nearest.py", _ZOO),
+        MethodInfo("DistillWeighted for sentence encoders (teacher.sources)", _BORUP, 2023, "teacher",
+                   "potstill.teachers.ensemble", "weighted_concatenation", "benchmarks/distill_nearest.py", _ZOO),
         MethodInfo("Program distillation (execution-verified teacher programs)", _PAD, 2023, "data generator",
                    "potstill.program_distillation", "generate_programs", _RECIPES + "program-distillation.yaml",
                    _PROGRAMS),

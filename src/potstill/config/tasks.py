@@ -24,7 +24,7 @@ from potstill.config.common import (
     check_domains,
     check_domains_teacher,
 )
-from potstill.config.paths import RelPath
+from potstill.config.paths import ModelPath, RelPath
 
 Pooling = Literal["mean", "cls"]
 POOLING_DESCRIPTION = "sentence pooling of the encoder's token vectors"
@@ -65,6 +65,25 @@ class EmbeddingStudentConfig(StudentConfig):
         "true}")
 
 
+class WeightedTeacherSource(Strict):
+    """One more teacher of a DistillWeighted embedding run: a sentence encoder and its weight."""
+
+    path: ModelPath = Field(description="Hugging Face encoder folder or id, or builtin:minilm (its own tokenizer; "
+                            "pooled as the recipe's `pooling`)")
+    weight: float = Field(gt=0, description="the source's weight w_s (the weights are normalised to sum to 1); "
+                          "`potstill search --teachers` writes its similarity weights here")
+
+
+class EmbeddingTeacherConfig(EncoderTeacherConfig):
+    """The embedding task's teacher: also DistillWeighted's sources."""
+
+    sources: list[WeightedTeacherSource] = Field(
+        default_factory=list, description="DistillWeighted (Borup et al. 2023): distil these encoders instead of "
+        "teacher.path alone, loss Σ_s w_s · MSE(head_s(student), source_s) with one learned head per source "
+        "(embedding_mse only); teacher.path still gives the student's init, tokenizer and the cosine / recall "
+        "evaluation; list it here too to distil it")
+
+
 class EmbeddingEvalConfig(EvalConfig):
     probe_train: DataSource | None = Field(None, description="labelled texts to fit a linear probe")
     probe_test: DataSource | None = Field(None, description="labelled texts to score the probe")
@@ -76,7 +95,7 @@ class EmbeddingRecipe(RecipeBase):
     """task: embedding: a sentence encoder distilled on its pooled vectors."""
 
     task: Literal["embedding"]
-    teacher: EncoderTeacherConfig = Field(default_factory=EncoderTeacherConfig, description="the teacher model")
+    teacher: EmbeddingTeacherConfig = Field(default_factory=EmbeddingTeacherConfig, description="the teacher model")
     student: EmbeddingStudentConfig = Field(description="how the student is built")
     data: EncoderData
     pooling: Pooling = Field("mean", description=POOLING_DESCRIPTION)
@@ -89,6 +108,24 @@ class EmbeddingRecipe(RecipeBase):
             if unknown:
                 raise ValueError(f"student.config for init static takes pca_dims, sif_coefficient and normalize; "
                                  f"got {', '.join(unknown)}")
+        if self.teacher.sources:
+            self._check_sources()
+
+    def _check_sources(self) -> None:
+        """DistillWeighted's sources: a teacher folder to build the student from, and embedding_mse as the only
+        objective on the output vectors (the weighted per-source MSE is one MSE on a weighted concatenation)."""
+        from potstill.losses import get_objective
+
+        if self.teacher.path is None:
+            raise ValueError("teacher.sources needs teacher.path (the encoder whose tokenizer and layers the student "
+                             "starts from), not teacher.factory")
+        if self.student.init == "static":
+            raise ValueError("teacher.sources: a static student is built without training; drop the sources or use "
+                             "another student.init")
+        for i, objective in enumerate(self.objectives):
+            if get_objective(objective.name).kind == "embedding" and objective.name != "embedding_mse":
+                raise ValueError(f"objectives.{i}.name: with teacher.sources the output vectors are distilled by "
+                                 f"embedding_mse (DistillWeighted's weighted per-source MSE); got {objective.name}")
 
 
 class VisionRecipe(RecipeBase):

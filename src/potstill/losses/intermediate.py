@@ -39,11 +39,18 @@ LayerSpec = str | Sequence[Sequence[int]]
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What an objective needs to know of a model: transformer layers, hidden width, attention heads."""
+    """What an objective needs to know of a model: transformer layers, hidden width, attention heads, and the width
+    of the vectors its task compares when that is not `hidden` (`output`; e.g. DistillWeighted's concatenated
+    sources)."""
 
     layers: int
     hidden: int
     heads: int
+    output: int | None = None
+
+    @property
+    def output_width(self) -> int:
+        return self.hidden if self.output is None else self.output
 
 
 def layer_map(spec: LayerSpec, student_layers: int, teacher_layers: int, *,
@@ -239,8 +246,8 @@ class ProjectedLoss(nn.Module):
         self.projection: nn.Linear | None = None
 
     def bind(self, student: ModelShape, teacher: ModelShape) -> None:
-        if student.hidden != teacher.hidden and self.projection is None:
-            self.projection = nn.Linear(student.hidden, teacher.hidden, bias=False)
+        if student.output_width != teacher.output_width and self.projection is None:
+            self.projection = nn.Linear(student.output_width, teacher.output_width, bias=False)
 
     def needs(self) -> dict[str, list[int]]:
         return {}

@@ -25,7 +25,8 @@ def search(recipe: Annotated[Path, typer.Argument(help="embedding or causal_lm r
            teachers: Annotated[list[str] | None, typer.Option("--teachers", metavar="A,B,C", help="instead of a "
                                                               "space: candidate teachers (folders, builtin:<name>, "
                                                               "hub ids), comma-separated or repeated; "
-                                                              "DistillNearest picks one")] = None,
+                                                              "DistillNearest picks one, DistillWeighted "
+                                                              "weights all")] = None,
            metric: Annotated[str, typer.Option("--metric", help="teacher score with --teachers: probe or "
                                                "h_score")] = "probe",
            temperature: Annotated[float, typer.Option("--temperature", help="DistillWeighted's softmax temperature "
@@ -35,7 +36,7 @@ def search(recipe: Annotated[Path, typer.Argument(help="embedding or causal_lm r
 
     The space (docs/search.md) covers depth, width, heads, FFN, init, objectives and weights, temperature, lr.
     With --teachers instead: score candidate teachers on the recipe's labelled texts (eval.probe_train) and
-    write the recipe with the best one (DistillNearest).
+    write the recipe with the best one (DistillNearest) and the recipe distilling all, weighted (DistillWeighted).
     """
     if teachers:
         if space is not None:
@@ -88,7 +89,8 @@ def _choose_teachers(recipe: Path, teachers: list[str], out_dir: Path | None, me
     results = result_console()
     results.print(rich_table(f"teachers scored on {result['labelled_texts']} labelled texts (eval.probe_train)",
                              rows))
-    results.print(f"potstill run {result['nearest_recipe']}   # teachers.json in {folder}", highlight=False)
+    results.print(f"potstill run {result['nearest_recipe']}    # DistillNearest; teachers.json in {folder}\n"
+                  f"potstill run {result['weighted_recipe']}   # DistillWeighted", highlight=False)
 
 
 def advise(teacher: Annotated[str, typer.Option("--teacher", help="teacher model folder or builtin:minilm / "

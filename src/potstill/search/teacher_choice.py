@@ -9,19 +9,18 @@ DistillNearest's pick; softmax(score / T) gives DistillWeighted's weights.
 
 Outputs, in the choice folder (default `<output_dir>/<name>-teachers`):
 - `teachers.json`: every candidate's score and weight, the metric, the pick;
-- `<name>-nearest.yaml`: the recipe with `teacher.path` set to the pick, ready for `potstill run`.
-The weights are reported, not trained on: an embedding run distils one teacher.
+- `<name>-nearest.yaml`: the recipe with `teacher.path` set to the pick, ready for `potstill run`;
+- `<name>-weighted.yaml`: DistillWeighted, the recipe with the pick as `teacher.path` (the student's init,
+  tokenizer and evaluation) and every candidate in `teacher.sources` with its weight.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from potstill.encoder_inputs import encoder_inputs
 from potstill.errors import UserError
 
 
@@ -50,29 +49,12 @@ def _labelled_texts(recipe: Any, limit: int | None) -> tuple[list[str], list[Any
     return [r["text"] for r in records], [r["label"] for r in records]
 
 
-def teacher_embeddings(path: str, texts: list[str], *, pooling: str, max_length: int,
-                       batch_size: int = 64) -> torch.Tensor:
-    """Sentence embeddings (n, d) of `texts` from the frozen encoder at `path`, pooled as the recipe says."""
-    from transformers import AutoModel
-
-    from potstill.students.encode import encode_texts, pool
-    from potstill.tasks.models import load_hf_teacher
-
-    model, tokenizer = load_hf_teacher(path, AutoModel, field="--teachers")
-
-    def embed(chunk: list[str]) -> torch.Tensor:
-        batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        inputs = encoder_inputs(batch)
-        return pool(model(**inputs).last_hidden_state, batch["attention_mask"], pooling)
-
-    return encode_texts(model, texts, embed, batch_size=batch_size)
-
-
 def choose_teacher(settings: TeacherChoiceSettings, *, progress: Any = None) -> dict[str, Any]:
     """Score every candidate teacher on the recipe's labelled texts; write `teachers.json` and the recipe with
     the pick as its teacher; return what `teachers.json` holds."""
     from potstill.config import dump_recipe, load_recipe
     from potstill.io import atomic_write_json, atomic_write_text
+    from potstill.tasks.embedding_sources import encoder_embeddings
     from potstill.teachers.zoo import h_score, nearest, probe_score, similarity_weights
 
     if len(settings.teachers) < 2:
@@ -83,8 +65,8 @@ def choose_teacher(settings: TeacherChoiceSettings, *, progress: Any = None) -> 
     texts, labels = _labelled_texts(recipe, settings.limit)
     rows = []
     for path in settings.teachers:
-        features = teacher_embeddings(path, texts, pooling=recipe.pooling, max_length=recipe.data.max_length,
-                                      batch_size=recipe.eval.batch_size)
+        features = encoder_embeddings(path, texts, pooling=recipe.pooling, max_length=recipe.data.max_length,
+                                      batch_size=recipe.eval.batch_size, field="--teachers")
         score = (probe_score(features, labels, seed=recipe.seed) if settings.metric == "probe"
                  else h_score(features, labels))
         rows.append({"teacher": path, "dim": int(features.shape[1]), "score": score})
@@ -100,7 +82,15 @@ def choose_teacher(settings: TeacherChoiceSettings, *, progress: Any = None) -> 
     atomic_write_text(recipe_path, f"# potstill search --teachers: DistillNearest picked {pick} "
                                    f"({settings.metric} on eval.probe_train, {len(texts)} texts)\n"
                                    f"{dump_recipe(chosen)}")
+    weighted_path = settings.out_dir / f"{recipe.name}-weighted.yaml"
+    sources = json.dumps([{"path": r["teacher"], "weight": r["weight"]} for r in rows])
+    weighted = load_recipe(settings.recipe_path, [*settings.user_sets, f"teacher.path={pick}",
+                                                  f"teacher.sources={sources}"])
+    atomic_write_text(weighted_path, f"# potstill search --teachers: DistillWeighted, every candidate weighted by "
+                                     f"softmax({settings.metric} / {settings.temperature}); the pick {pick} gives the "
+                                     f"student's init\n{dump_recipe(weighted)}")
     result = {"recipe": str(settings.recipe_path), "metric": settings.metric, "temperature": settings.temperature,
-              "labelled_texts": len(texts), "teachers": rows, "nearest": pick, "nearest_recipe": str(recipe_path)}
+              "labelled_texts": len(texts), "teachers": rows, "nearest": pick, "nearest_recipe": str(recipe_path),
+              "weighted_recipe": str(weighted_path)}
     atomic_write_json(settings.out_dir / "teachers.json", result)
     return result

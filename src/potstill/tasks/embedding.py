@@ -2,13 +2,16 @@
 
 The teacher's embeddings of the training texts are computed once per run and cached on disk
 (`<run>/teacher_cache/`, with a manifest: teacher, tokenizer, data fingerprint, max length, pooling,
-checksum); a resumed run reuses them. Metrics: mean cosine to the teacher, teacher-neighbour recall@10,
+checksum); a resumed run reuses them. With `teacher.sources` (DistillWeighted) the cached target is the sources'
+weighted concatenation (`tasks/embedding_sources.py`), and the objectives compare the student's vectors with it
+through one learned projection (a head per source). Metrics: mean cosine to the teacher, teacher-neighbour recall@10,
 linear-probe accuracy (when labelled probe data is given), Spearman against human similarity ratings
 (when pairs are given), encode throughput (sentences/s) and parameter count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -101,7 +104,8 @@ class EmbeddingTask(Task):
     # ---- the teacher cache
     def _manifest(self) -> dict[str, Any]:
         r = self.recipe
-        return {"format": CACHE_FORMAT, "teacher": str(r.teacher.path),
+        sources = [{"path": str(src.path), "weight": src.weight} for src in r.teacher.sources]
+        return {"format": CACHE_FORMAT, "teacher": str(r.teacher.path), **({"sources": sources} if sources else {}),
                 "teacher_config": hashlib.sha256(self.teacher.config.to_json_string().encode()).hexdigest(),
                 "tokenizer": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer),
                 "data": fingerprint_records(self.train_records), "rows": len(self.train_records),
@@ -111,11 +115,25 @@ class EmbeddingTask(Task):
         def compute() -> torch.Tensor:
             from potstill.ui import task_progress
 
+            r = self.recipe
+            if r.teacher.sources:
+                from potstill.tasks.embedding_sources import weighted_source_vectors
+
+                return weighted_source_vectors(r.teacher.sources, self._texts, pooling=r.pooling,
+                                               max_length=r.data.max_length, batch_size=r.eval.batch_size)
             with task_progress("teacher embeddings (cached once per run)", len(self._texts)) as advance:
                 return self.encode(self.teacher, self._texts, progress=advance)
 
         return cached_tensor(self.run_dir / "teacher_cache", self._manifest(), "embeddings", compute,
                              is_main=is_main, barrier=barrier)
+
+    def model_shape(self, role: str) -> Any:
+        """The models' shapes; with `teacher.sources` the teacher's `output` is the width of the sources' weighted
+        concatenation, which the embedding objectives project the student's vectors to."""
+        shape = super().model_shape(role)
+        if role == "teacher" and self.recipe.teacher.sources:
+            return dataclasses.replace(shape, output=int(self.teacher_cache.shape[1]))
+        return shape
 
     # ---- batches
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:

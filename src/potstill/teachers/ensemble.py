@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["minmax_ensemble", "minmax_normalize"]
+__all__ = ["minmax_ensemble", "minmax_normalize", "weighted_concatenation"]
 
 
 def minmax_normalize(scores: Tensor, *, mask: Tensor | None = None) -> Tensor:
@@ -74,3 +74,31 @@ def minmax_ensemble(
             )
     total = sum(minmax_normalize(s, mask=mask) for s in teachers)
     return total * (float(scale) / len(teachers))
+
+
+def weighted_concatenation(vectors: Sequence[Tensor], weights: Sequence[float] | Tensor) -> Tensor:
+    """DistillWeighted's target for embedding teachers (Borup, Phoo & Hariharan 2023): the S sources' vectors
+    t_s (n, d_s), each scaled by √(w_s · D / d_s), side by side in one (n, D) tensor, D = Σ d_s, w normalised
+    to sum to 1.
+
+    Why this is the multi-source loss: with one student head P_s (d_s × d) per source, stacked as the rows of
+    P = [P_1; …; P_S] (one learned projection, what `ProjectedLoss` learns), the mean squared error over the D
+    columns is
+        (1/D)·‖P e − T‖² = Σ_s (w_s / d_s)·‖P'_s e − t_s‖² = Σ_s w_s · MSE_s,   P'_s = P_s / √(w_s D / d_s),
+    the weighted sum of each source's own per-dimension MSE through its own head. Float32.
+    """
+    if len(vectors) == 0:
+        raise ValueError("weighted_concatenation needs at least one source")
+    w = torch.as_tensor(weights, dtype=torch.float32).flatten()
+    if w.numel() != len(vectors):
+        raise ValueError(f"{len(vectors)} sources but {w.numel()} weights")
+    if bool((w <= 0).any()):
+        raise ValueError(f"source weights must be positive, got {w.tolist()}")
+    rows = {int(v.shape[0]) for v in vectors}
+    if len(rows) != 1 or any(v.dim() != 2 for v in vectors):
+        raise ValueError(f"every source needs a (n, d_s) matrix over the same n rows, got shapes "
+                         f"{[tuple(v.shape) for v in vectors]}")
+    w = w / w.sum()
+    total = sum(int(v.shape[1]) for v in vectors)
+    scaled = [v.float() * torch.sqrt(w_s * total / v.shape[1]) for v, w_s in zip(vectors, w, strict=True)]
+    return torch.cat(scaled, dim=1)
