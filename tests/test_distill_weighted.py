@@ -20,25 +20,26 @@ TEXTS = ["the cat purrs on the warm sofa", "shares fell sharply after the report
          "kittens chase a ball of wool", "the stock index closed at a record"]
 
 
-def test_one_mse_on_the_concatenation_is_the_weighted_sum_of_per_source_mses():
+def test_one_squared_error_on_the_concatenation_is_the_weighted_sum_of_per_source_errors():
     torch.manual_seed(0)
     n, d = 5, 4
     student = torch.randn(n, d)
-    sources = [torch.randn(n, 3), torch.randn(n, 6)]
+    sources = [torch.randn(n, 3) * 10, torch.randn(n, 6)]
     heads = [torch.randn(3, d), torch.randn(6, d)]
     w = torch.tensor([0.3, 0.7])
-    by_hand = sum(w[s] * ((student @ heads[s].T - sources[s]) ** 2).mean() for s in range(2))
+    unit = [s / s.norm(dim=1, keepdim=True) for s in sources]
+    by_hand = sum(w[s] * ((student @ heads[s].T - unit[s]) ** 2).sum() for s in range(2))
     target = weighted_concatenation(sources, [3.0, 7.0])  # weights are normalised: 0.3, 0.7
-    total = 9
     # the stacked heads of the concatenation: each source's head scaled as its vectors are
-    stacked = torch.cat([heads[s] * torch.sqrt(w[s] * total / sources[s].shape[1]) for s in range(2)])
-    assert target.shape == (n, total)
-    assert ((student @ stacked.T - target) ** 2).mean() == pytest.approx(float(by_hand), rel=1e-5)
+    stacked = torch.cat([heads[s] * torch.sqrt(w[s]) for s in range(2)])
+    assert target.shape == (n, 9)
+    assert torch.allclose(target.norm(dim=1), torch.ones(n))
+    assert ((student @ stacked.T - target) ** 2).sum() == pytest.approx(float(by_hand), rel=1e-5)
 
 
-def test_one_source_of_weight_one_is_the_source_itself():
+def test_one_source_of_weight_one_is_its_unit_vectors():
     vectors = torch.randn(4, 8)
-    assert torch.equal(weighted_concatenation([vectors], [2.5]), vectors)
+    assert torch.allclose(weighted_concatenation([vectors], [2.5]), vectors / vectors.norm(dim=1, keepdim=True))
 
 
 @pytest.mark.parametrize("vectors, weights, message", [
@@ -94,9 +95,9 @@ def test_a_weighted_run_distils_the_concatenation_through_one_learned_head(zoo):
     assert target.shape == (len(TEXTS) * 2, 32 + 48)
     manifest = json.loads((recipe.run_dir / "teacher_cache" / "manifest.json").read_text())
     assert [s["weight"] for s in manifest["sources"]] == [0.25, 0.75]
-    # the first 32 columns are the teacher's own vectors scaled by sqrt(0.25 * 80 / 32)
+    # the first 32 columns are the teacher's own unit vectors scaled by sqrt(0.25)
     own = task.encode(task.teacher, task._texts)
-    assert torch.allclose(target[:, :32], own * (0.25 * 80 / 32) ** 0.5, atol=1e-5)
+    assert torch.allclose(target[:, :32], 0.5 * own / own.norm(dim=1, keepdim=True), atol=1e-5)
     head = distiller.objectives[0].fn.projection
     assert head is not None and tuple(head.weight.shape) == (80, 32)
     losses = [json.loads(line)["loss"] for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()

@@ -79,7 +79,7 @@ class EmbeddingTeacherConfig(EncoderTeacherConfig):
 
     sources: list[WeightedTeacherSource] = Field(
         default_factory=list, description="DistillWeighted (Borup et al. 2023): distil these encoders instead of "
-        "teacher.path alone, loss Σ_s w_s · MSE(head_s(student), source_s) with one learned head per source "
+        "teacher.path alone, loss Σ_s w_s · ‖head_s(student) − unit(source_s)‖² with one learned head per source "
         "(embedding_mse only); teacher.path still gives the student's init, tokenizer and the cosine / recall "
         "evaluation; list it here too to distil it")
 

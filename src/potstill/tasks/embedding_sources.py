@@ -1,9 +1,10 @@
 """Sentence encoders as frozen sources of vectors: one encoder over a list of texts, and DistillWeighted's
 weighted sources (`teacher.sources` of an embedding recipe) as one target matrix.
 
-Each source is read with its own tokenizer and pooled as the recipe says; its vectors are scaled and set side by
-side by `potstill.teachers.ensemble.weighted_concatenation`, so the embedding task's `embedding_mse` through one
-learned projection is Σ_s w_s · MSE_s with a head per source (Borup, Phoo & Hariharan 2023).
+Each source is read with its own tokenizer and pooled as the recipe says; its vectors are made unit length, scaled
+by √w_s and set side by side by `potstill.teachers.ensemble.weighted_concatenation`, so the embedding task's
+`embedding_mse` through one learned projection is Σ_s w_s times each source's squared error through a head of its
+own (Borup, Phoo & Hariharan 2023).
 """
 
 from __future__ import annotations

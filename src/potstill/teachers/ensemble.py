@@ -78,14 +78,15 @@ def minmax_ensemble(
 
 def weighted_concatenation(vectors: Sequence[Tensor], weights: Sequence[float] | Tensor) -> Tensor:
     """DistillWeighted's target for embedding teachers (Borup, Phoo & Hariharan 2023): the S sources' vectors
-    t_s (n, d_s), each scaled by √(w_s · D / d_s), side by side in one (n, D) tensor, D = Σ d_s, w normalised
-    to sum to 1.
+    t_s (n, d_s), each row scaled to unit length and then by √w_s, side by side in one (n, D) tensor, D = Σ d_s,
+    w normalised to sum to 1. Every row of the result has unit length.
 
     Why this is the multi-source loss: with one student head P_s (d_s × d) per source, stacked as the rows of
-    P = [P_1; …; P_S] (one learned projection, what `ProjectedLoss` learns), the mean squared error over the D
-    columns is
-        (1/D)·‖P e − T‖² = Σ_s (w_s / d_s)·‖P'_s e − t_s‖² = Σ_s w_s · MSE_s,   P'_s = P_s / √(w_s D / d_s),
-    the weighted sum of each source's own per-dimension MSE through its own head. Float32.
+    P = [P_1; …; P_S] (one learned projection, what `ProjectedLoss` learns),
+        ‖P e − T‖² = Σ_s w_s · ‖P'_s e − t̂_s‖²,   P'_s = P_s / √w_s,   t̂_s = t_s / ‖t_s‖,
+    the weighted sum of each source's squared error through its own head (the mean over the D columns divides
+    it by the constant D). Unit rows first, so that the weights, not the sources' vector norms, set each
+    source's share. Float32.
     """
     if len(vectors) == 0:
         raise ValueError("weighted_concatenation needs at least one source")
@@ -99,6 +100,5 @@ def weighted_concatenation(vectors: Sequence[Tensor], weights: Sequence[float] |
         raise ValueError(f"every source needs a (n, d_s) matrix over the same n rows, got shapes "
                          f"{[tuple(v.shape) for v in vectors]}")
     w = w / w.sum()
-    total = sum(int(v.shape[1]) for v in vectors)
-    scaled = [v.float() * torch.sqrt(w_s * total / v.shape[1]) for v, w_s in zip(vectors, w, strict=True)]
-    return torch.cat(scaled, dim=1)
+    unit = [torch.nn.functional.normalize(v.float(), dim=1) for v in vectors]
+    return torch.cat([u * torch.sqrt(w_s) for u, w_s in zip(unit, w, strict=True)], dim=1)
