@@ -87,7 +87,7 @@ def test_a_run_writes_the_run_folder_and_its_numbers(tmp_path):
 def test_a_second_run_into_the_folder_is_refused_without_resume_or_overwrite(tmp_path):
     recipe = tiny(tmp_path, method="finetune")
     first = run_continual(recipe)
-    with pytest.raises(UserError, match="already holds checkpoints up to step 2; pass --resume to continue it, "
+    with pytest.raises(UserError, match="already holds checkpoints up to stream task 2; pass --resume to continue it, "
                                         "--overwrite to start over"):
         run_continual(recipe)
     assert run_continual(recipe, resume=True) == first  # complete: nothing to redo

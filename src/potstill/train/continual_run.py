@@ -169,7 +169,7 @@ def run_continual(recipe: ContinualRecipe, *, resume: bool = False, overwrite: b
             console.print(f"{run_dir} is already complete (same recipe): nothing to resume", highlight=False)
             return finished
         recipe_text = dump_recipe(recipe)
-        check_run_dir(run_dir, recipe_text, resume=resume, overwrite=overwrite)
+        check_run_dir(run_dir, recipe_text, resume=resume, overwrite=overwrite, unit="stream task")
         tasks = build_stream(recipe)  # a data problem stops the run before the folder is touched
         prepare_run_dir(run_dir, recipe_text, resume=resume)
         return _train(recipe, tasks, resume=resume)

@@ -21,7 +21,10 @@ Why not a stream of `Distiller` runs: PRD's objectives read the batch's labels (
 prototype matrix that is both trained and frozen at task boundaries, the previous model's prototypes are a
 second teacher output, and prediction is nearest-prototype; the `Objective` contract passes neither labels nor
 teacher state beyond one signal, and `image_classification` evaluates arg-max logits against a teacher with
-the student's width. The loop below is kept to one step function and one task function.
+the student's width. The loop below is kept to one step function and one task function; `train_stream` is the
+one implementation behind both `benchmarks/prd_continual.py` and `task: continual` recipes
+(`potstill.train.continual_run`, which logs through its `on_step` / `after_task` hooks and continues a stopped
+stream from a task boundary with `done=`).
 
 Defaults follow the paper where they carry over (SupCon τ 0.1, λ_p 2, λ_d 4, distillation τ 1, prototype
 lr 0.01, batch 128); epochs per task and the backbone are small, for CPU runs. Prototypes start at scale 1e-3:

@@ -85,11 +85,13 @@ def check_output_dir(recipe: AnyRecipe) -> None:
                         f"output_dir")
 
 
-def check_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to wipe an earlier run by accident, and to resume a run whose recipe has changed."""
+def check_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool, overwrite: bool,
+                  unit: str = "step") -> None:
+    """Refuse to wipe an earlier run by accident, and to resume a run whose recipe has changed. `unit`: what a
+    checkpoint's number counts, for the message (a continual run's count stream tasks)."""
     done = ckpt.list_checkpoints(run_dir / "checkpoints")
     if not resume and not overwrite and (done or (run_dir / "summary.json").exists()):
-        where = f"checkpoints up to step {done[-1][0]}" if done else "a finished run"
+        where = f"checkpoints up to {unit} {done[-1][0]}" if done else "a finished run"
         raise UserError(f"{run_dir} already holds {where}; pass --resume to continue it, --overwrite "
                         f"to start over, or choose another run name (--set name=...)")
     stored = run_dir / "recipe.yaml"
