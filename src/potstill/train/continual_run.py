@@ -36,6 +36,7 @@ from potstill.train.prd_stream import (
 
 MODEL_FILE, STATE_FILE, NET_FILE = "model.safetensors", "state.json", "continual_net.json"
 KEEP_LAST = 2  # task checkpoints kept
+STREAM_CLASSES = 10  # both builtin streams; the classifier and the prototypes cover all of them from the start
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ def stream_config(recipe: ContinualRecipe) -> StreamConfig:
 
 
 def build_stream(recipe: ContinualRecipe) -> list[StreamTask]:
+    """The recipe's stream: the builtin stream's per-class draws, its first `num_tasks` tasks."""
     c = recipe.continual
     tasks = builtin_stream(c.stream, train_per_class=c.train_per_class, test_per_class=c.test_per_class,
                            seed=c.subset_seed)
@@ -67,12 +69,8 @@ def build_stream(recipe: ContinualRecipe) -> list[StreamTask]:
 def _net_config(recipe: ContinualRecipe, tasks: list[StreamTask]) -> dict[str, Any]:
     b = recipe.continual.backbone
     return {"width": b.width, "depth": b.depth, "features": b.features, "projection_dim": b.projection_dim,
-            "num_classes": 10, "image_size": int(tasks[0].train.images.shape[-1]),
+            "num_classes": STREAM_CLASSES, "image_size": int(tasks[0].train.images.shape[-1]),
             "in_channels": int(tasks[0].train.images.shape[1]), "seed": recipe.seed}
-
-
-def _build_net(config: dict[str, Any]) -> ContinualNet:
-    return small_cnn_net(**config)
 
 
 def load_continual_net(folder: str | Path) -> tuple[ContinualNet, dict[str, Any]]:
@@ -86,7 +84,7 @@ def load_continual_net(folder: str | Path) -> tuple[ContinualNet, dict[str, Any]
         weights = load_file(str(folder / MODEL_FILE))
     except (OSError, ValueError) as err:
         raise UserError(f"{folder}: not a saved continual network ({NET_FILE} and {MODEL_FILE}): {err}") from None
-    net = _build_net(info["network"])
+    net = small_cnn_net(**info["network"])
     net.load_state_dict(weights)
     return net.eval(), info
 
@@ -184,7 +182,7 @@ def _train(recipe: ContinualRecipe, tasks: list[StreamTask], *, resume: bool) ->
     run_dir, cfg, settings = recipe.run_dir, stream_config(recipe), recipe.continual
     root, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     network = _net_config(recipe, tasks)
-    model = _build_net(network)
+    model = small_cnn_net(**network)
     done = _restore(root, model, console.print) if resume else None
     first = len(done.accuracy) if done is not None else 0
     _keep_metrics_before(metrics, first)
