@@ -22,6 +22,9 @@ Reported after the last task, mean ± std over the seeds: average accuracy over 
 (class-incremental: predicting among all 10 classes), forgetting (mean drop from each old task's best accuracy),
 and seconds per run (one torch thread).
 
+The same runs through `potstill run`: `recipes/split-mnist-prd.yaml` (`task: continual`, `--set
+continual.method=lwf` / `finetune`; the same code, `potstill.train.continual_run`).
+
 Usage: nice -n 5 python benchmarks/prd_continual.py [--streams split-mnist split-fashion-mnist] [--seeds 0 1 2]
        [--epochs 5] [--methods finetune lwf prd prd-t0.1 prd-code-axis prd-nodistill] [--json out.json]
 """
@@ -35,12 +38,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from potstill.data.image_transforms import random_crop
 from potstill.data.task_stream import builtin_stream
-from potstill.students.cnn import small_cnn
-from potstill.train.prd_stream import ContinualNet, StreamConfig, train_stream
+from potstill.train.prd_stream import ContinualNet, StreamConfig, random_crop_augment, small_cnn_net, train_stream
 
 FEATURES = 64
 ROWS = {"finetune": ("fine-tuning (CE)", {"method": "finetune"}),
@@ -53,12 +53,7 @@ ROWS = {"finetune": ("fine-tuning (CE)", {"method": "finetune"}),
 
 
 def build(seed: int) -> ContinualNet:
-    backbone = nn.Sequential(small_cnn(width=16, depth=2, num_classes=FEATURES, seed=seed), nn.ReLU())
-    return ContinualNet(backbone, FEATURES, num_classes=10, projection_dim=32, seed=seed)
-
-
-def crop(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return random_crop(images, 2, generator)
+    return small_cnn_net(width=16, depth=2, features=FEATURES, projection_dim=32, num_classes=10, seed=seed)
 
 
 def summary(values: list[float]) -> str:
@@ -95,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 cfg = StreamConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed,
                                    **settings)  # type: ignore[arg-type]
-                run = train_stream(build(seed), tasks, cfg, augment=crop)
+                run = train_stream(build(seed), tasks, cfg, augment=random_crop_augment(2))
                 runs.append({"seed": seed, "average_accuracy": run.average_accuracy, "forgetting": run.forgetting,
                              "seconds": run.seconds, "accuracy": run.accuracy})
                 print(f"  {name:40s} seed {seed}: average accuracy {run.average_accuracy:.3f}, forgetting "

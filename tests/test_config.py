@@ -13,6 +13,7 @@ from conftest import write_yaml
 from pydantic import BaseModel
 
 from potstill.config import (
+    DISTILLATION_TASKS,
     RECIPE_OF_TASK,
     TASKS,
     RecipeRelative,
@@ -51,7 +52,7 @@ def test_every_packaged_recipe_validates():
         packaged_recipe("nope")
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", DISTILLATION_TASKS)
 def test_each_task_gets_its_own_recipe_model(task):
     recipe = validate_recipe(minimal(task))
     assert type(recipe) is RECIPE_OF_TASK[task] and recipe.task == task
@@ -129,6 +130,7 @@ def _leaves(annotation, marked: bool = False):
 # str fields that are not file-system paths (model.field -> what it is)
 NOT_PATHS = {
     "RecipeBase.name": "a run name", "RecipeBase.output_dir": "relative to the cwd, as documented",
+    "ContinualRecipe.name": "a run name", "ContinualRecipe.output_dir": "relative to the cwd, as documented",
     "ObjectiveConfig.name": "an objective", "DataSource.split": "a dataset split",
     "TeacherConfig.factory": "'module:function'", "StudentConfig.factory": "'module:function'",
     "TeacherConfig.layers_path": "a module path inside the model", "StudentConfig.layers_path": "the same",

@@ -414,6 +414,12 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     from potstill.report import rich_table
 
     results = _results()
+    if summary.get("task") == "continual":  # potstill.train.continual_run
+        results.print(rich_table(f"{summary['method']} on {summary['stream']}: test accuracy per stream task",
+                                 summary["table"]))
+        results.print(f"average accuracy {summary['average_accuracy']:.3f}, forgetting {summary['forgetting']:.3f}; "
+                      f"network saved to {summary['student_dir']}", highlight=False)
+        return
     results.print(rich_table("teacher / student before / student after", summary["table"]))
     results.print(f"student saved to {summary['student_dir']}; report: {run_dir / 'report.html'}", highlight=False)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from potstill.config import load_saved_recipe
+from potstill.config import distillation_recipe, load_saved_recipe
 from potstill.errors import UserError
 
 
@@ -13,7 +13,8 @@ def _saved_recipe(run_dir: Path, kind: str = "potstill") -> Any:
     """The recipe of a finished run (one with recipe.yaml and student/); `kind` names the run in the error."""
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "student").is_dir():
         raise UserError(f"{run_dir}: not a finished {kind} run (expected recipe.yaml and student/ inside)")
-    return load_saved_recipe(run_dir / "recipe.yaml")
+    path = run_dir / "recipe.yaml"
+    return distillation_recipe(load_saved_recipe(path), "potstill eval / export", where=str(path))
 
 
 def _load_student(run_dir: Path, recipe: Any) -> tuple[Any, Any]:

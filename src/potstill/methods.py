@@ -321,10 +321,10 @@ METHODS: dict[str, MethodInfo] = {
                    'Language Models for Open Named Entity Recognition"', 2024, "evaluation", "potstill.eval.ner",
                    "entity_f1", "benchmarks/universal_ner.py", _UNIVERSAL_NER),
         MethodInfo("PRD (prototype-sample relation distillation)", _PRD_PAPER, 2023, "objective", _LOSSES + "prd",
-                   "prd_relation_kl", "benchmarks/prd_continual.py", _PRD),
+                   "prd_relation_kl", _RECIPES + "split-mnist-prd.yaml", _PRD),
         MethodInfo("PRD continual-learning stream (SupCon + prototypes, no replay; fine-tuning and LwF baselines)",
                    _PRD_PAPER, 2023, "loop hook", "potstill.train.prd_stream", "train_stream",
-                   "benchmarks/prd_continual.py", _PRD),
+                   _RECIPES + "split-mnist-prd.yaml", _PRD),
         MethodInfo("PromptKD (deep visual prompts + projector on a frozen ViT)", 'Li et al., "PromptKD: '
                    'Unsupervised Prompt Distillation for Vision-Language Models"', 2024, "student builder",
                    "potstill.students.promptkd", "prompted_vit", _RECIPES + "mnist-promptkd.yaml", _PROMPTKD),

@@ -7,7 +7,8 @@ file, the line and the field path.
 
 - `common`: the sections every task has (data, teacher, student, objectives, trainer, eval) and `RecipeBase`;
 - `tasks`: classification, embedding, vision and ranking recipes; `generative`: causal_lm and seq2seq;
-  `images`: image_classification (image sources, transforms, SSLD's pool);
+  `images`: image_classification (image sources, transforms, SSLD's pool); `continual`: `task: continual` (a
+  class-incremental stream with no replay: PRD, LwF, fine-tuning; not a teacher → student run);
 - `paths`: `RelPath` / `ModelPath` / `DataPath`, path fields resolved against the recipe's folder at load time;
 - `loading`: load / validate / dump recipes, `--set` overrides, `recipe_changes`; `messages`: error text.
 """
@@ -15,6 +16,7 @@ file, the line and the field path.
 from __future__ import annotations
 
 from potstill.config.common import (
+    DISTILLATION_TASKS,
     TASKS,
     DataConfig,
     DataSource,
@@ -28,6 +30,7 @@ from potstill.config.common import (
     TeacherConfig,
     TrainerConfig,
 )
+from potstill.config.continual import ContinualRecipe, ContinualSettings
 from potstill.config.generative import (
     CausalLMData,
     CausalLMRecipe,
@@ -59,7 +62,7 @@ from potstill.config.loading import (
 )
 from potstill.config.messages import format_validation_error
 from potstill.config.paths import DataPath, ModelPath, RecipeRelative, RelPath
-from potstill.config.recipe import RECIPE_OF_TASK, Recipe
+from potstill.config.recipe import RECIPE_OF_TASK, AnyRecipe, Recipe, distillation_recipe
 from potstill.config.tasks import (
     ClassificationRecipe,
     EmbeddingEvalConfig,
@@ -74,14 +77,14 @@ from potstill.config.tasks import (
 )
 
 __all__ = [
-    "RECIPE_OF_TASK", "RESUMABLE_CHANGES", "TASKS", "CausalLMData", "CausalLMRecipe", "CausalLMTeacherConfig",
-    "CausalLMTrainerConfig", "ClassificationRecipe", "DataConfig", "DataPath", "DataSource", "DomainWeightedData",
-    "DomainsConfig", "EmbeddingEvalConfig", "EmbeddingRecipe", "EmbeddingStudentConfig", "EndpointConfig",
-    "EvalConfig", "GenerationConfig", "ImageClassificationRecipe", "ImageData", "ImageSource", "MaskedLMRecipe",
-    "MaskingConfig", "SSLDConfig",
-    "TransformsConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData",
+    "DISTILLATION_TASKS", "RECIPE_OF_TASK", "RESUMABLE_CHANGES", "TASKS", "AnyRecipe", "CausalLMData",
+    "CausalLMRecipe", "CausalLMTeacherConfig", "CausalLMTrainerConfig", "ClassificationRecipe", "ContinualRecipe",
+    "ContinualSettings", "DataConfig", "DataPath", "DataSource", "DomainWeightedData", "DomainsConfig",
+    "EmbeddingEvalConfig", "EmbeddingRecipe", "EmbeddingStudentConfig", "EndpointConfig", "EvalConfig",
+    "GenerationConfig", "ImageClassificationRecipe", "ImageData", "ImageSource", "MaskedLMRecipe", "MaskingConfig",
+    "SSLDConfig", "TransformsConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData",
     "RankingRecipe", "Recipe", "RecipeBase", "RecipeRelative", "RelPath", "Seq2SeqData", "Seq2SeqRecipe",
     "Seq2SeqTeacherConfig", "StepByStepConfig", "StudentConfig", "TeacherConfig", "TextTeacherConfig",
-    "TrainerConfig", "VisionRecipe", "apply_overrides", "dump_recipe", "format_validation_error", "load_recipe",
-    "load_saved_recipe", "recipe_changes", "validate_recipe",
+    "TrainerConfig", "VisionRecipe", "apply_overrides", "distillation_recipe", "dump_recipe",
+    "format_validation_error", "load_recipe", "load_saved_recipe", "recipe_changes", "validate_recipe",
 ]

@@ -354,8 +354,18 @@ def check_domains_teacher(recipe: RecipeBase) -> None:
                          "teacher.path or teacher.factory")
 
 
-TASKS = ("classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq", "image_classification",
-         "vision_language", "masked_lm")
+DISTILLATION_TASKS = ("classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq",
+                      "image_classification", "vision_language", "masked_lm")
+TASKS = (*DISTILLATION_TASKS, "continual")  # continual: potstill.config.continual, not a teacher → student run
+
+
+def check_run_name(name: str) -> str:
+    """`name` when it is a folder under output_dir: names separated by /, none empty, . or .."""
+    parts = name.replace("\\", "/").split("/")
+    if not name.strip() or any(part.strip() in ("", ".", "..") for part in parts):
+        raise ValueError(f"the run name is a folder under output_dir (names separated by /, none empty, . or "
+                         f"..), got {name!r}")
+    return name
 
 
 class RecipeBase(Strict):
@@ -365,7 +375,7 @@ class RecipeBase(Strict):
     name: str = Field("run", min_length=1, description="run name: output goes to <output_dir>/<name>/ (a "
                       "relative folder: not empty, no . or .. part)")
     output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
-    task: str = Field(description="what the models do: " + ", ".join(TASKS))
+    task: str = Field(description="what the models do: " + ", ".join(DISTILLATION_TASKS))
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random draw (0 .. 2**32 - 1)")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher model")
     student: StudentConfig = Field(description="how the student is built")
@@ -377,11 +387,7 @@ class RecipeBase(Strict):
     @field_validator("name")
     @classmethod
     def _folder_under_output_dir(cls, name: str) -> str:
-        parts = name.replace("\\", "/").split("/")
-        if not name.strip() or any(part.strip() in ("", ".", "..") for part in parts):
-            raise ValueError(f"the run name is a folder under output_dir (names separated by /, none empty, . or "
-                             f"..), got {name!r}")
-        return name
+        return check_run_name(name)
 
     @property
     def run_dir(self) -> Path:

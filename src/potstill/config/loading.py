@@ -10,9 +10,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from potstill.config.common import RecipeBase
+from potstill.config.continual import ContinualRecipe
 from potstill.config.messages import format_validation_error, model_at
 from potstill.config.paths import RECIPE_DIR
-from potstill.config.recipe import RECIPE_ADAPTER, RECIPE_OF_TASK, Recipe
+from potstill.config.recipe import RECIPE_ADAPTER, RECIPE_OF_TASK, AnyRecipe
 from potstill.errors import UserError
 
 # Fields a resumed run may change: where it is written, how it is evaluated, logged and checkpointed.
@@ -77,7 +78,7 @@ def overridden_fields(overrides: list[str]) -> dict[tuple[str | int, ...], str]:
     return {override_path(item.split("=", 1)[0]): item for item in overrides if "=" in item}
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyRecipe:
     """Read, override and validate a recipe; relative paths in it are relative to its folder (see
     potstill.config.paths). Every problem becomes a `UserError`."""
     path = Path(path)
@@ -89,7 +90,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def validate_recipe(raw: dict, *, source: str = "recipe", root: yaml.Node | None = None,
                     recipe_dir: Path | None = None,
-                    overridden: dict[tuple[str | int, ...], str] | None = None) -> Recipe:
+                    overridden: dict[tuple[str | int, ...], str] | None = None) -> AnyRecipe:
     """The recipe `raw` describes; with `recipe_dir`, its relative paths are resolved against that folder. A
     problem in a field that `overridden` (path → `--set` item) gave is blamed on that `--set`, not on the file."""
     try:
@@ -149,7 +150,7 @@ def _refuse_duplicate_keys(node: yaml.Node | None, source: str) -> None:
             stack.extend(node.value)
 
 
-def dump_recipe(recipe: RecipeBase) -> str:
+def dump_recipe(recipe: RecipeBase | ContinualRecipe) -> str:
     """The recipe as YAML: `name`, `task` and the fields that were set (given, overridden or assigned), not every
     default. Paths are as resolved at load time (absolute when they were relative to the recipe), so the text
     loads back, from any folder, into an equal recipe."""
@@ -177,7 +178,7 @@ def _set_fields(model: BaseModel, dumped: dict) -> dict:
     return out
 
 
-def load_saved_recipe(path: str | Path) -> Recipe:
+def load_saved_recipe(path: str | Path) -> AnyRecipe:
     """A run folder's recipe.yaml, also one saved before recipes were per task (which holds every field of every
     task: those of other tasks are dropped when they hold their default)."""
     path = Path(path)
@@ -228,7 +229,7 @@ def recipe_changes(old_yaml: str, new_yaml: str) -> list[str]:
             if not any(name == skip or name.startswith(skip + ".") for skip in RESUMABLE_CHANGES)]
 
 
-def _validated(text: str, source: str) -> Recipe:
+def _validated(text: str, source: str) -> AnyRecipe:
     raw, root = _parse_yaml(text, source)
     return validate_recipe(without_foreign_defaults(raw), source=source, root=root)
 

@@ -49,7 +49,7 @@ def search(recipe: Annotated[Path, typer.Argument(help="embedding or causal_lm r
                                  "choice)")
     from transformers.utils import logging
 
-    from potstill.config import load_recipe
+    from potstill.config import distillation_recipe, load_recipe
     from potstill.recipes import resolve_recipe
     from potstill.report import rich_table
     from potstill.search.pareto import front_rows
@@ -61,7 +61,7 @@ def search(recipe: Annotated[Path, typer.Argument(help="embedding or causal_lm r
     path = resolve_recipe(recipe)
     parsed = load_space(space)
     seconds = parse_budget(budget)
-    cfg = load_recipe(path, set_ or [])
+    cfg = distillation_recipe(load_recipe(path, set_ or []), "potstill search", where=str(path))
     folder = study_dir or Path(cfg.output_dir) / f"{cfg.name}-search"
     result = run_search(SearchSettings(path, parsed, space, folder, seconds, trials, set_ or [], study_name))
     results = result_console()
@@ -72,14 +72,14 @@ def search(recipe: Annotated[Path, typer.Argument(help="embedding or causal_lm r
 
 def _choose_teachers(recipe: Path, teachers: list[str], out_dir: Path | None, metric: str, temperature: float,
                      sets: list[str]) -> None:
-    from potstill.config import load_recipe
+    from potstill.config import distillation_recipe, load_recipe
     from potstill.recipes import resolve_recipe
     from potstill.report import rich_table
     from potstill.search.teacher_choice import TeacherChoiceSettings, choose_teacher
     from potstill.ui import console, result_console
 
     path = resolve_recipe(recipe)
-    cfg = load_recipe(path, sets)
+    cfg = distillation_recipe(load_recipe(path, sets), "potstill search --teachers", where=str(path))
     folder = out_dir or Path(cfg.output_dir) / f"{cfg.name}-teachers"
     result = choose_teacher(TeacherChoiceSettings(path, teachers, folder, metric, temperature, user_sets=sets),
                             progress=lambda row: console.print(f"{row['teacher']}: {metric} {row['score']:.4f}",

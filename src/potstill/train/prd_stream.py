@@ -21,7 +21,10 @@ Why not a stream of `Distiller` runs: PRD's objectives read the batch's labels (
 prototype matrix that is both trained and frozen at task boundaries, the previous model's prototypes are a
 second teacher output, and prediction is nearest-prototype; the `Objective` contract passes neither labels nor
 teacher state beyond one signal, and `image_classification` evaluates arg-max logits against a teacher with
-the student's width. The loop below is kept to one step function and one task function.
+the student's width. The loop below is kept to one step function and one task function; `train_stream` is the
+one implementation behind both `benchmarks/prd_continual.py` and `task: continual` recipes
+(`potstill.train.continual_run`, which logs through its `on_step` / `after_task` hooks and continues a stopped
+stream from a task boundary with `done=`).
 
 Defaults follow the paper where they carry over (SupCon τ 0.1, λ_p 2, λ_d 4, distillation τ 1, prototype
 lr 0.01, batch 128); epochs per task and the backbone are small, for CPU runs. Prototypes start at scale 1e-3:
@@ -41,14 +44,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from potstill.data.image_transforms import to_unit
+from potstill.data.image_transforms import random_crop, to_unit
 from potstill.data.task_stream import StreamTask
 from potstill.losses import forward_kl
 from potstill.losses.prd import RelationAxis, prd_relation_kl, prototype_loss, prototype_scores, supcon_loss
+from potstill.students.cnn import small_cnn
 
 Method = Literal["finetune", "lwf", "prd"]
 METHODS: tuple[Method, ...] = ("finetune", "lwf", "prd")
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+OnStep = Callable[[int, int, float], None]
 
 
 class ContinualNet(nn.Module):
@@ -70,6 +75,22 @@ class ContinualNet(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Features h."""
         return self.backbone(inputs)
+
+
+def small_cnn_net(*, width: int = 16, depth: int = 2, features: int = 64, projection_dim: int = 32,
+                  num_classes: int = 10, in_channels: int = 1, image_size: int = 28, seed: int = 0) -> ContinualNet:
+    """The network of the PRD benchmark and of `task: continual` recipes: `small_cnn` giving `features` outputs,
+    then a ReLU, as the backbone of a `ContinualNet`; the same seed builds the same network for every method."""
+    backbone = nn.Sequential(small_cnn(width=width, depth=depth, in_channels=in_channels, num_classes=features,
+                                       image_size=image_size, seed=seed), nn.ReLU())
+    return ContinualNet(backbone, features, num_classes=num_classes, projection_dim=projection_dim, seed=seed)
+
+
+def random_crop_augment(padding: int) -> Augment | None:
+    """Training augmentation: pad by `padding` pixels and crop back at a seeded random offset; None when 0."""
+    if padding == 0:
+        return None
+    return lambda images, generator: random_crop(images, padding, generator)
 
 
 @dataclass(frozen=True)
@@ -152,8 +173,9 @@ def _step_loss(model: ContinualNet, old: ContinualNet | None, x: torch.Tensor, y
 
 
 def train_task(model: ContinualNet, old: ContinualNet | None, task: StreamTask, seen_before: list[int],
-               cfg: StreamConfig, augment: Augment | None = None) -> None:
-    """`cfg.epochs` passes over `task`'s training rows (seeded shuffles; a last batch of one row is dropped)."""
+               cfg: StreamConfig, augment: Augment | None = None, on_step: OnStep | None = None) -> None:
+    """`cfg.epochs` passes over `task`'s training rows (seeded shuffles; a last batch of one row is dropped).
+    `on_step(step, steps, loss)` is called after each optimizer step (step counted from 1 within the task)."""
     seen = [*seen_before, *task.classes]
     generator = torch.Generator().manual_seed(cfg.seed * 1_000 + task.index)
     prototype_ids = {id(model.prototypes)}
@@ -164,6 +186,7 @@ def train_task(model: ContinualNet, old: ContinualNet | None, task: StreamTask, 
     ]
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     inputs, labels = to_unit(task.train.images), task.train.labels
+    steps, step = cfg.epochs * steps_per_epoch(len(labels), cfg.batch_size), 0
     model.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(len(labels), generator=generator)
@@ -175,6 +198,15 @@ def train_task(model: ContinualNet, old: ContinualNet | None, task: StreamTask, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            step += 1
+            if on_step is not None:
+                on_step(step, steps, float(loss.detach()))
+
+
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    """Optimizer steps of one pass over `rows` rows (a last batch of one row is dropped)."""
+    full, rest = divmod(rows, batch_size)
+    return full + (rest >= 2)
 
 
 @torch.no_grad()
@@ -197,17 +229,36 @@ def accuracy_on(model: ContinualNet, task: StreamTask, seen: Sequence[int], meth
     return float((predict(model, task.test.images, seen, method) == task.test.labels).float().mean())
 
 
+def frozen_copy(model: ContinualNet) -> ContinualNet:
+    """The "old" model of the next task: a copy of `model` in eval mode, without gradients."""
+    old = copy.deepcopy(model).eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    return old
+
+
 def train_stream(model: ContinualNet, tasks: Sequence[StreamTask], cfg: StreamConfig,
-                 augment: Augment | None = None) -> StreamResult:
-    """Train on `tasks` in order with no replay; after each, score every task so far (the accuracy matrix)."""
-    result, old, seen = StreamResult(), None, []  # type: ignore[var-annotated]
-    start = time.perf_counter()
-    for task in tasks:
-        train_task(model, old, task, list(seen), cfg, augment)
+                 augment: Augment | None = None, *, done: StreamResult | None = None,
+                 on_step: Callable[[StreamTask, int, int, float], None] | None = None,
+                 after_task: Callable[[StreamTask, ContinualNet, StreamResult], None] | None = None) -> StreamResult:
+    """Train on `tasks` in order with no replay; after each, score every task so far (the accuracy matrix).
+
+    To continue a stream stopped at a task boundary, pass `model` with the weights it had then and `done`, the
+    result so far: training starts at task `len(done.accuracy)`, with the frozen copy of `model` as the old
+    model, as it was in the uninterrupted run. `on_step(task, step, steps, loss)` follows each optimizer step,
+    `after_task(task, model, result)` each task's scoring (where a run saves its state)."""
+    result = StreamResult([list(row) for row in done.accuracy], done.seconds) if done is not None else StreamResult()
+    first = len(result.accuracy)
+    seen = [c for task in tasks[:first] for c in task.classes]
+    old = frozen_copy(model) if first else None
+    for task in tasks[first:]:
+        start = time.perf_counter()
+        step_hook = (lambda step, steps, loss, task=task: on_step(task, step, steps, loss)) if on_step else None
+        train_task(model, old, task, list(seen), cfg, augment, step_hook)
         seen += list(task.classes)
         result.accuracy.append([accuracy_on(model, earlier, seen, cfg.method) for earlier in tasks[:task.index + 1]])
-        old = copy.deepcopy(model).eval()
-        for p in old.parameters():
-            p.requires_grad_(False)
-    result.seconds = time.perf_counter() - start
+        result.seconds += time.perf_counter() - start
+        if after_task is not None:
+            after_task(task, model, result)
+        old = frozen_copy(model)
     return result

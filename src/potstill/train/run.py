@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from potstill.config import Recipe, dump_recipe
+from potstill.config import AnyRecipe, ContinualRecipe, Recipe, dump_recipe
 from potstill.errors import UserError
 from potstill.losses import get_objective
 from potstill.losses.catalogue import INTERNAL_KINDS
 from potstill.tasks import build_task, task_class
 from potstill.train.distiller import Distiller
 from potstill.train.objective import Objective
+from potstill.train.run_folder import check_output_dir
 
 
 def with_pruned_kd_weights(recipe: Recipe) -> Recipe:
@@ -78,22 +79,6 @@ def build_objectives(recipe: Recipe, task: Any = None) -> list[Objective]:
     return objectives
 
 
-def check_output_dir(recipe: Recipe) -> None:
-    """Refuse, before anything loads, an output_dir (or run folder) that is a file or cannot be written."""
-    import os
-    from pathlib import Path
-
-    for folder in (Path(recipe.output_dir), recipe.run_dir):
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"field output_dir: {folder} is a file; the run needs a folder there")
-    existing = recipe.run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"field output_dir: {existing} is not writable (read-only or no permission); choose another "
-                        f"output_dir")
-
-
 def check_factory_kwargs(recipe: Recipe) -> None:
     """teacher.kwargs / student.kwargs against their factory's signature (imports the module, builds nothing)."""
     from potstill.teachers.live import check_kwargs, load_callable
@@ -134,13 +119,18 @@ def fit_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     return task, distiller, distiller.fit(resume=resume, overwrite=overwrite)
 
 
-def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+def run_recipe(recipe: AnyRecipe, *, resume: bool = False, overwrite: bool = False,
                accelerator: Any = None) -> dict[str, Any]:
     """Train the student a recipe describes; returns the run summary (also in `<run>/summary.json`).
 
     `resume` continues from the run folder's newest usable checkpoint; `overwrite` replaces an earlier run
-    there. The run folder's lock (`<run>/.lock`) is held until the report is written.
+    there. The run folder's lock (`<run>/.lock`) is held until the report is written. A `task: continual`
+    recipe goes to its stream driver (`potstill.train.continual_run`).
     """
+    if isinstance(recipe, ContinualRecipe):
+        from potstill.train.continual_run import run_continual
+
+        return run_continual(recipe, resume=resume, overwrite=overwrite)
     from potstill.train.precision import new_accelerator
     from potstill.train.run_folder import run_lock
 

@@ -16,12 +16,13 @@ PID. Holding it, a start sweeps the leftovers of writes a killed run left half d
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from potstill.config import recipe_changes
+from potstill.config import AnyRecipe, recipe_changes
 from potstill.data.ddk import HISTORY_FILE as DDK_HISTORY
 from potstill.errors import UserError
 from potstill.io import atomic_write_text, sweep_temp
@@ -71,11 +72,26 @@ def run_lock(run_dir: Path, accelerator: Any) -> Iterator[None]:
                     run_dir.rmdir()  # only when empty
 
 
-def check_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to wipe an earlier run by accident, and to resume a run whose recipe has changed."""
+def check_output_dir(recipe: AnyRecipe) -> None:
+    """Refuse, before anything loads, an output_dir (or run folder) that is a file or cannot be written."""
+    for folder in (Path(recipe.output_dir), recipe.run_dir):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"field output_dir: {folder} is a file; the run needs a folder there")
+    existing = recipe.run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"field output_dir: {existing} is not writable (read-only or no permission); choose another "
+                        f"output_dir")
+
+
+def check_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool, overwrite: bool,
+                  unit: str = "step") -> None:
+    """Refuse to wipe an earlier run by accident, and to resume a run whose recipe has changed. `unit`: what a
+    checkpoint's number counts, for the message (a continual run's count stream tasks)."""
     done = ckpt.list_checkpoints(run_dir / "checkpoints")
     if not resume and not overwrite and (done or (run_dir / "summary.json").exists()):
-        where = f"checkpoints up to step {done[-1][0]}" if done else "a finished run"
+        where = f"checkpoints up to {unit} {done[-1][0]}" if done else "a finished run"
         raise UserError(f"{run_dir} already holds {where}; pass --resume to continue it, --overwrite "
                         f"to start over, or choose another run name (--set name=...)")
     stored = run_dir / "recipe.yaml"
