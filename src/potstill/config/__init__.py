@@ -7,7 +7,8 @@ file, the line and the field path.
 
 - `common`: the sections every task has (data, teacher, student, objectives, trainer, eval) and `RecipeBase`;
 - `tasks`: classification, embedding, vision and ranking recipes; `generative`: causal_lm and seq2seq;
-  `images`: image_classification (image sources, transforms, SSLD's pool);
+  `images`: image_classification (image sources, transforms, SSLD's pool); `segmentation`: segmentation
+  (image + mask sources, builtin:shapes' settings, LAD's label noise);
 - `paths`: `RelPath` / `ModelPath` / `DataPath`, path fields resolved against the recipe's folder at load time;
 - `loading`: load / validate / dump recipes, `--set` overrides, `recipe_changes`; `messages`: error text.
 """
@@ -60,6 +61,13 @@ from potstill.config.loading import (
 from potstill.config.messages import format_validation_error
 from potstill.config.paths import DataPath, ModelPath, RecipeRelative, RelPath
 from potstill.config.recipe import RECIPE_OF_TASK, Recipe
+from potstill.config.segmentation import (
+    LabelNoiseConfig,
+    SegmentationData,
+    SegmentationRecipe,
+    SegmentationSource,
+    ShapesSettings,
+)
 from potstill.config.tasks import (
     ClassificationRecipe,
     EmbeddingEvalConfig,
@@ -81,6 +89,7 @@ __all__ = [
     "MaskingConfig", "SSLDConfig",
     "TransformsConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData",
     "RankingRecipe", "Recipe", "RecipeBase", "RecipeRelative", "RelPath", "Seq2SeqData", "Seq2SeqRecipe",
+    "LabelNoiseConfig", "SegmentationData", "SegmentationRecipe", "SegmentationSource", "ShapesSettings",
     "Seq2SeqTeacherConfig", "StepByStepConfig", "StudentConfig", "TeacherConfig", "TextTeacherConfig",
     "TrainerConfig", "VisionRecipe", "apply_overrides", "dump_recipe", "format_validation_error", "load_recipe",
     "load_saved_recipe", "recipe_changes", "validate_recipe",
