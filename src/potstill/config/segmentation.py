@@ -25,8 +25,6 @@ from potstill.config.common import (
 )
 from potstill.config.paths import ModelPath, RelPath
 
-SHAPES_SPLITS = ("train", "test", "shifted")
-
 
 class SegmentationSource(DataSource):
     """Images and their masks: builtin:shapes (a split drawn from the shapes seed) or an .npz file."""

@@ -83,7 +83,7 @@ class SegmentationTask(Task):
         self.train_records = [{"i": i} for i in range(len(self.train_set))]
         eval_set = self.sets.get("eval")
         self.eval_records = [{"i": i} for i in range(len(eval_set))] if eval_set is not None else []
-        self._teacher_eval: dict[str, dict[str, torch.Tensor]] = {}
+        self._teacher_eval: dict[str, torch.Tensor] = {}
 
     def _check_models(self) -> int:
         """Run both models once on a zero image: the class count, or a one-line error."""
@@ -169,8 +169,8 @@ class SegmentationTask(Task):
                 noise = self.recipe.teacher.label_noise
                 generator = torch.Generator().manual_seed(10_000 + self.recipe.seed + (where == "shifted"))
                 labels = noise_labels(pairs.masks, self.num_classes, noise.p, noise.mode, noise.block, generator)
-            self._teacher_eval[where] = {"pred": self.predict(self.teacher, pairs.images, labels)}
-        return self._teacher_eval[where]["pred"]
+            self._teacher_eval[where] = self.predict(self.teacher, pairs.images, labels)
+        return self._teacher_eval[where]
 
     def evaluate(self, model: nn.Module, *, role: str = "student") -> dict[str, float]:
         metrics: dict[str, float] = {}
