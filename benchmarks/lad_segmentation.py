@@ -18,9 +18,10 @@ the mean over draws, the standard deviation across draws, and how often a pixel'
 between two draws (mean over consecutive pairs of draws). A LAD teacher's score therefore uses the (noised)
 held-out label: it is privileged, not a deployable segmenter; the students see images only.
 
-The training loop is a small one here, not potstill's Distiller: the Distiller drives a task adapter whose
-teacher is called on the batch inputs, and no segmentation task exists; the LAD teacher also needs the batch's
-mask and a fresh noise draw per step, and its dual-path loss trains the teacher itself, which no objective does.
+The training loop is a small one here (`potstill.teachers.lad.fit_segmenter`, which also builds the teachers of
+`python -m potstill.teachers.lad`), not potstill's Distiller: this script trains five models side by side, and
+the teachers' dual-path loss trains the teacher itself, which no objective does. The same students through
+`potstill run`: `recipes/shapes-lad.yaml` (task segmentation).
 
 The paper's teacher half is unreleased: the noising operator, consistency distance, teacher architecture and
 all defaults are this project's choices (see `potstill.losses.lad`).
@@ -42,38 +43,22 @@ import torch
 from torch import Tensor, nn
 
 from potstill.data.shapes import ShapesConfig, make_shapes, shifted
-from potstill.losses.lad import lad_student_loss, lad_teacher_loss, noise_labels
-from potstill.teachers.lad import LabelAssistedTeacher, segmentation_net
+from potstill.eval.segmentation import mean_iou as segmentation_mean_iou
+from potstill.losses.lad import lad_student_loss, noise_labels
+from potstill.teachers.lad import fit_segmenter, segmentation_net, train_lad_teacher
 
 NUM_CLASSES = 3
 
 
 def mean_iou(pred: Tensor, target: Tensor, num_classes: int = NUM_CLASSES) -> float:
-    """mIoU over classes with intersection and union summed over every pixel of the split."""
-    conf = torch.bincount(target.flatten() * num_classes + pred.flatten(), minlength=num_classes**2)
-    conf = conf.view(num_classes, num_classes).double()
-    inter = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - inter
-    return float((inter / union.clamp(min=1)).mean())
+    return segmentation_mean_iou(pred, target, num_classes)
 
 
 def train(model: nn.Module, step_loss: Callable[[Tensor, Tensor, torch.Generator], Tensor], images: Tensor,
           masks: Tensor, args: argparse.Namespace, seed: int) -> float:
-    """Adam over `args.epochs` shuffled passes; returns the seconds spent."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    start = time.perf_counter()
-    model.train()
-    for _ in range(args.epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for i in range(0, len(images), args.batch):
-            idx = order[i:i + args.batch]
-            loss = step_loss(images[idx], masks[idx], gen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    return time.perf_counter() - start
+    """Adam over `args.epochs` shuffled passes (`potstill.teachers.lad.fit_segmenter`); returns the seconds spent."""
+    return fit_segmenter(model, step_loss, images, masks, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
+                         seed=seed)
 
 
 @torch.no_grad()
@@ -109,26 +94,23 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     def noised(y: Tensor, gen: torch.Generator) -> Tensor:
         return noise_labels(y, NUM_CLASSES, args.p, args.mode, args.block, gen)
 
-    image_teacher = segmentation_net(1, NUM_CLASSES, args.teacher_width, seed)
-    ce = nn.CrossEntropyLoss()
-    secs = train(image_teacher, lambda x, y, g: ce(image_teacher(x), y), x_tr, y_tr, args, seed)
+    settings = {"width": args.teacher_width, "seed": seed, "epochs": args.epochs, "batch_size": args.batch,
+                "lr": args.lr}
+    image_teacher, secs = train_lad_teacher("image-only", x_tr, y_tr, **settings)
     out["image-only teacher"] = {"secs": secs} | {
         f"{name}_miou": mean_iou(predict(image_teacher, x), y) for name, (x, y) in splits.items()}
 
     lad_teachers = {}
     for weight in (0.0, args.consistency):
-        teacher = LabelAssistedTeacher(1, NUM_CLASSES, args.teacher_width, seed)
-
-        def teacher_step(x: Tensor, y: Tensor, g: torch.Generator, t: nn.Module = teacher,
-                         w: float = weight) -> Tensor:
-            return lad_teacher_loss(t(x, noised(y, g)), t(x, noised(y, g)), y, w, args.distance)
-
-        secs = train(teacher, teacher_step, x_tr, y_tr, args, seed)
+        teacher, secs = train_lad_teacher("label-assisted", x_tr, y_tr, p=args.p, mode=args.mode, block=args.block,
+                                          consistency=weight, distance=args.distance, **settings)
         row: dict[str, float] = {"secs": secs}
         for name, (x, y) in splits.items():
             row |= {f"{name}_{k}": v for k, v in score_label_model(teacher, x, y, args, seed).items()}
         out[f"LAD teacher p={args.p} λ={weight:g}"] = row
         lad_teachers[weight] = teacher
+
+    ce = nn.CrossEntropyLoss()
 
     def student_row(label: str, step: Callable[[nn.Module], Callable[[Tensor, Tensor, torch.Generator], Tensor]]
                     ) -> None:

@@ -35,7 +35,7 @@ def minimal(task: str) -> dict:
     raw = {"name": f"min-{task}", "task": task, "teacher": {"path": "some/teacher"},
            "student": {"init": "layers_from_teacher", "layers": [0]}, "data": {"train": "train.jsonl"},
            "objectives": [{"name": "forward_kl"}]}
-    if task in ("classification", "vision", "image_classification", "vision_language"):
+    if task in ("classification", "vision", "image_classification", "vision_language", "segmentation"):
         raw.update(teacher=FACTORY, student=STUDENT)
     if task == "seq2seq":
         raw.update(objectives=[], trainer={"hard_label_weight": 1.0})

@@ -358,7 +358,7 @@ METHODS: dict[str, MethodInfo] = {
                    _LOSSES + "further_pretraining", "further_pretraining_sd", _RECIPES + "bbc-self-distil.yaml",
                    _FURTHER_PRETRAINING),
         MethodInfo("LAD label-assisted teacher (noised label as input, dual-path consistency)", _LAD_PAPER, 2024,
-                   "teacher", "potstill.teachers.lad", "LabelAssistedTeacher", "benchmarks/lad_segmentation.py", _LAD),
+                   "teacher", "potstill.teachers.lad", "LabelAssistedTeacher", _RECIPES + "shapes-lad.yaml", _LAD),
         MethodInfo("CycleAlign (black-box ranking agreement by LCS, demo pool, cycles; potstill align)",
                    _CYCLEALIGN_PAPER, 2023, "loop hook", "potstill.train.cyclealign_cycles", "run_cyclealign",
                    "benchmarks/cyclealign.py", _CYCLEALIGN),
@@ -366,8 +366,8 @@ METHODS: dict[str, MethodInfo] = {
                    'Language Models with Human Feedback"', 2023, "objective", _LOSSES + "rrhf", "rrhf_loss",
                    "benchmarks/cyclealign.py", _CYCLEALIGN),
         MethodInfo("LAD teacher and pixel-wise student losses (operators configurable: teacher half unreleased)",
-                   _LAD_PAPER, 2024, "objective", _LOSSES + "lad", "lad_teacher_loss",
-                   "benchmarks/lad_segmentation.py", _LAD),
+                   _LAD_PAPER, 2024, "objective", _LOSSES + "lad", "lad_teacher_loss", _RECIPES + "shapes-lad.yaml",
+                   _LAD),
     )
 }
 

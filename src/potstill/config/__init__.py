@@ -7,8 +7,9 @@ file, the line and the field path.
 
 - `common`: the sections every task has (data, teacher, student, objectives, trainer, eval) and `RecipeBase`;
 - `tasks`: classification, embedding, vision and ranking recipes; `generative`: causal_lm and seq2seq;
-  `images`: image_classification (image sources, transforms, SSLD's pool); `continual`: `task: continual` (a
-  class-incremental stream with no replay: PRD, LwF, fine-tuning; not a teacher → student run);
+    `images`: image_classification (image sources, transforms, SSLD's pool); `segmentation`: segmentation
+    (image + mask sources, builtin:shapes' settings, LAD's label noise); `continual`: `task: continual` (a
+    class-incremental stream with no replay: PRD, LwF, fine-tuning; not a teacher → student run);
 - `paths`: `RelPath` / `ModelPath` / `DataPath`, path fields resolved against the recipe's folder at load time;
 - `loading`: load / validate / dump recipes, `--set` overrides, `recipe_changes`; `messages`: error text.
 """
@@ -63,6 +64,13 @@ from potstill.config.loading import (
 from potstill.config.messages import format_validation_error
 from potstill.config.paths import DataPath, ModelPath, RecipeRelative, RelPath
 from potstill.config.recipe import RECIPE_OF_TASK, AnyRecipe, Recipe, distillation_recipe
+from potstill.config.segmentation import (
+    LabelNoiseConfig,
+    SegmentationData,
+    SegmentationRecipe,
+    SegmentationSource,
+    ShapesSettings,
+)
 from potstill.config.tasks import (
     ClassificationRecipe,
     EmbeddingEvalConfig,
@@ -84,6 +92,7 @@ __all__ = [
     "GenerationConfig", "ImageClassificationRecipe", "ImageData", "ImageSource", "MaskedLMRecipe", "MaskingConfig",
     "SSLDConfig", "TransformsConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData",
     "RankingRecipe", "Recipe", "RecipeBase", "RecipeRelative", "RelPath", "Seq2SeqData", "Seq2SeqRecipe",
+    "LabelNoiseConfig", "SegmentationData", "SegmentationRecipe", "SegmentationSource", "ShapesSettings",
     "Seq2SeqTeacherConfig", "StepByStepConfig", "StudentConfig", "TeacherConfig", "TextTeacherConfig",
     "TrainerConfig", "VisionRecipe", "apply_overrides", "distillation_recipe", "dump_recipe",
     "format_validation_error", "load_recipe", "load_saved_recipe", "recipe_changes", "validate_recipe",

@@ -15,6 +15,7 @@ from potstill.config.common import TASKS
 from potstill.config.continual import ContinualRecipe
 from potstill.config.generative import CausalLMRecipe, Seq2SeqRecipe
 from potstill.config.images import ImageClassificationRecipe
+from potstill.config.segmentation import SegmentationRecipe
 from potstill.config.tasks import (
     ClassificationRecipe,
     EmbeddingRecipe,
@@ -27,14 +28,14 @@ from potstill.errors import UserError
 
 Recipe = Annotated[
     ClassificationRecipe | EmbeddingRecipe | CausalLMRecipe | VisionRecipe | RankingRecipe | Seq2SeqRecipe
-    | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe,
+    | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe | SegmentationRecipe,
     Field(discriminator="task"),
 ]
 """A whole distillation run. See recipes/*.yaml for examples and `potstill run --help`."""
 
 AnyRecipe = Annotated[
     ClassificationRecipe | EmbeddingRecipe | CausalLMRecipe | VisionRecipe | RankingRecipe | Seq2SeqRecipe
-    | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe | ContinualRecipe,
+    | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe | SegmentationRecipe | ContinualRecipe,
     Field(discriminator="task"),
 ]
 """Any recipe `potstill run` takes: a distillation `Recipe` or a continual-learning stream."""
@@ -43,7 +44,7 @@ RECIPE_OF_TASK: dict[str, type[BaseModel]] = {
     "classification": ClassificationRecipe, "embedding": EmbeddingRecipe, "causal_lm": CausalLMRecipe,
     "vision": VisionRecipe, "ranking": RankingRecipe, "seq2seq": Seq2SeqRecipe,
     "image_classification": ImageClassificationRecipe, "vision_language": VisionLanguageRecipe,
-    "masked_lm": MaskedLMRecipe, "continual": ContinualRecipe,
+    "masked_lm": MaskedLMRecipe, "segmentation": SegmentationRecipe, "continual": ContinualRecipe,
 }
 assert tuple(RECIPE_OF_TASK) == TASKS
 

@@ -44,6 +44,10 @@ def task_class(name: str) -> type[Task]:
         from potstill.tasks.vision_language import VisionLanguageTask
 
         return VisionLanguageTask
+    if name == "segmentation":
+        from potstill.tasks.segmentation import SegmentationTask
+
+        return SegmentationTask
     from potstill.tasks.embedding import EmbeddingTask
 
     return EmbeddingTask

@@ -15,10 +15,27 @@ The receptive field is about 20 pixels, enough to see the outline of a shape of 
 image-only teacher (a larger width).
 
 `LabelAssistedTeacher(image_channels, num_classes, width, seed)`: the same net on image_channels + C inputs;
-`forward(images, labels)` one-hot encodes the given (noised) mask and concatenates it to the image.
+`forward(images, labels)` one-hot encodes the given (noised) mask and concatenates it to the image; its
+`reads_labels` flag tells the segmentation task to feed it a noised mask.
+
+Built once, as the LiT teacher is, and loaded by recipes through `teacher.factory:
+potstill.teachers.lad:load_lad_teacher` (kwargs {folder: ...}):
+
+    python -m potstill.teachers.lad --out runs/lad-teacher                      # LAD teacher, lad_teacher_loss
+    python -m potstill.teachers.lad --out runs/lad-teacher-image --kind image-only   # the same net on images, CE
+
+trains on `potstill.data.shapes` (`--train` images drawn from `--seed`) with Adam (`fit_segmenter`, the loop
+`benchmarks/lad_segmentation.py` also uses) and writes `lad_teacher.json` (kind, widths, every setting) and
+`model.safetensors` into the folder in one atomic step.
 """
 
 from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +43,11 @@ from torch import Tensor, nn
 
 from potstill.errors import UserError
 
-__all__ = ["LabelAssistedTeacher", "SegmentationNet", "segmentation_net"]
+__all__ = ["KINDS", "LabelAssistedTeacher", "SegmentationNet", "fit_segmenter", "load_lad_teacher",
+           "save_lad_teacher", "segmentation_net", "train_lad_teacher"]
+
+SPEC_FILE, WEIGHTS_FILE = "lad_teacher.json", "model.safetensors"
+KINDS = ("label-assisted", "image-only")
 
 
 def _conv(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
@@ -63,6 +84,8 @@ def segmentation_net(in_channels: int = 1, num_classes: int = 3, width: int = 8,
 class LabelAssistedTeacher(nn.Module):
     """LAD's teacher f(x, N(y)): a `SegmentationNet` whose stem takes the image and the mask's one-hot channels."""
 
+    reads_labels = True  # the segmentation task passes it a noised mask besides the images
+
     def __init__(self, image_channels: int = 1, num_classes: int = 3, width: int = 16, seed: int = 0) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -74,3 +97,134 @@ class LabelAssistedTeacher(nn.Module):
                             f" to match the images, got {tuple(labels.shape)}")
         onehot = F.one_hot(labels.long(), self.num_classes).permute(0, 3, 1, 2).to(images.dtype)
         return self.net(torch.cat([images, onehot], dim=1))
+
+
+StepLoss = Callable[[Tensor, Tensor, torch.Generator], Tensor]
+
+
+def fit_segmenter(model: nn.Module, step_loss: StepLoss, images: Tensor, masks: Tensor, *, epochs: int,
+                  batch_size: int, lr: float, seed: int) -> float:
+    """Adam over `epochs` shuffled passes of (images, masks), `step_loss(x, y, generator)` per batch, the shuffle
+    and any draw of `step_loss` from one generator seeded by `seed`; returns the seconds spent. Leaves `model` in
+    eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    start = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=gen)
+        for i in range(0, len(images), batch_size):
+            idx = order[i:i + batch_size]
+            loss = step_loss(images[idx], masks[idx], gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return time.perf_counter() - start
+
+
+def train_lad_teacher(kind: str, images: Tensor, masks: Tensor, *, num_classes: int = 3, width: int = 16,
+                      seed: int = 0, epochs: int = 12, batch_size: int = 32, lr: float = 3e-3, p: float = 0.5,
+                      mode: str = "pixel", block: int = 4, consistency: float = 1.0,
+                      distance: str = "symmetric_kl") -> tuple[nn.Module, float]:
+    """A teacher trained on (images (N, C, H, W), masks (N, H, W)) and the seconds it took. `kind`
+    "label-assisted": a `LabelAssistedTeacher` with `lad_teacher_loss` (two noise draws N(y) of each batch's mask,
+    `noise_labels(p, mode, block)`, consistency weight λ = `consistency`); "image-only": `segmentation_net` on the
+    images with cross-entropy. Weights drawn from `seed`, as in `benchmarks/lad_segmentation.py`."""
+    from potstill.losses.lad import lad_teacher_loss, noise_labels
+
+    if kind not in KINDS:
+        raise UserError(f"--kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    channels = int(images.shape[1])
+    fit = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+    if kind == "image-only":
+        net = segmentation_net(channels, num_classes, width, seed)
+        return net, fit_segmenter(net, lambda x, y, g: F.cross_entropy(net(x), y), images, masks, **fit)
+    teacher = LabelAssistedTeacher(channels, num_classes, width, seed)
+
+    def step(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
+        first = teacher(x, noise_labels(y, num_classes, p, mode, block, g))
+        second = teacher(x, noise_labels(y, num_classes, p, mode, block, g))
+        return lad_teacher_loss(first, second, y, consistency, distance)
+
+    return teacher, fit_segmenter(teacher, step, images, masks, **fit)
+
+
+def save_lad_teacher(model: nn.Module, folder: str | Path, *, kind: str, image_channels: int, num_classes: int,
+                     width: int, extra: dict[str, Any] | None = None) -> Path:
+    """Write the weights and the spec that `load_lad_teacher` rebuilds the net from (one atomic folder)."""
+    from safetensors.torch import save_file
+
+    from potstill.io import atomic_dir, atomic_write_json
+
+    spec = {"format": 1, "kind": kind, "image_channels": image_channels, "num_classes": num_classes,
+            "width": width, **(extra or {})}
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  str(tmp / WEIGHTS_FILE))
+        atomic_write_json(tmp / SPEC_FILE, spec)
+    return Path(folder)
+
+
+def load_lad_teacher(folder: str) -> nn.Module:
+    """The teacher saved in `folder` by `python -m potstill.teachers.lad` (factory for `teacher.factory`, kwargs
+    {folder: ...}): a `LabelAssistedTeacher` or an image-only `SegmentationNet`, in eval mode."""
+    from safetensors.torch import load_file
+
+    root = Path(folder)
+    if not (root / SPEC_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
+        raise UserError(f"field teacher.kwargs.folder: {root} is not a LAD teacher folder (expected {SPEC_FILE} and "
+                        f"{WEIGHTS_FILE}; make one with `python -m potstill.teachers.lad --out {root}`)")
+    spec = json.loads((root / SPEC_FILE).read_text())
+    if spec.get("kind") not in KINDS:
+        raise UserError(f"{root / SPEC_FILE}: kind must be one of {', '.join(KINDS)}, got {spec.get('kind')!r}")
+    channels, classes, width = spec["image_channels"], spec["num_classes"], spec["width"]
+    model: nn.Module = (LabelAssistedTeacher(channels, classes, width) if spec["kind"] == "label-assisted"
+                        else segmentation_net(channels, classes, width))
+    model.load_state_dict(load_file(str(root / WEIGHTS_FILE)))
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train a LAD teacher (or the image-only one) on the synthetic shapes set and save it."""
+    import argparse
+    import dataclasses
+
+    from potstill.data.shapes import ShapesConfig, make_shapes
+
+    parser = argparse.ArgumentParser(prog="python -m potstill.teachers.lad", description=main.__doc__)
+    parser.add_argument("--out", required=True, help="the teacher folder to write")
+    parser.add_argument("--kind", choices=KINDS, default="label-assisted")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training images, the weights and the "
+                        "shuffle (a recipe's data.shapes draws its images from the same seed)")
+    parser.add_argument("--train", type=int, default=800, help="training images drawn")
+    parser.add_argument("--noise", type=float, default=ShapesConfig.noise, help="the images' noise σ")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--p", type=float, default=0.5, help="label-assisted: share of the mask's pixels re-drawn")
+    parser.add_argument("--mode", choices=["pixel", "block"], default="pixel")
+    parser.add_argument("--block", type=int, default=4)
+    parser.add_argument("--consistency", type=float, default=1.0, help="label-assisted: λ of the consistency term")
+    parser.add_argument("--distance", choices=["symmetric_kl", "mse"], default="symmetric_kl")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = ShapesConfig(noise=args.noise)
+    images, masks = make_shapes(args.train, args.seed, shapes)
+    settings = {"epochs": args.epochs, "batch_size": args.batch, "lr": args.lr, "seed": args.seed}
+    if args.kind == "label-assisted":
+        settings |= {"p": args.p, "mode": args.mode, "block": args.block, "consistency": args.consistency,
+                     "distance": args.distance}
+    model, secs = train_lad_teacher(args.kind, images, masks, width=args.width, **settings)
+    save_lad_teacher(model, args.out, kind=args.kind, image_channels=1, num_classes=3, width=args.width,
+                     extra={"training": settings, "data": {"source": "builtin:shapes", "images": args.train,
+                                                           "seed": args.seed, **dataclasses.asdict(shapes)},
+                            "seconds": round(secs, 1)})
+    print(f"{args.out}: {args.kind} LAD teacher saved ({secs:.0f} s of training)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
