@@ -7,7 +7,7 @@ file, the line and the field path.
 
 - `common`: the sections every task has (data, teacher, student, objectives, trainer, eval) and `RecipeBase`;
 - `tasks`: classification, embedding, vision and ranking recipes; `generative`: causal_lm and seq2seq;
-  `images`: image_classification (image sources, transforms, SSLD's pool);
+  `images`: image_classification (image sources, transforms, SSLD's pool); `graph`: graph (GNN → MLP);
 - `paths`: `RelPath` / `ModelPath` / `DataPath`, path fields resolved against the recipe's folder at load time;
 - `loading`: load / validate / dump recipes, `--set` overrides, `recipe_changes`; `messages`: error text.
 """
@@ -41,6 +41,7 @@ from potstill.config.generative import (
     StepByStepConfig,
     TextTeacherConfig,
 )
+from potstill.config.graph import GraphData, GraphRecipe, GraphSource
 from potstill.config.images import (
     ImageClassificationRecipe,
     ImageData,
@@ -77,11 +78,10 @@ __all__ = [
     "RECIPE_OF_TASK", "RESUMABLE_CHANGES", "TASKS", "CausalLMData", "CausalLMRecipe", "CausalLMTeacherConfig",
     "CausalLMTrainerConfig", "ClassificationRecipe", "DataConfig", "DataPath", "DataSource", "DomainWeightedData",
     "DomainsConfig", "EmbeddingEvalConfig", "EmbeddingRecipe", "EmbeddingStudentConfig", "EndpointConfig",
-    "EvalConfig", "GenerationConfig", "ImageClassificationRecipe", "ImageData", "ImageSource", "MaskedLMRecipe",
-    "MaskingConfig", "SSLDConfig",
-    "TransformsConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData",
-    "RankingRecipe", "Recipe", "RecipeBase", "RecipeRelative", "RelPath", "Seq2SeqData", "Seq2SeqRecipe",
-    "Seq2SeqTeacherConfig", "StepByStepConfig", "StudentConfig", "TeacherConfig", "TextTeacherConfig",
-    "TrainerConfig", "VisionRecipe", "apply_overrides", "dump_recipe", "format_validation_error", "load_recipe",
-    "load_saved_recipe", "recipe_changes", "validate_recipe",
+    "EvalConfig", "GenerationConfig", "GraphData", "GraphRecipe", "GraphSource", "ImageClassificationRecipe",
+    "ImageData", "ImageSource", "MaskedLMRecipe", "MaskingConfig", "SSLDConfig", "TransformsConfig", "ModelPath",
+    "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData", "RankingRecipe", "Recipe", "RecipeBase",
+    "RecipeRelative", "RelPath", "Seq2SeqData", "Seq2SeqRecipe", "Seq2SeqTeacherConfig", "StepByStepConfig",
+    "StudentConfig", "TeacherConfig", "TextTeacherConfig", "TrainerConfig", "VisionRecipe", "apply_overrides",
+    "dump_recipe", "format_validation_error", "load_recipe", "load_saved_recipe", "recipe_changes", "validate_recipe",
 ]

@@ -355,7 +355,7 @@ def check_domains_teacher(recipe: RecipeBase) -> None:
 
 
 TASKS = ("classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq", "image_classification",
-         "vision_language", "masked_lm")
+         "vision_language", "masked_lm", "graph")
 
 
 class RecipeBase(Strict):
