@@ -60,9 +60,11 @@ class GraphData(NoDomains, DataConfig):
     @model_validator(mode="before")
     @classmethod
     def _eval_is_the_graph(cls, value: Any) -> Any:
-        if isinstance(value, dict) and value.get("eval") is None and "train" in value:
-            return {**value, "eval": value["train"]}
-        return value
+        if not isinstance(value, dict) or value.get("eval") is not None:
+            return value
+        train = value.get("train")
+        path = train.get("path") if isinstance(train, dict) else train
+        return {**value, "eval": train} if path in GRAPH_SOURCES else value  # a wrong train is reported once
 
     @model_validator(mode="after")
     def _one_graph(self) -> GraphData:
