@@ -62,7 +62,7 @@ def graph_recipe(tmp_path, teacher_dir, **changes) -> dict:
 def test_recipe_mistakes_are_one_line_naming_the_field(tmp_path):
     base = graph_recipe(tmp_path, tmp_path / "teacher")
     cases = [
-        ({"data": {"train": "builtin:mutag"}}, "data.train.path", "not built into the graph task"),
+        ({"data": {"train": "builtin:cora"}}, "data.train.path", "reads builtin:connectome or builtin:mutag"),
         ({"data": {"train": "builtin:connectome", "eval": {"path": "builtin:connectome", "limit": 5}}},
          "data.eval", "limit: not read by the graph task"),
         ({"student": {"init": "from_config", "config": {"hidden_size": 8}}}, "student", "init factory"),
@@ -117,11 +117,11 @@ def test_the_code_loss_reads_the_task_signals_and_matches_a_hand_value(teacher_d
     batch = task.collate([task.train_records[i] for i in nodes], nodes)
     signal = task.teacher_signal(batch)
     with torch.inference_mode():
-        out = task.teacher(task.graph.x, task.graph.edge_index)
+        out = task.teacher(task.items.x, task.items.edge_index)
     assert torch.allclose(signal.hidden, out.hidden[nodes]) and torch.allclose(signal.logits, out.logits[nodes])
     assert torch.equal(signal.codebook, task.teacher.codebook.codewords)
     train = set(task.teacher.settings["split"]["train"])
-    assert batch["labels"].tolist() == [int(task.graph.labels[n]) if n in train else -100 for n in nodes]
+    assert batch["labels"].tolist() == [int(task.items.labels[n]) if n in train else -100 for n in nodes]
 
 
 def test_a_short_run_beats_the_untrained_student_and_reloads(teacher_dir, tmp_path):
@@ -134,7 +134,7 @@ def test_a_short_run_beats_the_untrained_student_and_reloads(teacher_dir, tmp_pa
     assert after["agreement"] >= 0.7 and teacher_row["agreement"] == 1.0
     run = tmp_path / "runs" / "g"
     spec = json.loads((run / "student" / "potstill_student.json").read_text())
-    assert spec["kwargs"] == {"hidden_dim": 64, "in_dim": 16, "num_classes": 4}
+    assert spec["kwargs"] == {"hidden_dim": 64, "in_dim": 16, "num_classes": 4, "graph_level": False}
     rows = evaluate_run(run)
     assert rows[-1]["accuracy"] == pytest.approx(after["accuracy"])
 
@@ -165,3 +165,52 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(teacher_dir, tmp_path
     a = load_file(str(straight.run_dir / "student" / "model.safetensors"))
     b = load_file(str(halted.run_dir / "student" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_node_objectives_on_graphs_average_within_each_graph_first():
+    from potstill.tasks.graph import PerGraphMean
+
+    def per_node(student, teacher, *, reduction="mean", scale=1.0):
+        assert reduction == "none"
+        return student * scale
+
+    values, graph_of = torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 0, 1])
+    objective = PerGraphMean(per_node)
+    assert objective.batch_fields == {"graph_of": "graph_of"}
+    assert float(objective(values, None, graph_of=graph_of, reduction="sum")) == pytest.approx(2.0 + 5.0)
+    assert float(objective(values, None, graph_of=graph_of, scale=2.0)) == pytest.approx((4.0 + 10.0) / 2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("grakel") is None, reason="MUTAG ships with grakel")
+def test_mutag_graphs_train_a_pooled_student(tmp_path):
+    import numpy as np
+
+    from potstill.assets_graph import mutag
+    from potstill.data.graphs import stratified_split
+    from potstill.tasks import build_task
+    from potstill.teachers.vqgraph import GRAPH_FRACTIONS, FitSettings, fit_graph_teacher, save_vqgraph_teacher
+    from potstill.train import run_recipe
+
+    graphs = mutag()
+    settings = FitSettings.for_dataset("mutag", epochs=3)
+    split = stratified_split(np.array([g.label for g in graphs]), GRAPH_FRACTIONS, 0)
+    teacher, scores = fit_graph_teacher(graphs, split, settings, np.random.default_rng(0))
+    save_vqgraph_teacher(teacher, tmp_path / "teacher", settings, split, scores)
+
+    raw = graph_recipe(tmp_path, tmp_path / "teacher", data={"train": "builtin:mutag"},
+                       student={"kwargs": {"hidden_dim": 64, "dropout": 0.0}},
+                       trainer={"max_steps": 30, "batch_size": 32})
+    task = build_task(validate_recipe(raw), run_dir=tmp_path / "probe")
+    task.setup()
+    assert len(task.train_records) == len(split[0]) and task.student_kwargs["graph_level"] is True
+    batch = task.collate([task.train_records[i] for i in (0, 1)], [0, 1])
+    sizes = [len(graphs[int(split[0][i])].node_labels) for i in (0, 1)]
+    assert batch["graph_of"].tolist() == [0] * sizes[0] + [1] * sizes[1]
+    assert torch.equal(batch["x"].argmax(-1), torch.from_numpy(np.concatenate(
+        [graphs[int(split[0][i])].node_labels for i in (0, 1)])))
+    signal = task.teacher_signal(batch)
+    assert signal.logits.shape == (2, 2) and signal.hidden.shape == (sum(sizes), 64)
+
+    summary = run_recipe(validate_recipe(raw))
+    before, after = summary["table"][1], summary["table"][-1]
+    assert after["agreement"] > before["agreement"] and after["val_agreement"] >= 0.8, summary["table"]

@@ -1,11 +1,11 @@
-"""The recipe of `task: graph`: node classification on a graph the teacher was trained on (GNN → MLP, VQGraph /
-GLNN).
+"""The recipe of `task: graph`: node or graph classification on the data the teacher was trained on (GNN → MLP,
+VQGraph / GLNN).
 
-The graph is a builtin (`builtin:connectome`, read by `potstill.data.graphs`); its node features and its
-train / validation / test split are the teacher's, saved with it by `python -m potstill.teachers.vqgraph` and read
-from the loaded teacher (`teacher.factory: potstill.teachers.vqgraph:load_vqgraph_teacher`), so the student is
-scored on the nodes the teacher held out. The task is transductive: `data.eval` is the same graph (its
-validation and test nodes), and defaults to `data.train`.
+The data are a builtin (`builtin:connectome`: its nodes; `builtin:mutag`: its graphs; read by
+`potstill.data.graphs`); the node features and the train / validation / test split are the teacher's, saved with
+it by `python -m potstill.teachers.vqgraph` and read from the loaded teacher (`teacher.factory:
+potstill.teachers.vqgraph:load_vqgraph_teacher`), so the student is scored on the items the teacher held out.
+`data.eval` is therefore the same data (its validation and test items), and defaults to `data.train`.
 """
 
 from __future__ import annotations
@@ -25,20 +25,25 @@ from potstill.config.common import (
     TeacherConfig,
 )
 
-GRAPH_SOURCES = ("builtin:connectome",)
+GRAPH_SOURCES = ("builtin:connectome", "builtin:mutag")
+GRAPH_LEVEL_SOURCES = ("builtin:mutag",)  # whole graphs are the items (else: the nodes of one graph)
 
 
 class GraphSource(DataSource):
-    """The graph: `builtin:connectome` (the Drosophila larva's left mushroom body, 209 neurons, 4 cell types)."""
+    """The graph data: `builtin:connectome` (nodes: the Drosophila larva's left mushroom body, 209 neurons, 4 cell
+    types) or `builtin:mutag` (graphs: 188 molecules, mutagenic or not)."""
 
     @field_validator("path")
     @classmethod
     def _known_graph(cls, path: str) -> str:
         if path not in GRAPH_SOURCES:
-            hint = (" (graph classification on MUTAG is not built into the graph task yet: see "
-                    "benchmarks/vqgraph.py)" if path == "builtin:mutag" else "")
-            raise ValueError(f"the graph task reads {', '.join(GRAPH_SOURCES)}, got {path!r}{hint}")
+            raise ValueError(f"the graph task reads {' or '.join(GRAPH_SOURCES)}, got {path!r}")
         return path
+
+    @property
+    def graph_level(self) -> bool:
+        """Whether the items classified are whole graphs (MUTAG) rather than nodes."""
+        return self.path in GRAPH_LEVEL_SOURCES
 
     @model_validator(mode="after")
     def _whole_graph(self) -> GraphSource:
@@ -50,12 +55,13 @@ class GraphSource(DataSource):
 
 
 class GraphData(NoDomains, DataConfig):
-    """The graph task's data: one graph, its nodes split as the teacher's were."""
+    """The graph task's data: one data set, its items split as the teacher's were."""
 
-    train: GraphSource = Field(description="the graph, builtin:connectome; every node is a training record (the "
-                               "teacher's outputs on all of them are distilled, labels only of its training nodes)")
-    eval: GraphSource | None = Field(None, description="the same graph (transductive: its validation and test nodes "
-                                     "are scored); default: data.train")
+    train: GraphSource = Field(description="builtin:connectome (every node is a training record: the teacher's "
+                               "outputs on all of them are distilled, labels only of its training nodes) or "
+                               "builtin:mutag (the teacher's training graphs are the records)")
+    eval: GraphSource | None = Field(None, description="the same data (its validation and test items are scored); "
+                                     "default: data.train")
 
     @model_validator(mode="before")
     @classmethod
@@ -69,8 +75,8 @@ class GraphData(NoDomains, DataConfig):
     @model_validator(mode="after")
     def _one_graph(self) -> GraphData:
         if self.eval is not None and self.eval.path != self.train.path:
-            raise ValueError(f"data.eval is {self.eval.path} but data.train is {self.train.path}: node classification "
-                             f"here is transductive, on one graph")
+            raise ValueError(f"data.eval is {self.eval.path} but data.train is {self.train.path}: the held-out items "
+                             f"are the teacher's, in the same data")
         return self
 
 
@@ -80,19 +86,19 @@ class GraphTeacherConfig(NoTopKCache, TeacherConfig):
 
 
 class GraphEvalConfig(EvalConfig):
-    batch_size: int = Field(32, ge=1, description="nodes per batch in the teacher / student throughput comparison "
-                            "(evaluation scores the whole graph at once)")
+    batch_size: int = Field(32, ge=1, description="nodes (or graphs) per batch in the teacher / student throughput "
+                            "comparison (evaluation scores all items at once)")
 
 
 class GraphRecipe(RecipeBase):
-    """task: graph: a graph-free student (an MLP on each node's own features) distilled from a GNN teacher on its
-    node logits (GLNN) and its soft code assignments (VQGraph's vqgraph_code_kl)."""
+    """task: graph: a graph-free student (an MLP on each node's own features, pooled per graph for graphs)
+    distilled from a GNN teacher on its logits (GLNN) and its soft code assignments (VQGraph's vqgraph_code_kl)."""
 
     task: Literal["graph"]
     teacher: GraphTeacherConfig = Field(default_factory=GraphTeacherConfig, description="the teacher model")
     student: StudentConfig = Field(description="how the student is built: init factory, e.g. "
-                                   "potstill.students.graph_mlp:GraphMLP (in_dim and num_classes filled in from the "
-                                   "data when not given)")
+                                   "potstill.students.graph_mlp:GraphMLP (in_dim, num_classes and graph_level "
+                                   "filled in from the data when not given)")
     data: GraphData
     eval: GraphEvalConfig = Field(default_factory=GraphEvalConfig)
 
@@ -105,4 +111,4 @@ class GraphRecipe(RecipeBase):
             raise ValueError(f"student.init is {self.student.init!r}; the graph task builds its student with init "
                              f"factory (e.g. potstill.students.graph_mlp:GraphMLP)")
         if self.data.prune is not None:
-            raise ValueError("data.prune is not read by the graph task (the training nodes are the teacher's split)")
+            raise ValueError("data.prune is not read by the graph task (the training items are the teacher's split)")

@@ -1,6 +1,9 @@
 """Graph data as tensors: the Drosophila connectome for node classification, MUTAG batches for graph
 classification, and the seeded stratified split both use (VQGraph's teacher, the `graph` task, the benchmark).
 
+`graph_items` puts both kinds in one shape for the `graph` task: the items it classifies (nodes, or graphs) with
+the nodes of each.
+
 Read offline from the graph extra's packages (`potstill.assets_graph`). The connectome has no node attributes, so
 its features are computed from each node's own connections: `projection` (`connectivity_projection`, 16 dims,
 the default) or `local` (`connectome_node_features`, eight statistics). The GNN sees the graph as undirected,
@@ -16,8 +19,8 @@ import torch
 
 from potstill.errors import UserError
 
-__all__ = ["CONNECTOME_FEATURES", "GRAPH_DATASETS", "NodeTensors", "connectome_tensors", "mutag_batch",
-           "stratified_split"]
+__all__ = ["CONNECTOME_FEATURES", "GRAPH_DATASETS", "GraphItems", "NodeTensors", "connectome_tensors", "graph_items",
+           "mutag_batch", "stratified_split"]
 
 GRAPH_DATASETS = ("connectome", "mutag")
 CONNECTOME_FEATURES = ("projection", "local")
@@ -84,3 +87,45 @@ def mutag_batch(graphs: list) -> dict[str, torch.Tensor]:
     adjacency[edge_index[0], edge_index[1]] = 1.0
     return {"x": torch.cat(xs), "edge_index": edge_index, "batch": torch.cat(batch), "adjacency": adjacency,
             "labels": torch.tensor([graph.label for graph in graphs])}
+
+
+@dataclass(frozen=True)
+class GraphItems:
+    """What a graph task classifies: the nodes of one graph (`graph_of` None) or the graphs of a set (`graph_of`
+    [N]: each node's graph). `x` [N, F] and `edge_index` cover all nodes (a set's graphs as one disjoint union);
+    `labels` [I] has one label per item; item i's nodes are `starts[i]:starts[i + 1]` (one node per item for node
+    classification)."""
+
+    x: torch.Tensor
+    edge_index: torch.Tensor
+    graph_of: torch.Tensor | None
+    labels: torch.Tensor
+    num_classes: int
+    starts: torch.Tensor
+
+    @property
+    def graph_level(self) -> bool:
+        return self.graph_of is not None
+
+    def nodes_of(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the nodes of `items` in order, the position in `items` of each of those nodes' item)."""
+        sizes = self.starts[items + 1] - self.starts[items]
+        owner = torch.repeat_interleave(torch.arange(len(items)), sizes)
+        offsets = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+        return self.starts[items][owner] + offsets, owner
+
+
+def graph_items(dataset: str, features: str = "projection") -> GraphItems:
+    """The connectome's nodes (`features`: its node features) or MUTAG's graphs, as `GraphItems`."""
+    if dataset == "connectome":
+        data = connectome_tensors(features)
+        return GraphItems(data.x, data.edge_index, None, data.labels, data.num_classes,
+                          torch.arange(len(data.labels) + 1))
+    if dataset != "mutag":
+        raise UserError(f"graph data sets: {', '.join(GRAPH_DATASETS)}; got {dataset!r}")
+    from potstill.assets_graph import mutag
+
+    union = mutag_batch(mutag())
+    counts = torch.bincount(union["batch"])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+    return GraphItems(union["x"], union["edge_index"], union["batch"], union["labels"], 2, starts)
