@@ -27,7 +27,7 @@ neighbourhood of the batch cut out with `k_hop_subgraph`, then the teacher's log
 
 The teachers are trained by `potstill.teachers.vqgraph` (`fit_node_teacher`, `fit_graph_teacher`: what
 `python -m potstill.teachers.vqgraph` saves for the `graph` task's recipes); the students here in this script's
-own loop (the recipe `connectome-vqgraph` trains them through `potstill run`).
+own loop (the recipes `connectome-vqgraph` and `mutag-vqgraph` train them through `potstill run`).
 
 Usage: python benchmarks/vqgraph.py [--seeds 0 1 2] [--tasks node graph] [--features projection|local]
        [--graph-pooling mean|sum] [--token-weight 0.01] [--label-weight 0] [--out vqgraph.json]
