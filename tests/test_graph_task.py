@@ -97,6 +97,23 @@ def test_the_saved_teacher_loads_back_with_its_split(teacher_dir, tmp_path):
         load_vqgraph_teacher(str(tmp_path))
 
 
+def test_the_teacher_command_saves_the_seeded_split(tmp_path, capsys):
+    from potstill.data.graphs import connectome_tensors, stratified_split
+    from potstill.teachers.vqgraph import NODE_FRACTIONS, load_vqgraph_teacher, main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--out", str(tmp_path / "t"), "--seed", "3", "--epochs", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "VQGraph teacher on connectome saved" in capsys.readouterr().out
+    settings = load_vqgraph_teacher(str(tmp_path / "t")).settings
+    expected = stratified_split(connectome_tensors().labels.numpy(), NODE_FRACTIONS, 3)
+    assert [settings["split"][k] for k in ("train", "val", "test")] == [part.tolist() for part in expected]
+    assert (settings["seed"], settings["epochs"], settings["features"]) == (3, 2, "projection")
+    assert not list(tmp_path.glob(".t.*"))  # the atomic write left no temporary folder
+
+
 def test_the_code_loss_reads_the_task_signals_and_matches_a_hand_value(teacher_dir, tmp_path):
     from potstill.losses import OBJECTIVES
     from potstill.tasks import build_task

@@ -105,8 +105,8 @@ class GraphTask(Task):
         return tuple(t.to(self.device) for t in parts)
 
     def _student_kwargs(self) -> dict[str, Any]:
-        """student.kwargs, plus in_dim / num_classes from the data when the factory takes them and they are not
-        given."""
+        """student.kwargs, plus in_dim / num_classes / graph_level from the data when the factory takes them and
+        they are not given."""
         from potstill.teachers.live import load_callable
 
         cfg = self.recipe.student
@@ -184,7 +184,8 @@ class GraphTask(Task):
         return on_logits(fn, stateful=OBJECTIVES[name].stateful)
 
     def hard_label_loss(self, student_signal: Any, batch: dict[str, Any]) -> torch.Tensor:
-        """Summed cross-entropy on the teacher's training nodes of the batch (0, attached, when it has none)."""
+        """Summed cross-entropy on the batch's items among the teacher's training items (0, attached, when it has
+        none)."""
         logits = student_signal.logits if isinstance(student_signal, GraphSignal) else student_signal
         labels = batch["labels"].to(logits.device)
         if not bool((labels != NO_LABEL).any()):
