@@ -24,6 +24,7 @@ from potstill.config.common import (
     StudentConfig,
     TeacherConfig,
 )
+from potstill.config.paths import DataPath
 
 GRAPH_SOURCES = ("builtin:connectome", "builtin:mutag")
 GRAPH_LEVEL_SOURCES = ("builtin:mutag",)  # whole graphs are the items (else: the nodes of one graph)
@@ -32,6 +33,8 @@ GRAPH_LEVEL_SOURCES = ("builtin:mutag",)  # whole graphs are the items (else: th
 class GraphSource(DataSource):
     """The graph data: `builtin:connectome` (nodes: the Drosophila larva's left mushroom body, 209 neurons, 4 cell
     types) or `builtin:mutag` (graphs: 188 molecules, mutagenic or not)."""
+
+    path: DataPath = Field(description="builtin:connectome (its nodes are classified) or builtin:mutag (its graphs)")
 
     @field_validator("path")
     @classmethod
