@@ -25,6 +25,10 @@ Inference speed: nodes per second of the MLP (features of a batch of nodes) and 
 neighbourhood of the batch cut out with `k_hop_subgraph`, then the teacher's logits), interleaved with
 `potstill.eval.speed.compare_throughput`, one thread.
 
+The teachers are trained by `potstill.teachers.vqgraph` (`fit_node_teacher`, `fit_graph_teacher`: what
+`python -m potstill.teachers.vqgraph` saves for the `graph` task's recipes); the students here in this script's
+own loop (the recipes `connectome-vqgraph` and `mutag-vqgraph` train them through `potstill run`).
+
 Usage: python benchmarks/vqgraph.py [--seeds 0 1 2] [--tasks node graph] [--features projection|local]
        [--graph-pooling mean|sum] [--token-weight 0.01] [--label-weight 0] [--out vqgraph.json]
 Needs the graph extra (`make venv` installs it).
@@ -43,27 +47,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from potstill.assets_graph import connectivity_projection, connectome_node_features, drosophila_left, mutag
+from potstill.assets_graph import mutag
+from potstill.data.graphs import NodeTensors, connectome_tensors, mutag_batch, stratified_split
 from potstill.eval.speed import compare_throughput
 from potstill.losses.vqgraph import soft_code_kl, soft_label_loss
 from potstill.students.graph_mlp import GraphMLP
-from potstill.teachers.vqgraph import VQGraphTeacher, teacher_logits, teacher_loss
+from potstill.teachers.vqgraph import (
+    GRAPH_FRACTIONS,
+    NODE_FRACTIONS,
+    FitSettings,
+    VQGraphTeacher,
+    fit_graph_teacher,
+    fit_node_teacher,
+    teacher_logits,
+)
 
 METHODS = ("teacher", "mlp", "glnn", "vqgraph")
-
-
-def stratified_split(labels: np.ndarray, fractions: tuple[float, float], seed: int) -> tuple[np.ndarray, ...]:
-    """(train, validation, test) index arrays; each class split by `fractions` (train, validation)."""
-    rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[], [], []]
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        n_train = max(1, round(fractions[0] * len(members)))
-        n_val = max(1, round(fractions[1] * len(members)))
-        parts[0] += members[:n_train].tolist()
-        parts[1] += members[n_train:n_train + n_val].tolist()
-        parts[2] += members[n_train + n_val:].tolist()
-    return tuple(np.sort(np.array(p)) for p in parts)
 
 
 def best_on_validation(epochs: int, step: Callable[[], None], score: Callable[[], tuple[float, float]]) -> float:
@@ -77,60 +76,39 @@ def best_on_validation(epochs: int, step: Callable[[], None], score: Callable[[]
     return best_test
 
 
+def teacher_settings(dataset: str, seed: int, args: argparse.Namespace) -> FitSettings:
+    """The teacher's training settings (`potstill.teachers.vqgraph`, shared with `python -m
+    potstill.teachers.vqgraph`) with this run's arguments."""
+    if dataset == "connectome":
+        return FitSettings.for_dataset(dataset, features=args.features, seed=seed, epochs=args.epochs,
+                                       hidden=args.hidden, codebook=args.codebook, lr=args.lr)
+    return FitSettings.for_dataset(dataset, seed=seed, epochs=args.graph_epochs, hidden=args.hidden,
+                                   codebook=args.codebook, lr=args.lr, pooling=args.graph_pooling,
+                                   dropout=args.graph_dropout)
+
+
 # ---------------------------------------------------------------- node classification (Drosophila)
 
-def node_data(features: str) -> dict:
-    graph = drosophila_left()
-    if features == "projection":
-        x = torch.from_numpy(connectivity_projection(graph.adjacency, 16, seed=0))
-    else:
-        x = torch.from_numpy(connectome_node_features(graph.adjacency))
-    binary = (graph.adjacency > 0) | (graph.adjacency.T > 0)
-    np.fill_diagonal(binary, False)
-    edge_index = torch.from_numpy(np.stack(np.nonzero(binary))).long()
-    return {"x": x, "edge_index": edge_index, "adjacency": torch.from_numpy(binary).float(),
-            "labels": torch.from_numpy(graph.labels.copy()), "classes": len(graph.label_names)}
-
-
-def run_node_seed(data: dict, seed: int, args: argparse.Namespace) -> dict[str, float]:
-    x, edge_index, labels = data["x"], data["edge_index"], data["labels"]
-    train, val, test = (torch.from_numpy(i) for i in stratified_split(labels.numpy(), (0.4, 0.2), seed))
+def run_node_seed(data: NodeTensors, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    x, edge_index, labels = data.x, data.edge_index, data.labels
+    split = stratified_split(labels.numpy(), NODE_FRACTIONS, seed)
+    train, val, test = (torch.from_numpy(i) for i in split)
     train_mask = torch.zeros(len(x), dtype=torch.bool)
     train_mask[train] = True
 
     def accuracy(logits: torch.Tensor, idx: torch.Tensor) -> float:
         return float((logits[idx].argmax(-1) == labels[idx]).float().mean())
 
-    torch.manual_seed(seed)
-    teacher = VQGraphTeacher(x.shape[1], data["classes"], hidden_dim=args.hidden, codebook_size=args.codebook)
-    opt = torch.optim.Adam(teacher.parameters(), lr=args.lr, weight_decay=5e-4)
-    best: dict = {"val": -1.0}
-
-    def teacher_step() -> None:
-        teacher.train()
-        opt.zero_grad()
-        teacher_loss(teacher(x, edge_index), x, data["adjacency"], labels, label_mask=train_mask)["total"].backward()
-        opt.step()
-
-    def teacher_score() -> tuple[float, float]:
-        teacher.eval()
-        with torch.no_grad():
-            out = teacher(x, edge_index)
-        val_acc = accuracy(out.logits, val)
-        if val_acc > best["val"]:  # keep the teacher of the best validation epoch for distillation
-            best.update(val=val_acc, logits=out.logits.clone(), hidden=out.hidden.clone(),
-                        codebook=teacher.codebook.codewords.clone(),
-                        state={k: v.clone() for k, v in teacher.state_dict().items()})
-        return val_acc, accuracy(out.logits, test)
-
-    results = {"teacher": best_on_validation(args.epochs, teacher_step, teacher_score)}
-    teacher.load_state_dict(best["state"])
-    teacher.eval()
+    teacher, scores = fit_node_teacher(data, split, teacher_settings("connectome", seed, args))
+    with torch.no_grad():  # the teacher of the best validation epoch, in eval mode, is what is distilled
+        out = teacher(x, edge_index)
+    best = {"logits": out.logits, "hidden": out.hidden, "codebook": teacher.codebook.codewords.clone()}
+    results = {"teacher": scores["test_accuracy"]}
     hard = torch.where(train_mask, labels, torch.full_like(labels, -100))
 
     for method in ("mlp", "glnn", "vqgraph"):
         torch.manual_seed(seed)
-        student = GraphMLP(x.shape[1], data["classes"], hidden_dim=args.hidden)
+        student = GraphMLP(x.shape[1], data.num_classes, hidden_dim=args.hidden)
         s_opt = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=5e-4)
 
         def student_step(method: str = method, student: GraphMLP = student, s_opt=s_opt) -> None:
@@ -159,10 +137,10 @@ def run_node_seed(data: dict, seed: int, args: argparse.Namespace) -> dict[str, 
     return results
 
 
-def node_speedup(teacher: VQGraphTeacher, student: GraphMLP, data: dict) -> float:
+def node_speedup(teacher: VQGraphTeacher, student: GraphMLP, data: NodeTensors) -> float:
     from torch_geometric.utils import k_hop_subgraph
 
-    x, edge_index = data["x"], data["edge_index"]
+    x, edge_index = data.x, data.edge_index
 
     def gnn(batch: list[int]) -> torch.Tensor:
         nodes, sub_edges, mapping, _ = k_hop_subgraph(torch.tensor(batch), 2, edge_index, relabel_nodes=True,
@@ -179,31 +157,17 @@ def node_speedup(teacher: VQGraphTeacher, student: GraphMLP, data: dict) -> floa
 
 # ---------------------------------------------------------------- graph classification (MUTAG)
 
-def collate_graphs(graphs: list, num_atom_types: int = 7) -> dict[str, torch.Tensor]:
-    xs, edges, batch, offset = [], [], [], 0
-    for g, graph in enumerate(graphs):
-        n = len(graph.node_labels)
-        xs.append(torch.nn.functional.one_hot(torch.from_numpy(graph.node_labels), num_atom_types).float())
-        edges.append(torch.from_numpy(graph.edges) + offset)
-        batch.append(torch.full((n,), g, dtype=torch.long))
-        offset += n
-    edge_index = torch.cat(edges, 1)
-    adjacency = torch.zeros(offset, offset)
-    adjacency[edge_index[0], edge_index[1]] = 1.0
-    return {"x": torch.cat(xs), "edge_index": edge_index, "batch": torch.cat(batch), "adjacency": adjacency,
-            "labels": torch.tensor([graph.label for graph in graphs])}
-
-
 def run_graph_seed(graphs: list, seed: int, args: argparse.Namespace) -> dict[str, float]:
     labels = np.array([g.label for g in graphs])
-    train, val, test = stratified_split(labels, (0.6, 0.2), seed)
-    val_batch = collate_graphs([graphs[i] for i in val])
-    test_batch = collate_graphs([graphs[i] for i in test])
-    rng = np.random.default_rng(seed)
+    split = stratified_split(labels, GRAPH_FRACTIONS, seed)
+    train, val, test = split
+    val_batch = mutag_batch([graphs[i] for i in val])
+    test_batch = mutag_batch([graphs[i] for i in test])
+    rng = np.random.default_rng(seed)  # the order of the training graphs, teacher's epochs first
 
     def train_batches() -> list[dict[str, torch.Tensor]]:
         order = rng.permutation(train)
-        return [collate_graphs([graphs[i] for i in order[s:s + 32]]) for s in range(0, len(order), 32)]
+        return [mutag_batch([graphs[i] for i in order[s:s + 32]]) for s in range(0, len(order), 32)]
 
     def accuracy(model: torch.nn.Module, batch: dict, is_teacher: bool) -> float:
         model.eval()
@@ -214,29 +178,8 @@ def run_graph_seed(graphs: list, seed: int, args: argparse.Namespace) -> dict[st
                 logits = model(batch["x"], batch["batch"])[1]
         return float((logits.argmax(-1) == batch["labels"]).float().mean())
 
-    torch.manual_seed(seed)
-    teacher = VQGraphTeacher(7, 2, hidden_dim=args.hidden, codebook_size=args.codebook, graph_level=True,
-                             pooling=args.graph_pooling, dropout=args.graph_dropout)
-    opt = torch.optim.Adam(teacher.parameters(), lr=args.lr, weight_decay=5e-4)
-    best: dict = {"val": -1.0}
-
-    def teacher_step() -> None:
-        teacher.train()
-        for batch in train_batches():
-            opt.zero_grad()
-            out = teacher(batch["x"], batch["edge_index"], batch["batch"])
-            teacher_loss(out, batch["x"], batch["adjacency"], batch["labels"])["total"].backward()
-            opt.step()
-
-    def teacher_score() -> tuple[float, float]:
-        val_acc = accuracy(teacher, val_batch, True)
-        if val_acc > best["val"]:
-            best.update(val=val_acc, state={k: v.clone() for k, v in teacher.state_dict().items()})
-        return val_acc, accuracy(teacher, test_batch, True)
-
-    results = {"teacher": best_on_validation(args.graph_epochs, teacher_step, teacher_score)}
-    teacher.load_state_dict(best["state"])
-    teacher.eval()
+    teacher, scores = fit_graph_teacher(graphs, split, teacher_settings("mutag", seed, args), rng)
+    results = {"teacher": scores["test_accuracy"]}
 
     for method in ("mlp", "glnn", "vqgraph"):
         torch.manual_seed(seed)
@@ -301,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     node_rows = []
-    data = node_data(args.features) if "node" in args.tasks else {}
-    for seed in args.seeds if data else []:
+    data = connectome_tensors(args.features) if "node" in args.tasks else None
+    for seed in args.seeds if data is not None else []:
         node_rows.append(run_node_seed(data, seed, args))
         print(f"drosophila seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in node_rows[-1].items()), flush=True)
     graph_rows = []

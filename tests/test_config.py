@@ -39,6 +39,9 @@ def minimal(task: str) -> dict:
         raw.update(teacher=FACTORY, student=STUDENT)
     if task == "seq2seq":
         raw.update(objectives=[], trainer={"hard_label_weight": 1.0})
+    if task == "graph":
+        raw.update(teacher={"factory": "potstill.teachers.vqgraph:load_vqgraph_teacher"}, student=STUDENT,
+                   data={"train": "builtin:connectome"})
     return raw
 
 

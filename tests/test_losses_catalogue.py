@@ -33,7 +33,9 @@ def test_catalogue_entries():
     router = {"moe_router_aux"}
     vision_language = {"vl2v_adip", "vlm_ood_visual_mse", "vlm_ood_visual_contrastive", "vlm_ood_coherence",
                        "vlm_ood_label_ce"}
-    expected = logits | hidden | attention | scores | embedding | preference | demo_sets | router | vision_language
+    graph = {"vqgraph_code_kl"}
+    expected = (logits | hidden | attention | scores | embedding | preference | demo_sets | router | vision_language
+                | graph)
     assert set(OBJECTIVES) == expected
     for name, info in OBJECTIVES.items():
         assert info.name == name
@@ -54,6 +56,7 @@ def test_catalogue_entries():
     assert {k for k, v in kinds.items() if v == "router"} == router
     assert {k for k, v in kinds.items() if v == "vision_language"} == vision_language
     assert {k for k, v in kinds.items() if v == "demo_sets"} == demo_sets
+    assert {k for k, v in kinds.items() if v == "graph"} == graph
     assert OBJECTIVES["generalized_jsd"].defaults["beta"] == 0.5
 
 
@@ -109,6 +112,16 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
             labels = teacher.logits.argmax(-1)
             kw = {"labels": labels} if "labels" in getattr(info.fn, "batch_fields", {}) else {}
             info.fn(student, teacher, **kw).backward()
+            assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, name
+            continue
+        if info.kind == "graph":  # node vectors against the teacher's codebook (GraphSignal)
+            from potstill.signals import GraphSignal
+
+            with torch.inference_mode():
+                teacher = GraphSignal(torch.randn(4, 3, generator=g), torch.randn(4, 8, generator=g),
+                                      torch.randn(5, 8, generator=g))
+            s = torch.randn(4, 8, generator=g).requires_grad_(True)
+            info.fn(GraphSignal(torch.randn(4, 3, generator=g), s), teacher).backward()
             assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, name
             continue
         shape = shapes[info.kind]

@@ -226,13 +226,14 @@ METHODS: dict[str, MethodInfo] = {
                    'Distilling Knowledge from Dense Embeddings"', 2022, "index", "potstill.index.distill_vq",
                    "distill_vq", "benchmarks/distill_vq.py", _DISTILL_VQ),
         MethodInfo("VQGraph", 'Yang et al., "VQGraph: Rethinking Graph Representation Space for Bridging GNNs and '
-                   'MLPs"', 2024, "objective", _LOSSES + "vqgraph", "soft_code_kl", "benchmarks/vqgraph.py", _VQGRAPH),
+                   'MLPs"', 2024, "objective", _LOSSES + "vqgraph", "soft_code_kl",
+                   _RECIPES + "connectome-vqgraph.yaml", _VQGRAPH),
         MethodInfo("VQGraph teacher (codebook GNN)", 'Yang et al., "VQGraph: Rethinking Graph Representation Space '
                    'for Bridging GNNs and MLPs"', 2024, "teacher", "potstill.teachers.vqgraph", "VQGraphTeacher",
-                   "benchmarks/vqgraph.py", _VQGRAPH),
+                   _RECIPES + "connectome-vqgraph.yaml", _VQGRAPH),
         MethodInfo("GLNN", 'Zhang et al., "Graph-less Neural Networks: Teaching Old MLPs New Tricks via '
-                   'Distillation"', 2022, "objective", _LOSSES + "vqgraph", "soft_label_loss", "benchmarks/vqgraph.py",
-                   _VQGRAPH),
+                   'Distillation"', 2022, "objective", _LOSSES + "vqgraph", "soft_label_loss",
+                   _RECIPES + "connectome-vqgraph.yaml", _VQGRAPH),
         MethodInfo("DDK", 'Liu et al., "DDK: Distilling Domain Knowledge for Efficient Large Language Models"', 2024,
                    "sampler", "potstill.data.ddk", "DomainWeightedSampler", "benchmarks/data_strategies.py", _DATA),
         MethodInfo("Robust Active Distillation", 'Baykal et al., "Robust Active Distillation"', 2023, "sampler",

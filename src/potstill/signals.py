@@ -9,7 +9,9 @@ A teacher's or a student's signal for one batch is one of:
 - `potstill.losses.sparse.TopKTeacher`: a cached teacher's top-k log-probs;
 - `SpanLogits`: one side's logits per aligned span when teacher and student tokenizers differ (uld / gold);
 - `VisionLanguageSignal`: the vision_language task's zero-shot logits with the image vectors and class text
-  they come from, for objectives that compare embeddings (VL2V-ADiP, the large-VLM OOD losses).
+  they come from, for objectives that compare embeddings (VL2V-ADiP, the large-VLM OOD losses);
+- `GraphSignal`: the graph task's node logits with the node vectors (and, the teacher's, its codebook) that
+  VQGraph's code loss compares.
 
 `Signal` names that union, for type hints. This module knows only torch at run time (the two loss-side
 classes are named for the type checker only), so that every part (tasks, teachers, students, the loop) can
@@ -84,6 +86,19 @@ class VisionLanguageSignal:
     class_text: Tensor
 
 
+@dataclass
+class GraphSignal:
+    """One side of a `graph` task batch of nodes (objective kind "graph").
+
+    `logits` (B, C): the class logits, what logit objectives read; `hidden` (B, d): the node vectors, the
+    teacher's pre-quantisation embedding h or the student MLP's last hidden layer z; `codebook` (M, d): the
+    teacher's codewords (None on the student's side). A student that returns logits only has `hidden` None."""
+
+    logits: Tensor
+    hidden: Tensor | None
+    codebook: Tensor | None = None
+
+
 #: What `Task.teacher_signal` / `Task.student_signal` return for one batch.
-Signal: TypeAlias = Union[Tensor, Signals, RankingScores, SpanLogits, VisionLanguageSignal, "LMHeadInputs",  # noqa: UP007
-                          "TopKTeacher"]
+Signal: TypeAlias = Union[Tensor, Signals, RankingScores, SpanLogits, VisionLanguageSignal, GraphSignal,  # noqa: UP007
+                          "LMHeadInputs", "TopKTeacher"]

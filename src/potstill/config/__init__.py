@@ -7,9 +7,10 @@ file, the line and the field path.
 
 - `common`: the sections every task has (data, teacher, student, objectives, trainer, eval) and `RecipeBase`;
 - `tasks`: classification, embedding, vision and ranking recipes; `generative`: causal_lm and seq2seq;
-    `images`: image_classification (image sources, transforms, SSLD's pool); `segmentation`: segmentation
-    (image + mask sources, builtin:shapes' settings, LAD's label noise); `continual`: `task: continual` (a
-    class-incremental stream with no replay: PRD, LwF, fine-tuning; not a teacher → student run);
+    `images`: image_classification (image sources, transforms, SSLD's pool); `graph`: graph (GNN → MLP);
+    `segmentation`: segmentation (image + mask sources, builtin:shapes' settings, LAD's label noise);
+    `continual`: `task: continual` (a class-incremental stream with no replay: PRD, LwF, fine-tuning; not a
+    teacher → student run);
 - `paths`: `RelPath` / `ModelPath` / `DataPath`, path fields resolved against the recipe's folder at load time;
 - `loading`: load / validate / dump recipes, `--set` overrides, `recipe_changes`; `messages`: error text.
 """
@@ -45,6 +46,7 @@ from potstill.config.generative import (
     StepByStepConfig,
     TextTeacherConfig,
 )
+from potstill.config.graph import GraphData, GraphRecipe, GraphSource
 from potstill.config.images import (
     ImageClassificationRecipe,
     ImageData,
@@ -85,15 +87,16 @@ from potstill.config.tasks import (
 )
 
 __all__ = [
-    "DISTILLATION_TASKS", "RECIPE_OF_TASK", "RESUMABLE_CHANGES", "TASKS", "AnyRecipe", "CausalLMData",
-    "CausalLMRecipe", "CausalLMTeacherConfig", "CausalLMTrainerConfig", "ClassificationRecipe", "ContinualRecipe",
-    "ContinualSettings", "DataConfig", "DataPath", "DataSource", "DomainWeightedData", "DomainsConfig",
-    "EmbeddingEvalConfig", "EmbeddingRecipe", "EmbeddingStudentConfig", "EndpointConfig", "EvalConfig",
-    "GenerationConfig", "ImageClassificationRecipe", "ImageData", "ImageSource", "MaskedLMRecipe", "MaskingConfig",
-    "SSLDConfig", "TransformsConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RankingConfig", "RankingData",
-    "RankingRecipe", "Recipe", "RecipeBase", "RecipeRelative", "RelPath", "Seq2SeqData", "Seq2SeqRecipe",
-    "LabelNoiseConfig", "SegmentationData", "SegmentationRecipe", "SegmentationSource", "ShapesSettings",
-    "Seq2SeqTeacherConfig", "StepByStepConfig", "StudentConfig", "TeacherConfig", "TextTeacherConfig",
-    "TrainerConfig", "VisionRecipe", "apply_overrides", "distillation_recipe", "dump_recipe",
-    "format_validation_error", "load_recipe", "load_saved_recipe", "recipe_changes", "validate_recipe",
+    "AnyRecipe", "CausalLMData", "CausalLMRecipe", "CausalLMTeacherConfig", "CausalLMTrainerConfig",
+    "ClassificationRecipe", "ContinualRecipe", "ContinualSettings", "DISTILLATION_TASKS", "DataConfig", "DataPath",
+    "DataSource", "DomainWeightedData", "DomainsConfig", "EmbeddingEvalConfig", "EmbeddingRecipe",
+    "EmbeddingStudentConfig", "EndpointConfig", "EvalConfig", "GenerationConfig", "GraphData", "GraphRecipe",
+    "GraphSource", "ImageClassificationRecipe", "ImageData", "ImageSource", "LabelNoiseConfig", "MaskedLMRecipe",
+    "MaskingConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RECIPE_OF_TASK", "RESUMABLE_CHANGES",
+    "RankingConfig", "RankingData", "RankingRecipe", "Recipe", "RecipeBase", "RecipeRelative", "RelPath",
+    "SSLDConfig", "SegmentationData", "SegmentationRecipe", "SegmentationSource", "Seq2SeqData", "Seq2SeqRecipe",
+    "Seq2SeqTeacherConfig", "ShapesSettings", "StepByStepConfig", "StudentConfig", "TASKS", "TeacherConfig",
+    "TextTeacherConfig", "TrainerConfig", "TransformsConfig", "VisionRecipe", "apply_overrides",
+    "distillation_recipe", "dump_recipe", "format_validation_error", "load_recipe", "load_saved_recipe",
+    "recipe_changes", "validate_recipe",
 ]

@@ -355,7 +355,7 @@ def check_domains_teacher(recipe: RecipeBase) -> None:
 
 
 DISTILLATION_TASKS = ("classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq",
-                      "image_classification", "vision_language", "masked_lm", "segmentation")
+                      "image_classification", "vision_language", "masked_lm", "segmentation", "graph")
 TASKS = (*DISTILLATION_TASKS, "continual")  # continual: potstill.config.continual, not a teacher → student run
 
 

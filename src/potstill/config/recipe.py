@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 from potstill.config.common import TASKS
 from potstill.config.continual import ContinualRecipe
 from potstill.config.generative import CausalLMRecipe, Seq2SeqRecipe
+from potstill.config.graph import GraphRecipe
 from potstill.config.images import ImageClassificationRecipe
 from potstill.config.segmentation import SegmentationRecipe
 from potstill.config.tasks import (
@@ -28,14 +29,15 @@ from potstill.errors import UserError
 
 Recipe = Annotated[
     ClassificationRecipe | EmbeddingRecipe | CausalLMRecipe | VisionRecipe | RankingRecipe | Seq2SeqRecipe
-    | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe | SegmentationRecipe,
+    | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe | SegmentationRecipe | GraphRecipe,
     Field(discriminator="task"),
 ]
 """A whole distillation run. See recipes/*.yaml for examples and `potstill run --help`."""
 
 AnyRecipe = Annotated[
     ClassificationRecipe | EmbeddingRecipe | CausalLMRecipe | VisionRecipe | RankingRecipe | Seq2SeqRecipe
-    | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe | SegmentationRecipe | ContinualRecipe,
+    | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe | SegmentationRecipe | GraphRecipe
+    | ContinualRecipe,
     Field(discriminator="task"),
 ]
 """Any recipe `potstill run` takes: a distillation `Recipe` or a continual-learning stream."""
@@ -44,7 +46,8 @@ RECIPE_OF_TASK: dict[str, type[BaseModel]] = {
     "classification": ClassificationRecipe, "embedding": EmbeddingRecipe, "causal_lm": CausalLMRecipe,
     "vision": VisionRecipe, "ranking": RankingRecipe, "seq2seq": Seq2SeqRecipe,
     "image_classification": ImageClassificationRecipe, "vision_language": VisionLanguageRecipe,
-    "masked_lm": MaskedLMRecipe, "segmentation": SegmentationRecipe, "continual": ContinualRecipe,
+    "masked_lm": MaskedLMRecipe, "segmentation": SegmentationRecipe, "graph": GraphRecipe,
+    "continual": ContinualRecipe,
 }
 assert tuple(RECIPE_OF_TASK) == TASKS
 

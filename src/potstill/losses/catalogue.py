@@ -36,11 +36,13 @@ from .taid import TAID
 from .uld import gold, uld
 from .vl2v_adip import vl2v_adip
 from .vlm_ood import vlm_ood_coherence, vlm_ood_label_ce, vlm_ood_visual_contrastive, vlm_ood_visual_mse
+from .vqgraph import vqgraph_code_kl
 
-KINDS = ("logits", "preference", "demo_sets", "router", "scores", "embedding", "vision_language", "hidden_states",
-         "attention")
+KINDS = ("logits", "preference", "demo_sets", "router", "scores", "embedding", "vision_language", "graph",
+         "hidden_states", "attention")
 # "router": a mixture-of-experts student's router logits (causal_lm; the teacher's signal is not read).
 # "vision_language": the vision_language task's image vectors + shared class text (`VisionLanguageSignal`).
+# "graph": the graph task's node vectors + the teacher's codebook (`GraphSignal`).
 # "preference": logits of a pair batch (chosen rows, then rejected rows) with the scored token ids as `labels`.
 # "demo_sets": logits of B queries × M demonstration-set prompts (query-major), scored token ids as `labels`:
 # causal_lm with data.format: icl (`potstill.tasks.causal_lm_icl`; batches from `potstill.data.icl_demos`).
@@ -403,6 +405,10 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
                _VLM_OOD, "L-vlalign: vision–language coherence; rows the teacher misclassifies skipped"),
         _entry(vlm_ood_label_ce, "vision_language", "CE(⟨s, t_c⟩/τ, y)", _VLM_OOD,
                "L-cls: labels against the (enriched) class text; needs labels"),
+        _entry(vqgraph_code_kl, "graph", "τ²·KL(r(h_T) ‖ r(z_S)), r_m(v) = softmax_m(−‖v − E_m‖²/τ) over the teacher's "
+               "codebook E", 'Yang et al. 2024, "VQGraph: Rethinking Graph Representation Space for Bridging GNNs '
+               'and MLPs"', "student hidden width = codebook dim; GLNN's soft labels: forward_kl + "
+               "trainer.hard_label_weight"),
     )
 }
 

@@ -18,17 +18,22 @@ Defaults: τ = 4 (the paper's code), λ_h = 0. The paper's per-dataset scripts p
 uses 1.0 (benchmarks/vqgraph.py). Δ from the authors' code: there the soft-label and code terms take separate
 optimizer steps each epoch; here they are one summed loss.
 
+`vqgraph_code_kl` is the objective form (catalogue kind "graph"): it reads the `graph`
+task's signals of both sides (any objects with `hidden`, the teacher's also with `codebook`).
+
 Reduction: "mean" averages the per-node values over the counted nodes (`mask`, True = counted), "sum" adds them,
 "none" returns them per node.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["soft_code_assignments", "soft_code_kl", "soft_label_loss"]
+__all__ = ["soft_code_assignments", "soft_code_kl", "soft_label_loss", "vqgraph_code_kl"]
 
 
 def _reduce(per_node: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
@@ -75,10 +80,23 @@ def soft_code_kl(
 
     Gradients flow into `student_hidden` only (the teacher's side and the codebook are detached).
     """
-    log_student = torch.log_softmax(_code_logits(student_hidden, codebook.detach(), temperature), dim=-1)
-    log_teacher = torch.log_softmax(_code_logits(teacher_hidden.detach(), codebook.detach(), temperature), dim=-1)
+    book = codebook.detach()
+    if book.is_inference():  # a teacher's output made under torch.inference_mode: autograd may not save it
+        book = book.clone()
+    log_student = torch.log_softmax(_code_logits(student_hidden, book, temperature), dim=-1)
+    log_teacher = torch.log_softmax(_code_logits(teacher_hidden.detach(), book, temperature), dim=-1)
     per_node = (log_teacher.exp() * (log_teacher - log_student)).sum(-1) * temperature**2
     return _reduce(per_node, mask, reduction)
+
+
+def vqgraph_code_kl(student: Any, teacher: Any, *, temperature: float = 4.0, mask: Tensor | None = None,
+                  reduction: str = "mean") -> Tensor:
+    """`soft_code_kl` on the graph task's signals: τ² · KL(r(h_T) ‖ r(z_S)) per node, h_T = `teacher.hidden`,
+    z_S = `student.hidden`, r against `teacher.codebook`."""
+    if getattr(teacher, "codebook", None) is None:
+        raise ValueError("vqgraph_code_kl needs the teacher's codebook; the teacher's signal has none")
+    return soft_code_kl(student.hidden, teacher.hidden, teacher.codebook.to(student.hidden.device),
+                        temperature=temperature, mask=mask, reduction=reduction)
 
 
 def soft_label_loss(

@@ -40,6 +40,10 @@ def task_class(name: str) -> type[Task]:
         from potstill.tasks.seq2seq import Seq2SeqTask
 
         return Seq2SeqTask
+    if name == "graph":
+        from potstill.tasks.graph import GraphTask
+
+        return GraphTask
     if name == "vision_language":
         from potstill.tasks.vision_language import VisionLanguageTask
 

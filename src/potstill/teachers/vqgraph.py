@@ -24,20 +24,44 @@ hundred nodes. Δ from the paper: Euclidean nearest-codeword search (the authors
 codewords are initialised from embeddings of the first batch.
 
 PyTorch Geometric (`pip install "potstill[graph]"`) provides the SAGE layers.
+
+Built once, saved with its split, loaded by recipes (`teacher.factory: potstill.teachers.vqgraph:load_vqgraph_teacher`):
+
+    python -m potstill.teachers.vqgraph --out runs/vqgraph-teacher [--dataset connectome|mutag] [--seed N]
+
+Connectome (node classification, `potstill.data.graphs.connectome_tensors`): a stratified 40/20/40 split of the
+209 neurons (seeded by `--seed`), full-batch Adam (lr 0.01, weight decay 5e-4) for 300 epochs on `teacher_loss`
+with the cross-entropy on the training nodes; the weights of the epoch with the best validation accuracy are
+kept (the first such epoch). MUTAG (graph classification): a 60/20/20 split of the 188 graphs, 100 epochs of
+batches of 32 training graphs, mean pooling, no dropout, the same selection. These are `benchmarks/vqgraph.py`'s
+settings; it calls the same functions (`fit_node_teacher`, `fit_graph_teacher`).
+
+The folder holds `model.safetensors` (the state dict, codebook included) and `vqgraph_teacher.json` (format,
+data set, features, model sizes, training settings, the split as index lists, the validation and test accuracy
+of the kept epoch), written together atomically (`potstill.io.atomic_dir`). `load_vqgraph_teacher(folder)`
+rebuilds the frozen teacher with the json as its `settings`, which the `graph` task reads for the data and the
+split: the student is scored on the teacher's held-out nodes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from potstill.data.graphs import CONNECTOME_FEATURES, GRAPH_DATASETS, NodeTensors, mutag_batch, stratified_split
 from potstill.errors import UserError
 
-__all__ = ["EMACodebook", "VQGraphOutput", "VQGraphTeacher", "pool_per_graph", "teacher_logits", "teacher_loss"]
+__all__ = ["SETTINGS_FILE", "WEIGHTS_FILE", "EMACodebook", "FitSettings", "VQGraphOutput", "VQGraphTeacher",
+           "fit_graph_teacher", "fit_node_teacher", "load_vqgraph_teacher", "main", "pool_per_graph",
+           "save_vqgraph_teacher", "teacher_logits", "teacher_loss"]
 
 PYG_HINT = 'pip install "potstill[graph]"'
 
@@ -150,7 +174,9 @@ class VQGraphTeacher(nn.Module):
     ) -> None:
         super().__init__()
         conv = _sage_conv()
-        self.graph_level, self.pooling = graph_level, pooling
+        self.graph_level, self.pooling, self.num_classes = graph_level, pooling, num_classes
+        # what `save_vqgraph_teacher` saved with a trained teacher (data set, features, split); empty for a new one
+        self.settings: dict[str, Any] = {}
         self.encoder = conv(in_dim, hidden_dim)
         self.codebook = EMACodebook(codebook_size, hidden_dim, decay=ema_decay)
         self.edge_decoder = nn.Linear(hidden_dim, hidden_dim)
@@ -213,3 +239,178 @@ def teacher_loss(
     commit = (output.hidden - output.quantised.detach()).pow(2).sum(-1).mean()
     total = ce + feature_weight * features_mse + edge_weight * edge_rmse + commitment * commit
     return {"total": total, "ce": ce, "features": features_mse, "edges": edge_rmse, "commit": commit}
+
+
+# ---------------------------------------------------------------- built once: train, save, load
+
+SETTINGS_FILE, WEIGHTS_FILE = "vqgraph_teacher.json", "model.safetensors"
+NODE_FRACTIONS, GRAPH_FRACTIONS = (0.4, 0.2), (0.6, 0.2)
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How the teacher is trained (the benchmark's defaults per data set: `for_dataset`)."""
+
+    dataset: str = "connectome"
+    features: str = "projection"
+    seed: int = 0
+    epochs: int = 300
+    hidden: int = 64
+    codebook: int = 64
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    dropout: float = 0.2
+    pooling: str = "mean"
+    batch_size: int = 32  # MUTAG: training graphs per step
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **changes: Any) -> FitSettings:
+        if dataset not in GRAPH_DATASETS:
+            raise UserError(f"--dataset must be one of {', '.join(GRAPH_DATASETS)}, got {dataset!r}")
+        base = cls(dataset=dataset) if dataset == "connectome" else cls(dataset=dataset, epochs=100, dropout=0.0)
+        return cls(**{**asdict(base), **{k: v for k, v in changes.items() if v is not None}})
+
+
+def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def fit_node_teacher(data: NodeTensors, split: tuple[np.ndarray, ...],
+                     settings: FitSettings) -> tuple[VQGraphTeacher, dict[str, float]]:
+    """The teacher of the best validation epoch (eval mode) and its {"val_accuracy", "test_accuracy"};
+    full-batch training on `teacher_loss`, labels of the `split[0]` nodes only."""
+    train, val, test = (torch.from_numpy(part) for part in split)
+    train_mask = torch.zeros(len(data.x), dtype=torch.bool)
+    train_mask[train] = True
+    torch.manual_seed(settings.seed)
+    teacher = VQGraphTeacher(data.x.shape[1], data.num_classes, hidden_dim=settings.hidden,
+                             codebook_size=settings.codebook, dropout=settings.dropout)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    best: dict[str, Any] = {"val_accuracy": -1.0}
+    for _ in range(settings.epochs):
+        teacher.train()
+        optimizer.zero_grad()
+        out = teacher(data.x, data.edge_index)
+        teacher_loss(out, data.x, data.adjacency, data.labels, label_mask=train_mask)["total"].backward()
+        optimizer.step()
+        teacher.eval()
+        with torch.no_grad():
+            logits = teacher(data.x, data.edge_index).logits
+        val_accuracy = _accuracy(logits[val], data.labels[val])
+        if val_accuracy > best["val_accuracy"]:
+            best = {"val_accuracy": val_accuracy, "test_accuracy": _accuracy(logits[test], data.labels[test]),
+                    "state": _state_copy(teacher)}
+    teacher.load_state_dict(best.pop("state"))
+    return teacher.eval(), best
+
+
+def fit_graph_teacher(graphs: list, split: tuple[np.ndarray, ...], settings: FitSettings,
+                      rng: np.random.Generator) -> tuple[VQGraphTeacher, dict[str, float]]:
+    """MUTAG: the graph-level teacher of the best validation epoch and its accuracies; each epoch visits the
+    training graphs in an order drawn from `rng`, `settings.batch_size` graphs per step."""
+    train, val, test = split
+    held_out = {"val": mutag_batch([graphs[i] for i in val]), "test": mutag_batch([graphs[i] for i in test])}
+    torch.manual_seed(settings.seed)
+    teacher = VQGraphTeacher(mutag_batch(graphs[:1])["x"].shape[1], 2, hidden_dim=settings.hidden,
+                             codebook_size=settings.codebook, graph_level=True, pooling=settings.pooling,
+                             dropout=settings.dropout)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    best: dict[str, Any] = {"val_accuracy": -1.0}
+
+    def accuracy(part: str) -> float:
+        batch = held_out[part]
+        with torch.no_grad():
+            return _accuracy(teacher_logits(teacher, batch["x"], batch["edge_index"], batch["batch"]),
+                             batch["labels"])
+
+    for _ in range(settings.epochs):
+        teacher.train()
+        order = rng.permutation(train)
+        for start in range(0, len(order), settings.batch_size):
+            batch = mutag_batch([graphs[i] for i in order[start:start + settings.batch_size]])
+            optimizer.zero_grad()
+            out = teacher(batch["x"], batch["edge_index"], batch["batch"])
+            teacher_loss(out, batch["x"], batch["adjacency"], batch["labels"])["total"].backward()
+            optimizer.step()
+        teacher.eval()
+        val_accuracy = accuracy("val")
+        if val_accuracy > best["val_accuracy"]:
+            best = {"val_accuracy": val_accuracy, "test_accuracy": accuracy("test"), "state": _state_copy(teacher)}
+    teacher.load_state_dict(best.pop("state"))
+    return teacher.eval(), best
+
+
+def save_vqgraph_teacher(teacher: VQGraphTeacher, folder: str | Path, settings: FitSettings,
+                         split: tuple[np.ndarray, ...], scores: dict[str, float]) -> Path:
+    """Write weights and `vqgraph_teacher.json` (settings, sizes, split, scores) into `folder`, atomically."""
+    from safetensors.torch import save_file
+
+    from potstill.io import atomic_dir, atomic_write_json
+
+    spec = {"format": 1, **asdict(settings), "in_dim": teacher.feature_decoder.out_features,
+            "num_classes": teacher.num_classes, "graph_level": teacher.graph_level,
+            "split": {name: part.tolist() for name, part in zip(("train", "val", "test"), split, strict=True)},
+            **scores}
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        atomic_write_json(tmp / SETTINGS_FILE, spec)
+    return Path(folder)
+
+
+def load_vqgraph_teacher(folder: str) -> VQGraphTeacher:
+    """The teacher saved in `folder` by `python -m potstill.teachers.vqgraph` (factory for `teacher.factory`,
+    kwargs {folder: ...}), frozen, in eval mode, with the saved json as `teacher.settings`."""
+    from safetensors.torch import load_file
+
+    root = Path(folder)
+    if not (root / SETTINGS_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
+        raise UserError(f"field teacher.kwargs.folder: {root} is not a VQGraph teacher folder (expected "
+                        f"{SETTINGS_FILE} and {WEIGHTS_FILE}; make one with `python -m potstill.teachers.vqgraph "
+                        f"--out {root}`)")
+    spec = json.loads((root / SETTINGS_FILE).read_text())
+    teacher = VQGraphTeacher(spec["in_dim"], spec["num_classes"], hidden_dim=spec["hidden"],
+                             codebook_size=spec["codebook"], graph_level=spec["graph_level"],
+                             pooling=spec["pooling"], dropout=spec["dropout"])
+    teacher.load_state_dict(load_file(str(root / WEIGHTS_FILE)))
+    teacher.settings = spec
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the VQGraph teacher on the connectome (or MUTAG) and save it with its split."""
+    parser = argparse.ArgumentParser(prog="python -m potstill.teachers.vqgraph", description=main.__doc__)
+    parser.add_argument("--out", required=True, help="the teacher folder to write")
+    parser.add_argument("--dataset", choices=GRAPH_DATASETS, default="connectome")
+    parser.add_argument("--features", choices=CONNECTOME_FEATURES, default=None, help="connectome node features")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the teacher's weights")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 300 (connectome), 100 (MUTAG)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = FitSettings.for_dataset(args.dataset, features=args.features, seed=args.seed, epochs=args.epochs)
+    if settings.dataset == "connectome":
+        from potstill.data.graphs import connectome_tensors
+
+        data = connectome_tensors(settings.features)
+        split = stratified_split(data.labels.numpy(), NODE_FRACTIONS, settings.seed)
+        teacher, scores = fit_node_teacher(data, split, settings)
+    else:
+        from potstill.assets_graph import mutag
+
+        graphs = mutag()
+        split = stratified_split(np.array([g.label for g in graphs]), GRAPH_FRACTIONS, settings.seed)
+        teacher, scores = fit_graph_teacher(graphs, split, settings, np.random.default_rng(settings.seed))
+    save_vqgraph_teacher(teacher, args.out, settings, split, scores)
+    print(f"{args.out}: VQGraph teacher on {settings.dataset} saved (validation accuracy "
+          f"{scores['val_accuracy']:.3f}, test accuracy {scores['test_accuracy']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
