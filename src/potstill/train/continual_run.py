@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from potstill.config import ContinualRecipe, dump_recipe, recipe_changes
+from potstill.config import ContinualRecipe, dump_recipe
 from potstill.data.task_stream import StreamTask, builtin_stream
 from potstill.errors import UserError
 from potstill.io import atomic_dir, atomic_write_json, atomic_write_text
@@ -141,16 +141,9 @@ def _keep_metrics_before(path: Path, tasks_done: int) -> None:
 
 def finished_summary(recipe: ContinualRecipe) -> dict[str, Any] | None:
     """The stored summary when the run folder holds this same recipe's complete run; None otherwise."""
-    run_dir = recipe.run_dir
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        stored = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
-    except (OSError, ValueError):
-        return None
-    if (not isinstance(summary, dict) or not summary.get("complete") or not (run_dir / "student").is_dir()
-            or recipe_changes(stored, dump_recipe(recipe))):
-        return None
-    return summary
+    from potstill.train.run_folder import stored_complete_summary
+
+    return stored_complete_summary(recipe.run_dir, dump_recipe(recipe))
 
 
 def run_continual(recipe: ContinualRecipe, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

@@ -156,21 +156,12 @@ def run_recipe(recipe: AnyRecipe, *, resume: bool = False, overwrite: bool = Fal
 def finished_summary(recipe: Recipe) -> dict[str, Any] | None:
     """The stored summary when `recipe.run_dir` holds a complete run of this same recipe (its final checkpoint
     and saved student present): what `--resume` would only redo. None otherwise."""
-    import json
-
-    from potstill.config import recipe_changes
     from potstill.train import checkpoint as ckpt
+    from potstill.train.run_folder import stored_complete_summary
 
-    run_dir = recipe.run_dir
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        stored = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
-    except (OSError, ValueError):
-        return None
-    done = ckpt.list_checkpoints(run_dir / "checkpoints")
-    if (not isinstance(summary, dict) or not summary.get("complete") or not done or done[-1][0] != summary["steps"]
-            or not (run_dir / "student").is_dir()
-            or recipe_changes(stored, dump_recipe(with_pruned_kd_weights(recipe)))):
+    summary = stored_complete_summary(recipe.run_dir, dump_recipe(with_pruned_kd_weights(recipe)))
+    done = ckpt.list_checkpoints(recipe.run_dir / "checkpoints")
+    if summary is None or not done or done[-1][0] != summary["steps"]:
         return None
     return summary
 

@@ -119,3 +119,19 @@ def prepare_run_dir(run_dir: Path, recipe_text: str | None, *, resume: bool) -> 
         for folder in (TRACKERS_DIR, ADAPTER_DIR):  # an earlier run's TensorBoard files, LoRA adapter
             shutil.rmtree(run_dir / folder, ignore_errors=True)
     ckpt.remove_partial(root)
+
+
+def stored_complete_summary(run_dir: Path, recipe_text: str) -> dict[str, Any] | None:
+    """`<run_dir>/summary.json` when it says the run is complete, the saved student is there and the stored
+    recipe.yaml equals `recipe_text` (`recipe_changes` finds no difference); None otherwise."""
+    import json
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        stored = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(summary, dict) or not summary.get("complete") or not (run_dir / "student").is_dir()
+            or recipe_changes(stored, recipe_text)):
+        return None
+    return summary
