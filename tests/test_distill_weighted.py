@@ -150,3 +150,18 @@ def test_teacher_choice_writes_a_weighted_recipe_that_loads(zoo, tmp_path):
                                                                                   result["teachers"]])
     assert load_recipe(result["weighted_recipe"]).teacher.sources[1].weight == pytest.approx(
         result["teachers"][1]["weight"])
+
+
+def test_a_source_as_wide_as_the_student_starts_as_a_scaled_identity_head():
+    """The teacher.path source (as wide as its layer-drop student) starts as sqrt(w)·I: the run starts by comparing
+    the student's own vectors with that source; a source of another width keeps the default init."""
+    from potstill.losses import embedding_mse
+    from potstill.losses.intermediate import ModelShape, ProjectedLoss
+
+    loss = ProjectedLoss(embedding_mse)
+    loss.bind(ModelShape(layers=1, hidden=4, heads=1),
+              ModelShape(layers=2, hidden=4, heads=1, output=10, output_blocks=((4, 0.5), (6, 0.7))))
+    weight = loss.projection.weight.detach()
+    assert tuple(weight.shape) == (10, 4)
+    assert torch.equal(weight[:4], 0.5 * torch.eye(4))
+    assert not torch.equal(weight[4:], torch.zeros(6, 4))

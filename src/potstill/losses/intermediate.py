@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import torch
 from torch import Tensor, nn
 
 from .attention import attention_mse, relation_logits
@@ -41,12 +42,13 @@ LayerSpec = str | Sequence[Sequence[int]]
 class ModelShape:
     """What an objective needs to know of a model: transformer layers, hidden width, attention heads, and the width
     of the vectors its task compares when that is not `hidden` (`output`; e.g. DistillWeighted's concatenated
-    sources)."""
+    sources), and, when those vectors are blocks side by side, each block's (width, scale) (`output_blocks`)."""
 
     layers: int
     hidden: int
     heads: int
     output: int | None = None
+    output_blocks: tuple[tuple[int, float], ...] = ()
 
     @property
     def output_width(self) -> int:
@@ -248,6 +250,18 @@ class ProjectedLoss(nn.Module):
     def bind(self, student: ModelShape, teacher: ModelShape) -> None:
         if student.output_width != teacher.output_width and self.projection is None:
             self.projection = nn.Linear(student.output_width, teacher.output_width, bias=False)
+            self._start_blocks_as_identity(student.output_width, teacher.output_blocks)
+
+    def _start_blocks_as_identity(self, width: int, blocks: Sequence[tuple[int, float]]) -> None:
+        """A teacher block as wide as the student starts as scale·I, so that the run starts by comparing the
+        student's own vectors with that block (a block of another width keeps the default init)."""
+        assert self.projection is not None
+        start = 0
+        with torch.no_grad():
+            for block_width, scale in blocks:
+                if block_width == width:
+                    self.projection.weight[start:start + width] = scale * torch.eye(width)
+                start += block_width
 
     def needs(self) -> dict[str, list[int]]:
         return {}

@@ -131,8 +131,17 @@ class EmbeddingTask(Task):
         """The models' shapes; with `teacher.sources` the teacher's `output` is the width of the sources' weighted
         concatenation, which the embedding objectives project the student's vectors to."""
         shape = super().model_shape(role)
-        if role == "teacher" and self.recipe.teacher.sources:
-            return dataclasses.replace(shape, output=int(self.teacher_cache.shape[1]))
+        sources = self.recipe.teacher.sources
+        if role == "teacher" and sources:
+            from potstill.tasks.embedding_sources import source_widths
+            from potstill.teachers.ensemble import source_scales
+
+            widths = source_widths(sources)
+            if sum(widths) != self.teacher_cache.shape[1]:
+                raise UserError(f"field teacher.sources: the sources' hidden sizes sum to {sum(widths)}, but their "
+                                f"pooled vectors are {self.teacher_cache.shape[1]} wide")
+            blocks = tuple(zip(widths, source_scales([s.weight for s in sources]), strict=True))
+            return dataclasses.replace(shape, output=int(self.teacher_cache.shape[1]), output_blocks=blocks)
         return shape
 
     # ---- batches

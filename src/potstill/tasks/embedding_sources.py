@@ -49,3 +49,13 @@ def weighted_source_vectors(sources: Sequence[Any], texts: list[str], *, pooling
                                               batch_size=batch_size, field=f"teacher.sources.{i}.path",
                                               progress=advance))
     return weighted_concatenation(vectors, [source.weight for source in sources])
+
+
+def source_widths(sources: Sequence[Any]) -> list[int]:
+    """The width of each `teacher.sources` encoder's pooled vectors (its config's hidden size; no weights read)."""
+    from transformers import AutoConfig
+
+    from potstill.students.loading import resolve_model_path
+
+    return [int(AutoConfig.from_pretrained(resolve_model_path(str(source.path), field=f"teacher.sources.{i}.path"))
+                .hidden_size) for i, source in enumerate(sources)]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["minmax_ensemble", "minmax_normalize", "weighted_concatenation"]
+__all__ = ["minmax_ensemble", "minmax_normalize", "source_scales", "weighted_concatenation"]
 
 
 def minmax_normalize(scores: Tensor, *, mask: Tensor | None = None) -> Tensor:
@@ -99,6 +99,11 @@ def weighted_concatenation(vectors: Sequence[Tensor], weights: Sequence[float] |
     if len(rows) != 1 or any(v.dim() != 2 for v in vectors):
         raise ValueError(f"every source needs a (n, d_s) matrix over the same n rows, got shapes "
                          f"{[tuple(v.shape) for v in vectors]}")
-    w = w / w.sum()
     unit = [torch.nn.functional.normalize(v.float(), dim=1) for v in vectors]
-    return torch.cat([u * torch.sqrt(w_s) for u, w_s in zip(unit, w, strict=True)], dim=1)
+    return torch.cat([u * scale for u, scale in zip(unit, source_scales(w.tolist()), strict=True)], dim=1)
+
+
+def source_scales(weights: Sequence[float]) -> list[float]:
+    """√(w_s / Σ w): the scale of each source's unit vectors in `weighted_concatenation`."""
+    total = float(sum(weights))
+    return [float(w / total) ** 0.5 for w in weights]
