@@ -20,9 +20,13 @@ Runtime on as many threads as torch. Everything lands in `<run>/export/`.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +88,27 @@ def _export(module: _ExportedStudent, example: tuple[torch.Tensor, ...], axes: d
             path: Path) -> None:
     dims = {name: torch.export.Dim(name) for per_input in axes.values() for name in per_input.values()}
     shapes = tuple({axis: dims[name] for axis, name in axes[input_name].items()} for input_name in module.names)
-    with warnings.catch_warnings():
+    # quiet: a failed first capture strategy prints its partial graph (e.g. at a data-dependent size such as
+    # the graph count of graph_of) before the next one succeeds; a failure still raises
+    with (warnings.catch_warnings(), _quiet_loggers("torch", "onnx_ir", "onnxscript"),
+          contextlib.redirect_stderr(io.StringIO())):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), input_names=module.names, output_names=["output"],
                           dynamic_shapes=(shapes,), dynamo=True, verbose=False)  # one entry: the *tensors
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """The exporter's log warnings (missing torchvision ops, unnamed data-dependent sizes) silenced."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _deviation(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None) -> float:
