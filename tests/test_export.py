@@ -105,7 +105,7 @@ def test_unsupported_task_and_missing_runtime_are_one_line_errors(tmp_path, digi
     run_recipe(validate_recipe(raw))
     run_dir = tmp_path / "runs" / raw["name"]
     monkeypatch.setattr(type(export._load_student(run_dir, export._saved_recipe(run_dir))[0]), "export_kind", None)
-    with pytest.raises(UserError, match="supports classification, image_classification, embedding and causal_lm"):
+    with pytest.raises(UserError, match="supports classification, image_classification, embedding, causal_lm, graph"):
         export.export_run(run_dir)
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(UserError, match=r"pip install 'potstill\[export\]'"):

@@ -131,7 +131,8 @@ def export(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (
     _quiet_transformers()
     result = export_run(run_dir, int8=int8)
     rows = [{"model": "onnx float32", "bytes": result["bytes"]["float32"],
-             "max |Δ| vs PyTorch": result["check"]["max_abs_deviation"]}]
+             "max |Δ| vs PyTorch": result["check"]["max_abs_deviation"],
+             **{k: v for k, v in result["check"].items() if k.endswith("_pytorch")}}]
     if int8:
         q = result["int8"]
         rows.append({"model": "onnx int8", "bytes": result["bytes"]["int8"],

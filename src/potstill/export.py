@@ -1,38 +1,45 @@
 """`potstill export`: a finished run's student as an ONNX model, checked against PyTorch, and optionally an int8 copy.
 
 The graph computes what the task's student hands the losses, so the deployed model answers exactly what was
-distilled: class logits (classification), the pooled sentence embedding (embedding; L2-normalised when the saved
-student ends in sentence-transformers' `Normalize`), next-token logits (causal_lm). It is exported with
-`torch.onnx.export(dynamo=True)` with a dynamic batch (and sequence) axis, then run by ONNX Runtime on records of
-the run's own data at other batch and sequence sizes than the trace's; the largest deviation from PyTorch must stay
-within `atol + rtol·|reference|`, else the export fails with that number.
+distilled: class logits (classification, image_classification; graph: per node from its features `x`, or per graph
+from its nodes' `x` and `graph_of`), the pooled sentence embedding (embedding; L2-normalised when the saved student
+ends in sentence-transformers' `Normalize`), next-token logits (causal_lm), per-pixel logits (segmentation). The
+task names the inputs and their variable axes (`Task.export_inputs`) and the forward (`Task.export_output`). It
+is exported with `torch.onnx.export(dynamo=True)`, then run by ONNX Runtime on held-out records of the run's data
+(`task.eval_records`, else its training records) at other sizes than the trace's; the largest deviation from
+PyTorch must stay within `atol + rtol·|reference|`, else the export fails with that number. The check also reports
+the ONNX model's agreement with PyTorch (`export_quality`).
 
 `--int8` adds ONNX Runtime's dynamic quantisation (int8 weights with a scale per output channel, activations
 quantised per batch at run time) and reports what it costs, measured on the same records against the float32
-model: argmax agreement and accuracy (logits), top-1 token agreement (token logits), cosine (embeddings), plus
-file sizes and throughput of the three (PyTorch, ONNX float32, ONNX int8), measured interleaved. Everything lands
-in `<run>/export/`.
+model: argmax agreement and accuracy (logits), top-1 token agreement (token logits), cosine (embeddings), pixel
+agreement and mIoU (pixel logits), plus file sizes and throughput of the three (PyTorch, ONNX float32, ONNX int8;
+items per second, an item being a row of the output: a node, graph, image, sequence), measured interleaved, ONNX
+Runtime on as many threads as torch. Everything lands in `<run>/export/`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from potstill.encoder_inputs import ENCODER_INPUTS
 from potstill.errors import UserError
 from potstill.evaluate import _load_student, _saved_recipe
+from potstill.export_quality import batch_quality, summarise
 from potstill.io import atomic_write_json
 from potstill.ui import phase
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "features", "pixels")
-TOKEN_INPUTS = ENCODER_INPUTS
+EXPORTED_TASKS = "classification, image_classification, embedding, causal_lm, graph and segmentation"
 SAMPLE_RECORDS = 128  # records of the run's data used for the check and the int8 quality delta
 
 
@@ -71,49 +78,42 @@ def _onnx_feed(batch: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return {n: batch[n].numpy() for n in names}
 
 
-def _export(module: _ExportedStudent, example: tuple[torch.Tensor, ...], path: Path) -> None:
-    batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    shapes = tuple({0: batch_dim, 1: seq_dim} if name in TOKEN_INPUTS else {0: batch_dim} for name in module.names)
-    with warnings.catch_warnings():
+def _session(ort: Any, path: Path) -> Any:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as many as PyTorch, so that the speeds compare
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _export(module: _ExportedStudent, example: tuple[torch.Tensor, ...], axes: dict[str, dict[int, str]],
+            path: Path) -> None:
+    dims = {name: torch.export.Dim(name) for per_input in axes.values() for name in per_input.values()}
+    shapes = tuple({axis: dims[name] for axis, name in axes[input_name].items()} for input_name in module.names)
+    # quiet: a failed first capture strategy prints its partial graph (e.g. at a data-dependent size such as
+    # the graph count of graph_of) before the next one succeeds; a failure still raises
+    with (warnings.catch_warnings(), _quiet_loggers("torch", "onnx_ir", "onnxscript"),
+          contextlib.redirect_stderr(io.StringIO())):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), input_names=module.names, output_names=["output"],
                           dynamic_shapes=(shapes,), dynamo=True, verbose=False)  # one entry: the *tensors
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """The exporter's log warnings (missing torchvision ops, unnamed data-dependent sizes) silenced."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _deviation(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None) -> float:
     diff = (reference - other).abs()
     return float(diff[mask.bool()].max() if mask is not None and diff.dim() == 3 else diff.max())
-
-
-def _quality(kind: str, reference: torch.Tensor, other: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
-    """How far `other` (a batch of outputs) is from `reference`, in the terms of the task's output."""
-    if kind == "embedding":
-        cos = nn.functional.cosine_similarity(reference, other, dim=-1)
-        return {"cosine_sum": float(cos.sum()), "cosine_min": float(cos.min()), "rows": float(len(cos))}
-    if kind == "token_logits":
-        mask = batch["attention_mask"].bool()
-        same = (reference.argmax(-1) == other.argmax(-1))[mask]
-        return {"agree_sum": float(same.sum()), "rows": float(same.numel())}
-    out = {"agree_sum": float((reference.argmax(-1) == other.argmax(-1)).sum()), "rows": float(len(reference))}
-    labels = batch.get("labels")
-    if labels is not None:
-        keep = labels != -100
-        out["correct_ref"] = float((reference.argmax(-1) == labels)[keep].sum())
-        out["correct_other"] = float((other.argmax(-1) == labels)[keep].sum())
-        out["labelled"] = float(keep.sum())
-    return out
-
-
-def _summarise(kind: str, parts: list[dict[str, float]]) -> dict[str, float]:
-    total = {k: sum(p.get(k, 0.0) for p in parts) for k in parts[0]}
-    if kind == "embedding":
-        return {"mean_cosine_to_float32": total["cosine_sum"] / total["rows"],
-                "min_cosine_to_float32": min(p["cosine_min"] for p in parts)}
-    out = {"argmax_agreement_with_float32": total["agree_sum"] / total["rows"]}
-    if total.get("labelled"):
-        out["accuracy_float32"] = total["correct_ref"] / total["labelled"]
-        out["accuracy_int8"] = total["correct_other"] / total["labelled"]
-    return out
 
 
 def export_run(run_dir: str | Path, *, int8: bool = False, atol: float = 1e-4, rtol: float = 1e-3,
@@ -126,13 +126,14 @@ def export_run(run_dir: str | Path, *, int8: bool = False, atol: float = 1e-4, r
     task, student = _load_student(run_dir, recipe)
     kind = getattr(task, "export_kind", None)
     if kind is None:
-        raise UserError(f"{run_dir}: potstill export supports classification, image_classification, embedding and "
-                        f"causal_lm students; this run's task is {recipe.task}")
+        raise UserError(f"{run_dir}: potstill export supports {EXPORTED_TASKS} students; this run's task is "
+                        f"{recipe.task}")
     records = (task.eval_records or task.train_records)[:SAMPLE_RECORDS]
     if not records:
         raise UserError(f"{run_dir / 'recipe.yaml'}: data.eval and data.train give no records to check the export on")
     batches = _batches(task, records, max(2, min(recipe.eval.batch_size, 32)))
-    names = [n for n in INPUT_NAMES if n in batches[0]]
+    axes = task.export_inputs(batches[0])
+    names = list(axes)
     from potstill.students.save import normalizes_embeddings
 
     normalize = kind == "embedding" and normalizes_embeddings(run_dir / "student")
@@ -143,17 +144,18 @@ def export_run(run_dir: str | Path, *, int8: bool = False, atol: float = 1e-4, r
     trace = task.collate(records[:2], [0, 1])  # traced at 2 rows: every check batch has other shapes
     start = time.perf_counter()
     with phase(f"exporting the student to {onnx_path}"), torch.no_grad():
-        _export(module, _inputs(trace, names), onnx_path)
+        _export(module, _inputs(trace, names), axes, onnx_path)
     export_seconds = time.perf_counter() - start
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = _session(ort, onnx_path)
     worst, limit_hit = 0.0, None
-    references = []
+    references, parts = [], []
     with torch.no_grad():
         for batch in batches:
             reference = module(*_inputs(batch, names))
             got = torch.from_numpy(session.run(None, _onnx_feed(batch, names))[0])
             references.append(reference)
+            parts.append(batch_quality(kind, reference, got, batch))
             dev = _deviation(reference, got, batch.get("attention_mask") if kind == "token_logits" else None)
             allowed = atol + rtol * float(reference.abs().max())
             worst = max(worst, dev)
@@ -165,7 +167,8 @@ def export_run(run_dir: str | Path, *, int8: bool = False, atol: float = 1e-4, r
     tokenizer_files = _copy_tokenizer(run_dir / "student", out)
     result: dict[str, Any] = {
         "task": recipe.task, "output": kind, "inputs": names, "normalized": normalize, "model": onnx_path.name,
-        "check": {"records": len(records), "max_abs_deviation": worst, "atol": atol, "rtol": rtol},
+        "check": {"records": len(records), "max_abs_deviation": worst, "atol": atol, "rtol": rtol,
+                  **summarise(kind, parts, reference="pytorch", other="onnx")},
         "export_seconds": export_seconds, "bytes": {"float32": _onnx_bytes(onnx_path)},
         "tokenizer_files": tokenizer_files,
     }
@@ -204,9 +207,8 @@ def _quantize(ort: Any, onnx_path: Path, int8_path: Path, kind: str, batches: li
     # per-channel weight scales: one scale per output row keeps a MiniLM student's embeddings at cosine 0.996 to
     # float32, against 0.95 with one scale per tensor (ONNX Runtime's default)
     quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
-    fp32 = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    q8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
-    parts = [_quality(kind, ref, torch.from_numpy(q8.run(None, _onnx_feed(batch, names))[0]), batch)
+    fp32, q8 = _session(ort, onnx_path), _session(ort, int8_path)
+    parts = [batch_quality(kind, ref, torch.from_numpy(q8.run(None, _onnx_feed(batch, names))[0]), batch)
              for batch, ref in zip(batches, references, strict=True)]
 
     def runner(fn: Any) -> Any:
@@ -220,6 +222,6 @@ def _quantize(ort: Any, onnx_path: Path, int8_path: Path, kind: str, batches: li
                                 "onnx_float32": runner(lambda b: fp32.run(None, _onnx_feed(b, names))),
                                 "onnx_int8": runner(lambda b: q8.run(None, _onnx_feed(b, names)))},
                                batches, batch_size=1, rounds=3, min_seconds=0.5)
-    rows = sum(len(next(iter(b.values()))) for b in batches) / len(batches)
-    return {"model": int8_path.name, **_summarise(kind, parts),
+    rows = sum(len(ref) for ref in references) / len(batches)  # items per batch: rows of the output
+    return {"model": int8_path.name, **summarise(kind, parts),
             "rows_per_s": {name: value * rows for name, value in speed.items()}}

@@ -15,8 +15,11 @@ import torch
 
 from potstill.config import DataSource, PruneConfig, Recipe
 from potstill.data import load_source
+from potstill.encoder_inputs import ENCODER_INPUTS
 from potstill.errors import UserError
 from potstill.signals import Signal
+
+EXPORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "features", "pixels")  # `Task.export_inputs`
 
 
 class Task(ABC):
@@ -213,9 +216,16 @@ class Task(ABC):
         return {role: {"params": count_parameters(m), unit: speed[role].median * per_item,
                        f"{unit}_spread": speed[role].spread} for role, m in models.items()}
 
-    # `potstill export`: what a deployed student returns ("logits", "embedding", "token_logits"; None: the task's
-    # students are not exported) and the forward that computes it from a collated batch
+    # `potstill export`: what a deployed student returns ("logits", "embedding", "token_logits", "pixel_logits";
+    # None: the task's students are not exported), its inputs, and the forward that computes it from a batch
     export_kind: str | None = None
+
+    def export_inputs(self, batch: dict[str, Any]) -> dict[str, dict[int, str]]:
+        """The deployed student's inputs, in order, each with its variable axes (axis → size name; inputs whose
+        axes share a name share that size). Default: the tensors of `EXPORT_INPUTS` that `batch` holds, a batch
+        axis on each and a sequence axis on token inputs."""
+        return {name: {0: "batch", 1: "sequence"} if name in ENCODER_INPUTS else {0: "batch"}
+                for name in EXPORT_INPUTS if name in batch}
 
     def export_output(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """The deployed student's output for `batch` (the graph `potstill export` writes)."""

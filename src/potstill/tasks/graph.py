@@ -67,6 +67,7 @@ class GraphTask(Task):
     captures_internals = False
     name = "graph"
     metric_names = ("accuracy", "agreement", "val_accuracy", "val_agreement")
+    export_kind = "logits"  # potstill export: `x` (nodes, F) [+ `graph_of` (nodes,)] → logits per node [per graph]
 
     def setup(self, *, is_main: bool = True, barrier: Any = lambda: None) -> None:
         from potstill.data.graphs import graph_items
@@ -152,10 +153,13 @@ class GraphTask(Task):
     # ---- batches
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
         """The items (nodes or graphs) of `records` with their nodes' features; for graphs also each node's
-        graph within the batch (`graph_of`)."""
+        graph within the batch (`graph_of`). Labels: the teacher's training labels only, but every label of the
+        held-out items of `eval_records` (scored by `potstill export`)."""
         items = torch.tensor([rec["i"] for rec in records], dtype=torch.long)
+        held_out = torch.tensor([bool(rec.get("eval")) for rec in records])
         nodes, owner = self.items.nodes_of(items)
-        batch = {"x": self.items.x[nodes], "items": items, "nodes": nodes, "labels": self.hard_labels[items]}
+        labels = torch.where(held_out, self.items.labels[items], self.hard_labels[items])
+        batch = {"x": self.items.x[nodes], "items": items, "nodes": nodes, "labels": labels}
         if self.items.graph_level:
             batch["graph_of"] = owner
         return batch
@@ -191,6 +195,15 @@ class GraphTask(Task):
         if not bool((labels != NO_LABEL).any()):
             return logits.float().sum() * 0.0
         return nn.functional.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=NO_LABEL)
+
+    def export_inputs(self, batch: dict[str, Any]) -> dict[str, dict[int, str]]:
+        """Node features `x`; for graphs also `graph_of`, each node's graph (0..G-1) in the batch: G graphs in."""
+        if self.items.graph_level:
+            return {"x": {0: "nodes"}, "graph_of": {0: "nodes"}}
+        return {"x": {0: "nodes"}}
+
+    def export_output(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return self._student_outputs(model, batch["x"], batch.get("graph_of")).logits
 
     # ---- evaluation
     def item_logits(self, model: nn.Module) -> torch.Tensor:

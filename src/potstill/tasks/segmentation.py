@@ -47,6 +47,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     metric_names = ("miou", "pixel_accuracy", "agreement", "shifted_miou", "shifted_pixel_accuracy",
                     "shifted_agreement")
+    export_kind = "pixel_logits"  # potstill export: `pixels` (N, C, H, W) → logits (N, classes, H, W)
 
     # ---- set-up
     def check_records(self) -> None:
@@ -82,7 +83,7 @@ class SegmentationTask(Task):
                                 f"{self.num_classes} class logits (ids 0..{self.num_classes - 1})")
         self.train_records = [{"i": i} for i in range(len(self.train_set))]
         eval_set = self.sets.get("eval")
-        self.eval_records = [{"i": i} for i in range(len(eval_set))] if eval_set is not None else []
+        self.eval_records = [{"i": i, "eval": True} for i in range(len(eval_set))] if eval_set is not None else []
         self._teacher_eval: dict[str, torch.Tensor] = {}
 
     def _check_models(self) -> int:
@@ -122,8 +123,10 @@ class SegmentationTask(Task):
 
     # ---- batches
     def collate(self, records: list[dict], indices: list[int]) -> dict[str, Any]:
+        """Training pairs, or held-out ones for `eval_records` (`potstill export`'s check)."""
+        pairs = self.sets["eval"] if records and records[0].get("eval") else self.train_set
         rows = torch.tensor([rec["i"] for rec in records], dtype=torch.long)
-        return {"pixels": self.train_set.images[rows], "masks": self.train_set.masks[rows], "index": rows}
+        return {"pixels": pairs.images[rows], "masks": pairs.masks[rows], "index": rows}
 
     def prepare_batch(self, batch: dict[str, Any], student: nn.Module, micro_batch: int) -> dict[str, Any]:
         """A label-reading teacher's noised mask for this micro-batch."""
@@ -144,6 +147,9 @@ class SegmentationTask(Task):
 
     def student_signal(self, model: nn.Module, batch: dict[str, Any]) -> Any:
         return pixel_rows(model(batch["pixels"]))
+
+    def export_output(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return model(batch["pixels"])
 
     def hard_label_loss(self, student_signal: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return nn.functional.cross_entropy(student_signal.float(), batch["masks"].flatten(), reduction="sum")

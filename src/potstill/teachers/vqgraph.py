@@ -153,7 +153,9 @@ def pool_per_graph(values: Tensor, batch: Tensor, num_graphs: int, pooling: str 
     sums.index_add_(0, batch, values)
     if pooling == "sum":
         return sums
-    counts = torch.bincount(batch, minlength=num_graphs).clamp_min(1).to(values.dtype)
+    # counts by index_add, not bincount: a bincount whose minlength is traced has no ONNX form (potstill export)
+    counts = torch.zeros(num_graphs, dtype=values.dtype, device=values.device)
+    counts = counts.index_add_(0, batch, torch.ones_like(batch, dtype=values.dtype)).clamp_min(1)
     return sums / counts.unsqueeze(-1)
 
 
