@@ -1,5 +1,5 @@
 """Image KD and SSLD on MNIST-5k (issue #20): does KD beat labels-only at 10 % of the labels, and does SSLD
-(JS-only distillation on the teacher's most confident unlabelled digits, then a labelled fine-tune) beat both?
+(distillation alone on the teacher's most confident unlabelled digits, then a labelled fine-tune) beat both?
 
 Teacher: ccexam's MNIST CNN (`potstill.assets_image:mnist_cnn`, 0.42 M parameters). Student: `small_cnn`
 (width 8, depth 2, 9.1 k parameters). Data: builtin:mnist-5k, train split 4,000 digits, test split 1,000; the
@@ -12,9 +12,12 @@ order, labelled draw):
   T = 4 (T²-scaled) plus the labels at weight 1 (the packaged recipe until session 29);
 - `KD (10 % labels, logit-standardised)`: recipes/mnist-kd.yaml (logit_std_kd at T = 2 on the 400 digits, no label
   term; why in benchmarks/kd_low_label.py and its docs/results.md section);
-- `SSLD (JS on pool, then fine-tune)`: recipes/mnist-ssld.yaml (JS only, on the 400 + up to 300 digits per
-  teacher class from the pool, de-duplicated against the test digits), then recipes/mnist-ssld-finetune.yaml
-  (labels only, lr / 10) from its student; the stage-1 accuracy is reported too.
+- `SSLD (JS on pool, then fine-tune)`: recipes/mnist-ssld.yaml with the paper's objective, js_divergence alone
+  (on the 400 + up to 300 digits per teacher class from the pool, de-duplicated against the test digits), then
+  recipes/mnist-ssld-finetune.yaml (labels only, lr / 10) from its student; the stage-1 accuracy is reported too;
+- `SSLD ... logit-std KD` / `logit-std JS`: the same two stages with stage 1's objective set to mnist-kd's
+  (logit_std_kd, T = 2, T²-scaled) or to logit_std_js (SSLD's JS on z-scored logits, same T): the same pool pick,
+  the same fine-tune. Every SSLD row names its stage-1 objective, whatever the packaged recipe has.
 Throughput of teacher and student is measured interleaved (batch 256, potstill.eval.compare_throughput) in the KD
 runs (one torch thread: these CNNs are too small to gain from a second).
 Reported: test accuracy and teacher agreement, mean ± std over the seeds; and the same on an out-of-distribution
@@ -40,9 +43,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ("CE (10 % labels)", "plain KD (forward KL, T = 4) + CE", "KD (10 % labels, logit-standardised)",
         "SSLD stage 1 (JS on labelled + pool)",
-        "SSLD (JS on pool, then fine-tune)")
+        "SSLD (JS on pool, then fine-tune)",
+        "SSLD stage 1 (logit-std KD on labelled + pool)",
+        "SSLD (logit-std KD on pool, then fine-tune)",
+        "SSLD stage 1 (logit-std JS on labelled + pool)",
+        "SSLD (logit-std JS on pool, then fine-tune)")
 
 PLAIN_KD = {"name": "forward_kl", "params": {"temperature": 4.0, "scale_t2": True}}
+LOGIT_STD_KD = {"name": "logit_std_kd", "params": {"temperature": 2.0, "scale_t2": True}}  # as recipes/mnist-kd
+LOGIT_STD_JS = {"name": "logit_std_js", "params": {"temperature": 2.0, "scale_t2": True}}
+SSLD_STAGE1 = {"js": {"name": "js_divergence"}, "lskd": LOGIT_STD_KD, "lsjs": LOGIT_STD_JS}  # stage 1's objective
 
 
 def recipe(packaged: str, seed: int, work: Path, **changes: Any) -> dict:
@@ -109,20 +119,25 @@ def main() -> int:
         plain = run_recipe(validate_recipe(recipe("mnist-kd", seed, work, objectives=[PLAIN_KD],
                                                   name=f"plain-kd-s{seed}", **{"trainer.hard_label_weight": 1.0})))
         kd = run_recipe(validate_recipe(recipe("mnist-kd", seed, work, **{"eval.throughput": True})))
-        stage1 = run_recipe(validate_recipe(recipe("mnist-ssld", seed, work)))
-        student = str(work / f"mnist-ssld-s{seed}" / "student")
-        ssld = run_recipe(validate_recipe(recipe("mnist-ssld-finetune", seed, work,
-                                                 student={"init": "pretrained", "path": student})))
-        kept = json.loads((work / f"mnist-ssld-s{seed}" / "ssld_selection.json").read_text())["kept"]
-        for row, summary in zip(ROWS, (ce, plain, kd, stage1, ssld), strict=True):
+        ssld_runs: list[dict] = []
+        for tag, objective in SSLD_STAGE1.items():
+            stage1 = run_recipe(validate_recipe(recipe("mnist-ssld", seed, work, name=f"ssld-{tag}-s{seed}",
+                                                       objectives=[objective])))
+            student = str(work / f"ssld-{tag}-s{seed}" / "student")
+            ssld_runs += [stage1, run_recipe(validate_recipe(recipe(
+                "mnist-ssld-finetune", seed, work, name=f"ssld-{tag}-finetune-s{seed}",
+                student={"init": "pretrained", "path": student})))]
+        kept = json.loads((work / f"ssld-js-s{seed}" / "ssld_selection.json").read_text())["kept"]
+        for row, summary in zip(ROWS, (ce, plain, kd, *ssld_runs), strict=True):
             results[row].append({"seed": seed, **{k: after(summary)[k] for k in ("accuracy", "agreement")},
                                  "train_seconds": summary["train_seconds"], "ood": summary.get("ood")})
         teacher = kd["table"][0]
         speed.append({"teacher": teacher["images_per_s"], "student": after(kd)["images_per_s"],
                       "teacher_params": teacher["params"], "student_params": after(kd)["params"]})
+        ssld_cells = "  ".join(f"{tag} {after(one)['accuracy']:.4f}/{after(two)['accuracy']:.4f}"
+                               for tag, one, two in zip(SSLD_STAGE1, ssld_runs[::2], ssld_runs[1::2], strict=True))
         print(f"seed {seed}: CE {after(ce)['accuracy']:.4f}  plain KD {after(plain)['accuracy']:.4f}  KD "
-              f"{after(kd)['accuracy']:.4f}  SSLD-1 "
-              f"{after(stage1)['accuracy']:.4f}  SSLD {after(ssld)['accuracy']:.4f}  (pool kept {kept})", flush=True)
+              f"{after(kd)['accuracy']:.4f}  SSLD stage 1/fine-tuned: {ssld_cells}  (pool kept {kept})", flush=True)
 
     def mean_std(values: list[float]) -> str:
         std = statistics.stdev(values) if len(values) > 1 else 0.0

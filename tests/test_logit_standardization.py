@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from potstill.losses import OBJECTIVES, forward_kl, logit_std_kd, standardize_logits
+from potstill.losses import OBJECTIVES, forward_kl, js_divergence, logit_std_js, logit_std_kd, standardize_logits
 
 
 def test_standardize_logits_hand_values():
@@ -50,4 +50,23 @@ def test_mask_and_catalogue_entry():
     masked = logit_std_kd(student, teacher, temperature=1.0, mask=torch.tensor([True, False]))
     assert float(masked) == pytest.approx(float(both[0]), rel=1e-6)
     info = OBJECTIVES["logit_std_kd"]
+    assert info.kind == "logits" and info.defaults["temperature"] == 2.0 and "Sun et al. 2024" in info.paper
+
+
+def test_logit_std_js_hand_values():
+    # the mirrored pair above: p_t = [1 − p, p], p_s = [p, 1 − p] with p = σ(√2/T), so m = [½, ½] and
+    # JS = ½·KL(p_t ‖ m) + ½·KL(p_s ‖ m) = ln 2 − H(p) = ln 2 + p·ln p + (1 − p)·ln(1 − p)
+    student, teacher = torch.tensor([[4.0, 3.0]]), torch.tensor([[0.0, 10.0]])
+    for temperature in (1.0, 2.0):
+        p = 1 / (1 + math.exp(-math.sqrt(2) / temperature))
+        js = math.log(2) + p * math.log(p) + (1 - p) * math.log(1 - p)  # T = 1: 0.19895; T = 2: 0.05880
+        assert float(logit_std_js(student, teacher, temperature=temperature)) == pytest.approx(js, rel=1e-5)
+        scaled = logit_std_js(student, teacher, temperature=temperature, scale_t2=True)
+        assert float(scaled) == pytest.approx(js * temperature**2, rel=1e-5)
+    assert float(logit_std_js(student, teacher, temperature=1.0)) == pytest.approx(0.19895, abs=1e-4)
+    # a 1-unit gap matches a 10-unit gap after z-scoring; raw JS sees the difference
+    same_order = torch.tensor([[3.0, 4.0]])
+    assert float(logit_std_js(same_order, teacher)) == pytest.approx(0.0, abs=1e-6)
+    assert float(js_divergence(same_order, teacher)) > 0.05
+    info = OBJECTIVES["logit_std_js"]
     assert info.kind == "logits" and info.defaults["temperature"] == 2.0 and "Sun et al. 2024" in info.paper

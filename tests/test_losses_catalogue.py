@@ -25,7 +25,7 @@ def test_catalogue_entries():
     attention = {"attention_kl", "minilm_relations", "attention_mse"}
     stateful = {"taid", "sparse_flops", "moe_router_aux", "dac_kl"} | hidden | attention
     logits = set(NAMES) | {"taid", "sinkhorn", "uld", "gold", "dac_kl", "span_correlation", "dcd_logits",
-                           "self_judge", "logit_std_kd"}
+                           "self_judge", "logit_std_kd", "logit_std_js"}
     scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops", "dcd_loss"}
     embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl", "further_pretraining_sd"}
     preference = {"dpo_teacher_ref"}

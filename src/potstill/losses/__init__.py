@@ -18,7 +18,7 @@ from .divergences import (
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
 from .further_pretraining import further_pretraining_sd
 from .fused import fused_linear_divergence
-from .logit_standardization import logit_std_kd, standardize_logits
+from .logit_standardization import logit_std_js, logit_std_kd, standardize_logits
 from .mgsr_dac_kl import DACKL, dac_kl
 from .mgsr_span import span_correlation
 from .ranking import flops, idf_flops, in_batch_margin_mse, listwise_kl, margin_mse, pointwise_mse
@@ -59,6 +59,7 @@ __all__ = [
     "idf_flops",
     "in_batch_margin_mse",
     "listwise_kl",
+    "logit_std_js",
     "logit_std_kd",
     "margin_mse",
     "pointwise_mse",

@@ -22,7 +22,7 @@ from .divergences import (
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
 from .further_pretraining import further_pretraining_sd
 from .intermediate import AttentionMSE, DMAEAlign, HiddenCosine, HiddenMSE, SquareHead
-from .logit_standardization import logit_std_kd
+from .logit_standardization import logit_std_js, logit_std_kd
 from .mgsr_dac_kl import DACKL
 from .mgsr_span import span_correlation
 from .mi_alpha import MIAlpha
@@ -143,6 +143,13 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "KL(softmax(Z(z_t)/T) ‖ softmax(Z(z_s)/T)), Z(z) = (z − mean z) / (std z + 1e-7) per row",
             'Sun et al. 2024, "Logit Standardization in Knowledge Distillation" (CVPR)',
             "T is a base temperature on unit-scale logits; matches class relations, not the teacher's logit range",
+        ),
+        _entry(
+            logit_std_js,
+            "logits",
+            "½·KL(p_t ‖ m) + ½·KL(p_s ‖ m), p = softmax(Z(z)/T), m = (p_t + p_s)/2, Z as in logit_std_kd",
+            'Sun et al. 2024 (logit standardisation) before Cui et al. 2021\'s JS (SSLD)',
+            "no label term: SSLD's loss for a teacher whose raw softmax is one-hot",
         ),
         _entry(skew_kl, "logits", "KL(p_t ‖ α·p_t + (1−α)·p_s)", _DISTILLM, "α = 0 is forward_kl"),
         _entry(skew_reverse_kl, "logits", "KL(p_s ‖ (1−α)·p_t + α·p_s)", _DISTILLM, "α = 0 is reverse_kl"),

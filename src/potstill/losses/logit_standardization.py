@@ -8,6 +8,10 @@ The paper divides each row by its own spread first:
     Z(z) = (z − mean(z)) / (std(z) + ε),   L = KL(softmax(Z(z_t)/T) ‖ softmax(Z(z_s)/T))
 
 so only the *relation* between the classes is matched, and T becomes a "base" temperature on a unit scale.
+The paper presents Z as a pre-process for any logit-based KD loss; `logit_std_js` is the same pre-process before
+SSLD's Jensen-Shannon divergence (Cui et al. 2021), which needs no labels, so it can also run on an unlabelled pool:
+
+    L_JS = ½·KL(p_t ‖ m) + ½·KL(p_s ‖ m),   p = softmax(Z(z)/T),   m = (p_t + p_s) / 2
 std is the Bessel-corrected sample standard deviation over the class axis, ε = 1e-7 (the authors' code and
 torchdistill's `LogitStdKDLoss`). Defaults: temperature=2.0 (a base temperature: on z-scored logits T = 1 already
 gives soft targets), reduction="mean", scale_t2=False (the usual T² factor is the separate flag, as everywhere in
@@ -19,7 +23,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._rows import check_same_shape
-from .divergences import forward_kl
+from .divergences import forward_kl, js_divergence
 
 STD_EPS = 1e-7
 
@@ -49,3 +53,22 @@ def logit_std_kd(
     check_same_shape(student_logits, teacher_logits)
     return forward_kl(standardize_logits(student_logits), standardize_logits(teacher_logits),
                       temperature=temperature, mask=mask, labels=labels, reduction=reduction, scale_t2=scale_t2)
+
+
+def logit_std_js(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 2.0,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    scale_t2: bool = False,
+) -> Tensor:
+    """½·KL(p_t ‖ m) + ½·KL(p_s ‖ m), p = softmax(Z(z)/T), m = (p_t + p_s)/2: SSLD's JS on z-scored logits.
+
+    Defaults: temperature=2.0, reduction="mean", scale_t2=False.
+    """
+    check_same_shape(student_logits, teacher_logits)
+    return js_divergence(standardize_logits(student_logits), standardize_logits(teacher_logits),
+                         temperature=temperature, mask=mask, labels=labels, reduction=reduction, scale_t2=scale_t2)
