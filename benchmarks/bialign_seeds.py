@@ -10,7 +10,7 @@ Student-t interval and its p-value, and a two-sided sign test over the seeds tha
 
 `--extra field=value` adds the same `--set` to every row (e.g. `trainer.max_steps=400`); rows with other extras
 are other rows. Results: one JSON line per run in `<runs>/results.jsonl`; a run already there is not run again,
-so a killed study resumes. The tables cover the runs of `--seeds` in the file, old and new.
+so a killed study resumes. The tables cover the runs in the file of `--seeds` with these extras, old and new.
 
 Usage: python benchmarks/bialign_seeds.py --seeds 0 1 2 3 4 5 6 7 8 9 --mu 0 0.1 [--jobs 2] [--extra …]
 """
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (one thread each)")
     parser.add_argument("--runs", default=str(REPO / "runs" / "bialign_seeds"))
     parser.add_argument("--table-only", action="store_true",
-                        help="print the tables of the runs already done (of --seeds)")
+                        help="print the tables of the runs already done (of --seeds and --extra)")
     args = parser.parse_args(argv)
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(out, "a") as f:
                 f.write(json.dumps(result) + "\n")
             done.append(result)
-    print(tables([r for r in done if r["seed"] in args.seeds], row_key(0.0, args.extra)))
+    shown = [r for r in done if r["seed"] in args.seeds and r["extra"] == args.extra]
+    print(tables(shown, row_key(0.0, args.extra)))
     return 0
 
 
