@@ -12,7 +12,7 @@ Student-t interval and its p-value, and a two-sided sign test over the seeds tha
 are other rows. Results: one JSON line per run in `<runs>/results.jsonl`; a run already there is not run again,
 so a killed study resumes. The tables cover the runs in the file of `--seeds` with these extras, old and new.
 
-Usage: python benchmarks/bialign_seeds.py --seeds 0 1 2 3 4 5 6 7 8 9 --mu 0 0.1 [--jobs 2] [--extra …]
+Usage: python benchmarks/bialign_seeds.py --seeds 0 1 2 3 4 5 6 7 8 9 --mu 0 0.03 [--jobs 2] [--extra …]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def tables(results: list[dict], baseline: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument("--mu", type=float, nargs="+", default=[0.0, 0.1],
+    parser.add_argument("--mu", type=float, nargs="+", default=[0.0, 0.03],
                         help="rank_weight values; 0 = KD alone, the baseline of the paired tests")
     parser.add_argument("--extra", nargs="*", default=[], help="--set field=value added to every row")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (one thread each)")
