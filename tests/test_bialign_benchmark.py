@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import load_benchmark
 
+from potstill.examples.icl_labels import KEYS
+
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
@@ -26,7 +28,7 @@ def test_query_pool_holds_three_right_demos(bench) -> None:
     q = bench.query(5, random.Random(0))
     assert q.target == "v5" and len(q.pool) == 7
     assert sum(d.output == "v5" for d in q.pool) == 3
-    assert all(d.input in bench.KEYS for d in q.pool) and q.query in bench.KEYS
+    assert all(d.input in KEYS for d in q.pool) and q.query in KEYS  # the toy world of examples/icl_labels
 
 
 def test_pretraining_batch_targets_are_the_labels(bench) -> None:
