@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from potstill.errors import UserError, did_you_mean
 
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
+
+def freeze(model: ModuleT) -> ModuleT:
     """Put `model` in eval mode with every parameter's `requires_grad` off."""
     model.eval()
     for p in model.parameters():

@@ -368,6 +368,8 @@ def load_vqgraph_teacher(folder: str) -> VQGraphTeacher:
     kwargs {folder: ...}), frozen, in eval mode, with the saved json as `teacher.settings`."""
     from safetensors.torch import load_file
 
+    from potstill.teachers.live import freeze
+
     root = Path(folder)
     if not (root / SETTINGS_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
         raise UserError(f"field teacher.kwargs.folder: {root} is not a VQGraph teacher folder (expected "
@@ -379,9 +381,7 @@ def load_vqgraph_teacher(folder: str) -> VQGraphTeacher:
                              pooling=spec["pooling"], dropout=spec["dropout"])
     teacher.load_state_dict(load_file(str(root / WEIGHTS_FILE)))
     teacher.settings = spec
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-    return teacher.eval()
+    return freeze(teacher)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ from potstill.data.task_stream import StreamTask
 from potstill.losses import forward_kl
 from potstill.losses.prd import RelationAxis, prd_relation_kl, prototype_loss, prototype_scores, supcon_loss
 from potstill.students.cnn import small_cnn
+from potstill.teachers.live import freeze
 
 Method = Literal["finetune", "lwf", "prd"]
 METHODS: tuple[Method, ...] = ("finetune", "lwf", "prd")
@@ -231,10 +232,7 @@ def accuracy_on(model: ContinualNet, task: StreamTask, seen: Sequence[int], meth
 
 def frozen_copy(model: ContinualNet) -> ContinualNet:
     """The "old" model of the next task: a copy of `model` in eval mode, without gradients."""
-    old = copy.deepcopy(model).eval()
-    for p in old.parameters():
-        p.requires_grad_(False)
-    return old
+    return freeze(copy.deepcopy(model))
 
 
 def train_stream(model: ContinualNet, tasks: Sequence[StreamTask], cfg: StreamConfig,
