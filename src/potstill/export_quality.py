@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from potstill.eval.segmentation import confusion_matrix
+from potstill.eval.segmentation import confusion_matrix, confusion_miou
 
 
 def batch_quality(kind: str, reference: torch.Tensor, other: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
@@ -49,12 +49,6 @@ def batch_quality(kind: str, reference: torch.Tensor, other: torch.Tensor, batch
     return out
 
 
-def _miou(confusion: torch.Tensor) -> float:
-    conf = confusion.double()
-    inter = conf.diag()
-    return float((inter / (conf.sum(0) + conf.sum(1) - inter).clamp(min=1)).mean())
-
-
 def summarise(kind: str, parts: list[dict[str, Any]], reference: str = "float32", other: str = "int8"
               ) -> dict[str, float]:
     """The reported numbers from every batch's parts; keys name the two models (`reference`, `other`)."""
@@ -64,10 +58,10 @@ def summarise(kind: str, parts: list[dict[str, Any]], reference: str = "float32"
                 f"min_cosine_to_{reference}": min(p["cosine_min"] for p in parts)}
     if kind == "pixel_logits":
         out = {f"pixel_agreement_with_{reference}": total["agree_sum"] / total["rows"],
-               f"miou_with_{reference}": _miou(total["confusion_between"])}
+               f"miou_with_{reference}": confusion_miou(total["confusion_between"])}
         for name, key in ((reference, "confusion_ref"), (other, "confusion_other")):
             if key in total:
-                out[f"miou_{name}"] = _miou(total[key])
+                out[f"miou_{name}"] = confusion_miou(total[key])
                 out[f"pixel_accuracy_{name}"] = float(total[key].diag().sum() / total[key].sum())
         return out
     out = {f"argmax_agreement_with_{reference}": total["agree_sum"] / total["rows"]}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["confusion_matrix", "mean_iou", "pixel_agreement", "segmentation_metrics"]
+__all__ = ["confusion_matrix", "confusion_miou", "mean_iou", "pixel_agreement", "segmentation_metrics"]
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
@@ -21,7 +21,12 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
 
 def mean_iou(pred: Tensor, target: Tensor, num_classes: int) -> float:
     """mIoU over `num_classes` classes with intersection and union summed over every pixel."""
-    conf = confusion_matrix(pred, target, num_classes).double()
+    return confusion_miou(confusion_matrix(pred, target, num_classes))
+
+
+def confusion_miou(confusion: Tensor) -> float:
+    """mIoU of a (C, C) confusion matrix (e.g. summed over batches): mean over classes of TP / (TP + FP + FN)."""
+    conf = confusion.double()
     inter = conf.diag()
     union = conf.sum(0) + conf.sum(1) - inter
     return float((inter / union.clamp(min=1)).mean())
