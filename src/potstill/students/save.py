@@ -50,6 +50,15 @@ def save_factory_student(model: Any, path: str | os.PathLike, *, factory: str | 
     return Path(path)
 
 
+def built_with(student: Any) -> tuple[str | None, dict[str, Any]]:
+    """(factory, kwargs) that a recipe's factory student (`student` section) is rebuilt with: its own, or for
+    `init: pretrained` on a saved factory student the ones saved there (a student trained further keeps them)."""
+    if student.init == "pretrained":
+        spec = json.loads((Path(student.path) / "potstill_student.json").read_text())
+        return spec["factory"], spec.get("kwargs", {})
+    return student.factory, student.kwargs
+
+
 def load_factory_student(path: str | os.PathLike) -> Any:
     """A student written by `save_factory_student`, rebuilt: its factory called with the saved kwargs, then the
     saved weights loaded (strictly). Needs the factory's module importable; an ONNX export (`potstill export`)

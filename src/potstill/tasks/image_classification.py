@@ -300,13 +300,9 @@ class ImageClassificationTask(Task):
 
             save_hf_student(model, None, path)
             return
-        from potstill.students.save import save_factory_student
+        from potstill.students.save import built_with, save_factory_student
 
-        cfg = self.recipe.student
-        factory, kwargs = cfg.factory, cfg.kwargs
-        if cfg.init == "pretrained":  # a factory student trained further: keep the factory it was built with
-            spec = json.loads((Path(cfg.path) / "potstill_student.json").read_text())
-            factory, kwargs = spec["factory"], spec.get("kwargs", {})
+        factory, kwargs = built_with(self.recipe.student)
         save_factory_student(model, path, factory=factory, kwargs=kwargs,
                              extra={"image_shape": list(self.train_set.images.shape[1:]),
                                     "transforms": self.recipe.data.transforms.model_dump()})

@@ -18,7 +18,6 @@ the seed (privileged input: not a deployable segmenter's score).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -204,13 +203,9 @@ class SegmentationTask(Task):
 
     # ---- output
     def save_student(self, model: nn.Module, path: Path) -> None:
-        from potstill.students.save import save_factory_student
+        from potstill.students.save import built_with, save_factory_student
 
-        cfg = self.recipe.student
-        factory, kwargs = cfg.factory, cfg.kwargs
-        if cfg.init == "pretrained":  # a saved factory student trained further: keep the factory it was built with
-            spec = json.loads((Path(cfg.path) / "potstill_student.json").read_text())
-            factory, kwargs = spec["factory"], spec.get("kwargs", {})
+        factory, kwargs = built_with(self.recipe.student)
         save_factory_student(model, path, factory=factory, kwargs=kwargs,
                              extra={"image_shape": list(self.train_set.images.shape[1:]),
                                     "num_classes": self.num_classes, "output": "logits (N, classes, H, W)"})
