@@ -1,4 +1,5 @@
-"""Atomic file writes (a reader sees either the old file or the new one, never half of one) and checksums."""
+"""Atomic file writes (a reader sees either the old file or the new one, never half of one), checksums, and state
+dicts in the form safetensors writes (`safetensors_state`)."""
 
 from __future__ import annotations
 
@@ -141,3 +142,16 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def safetensors_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict safetensors can write: detached, contiguous, on the CPU, and tied tensors (e.g. input
+    embeddings = lm_head) stored as separate copies (`load_state_dict` fills both keys back into one tensor)."""
+    out, seen = {}, set()
+    for key, value in state_dict.items():
+        value = value.detach().contiguous().cpu()
+        if value.data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.data_ptr())
+        out[key] = value
+    return out

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from potstill.errors import did_you_mean
-from potstill.io import atomic_dir
+from potstill.io import atomic_dir, safetensors_state
 
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")
 
@@ -19,19 +19,6 @@ def _base_model(model: Any) -> Any:
     """The bare encoder of a task model (BertForMaskedLM -> BertModel); the model itself otherwise."""
     base = getattr(model, "base_model", None)
     return base if base is not None else model
-
-
-def safetensors_state(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A state dict safetensors can write: detached, contiguous, on the CPU, and tied tensors (e.g. input
-    embeddings = lm_head) stored as separate copies (`load_state_dict` fills both keys back into one tensor)."""
-    out, seen = {}, set()
-    for key, value in state_dict.items():
-        value = value.detach().contiguous().cpu()
-        if value.data_ptr() in seen:
-            value = value.clone()
-        seen.add(value.data_ptr())
-        out[key] = value
-    return out
 
 
 def save_factory_student(model: Any, path: str | os.PathLike, *, factory: str | None, kwargs: dict[str, Any],

@@ -155,13 +155,12 @@ def save_lad_teacher(model: nn.Module, folder: str | Path, *, kind: str, image_c
     """Write the weights and the spec that `load_lad_teacher` rebuilds the net from (one atomic folder)."""
     from safetensors.torch import save_file
 
-    from potstill.io import atomic_dir, atomic_write_json
+    from potstill.io import atomic_dir, atomic_write_json, safetensors_state
 
     spec = {"format": 1, "kind": kind, "image_channels": image_channels, "num_classes": num_classes,
             "width": width, **(extra or {})}
     with atomic_dir(folder) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  str(tmp / WEIGHTS_FILE))
+        save_file(safetensors_state(model.state_dict()), str(tmp / WEIGHTS_FILE))
         atomic_write_json(tmp / SPEC_FILE, spec)
     return Path(folder)
 

@@ -351,14 +351,14 @@ def save_vqgraph_teacher(teacher: VQGraphTeacher, folder: str | Path, settings: 
     """Write weights and `vqgraph_teacher.json` (settings, sizes, split, scores) into `folder`, atomically."""
     from safetensors.torch import save_file
 
-    from potstill.io import atomic_dir, atomic_write_json
+    from potstill.io import atomic_dir, atomic_write_json, safetensors_state
 
     spec = {"format": 1, **asdict(settings), "in_dim": teacher.feature_decoder.out_features,
             "num_classes": teacher.num_classes, "graph_level": teacher.graph_level,
             "split": {name: part.tolist() for name, part in zip(("train", "val", "test"), split, strict=True)},
             **scores}
     with atomic_dir(folder) as tmp:
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        save_file(safetensors_state(teacher.state_dict()), str(tmp / WEIGHTS_FILE))
         atomic_write_json(tmp / SETTINGS_FILE, spec)
     return Path(folder)
 

@@ -144,8 +144,7 @@ def save_checkpoint(root: Path, step: int, *, accelerator: Any, student: Any, op
     if is_main:
         from safetensors.torch import save_file
 
-        from potstill.io import atomic_write_json
-        from potstill.students.save import safetensors_state
+        from potstill.io import atomic_write_json, safetensors_state
 
         if state_dict is not None:
             save_file(safetensors_state(state_dict), str(tmp / "student.safetensors"))  # fsynced by settle_tree

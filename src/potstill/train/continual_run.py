@@ -23,7 +23,7 @@ import torch
 from potstill.config import ContinualRecipe, dump_recipe
 from potstill.data.task_stream import StreamTask, builtin_stream
 from potstill.errors import UserError
-from potstill.io import atomic_dir, atomic_write_json, atomic_write_text
+from potstill.io import atomic_dir, atomic_write_json, atomic_write_text, safetensors_state
 from potstill.train import checkpoint as ckpt
 from potstill.train.prd_stream import (
     ContinualNet,
@@ -92,7 +92,7 @@ def load_continual_net(folder: str | Path) -> tuple[ContinualNet, dict[str, Any]
 def _save_weights(model: ContinualNet, path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_file(safetensors_state(model.state_dict()), str(path))
 
 
 def _write_checkpoint(root: Path, done: int, model: ContinualNet, result: StreamResult, step: int) -> None:
