@@ -144,6 +144,22 @@ class ProgressBar(Callback):
         self._stack.close()
 
 
+def keep_metrics(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite a `metrics.jsonl` with only the records `keep` accepts (what a resumed run has not yet redone);
+    lines that are not a JSON object are dropped; nothing when the file does not exist."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and keep(rec):
+            kept.append(line)
+    atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
 class MetricsLog(Callback):
     """`<run>/metrics.jsonl`: one line per `log_every` steps, one per evaluation, one per warning. A resumed run
     first drops the lines written after its checkpoint (they will be written again): those of later steps, and
@@ -164,19 +180,15 @@ class MetricsLog(Callback):
 
     def on_fit_start(self, state: FitState) -> None:
         self.tick, self.rows = time.perf_counter(), 0.0
-        if not self.is_main or not self.path.exists():
+        if not self.is_main:
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
+
+        def written_before(rec: dict[str, Any]) -> bool:
             step = rec.get("step", 0)
             # at the final step the checkpoint precedes the final evaluation's rows: those come again
-            if step < state.start or (step == state.start and (state.start < state.total or "loss" in rec)):
-                keep.append(line)
-        atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+            return step < state.start or (step == state.start and (state.start < state.total or "loss" in rec))
+
+        keep_metrics(self.path, written_before)
 
     def on_step_end(self, state: FitState, result: StepResult) -> None:
         self.rows += result.rows

@@ -23,8 +23,9 @@ import torch
 from potstill.config import ContinualRecipe, dump_recipe
 from potstill.data.task_stream import StreamTask, builtin_stream
 from potstill.errors import UserError
-from potstill.io import atomic_dir, atomic_write_json, atomic_write_text, safetensors_state
+from potstill.io import atomic_dir, atomic_write_json, safetensors_state
 from potstill.train import checkpoint as ckpt
+from potstill.train.callbacks import MetricsLog, keep_metrics
 from potstill.train.prd_stream import (
     ContinualNet,
     StreamConfig,
@@ -125,20 +126,6 @@ def _restore(root: Path, model: ContinualNet, say: Any) -> StreamResult | None:
     return None
 
 
-def _keep_metrics_before(path: Path, tasks_done: int) -> None:
-    """Drop the metrics.jsonl lines of the tasks after the checkpoint a run resumes from (they come again)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("stream_task", 0) < tasks_done:
-                keep.append(line)
-        except (ValueError, AttributeError):
-            continue
-    atomic_write_text(path, "".join(x + "\n" for x in keep))
-
-
 def finished_summary(recipe: ContinualRecipe) -> dict[str, Any] | None:
     """The stored summary when the run folder holds this same recipe's complete run; None otherwise."""
     from potstill.train.run_folder import stored_complete_summary
@@ -178,15 +165,13 @@ def _train(recipe: ContinualRecipe, tasks: list[StreamTask], *, resume: bool) ->
     model = small_cnn_net(**network)
     done = _restore(root, model, console.print) if resume else None
     first = len(done.accuracy) if done is not None else 0
-    _keep_metrics_before(metrics, first)
+    keep_metrics(metrics, lambda rec: rec.get("stream_task", 0) < first)  # the later tasks' lines come again
     if first:
         console.print(f"resuming after stream task {first} of {len(tasks)}", highlight=False)
     task_steps = [cfg.epochs * steps_per_epoch(len(t.train), cfg.batch_size) for t in tasks]
     offsets = [sum(task_steps[:i]) for i in range(len(tasks))]
 
-    def append(record: dict[str, Any]) -> None:
-        with open(metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+    append = MetricsLog(run_dir, is_main=True, log_every=settings.log_every).append
 
     with make_progress() as progress:
         bar = progress.add_task(f"{settings.method} on {settings.stream}", total=sum(task_steps),
