@@ -27,19 +27,15 @@ from potstill.config.tasks import (
 from potstill.config.vision_language import VisionLanguageRecipe
 from potstill.errors import UserError
 
-Recipe = Annotated[
-    ClassificationRecipe | EmbeddingRecipe | CausalLMRecipe | VisionRecipe | RankingRecipe | Seq2SeqRecipe
-    | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe | SegmentationRecipe | GraphRecipe,
-    Field(discriminator="task"),
-]
-"""A whole distillation run. See recipes/*.yaml for examples and `potstill run --help`."""
-
-AnyRecipe = Annotated[
+DistillationRecipes = (
     ClassificationRecipe | EmbeddingRecipe | CausalLMRecipe | VisionRecipe | RankingRecipe | Seq2SeqRecipe
     | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe | SegmentationRecipe | GraphRecipe
-    | ContinualRecipe,
-    Field(discriminator="task"),
-]
+)
+
+Recipe = Annotated[DistillationRecipes, Field(discriminator="task")]
+"""A whole distillation run. See recipes/*.yaml for examples and `potstill run --help`."""
+
+AnyRecipe = Annotated[DistillationRecipes | ContinualRecipe, Field(discriminator="task")]
 """Any recipe `potstill run` takes: a distillation `Recipe` or a continual-learning stream."""
 
 RECIPE_OF_TASK: dict[str, type[BaseModel]] = {
