@@ -40,16 +40,17 @@ def digits_recipe(tmp_path: Path) -> dict:
     return raw
 
 
-def tiny_bert_encoder(folder: Path, num_hidden_layers: int) -> Path:
-    """A seeded BERT encoder, 32 wide, with MiniLM's tokenizer, saved in `folder` (a teacher for embedding runs)."""
+def tiny_bert_encoder(folder: Path, num_hidden_layers: int, *, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A seeded BERT encoder, 32 wide unless `hidden_size` says otherwise, with MiniLM's tokenizer, saved in
+    `folder` (a teacher for embedding runs)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from potstill.assets import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=num_hidden_layers,
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                          num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -53,24 +53,11 @@ def test_bad_sources_are_refused(vectors, weights, message):
         weighted_concatenation(vectors, weights)
 
 
-def _wide_encoder(folder, hidden: int):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from potstill.assets import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(1)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("weighted")
     teacher = tiny_bert_encoder(root / "teacher", 2)  # 32 wide
-    wide = _wide_encoder(root / "wide", 48)
+    wide = tiny_bert_encoder(root / "wide", 1, hidden_size=48, seed=1)
     train = numbered_texts_jsonl(root / "train.jsonl", TEXTS * 2)
     return root, teacher, wide, train
 
