@@ -132,8 +132,7 @@ def _leaves(annotation, marked: bool = False):
 
 # str fields that are not file-system paths (model.field -> what it is)
 NOT_PATHS = {
-    "RecipeBase.name": "a run name", "RecipeBase.output_dir": "relative to the cwd, as documented",
-    "ContinualRecipe.name": "a run name", "ContinualRecipe.output_dir": "relative to the cwd, as documented",
+    "RunFolderFields.name": "a run name", "RunFolderFields.output_dir": "relative to the cwd, as documented",
     "ObjectiveConfig.name": "an objective", "DataSource.split": "a dataset split",
     "TeacherConfig.factory": "'module:function'", "StudentConfig.factory": "'module:function'",
     "TeacherConfig.layers_path": "a module path inside the model", "StudentConfig.layers_path": "the same",

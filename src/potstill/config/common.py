@@ -368,21 +368,12 @@ def check_run_name(name: str) -> str:
     return name
 
 
-class RecipeBase(Strict):
-    """What every task's recipe has. A recipe is one of its subclasses, chosen by `task` (potstill.config.Recipe);
-    each subclass narrows the sections to its task's fields and adds its own sections and rules (`check`)."""
+class RunFolderFields(Strict):
+    """`name` and `output_dir`, the two fields that place a run's folder, shared by every recipe schema."""
 
     name: str = Field("run", min_length=1, description="run name: output goes to <output_dir>/<name>/ (a "
                       "relative folder: not empty, no . or .. part)")
     output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
-    task: str = Field(description="what the models do: " + ", ".join(DISTILLATION_TASKS))
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random draw (0 .. 2**32 - 1)")
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher model")
-    student: StudentConfig = Field(description="how the student is built")
-    data: DataConfig
-    objectives: list[ObjectiveConfig] = Field(default_factory=list, description="weighted distillation terms")
-    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("name")
     @classmethod
@@ -392,6 +383,20 @@ class RecipeBase(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+class RecipeBase(RunFolderFields):
+    """What every task's recipe has. A recipe is one of its subclasses, chosen by `task` (potstill.config.Recipe);
+    each subclass narrows the sections to its task's fields and adds its own sections and rules (`check`)."""
+
+    task: str = Field(description="what the models do: " + ", ".join(DISTILLATION_TASKS))
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random draw (0 .. 2**32 - 1)")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher model")
+    student: StudentConfig = Field(description="how the student is built")
+    data: DataConfig
+    objectives: list[ObjectiveConfig] = Field(default_factory=list, description="weighted distillation terms")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _rules(self) -> RecipeBase:

@@ -8,12 +8,11 @@ section, whose method settings carry `potstill.train.prd_stream.StreamConfig`'s 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from potstill.config.common import MAX_SEED, Strict, check_run_name
+from potstill.config.common import MAX_SEED, RunFolderFields, Strict
 
 
 class BackboneConfig(Strict):
@@ -66,23 +65,11 @@ class ContinualSettings(Strict):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
 
 
-class ContinualRecipe(Strict):
+class ContinualRecipe(RunFolderFields):
     """task: continual: one network trained on a class-incremental stream, no replay."""
 
-    name: str = Field("run", min_length=1, description="run name: output goes to <output_dir>/<name>/ (a "
-                      "relative folder: not empty, no . or .. part)")
-    output_dir: str = Field("runs", description="parent folder of the run folder (relative to the cwd)")
     task: Literal["continual"] = Field(description="continual: one network trained task after task")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the network's initialisation, the batch order "
                       "and the augmentation")
     continual: ContinualSettings = Field(default_factory=ContinualSettings,
                                          description="the stream, the method and its training settings")
-
-    @field_validator("name")
-    @classmethod
-    def _folder_under_output_dir(cls, name: str) -> str:
-        return check_run_name(name)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
