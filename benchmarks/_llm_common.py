@@ -4,6 +4,8 @@
   (float32, no gradient checkpointing, plain AdamW, no logging / saving / evaluation, sequential sampling).
 - `TrlWallClock`: a `transformers.TrainerCallback` that stops training after the first optimizer step ending past
   a budget (the counterpart of potstill's `trainer.max_seconds`).
+- `trl_gkd_inputs` / `trl_optimizer`: a potstill task's records, epoch order, optimizer and schedule handed to
+  GKDTrainer, so both sides see the same batches and learning rates.
 - `heldout_blocks` / `heldout_scores`: text that is not in any training set here (the Wikipedia and Lee
   background sentences of potstill's general corpus, test split, from gensim's test data), cut into blocks of
   tokens, and a student's perplexity, KL(teacher ‖ student) per token and top-1 agreement with the teacher on
@@ -56,6 +58,54 @@ def trl_wall_clock(max_seconds: float):
             return control
 
     return TrlWallClock()
+
+
+def trl_gkd_inputs(task: Any, *, seed: int, batch_size: int, epochs: int = 200) -> tuple[Any, Callable]:
+    """A set-up causal_lm task's training records as TRL GKDTrainer input, in potstill's epoch order: the
+    `datasets.Dataset` (epochs of `shuffled_order`, read sequentially) and its collator. potstill's targets[j]
+    is token j + 1 or -100; TRL's labels[j] is token j or -100; the prompt ends at the first target."""
+    import torch
+    from datasets import Dataset
+
+    from potstill.train.data_order import shuffled_order
+
+    pad = task.pad_id
+    features = []
+    for ex in task.train_records:
+        ids, targets = ex["input_ids"], ex["targets"]
+        labels = [-100] + [ids[j + 1] if targets[j] != -100 else -100 for j in range(len(ids) - 1)]
+        first = next(j for j, t in enumerate(targets) if t != -100)
+        features.append({"input_ids": ids, "labels": labels, "prompt": ids[:first + 1]})
+    n = len(features)
+    order = [i for e in range(epochs) for i in shuffled_order(n, seed=seed, epoch=e, global_batch=batch_size)
+             .tolist()[: n // batch_size * batch_size]]
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(r["input_ids"]) for r in rows)
+        pwidth = max(len(r["prompt"]) for r in rows)
+        ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows])
+        labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
+        attention = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+        prompts = torch.tensor([[pad] * (pwidth - len(r["prompt"])) + r["prompt"] for r in rows])  # left-padded
+        prompt_mask = torch.tensor([[0] * (pwidth - len(r["prompt"])) + [1] * len(r["prompt"]) for r in rows])
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels, "prompts": prompts,
+                "prompt_attention_mask": prompt_mask}
+
+    return Dataset.from_list([features[i] for i in order]), collate
+
+
+def trl_optimizer(student: Any, trainer_cfg: Any, *, horizon: int) -> tuple[Any, Any]:
+    """AdamW and its warm-up + decay schedule exactly as potstill builds them from a recipe's `trainer`
+    section (`param_groups`, `lr_lambda`), with the decay spread over `horizon` steps."""
+    import torch
+
+    from potstill.train.optim import lr_lambda, param_groups
+
+    cfg = trainer_cfg
+    optimizer = torch.optim.AdamW([g for g in param_groups(student, cfg.weight_decay) if g["params"]], lr=cfg.lr,
+                                  betas=cfg.betas)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps or 0,
+                                                                               horizon))
 
 
 def heldout_blocks(tokenizer: Any, *, blocks_per_source: int, block_len: int) -> dict[str, Any]:

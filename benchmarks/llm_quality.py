@@ -169,14 +169,11 @@ def _run_potstill(args: argparse.Namespace, row: str, seed: int, work: Path) -> 
 def _run_trl(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[str, Any]:
     """TRL GKDTrainer on the records, student init, optimizer and schedule of the potstill rows."""
     import torch
-    from _llm_common import gkd_config_kwargs, trl_wall_clock
-    from datasets import Dataset
+    from _llm_common import gkd_config_kwargs, trl_gkd_inputs, trl_optimizer, trl_wall_clock
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from potstill.config import validate_recipe
     from potstill.tasks import build_task
-    from potstill.train.data_order import shuffled_order
-    from potstill.train.optim import lr_lambda, param_groups
 
     started = time.perf_counter()
     raw = _recipe(args, row, seed, work)
@@ -184,39 +181,16 @@ def _run_trl(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[
     task = build_task(recipe, run_dir=recipe.run_dir)
     task.setup()
     torch.set_num_threads(args.threads)
-    shape, pad = _shape(args), task.pad_id
-    features = []
-    for ex in task.train_records:  # potstill: targets[j] = token j + 1 or -100; TRL: labels[j] = token j or -100
-        ids, targets = ex["input_ids"], ex["targets"]
-        labels = [-100] + [ids[j + 1] if targets[j] != -100 else -100 for j in range(len(ids) - 1)]
-        first = next(j for j, t in enumerate(targets) if t != -100)
-        features.append({"input_ids": ids, "labels": labels, "prompt": ids[:first + 1]})
-    n, batch = len(features), shape["batch"]
-    epochs = 200  # more than any budget here can use; sequential sampling then follows potstill's epoch orders
-    order = [i for e in range(epochs) for i in shuffled_order(n, seed=seed, epoch=e, global_batch=batch)
-             .tolist()[: n // batch * batch]]
-    dataset = Dataset.from_list([features[i] for i in order])
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        pwidth = max(len(r["prompt"]) for r in rows)
-        ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows])
-        labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
-        attention = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
-        prompts = torch.tensor([[pad] * (pwidth - len(r["prompt"])) + r["prompt"] for r in rows])  # left-padded
-        prompt_mask = torch.tensor([[0] * (pwidth - len(r["prompt"])) + [1] * len(r["prompt"]) for r in rows])
-        return {"input_ids": ids, "attention_mask": attention, "labels": labels, "prompts": prompts,
-                "prompt_attention_mask": prompt_mask}
-
+    shape, batch = _shape(args), _shape(args)["batch"]
+    # more epochs than any budget here can use; sequential sampling then follows potstill's epoch orders
+    dataset, collate = trl_gkd_inputs(task, seed=seed, batch_size=batch)
     student, cfg = task.student, recipe.trainer
-    optimizer = torch.optim.AdamW([g for g in param_groups(student, cfg.weight_decay) if g["params"]], lr=cfg.lr,
-                                  betas=cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps or 0, 1))
+    optimizer, scheduler = trl_optimizer(student, cfg, horizon=1)  # constant after warm-up
     clock = trl_wall_clock(args.budget_seconds)
     out_dir = tempfile.mkdtemp(prefix="llm_quality_trl_", dir=work)
     config = GKDConfig(**gkd_config_kwargs(out_dir=out_dir, seed=seed, max_length=shape["max_length"]),
                        lmbda=TRL_ROWS[row], beta=0.0, seq_kd=False, temperature=0.9,
-                       max_new_tokens=shape["max_length"] - shape["prompt"] - 1, max_steps=len(order) // batch,
+                       max_new_tokens=shape["max_length"] - shape["prompt"] - 1, max_steps=len(dataset) // batch,
                        per_device_train_batch_size=batch, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
                        max_grad_norm=cfg.max_grad_norm)
     trainer = GKDTrainer(model=student, teacher_model=task.teacher, args=config, train_dataset=dataset,

