@@ -70,6 +70,31 @@ def test_cache_at_small_k_trains_and_is_smaller(tmp_path, raw):
     assert summary["table"][-1]["kl_to_teacher"] > 0
 
 
+def test_cache_sweeps_a_killed_attempts_leftovers_and_refuses_a_second_writer(tmp_path, raw, capsys):
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, raw)
+    stale = tmp_path / ".cache.k3x9_q2a.tmp"  # what a `potstill cache` killed mid-write leaves beside the target
+    (stale / "sub").mkdir(parents=True)
+    (stale / "shard-00000.safetensors").write_bytes(b"half")
+    other = tmp_path / ".cachex.abcdefgh.tmp"  # another target's temp folder is not touched
+    other.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from potstill.lockfile import hold\n"
+                               "with hold(sys.argv[1], what='x'):\n print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / ".cache.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["cache", str(path), "--k", "4"]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"cache {tmp_path / 'cache'}" in capsys.readouterr().err
+    assert stale.exists() and not (tmp_path / "cache").exists()
+    assert main(["cache", str(path), "--k", "4"]) == 0
+    assert not stale.exists() and other.exists() and (tmp_path / "cache" / "manifest.json").is_file()
+
+
 def test_mismatched_cache_and_objectives_are_refused(tmp_path, raw):
     path = _write(tmp_path, raw)
     assert main(["cache", str(path), "--k", "4"]) == 0

@@ -5,6 +5,9 @@ every N-th batch of the training sequences and writes its own part of the cache,
 (`potstill.teachers.capture`, `potstill.teachers.cache_merge`). With `trainer.distributed: fsdp` (or an Accelerate
 FSDP config) the teacher is sharded with FSDP2 first (`potstill.train.fsdp`); the cache's facts, the teacher's
 weights fingerprint among them, are taken before, from the whole weights.
+
+One process holds `.<cache>.lock` beside the cache while it writes, so a second `potstill cache` to the same
+folder is refused, and first removes the temp folders a killed earlier attempt left there.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from potstill.errors import UserError
+from potstill.io import sweep_temp
+from potstill.lockfile import hold
 
 
 def capture_cache(recipe: Any, target: Path, *, k: int, temperature: float, batch_size: int, overwrite: bool,
@@ -26,9 +31,11 @@ def capture_cache(recipe: Any, target: Path, *, k: int, temperature: float, batc
 
     task: Any = build_task(recipe, run_dir=recipe.run_dir)  # a causal_lm task (setup takes capture=)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        task.setup(capture=True)
-        return capture_teacher_topk(task, target, k=k, temperature=temperature, batch_size=batch_size,
-                                    overwrite=overwrite, on_batch=on_batch)
+        with hold(target.with_name(f".{target.name}.lock"), what=f"cache {target}"):
+            sweep_temp(target.parent, of=target.name)  # what a killed `potstill cache` to this target left
+            task.setup(capture=True)
+            return capture_teacher_topk(task, target, k=k, temperature=temperature, batch_size=batch_size,
+                                        overwrite=overwrite, on_batch=on_batch)
     from potstill.train.fsdp import fsdp_settings, shard_model
     from potstill.train.precision import new_accelerator
 
