@@ -331,3 +331,18 @@ def test_manifest_contents_and_pickling(cache_dir):
     first = cache.get([1, 7])
     clone = pickle.loads(pickle.dumps(cache))  # DataLoader workers get a copy without open handles
     assert torch.equal(clone.get([1, 7]).ids, first.ids)
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 11, 4 * 11 * 3, 1 << 28])  # one row, 3 rows (uneven), all at once
+def test_batched_top_k_equals_row_by_row(chunk_bytes):
+    from potstill.teachers.cache_format import top_k_of_dense, top_k_of_dense_rows
+
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0))
+    ids, logprobs, tail = top_k_of_dense_rows(logits, 4, 2.0, chunk_bytes=chunk_bytes)
+    assert ids.shape == logprobs.shape == (2, 5, 4) and tail.shape == (2, 5)
+    for b in range(2):
+        want = top_k_of_dense(logits[b], 4, 2.0)
+        for got, expected in zip((ids[b], logprobs[b], tail[b]), want, strict=True):
+            assert torch.equal(got, expected)
+    all_ids, _, all_tail = top_k_of_dense_rows(logits, 11, 1.0, chunk_bytes=chunk_bytes)  # k = V: no tail
+    assert torch.equal(all_ids.sort(-1).values, torch.arange(11).expand(2, 5, 11)) and torch.isinf(all_tail).all()

@@ -24,7 +24,7 @@ from torch import nn
 
 from potstill.data.lm_records import tokenizer_fingerprint
 from potstill.errors import UserError
-from potstill.teachers.cache_format import MANIFEST, top_k_of_dense
+from potstill.teachers.cache_format import MANIFEST, top_k_of_dense_rows
 from potstill.teachers.cache_merge import merge_rank_parts, rank_part_dir
 from potstill.teachers.cache_writer import TopKCacheWriter, check_cache_target
 from potstill.teachers.seq_kd import SEQ_KD_FILE
@@ -121,9 +121,7 @@ def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, tempera
             idx = mine[j] if j < len(mine) else batches[0]
             batch = task.to_device(task.collate([records[i] for i in idx], idx))
             with torch.inference_mode():
-                # reduced for the whole batch at once: per-row [T, V] temporaries interleaved with the small
-                # arrays the writer keeps fragmented the heap (RSS grew ~300 MB per batch on SmolLM2)
-                ids, logprobs, tail = top_k_of_dense(task.logits(task.teacher, batch), k, temperature)
+                ids, logprobs, tail = top_k_of_dense_rows(task.logits(task.teacher, batch), k, temperature)
             if j < len(mine):
                 for row, i in enumerate(idx):
                     n = len(records[i]["input_ids"])
