@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pruned_vs_layerdrop import QUICK_TASKS, _diswot_batch, _kendall, _student  # noqa: E402
+from pruned_vs_layerdrop import MEASURED_DEMO, QUICK_TASKS, _diswot_batch, _kendall, _student  # noqa: E402
 from study_runs import REPO, share_teacher_cache  # noqa: E402
 
 PRUNE = {"calibration_batches": 8, "calibration_batch_size": 16}
@@ -130,7 +130,8 @@ def main() -> None:
                 f"student={json.dumps(cfg)}",
                 f"data.max_length={args.max_length}", f"data.train={json.dumps(train)}",
                 f"data.eval.limit={args.eval_texts}", "eval.probe_train=null", "eval.probe_test=null",
-                "eval.throughput=false", "eval.compare_before=true", f"eval.every={args.k}", "trainer.num_threads=2"]
+                "eval.throughput=false", "eval.compare_before=true", f"eval.every={args.k}", "trainer.num_threads=2",
+                *MEASURED_DEMO]
         recipe = load_recipe(REPO / "recipes" / "demo.yaml", sets)
         summary = run_recipe(recipe, overwrite=True)
         run_dir = runs / run_name
