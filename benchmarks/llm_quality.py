@@ -181,9 +181,9 @@ def _run_trl(args: argparse.Namespace, row: str, seed: int, work: Path) -> dict[
     task = build_task(recipe, run_dir=recipe.run_dir)
     task.setup()
     torch.set_num_threads(args.threads)
-    shape, batch = _shape(args), _shape(args)["batch"]
-    # more epochs than any budget here can use; sequential sampling then follows potstill's epoch orders
-    dataset, collate = trl_gkd_inputs(task, seed=seed, batch_size=batch)
+    shape = _shape(args)
+    batch = shape["batch"]
+    dataset, collate = trl_gkd_inputs(task, seed=seed, batch_size=batch)  # more epochs than any budget here uses
     student, cfg = task.student, recipe.trainer
     optimizer, scheduler = trl_optimizer(student, cfg, horizon=1)  # constant after warm-up
     clock = trl_wall_clock(args.budget_seconds)

@@ -64,6 +64,7 @@ QUICK_TASKS = ["polarity-classification", "newsgroups-classification", "analogy-
 # the demo recipe as these studies measured it (the demo later moved to lr 1e-3 with a WiSE-FT mix of 0.5)
 MEASURED_DEMO = ["trainer.lr=5e-4", "trainer.wise_ft_alpha=null"]
 
+
 def _params_of(teacher: torch.nn.Module, student_cfg: dict) -> int:
     """Parameters of the student a recipe section builds, from its config alone (meta device)."""
     import copy
