@@ -62,13 +62,11 @@ def settle_tree(folder: str | os.PathLike) -> None:
 
 def sweep_temp(folder: str | os.PathLike, *, depth: int = 1, of: str | None = None) -> list[Path]:
     """Delete the leftovers of interrupted atomic writes (names matching `TEMP_NAME`) in `folder` and in its
-    sub-folders down to `depth` levels; returns what was removed. `of`: only the leftovers of writes to
-    `folder/of`, nothing below. Call it only on what no other process is writing (whose lock this process holds)."""
+    sub-folders down to `depth` levels; returns what was removed. `of`: only entries named after writes to
+    `folder/of`. Call it only on what no other process is writing (whose lock this process holds)."""
     folder, removed = Path(folder), []
     if not folder.is_dir():
         return removed
-    if of is not None:
-        depth = 0
     for entry in sorted(folder.iterdir()):
         if of is not None and not entry.name.startswith(f".{of}."):
             continue

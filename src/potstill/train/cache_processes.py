@@ -32,7 +32,7 @@ def capture_cache(recipe: Any, target: Path, *, k: int, temperature: float, batc
     task: Any = build_task(recipe, run_dir=recipe.run_dir)  # a causal_lm task (setup takes capture=)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         with hold(target.with_name(f".{target.name}.lock"), what=f"cache {target}"):
-            sweep_temp(target.parent, of=target.name)  # what a killed `potstill cache` to this target left
+            sweep_temp(target.parent, depth=0, of=target.name)  # what a killed `potstill cache` to this target left
             task.setup(capture=True)
             return capture_teacher_topk(task, target, k=k, temperature=temperature, batch_size=batch_size,
                                         overwrite=overwrite, on_batch=on_batch)
