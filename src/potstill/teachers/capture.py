@@ -125,8 +125,7 @@ def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, tempera
             if j < len(mine):
                 for row, i in enumerate(idx):
                     n = len(records[i]["input_ids"])
-                    writer.add(i, (ids[row, :n].cpu().clone(), logprobs[row, :n].cpu().clone(),
-                                   tail[row, :n].cpu().clone()))
+                    writer.add(i, (ids[row, :n].cpu(), logprobs[row, :n].cpu(), tail[row, :n].cpu()))
             if on_batch is not None:
                 on_batch(min((j + 1) * batch_size * world_size, len(order)), len(order))
         manifest = writer.close()
