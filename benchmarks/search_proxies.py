@@ -109,8 +109,9 @@ def main() -> None:
     d_batch, d_labels, n_classes = _diswot_batch(tokenizer)
     teacher_encode = cached_encoder(encoder_for("builtin:minilm"))
     start = time.perf_counter()
+    wanted = args.only or list(CANDIDATES)
     for name, cfg in {**CANDIDATES, **EXTRA_CANDIDATES}.items():
-        if (name not in args.only if args.only else name in EXTRA_CANDIDATES) or name in done:
+        if name not in wanted or name in done:
             continue
         tick = time.perf_counter()
         if cfg["init"] == "from_config":
