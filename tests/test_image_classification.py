@@ -17,7 +17,7 @@ from potstill.config import load_recipe, validate_recipe
 from potstill.data import image_transforms as tf
 from potstill.data.images import load_images, read_idx, subset_indices
 from potstill.errors import UserError
-from potstill.students.cnn import small_cnn
+from potstill.students.cnn import small_cnn, small_cnn_features
 from potstill.tasks import build_task
 
 torch.set_num_threads(1)
@@ -190,6 +190,19 @@ def test_small_cnn_size_and_seed():
     assert torch.equal(model[0].weight, small_cnn(width=8, depth=2)[0].weight)
     with pytest.raises(ValueError, match="image_size"):
         small_cnn(depth=6, image_size=28)
+
+
+def test_small_cnn_features_loads_weights_and_drops_the_classifier(tmp_path):
+    trained = small_cnn(width=4, depth=2, seed=3)
+    torch.save(trained.state_dict(), tmp_path / "cnn.pt")
+    tower = small_cnn_features(str(tmp_path / "cnn.pt"), width=4, depth=2)
+    x = torch.rand(2, 1, 28, 28)
+    assert tower(x).shape == (2, 8 * 7 * 7)
+    assert torch.allclose(trained[-1](tower(x)), trained(x))  # features → the trained classifier = the network
+    with pytest.raises(UserError, match="does not fit"):
+        small_cnn_features(str(tmp_path / "cnn.pt"), width=8, depth=2)
+    with pytest.raises(UserError, match="no weights file"):
+        small_cnn_features(str(tmp_path / "missing.pt"))
 
 
 # ---- the task
