@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from potstill.config import validate_recipe
-from potstill.data.vision_language import class_captions, class_names_and_templates, rotate_images
+from potstill.data.vision_language import class_captions, class_names_and_templates, rotate_images, shrink_images
 from potstill.errors import UserError
 from potstill.eval.zero_shot import class_relevance, prompt_ensemble, retrieval_recall, zero_shot_metrics
 from potstill.tasks import build_task
@@ -69,6 +69,16 @@ def test_class_names_templates_and_the_rotation_shift():
     assert torch.allclose(turned[0, 0, :, 2], torch.ones(5), atol=1e-5)  # now vertical
     assert torch.allclose(turned[1, 0, :, 2], torch.ones(5), atol=1e-5)
     assert turned[0, 0, 2, 0] < 1e-5
+
+
+def test_shrink_images_zooms_out_about_the_centre():
+    x = torch.full((1, 1, 8, 8), 255, dtype=torch.uint8)
+    half = shrink_images(x, scale=0.5)
+    assert torch.allclose(half[0, 0, 2:6, 2:6], torch.ones(4, 4), atol=1e-5)  # the object now fills the centre
+    assert float(half[0, 0, :1].abs().max()) < 1e-5 and float(half[0, 0, :, 7:].abs().max()) < 1e-5
+    assert torch.allclose(shrink_images(x, scale=1.0), torch.ones(1, 1, 8, 8), atol=1e-5)
+    with pytest.raises(ValueError, match="scale"):
+        shrink_images(x, scale=0.0)
 
 
 def test_embedding_file_round_trip_and_errors(tmp_path):

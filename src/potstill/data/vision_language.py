@@ -129,6 +129,18 @@ def rotate_images(images: torch.Tensor, degrees: float = 35.0) -> torch.Tensor:
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def shrink_images(images: torch.Tensor, scale: float = 0.6) -> torch.Tensor:
+    """Each image zoomed out about its centre to `scale` of its size (bilinear, zero border: the object seen from
+    farther away); uint8 in: scaled to [0, 1] first; float out."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"shrink_images: scale must be in (0, 1], got {scale}")
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    theta = torch.zeros(x.shape[0], 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def thicken_images(images: torch.Tensor, size: int = 3) -> torch.Tensor:
     """Bolder strokes: each pixel the maximum of its size × size neighbourhood (grey dilation, odd `size`);
     uint8 in: scaled to [0, 1] first; float out."""
