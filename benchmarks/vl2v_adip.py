@@ -93,16 +93,12 @@ class RandomTurnAndZoom(nn.Module):
         self.radians, self.min_scale = math.radians(degrees), min_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from potstill.data.vision_language import turn_and_zoom
+
         if not self.training:
             return x
-        n = x.shape[0]
-        angle = (torch.rand(n) * 2 - 1) * self.radians
-        zoom = 1 / (self.min_scale + torch.rand(n) * (1 - self.min_scale))
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0], theta[:, 0, 1] = zoom * angle.cos(), -zoom * angle.sin()
-        theta[:, 1, 0], theta[:, 1, 1] = zoom * angle.sin(), zoom * angle.cos()
-        grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-        return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        angle = (torch.rand(x.shape[0]) * 2 - 1) * self.radians
+        return turn_and_zoom(x, angle, self.min_scale + torch.rand(x.shape[0]) * (1 - self.min_scale))
 
 
 def build_fashion_teacher(folder: Path) -> None:

@@ -115,18 +115,24 @@ def class_captions(names: list[str], templates: list[str],
             for c, captions in enumerate(filled)]
 
 
-def rotate_images(images: torch.Tensor, degrees: float = 35.0) -> torch.Tensor:
-    """Each (C, H, W) image rotated about its centre by +degrees (even rows) or −degrees (odd rows), bilinear,
-    zero fill; float pixels in, float out (uint8 in: scaled to [0, 1] first)."""
+def turn_and_zoom(images: torch.Tensor, radians: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Image i rotated about its centre by `radians[i]` and zoomed out to `scales[i]` of its size (bilinear, zero
+    border; scale 1 keeps the size); uint8 in: scaled to [0, 1] first; float out."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    n = x.shape[0]
-    angle = torch.full((n,), math.radians(degrees))
-    angle[1::2] *= -1
-    cos, sin = angle.cos(), angle.sin()
-    theta = torch.zeros(n, 2, 3)
+    zoom = 1 / scales.float()
+    cos, sin = radians.float().cos() * zoom, radians.float().sin() * zoom
+    theta = torch.zeros(x.shape[0], 2, 3)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def rotate_images(images: torch.Tensor, degrees: float = 35.0) -> torch.Tensor:
+    """Each (C, H, W) image rotated about its centre by +degrees (even rows) or −degrees (odd rows), bilinear,
+    zero fill; float pixels in, float out (uint8 in: scaled to [0, 1] first)."""
+    angle = torch.full((images.shape[0],), math.radians(degrees))
+    angle[1::2] *= -1
+    return turn_and_zoom(images, angle, torch.ones_like(angle))
 
 
 def shrink_images(images: torch.Tensor, scale: float = 0.6) -> torch.Tensor:
@@ -134,11 +140,8 @@ def shrink_images(images: torch.Tensor, scale: float = 0.6) -> torch.Tensor:
     farther away); uint8 in: scaled to [0, 1] first; float out."""
     if not 0 < scale <= 1:
         raise ValueError(f"shrink_images: scale must be in (0, 1], got {scale}")
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    theta = torch.zeros(x.shape[0], 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    n = images.shape[0]
+    return turn_and_zoom(images, torch.zeros(n), torch.full((n,), float(scale)))
 
 
 def thicken_images(images: torch.Tensor, size: int = 3) -> torch.Tensor:
