@@ -17,7 +17,7 @@ Evaluation: for every held-out passage and every one of the 8 types, the student
 the text?" greedily (≤ 16 new tokens); answers are parsed (`parse_answer`) and scored with strict (type, mention)
 micro F1 (`potstill.eval.ner`) against the teacher's labels, for the untrained student (zero-shot) and the trained one.
 
-Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2]
+Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2] [--lr 2e-4]
        [--threads 2] [--out runs/universal_ner]
        python benchmarks/universal_ner.py --write-recipe-data    # rewrites src/potstill/recipes/universal-ner/
 """
@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=40)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--negatives", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=None, help="the recipe's trainer.lr unless given")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-zero-shot", action="store_true")
     parser.add_argument("--student", default=None,
@@ -213,7 +214,8 @@ def main() -> None:
     recipe = load_recipe(RECIPE, [f"output_dir={out / 'runs'}", f"trainer.max_steps={args.steps}",
                                   f"trainer.num_threads={args.threads}",
                                   f"data.train.path={out / 'data' / 'train.jsonl'}",
-                                  f"data.eval.path={out / 'data' / 'eval.jsonl'}"])
+                                  f"data.eval.path={out / 'data' / 'eval.jsonl'}",
+                                  *([f"trainer.lr={args.lr}"] if args.lr else [])])
     result["train_seconds"] = 0.0
     if args.student is None:
         train_started = time.perf_counter()
