@@ -16,7 +16,6 @@ Usage: python benchmarks/general_passages.py --out runs/general-passages.jsonl [
 from __future__ import annotations
 
 import argparse
-import bz2
 import json
 import random
 import sys
@@ -29,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 def pack(sentences: list[str], *, min_chars: int, max_chars: int, excluded: set[str]) -> list[str]:
     """Consecutive sentences joined into passages of min_chars..max_chars; an excluded or markup sentence (or
     one longer than max_chars) closes the passage in progress and is dropped."""
-    from potstill.data.general import _MARKUP, normalise
+    from potstill.data.general import has_markup, normalise
 
     out: list[str] = []
     current = ""
     for sentence in sentences:
-        if _MARKUP.search(sentence) or normalise(sentence) in excluded or len(sentence) > max_chars:
+        if has_markup(sentence) or normalise(sentence) in excluded or len(sentence) > max_chars:
             if len(current) >= min_chars:
                 out.append(current)
             current = ""
@@ -53,18 +52,10 @@ def pack(sentences: list[str], *, min_chars: int, max_chars: int, excluded: set[
 
 def source_paragraphs() -> dict[str, list[str]]:
     """Paragraphs per source, before any splitting: Wikipedia, Lee background documents, BBC train articles."""
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-
-    from potstill.data.general import WIKI_DUMP, _clean_wiki, _lee_background
+    from potstill.data.general import lee_background, wiki_paragraphs
     from potstill.data.loaders import builtin_records
-    from potstill.data.suite_sources import gensim_test_data
 
-    wiki: list[str] = []
-    with bz2.open(gensim_test_data() / WIKI_DUMP) as f:
-        for title, text, _ in extract_pages(f):
-            if ":" not in title and not text.lstrip().lower().startswith("#redirect"):
-                wiki += _clean_wiki(filter_wiki(text))
-    return {"wikipedia": wiki, "lee-background": _lee_background(),
+    return {"wikipedia": wiki_paragraphs(), "lee-background": lee_background(),
             "bbc": [r["text"] for r in builtin_records("bbc", "train")]}
 
 

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from potstill.data.suite_sources import gensim_test_data, one_line
 
 __all__ = ["MAX_CHARS", "MIN_CHARS", "SOURCES", "build_general_corpus", "general_corpus_stats", "general_records",
-           "normalise", "split_sentences"]
+           "has_markup", "lee_background", "normalise", "split_sentences", "wiki_paragraphs"]
 
 SOURCES = ("wikipedia", "lee-background", "chatterbot", "bbc")
 MIN_CHARS = 15
@@ -111,21 +111,28 @@ def _clean_wiki(text: str) -> list[str]:
     return paragraphs
 
 
-def _wikipedia() -> list[str]:
+def wiki_paragraphs() -> list[str]:
+    """The cleaned paragraphs of the Wikipedia dump's articles (redirects and namespaced pages skipped), unsplit."""
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    path = gensim_test_data() / WIKI_DUMP
     out: list[str] = []
-    with bz2.open(path) as f:
+    with bz2.open(gensim_test_data() / WIKI_DUMP) as f:
         for title, text, _ in extract_pages(f):
-            if ":" in title or text.lstrip().lower().startswith("#redirect"):
-                continue
-            for paragraph in _clean_wiki(filter_wiki(text)):
-                out += [s for s in _pieces(paragraph) if not _MARKUP.search(s)]
+            if ":" not in title and not text.lstrip().lower().startswith("#redirect"):
+                out += _clean_wiki(filter_wiki(text))
     return out
 
 
-def _lee_background() -> list[str]:
+def has_markup(text: str) -> bool:
+    """Whether `text` still holds wiki markup (`| { } [ ] < > =`)."""
+    return bool(_MARKUP.search(text))
+
+
+def _wikipedia() -> list[str]:
+    return [s for paragraph in wiki_paragraphs() for s in _pieces(paragraph) if not has_markup(s)]
+
+
+def lee_background() -> list[str]:
     path = gensim_test_data() / "lee_background.cor"
     return [line for line in path.read_text(encoding="latin-1").splitlines() if line.strip()]
 
@@ -149,7 +156,7 @@ def suite_exclusions() -> set[str]:
 
 @functools.lru_cache(maxsize=2)
 def _corpus(bbc_paragraphs: tuple[str, ...]) -> tuple[dict[str, str], ...]:
-    sources = [("wikipedia", _wikipedia()), ("lee-background", _lee_background()), ("chatterbot", _chatterbot()),
+    sources = [("wikipedia", _wikipedia()), ("lee-background", lee_background()), ("chatterbot", _chatterbot()),
                ("bbc", bbc_paragraphs)]
     return tuple(build_general_corpus(sources, exclude=suite_exclusions()))
 
