@@ -11,8 +11,9 @@ import torch
 
 def centre_view(images: torch.Tensor, size: int) -> torch.Tensor:
     """28×28 images (uint8 or [0, 1]) → the centre 20×20 crop, area-resized to size×size."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    return torch.nn.functional.interpolate(x[..., 4:24, 4:24], size=(size, size), mode="area")
+    from potstill.data.image_transforms import to_unit
+
+    return torch.nn.functional.interpolate(to_unit(images)[..., 4:24, 4:24], size=(size, size), mode="area")
 
 
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int = 500) -> torch.Tensor:

@@ -69,8 +69,9 @@ def student_pixels(images: torch.Tensor, dataset: str = "digits") -> torch.Tenso
     item (area resize)."""
     if dataset == "digits":
         return centre_view(images, 16)
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    return nn.functional.interpolate(x, size=(16, 16), mode="area")
+    from potstill.data.image_transforms import to_unit
+
+    return nn.functional.interpolate(to_unit(images), size=(16, 16), mode="area")
 
 
 def class_text(teacher, descriptions: bool, dataset: str = "digits") -> torch.Tensor:

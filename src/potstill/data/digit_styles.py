@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from potstill.data.image_transforms import to_unit
 from potstill.data.vision_language import DIGIT_NAMES, class_captions
 
 WEIGHT_WORDS = ("thin", "medium", "bold")
@@ -34,7 +35,7 @@ STYLES_PER_DIGIT = len(WEIGHT_WORDS) * len(SLANT_WORDS)
 
 def _unit_pixels(images: torch.Tensor) -> torch.Tensor:
     """(N, 28, 28) or (N, 1, H, W) images, uint8 or float → (N, H, W) float in [0, 1]."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    x = to_unit(images)
     return x.reshape(x.shape[0], x.shape[-2], x.shape[-1])
 
 

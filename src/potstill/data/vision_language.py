@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from potstill.data.image_transforms import to_unit
 from potstill.errors import UserError
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -118,7 +119,7 @@ def class_captions(names: list[str], templates: list[str],
 def turn_and_zoom(images: torch.Tensor, radians: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Image i rotated about its centre by `radians[i]` and zoomed out to `scales[i]` of its size (bilinear, zero
     border; scale 1 keeps the size); uint8 in: scaled to [0, 1] first; float out."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    x = to_unit(images)
     zoom = 1 / scales.float()
     cos, sin = radians.float().cos() * zoom, radians.float().sin() * zoom
     theta = torch.zeros(x.shape[0], 2, 3)
@@ -147,5 +148,5 @@ def shrink_images(images: torch.Tensor, scale: float = 0.6) -> torch.Tensor:
 def thicken_images(images: torch.Tensor, size: int = 3) -> torch.Tensor:
     """Bolder strokes: each pixel the maximum of its size × size neighbourhood (grey dilation, odd `size`);
     uint8 in: scaled to [0, 1] first; float out."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    x = to_unit(images)
     return torch.nn.functional.max_pool2d(x, size, stride=1, padding=size // 2)
