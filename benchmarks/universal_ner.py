@@ -215,7 +215,7 @@ def main() -> None:
                                   f"trainer.num_threads={args.threads}",
                                   f"data.train.path={out / 'data' / 'train.jsonl'}",
                                   f"data.eval.path={out / 'data' / 'eval.jsonl'}",
-                                  *([f"trainer.lr={args.lr}"] if args.lr else [])])
+                                  *([f"trainer.lr={args.lr}"] if args.lr is not None else [])])
     result["train_seconds"] = 0.0
     if args.student is None:
         train_started = time.perf_counter()
