@@ -8,17 +8,19 @@ itself by construction, and no independent gold exists here, so the student's F1
 the measure (the paper's "targeted distillation" question: how much of the teacher's skill the student keeps).
 
 Data: training passages from BBC News articles (`builtin:bbc` train split, two sentences per passage, ≤ 400
-characters); held-out passages from other sources: the Lee news corpus and 20 Newsgroups posts (the LM suite's
-texts, `potstill.data.lm_suite_sources`). Conversations: `universal_ner_conversations` (one turn per type present,
-`--negatives` absent types drawn by frequency, answer []). Student: SmolLM2-135M-Instruct fine-tuned with the loss
-on assistant turns only (`recipes/smollm2-universal-ner.yaml`: causal_lm, data.format messages, no teacher model).
+characters), or with `--train-sources bbc wikipedia` alternately from those and from the Wikipedia dump in gensim's
+test data (more surface forms: "August 27", "per cent"); held-out passages from other sources: the Lee news
+corpus and 20 Newsgroups posts (the LM suite's texts, `potstill.data.lm_suite_sources`). Conversations:
+`universal_ner_conversations` (one turn per type present, `--negatives` absent types drawn by frequency, answer
+[]). Student: SmolLM2-135M-Instruct fine-tuned with the loss on assistant turns only
+(`recipes/smollm2-universal-ner.yaml`: causal_lm, data.format messages, no teacher model).
 
 Evaluation: for every held-out passage and every one of the 8 types, the student answers "What describes <type> in
 the text?" greedily (≤ 16 new tokens); answers are parsed (`parse_answer`) and scored with strict (type, mention)
 micro F1 (`potstill.eval.ner`) against the teacher's labels, for the untrained student (zero-shot) and the trained one.
 
 Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2] [--lr 2e-4]
-       [--threads 2] [--out runs/universal_ner]
+       [--train-sources bbc [wikipedia]] [--threads 2] [--out runs/universal_ner]
        python benchmarks/universal_ner.py --write-recipe-data    # rewrites src/potstill/recipes/universal-ner/
 """
 
@@ -104,17 +106,34 @@ def passages_of(texts: list[str], *, limit: int, max_chars: int = 400) -> list[s
     return out
 
 
-def corpora(train: int, heldout: int) -> tuple[list[str], list[str]]:
-    from potstill.data.lm_suite_sources import source_texts
+TRAIN_SOURCES = ("bbc", "wikipedia")
+
+
+def training_texts(source: str) -> list[str]:
+    """The documents training passages are cut from: BBC News train-split articles (every 7th article first, so
+    that all five topics come in early) or the paragraphs of the Wikipedia dump in gensim's test data."""
+    if source == "wikipedia":
+        from potstill.data.general import wiki_paragraphs
+
+        return wiki_paragraphs()
     from potstill.data.loaders import builtin_records
 
     bbc = [r["text"] for r in builtin_records("bbc", "train")]
-    # every 7th article first, so that all five topics come in early
-    bbc = bbc[::7] + [t for k, t in enumerate(bbc) if k % 7]
+    return bbc[::7] + [t for k, t in enumerate(bbc) if k % 7]
+
+
+def corpora(train: int, heldout: int, sources: tuple[str, ...] = ("bbc",)) -> tuple[list[str], list[str]]:
+    """(training passages, held-out passages). With several `sources` the training passages alternate between
+    them, an equal share each (the first sources take the remainder)."""
+    from potstill.data.lm_suite_sources import source_texts
+
     half = heldout // 2
     held = passages_of(source_texts("lee"), limit=half) + passages_of(source_texts("newsgroups"),
                                                                       limit=heldout - half)
-    return passages_of(bbc, limit=train), held
+    shares = [passages_of(training_texts(s), limit=train // len(sources) + (k < train % len(sources)))
+              for k, s in enumerate(sources)]
+    mixed = [share[i] for i in range(max(map(len, shares), default=0)) for share in shares if i < len(share)]
+    return mixed, held
 
 
 def annotate(passages: list[str], source: str) -> list[dict[str, list[str]]]:
@@ -128,12 +147,13 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: int = 0) -> dict[str, Any]:
+def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: int = 0,
+               sources: tuple[str, ...] = ("bbc",)) -> dict[str, Any]:
     """train.jsonl (conversations), eval.jsonl (conversations of the held-out passages, for the run's perplexity)
     and heldout.jsonl (passage + teacher labels) in `folder`."""
     from potstill.data.universal_ner import universal_ner_conversations
 
-    train_passages, held = corpora(train, heldout)
+    train_passages, held = corpora(train, heldout, sources)
     train_labels, held_labels = annotate(train_passages, "bbc"), annotate(held, "heldout")
     write_jsonl(folder / "train.jsonl", universal_ner_conversations(train_passages, train_labels,
                                                                     negatives=negatives, seed=seed))
@@ -182,6 +202,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=40)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--negatives", type=int, default=2)
+    parser.add_argument("--train-sources", nargs="+", choices=TRAIN_SOURCES, default=["bbc"],
+                        help="where training passages come from (alternating); held-out is always Lee + newsgroups")
     parser.add_argument("--lr", type=float, default=None, help="the recipe's trainer.lr unless given")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-zero-shot", action="store_true")
@@ -203,7 +225,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     out = Path(args.out).resolve()
-    data = write_data(out / "data", train=args.train, heldout=args.heldout, negatives=args.negatives)
+    data = write_data(out / "data", train=args.train, heldout=args.heldout, negatives=args.negatives,
+                      sources=tuple(args.train_sources))
     print(data, flush=True)
     held = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
