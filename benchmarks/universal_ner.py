@@ -247,11 +247,13 @@ def main() -> None:
         result["run_table"] = summary.get("table")
     student = AutoModelForCausalLM.from_pretrained(args.student or out / "runs" / recipe.name / "student")
     result["student"] = score(student, tokenizer, held)
-    result["steps"], result["seconds"] = args.steps, time.perf_counter() - started
+    result["steps"] = None if args.student else args.steps
+    result["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"{'model':<28}{'precision':>10}{'recall':>8}{'F1':>7}{'tp':>5}{'fp':>5}{'fn':>5}")
     print(f"{'teacher (scripted)':<28}{1:>10.3f}{1:>8.3f}{1:>7.3f}")
-    for name, key in (("SmolLM2 zero-shot", "zero_shot"), (f"student ({args.steps} steps)", "student")):
+    trained = "student (given)" if args.student else f"student ({args.steps} steps)"
+    for name, key in (("SmolLM2 zero-shot", "zero_shot"), (trained, "student")):
         if key in result:
             r = result[key]
             print(f"{name:<28}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}{r['tp']:>5}{r['fp']:>5}"
