@@ -154,7 +154,7 @@ def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: 
     from potstill.data.universal_ner import universal_ner_conversations
 
     train_passages, held = corpora(train, heldout, sources)
-    train_labels, held_labels = annotate(train_passages, "bbc"), annotate(held, "heldout")
+    train_labels, held_labels = annotate(train_passages, "training"), annotate(held, "heldout")
     write_jsonl(folder / "train.jsonl", universal_ner_conversations(train_passages, train_labels,
                                                                     negatives=negatives, seed=seed))
     write_jsonl(folder / "eval.jsonl", universal_ner_conversations(held, held_labels, negatives=negatives,
