@@ -25,3 +25,39 @@ def test_benchmark_writes_one_row_per_seed_with_three_arms(tmp_path):
     assert row["further_pretrained"]["distance"] > 0 and row["self_distilled"]["distance"] > 0
     assert all(0.0 <= row[arm]["probe"] <= 1.0 for arm in bench.ARMS)
     assert row["sd_term_first_last"][0] > 0  # φ ≠ θ0: the self-distillation term is positive from the start
+
+
+def test_stage0_trains_the_mlm_head_alone(monkeypatch):
+    """Stage 0 (`--head-steps`): the head's transform and bias learn; the encoder and the tied word embeddings
+    (the decoder) do not move, and the masked-token loss on the training texts falls."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from potstill.assets import minilm_path
+    from potstill.data import general
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    texts = ["the cat sat on the mat", "a dog ran in the park", "the sun rose over the hills"] * 4
+    monkeypatch.setattr(general, "wiki_paragraphs", lambda: texts)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64))
+    frozen = {n: p.detach().clone() for n, p in model.bert.named_parameters()}
+    head = {n: p.detach().clone() for n, p in model.cls.predictions.named_parameters()
+            if not n.startswith("decoder")}
+
+    def masked_loss() -> float:
+        enc = tok(texts[:3], return_tensors="pt", padding=True)
+        labels = enc["input_ids"].clone()
+        with torch.no_grad():
+            logits = model(**enc).logits
+        return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()))
+
+    before = masked_loss()
+    bench = load_benchmark("further_pretraining_sd")
+    bench.train_mlm_head(model, tok, steps=30, seed=0, batch_size=8, max_length=16, lr=1e-2)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.bert.named_parameters())
+    assert model.cls.predictions.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert all(not torch.equal(p, head[n]) for n, p in model.cls.predictions.named_parameters() if n in head)
+    assert masked_loss() < before - 0.3
+    assert all(p.requires_grad for p in model.parameters())  # handed back trainable for the stages after it
