@@ -5,7 +5,8 @@ Per seed, three students of one starting model θ0 are compared on held-out BBC 
 - `further_pretrained` (φ): θ0 further-pretrained with MLM on the target-domain text
   (recipes/bbc-further-pretrain.yaml), then fine-tuned;
 - `self_distilled`: θ0 re-trained with MLM + λ·‖h_θ(x) − sg(h_φ(x))‖² on the final-layer [CLS] of the unmasked
-  text, φ the teacher (recipes/bbc-self-distil.yaml, objective further_pretraining_sd, λ = 1), then fine-tuned.
+  text, φ the teacher (recipes/bbc-self-distil.yaml, objective further_pretraining_sd, λ = `--sd-weight`, 1 by
+  default), then fine-tuned.
 
 θ0 is all-MiniLM-L6-v2's BERT encoder cut to its first `--layers` layers (default 2, for the CPU budget) plus an MLM
 head drawn from the seed (MiniLM ships none), saved once per seed so that every arm starts from the same weights.
@@ -20,12 +21,12 @@ Stage 3 (labels), identical for the three arms: (a) `probe`: logistic regression
 (standardised), trained on those 100 labelled articles; (b) `finetune`: the encoder plus a linear head on [CLS],
 cross-entropy, AdamW lr 2e-4, batch 16, `--ft-epochs` epochs on the same 100 articles, word embeddings frozen (the
 CPU budget); with `--ft-seeds k`, the mean of k such runs (seeds s, 1000 + s, ...), since one run's accuracy
-swings by ±0.07 with the head's init and the data order. Both are scored on 400 articles of the test split (held out from every stage). Also reported:
-`distance`, the L2 distance of the encoder weights (MLM head excluded) to θ0, and `mlm_loss`, the held-out MLM loss
-on 100 validation articles after pre-training.
+swings by ±0.07 with the head's init and the data order. Both are scored on 400 articles of the test split (held
+out from every stage). Also reported: `distance`, the L2 distance of the encoder weights (MLM head excluded) to θ0,
+and `mlm_loss`, the held-out MLM loss on 100 validation articles after pre-training.
 
 Usage: python benchmarks/further_pretraining_sd.py [--seeds 0 1 2] [--steps 60] [--lr 1e-4] [--head-steps 0]
-       [--ft-epochs 5] [--ft-seeds 1] [--out runs/fpsd-bench]
+       [--ft-epochs 5] [--ft-seeds 1] [--sd-weight 1] [--out runs/fpsd-bench]
 Each pre-training stage is a fresh `python -m potstill run` process; finished seeds in --out/results.jsonl are
 skipped, so a killed study resumes.
 """
@@ -193,10 +194,11 @@ def run_seed(seed: int, args: argparse.Namespace, data: dict) -> dict:
     phi = work / "further_pretrained" / "student"
     s2, timings["stage2_s"] = run_potstill(RECIPES / "bbc-self-distil.yaml",
                                            ["name=self_distilled", *common, f"teacher.path={phi}",
-                                            f"student.path={theta0}"], label=f"seed {seed} stage 2")
+                                            f"student.path={theta0}", f"objectives.0.weight={args.sd_weight}"],
+                                           label=f"seed {seed} stage 2")
     sd = work / "self_distilled" / "student"
     row: dict = {"seed": seed, "steps": args.steps, "lr": args.lr, "head_steps": args.head_steps,
-                "ft_seeds": args.ft_seeds, "ft_epochs": args.ft_epochs,
+                "ft_seeds": args.ft_seeds, "ft_epochs": args.ft_epochs, "sd_weight": args.sd_weight,
                 **{k: round(v, 1) for k, v in timings.items()}}
     for arm, folder, summary in (("theta0", theta0, None), ("further_pretrained", phi, s1), ("self_distilled", sd, s2)):
         start = time.perf_counter()
@@ -257,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ft-epochs", type=int, default=5)
     parser.add_argument("--ft-seeds", type=int, default=1, help="fine-tuning runs per arm (head init and order "
                         "seeds); `finetune` is their mean accuracy")
+    parser.add_argument("--sd-weight", type=float, default=1.0, help="λ, the weight of the [CLS] matching term "
+                        "in stage 2 (the MLM loss keeps weight 1)")
     parser.add_argument("--head-steps", type=int, default=0, help="stage 0: steps that train θ0's MLM head alone "
                         "on Wikipedia before the arms start (0 = keep the freshly drawn head)")
     parser.add_argument("--threads", type=int, default=1)
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     rows = [r for r in rows if r["steps"] == args.steps and r.get("lr", 1e-4) == args.lr
             and r.get("head_steps", 0) == args.head_steps and r.get("ft_seeds", 1) == args.ft_seeds
-            and r.get("ft_epochs", 5) == args.ft_epochs]
+            and r.get("ft_epochs", 5) == args.ft_epochs and r.get("sd_weight", 1.0) == args.sd_weight]
     for seed in args.seeds:
         if any(r["seed"] == seed for r in rows):
             continue
