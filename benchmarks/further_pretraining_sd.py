@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "fpsd-bench")
     args = parser.parse_args(argv)
+    if args.ft_seeds < 1 or args.head_steps < 0 or args.sd_weight < 0:
+        parser.error("--ft-seeds must be >= 1, --head-steps and --sd-weight >= 0")
     args.out = args.out.resolve()
     torch.set_num_threads(args.threads)
     data = {"train": bbc("train", 100), "test": bbc("test", 400)}

@@ -61,3 +61,13 @@ def test_stage0_trains_the_mlm_head_alone(monkeypatch):
     assert all(not torch.equal(p, head[n]) for n, p in model.cls.predictions.named_parameters() if n in head)
     assert masked_loss() < before - 0.3
     assert all(p.requires_grad for p in model.parameters())  # handed back trainable for the stages after it
+
+
+@pytest.mark.parametrize("flag", [["--ft-seeds", "0"], ["--head-steps", "-1"], ["--sd-weight", "-2"]])
+def test_bad_study_flags_are_refused_before_any_run(flag, tmp_path, capsys):
+    bench = load_benchmark("further_pretraining_sd")
+    with pytest.raises(SystemExit) as err:
+        bench.main([*flag, "--out", str(tmp_path)])
+    assert err.value.code == 2
+    assert "--ft-seeds must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "results.jsonl").exists()
