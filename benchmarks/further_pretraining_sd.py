@@ -73,10 +73,12 @@ def make_theta0(folder: Path, *, layers: int, seed: int, head_steps: int = 0) ->
 def train_mlm_head(model: nn.Module, tok, *, steps: int, seed: int, batch_size: int = 32, max_length: int = 64,
                    lr: float = 1e-3) -> None:
     """Stage 0: the MLM head's transform and output bias learn on Wikipedia paragraphs; the encoder and the tied
-    decoder (the word embeddings) stay frozen. Logits are computed at the masked positions only."""
+    decoder (the word embeddings) stay frozen. Logits are computed at the masked positions only (the masked_lm
+    task's `masked_logits`); the attention mask is the tokenizer's, so a random replacement by [PAD] stays read."""
     from transformers import DataCollatorForLanguageModeling
 
     from potstill.data.general import wiki_paragraphs
+    from potstill.tasks.masked_lm import masked_logits
 
     texts = wiki_paragraphs()
     head = model.cls.predictions
@@ -92,12 +94,12 @@ def train_mlm_head(model: nn.Module, tok, *, steps: int, seed: int, batch_size: 
     for step in range(steps):
         idx = torch.randint(len(texts), (batch_size,), generator=gen).tolist()
         enc = tok([texts[i] for i in idx], truncation=True, max_length=max_length)
-        batch = collate([{"input_ids": ids} for ids in enc["input_ids"]])
-        with torch.no_grad():
-            hidden = model.bert(input_ids=batch["input_ids"],
-                                attention_mask=(batch["input_ids"] != tok.pad_token_id).long()).last_hidden_state
-        picked = batch["labels"] != -100
-        loss = nn.functional.cross_entropy(head(hidden[picked]), batch["labels"][picked])
+        batch = collate([{"input_ids": ids, "attention_mask": mask}
+                         for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)])
+        labels = batch["labels"]
+        logits = masked_logits(model, {"masked_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                       "mlm_labels": labels})
+        loss = nn.functional.cross_entropy(logits, labels[labels != -100])
         opt.zero_grad()
         loss.backward()
         opt.step()
