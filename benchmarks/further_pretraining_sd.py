@@ -182,6 +182,11 @@ def distance(folder: Path, theta0: Path) -> float:
                                 if n in ref and not n.startswith("pooler."))))
 
 
+def study_settings(args: argparse.Namespace) -> dict:
+    """The flags a results row depends on: a rerun reuses only the rows written with the same values."""
+    return {k: getattr(args, k) for k in ("steps", "lr", "head_steps", "ft_seeds", "ft_epochs", "sd_weight")}
+
+
 def run_seed(seed: int, args: argparse.Namespace, data: dict) -> dict:
     work = args.out / (f"seed{seed}" + (f"-head{args.head_steps}" if args.head_steps else ""))
     theta0 = make_theta0(work / "theta0", layers=args.layers, seed=seed, head_steps=args.head_steps)
@@ -199,9 +204,7 @@ def run_seed(seed: int, args: argparse.Namespace, data: dict) -> dict:
                                             f"student.path={theta0}", f"objectives.0.weight={args.sd_weight}"],
                                            label=f"seed {seed} stage 2")
     sd = work / "self_distilled" / "student"
-    row: dict = {"seed": seed, "steps": args.steps, "lr": args.lr, "head_steps": args.head_steps,
-                "ft_seeds": args.ft_seeds, "ft_epochs": args.ft_epochs, "sd_weight": args.sd_weight,
-                **{k: round(v, 1) for k, v in timings.items()}}
+    row: dict = {"seed": seed, **study_settings(args), **{k: round(v, 1) for k, v in timings.items()}}
     for arm, folder, summary in (("theta0", theta0, None), ("further_pretrained", phi, s1), ("self_distilled", sd, s2)):
         start = time.perf_counter()
         row[arm] = {"probe": probe(folder, data, args.max_length, seed),
@@ -275,9 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     data = {"train": bbc("train", 100), "test": bbc("test", 400)}
     results = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
-    rows = [r for r in rows if r["steps"] == args.steps and r.get("lr", 1e-4) == args.lr
-            and r.get("head_steps", 0) == args.head_steps and r.get("ft_seeds", 1) == args.ft_seeds
-            and r.get("ft_epochs", 5) == args.ft_epochs and r.get("sd_weight", 1.0) == args.sd_weight]
+    # rows written before a setting existed ran at its default
+    rows = [r for r in rows if all(r.get(k, parser.get_default(k)) == v for k, v in study_settings(args).items())]
     for seed in args.seeds:
         if any(r["seed"] == seed for r in rows):
             continue
