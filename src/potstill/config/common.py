@@ -270,6 +270,24 @@ class EarlyStoppingConfig(Strict):
                              "than this")
 
 
+class WeightAverageConfig(Strict):
+    """Average the student's weights along training (potstill.train.weight_average): EMA or SWA."""
+
+    method: Literal["ema", "swa"] = Field(description="ema: θ̄ ← decay·θ̄ + (1 − decay)·θ after each averaged step "
+                                          "(Polyak / mean teacher); swa: the equal-weight mean of the averaged "
+                                          "steps' weights (SWA, dense as SWAD)")
+    decay: float = Field(0.999, gt=0, lt=1, description="EMA's decay (method: ema only)")
+    start: float = Field(0.0, ge=0, lt=1, description="averaging begins after this fraction of the run's steps")
+    every: int = Field(1, ge=1, description="fold the weights in every N steps (and at the last step)")
+
+    @model_validator(mode="after")
+    def _decay_is_emas(self) -> WeightAverageConfig:
+        if self.method == "swa" and "decay" in self.model_fields_set:
+            raise SubFieldError(("decay",), "is EMA's rate; method swa weighs every averaged step equally: drop "
+                                "decay or use method: ema")
+        return self
+
+
 class TrainerConfig(Strict):
     """The optimisation loop (the fields every task has)."""
 
@@ -307,6 +325,9 @@ class TrainerConfig(Strict):
     wise_ft_alpha: float | None = Field(None, gt=0, lt=1, description="WiSE-FT (potstill.train.wise_ft): save "
                                         "(1 − α)·init + α·trained weights, α in (0, 1), 0.5 the paper's default; "
                                         "the final evaluation scores the mixed student; null = the trained weights")
+    weight_average: WeightAverageConfig | None = Field(None, description="save the EMA or SWA average of the "
+                                                       "student's weights along training instead of the last "
+                                                       "iterate; the final evaluation scores it; null = off")
     early_stopping: EarlyStoppingConfig | None = Field(None, description="stop on an eval metric evaluated every "
                                                        "eval.every steps; the best evaluation's weights become "
                                                        "the saved student")
@@ -413,6 +434,13 @@ class RecipeBase(RunFolderFields):
         if getattr(self.student, "lora", None) is not None:
             raise SubFieldError(("trainer", "wise_ft_alpha"), "is not supported with student.lora (a LoRA "
                                 "student's adapter would be mixed, not its merged weights): drop one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _weight_average_alone(self) -> RecipeBase:
+        if self.trainer.weight_average is not None and self.trainer.early_stopping is not None:
+            raise SubFieldError(("trainer", "weight_average"), "saves the average of the weights along training, "
+                                "while trainer.early_stopping saves one evaluation's weights: use one of them")
         return self
 
     @model_validator(mode="after")

@@ -2,7 +2,8 @@
 
 Layout: `<run>/checkpoints/step-00000042/` holding `student.safetensors`, `optimizer.pt`, `scheduler.pt`,
 `objectives.pt`, the state of callbacks that keep one (`monitor.json`, the teacher-hacking monitor; a callback's
-tensors, e.g. early stopping's `best_student.safetensors`), `rng-rank<r>.pt`
+tensors, e.g. early stopping's `best_student.safetensors`, weight averaging's `weight_average.safetensors`),
+`rng-rank<r>.pt`
 (one per process) and `state.json` (step, data position, world size). A sharded run (FSDP2,
 `potstill.train.fsdp`) has `sharded/` instead of `student.safetensors` and `optimizer.pt`: the student and optimizer
 state as a `torch.distributed.checkpoint` folder, one file per process plus `.metadata`.

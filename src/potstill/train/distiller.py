@@ -4,8 +4,9 @@ One loop for every method: a method is an objective (`potstill.train.objective`:
 stateful `nn.Module`), the task adapter supplies the signals. Built on Accelerate, so the same code runs on one
 CPU, one GPU, or `accelerate launch --num_processes N` (DDP, or FSDP2 sharding: `potstill.train.fsdp`). Progress,
 metrics, periodic evaluation, the teacher-hacking monitor, early stopping (`potstill.train.early_stopping`) and
-checkpoints are callbacks (`potstill.train.callbacks`). With `trainer.wise_ft_alpha` the student is mixed with its
-init (`potstill.train.wise_ft`) before the final evaluation and save.
+checkpoints are callbacks (`potstill.train.callbacks`). With `trainer.weight_average` the student's EMA / SWA
+average (`potstill.train.weight_average`) replaces its weights, and with `trainer.wise_ft_alpha` the student is then
+mixed with its init (`potstill.train.wise_ft`), both before the final evaluation and save.
 
 Contracts:
 - Loss normalisation: each objective is evaluated with `reduction="sum"` and the total is divided by the
@@ -58,6 +59,7 @@ from potstill.train.optim import ParameterBag, build_optimizer, lr_lambda, param
 from potstill.train.precision import Precision, new_accelerator
 from potstill.train.run_folder import check_run_dir, prepare_run_dir, run_lock
 from potstill.train.trackers import RunTrackers
+from potstill.train.weight_average import WeightAverage
 from potstill.train.wise_ft import WiSEFT
 from potstill.ui import console, phase
 
@@ -99,6 +101,10 @@ class Distiller:
                                                                                self.accelerator.unwrap_model)
         if self.early is not None:
             self.callbacks.insert(self.callbacks.index(self.monitor) + 1, self.early)
+        self.averaging = None if trainer.weight_average is None else WeightAverage(trainer.weight_average,
+                                                                                   self.accelerator.unwrap_model)
+        if self.averaging is not None:  # before Checkpointing: a checkpoint at step s holds step s in the average
+            self.callbacks.insert(self.callbacks.index(self.monitor) + 1, self.averaging)
         self._lengths: list[int] | None = None
         self._ddk: DomainBlocks | None = None
         self._perm_epoch: int | None = None
@@ -250,6 +256,9 @@ class Distiller:
                 wise.capture(student, write=True)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(student)
+        if fsdp is not None and self.averaging is not None:
+            raise UserError("field trainer.weight_average: not supported with FSDP sharding (the main process "
+                            "holds only a shard of the student to average); use trainer.distributed: ddp")
         if fsdp is not None:  # after the evaluations above, which run whole models on the main process
             self.sharding = Sharding(fsdp, is_main=self.is_main, device=acc.device)
             student = self.sharding.shard(task)
@@ -304,6 +313,14 @@ class Distiller:
         if resumed is None or self.state.start != done:  # else the newest checkpoint is already the final one
             self._save(self.state, done)
         unwrapped = self._plain_student(student)
+        if self.averaging is not None and self.is_main:
+            how = self.cfg.weight_average
+            if self.averaging.apply(unwrapped):
+                console.print(f"weight average: the student is now the {how.method.upper()} of its weights over "
+                              f"{self.averaging.count} steps", soft_wrap=True, highlight=False)
+            else:
+                self._warn(f"trainer.weight_average: the run stopped at step {done}, before averaging began; the "
+                           f"student keeps its last weights")
         if wise is not None:
             wise.apply(unwrapped)
             console.print(f"WiSE-FT: the student is now {1 - wise.alpha:g} × its init + {wise.alpha:g} × its trained "
