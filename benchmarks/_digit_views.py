@@ -23,16 +23,18 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: i
 
 
 def train_rows(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               pixels: torch.Tensor, *, epochs: int, seed: int, batch: int, lr: float, cosine: bool = False) -> float:
+               pixels: torch.Tensor, *, epochs: int, seed: int, batch: int, lr: float, cosine: bool = False,
+               after_step: Callable[[int, int], object] | None = None) -> float:
     """Adam on the trainable parameters over seeded shuffles of `pixels`; `loss_fn(model outputs, row indices)`;
-    with `cosine`, the rate decays to 0 over all steps. Returns the last batch's loss; leaves `model` in eval mode."""
+    with `cosine`, the rate decays to 0 over all steps; `after_step(step, steps)` runs after each optimizer step
+    (1-based). Returns the last batch's loss; leaves `model` in eval mode."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     steps = epochs * math.ceil(len(pixels) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) \
         if cosine else None
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    loss = torch.tensor(0.0)
+    loss, done = torch.tensor(0.0), 0
     for _ in range(epochs):
         order = torch.randperm(len(pixels), generator=generator)
         for start in range(0, len(pixels), batch):
@@ -43,5 +45,8 @@ def train_rows(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Te
             opt.step()
             if sched is not None:
                 sched.step()
+            done += 1
+            if after_step is not None:
+                after_step(done, steps)
     model.eval()
     return float(loss.detach())

@@ -15,6 +15,9 @@ Rows, all on the same labelled MNIST-5k train digits (4,000), Adam lr 1e-3, batc
   plus CE on the labels (Hinton's KD), `--epochs`;
 - `VL2V-ADiP`: stage 1 trains W alone (backbone frozen, `--align-epochs`), stage 2 freezes W and trains the
   backbone (`--epochs`), both with −λ·cos(p, e_img) − (1−λ)·cos(p, e_txt(y)), λ = 0.5 (`potstill.losses.vl2v_adip`);
+- `VL2V-ADiP + SWA`: the same run, its stage-2 weights averaged after every step from `--swa-start` (0.5) of
+  stage 2 on (`potstill.train.weight_average`, dense SWA as in SWAD, which the paper trains with; SWAD's choice of
+  the window by validation loss is not reproduced; batch-norm statistics averaged, not recomputed);
 - `VLM-OOD losses`: backbone + W trained with the paper's sum L-cls + L-vlalign + L-mse + L-im-cst, τ = 0.07,
   misaligned rows filtered (`potstill.losses.vlm_ood`), `--epochs`; `VLM-OOD + enriched text`: the same with the
   enriched class text (the student then also predicts with it);
@@ -37,7 +40,7 @@ resized to 16×16, trained on the first 4,000 training images, upright and full 
 Fashion-MNIST test images in domain, rotated ±35° (`rotate_images`) and zoomed out to 60 % (`shrink_images`:
 the item seen from farther away).
 
-Usage: nice -n 5 python benchmarks/vl2v_adip.py [--dataset digits|fashion] [--teacher FOLDER] [--seeds 0 1 2]
+Usage: nice -n 5 python benchmarks/vl2v_adip.py [--dataset digits|fashion] [--teacher FOLDER] [--seeds 0 1 2] [--swa-start 0.5]
        [--epochs 10] [--rows CE 'KD (logits)' ...] [--kd-temperature 2] [--kd-ce-weight 1]
 """
 
@@ -59,7 +62,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _digit_views import batched, centre_view, train_rows  # noqa: E402
 
-ROWS = ("CE", "KD (logits)", "VL2V-ADiP", "VLM-OOD losses", "VLM-OOD + enriched text")
+SWAD = "VL2V-ADiP + SWA"
+ROWS = ("CE", "KD (logits)", "VL2V-ADiP", SWAD, "VLM-OOD losses", "VLM-OOD + enriched text")
 DEFAULT_TEACHER = {"digits": REPO / "runs" / "lit-teacher", "fashion": REPO / "runs" / "lit-fashion-teacher"}
 FASHION_TOWER = {"width": 16, "depth": 3}
 
@@ -165,9 +169,10 @@ def load_data(dataset: str, teacher) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def train(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pixels: torch.Tensor,
-          *, epochs: int, seed: int, batch: int = 64, lr: float = 1e-3) -> float:
+          *, epochs: int, seed: int, batch: int = 64, lr: float = 1e-3,
+          after_step: Callable[[int, int], object] | None = None) -> float:
     """Adam on the trainable parameters; `loss_fn(outputs, rows)` with the batch's row indices."""
-    return train_rows(model, loss_fn, pixels, epochs=epochs, seed=seed, batch=batch, lr=lr)
+    return train_rows(model, loss_fn, pixels, epochs=epochs, seed=seed, batch=batch, lr=lr, after_step=after_step)
 
 
 def accuracy(outputs: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None) -> float:
@@ -185,6 +190,7 @@ class Signal:
 
 
 def run_seed(seed: int, data: dict, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    from potstill.config.common import WeightAverageConfig
     from potstill.losses.divergences import forward_kl
     from potstill.losses.promptkd import clip_logits
     from potstill.losses.vl2v_adip import vl2v_adip_loss
@@ -195,6 +201,7 @@ def run_seed(seed: int, data: dict, args: argparse.Namespace) -> dict[str, dict[
         vlm_ood_visual_mse,
     )
     from potstill.students.vl2v_adip import usps_cnn_features, vl2v_student
+    from potstill.train.weight_average import WeightAverage
 
     x, y, t_img = data["train_pixels"], data["train_labels"], data["teacher_train"]
     out: dict[str, dict[str, float]] = {}
@@ -225,7 +232,7 @@ def run_seed(seed: int, data: dict, args: argparse.Namespace) -> dict[str, dict[
         train(kd, kd_loss, x, epochs=args.epochs, seed=seed)
         evaluate("KD (logits)", kd, text, time.time() - t0)
 
-    if "VL2V-ADiP" in args.rows:
+    if "VL2V-ADiP" in args.rows or SWAD in args.rows:
         t0 = time.time()
         adip = vl2v_student(stage="align", seed=seed)
 
@@ -235,8 +242,22 @@ def run_seed(seed: int, data: dict, args: argparse.Namespace) -> dict[str, dict[
         train(adip, adip_loss, x, epochs=args.align_epochs, seed=seed)
         adip.stage = "distil"
         adip.lock()
-        train(adip, adip_loss, x, epochs=args.epochs, seed=seed + 1000)
-        evaluate("VL2V-ADiP", adip, text, time.time() - t0)
+        average = WeightAverage(WeightAverageConfig(method="swa", start=args.swa_start), lambda m: m)
+
+        def fold_in(step: int, steps: int) -> None:
+            if SWAD in args.rows and average.takes(step, steps):
+                average.update(adip)
+
+        train(adip, adip_loss, x, epochs=args.epochs, seed=seed + 1000, after_step=fold_in)
+        seconds = time.time() - t0
+        if "VL2V-ADiP" in args.rows:
+            evaluate("VL2V-ADiP", adip, text, seconds)
+        if SWAD in args.rows:  # the same run's stage 2, its weights averaged
+            average.apply(adip)
+            if args.swa_bn == "recompute":  # SWA's last step: batch-norm statistics of the averaged weights
+                torch.optim.swa_utils.update_bn([x[i:i + 64] for i in range(0, len(x), 64)], adip)
+                adip.eval()
+            evaluate(SWAD, adip, text, seconds)
 
     for row, row_text in (("VLM-OOD losses", text), ("VLM-OOD + enriched text", data["enriched"])):
         if row not in args.rows:
@@ -263,12 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--align-epochs", type=int, default=5)
     parser.add_argument("--lam", type=float, default=0.5)
+    parser.add_argument("--swa-start", type=float, default=0.5, help="the SWA row averages stage 2's weights after "
+                        "every step from this fraction of its steps on")
+    parser.add_argument("--swa-bn", choices=("average", "recompute"), default="recompute", help="the SWA row's "
+                        "batch-norm statistics: averaged with the weights, or recomputed for the averaged weights by "
+                        "one pass over the training images (torch.optim.swa_utils.update_bn, as SWA prescribes)")
     parser.add_argument("--kd-temperature", type=float, default=2.0)
     parser.add_argument("--kd-ce-weight", type=float, default=1.0, help="weight of CE on labels in the KD row")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the per-seed results as JSON here")
     args = parser.parse_args(argv)
+    if not 0 <= args.swa_start < 1:
+        parser.error(f"--swa-start is a fraction of stage 2's steps in [0, 1), got {args.swa_start}")
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO / "src"))
     from potstill.teachers.lit import load_lit_teacher

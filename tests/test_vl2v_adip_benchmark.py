@@ -3,6 +3,7 @@ views and the students' view of a whole Fashion frame."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import load_benchmark
 
@@ -33,3 +34,19 @@ def test_student_view_of_fashion_is_the_whole_frame():
     assert float(bench.student_pixels(frame, "fashion")[0, 0, 0, 0]) > 0.5
     assert float(bench.student_pixels(frame, "digits").max()) == 0.0
     assert bench.student_pixels(frame, "fashion").shape == (1, 1, 16, 16)
+
+
+def test_train_rows_reports_every_optimizer_step():
+    import _digit_views
+
+    seen = []
+    model = torch.nn.Linear(4, 2)
+    _digit_views.train_rows(model, lambda out, rows: out.pow(2).mean(), torch.rand(10, 4), epochs=2, seed=0, batch=4,
+                            lr=1e-2, after_step=lambda step, steps: seen.append((step, steps)))
+    assert seen == [(s, 6) for s in range(1, 7)]  # 3 batches (4 + 4 + 2 rows) × 2 epochs
+
+
+def test_swa_start_outside_a_fraction_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--swa-start", "1.0"])
+    assert exit_info.value.code == 2 and "--swa-start" in capsys.readouterr().err
