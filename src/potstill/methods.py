@@ -261,6 +261,9 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("WiSE-FT weight interpolation with the student's init", 'Wortsman et al., "Robust fine-tuning '
                    'of zero-shot models"', 2022, "loop hook", "potstill.train.wise_ft", "WiSEFT",
                    _RECIPES + "demo.yaml", _GENERAL),
+        MethodInfo("SWA / SWAD and EMA weight averaging along training", 'Izmailov et al., "Averaging Weights '
+                   'Leads to Wider Optima and Better Generalization"', 2018, "loop hook",
+                   "potstill.train.weight_average", "WeightAverage", "benchmarks/vl2v_adip.py", _VL2V),
         MethodInfo("Interpolation / extrapolation splits", 'Zhan et al., "Evaluating Interpolation and '
                    'Extrapolation Performance of Neural Retrieval Models"', 2022, "evaluation", "potstill.data.splits",
                    "interpolation_extrapolation_splits", "benchmarks/ranking_study.py", _RESTTEST),
