@@ -3,8 +3,6 @@ after --resume; the recipe rules around it."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from conftest import fit_until_crash
@@ -121,14 +119,25 @@ def test_resume_ends_with_the_average_of_an_uninterrupted_run(digits_recipe):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_run_stopped_before_averaging_keeps_its_weights(digits_recipe, capsys):
+def test_a_short_run_still_averages_its_last_step(digits_recipe, capsys):
     recipe = validate_recipe(_recipe(digits_recipe, "late", max_steps=4,
                                      weight_average={"method": "swa", "start": 0.9}))
-    shutil.rmtree(recipe.run_dir, ignore_errors=True)
-    avg = WeightAverage(recipe.trainer.weight_average, lambda m: m)
-    assert avg.first_step(4) == 4  # int(0.9 · 4) + 1: even a short run averages its last step
+    assert WeightAverage(recipe.trainer.weight_average, lambda m: m).first_step(4) == 4  # int(0.9 · 4) + 1
     run_recipe(recipe)
     assert "over 1 steps" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_averaging_keeps_its_last_weights(digits_recipe, capsys):
+    """trainer.max_seconds ends the run after step 1, before step 6 where averaging would begin."""
+    how = {"method": "ema", "start": 0.5}
+    stopped = validate_recipe(_recipe(digits_recipe, "stopped", max_seconds=1e-6, weight_average=how))
+    plain = validate_recipe(_recipe(digits_recipe, "plain", max_steps=1))
+    run_recipe(stopped)
+    assert "stopped at step 1, before averaging began" in capsys.readouterr().err
+    run_recipe(plain)
+    a = load_file(str(stopped.run_dir / "student" / "model.safetensors"))
+    b = load_file(str(plain.run_dir / "student" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_recipe_rules(digits_recipe):

@@ -318,7 +318,7 @@ class Distiller:
             if self.averaging.apply(unwrapped):
                 console.print(f"weight average: the student is now the {how.method.upper()} of its weights over "
                               f"{self.averaging.count} steps", soft_wrap=True, highlight=False)
-            else:
+            elif done > 0:
                 self._warn(f"trainer.weight_average: the run stopped at step {done}, before averaging began; the "
                            f"student keeps its last weights")
         if wise is not None:
