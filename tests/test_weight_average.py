@@ -152,3 +152,16 @@ def test_recipe_rules(digits_recipe):
     early["eval"] = {**digits_recipe["eval"], "every": 1}
     with pytest.raises(UserError, match=r"field trainer.weight_average: .*trainer.early_stopping"):
         validate_recipe(early)
+
+
+def test_refused_with_fsdp_sharding(digits_recipe, monkeypatch):
+    """Under FSDP the main process holds a shard only: the run is refused before any step."""
+    from potstill.train import distiller
+    from potstill.train.fsdp import FSDPSettings
+
+    monkeypatch.setattr(distiller, "fsdp_settings", lambda *a, **k: FSDPSettings(reshard_after_forward=True))
+    monkeypatch.setattr(distiller, "check_fsdp_run", lambda recipe: None)
+    recipe = validate_recipe(_recipe(digits_recipe, "sharded", weight_average={"method": "ema"}))
+    with pytest.raises(UserError, match="trainer.weight_average: not supported with FSDP"):
+        run_recipe(recipe)
+    assert not ckpt.list_checkpoints(recipe.run_dir / "checkpoints")

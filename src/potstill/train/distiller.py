@@ -212,6 +212,9 @@ class Distiller:
         fsdp = fsdp_settings(cfg.distributed, acc.num_processes)
         if fsdp is not None:
             check_fsdp_run(task.recipe)
+        if fsdp is not None and self.averaging is not None:
+            raise UserError("field trainer.weight_average: not supported with FSDP sharding (the main process "
+                            "holds only a shard of the student to average); use trainer.distributed: ddp")
         check_run_dir(self.run_dir, self.recipe_text, resume=resume, overwrite=overwrite)
         acc.wait_for_everyone()
         if self.is_main:
@@ -256,9 +259,6 @@ class Distiller:
                 wise.capture(student, write=True)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(student)
-        if fsdp is not None and self.averaging is not None:
-            raise UserError("field trainer.weight_average: not supported with FSDP sharding (the main process "
-                            "holds only a shard of the student to average); use trainer.distributed: ddp")
         if fsdp is not None:  # after the evaluations above, which run whole models on the main process
             self.sharding = Sharding(fsdp, is_main=self.is_main, device=acc.device)
             student = self.sharding.shard(task)
