@@ -263,7 +263,8 @@ METHODS: dict[str, MethodInfo] = {
                    _RECIPES + "demo.yaml", _GENERAL),
         MethodInfo("SWA / SWAD and EMA weight averaging along training", 'Izmailov et al., "Averaging Weights '
                    'Leads to Wider Optima and Better Generalization"', 2018, "loop hook",
-                   "potstill.train.weight_average", "WeightAverage", "benchmarks/vl2v_adip.py", _VL2V),
+                   "potstill.train.weight_average", "WeightAverage", _RECIPES + "minilm-general.yaml",
+                   _RESULTS + "a-general-student-in-30-minutes-recipesminilm-generalyaml-6-dec"),
         MethodInfo("Interpolation / extrapolation splits", 'Zhan et al., "Evaluating Interpolation and '
                    'Extrapolation Performance of Neural Retrieval Models"', 2022, "evaluation", "potstill.data.splits",
                    "interpolation_extrapolation_splits", "benchmarks/ranking_study.py", _RESTTEST),
