@@ -40,8 +40,8 @@ resized to 16×16, trained on the first 4,000 training images, upright and full 
 Fashion-MNIST test images in domain, rotated ±35° (`rotate_images`) and zoomed out to 60 % (`shrink_images`:
 the item seen from farther away).
 
-Usage: nice -n 5 python benchmarks/vl2v_adip.py [--dataset digits|fashion] [--teacher FOLDER] [--seeds 0 1 2] [--swa-start 0.5]
-       [--epochs 10] [--rows CE 'KD (logits)' ...] [--kd-temperature 2] [--kd-ce-weight 1]
+Usage: nice -n 5 python benchmarks/vl2v_adip.py [--dataset digits|fashion] [--teacher FOLDER] [--seeds 0 1 2]
+       [--swa-start 0.5] [--epochs 10] [--rows CE 'KD (logits)' ...] [--kd-temperature 2] [--kd-ce-weight 1]
 """
 
 from __future__ import annotations

@@ -314,9 +314,9 @@ class Distiller:
             self._save(self.state, done)
         unwrapped = self._plain_student(student)
         if self.averaging is not None and self.is_main:
-            how = self.cfg.weight_average
             if self.averaging.apply(unwrapped):
-                console.print(f"weight average: the student is now the {how.method.upper()} of its weights over "
+                method = self.averaging.cfg.method.upper()
+                console.print(f"weight average: the student is now the {method} of its weights over "
                               f"{self.averaging.count} steps", soft_wrap=True, highlight=False)
             elif done > 0:
                 self._warn(f"trainer.weight_average: the run stopped at step {done}, before averaging began; the "

@@ -36,7 +36,7 @@ from potstill.train.callbacks import Callback, FitState
 
 def averaged_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors weight averaging follows: trainable parameters and floating-point buffers, by state-dict key."""
-    tensors = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    tensors: dict[str, torch.Tensor] = {k: p for k, p in model.named_parameters() if p.requires_grad}
     tensors.update((k, b) for k, b in model.named_buffers() if b.is_floating_point())
     return tensors
 
