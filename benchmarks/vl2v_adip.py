@@ -17,7 +17,8 @@ Rows, all on the same labelled MNIST-5k train digits (4,000), Adam lr 1e-3, batc
   backbone (`--epochs`), both with −λ·cos(p, e_img) − (1−λ)·cos(p, e_txt(y)), λ = 0.5 (`potstill.losses.vl2v_adip`);
 - `VL2V-ADiP + SWA`: the same run, its stage-2 weights averaged after every step from `--swa-start` (0.5) of
   stage 2 on (`potstill.train.weight_average`, dense SWA as in SWAD, which the paper trains with; SWAD's choice of
-  the window by validation loss is not reproduced; batch-norm statistics averaged, not recomputed);
+  the window by validation loss is not reproduced), batch-norm statistics then recomputed for the averaged weights
+  by one pass over the training images (`--swa-bn average` keeps the averaged statistics instead);
 - `VLM-OOD losses`: backbone + W trained with the paper's sum L-cls + L-vlalign + L-mse + L-im-cst, τ = 0.07,
   misaligned rows filtered (`potstill.losses.vlm_ood`), `--epochs`; `VLM-OOD + enriched text`: the same with the
   enriched class text (the student then also predicts with it);
@@ -41,7 +42,8 @@ Fashion-MNIST test images in domain, rotated ±35° (`rotate_images`) and zoomed
 the item seen from farther away).
 
 Usage: nice -n 5 python benchmarks/vl2v_adip.py [--dataset digits|fashion] [--teacher FOLDER] [--seeds 0 1 2]
-       [--swa-start 0.5] [--epochs 10] [--rows CE 'KD (logits)' ...] [--kd-temperature 2] [--kd-ce-weight 1]
+       [--swa-start 0.5] [--swa-bn recompute|average] [--epochs 10] [--rows CE 'KD (logits)' ...]
+       [--kd-temperature 2] [--kd-ce-weight 1]
 """
 
 from __future__ import annotations
