@@ -257,8 +257,7 @@ def run_seed(seed: int, data: dict, args: argparse.Namespace) -> dict[str, dict[
         if SWAD in args.rows:  # the same run's stage 2, its weights averaged
             average.apply(adip)
             if args.swa_bn == "recompute":  # SWA's last step: batch-norm statistics of the averaged weights
-                torch.optim.swa_utils.update_bn([x[i:i + 64] for i in range(0, len(x), 64)], adip)
-                adip.eval()
+                torch.optim.swa_utils.update_bn([x[i:i + 64] for i in range(0, len(x), 64)], adip)  # keeps eval mode
             evaluate(SWAD, adip, text, seconds)
 
     for row, row_text in (("VLM-OOD losses", text), ("VLM-OOD + enriched text", data["enriched"])):
