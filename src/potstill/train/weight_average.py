@@ -65,7 +65,7 @@ class WeightAverage(Callback):
     def update(self, model: nn.Module) -> None:
         """Fold `model`'s current weights into the average."""
         current = averaged_tensors(model)
-        if self.average is None or self.count == 0:
+        if self.average is None:
             self.average = {k: v.detach().to(torch.float32, copy=True) for k, v in current.items()}
             self.count = 1
             return
@@ -84,14 +84,14 @@ class WeightAverage(Callback):
     @torch.no_grad()
     def apply(self, model: nn.Module) -> bool:
         """Load the average into `model` (cast to each tensor's dtype); False when nothing was averaged."""
-        if self.average is None or self.count == 0:
+        if self.average is None:
             return False
         current = averaged_tensors(model)
         if current.keys() != self.average.keys():
             raise ValueError("the student's trainable tensors differ from the averaged ones: "
                              f"{sorted(current.keys() ^ self.average.keys())[:3]}")
         for key, value in current.items():
-            value.copy_(self.average[key].to(value.dtype))
+            value.copy_(self.average[key])  # copy_ casts to the student's dtype and device
         return True
 
     def on_fit_end(self, state: FitState, summary: dict[str, Any]) -> None:
