@@ -108,9 +108,40 @@ def test_moe_run_logs_router_aux(tmp_path, dense_teacher):
     assert len(values) == 2 and all(2.0 - 1e-4 <= v <= 4.0 for v in values)  # between k and E
 
 
+def _logged(run_dir, key):
+    import json
+
+    return [row[key] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in row]
+
+
+def test_moe_student_trains_on_a_teacher_cache_like_on_the_live_teacher(tmp_path, dense_teacher):
+    import yaml
+
+    from potstill.cli import main
+
+    raw = moe_recipe(tmp_path, dense_teacher).model_dump(mode="json", exclude_none=True)
+    live = raw | {"name": "live"}
+    cached = raw | {"name": "cached", "teacher": {"path": str(dense_teacher), "cache": str(tmp_path / "cache")}}
+    paths = {}
+    for r in (live, cached):
+        paths[r["name"]] = tmp_path / f"{r['name']}.yaml"
+        paths[r["name"]].write_text(yaml.safe_dump(r))
+    vocab = len(make_tokenizer())
+    assert main(["cache", str(paths["cached"]), "--k", str(vocab)]) == 0
+    for name in ("live", "cached"):
+        assert main(["run", str(paths[name])]) == 0
+    # k = V: the sparse divergence is the dense one, up to the float16 storage of the cached log-probs
+    for key in ("obj/forward_kl", "obj/moe_router_aux", "loss"):
+        for a, b in zip(_logged(tmp_path / "runs" / "cached", key), _logged(tmp_path / "runs" / "live", key),
+                        strict=True):
+            assert a == pytest.approx(b, rel=2e-3), key
+
+
 def test_moe_router_aux_refusals(tmp_path, dense_teacher):
     with pytest.raises(UserError, match="needs a mixture-of-experts student"):
         setup_task(moe_recipe(tmp_path, dense_teacher, {"num_hidden_layers": 1}))
     with pytest.raises(UserError, match="objectives.1.params.top_k: the student routes each token to 2"):
         setup_task(moe_recipe(tmp_path, dense_teacher, objectives=[
             {"name": "forward_kl"}, {"name": "moe_router_aux", "params": {"top_k": 1}}]))
+    with pytest.raises(UserError, match="trainer.fused_lm_head: objective 'moe_router_aux' has no fused form"):
+        moe_recipe(tmp_path, dense_teacher, fused_lm_head=True)

@@ -50,6 +50,8 @@ KINDS = ("logits", "preference", "demo_sets", "router", "scores", "embedding", "
 # term weights (no teacher signal), which no task feeds an objective yet.
 # Kinds read from a model's internals: any task whose models are Hugging Face transformers provides them.
 INTERNAL_KINDS = ("hidden_states", "attention")
+# Kinds that read the student's signal only: they need no teacher logits (a top-k teacher cache serves them).
+STUDENT_ONLY_KINDS = ("router",)
 
 
 @dataclass(frozen=True)

@@ -301,8 +301,8 @@ class CausalLMTask(Task):
         if self.topk_cache is not None:
             lengths = batch["attention_mask"].sum(1).tolist()
             cached = self.topk_cache.get(batch["index"].tolist(), length=batch["input_ids"].shape[1],
-                                         expect_lengths=lengths)
-            return cached.to(self.device)
+                                         expect_lengths=lengths).to(self.device)
+            return teacher_signals(cached, batch) if self.router_aux else cached
         from potstill.teachers import teacher_outputs
 
         if self.train_format == "preference":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from potstill.errors import UserError
@@ -30,7 +29,7 @@ def router_objective_params(recipe: Any) -> list[tuple[int, dict]]:
 
 def check_router_student(recipe: Any, student: nn.Module) -> None:
     """Refuse moe_router_aux with a dense student, with a top_k other than the student's experts per token, or
-    next to what reads other signals (fused lm_head, objectives on hidden states / attention)."""
+    next to objectives on hidden states / attention (the recipe schema refuses it with trainer.fused_lm_head)."""
     from potstill.losses.catalogue import INTERNAL_KINDS, OBJECTIVES
 
     config = getattr(student, "config", None)
@@ -44,10 +43,6 @@ def check_router_student(recipe: Any, student: nn.Module) -> None:
         if params.get("top_k", 2) != top_k:
             raise UserError(f"field objectives.{i}.params.top_k: the student routes each token to {top_k} experts; "
                             f"set top_k: {top_k}")
-    if recipe.trainer.fused_lm_head or recipe.teacher.cache is not None:
-        field = "trainer.fused_lm_head" if recipe.trainer.fused_lm_head else "teacher.cache"
-        raise UserError(f"field {field}: moe_router_aux runs the student's full forward next to a live teacher; "
-                        f"remove {field}")
     for i, o in enumerate(recipe.objectives):
         if o.name in OBJECTIVES and OBJECTIVES[o.name].kind in INTERNAL_KINDS:
             raise UserError(f"field objectives.{i}.name: {o.name} does not combine with moe_router_aux yet")
@@ -63,6 +58,7 @@ def router_signals(model: nn.Module, batch: dict[str, Any], vocab_size: int) -> 
                    router_logits=tuple(router) if router is not None else None)
 
 
-def teacher_signals(logits: torch.Tensor, batch: dict[str, Any]) -> Signals:
-    """The teacher's logits as `Signals` (no router logits: moe_router_aux reads the student's only)."""
+def teacher_signals(logits: Any, batch: dict[str, Any]) -> Signals:
+    """The teacher's logits (or its cached top-k, a `TopKTeacher`) as `Signals`, with no router logits:
+    moe_router_aux reads the student's only."""
     return Signals(main=logits, token_mask=batch["attention_mask"].bool())

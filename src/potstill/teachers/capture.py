@@ -63,10 +63,14 @@ def expected_cache_meta(task: Any) -> dict[str, Any]:
 
 
 def check_objectives_for_cache(objectives: list[Any], cache: Any) -> None:
-    """A cache holds top-k log-probs at one temperature: only divergences with a sparse form, at that T."""
+    """A cache holds top-k log-probs at one temperature: only divergences with a sparse form, at that T, and
+    objectives that read the student alone (a mixture-of-experts student's router loss)."""
+    from potstill.losses.catalogue import OBJECTIVES, STUDENT_ONLY_KINDS
     from potstill.losses.sparse import sparse_version
 
     for i, objective in enumerate(objectives):
+        if objective.name in OBJECTIVES and OBJECTIVES[objective.name].kind in STUDENT_ONLY_KINDS:
+            continue
         if sparse_version(objective.name) is None:
             raise UserError(f"field objectives.{i}.name: {objective.name} needs the teacher's full logits; with "
                             f"teacher.cache use forward_kl, reverse_kl, soft_cross_entropy, generalized_jsd, "
