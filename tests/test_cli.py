@@ -181,3 +181,21 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"potstill {__version__}"
+
+
+def test_a_full_disk_mid_run_is_one_line_with_how_to_resume(tmp_path, capsys, digits_recipe, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)  # what the checkpoint writer calls
+    raw = dict(digits_recipe, output_dir=str(tmp_path / "runs"),
+               trainer=dict(digits_recipe["trainer"], max_steps=2, save_every=1))
+    err = _fail(capsys, ["run", str(write_yaml(tmp_path / "r.yaml", raw))])
+    assert "no space left on device; free some space, then `potstill run RECIPE --resume`" in err
+    assert err.count("potstill: error:") == 1 and err.endswith("resume from)\n")
+    # anything else keeps its traceback: a bug is not reported as the user's
+    monkeypatch.setattr("safetensors.torch.save_file", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["run", str(write_yaml(tmp_path / "r.yaml", dict(raw, name="other")))])

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from potstill.cli_errors import error_line, interrupted, usage_errors, usage_line
+from potstill.cli_errors import disk_full, disk_full_line, error_line, interrupted, usage_errors, usage_line
 from potstill.cyclealign_command import align  # typer signature only; work is imported lazily
 from potstill.errors import UserError, one_line
 from potstill.search.command import advise, search  # typer signatures only; work is imported lazily
@@ -427,9 +427,9 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point, and the one error boundary: a user's mistake (a `UserError`, a usage error of typer /
-    click of any version, an `OSError` such as a missing or read-only path, a file that is not UTF-8) prints one
-    line and exits with code 2; divergence exits with 3; Ctrl-C with 130. Any other exception is a bug and keeps
-    its traceback."""
+    click of any version, an `OSError` such as a missing or read-only path, a file that is not UTF-8) or a full disk
+    (an `OSError` or a library's own error, with how to resume) prints one line and exits with code 2; divergence
+    exits with 3; Ctrl-C with 130. Any other exception is a bug and keeps its traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -449,12 +449,16 @@ def main(argv: list[str] | None = None) -> int:
         return interrupted(args)
     except usage_errors() as exc:
         return error_line(usage_line(exc))
-    except OSError as exc:
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        return error_line(f"{where}{exc.strerror or exc}")
     except UnicodeDecodeError as exc:
         return error_line(f"an input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
                       f"save it as UTF-8")
+    except Exception as exc:  # a full disk, whoever reports it; any other OSError: a path the user gave
+        if disk_full(exc):
+            return disk_full_line(args)
+        if not isinstance(exc, OSError):
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return error_line(f"{where}{exc.strerror or exc}")
     if code == 130:  # typer ≥ 0.29 turns Ctrl-C into Exit(130) and returns that code
         return interrupted(args)
     code = code if isinstance(code, int) else 0

@@ -1,7 +1,9 @@
-"""How the CLI reports what ends a command: one line for a user's mistake (exit 2) or Ctrl-C (exit 130)."""
+"""How the CLI reports what ends a command: one line for a user's mistake or a full disk (exit 2), or Ctrl-C
+(exit 130)."""
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
@@ -14,6 +16,24 @@ def interrupted(args: list[str]) -> int:
             if args[:1] == ["run"] else "")
     print(f"potstill: interrupted{hint}", file=sys.stderr)
     return 130
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or what caused it, is the disk running out of space: an `OSError` with ENOSPC, or a library
+    that reports it as its own error (safetensors: "I/O error: No space left on device (os error 28)")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def disk_full_line(args: list[str]) -> int:
+    hint = ("free some space, then `potstill run RECIPE --resume` continues the run from its last checkpoint (writes "
+            "are atomic: no half-written checkpoint is left to resume from)" if args[:1] == ["run"]
+            else "free some space and run the command again")
+    return error_line(f"no space left on device; {hint}")
 
 
 def error_line(message: str) -> int:
