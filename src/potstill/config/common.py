@@ -38,8 +38,8 @@ class DataSource(Strict):
     """Where records come from: a file (JSONL/CSV/TSV/Parquet), a `datasets` folder, or `builtin:<name>`."""
 
     path: DataPath = Field(description="file, `datasets` folder, Hugging Face dataset id (org/name, read through "
-                       "the HF cache), or builtin:digits / builtin:bbc / builtin:bbc-sentences / builtin:lee; "
-                       "relative paths are relative to the recipe")
+                       "the HF cache), or builtin:digits / bbc / bbc-sentences / bbc-continuations (preference "
+                       "pairs) / chatterbot / general / lee; relative paths are relative to the recipe")
     split: str | None = Field(None, description="split of a DatasetDict folder or a builtin dataset")
     columns: dict[str, str] = Field(default_factory=dict,
                                     description="canonical name -> column in the file, e.g. {text: sentence}")

@@ -21,7 +21,7 @@ from potstill.errors import UserError, did_you_mean
 from potstill.hub import load_hub_dataset, looks_like_hub_id
 
 SUPPORTED_FORMATS = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
-BUILTIN_DATASETS = ("digits", "bbc", "bbc-sentences", "lee", "chatterbot", "general")
+BUILTIN_DATASETS = ("digits", "bbc", "bbc-sentences", "bbc-continuations", "lee", "chatterbot", "general")
 BUILTIN_SPLITS = ("train", "validation", "test")
 BUILTIN_PREFIX = "builtin:"
 SPLIT_SEED = 0
@@ -377,12 +377,15 @@ def _check_split(name: str, split: str) -> None:
 
 
 def builtin_records(name: str, split: str) -> list[dict]:
-    """Records of a built-in dataset: digits, bbc, bbc-sentences, chatterbot, general (train/validation/test),
-    lee (no splits).
+    """Records of a built-in dataset: digits, bbc, bbc-sentences, bbc-continuations, chatterbot, general
+    (train/validation/test), lee (no splits).
 
     Splits are a fixed stratified 70/10/20 split (seed 0), in shuffled order. "bbc" holds the 2,127 distinct
     articles of BBC News (its 98 duplicated articles once each); "bbc-sentences" splits the same articles
-    into paragraphs of at least 40 characters (title dropped). "chatterbot" holds the English chatterbot
+    into paragraphs of at least 40 characters (title dropped); "bbc-continuations" turns the same articles (title
+    dropped) into `prompt`, `chosen`, `rejected` preference pairs (`potstill.data.preference.continuation_pairs`,
+    rejected spans from the same split, seeded by the split; a prompt already in an earlier split is dropped: BBC
+    News holds a few near-copies). "chatterbot" holds the English chatterbot
     corpus's question → answer pairs as `query`, `positive` and `topic` (a plain seeded split). "general"
     holds general-domain sentences and short passages as `text` and `source` (`potstill.data.general`).
     """
@@ -419,6 +422,15 @@ def builtin_records(name: str, split: str) -> list[dict]:
     chosen = [articles[i] for i in _split_indices(labels, split)]
     if name == "bbc":
         return [{"text": text, "label": topic} for text, topic in chosen]
+    if name == "bbc-continuations":
+        from potstill.data.preference import continuation_pairs
+
+        bodies = [" ".join(text.split("\n", 1)[-1].split()) for text, _ in chosen]
+        pairs = continuation_pairs(bodies, seed=f"bbc-continuations-{split}")
+        # BBC News holds a few near-copies (same lead, other body): a prompt of an earlier split is not held out
+        earlier = BUILTIN_SPLITS[:BUILTIN_SPLITS.index(split)]
+        seen = {r["prompt"] for s in earlier for r in builtin_records(name, s)}
+        return [r for r in pairs if r["prompt"] not in seen]
     return [{"text": p, "label": topic} for text, topic in chosen for p in _paragraphs(text)]
 
 

@@ -12,6 +12,11 @@ Pairs from an endpoint teacher (`verified_pairs`): run `potstill generate` with 
 (its endpoint client brings the response cache, retries and resume) once per sample, e.g. with temperature > 0
 and a different seed into a different output each time; each prompt with at least one kept completion and one
 rejected response becomes a pair (chosen = the first kept, rejected = the first rejected, in the outputs' order).
+
+Pairs from plain text, offline (`continuation_pairs`, `builtin:bbc-continuations`): the prompt is a passage's
+first 40 words, chosen its next 12 words, rejected the words at the same place of another passage: the
+language model's "which span follows?" judgement, in the same layout as the LM suite's held-out continuation
+items (`potstill.data.lm_suite_sources`), which are drawn from other sources.
 """
 
 from __future__ import annotations
@@ -93,3 +98,22 @@ def verified_pairs(outputs: list[str | Path], *, column: str = "prompt") -> list
                     into.setdefault(prompt, row[key])
     return [{"prompt": p, "chosen": kept[p], "rejected": refused[p]} for p in kept
             if p in refused and kept[p] != refused[p]]
+
+
+def continuation_pairs(texts: list[str], *, context_words: int = 40, option_words: int = 12,
+                       seed: str = "continuation-pairs") -> list[dict[str, str]]:
+    """One preference pair per passage of at least `context_words + option_words` words (module docstring):
+    the rejected span comes from another passage drawn with a seeded generator (never the same span), and both
+    completions start with a space, as the LM suite scores options."""
+    import random
+
+    long = [t.split() for t in texts if len(t.split()) >= context_words + option_words]
+    spans = [" ".join(w[context_words:context_words + option_words]) for w in long]
+    rng = random.Random(seed)
+    pairs = []
+    for i, words in enumerate(long):
+        others = [j for j in range(len(long)) if spans[j] != spans[i]]
+        if others:
+            pairs.append({"prompt": " ".join(words[:context_words]), "chosen": " " + spans[i],
+                          "rejected": " " + spans[rng.choice(others)]})
+    return pairs
