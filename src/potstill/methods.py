@@ -248,7 +248,7 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("Teacher-hacking monitor", 'Tiapkin et al., "On Teacher Hacking in Language Model Distillation"',
                    2025, "evaluation", "potstill.eval.teacher_hacking", "TeacherHackingMonitor"),
         MethodInfo("LLaVA-MoD preference distillation (DPO, teacher as reference)", _LLAVA_MOD, 2024, "objective",
-                   _LOSSES + "preference", "dpo_teacher_ref", "benchmarks/claim_dpo_teacher_ref.py", _PREFERENCE),
+                   _LOSSES + "preference", "dpo_teacher_ref", _RECIPES + "smollm2-moe-dpo.yaml", _PREFERENCE),
         MethodInfo("BiAlign input-preference alignment for in-context learning", 'Qin et al., "Improving '
                    'In-context Learning via Bidirectional Alignment"', 2023, "objective", _LOSSES + "bialign",
                    "bialign", _RECIPES + "bialign-toy.yaml", _BIALIGN),
