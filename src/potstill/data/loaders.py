@@ -423,15 +423,19 @@ def builtin_records(name: str, split: str) -> list[dict]:
     if name == "bbc":
         return [{"text": text, "label": topic} for text, topic in chosen]
     if name == "bbc-continuations":
-        from potstill.data.preference import continuation_pairs
-
-        bodies = [" ".join(text.split("\n", 1)[-1].split()) for text, _ in chosen]
-        pairs = continuation_pairs(bodies, seed=f"bbc-continuations-{split}")
         # BBC News holds a few near-copies (same lead, other body): a prompt of an earlier split is not held out
         earlier = BUILTIN_SPLITS[:BUILTIN_SPLITS.index(split)]
-        seen = {r["prompt"] for s in earlier for r in builtin_records(name, s)}
-        return [r for r in pairs if r["prompt"] not in seen]
+        seen = {r["prompt"] for s in earlier for r in _bbc_continuations(articles, labels, s)}
+        return [r for r in _bbc_continuations(articles, labels, split) if r["prompt"] not in seen]
     return [{"text": p, "label": topic} for text, topic in chosen for p in _paragraphs(text)]
+
+
+def _bbc_continuations(articles: list[tuple[str, str]], labels: tuple, split: str) -> list[dict]:
+    """Preference pairs from one split's BBC articles (title dropped), before the cross-split de-duplication."""
+    from potstill.data.preference import continuation_pairs
+
+    bodies = [" ".join(articles[i][0].split("\n", 1)[-1].split()) for i in _split_indices(labels, split)]
+    return continuation_pairs(bodies, seed=f"bbc-continuations-{split}")
 
 
 def load_source(
