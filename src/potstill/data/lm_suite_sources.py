@@ -69,10 +69,15 @@ def continuation_items(texts: list[str], *, n_items: int, n_options: int = 4, co
     """Which of `n_options` word spans continues the passage? Context: a passage's first `context_words`
     words; true option: its next `option_words` words; wrong options: words at the same position of other
     passages. Passages shorter than context + option words are skipped."""
-    long = [t.split() for t in texts if len(t.split()) >= context_words + option_words]
-    contexts = [" ".join(w[:context_words]) for w in long]
-    answers = [" ".join(w[context_words:context_words + option_words]) for w in long]
+    contexts, answers = passage_spans(texts, context_words=context_words, option_words=option_words)
     return _with_distractors(contexts, answers, n_items, n_options, random.Random(f"{SEED}-continuation"))
+
+
+def passage_spans(texts: list[str], *, context_words: int, option_words: int) -> tuple[list[str], list[str]]:
+    """(first `context_words` words, next `option_words` words) of every passage long enough for both."""
+    long = [t.split() for t in texts if len(t.split()) >= context_words + option_words]
+    return ([" ".join(w[:context_words]) for w in long],
+            [" ".join(w[context_words:context_words + option_words]) for w in long])
 
 
 def qa_items(*, n_items: int, n_options: int = 4) -> list[ChoiceItem]:

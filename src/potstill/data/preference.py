@@ -107,13 +107,13 @@ def continuation_pairs(texts: list[str], *, context_words: int = 40, option_word
     completions start with a space, as the LM suite scores options."""
     import random
 
-    long = [t.split() for t in texts if len(t.split()) >= context_words + option_words]
-    spans = [" ".join(w[context_words:context_words + option_words]) for w in long]
+    from potstill.data.lm_suite_sources import passage_spans
+
+    prompts, spans = passage_spans(texts, context_words=context_words, option_words=option_words)
     rng = random.Random(seed)
     pairs = []
-    for i, words in enumerate(long):
-        others = [j for j in range(len(long)) if spans[j] != spans[i]]
+    for i, prompt in enumerate(prompts):
+        others = [j for j in range(len(spans)) if spans[j] != spans[i]]
         if others:
-            pairs.append({"prompt": " ".join(words[:context_words]), "chosen": " " + spans[i],
-                          "rejected": " " + spans[rng.choice(others)]})
+            pairs.append({"prompt": prompt, "chosen": " " + spans[i], "rejected": " " + spans[rng.choice(others)]})
     return pairs
