@@ -19,7 +19,8 @@ Setup (every run is a packaged recipe through `potstill.train.run_recipe`, what 
   fortunes; continuation and QA multiple choice), none of it BBC text; stage 2 also the held-out preference
   accuracy on 100 validation pairs (log p(chosen) > log p(rejected)) from the run's own table.
 
-Results go to `<out>/results.json`; finished runs are reused, so a killed sweep resumes. Usage:
+Results go to `<out>/results.json`; finished runs of the same settings are reused, so a killed sweep resumes
+(a run it left half done starts again). Usage:
     python benchmarks/llava_mod.py --cache runs/smollm2-topk64 [--out runs/llava-mod] [--seeds 0 1 2]
         [--threads 1] [--stages 1 2] [--stage1-steps N] [--stage2-steps N]
 `--cache` is built first when missing (`potstill cache recipes/smollm2-moe.yaml --out DIR`, ~10 min).
@@ -37,6 +38,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _llm_common import earlier_results, fmt_mean_std  # noqa: E402
 
 from potstill.config import load_recipe  # noqa: E402
 from potstill.io import atomic_write_text  # noqa: E402
@@ -82,7 +86,8 @@ def run_one(path: Path, variant: str, seed: int, out: Path, args: argparse.Names
     from potstill.train import run_recipe
 
     start = time.perf_counter()
-    summary = run_recipe(stage_recipe(path, variant, seed=seed, out=out, args=args))
+    # overwrite: a run a killed sweep left half done starts again (results.json holds only finished runs)
+    summary = run_recipe(stage_recipe(path, variant, seed=seed, out=out, args=args), overwrite=True)
     row: dict[str, Any] = {"seconds": time.perf_counter() - start, "train_seconds": summary["train_seconds"]}
     table = {r["model"]: r for r in summary["table"]}
     after = table.get("student (after)", {})
@@ -96,12 +101,6 @@ def run_one(path: Path, variant: str, seed: int, out: Path, args: argparse.Names
     return row
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def print_table(results: dict[str, dict[str, Any]], variants: list[str], seeds: list[int]) -> None:
     keys = [k for k in next(iter(results.values())) if k not in ("seconds", "validation params")]
     print("| measure | " + " | ".join(variants) + " |")
@@ -110,7 +109,7 @@ def print_table(results: dict[str, dict[str, Any]], variants: list[str], seeds: 
         cells = []
         for variant in variants:
             values = [results[f"{variant}-s{s}"][key] for s in seeds if key in results.get(f"{variant}-s{s}", {})]
-            cells.append(mean_std(values) if values else "—")
+            cells.append(fmt_mean_std(values, 3) if values else "—")
         print(f"| {key} | " + " | ".join(cells) + " |")
 
 
@@ -131,7 +130,10 @@ def main() -> None:
         if potstill(["cache", str(STAGE1), "--out", str(args.cache)]) != 0:
             raise SystemExit(f"could not build the teacher cache at {args.cache}")
     results_file = args.out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    settings = {"cache": str(args.cache), "threads": args.threads, "stage1_steps": args.stage1_steps,
+                "stage2_steps": args.stage2_steps}
+    record = earlier_results(results_file, settings)  # finished runs of the same settings are reused
+    results = record["runs"]
     stages = {1: (STAGE1, ["moe", "dense"]), 2: (STAGE2, ["dpo", "mimic"])}
     for stage in sorted(args.stages):
         path, variants = stages[stage]
@@ -144,7 +146,7 @@ def main() -> None:
                     raise SystemExit(f"stage 2 starts from stage 1's MoE student of seed {seed}: run --stages 1 first")
                 results[key] = run_one(path, variant, seed, args.out, args)
                 args.out.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(results_file, json.dumps(results, indent=1))
+                atomic_write_text(results_file, json.dumps(record, indent=1))
     for stage in sorted(args.stages):
         print(f"\nstage {stage}, seeds {args.seeds} (mean ± std)")
         print_table(results, stages[stage][1], args.seeds)
