@@ -21,6 +21,8 @@ Metrics: Spearman and Pearson with closeness; best-of-4 accuracy (is the top-sco
 selective accuracy at 50 % abstention (accuracy on the half of the held-out replies the score ranks highest).
 
     PYTHONPATH=src python benchmarks/self_judge.py --seeds 0 1 2 --out runs/self_judge    # ~35 min a seed, loaded
+    PYTHONPATH=src python benchmarks/self_judge.py --seeds 0 --write-data src/potstill/recipes/self-judge
+        # only seed 0's replies, as the records of recipes/smollm2-self-judge.yaml (task: judge)
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
+from scipy.stats import spearmanr
 
 from potstill.assets import smollm2_path
 from potstill.data.program_exemplars import minilm_embedder
 from potstill.data.self_judge import MAX_SCORE, build_records, cosine_similarities
-from potstill.students.self_judge import SelfJudge, best_of_n, fit_score_head
+from potstill.eval.judge import judge_metrics
+from potstill.students.self_judge import SelfJudge, fit_score_head
 
 SYSTEM = "You are a precise judge."
 ROWS = ("Self-J judge", "judge without self-distillation", "raw self-evaluation (no reference)",
@@ -90,14 +93,25 @@ def closeness(reply: str, gold: int) -> tuple[float, bool]:
     return max(0.0, 1.0 - abs(pred - gold) / max(abs(gold), 1)), pred == gold
 
 
-def metrics(score: np.ndarray, quality: np.ndarray, correct: np.ndarray, groups: list[int]) -> dict[str, float]:
-    flat = np.ptp(score) == 0
-    chosen = best_of_n(score.tolist(), groups)
-    keep = np.argsort(-score, kind="stable")[: len(score) // 2]
-    return {"spearman": 0.0 if flat else float(spearmanr(score, quality)[0]),
-            "pearson": 0.0 if flat else float(pearsonr(score, quality)[0]),
-            "best_of_n_acc": float(np.mean([correct[i] for i in chosen.values()])),
-            "selective_acc_50": float(correct[keep].mean())}
+def write_data(out: Path, seed: int, args: argparse.Namespace, model, tok) -> None:
+    """`task: judge` records of this seed's questions: train.jsonl (instruction, response, reference) and eval.jsonl
+    (also quality, correct and group), the data of recipes/smollm2-self-judge.yaml."""
+    rng, seen = random.Random(seed), set()
+    splits = {"train": problems(rng, args.train, seen), "eval": problems(rng, args.test, seen)}
+    out.mkdir(parents=True, exist_ok=True)
+    for split, items in splits.items():
+        exprs = [e for e, _ in items]
+        replies = sample_replies(model, tok, exprs, args.n, seed * 1000 + (split == "eval"))
+        rows = []
+        for i, reply in enumerate(replies):
+            expr, gold = items[i // args.n]
+            row = {"instruction": f"What is {expr}?", "response": reply, "reference": f"{expr} = {gold}"}
+            if split == "eval":
+                quality, correct = closeness(reply, gold)
+                row.update(quality=quality, correct=correct, group=i // args.n)
+            rows.append(json.dumps(row))
+        (out / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+        print(f"{out / split}.jsonl: {len(rows)} replies", flush=True)
 
 
 def run_seed(seed: int, args: argparse.Namespace, model, tok, embed) -> dict[str, Any]:
@@ -142,10 +156,9 @@ def run_seed(seed: int, args: argparse.Namespace, model, tok, embed) -> dict[str
         losses[row] = fit_score_head(head_judge.head, train["free"], train["ref"], targets, distill_weight=beta,
                        epochs=args.epochs, lr=args.lr, seed=seed)
         scores[row] = head_judge.scores_from_features(test["free"]).numpy()
-    result: dict[str, Any] = {row: metrics(scores[row], test["quality"], test["correct"], test["groups"])
-                              for row in ROWS}
-    for row in ROWS:  # the issue's yardstick: agreement with the held-out reference-based score (the label)
-        result[row]["spearman_vs_label"] = float(spearmanr(scores[row], scores[ROWS[5]])[0])
+    # spearman_vs_label, the issue's yardstick: agreement with the held-out reference-based score (the label)
+    result: dict[str, Any] = {row: judge_metrics(scores[row], quality=test["quality"], correct=test["correct"],
+                                                 groups=test["groups"], labels=scores[ROWS[5]]) for row in ROWS}
     result["_replies"] = {"reply": test["replies"], "quality": test["quality"].tolist(),
                           **{row: np.round(scores[row], 4).tolist() for row in ROWS}}
     result["_reference"] = {"random_reply_acc": float(test["correct"].mean()),
@@ -185,6 +198,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/self_judge")
     parser.add_argument("--save-features", action="store_true")
+    parser.add_argument("--write-data", type=Path, default=None,
+                        help="only write the first seed's replies as task: judge records (train.jsonl, eval.jsonl) "
+                        "in this folder")
     parser.add_argument("--report", nargs="+", default=None,
                         help="only print the table of these results.json files (seeds run as separate processes)")
     args = parser.parse_args()
@@ -200,6 +216,9 @@ def main() -> None:
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if args.write_data is not None:
+        write_data(args.write_data, args.seeds[0], args, model, tok)
+        return
     embed = minilm_embedder()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

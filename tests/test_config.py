@@ -42,6 +42,9 @@ def minimal(task: str) -> dict:
     if task == "graph":
         raw.update(teacher={"factory": "potstill.teachers.vqgraph:load_vqgraph_teacher"}, student=STUDENT,
                    data={"train": "builtin:connectome"})
+    if task == "judge":
+        raw.update(student={"init": "factory", "factory": "potstill.students.self_judge:score_head"},
+                   objectives=[{"name": "self_judge"}])
     return raw
 
 
@@ -147,6 +150,7 @@ NOT_PATHS = {
     "LoraStudentConfig.modules_to_save": "module names in the model",
     "VisionLanguageConfig.class_names": "class names or builtin:<set>", "VisionLanguageConfig.templates": "captions",
     "VisionLanguageConfig.descriptions": "class descriptions or builtin:<set>",
+    "JudgeData.system": "a system turn of the judging prompts",
 }
 # names that say "path" (or file, folder, cache...) and must then be a RelPath, unless listed in NOT_PATHS
 PATH_NAME = re.compile(r"(^|_)(path|paths|file|files|dir|folder|cache|weights|tokenizer|scores|collection)($|_)")

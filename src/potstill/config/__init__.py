@@ -8,6 +8,7 @@ file, the line and the field path.
 - `common`: the sections every task has (data, teacher, student, objectives, trainer, eval) and `RecipeBase`;
 - `tasks`: classification, embedding, vision and ranking recipes; `generative`: causal_lm and seq2seq;
     `images`: image_classification (image sources, transforms, SSLD's pool); `graph`: graph (GNN → MLP);
+    `judge`: judge (Self-J's score head on a frozen LM);
     `segmentation`: segmentation (image + mask sources, builtin:shapes' settings, LAD's label noise);
     `continual`: `task: continual` (a class-incremental stream with no replay: PRD, LwF, fine-tuning; not a
     teacher → student run);
@@ -54,6 +55,7 @@ from potstill.config.images import (
     SSLDConfig,
     TransformsConfig,
 )
+from potstill.config.judge import JudgeData, JudgeRecipe
 from potstill.config.loading import (
     RESUMABLE_CHANGES,
     apply_overrides,
@@ -91,6 +93,7 @@ __all__ = [
     "ClassificationRecipe", "ContinualRecipe", "ContinualSettings", "DISTILLATION_TASKS", "DataConfig", "DataPath",
     "DataSource", "DomainWeightedData", "DomainsConfig", "EmbeddingEvalConfig", "EmbeddingRecipe",
     "EmbeddingStudentConfig", "EndpointConfig", "EvalConfig", "GenerationConfig", "GraphData", "GraphRecipe",
+    "JudgeData", "JudgeRecipe",
     "GraphSource", "ImageClassificationRecipe", "ImageData", "ImageSource", "LabelNoiseConfig", "MaskedLMRecipe",
     "MaskingConfig", "ModelPath", "ObjectiveConfig", "PruneConfig", "RECIPE_OF_TASK", "RESUMABLE_CHANGES",
     "RankingConfig", "RankingData", "RankingRecipe", "Recipe", "RecipeBase", "RecipeRelative", "RelPath",

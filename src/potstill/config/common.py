@@ -376,7 +376,7 @@ def check_domains_teacher(recipe: RecipeBase) -> None:
 
 
 DISTILLATION_TASKS = ("classification", "embedding", "causal_lm", "vision", "ranking", "seq2seq",
-                      "image_classification", "vision_language", "masked_lm", "segmentation", "graph")
+                      "image_classification", "vision_language", "masked_lm", "segmentation", "graph", "judge")
 TASKS = (*DISTILLATION_TASKS, "continual")  # continual: potstill.config.continual, not a teacher → student run
 
 

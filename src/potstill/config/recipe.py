@@ -16,6 +16,7 @@ from potstill.config.continual import ContinualRecipe
 from potstill.config.generative import CausalLMRecipe, Seq2SeqRecipe
 from potstill.config.graph import GraphRecipe
 from potstill.config.images import ImageClassificationRecipe
+from potstill.config.judge import JudgeRecipe
 from potstill.config.segmentation import SegmentationRecipe
 from potstill.config.tasks import (
     ClassificationRecipe,
@@ -30,6 +31,7 @@ from potstill.errors import UserError
 DistillationRecipes = (
     ClassificationRecipe | EmbeddingRecipe | CausalLMRecipe | VisionRecipe | RankingRecipe | Seq2SeqRecipe
     | ImageClassificationRecipe | VisionLanguageRecipe | MaskedLMRecipe | SegmentationRecipe | GraphRecipe
+    | JudgeRecipe
 )
 
 Recipe = Annotated[DistillationRecipes, Field(discriminator="task")]
@@ -43,7 +45,7 @@ RECIPE_OF_TASK: dict[str, type[BaseModel]] = {
     "vision": VisionRecipe, "ranking": RankingRecipe, "seq2seq": Seq2SeqRecipe,
     "image_classification": ImageClassificationRecipe, "vision_language": VisionLanguageRecipe,
     "masked_lm": MaskedLMRecipe, "segmentation": SegmentationRecipe, "graph": GraphRecipe,
-    "continual": ContinualRecipe,
+    "judge": JudgeRecipe, "continual": ContinualRecipe,
 }
 assert tuple(RECIPE_OF_TASK) == TASKS
 

@@ -22,8 +22,10 @@ writing the score as a single token would).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,6 +67,12 @@ class ScoreHead(nn.Module):
         return self.linear(hidden) + self.up(nn.functional.gelu(self.down(hidden)))
 
 
+def score_head(hidden: int, num_scores: int = MAX_SCORE + 1, rank: int = 16) -> ScoreHead:
+    """A `ScoreHead` of this shape with zero score rows: the factory of `task: judge`, which copies the judging LM's
+    digit rows in (`SelfJudge.head`); a saved head loads through it."""
+    return ScoreHead(torch.zeros(num_scores, hidden), rank=rank)
+
+
 class SelfJudge:
     """A frozen causal LM + `ScoreHead`: `score` rates responses with no reference (the test-time judge)."""
 
@@ -96,12 +104,13 @@ class SelfJudge:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         trunk = getattr(self.model, self.model.base_model_prefix)
+        device = next(self.model.parameters()).device
         rows = []
         try:
             for start in range(0, len(prompts), batch_size):
                 enc = self.tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
-                                     add_special_tokens=False)
-                rows.append(trunk(**enc).last_hidden_state[:, -1].float())
+                                     add_special_tokens=False).to(device)
+                rows.append(trunk(**enc).last_hidden_state[:, -1].float().cpu())
         finally:
             self.tokenizer.padding_side = side
         return torch.cat(rows) if rows else torch.zeros(0, self.head.linear.in_features)
@@ -117,12 +126,31 @@ class SelfJudge:
                                                        batch_size=batch_size))
 
 
-def best_of_n(scores: Sequence[float] | torch.Tensor, groups: Sequence[int]) -> dict[int, int]:
+def load_judge(folder: str | Path, model=None, tokenizer=None) -> SelfJudge:
+    """The judge a `task: judge` run saved (`<run>/student`): its score head on the judging LM named there (or
+    `model` / `tokenizer`, the same LM already loaded), with the run's system turn."""
+    from potstill.students.save import load_factory_student
+
+    spec = json.loads((Path(folder) / "potstill_student.json").read_text())
+    if model is None or tokenizer is None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(spec["judge_model"], dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    judge = SelfJudge(model, tokenizer, system=spec.get("system"), rank=int(spec["kwargs"]["rank"]))
+    if judge.token_ids != spec["score_token_ids"]:
+        raise UserError(f"{folder}: the head was trained on score tokens {spec['score_token_ids']}, this tokenizer "
+                        f"gives {judge.token_ids}: load it with the judging LM it was trained on")
+    judge.head = load_factory_student(folder).eval()
+    return judge
+
+
+def best_of_n(scores: Sequence[float] | torch.Tensor, groups: Sequence[Hashable]) -> dict[Hashable, int]:
     """group id → index of its best-scored response (the first one on ties): best-of-n reranking."""
     values = torch.as_tensor(scores, dtype=torch.float64)
     if len(groups) != len(values):
         raise UserError(f"best_of_n: {len(values)} scores but {len(groups)} group ids")
-    best: dict[int, int] = {}
+    best: dict[Hashable, int] = {}
     for i, g in enumerate(groups):
         if g not in best or values[i] > values[best[g]]:
             best[g] = i

@@ -44,6 +44,10 @@ def task_class(name: str) -> type[Task]:
         from potstill.tasks.graph import GraphTask
 
         return GraphTask
+    if name == "judge":
+        from potstill.tasks.judge import JudgeTask
+
+        return JudgeTask
     if name == "vision_language":
         from potstill.tasks.vision_language import VisionLanguageTask
 

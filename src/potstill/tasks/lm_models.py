@@ -33,7 +33,8 @@ RawLogits = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 def resolve_builtin_paths(recipe: Recipe, *, is_main: bool, barrier: Callable[[], None]) -> None:
     """Convert the `builtin:` models of teacher.path, teacher.tokenizer and student.path once, on the main
     process, before any process loads them."""
-    for field, path in (("teacher.path", recipe.teacher.path), ("teacher.tokenizer", recipe.teacher.tokenizer),
+    tokenizer = getattr(recipe.teacher, "tokenizer", None)  # a task without its own tokenizer field: None
+    for field, path in (("teacher.path", recipe.teacher.path), ("teacher.tokenizer", tokenizer),
                         ("student.path", recipe.student.path)):
         if path and path.startswith("builtin:"):
             if is_main:
