@@ -175,6 +175,11 @@ def test_training_moves_the_head_toward_the_labels_and_the_judge_loads_back(tmp_
     eval_scores = judge.score(*[[r[k] for r in records(True)] for k in ("instruction", "response")])
     assert table["student (after)"]["mean_score"] == pytest.approx(float(eval_scores.mean()), abs=1e-4)
     assert load_judge(run / "student").token_ids == judge.token_ids  # the LM named in the folder
+    from potstill.assets import minilm_path
+
+    other = AutoTokenizer.from_pretrained(minilm_path())  # another model's digit ids: refused
+    with pytest.raises(UserError, match="trained on score tokens"):
+        load_judge(run / "student", model, other)
 
 
 def test_bad_records_are_one_line_errors(tmp_path, tiny_lm, fake_minilm, capsys):

@@ -135,12 +135,17 @@ def load_judge(folder: str | Path, model=None, tokenizer=None) -> SelfJudge:
     if model is None or tokenizer is None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(spec["judge_model"], dtype=torch.float32)
+        from potstill.students.loading import resolve_model_path
+
+        path = resolve_model_path(spec["judge_model"], field=f"{folder}: judge_model")  # builtin:, folder or hub id
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    judge = SelfJudge(model, tokenizer, system=spec.get("system"), rank=int(spec["kwargs"]["rank"]))
-    if judge.token_ids != spec["score_token_ids"]:
+    token_ids = score_token_ids(tokenizer, int(spec["kwargs"]["num_scores"]) - 1)
+    if token_ids != spec["score_token_ids"]:
         raise UserError(f"{folder}: the head was trained on score tokens {spec['score_token_ids']}, this tokenizer "
-                        f"gives {judge.token_ids}: load it with the judging LM it was trained on")
+                        f"gives {token_ids}: load it with the judging LM it was trained on")
+    judge = SelfJudge(model, tokenizer, system=spec.get("system"), rank=int(spec["kwargs"]["rank"]),
+                      max_score=int(spec["kwargs"]["num_scores"]) - 1)
     judge.head = load_factory_student(folder).eval()
     return judge
 
