@@ -202,3 +202,20 @@ def test_bad_records_are_one_line_errors(tmp_path, tiny_lm, fake_minilm, capsys)
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "data.train: record 1: its judging prompt is" in err and "over data.max_length 20 (12 records" in err, err
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_head(tmp_path, tiny_lm, fake_minilm):
+    from conftest import fit_until_crash
+    from safetensors.torch import load_file
+
+    from potstill.train import run_recipe
+
+    steps = {"max_steps": 6, "save_every": 2}
+    straight = validate_recipe(judge_recipe(tmp_path, tiny_lm, name="straight", trainer=steps))
+    run_recipe(straight)
+    halted = validate_recipe(judge_recipe(tmp_path, tiny_lm, name="halted", trainer=steps))
+    fit_until_crash(halted, 4)
+    run_recipe(halted, resume=True)
+    a = load_file(str(straight.run_dir / "student" / "model.safetensors"))
+    b = load_file(str(halted.run_dir / "student" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
