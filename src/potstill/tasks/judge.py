@@ -82,6 +82,7 @@ class JudgeTask(Task):
     def setup(self, *, is_main: bool = True, barrier: Any = lambda: None) -> None:
         from transformers import AutoModelForCausalLM
 
+        from potstill.data.program_exemplars import minilm_embedder
         from potstill.students.self_judge import SelfJudge
 
         r = self.recipe
@@ -92,11 +93,13 @@ class JudgeTask(Task):
         self.teacher.to(self.device).eval().requires_grad_(False)
         rank = int(r.student.kwargs.get("rank", 16))
         self.judge = SelfJudge(self.teacher, self.tokenizer, system=r.data.system, rank=rank)
-        self.views = {"train": self._views(self.train_records, "data.train")}
-        self.labels = {"train": self._labels(self.train_records, self.views["train"]["ref"])}
-        if self.eval_records:
-            self.views["eval"] = self._views(self.eval_records, "data.eval")
-            self.labels["eval"] = self._labels(self.eval_records, self.views["eval"]["ref"])
+        embed = minilm_embedder()
+        self.views: dict[str, dict[str, torch.Tensor]] = {}
+        self.labels: dict[str, torch.Tensor] = {}
+        for split, rows in (("train", self.train_records), ("eval", self.eval_records)):
+            if rows:
+                self.views[split] = self._views(rows, f"data.{split}")
+                self.labels[split] = self._labels(rows, self.views[split]["ref"], embed)
         self.student = self._build_student(rank)
 
     def _views(self, records: list[dict], field: str) -> dict[str, torch.Tensor]:
@@ -118,22 +121,19 @@ class JudgeTask(Task):
                             f"data.max_length {limit} ({len(over)} records are; the longest {max(lengths)} tokens): "
                             f"the score is read at the prompt's end, so prompts are not cut; raise data.max_length")
 
-    def _labels(self, records: list[dict], ref_features: torch.Tensor) -> torch.Tensor:
+    def _labels(self, records: list[dict], ref_features: torch.Tensor, embed: Any) -> torch.Tensor:
         """Self-J's labels: the teacher's reference-guided score recalibrated by cosine(response, reference)."""
-        from potstill.data.program_exemplars import minilm_embedder
         from potstill.data.self_judge import cosine_similarities, recalibrated_label
 
         self_eval = self.judge.scores_from_features(ref_features).numpy()
-        if not hasattr(self, "_embed"):
-            self._embed = minilm_embedder()
         similarity = cosine_similarities([rec["response"] for rec in records], [rec["reference"] for rec in records],
-                                         self._embed)
+                                         embed)
         label = recalibrated_label(self_eval, similarity, similarity_weight=self.recipe.data.similarity_weight,
                                    max_score=self.judge.max_score)
         return torch.as_tensor(label, dtype=torch.float32).reshape(-1)
 
     def _build_student(self, rank: int) -> nn.Module:
-        """The score head: a fresh one started as the LM's digit rows (init factory), or a saved one (pretrained)."""
+        """The score head (`student.factory`), started as the judging LM's digit rows."""
         from potstill.students.loading import build_student
         from potstill.students.self_judge import ScoreHead
 
@@ -146,8 +146,7 @@ class JudgeTask(Task):
         if not isinstance(student, ScoreHead) or student.linear.in_features != hidden:
             raise UserError(f"field student: expected a score head of width {hidden} (the judging LM's), got "
                             f"{type(student).__name__}")
-        if r.student.init == "factory":
-            student.linear.load_state_dict(self.judge.head.linear.state_dict())
+        student.linear.load_state_dict(self.judge.head.linear.state_dict())  # untrained = the LM's own digits
         return student.to(self.device)
 
     # ---- batches
