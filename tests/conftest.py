@@ -177,3 +177,21 @@ def tiny_search_recipe(tmp_path: Path, *, max_steps: int) -> dict:
     return embedding_recipe(tmp_path, teacher, train, eval_data=held, name="tiny",
                             student={"init": "layers_from_teacher", "layers": [0]},
                             objectives=[{"name": "embedding_mse"}], max_steps=max_steps)
+
+
+def tiny_digit_lm(max_positions: int = 256):
+    """(model, tokenizer): a 1-layer Llama with a byte-level BPE in which every digit is one token (a judging LM)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<pad>", "<eos>"])
+    tk.train_from_iterator(["what is two plus two", "the answer is right", "judge the answer"], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions)
+    return LlamaForCausalLM(config), tok

@@ -25,21 +25,12 @@ def char_embedder(texts: list[str]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    """A 1-layer Llama with a byte-level BPE (each digit one token), saved as a judging LM folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """The tiny judging LM of conftest, saved as a folder."""
+    from conftest import tiny_digit_lm
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<pad>", "<eos>"])
-    tk.train_from_iterator(["what is two plus two", "judge the answer", "reference score"], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    model, tok = tiny_digit_lm(max_positions=512)
     folder = tmp_path_factory.mktemp("judge") / "lm"
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -124,21 +124,11 @@ def test_cosine_similarities_and_records():
 
 
 def _tiny_judge():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from conftest import tiny_digit_lm
 
     from potstill.students.self_judge import SelfJudge
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<pad>", "<eos>"])
-    tk.train_from_iterator(["what is two plus two", "the answer is right", "judge the answer"], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    return SelfJudge(LlamaForCausalLM(config), tok, rank=4)
+    return SelfJudge(*tiny_digit_lm(), rank=4)
 
 
 def test_untrained_judge_is_the_models_own_self_evaluation():
