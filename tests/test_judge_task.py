@@ -166,6 +166,12 @@ def test_training_moves_the_head_toward_the_labels_and_the_judge_loads_back(tmp_
     eval_scores = judge.score(*[[r[k] for r in records(True)] for k in ("instruction", "response")])
     assert table["student (after)"]["mean_score"] == pytest.approx(float(eval_scores.mean()), abs=1e-4)
     assert load_judge(run / "student").token_ids == judge.token_ids  # the LM named in the folder
+    from potstill.evaluate import evaluate_run
+
+    rows = {row["model"]: row for row in evaluate_run(run)}  # potstill eval: the saved head, scored again
+    for key in ("mean_score", "spearman", "spearman_vs_label"):
+        assert rows["student"][key] == pytest.approx(table["student (after)"][key], abs=1e-5)
+        assert rows["teacher"][key] == pytest.approx(table["teacher"][key], abs=1e-5)
     from potstill.assets import minilm_path
 
     other = AutoTokenizer.from_pretrained(minilm_path())  # another model's digit ids: refused
