@@ -14,7 +14,9 @@ Setup (every run is a packaged recipe through `potstill.train.run_recipe`, what 
   11.6M parameters) and no router loss. Same cache, data order, steps and learning rate.
 - Stage 2, `recipes/smollm2-moe-dpo.yaml` as shipped, from each seed's MoE student: "dpo" = dpo_teacher_ref
   (sigmoid DPO, β 0.1, the teacher as reference) on `builtin:bbc-continuations` pairs, 100 steps of 8 pairs;
-  "mimic" = the same run with forward_kl to the teacher on the chosen completions instead (equal data and steps).
+  "mimic" = the same run with forward_kl to the teacher on the chosen completions instead (equal data and steps);
+  "dpo+klW" = DPO with forward_kl on the chosen completions beside it at weight W, an anchor that keeps the
+  student a language model while DPO moves its preferences (as RPO adds an NLL term to DPO).
 - Scores: the LM suite (`potstill eval --suite lm`: perplexity, KL and top-1 agreement on Lee / Newsgroups /
   fortunes; continuation and QA multiple choice), none of it BBC text; stage 2 also the held-out preference
   accuracy on 100 validation pairs (log p(chosen) > log p(rejected)) from the run's own table.
@@ -22,7 +24,7 @@ Setup (every run is a packaged recipe through `potstill.train.run_recipe`, what 
 Results go to `<out>/results.json`; finished runs of the same settings are reused, so a killed sweep resumes
 (a run it left half done starts again). Usage:
     python benchmarks/llava_mod.py --cache runs/smollm2-topk64 [--out runs/llava-mod] [--seeds 0 1 2]
-        [--threads 1] [--stages 1 2] [--stage1-steps N] [--stage2-steps N]
+        [--threads 1] [--stages 1 2] [--stage1-steps N] [--stage2-steps N] [--variants moe dense dpo mimic dpo+kl0.1]
 `--cache` is built first when missing (`potstill cache recipes/smollm2-moe.yaml --out DIR`, ~10 min).
 """
 
@@ -49,6 +51,21 @@ STAGE1, STAGE2 = REPO / "recipes" / "smollm2-moe.yaml", REPO / "recipes" / "smol
 DENSE_STUDENT = {"model_type": "llama", "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 4,
                  "num_attention_heads": 3, "num_key_value_heads": 1, "max_position_embeddings": 256,
                  "tie_word_embeddings": True}
+ANCHORED = "dpo+kl"  # a stage-2 variant named dpo+klW: DPO plus forward_kl at weight W
+
+
+def variant_name(text: str) -> str:
+    """`--variants` entries: the four runs of the claims, or an anchored DPO with its weight."""
+    if text in ("moe", "dense", "dpo", "mimic"):
+        return text
+    try:
+        if text.startswith(ANCHORED) and float(text[len(ANCHORED):]) >= 0:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected moe, dense, dpo, mimic or dpo+klW (W a weight ≥ 0)")
+
+
 def stage_recipe(path: Path, variant: str, *, seed: int, out: Path, args: argparse.Namespace) -> Any:
     """The packaged recipe of a stage with this variant's `--set` overrides (what a user would type)."""
     sets = [f"seed={seed}", f"output_dir={out}", f"name={variant}-s{seed}", f"trainer.num_threads={args.threads}"]
@@ -64,6 +81,10 @@ def stage_recipe(path: Path, variant: str, *, seed: int, out: Path, args: argpar
         sets.append(f"student.path={out / f'moe-s{seed}' / 'student'}")
         if variant == "mimic":
             sets.append('objectives=[{"name": "forward_kl"}]')
+        elif variant.startswith(ANCHORED):
+            objectives = [{"name": "dpo_teacher_ref", "params": {"beta": 0.1}},
+                          {"name": "forward_kl", "weight": float(variant[len(ANCHORED):])}]
+            sets.append(f"objectives={json.dumps(objectives)}")
     return load_recipe(path, sets)
 
 
@@ -122,6 +143,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     parser.add_argument("--stage1-steps", type=int, help="instead of smollm2-moe.yaml's 300")
     parser.add_argument("--stage2-steps", type=int, help="instead of smollm2-moe-dpo.yaml's 100")
+    parser.add_argument("--variants", type=variant_name, nargs="+", default=["moe", "dense", "dpo", "mimic"],
+                        help="runs to make: moe and dense (stage 1), dpo, mimic and dpo+klW (stage 2)")
     args = parser.parse_args()
     args.out, args.cache = args.out.resolve(), args.cache.resolve()
     if not (args.cache / "manifest.json").is_file():
@@ -134,7 +157,8 @@ def main() -> None:
                 "stage2_steps": args.stage2_steps}
     record = earlier_results(results_file, settings)  # finished runs of the same settings are reused
     results = record["runs"]
-    stages = {1: (STAGE1, ["moe", "dense"]), 2: (STAGE2, ["dpo", "mimic"])}
+    stages = {1: (STAGE1, [v for v in args.variants if v in ("moe", "dense")]),
+              2: (STAGE2, [v for v in args.variants if v not in ("moe", "dense")])}
     for stage in sorted(args.stages):
         path, variants = stages[stage]
         for seed in args.seeds:
@@ -146,8 +170,14 @@ def main() -> None:
                     raise SystemExit(f"stage 2 starts from stage 1's MoE student of seed {seed}: run --stages 1 first")
                 results[key] = run_one(path, variant, seed, args.out, args)
                 args.out.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(results_file, json.dumps(record, indent=1))
+                # read again before writing: sweeps of other seeds or variants may share this folder
+                latest = earlier_results(results_file, settings)
+                latest["runs"][key] = results[key]
+                atomic_write_text(results_file, json.dumps(latest, indent=1))
+                results.update(latest["runs"])
     for stage in sorted(args.stages):
+        if not stages[stage][1]:
+            continue
         print(f"\nstage {stage}, seeds {args.seeds} (mean ± std)")
         print_table(results, stages[stage][1], args.seeds)
 
