@@ -194,6 +194,11 @@ def test_bad_records_are_one_line_errors(tmp_path, tiny_lm, fake_minilm, capsys)
     err = capsys.readouterr().err.strip()
     assert "data.eval" in err and "record 3: field 'quality' must be a number, got 'high'" in err, err
     assert "\n" not in err and "Traceback" not in err
+    rows = records(True)
+    rows[0]["group"] = [1, 2]
+    (tmp_path / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["run", str(path)]) == 2
+    assert "record 1: field 'group' must be text or a whole number" in capsys.readouterr().err
     raw = judge_recipe(tmp_path, tiny_lm, data={"max_length": 20})
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path)]) == 2

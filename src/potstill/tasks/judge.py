@@ -45,7 +45,8 @@ class JudgeViews:
 
 
 def check_judge_records(records: list[dict], where: str) -> None:
-    """Text fields are strings; `quality` a number, `correct` a bool, where given: else one line naming the row."""
+    """Text fields are strings; `quality` a number, `correct` a bool, `group` text or an int, where given: else one
+    line naming the row."""
     for i, rec in enumerate(records):
         for name in TEXT_FIELDS:
             if not isinstance(rec[name], str):
@@ -56,6 +57,10 @@ def check_judge_records(records: list[dict], where: str) -> None:
             raise UserError(f"{where}: record {i + 1}: field 'quality' must be a number, got {quality!r}")
         if rec.get("correct") is not None and not isinstance(rec["correct"], bool):
             raise UserError(f"{where}: record {i + 1}: field 'correct' must be true or false, got {rec['correct']!r}")
+        group = rec.get("group")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
+            raise UserError(f"{where}: record {i + 1}: field 'group' must be text or a whole number (the "
+                            f"instruction's id), got {group!r}")
 
 
 def column(records: list[dict], name: str) -> list[Any] | None:
