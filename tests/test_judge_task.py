@@ -161,7 +161,7 @@ def test_training_moves_the_head_toward_the_labels_and_the_judge_loads_back(tmp_
     task = build_task(validate_recipe(judge_recipe(tmp_path, tiny_lm)), run_dir=tmp_path / "probe")
     task.setup()
     labels = task.labels["train"]
-    trained, untrained = judge.score(*args), task.scores(None, split="train")
+    trained, untrained = judge.score(*args), task.scores(task.judge.head, split="train")
     assert (trained - labels).abs().mean() < 0.5 * (untrained - labels).abs().mean()
     eval_scores = judge.score(*[[r[k] for r in records(True)] for k in ("instruction", "response")])
     assert table["student (after)"]["mean_score"] == pytest.approx(float(eval_scores.mean()), abs=1e-4)

@@ -100,11 +100,13 @@ class JudgeTask(Task):
         self.judge = SelfJudge(self.teacher, self.tokenizer, system=r.data.system, rank=rank)
         embed = minilm_embedder()
         self.views: dict[str, dict[str, torch.Tensor]] = {}
+        self.self_eval: dict[str, torch.Tensor] = {}  # the teacher's score: the LM's own, with the reference
         self.labels: dict[str, torch.Tensor] = {}
         for split, rows in (("train", self.train_records), ("eval", self.eval_records)):
             if rows:
                 self.views[split] = self._views(rows, f"data.{split}")
-                self.labels[split] = self._labels(rows, self.views[split]["ref"], embed)
+                self.self_eval[split] = self.judge.scores_from_features(self.views[split]["ref"])
+                self.labels[split] = self._labels(rows, self.self_eval[split], embed)
         self.student = self._build_student(rank)
 
     def _views(self, records: list[dict], field: str) -> dict[str, torch.Tensor]:
@@ -126,14 +128,13 @@ class JudgeTask(Task):
                             f"data.max_length {limit} ({len(over)} records are; the longest {max(lengths)} tokens): "
                             f"the score is read at the prompt's end, so prompts are not cut; raise data.max_length")
 
-    def _labels(self, records: list[dict], ref_features: torch.Tensor, embed: Any) -> torch.Tensor:
+    def _labels(self, records: list[dict], self_eval: torch.Tensor, embed: Any) -> torch.Tensor:
         """Self-J's labels: the teacher's reference-guided score recalibrated by cosine(response, reference)."""
         from potstill.data.self_judge import cosine_similarities, recalibrated_label
 
-        self_eval = self.judge.scores_from_features(ref_features).numpy()
         similarity = cosine_similarities([rec["response"] for rec in records], [rec["reference"] for rec in records],
                                          embed)
-        label = recalibrated_label(self_eval, similarity, similarity_weight=self.recipe.data.similarity_weight,
+        label = recalibrated_label(self_eval.numpy(), similarity, similarity_weight=self.recipe.data.similarity_weight,
                                    max_score=self.judge.max_score)
         return torch.as_tensor(label, dtype=torch.float32).reshape(-1)
 
@@ -180,26 +181,20 @@ class JudgeTask(Task):
         return on_views
 
     # ---- evaluation and output
-    def scores(self, model: nn.Module | None, split: str = "eval", view: str = "free") -> torch.Tensor:
-        """Expected scores of `model` (a score head; None: the untrained head, i.e. the LM's own digits) on a
-        split's records, read from one view."""
+    def scores(self, model: nn.Module, split: str = "eval") -> torch.Tensor:
+        """Expected scores of a score head on a split's records, read from the reference-free view."""
         from potstill.losses.self_judge import expected_score
 
-        head = self.judge.head if model is None else model
-        was_training = head.training
-        head.eval()
         with torch.no_grad():
-            features = self.views[split][view].to(next(head.parameters()).device)
-            scores = expected_score(head(features)).float().cpu()
-        head.train(was_training)
-        return scores
+            features = self.views[split]["free"].to(next(model.parameters()).device)
+            return expected_score(model(features)).float().cpu()
 
     def evaluate(self, model: nn.Module, *, role: str = "student") -> dict[str, float]:
         from potstill.eval.judge import judge_metrics
 
         if not self.eval_records:
             return {}
-        scores = self.scores(None, view="ref") if role == "teacher" else self.scores(model)
+        scores = self.self_eval["eval"] if role == "teacher" else self.scores(model)
         records = self.eval_records
         groups = column(records, "group") or [rec["instruction"] for rec in records]
         return judge_metrics(scores.numpy(), quality=column(records, "quality"), correct=column(records, "correct"),
