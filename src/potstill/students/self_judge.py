@@ -128,18 +128,22 @@ class SelfJudge:
 
 def load_judge(folder: str | Path, model=None, tokenizer=None) -> SelfJudge:
     """The judge a `task: judge` run saved (`<run>/student`): its score head on the judging LM named there (or
-    `model` / `tokenizer`, the same LM already loaded), with the run's system turn."""
+    `model`, the same LM already loaded) with the tokenizer saved there (or `tokenizer`), and the run's system
+    turn."""
     from potstill.students.save import load_factory_student
 
     spec = json.loads((Path(folder) / "potstill_student.json").read_text())
-    if model is None or tokenizer is None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if model is None:
+        from transformers import AutoModelForCausalLM
 
         from potstill.students.loading import resolve_model_path
 
         path = resolve_model_path(spec["judge_model"], field=f"{folder}: judge_model")  # builtin:, folder or hub id
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)  # saved with the head
     token_ids = score_token_ids(tokenizer, int(spec["kwargs"]["num_scores"]) - 1)
     if token_ids != spec["score_token_ids"]:
         raise UserError(f"{folder}: the head was trained on score tokens {spec['score_token_ids']}, this tokenizer "
