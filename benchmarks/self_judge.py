@@ -93,15 +93,20 @@ def closeness(reply: str, gold: int) -> tuple[float, bool]:
     return max(0.0, 1.0 - abs(pred - gold) / max(abs(gold), 1)), pred == gold
 
 
+def seed_replies(seed: int, args: argparse.Namespace, model, tok) -> dict[str, tuple[list[tuple[str, int]], list[str]]]:
+    """split ("train", "test") → (its disjoint questions, args.n sampled replies to each): what a seed judges."""
+    rng, seen = random.Random(seed), set()
+    splits = {"train": problems(rng, args.train, seen), "test": problems(rng, args.test, seen)}
+    return {split: (items, sample_replies(model, tok, [e for e, _ in items], args.n, seed * 1000 + (split == "test")))
+            for split, items in splits.items()}
+
+
 def write_data(out: Path, seed: int, args: argparse.Namespace, model, tok) -> None:
     """`task: judge` records of this seed's questions: train.jsonl (instruction, response, reference) and eval.jsonl
-    (also quality, correct and group), the data of recipes/smollm2-self-judge.yaml."""
-    rng, seen = random.Random(seed), set()
-    splits = {"train": problems(rng, args.train, seen), "eval": problems(rng, args.test, seen)}
+    (the test questions; also quality, correct and group), the data of recipes/smollm2-self-judge.yaml."""
     out.mkdir(parents=True, exist_ok=True)
-    for split, items in splits.items():
-        exprs = [e for e, _ in items]
-        replies = sample_replies(model, tok, exprs, args.n, seed * 1000 + (split == "eval"))
+    for split, (items, replies) in seed_replies(seed, args, model, tok).items():
+        split = "eval" if split == "test" else split
         rows = []
         for i, reply in enumerate(replies):
             expr, gold = items[i // args.n]
@@ -116,13 +121,10 @@ def write_data(out: Path, seed: int, args: argparse.Namespace, model, tok) -> No
 
 def run_seed(seed: int, args: argparse.Namespace, model, tok, embed) -> dict[str, Any]:
     started = time.perf_counter()
-    rng, seen = random.Random(seed), set()
-    splits = {"train": problems(rng, args.train, seen), "test": problems(rng, args.test, seen)}
     judge = SelfJudge(model, tok, system=SYSTEM, rank=args.rank)
     data: dict[str, dict[str, Any]] = {}
-    for split, items in splits.items():
+    for split, (items, replies) in seed_replies(seed, args, model, tok).items():
         exprs = [e for e, _ in items]
-        replies = sample_replies(model, tok, exprs, args.n, seed * 1000 + (split == "test"))
         golds = [g for _, g in items for _ in range(args.n)]
         questions = [f"What is {e}?" for e in exprs for _ in range(args.n)]
         refs = [f"{e} = {g}" for e, g in items for _ in range(args.n)]
