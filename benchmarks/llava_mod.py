@@ -15,8 +15,8 @@ Setup (every run is a packaged recipe through `potstill.train.run_recipe`, what 
 - Stage 2, `recipes/smollm2-moe-dpo.yaml` as shipped, from each seed's MoE student: "dpo" = dpo_teacher_ref
   (sigmoid DPO, β 0.1, the teacher as reference) on `builtin:bbc-continuations` pairs, 100 steps of 8 pairs;
   "mimic" = the same run with forward_kl to the teacher on the chosen completions instead (equal data and steps);
-  "dpo+klW" = DPO with forward_kl on the chosen completions beside it at weight W, an anchor that keeps the
-  student a language model while DPO moves its preferences (as RPO adds an NLL term to DPO).
+  "dpo+klW" = the recipe's DPO with forward_kl on the chosen completions beside it at weight W, an anchor that keeps
+  the student a language model while DPO moves its preferences (as RPO adds an NLL term to DPO).
 - Scores: the LM suite (`potstill eval --suite lm`: perplexity, KL and top-1 agreement on Lee / Newsgroups /
   fortunes; continuation and QA multiple choice), none of it BBC text; stage 2 also the held-out preference
   accuracy on 100 validation pairs (log p(chosen) > log p(rejected)) from the run's own table.
@@ -82,8 +82,8 @@ def stage_recipe(path: Path, variant: str, *, seed: int, out: Path, args: argpar
         if variant == "mimic":
             sets.append('objectives=[{"name": "forward_kl"}]')
         elif variant.startswith(ANCHORED):
-            objectives = [{"name": "dpo_teacher_ref", "params": {"beta": 0.1}},
-                          {"name": "forward_kl", "weight": float(variant[len(ANCHORED):])}]
+            shipped = [o.model_dump(exclude_defaults=True) for o in load_recipe(path).objectives]
+            objectives = shipped + [{"name": "forward_kl", "weight": float(variant[len(ANCHORED):])}]
             sets.append(f"objectives={json.dumps(objectives)}")
     return load_recipe(path, sets)
 
