@@ -20,7 +20,7 @@ the text?" greedily (≤ 16 new tokens); answers are parsed (`parse_answer`) and
 micro F1 (`potstill.eval.ner`) against the teacher's labels, for the untrained student (zero-shot) and the trained one.
 
 Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2] [--lr 2e-4]
-       [--train-sources bbc [wikipedia]] [--threads 2] [--out runs/universal_ner]
+       [--train-sources bbc [wikipedia]] [--threads 2] [--seed 0] [--out runs/universal_ner]
        python benchmarks/universal_ner.py --write-recipe-data    # rewrites src/potstill/recipes/universal-ner/
 """
 
@@ -206,6 +206,8 @@ def main() -> None:
                         help="where training passages come from (alternating); held-out is always Lee + newsgroups")
     parser.add_argument("--lr", type=float, default=None, help="the recipe's trainer.lr unless given")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed and the conversations' (turn order, "
+                        "negative types)")
     parser.add_argument("--skip-zero-shot", action="store_true")
     parser.add_argument("--student", default=None,
                         help="score this trained student folder (same --out data) instead of training one")
@@ -213,7 +215,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/universal_ner")
     args = parser.parse_args()
     if args.write_recipe_data:
-        print(write_data(RECIPE_DATA, train=args.train, heldout=args.heldout, negatives=args.negatives))
+        print(write_data(RECIPE_DATA, train=args.train, heldout=args.heldout, negatives=args.negatives,
+                         seed=args.seed, sources=tuple(args.train_sources)))
         return
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,7 +229,7 @@ def main() -> None:
     started = time.perf_counter()
     out = Path(args.out).resolve()
     data = write_data(out / "data", train=args.train, heldout=args.heldout, negatives=args.negatives,
-                      sources=tuple(args.train_sources))
+                      seed=args.seed, sources=tuple(args.train_sources))
     print(data, flush=True)
     held = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
@@ -234,7 +237,7 @@ def main() -> None:
     if not args.skip_zero_shot:
         result["zero_shot"] = score(AutoModelForCausalLM.from_pretrained(smollm2_path()), tokenizer, held)
         print("zero-shot", result["zero_shot"], flush=True)
-    recipe = load_recipe(RECIPE, [f"output_dir={out / 'runs'}", f"trainer.max_steps={args.steps}",
+    recipe = load_recipe(RECIPE, [f"output_dir={out / 'runs'}", f"trainer.max_steps={args.steps}", f"seed={args.seed}",
                                   f"trainer.num_threads={args.threads}",
                                   f"data.train.path={out / 'data' / 'train.jsonl'}",
                                   f"data.eval.path={out / 'data' / 'eval.jsonl'}",
