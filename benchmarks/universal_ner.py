@@ -106,16 +106,21 @@ def passages_of(texts: list[str], *, limit: int, max_chars: int = 400) -> list[s
     return out
 
 
-TRAIN_SOURCES = ("bbc", "wikipedia")
+TRAIN_SOURCES = ("bbc", "wikipedia", "lee-background")
 
 
 def training_texts(source: str) -> list[str]:
     """The documents training passages are cut from: BBC News train-split articles (every 7th article first, so
-    that all five topics come in early) or the paragraphs of the Wikipedia dump in gensim's test data."""
+    that all five topics come in early), the paragraphs of the Wikipedia dump in gensim's test data, or the 300
+    Lee background news documents (the same Australian newswire as the held-out Lee passages, other articles)."""
     if source == "wikipedia":
         from potstill.data.general import wiki_paragraphs
 
         return wiki_paragraphs()
+    if source == "lee-background":
+        from potstill.data.general import lee_background
+
+        return lee_background()
     from potstill.data.loaders import builtin_records
 
     bbc = [r["text"] for r in builtin_records("bbc", "train")]

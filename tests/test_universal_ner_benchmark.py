@@ -31,3 +31,10 @@ def test_training_passages_alternate_between_sources_and_leave_out_held_out_ones
     assert held_again == held and len(held) == 4
     assert mixed == [bbc[0], wiki[0], bbc[1], wiki[1], bbc[2], wiki[2], bbc[3]]
     assert not set(mixed) & set(held)
+
+
+def test_lee_background_passages_are_other_articles_than_the_held_out_lee_ones():
+    mixed, held = bench.corpora(6, 80, ("bbc", "wikipedia", "lee-background"))
+    background = bench.passages_of(bench.training_texts("lee-background"), limit=2)
+    assert mixed[2::3] == background
+    assert not set(bench.passages_of(bench.training_texts("lee-background"), limit=5000)) & set(held)
