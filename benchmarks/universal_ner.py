@@ -8,9 +8,10 @@ itself by construction, and no independent gold exists here, so the student's F1
 the measure (the paper's "targeted distillation" question: how much of the teacher's skill the student keeps).
 
 Data: training passages from BBC News articles (`builtin:bbc` train split, two sentences per passage, ≤ 400
-characters), or with `--train-sources bbc wikipedia` alternately from those and from the Wikipedia dump in gensim's
-test data (more surface forms: "August 27", "per cent"); held-out passages from other sources: the Lee news
-corpus and 20 Newsgroups posts (the LM suite's texts, `potstill.data.lm_suite_sources`). Conversations:
+characters), or with `--train-sources bbc wikipedia [lee-background]` alternately from those, the Wikipedia dump
+in gensim's test data (more surface forms: "August 27", "per cent") and the Lee background news (other articles of
+the held-out Lee newswire); held-out passages from other sources: the 50 rated Lee news documents and 20 Newsgroups
+posts (the LM suite's texts, `potstill.data.lm_suite_sources`). Conversations:
 `universal_ner_conversations` (one turn per type present, `--negatives` absent types drawn by frequency, answer
 []). Student: SmolLM2-135M-Instruct fine-tuned with the loss on assistant turns only
 (`recipes/smollm2-universal-ner.yaml`: causal_lm, data.format messages, no teacher model).
@@ -20,7 +21,7 @@ the text?" greedily (≤ 16 new tokens); answers are parsed (`parse_answer`) and
 micro F1 (`potstill.eval.ner`) against the teacher's labels, for the untrained student (zero-shot) and the trained one.
 
 Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2] [--lr 2e-4]
-       [--train-sources bbc [wikipedia]] [--threads 2] [--seed 0] [--out runs/universal_ner]
+       [--train-sources bbc [wikipedia] [lee-background]] [--threads 2] [--seed 0] [--out runs/universal_ner]
        python benchmarks/universal_ner.py --write-recipe-data    # rewrites src/potstill/recipes/universal-ner/
 """
 
@@ -127,18 +128,21 @@ def training_texts(source: str) -> list[str]:
     return bbc[::7] + [t for k, t in enumerate(bbc) if k % 7]
 
 
-def corpora(train: int, heldout: int, sources: tuple[str, ...] = ("bbc",)) -> tuple[list[str], list[str]]:
-    """(training passages, held-out passages). With several `sources` the training passages alternate between
-    them, an equal share each (the first sources take the remainder)."""
+def held_out(heldout: int) -> list[tuple[str, str]]:
+    """(source, passage) of the held-out passages: half from the 50 rated Lee documents, then newsgroup posts."""
     from potstill.data.lm_suite_sources import source_texts
 
     half = heldout // 2
-    held = passages_of(source_texts("lee"), limit=half) + passages_of(source_texts("newsgroups"),
-                                                                      limit=heldout - half)
+    return [(source, p) for source, limit in (("lee", half), ("newsgroups", heldout - half))
+            for p in passages_of(source_texts(source), limit=limit)]
+
+
+def training_passages(train: int, sources: tuple[str, ...] = ("bbc",)) -> list[str]:
+    """`train` passages; with several `sources` they alternate between them, an equal share each (the first
+    sources take the remainder)."""
     shares = [passages_of(training_texts(s), limit=train // len(sources) + (k < train % len(sources)))
               for k, s in enumerate(sources)]
-    mixed = [share[i] for i in range(max(map(len, shares), default=0)) for share in shares if i < len(share)]
-    return mixed, held
+    return [share[i] for i in range(max(map(len, shares), default=0)) for share in shares if i < len(share)]
 
 
 def annotate(passages: list[str], source: str) -> list[dict[str, list[str]]]:
@@ -158,14 +162,15 @@ def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: 
     and heldout.jsonl (passage + teacher labels) in `folder`."""
     from potstill.data.universal_ner import universal_ner_conversations
 
-    train_passages, held = corpora(train, heldout, sources)
+    train_passages, sourced = training_passages(train, sources), held_out(heldout)
+    held = [p for _, p in sourced]
     train_labels, held_labels = annotate(train_passages, "training"), annotate(held, "heldout")
     write_jsonl(folder / "train.jsonl", universal_ner_conversations(train_passages, train_labels,
                                                                     negatives=negatives, seed=seed))
     write_jsonl(folder / "eval.jsonl", universal_ner_conversations(held, held_labels, negatives=negatives,
                                                                    seed=seed + 1))
-    write_jsonl(folder / "heldout.jsonl", [{"passage": p, "entities": e} for p, e in zip(held, held_labels,
-                                                                                           strict=True)])
+    write_jsonl(folder / "heldout.jsonl", [{"passage": p, "source": src, "entities": e}
+                                           for (src, p), e in zip(sourced, held_labels, strict=True)])
     count = lambda labels: sum(len(m) for e in labels for m in e.values())  # noqa: E731
     return {"train_passages": len(train_passages), "train_mentions": count(train_labels),
             "heldout_passages": len(held), "heldout_mentions": count(held_labels)}
@@ -197,8 +202,13 @@ def score(model: Any, tokenizer: Any, held: list[dict]) -> dict[str, Any]:
 
     predicted = predict(model, tokenizer, [h["passage"] for h in held])
     reference = [h["entities"] for h in held]
+    sources = [h.get("source", "?") for h in held]
+    per_source = {src: round(entity_f1([p for p, s in zip(predicted, sources, strict=True) if s == src],
+                                       [r for r, s in zip(reference, sources, strict=True) if s == src])["f1"], 3)
+                  for src in dict.fromkeys(sources)}
     return {**entity_f1(predicted, reference), "per_type": {t: round(s["f1"], 3) for t, s in
-                                                            per_type(predicted, reference).items()}}
+                                                            per_type(predicted, reference).items()},
+            "per_source": per_source, "predicted": predicted}
 
 
 def main() -> None:
@@ -267,6 +277,7 @@ def main() -> None:
             print(f"{name:<28}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}{r['tp']:>5}{r['fp']:>5}"
                   f"{r['fn']:>5}")
     print("student per type:", result["student"]["per_type"])
+    print("student per held-out source:", result["student"]["per_source"])
     print(f"total {result['seconds']:.0f} s (training {result['train_seconds']:.0f} s)")
 
 

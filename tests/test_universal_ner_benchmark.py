@@ -25,16 +25,25 @@ def test_passages_pair_consecutive_sentences_within_bounds():
 
 
 def test_training_passages_alternate_between_sources_and_leave_out_held_out_ones():
-    bbc, held = bench.corpora(6, 4)
-    mixed, held_again = bench.corpora(7, 4, ("bbc", "wikipedia"))
+    bbc, held = bench.training_passages(6), bench.held_out(4)
+    mixed = bench.training_passages(7, ("bbc", "wikipedia"))
     wiki = bench.passages_of(bench.training_texts("wikipedia"), limit=3)
-    assert held_again == held and len(held) == 4
+    assert [source for source, _ in held] == ["lee", "lee", "newsgroups", "newsgroups"]
     assert mixed == [bbc[0], wiki[0], bbc[1], wiki[1], bbc[2], wiki[2], bbc[3]]
-    assert not set(mixed) & set(held)
+    assert not set(mixed) & {p for _, p in held}
 
 
 def test_lee_background_passages_are_other_articles_than_the_held_out_lee_ones():
-    mixed, held = bench.corpora(6, 80, ("bbc", "wikipedia", "lee-background"))
-    background = bench.passages_of(bench.training_texts("lee-background"), limit=2)
-    assert mixed[2::3] == background
-    assert not set(bench.passages_of(bench.training_texts("lee-background"), limit=5000)) & set(held)
+    mixed = bench.training_passages(6, ("bbc", "wikipedia", "lee-background"))
+    background = bench.passages_of(bench.training_texts("lee-background"), limit=5000)
+    assert mixed[2::3] == background[:2]
+    assert not set(background) & {p for _, p in bench.held_out(80)}
+
+
+def test_scores_split_by_held_out_source(monkeypatch):
+    held = [{"passage": "a", "source": "lee", "entities": {"city": ["Paris"]}},
+            {"passage": "b", "source": "newsgroups", "entities": {"city": ["Rome"]}}]
+    monkeypatch.setattr(bench, "predict", lambda model, tokenizer, passages: [{"city": ["Paris"]}, {"city": []}])
+    scores = bench.score(None, None, held)
+    assert scores["per_source"] == {"lee": 1.0, "newsgroups": 0.0}
+    assert (scores["tp"], scores["fn"], scores["f1"]) == (1, 1, 2 / 3)
