@@ -20,8 +20,9 @@ Evaluation: for every held-out passage and every one of the 8 types, the student
 the text?" greedily (≤ 16 new tokens); answers are parsed (`parse_answer`) and scored with strict (type, mention)
 micro F1 (`potstill.eval.ner`) against the teacher's labels, for the untrained student (zero-shot) and the trained one.
 
-Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2] [--lr 2e-4]
-       [--train-sources bbc [wikipedia] [lee-background]] [--threads 2] [--seed 0] [--out runs/universal_ner]
+Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2] [--lr 3e-4]
+       [--train-sources bbc [wikipedia] [lee-background]] [--threads 2] [--seed 0] [--max-length N]
+       [--out runs/universal_ner]
        python benchmarks/universal_ner.py --write-recipe-data    # rewrites src/potstill/recipes/universal-ner/
 """
 
@@ -221,6 +222,7 @@ def main() -> None:
                         help="where training passages come from (alternating); held-out is always Lee + newsgroups")
     parser.add_argument("--lr", type=float, default=None, help="the recipe's trainer.lr unless given")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=None, help="the recipe's data.max_length unless given")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed and the conversations' (turn order, "
                         "negative types)")
     parser.add_argument("--skip-zero-shot", action="store_true")
@@ -256,7 +258,8 @@ def main() -> None:
                                   f"trainer.num_threads={args.threads}",
                                   f"data.train.path={out / 'data' / 'train.jsonl'}",
                                   f"data.eval.path={out / 'data' / 'eval.jsonl'}",
-                                  *([f"trainer.lr={args.lr}"] if args.lr is not None else [])])
+                                  *([f"trainer.lr={args.lr}"] if args.lr is not None else []),
+                                  *([f"data.max_length={args.max_length}"] if args.max_length is not None else [])])
     result["train_seconds"] = 0.0
     if args.student is None:
         train_started = time.perf_counter()
