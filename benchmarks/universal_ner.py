@@ -203,7 +203,7 @@ def score(model: Any, tokenizer: Any, held: list[dict]) -> dict[str, Any]:
 
     predicted = predict(model, tokenizer, [h["passage"] for h in held])
     reference = [h["entities"] for h in held]
-    sources = [h.get("source", "?") for h in held]
+    sources = [h["source"] for h in held]
     per_source = {src: round(entity_f1([p for p, s in zip(predicted, sources, strict=True) if s == src],
                                        [r for r, s in zip(reference, sources, strict=True) if s == src])["f1"], 3)
                   for src in dict.fromkeys(sources)}
