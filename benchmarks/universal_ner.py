@@ -158,14 +158,19 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: int = 0,
-               sources: tuple[str, ...] = ("bbc",)) -> dict[str, Any]:
+               sources: tuple[str, ...] = ("bbc",), pool: int | None = None,
+               empty_share: float = 0.2) -> dict[str, Any]:
     """train.jsonl (conversations), eval.jsonl (conversations of the held-out passages, for the run's perplexity)
-    and heldout.jsonl (passage + teacher labels) in `folder`."""
-    from potstill.data.universal_ner import universal_ner_conversations
+    and heldout.jsonl (passage + teacher labels) in `folder`. With `pool`, the teacher labels that many training
+    passages and `train` of them are chosen type-balanced (`select_passages_by_type`); else the first `train`."""
+    from potstill.data.universal_ner import select_passages_by_type, universal_ner_conversations
 
-    train_passages, sourced = training_passages(train, sources), held_out(heldout)
+    train_passages, sourced = training_passages(pool or train, sources), held_out(heldout)
     held = [p for _, p in sourced]
     train_labels, held_labels = annotate(train_passages, "training"), annotate(held, "heldout")
+    if pool:
+        chosen = select_passages_by_type(train_labels, train, empty_share=empty_share, seed=seed)
+        train_passages, train_labels = [train_passages[k] for k in chosen], [train_labels[k] for k in chosen]
     write_jsonl(folder / "train.jsonl", universal_ner_conversations(train_passages, train_labels,
                                                                     negatives=negatives, seed=seed))
     write_jsonl(folder / "eval.jsonl", universal_ner_conversations(held, held_labels, negatives=negatives,
@@ -220,6 +225,10 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=2)
     parser.add_argument("--train-sources", nargs="+", choices=TRAIN_SOURCES, default=["bbc"],
                         help="where training passages come from (alternating); held-out is always Lee + newsgroups")
+    parser.add_argument("--pool", type=int, default=None,
+                        help="label this many training passages and keep --train of them, the types balanced")
+    parser.add_argument("--empty-share", type=float, default=0.2,
+                        help="with --pool: the share of kept passages without any mention")
     parser.add_argument("--lr", type=float, default=None, help="the recipe's trainer.lr unless given")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=None, help="the recipe's data.max_length unless given")
@@ -233,7 +242,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.write_recipe_data:
         print(write_data(RECIPE_DATA, train=args.train, heldout=args.heldout, negatives=args.negatives,
-                         seed=args.seed, sources=tuple(args.train_sources)))
+                         seed=args.seed, sources=tuple(args.train_sources), pool=args.pool,
+                         empty_share=args.empty_share))
         return
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,7 +256,8 @@ def main() -> None:
     started = time.perf_counter()
     out = Path(args.out).resolve()
     data = write_data(out / "data", train=args.train, heldout=args.heldout, negatives=args.negatives,
-                      seed=args.seed, sources=tuple(args.train_sources))
+                      seed=args.seed, sources=tuple(args.train_sources), pool=args.pool,
+                      empty_share=args.empty_share)
     print(data, flush=True)
     held = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())

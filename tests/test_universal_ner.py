@@ -15,6 +15,7 @@ from potstill.data.universal_ner import (
     parse_answer,
     parse_teacher_entities,
     sample_negative_types,
+    select_passages_by_type,
     type_frequencies,
     universal_ner_conversations,
 )
@@ -49,6 +50,25 @@ def test_negatives_are_drawn_by_type_frequency():
     # weekday has weight 2 of 4: about half the single draws
     assert abs(draws["weekday"] / 4000 - 0.5) < 0.03 and abs(draws["money"] / 4000 - 0.25) < 0.03
     assert sorted(sample_negative_types({"city"}, freq, 9, rng)) == ["money", "person", "weekday"]
+
+
+def test_passage_selection_takes_the_rare_types_first_then_empty_passages():
+    pool = [{"date": ["May 1"]}, {"country": ["Peru"]}, {"country": ["Chad"], "city": ["Lima"]}, {}, {"year": []},
+            {"country": ["Fiji"]}]
+    for seed in range(6):
+        chosen = select_passages_by_type(pool, 4, empty_share=0.25, seed=seed)
+        # one turn each for city (passage 2) and date (0), the rarest, then country: 2 is taken, so 1 or 5;
+        # then one of the two passages without a mention (4 has a type with no mention: empty)
+        assert chosen == sorted(chosen) and len(chosen) == 4
+        assert {0, 2} <= set(chosen) and len({1, 5} & set(chosen)) == 1 and len({3, 4} & set(chosen)) == 1
+    assert select_passages_by_type(pool, 4, empty_share=0.25, seed=3) == select_passages_by_type(
+        pool, 4, empty_share=0.25, seed=3)
+    short = select_passages_by_type(pool, 5, empty_share=0.0)   # 4 passages hold a mention: an empty one fills
+    assert short[:3] == [0, 1, 2] and short[4] == 5 and short[3] in (3, 4)
+    assert len(select_passages_by_type(pool, 9)) == 6
+    assert select_passages_by_type(pool, 2, empty_share=1.0) == [3, 4]
+    with pytest.raises(UserError, match="empty_share is 1.5"):
+        select_passages_by_type(pool, 2, empty_share=1.5)
 
 
 def test_labels_count_only_the_assistant_turns():

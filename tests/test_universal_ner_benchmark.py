@@ -47,3 +47,16 @@ def test_scores_split_by_held_out_source(monkeypatch):
     scores = bench.score(None, None, held)
     assert scores["per_source"] == {"lee": 1.0, "newsgroups": 0.0}
     assert (scores["tp"], scores["fn"], scores["f1"]) == (1, 1, 2 / 3)
+
+
+def test_write_data_keeps_a_type_balanced_share_of_a_labelled_pool(tmp_path):
+    plain = bench.write_data(tmp_path / "plain", train=40, heldout=2, negatives=7, sources=("bbc", "wikipedia"))
+    balanced = bench.write_data(tmp_path / "bal", train=40, heldout=2, negatives=7, sources=("bbc", "wikipedia"),
+                                pool=400, empty_share=0.25)
+    assert plain["train_passages"] == balanced["train_passages"] == 40
+    records = [json.loads(line) for line in (tmp_path / "bal" / "train.jsonl").read_text().splitlines()]
+    empty = [r for r in records if all(m["content"] == "[]" for m in r["messages"][3::2])]
+    assert len(empty) == 10                                  # a quarter of the 40 passages hold no mention
+    assert balanced["train_mentions"] > plain["train_mentions"]
+    pool = set(bench.training_passages(400, ("bbc", "wikipedia")))
+    assert {r["messages"][0]["content"].removeprefix("Text: ") for r in records} <= pool

@@ -93,6 +93,44 @@ def universal_ner_conversations(passages: Sequence[str], annotations: Sequence[M
     return records
 
 
+def select_passages_by_type(annotations: Sequence[Mapping[str, Sequence[str]]], n: int, *,
+                            empty_share: float = 0.2, seed: int = 0) -> list[int]:
+    """Indices of `n` passages of a labelled pool, chosen so that rare types are seen as often as common ones.
+
+    Not in the paper (it annotates random passages at a scale where every type recurs): at small scale most
+    passages of a random sample hold no mention and the rare types a handful, so the student learns to answer
+    [] for them. Here the types take turns, rarest first: each turn picks the next passage (in a seeded shuffle)
+    that holds that type and is not chosen yet, until `n` minus the empty share is reached or every type's
+    passages are used up; then passages without any mention fill the rest (about `empty_share` of `n`, so the
+    student still sees texts with nothing to extract). Returned in pool order; fewer than `n` when the pool is
+    short of passages."""
+    if not 0.0 <= empty_share <= 1.0:
+        raise UserError(f"universal_ner: empty_share is {empty_share}; expected a fraction in [0, 1]")
+    rng = random.Random(seed)
+    order = list(range(len(annotations)))
+    rng.shuffle(order)
+    by_type: dict[str, list[int]] = {}
+    empty: list[int] = []
+    for k in order:
+        present = [t for t, m in annotations[k].items() if m]
+        for t in present:
+            by_type.setdefault(t, []).append(k)
+        if not present:
+            empty.append(k)
+    chosen: set[int] = set()
+    queues = {t: iter(ks) for t, ks in sorted(by_type.items(), key=lambda item: (len(item[1]), item[0]))}
+    rich = n - round(n * empty_share)
+    while queues and len(chosen) < rich:
+        for t in list(queues):
+            pick = next((k for k in queues[t] if k not in chosen), None)
+            if pick is None:
+                del queues[t]
+            elif len(chosen) < rich:
+                chosen.add(pick)
+    chosen.update(empty[:n - len(chosen)])
+    return sorted(chosen)
+
+
 def query_messages(passage: str, entity_type: str) -> list[dict[str, str]]:
     """The prompt asking a trained student for one type's mentions (the answer follows the generation prompt)."""
     return [{"role": "user", "content": text_turn(passage)}, {"role": "assistant", "content": ACKNOWLEDGEMENT},
