@@ -12,6 +12,7 @@ from test_causal_lm import make_tokenizer
 from potstill.data.lm_records import LMRecordEncoder
 from potstill.data.universal_ner import (
     ACKNOWLEDGEMENT,
+    mentions_in_passage,
     parse_answer,
     parse_teacher_entities,
     sample_negative_types,
@@ -99,6 +100,13 @@ def test_student_answers_are_read_leniently():
     assert parse_answer('x [oops] then ["$5"]') == ["$5"]
     assert parse_answer("none") == [] and parse_answer('["unterminated') == []
     assert json.loads(json.dumps(parse_answer("[]"))) == []
+
+
+def test_only_mentions_written_in_the_passage_are_kept():
+    passage = "Prices rose 19 per cent in Paris on Monday."
+    answered = ["19%", "19 per cent", "Paris", "paris", "Monday", "Tuesday"]
+    assert mentions_in_passage(answered, passage) == ["19 per cent", "Paris", "Monday"]
+    assert mentions_in_passage([], passage) == []
 
 
 def test_entity_f1_by_hand():

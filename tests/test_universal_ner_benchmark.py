@@ -41,12 +41,17 @@ def test_lee_background_passages_are_other_articles_than_the_held_out_lee_ones()
 
 
 def test_scores_split_by_held_out_source(monkeypatch):
-    held = [{"passage": "a", "source": "lee", "entities": {"city": ["Paris"]}},
-            {"passage": "b", "source": "newsgroups", "entities": {"city": ["Rome"]}}]
-    monkeypatch.setattr(bench, "predict", lambda model, tokenizer, passages: [{"city": ["Paris"]}, {"city": []}])
+    held = [{"passage": "In Paris.", "source": "lee", "entities": {"city": ["Paris"]}},
+            {"passage": "In Rome.", "source": "newsgroups", "entities": {"city": ["Rome"]}}]
+    answers = [{"city": ["Paris", "Lyon"]}, {"city": []}]
+    monkeypatch.setattr(bench, "predict", lambda model, tokenizer, passages: answers)
     scores = bench.score(None, None, held)
-    assert scores["per_source"] == {"lee": 1.0, "newsgroups": 0.0}
-    assert (scores["tp"], scores["fn"], scores["f1"]) == (1, 1, 2 / 3)
+    assert scores["per_source"] == {"lee": 0.667, "newsgroups": 0.0}
+    assert (scores["tp"], scores["fp"], scores["fn"]) == (1, 1, 1)
+    extractive = scores["extractive"]  # "Lyon" is not in its passage, so only the filtered scores drop it
+    assert (extractive["tp"], extractive["fp"], extractive["fn"], extractive["f1"]) == (1, 0, 1, 2 / 3)
+    assert extractive["per_source"] == {"lee": 1.0, "newsgroups": 0.0}
+    assert scores["predicted"] == answers
 
 
 def test_write_data_keeps_a_type_balanced_share_of_a_labelled_pool(tmp_path):

@@ -20,7 +20,8 @@ lr 2e-5, cosine, 4 % warm-up, max length 1024) are for its scale; the recipe her
 
 The teacher's answer is parsed by `parse_teacher_entities`: a JSON list of [mention, type] pairs (or
 {"entity", "type"} objects), the format the paper prompts for; anything else is a `UserError` naming the passage.
-`parse_answer` reads a student's answer to one question (a JSON list of strings; unreadable → no mentions).
+`parse_answer` reads a student's answer to one question (a JSON list of strings; unreadable → no mentions);
+`mentions_in_passage` keeps the ones that occur in the passage.
 """
 
 from __future__ import annotations
@@ -166,6 +167,13 @@ def parse_teacher_entities(text: str, *, where: str) -> Entities:
             raise UserError(f"{where}: item {k} of the teacher's answer needs a non-empty mention and type (strings)")
         out.setdefault(entity_type.strip().lower(), []).append(mention.strip())
     return {t: unique(m) for t, m in out.items()}
+
+
+def mentions_in_passage(mentions: Sequence[str], passage: str) -> list[str]:
+    """The mentions that occur verbatim in `passage`: extractive decoding's constraint applied after generation
+    (not in the paper, which scores the raw answers). It drops invented or rewritten spans ("19%" for "19 per
+    cent") and can drop no correct one when the reference mentions are spans of the text."""
+    return [m for m in mentions if m in passage]
 
 
 def parse_answer(text: str) -> list[str]:
