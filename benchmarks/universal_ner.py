@@ -23,8 +23,8 @@ the "extractive" rows score the same answers after `mentions_in_passage` drops e
 passage (post-processing, not in the paper, which scores the raw answers: the raw rows are the headline).
 
 Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2] [--lr 3e-4]
-       [--train-sources bbc [wikipedia] [lee-background]] [--threads 2] [--seed 0] [--max-length N]
-       [--out runs/universal_ner]
+       [--train-sources bbc [wikipedia] [lee-background]] [--pool N [--empty-share 0.2] [--forms]] [--threads 2]
+       [--seed 0] [--max-length N] [--out runs/universal_ner]
        python benchmarks/universal_ner.py --write-recipe-data    # rewrites src/potstill/recipes/universal-ner/
 """
 
@@ -161,17 +161,19 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: int = 0,
                sources: tuple[str, ...] = ("bbc",), pool: int | None = None,
-               empty_share: float = 0.2) -> dict[str, Any]:
+               empty_share: float = 0.2, forms: bool = False) -> dict[str, Any]:
     """train.jsonl (conversations), eval.jsonl (conversations of the held-out passages, for the run's perplexity)
     and heldout.jsonl (passage + teacher labels) in `folder`. With `pool`, the teacher labels that many training
-    passages and `train` of them are chosen type-balanced (`select_passages_by_type`); else the first `train`."""
+    passages and `train` of them are chosen type-balanced (`select_passages_by_type`, with `forms` each type's
+    surface forms balanced too); else the first `train`."""
     from potstill.data.universal_ner import select_passages_by_type, universal_ner_conversations
 
     train_passages, sourced = training_passages(pool or train, sources), held_out(heldout)
     held = [p for _, p in sourced]
     train_labels, held_labels = annotate(train_passages, "training"), annotate(held, "heldout")
     if pool:
-        chosen = select_passages_by_type(train_labels, train, empty_share=empty_share, seed=seed)
+        chosen = select_passages_by_type(train_labels, train, empty_share=empty_share, seed=seed,
+                                         forms=forms)
         train_passages, train_labels = [train_passages[k] for k in chosen], [train_labels[k] for k in chosen]
     write_jsonl(folder / "train.jsonl", universal_ner_conversations(train_passages, train_labels,
                                                                     negatives=negatives, seed=seed))
@@ -241,6 +243,8 @@ def main() -> None:
                         help="label this many training passages and keep --train of them, the types balanced")
     parser.add_argument("--empty-share", type=float, default=0.2,
                         help="with --pool: the share of kept passages without any mention")
+    parser.add_argument("--forms", action="store_true",
+                        help="with --pool: within a type, its mentions' surface forms take turns too")
     parser.add_argument("--lr", type=float, default=None, help="the recipe's trainer.lr unless given")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=None, help="the recipe's data.max_length unless given")
@@ -255,7 +259,7 @@ def main() -> None:
     if args.write_recipe_data:
         print(write_data(RECIPE_DATA, train=args.train, heldout=args.heldout, negatives=args.negatives,
                          seed=args.seed, sources=tuple(args.train_sources), pool=args.pool,
-                         empty_share=args.empty_share))
+                         empty_share=args.empty_share, forms=args.forms))
         return
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -269,7 +273,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     data = write_data(out / "data", train=args.train, heldout=args.heldout, negatives=args.negatives,
                       seed=args.seed, sources=tuple(args.train_sources), pool=args.pool,
-                      empty_share=args.empty_share)
+                      empty_share=args.empty_share, forms=args.forms)
     print(data, flush=True)
     held = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())

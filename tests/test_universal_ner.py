@@ -12,6 +12,7 @@ from test_causal_lm import make_tokenizer
 from potstill.data.lm_records import LMRecordEncoder
 from potstill.data.universal_ner import (
     ACKNOWLEDGEMENT,
+    mention_form,
     mentions_in_passage,
     parse_answer,
     parse_teacher_entities,
@@ -70,6 +71,27 @@ def test_passage_selection_takes_the_rare_types_first_then_empty_passages():
     assert select_passages_by_type(pool, 2, empty_share=1.0) == [3, 4]
     with pytest.raises(UserError, match="empty_share is 1.5"):
         select_passages_by_type(pool, 2, empty_share=1.5)
+
+
+def test_mention_forms_keep_the_shape_and_drop_the_words():
+    assert [mention_form(m) for m in ("19 per cent", "19%", "2.5%", "35 percent", "Sept. 11", "27 August 2003",
+                                      "US", "United States", "$5.2bn", "eBay")] == [
+        "0 a a", "0%", "0.0%", "0 a", "Aa. 0", "0 Aa 0", "A", "Aa Aa", "$0.0bn", "eAa"]
+
+
+def test_with_forms_a_types_rare_surface_form_gets_its_own_turn():
+    # percentage: three passages of the form "0%", one of "0 a a"; country: four passages of one form
+    pool = [{"percentage": ["5%"]}, {"percentage": ["7%"]}, {"percentage": ["9%"]},
+            {"percentage": ["19 per cent"]}, {"country": ["Peru"]}, {"country": ["Chad"]}, {"country": ["Fiji"]},
+            {"country": ["Mali"]}]
+    for seed in range(6):
+        # 4 picks, types alternating: two countries and two percentages, the rarer form first
+        chosen = select_passages_by_type(pool, 4, empty_share=0.0, seed=seed, forms=True)
+        assert 3 in chosen and len({0, 1, 2} & set(chosen)) == 1 and len({4, 5, 6, 7} & set(chosen)) == 2
+    # without forms "19 per cent" is only one of four percentage passages, so some seed leaves it out
+    assert any(3 not in select_passages_by_type(pool, 4, empty_share=0.0, seed=seed) for seed in range(6))
+    # a passage with two forms of a type is in both forms' queues, and chosen once
+    assert select_passages_by_type([{"percentage": ["5%", "6 per cent"]}], 3, forms=True) == [0]
 
 
 def test_labels_count_only_the_assistant_turns():

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections import Counter
+import re
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -94,8 +95,15 @@ def universal_ner_conversations(passages: Sequence[str], annotations: Sequence[M
     return records
 
 
+def mention_form(mention: str) -> str:
+    """A mention's surface form: digit runs → "0", capitalised words → "Aa", all-caps words → "A", lower-case
+    words → "a", other characters kept ("19 per cent" → "0 a a", "19%" → "0%", "Sept. 11" → "Aa. 0")."""
+    return re.sub(r"[A-Z][a-z]+", "Aa", re.sub(r"\b[a-z]+\b", "a", re.sub(r"\b[A-Z]+\b", "A",
+                                                                         re.sub(r"\d+", "0", mention))))
+
+
 def select_passages_by_type(annotations: Sequence[Mapping[str, Sequence[str]]], n: int, *,
-                            empty_share: float = 0.2, seed: int = 0) -> list[int]:
+                            empty_share: float = 0.2, seed: int = 0, forms: bool = False) -> list[int]:
     """Indices of `n` passages of a labelled pool, chosen so that rare types are seen as often as common ones.
 
     Not in the paper (it annotates random passages at a scale where every type recurs): at small scale most
@@ -103,29 +111,39 @@ def select_passages_by_type(annotations: Sequence[Mapping[str, Sequence[str]]], 
     [] for them. Here the types take turns, rarest first: each turn picks the next passage (in a seeded shuffle)
     that holds that type and is not chosen yet, until `n` minus the empty share is reached or every type's
     passages are used up; then passages without any mention fill the rest (about `empty_share` of `n`, so the
-    student still sees texts with nothing to extract). Returned in pool order; fewer than `n` when the pool is
-    short of passages."""
+    student still sees texts with nothing to extract). With `forms`, a type's turns go in turn to its mentions'
+    surface forms (`mention_form`), rarest first, so that "19 per cent" is seen beside the common "19%".
+    Returned in pool order; fewer than `n` when the pool is short of passages."""
     if not 0.0 <= empty_share <= 1.0:
         raise UserError(f"universal_ner: empty_share is {empty_share}; expected a fraction in [0, 1]")
     rng = random.Random(seed)
     order = list(range(len(annotations)))
     rng.shuffle(order)
-    by_type: dict[str, list[int]] = {}
+    groups: dict[str, dict[str, list[int]]] = {}
     empty: list[int] = []
     for k in order:
-        present = [t for t, m in annotations[k].items() if m]
-        for t in present:
-            by_type.setdefault(t, []).append(k)
+        present = {t: m for t, m in annotations[k].items() if m}
+        for t, mentions in present.items():
+            for form in dict.fromkeys(mention_form(m) if forms else "" for m in mentions):
+                groups.setdefault(t, {}).setdefault(form, []).append(k)
         if not present:
             empty.append(k)
     chosen: set[int] = set()
-    queues = {t: iter(ks) for t, ks in sorted(by_type.items(), key=lambda item: (len(item[1]), item[0]))}
+    by_rarity = lambda item: (len(item[1]), item[0])  # noqa: E731
+    rotations = {t: deque((f, iter(ks)) for f, ks in sorted(by_form.items(), key=by_rarity))
+                 for t, by_form in sorted(groups.items(), key=lambda item: (len(set().union(*item[1].values())),
+                                                                             item[0]))}
     rich = n - round(n * empty_share)
-    while queues and len(chosen) < rich:
-        for t in list(queues):
-            pick = next((k for k in queues[t] if k not in chosen), None)
+    while rotations and len(chosen) < rich:
+        for t in list(rotations):
+            rotation, pick = rotations[t], None
+            while pick is None and rotation:
+                form, passages = rotation.popleft()
+                pick = next((k for k in passages if k not in chosen), None)
+                if pick is not None:
+                    rotation.append((form, passages))
             if pick is None:
-                del queues[t]
+                del rotations[t]
             elif len(chosen) < rich:
                 chosen.add(pick)
     chosen.update(empty[:n - len(chosen)])
