@@ -95,11 +95,17 @@ def universal_ner_conversations(passages: Sequence[str], annotations: Sequence[M
     return records
 
 
+# applied in this order: digit runs, all-caps words, lower-case words, then capitalised words (also inside a word)
+FORM_RULES = ((re.compile(r"\d+"), "0"), (re.compile(r"\b[A-Z]+\b"), "A"), (re.compile(r"\b[a-z]+\b"), "a"),
+              (re.compile(r"[A-Z][a-z]+"), "Aa"))
+
+
 def mention_form(mention: str) -> str:
     """A mention's surface form: digit runs → "0", capitalised words → "Aa", all-caps words → "A", lower-case
     words → "a", other characters kept ("19 per cent" → "0 a a", "19%" → "0%", "Sept. 11" → "Aa. 0")."""
-    return re.sub(r"[A-Z][a-z]+", "Aa", re.sub(r"\b[a-z]+\b", "a", re.sub(r"\b[A-Z]+\b", "A",
-                                                                         re.sub(r"\d+", "0", mention))))
+    for pattern, replacement in FORM_RULES:
+        mention = pattern.sub(replacement, mention)
+    return mention
 
 
 def select_passages_by_type(annotations: Sequence[Mapping[str, Sequence[str]]], n: int, *,
@@ -129,10 +135,9 @@ def select_passages_by_type(annotations: Sequence[Mapping[str, Sequence[str]]], 
         if not present:
             empty.append(k)
     chosen: set[int] = set()
-    by_rarity = lambda item: (len(item[1]), item[0])  # noqa: E731
-    rotations = {t: deque((f, iter(ks)) for f, ks in sorted(by_form.items(), key=by_rarity))
-                 for t, by_form in sorted(groups.items(), key=lambda item: (len(set().union(*item[1].values())),
-                                                                             item[0]))}
+    frequencies = type_frequencies(annotations)
+    rotations = {t: deque((f, iter(groups[t][f])) for f in sorted(groups[t], key=lambda f: (len(groups[t][f]), f)))
+                 for t in sorted(groups, key=lambda t: (frequencies[t], t))}
     rich = n - round(n * empty_share)
     while rotations and len(chosen) < rich:
         for t in list(rotations):
