@@ -23,7 +23,8 @@ the "extractive" rows score the same answers after `mentions_in_passage` drops e
 passage (post-processing, not in the paper, which scores the raw answers: the raw rows are the headline).
 
 Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2] [--lr 3e-4]
-       [--train-sources bbc [wikipedia] [lee-background]] [--pool N [--empty-share 0.2] [--forms]] [--threads 2]
+       [--train-sources bbc [wikipedia] [lee-background]] [--pool N [--empty-share 0.2] [--forms] [--mentions]]
+       [--threads 2]
        [--seed 0] [--max-length N] [--out runs/universal_ner]
        python benchmarks/universal_ner.py --write-recipe-data    # rewrites src/potstill/recipes/universal-ner/
 """
@@ -161,11 +162,11 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: int = 0,
                sources: tuple[str, ...] = ("bbc",), pool: int | None = None,
-               empty_share: float = 0.2, forms: bool = False) -> dict[str, Any]:
+               empty_share: float = 0.2, forms: bool = False, mentions: bool = False) -> dict[str, Any]:
     """train.jsonl (conversations), eval.jsonl (conversations of the held-out passages, for the run's perplexity)
     and heldout.jsonl (passage + teacher labels) in `folder`. With `pool`, the teacher labels that many training
     passages and `train` of them are chosen type-balanced (`select_passages_by_type`, with `forms` each type's
-    surface forms balanced too); else the first `train`."""
+    surface forms balanced too, with `mentions` each distinct mention string); else the first `train`."""
     from potstill.data.universal_ner import select_passages_by_type, universal_ner_conversations
 
     train_passages, sourced = training_passages(pool or train, sources), held_out(heldout)
@@ -173,7 +174,7 @@ def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: 
     train_labels, held_labels = annotate(train_passages, "training"), annotate(held, "heldout")
     if pool:
         chosen = select_passages_by_type(train_labels, train, empty_share=empty_share, seed=seed,
-                                         forms=forms)
+                                         forms=forms, mentions=mentions)
         train_passages, train_labels = [train_passages[k] for k in chosen], [train_labels[k] for k in chosen]
     write_jsonl(folder / "train.jsonl", universal_ner_conversations(train_passages, train_labels,
                                                                     negatives=negatives, seed=seed))
@@ -186,22 +187,29 @@ def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: 
             "heldout_passages": len(held), "heldout_mentions": count(held_labels)}
 
 
-def predict(model: Any, tokenizer: Any, passages: list[str], *, max_new_tokens: int = 16) -> list[dict]:
-    """The model's {type: [mentions]} per passage: every type asked, greedy answers, parsed leniently."""
+def predict(model: Any, tokenizer: Any, passages: list[str], *, max_new_tokens: int = 16,
+            extractive: bool = False) -> list[dict]:
+    """The model's {type: [mentions]} per passage: every type asked, greedy answers, parsed leniently; with
+    `extractive`, decoded under `ExtractiveListDecoding` (every mention a span of its passage)."""
     import torch
 
+    from potstill.data.extractive_decoding import ExtractiveListDecoding, TokenTexts
     from potstill.data.universal_ner import parse_answer, query_messages
 
     tokenizer.padding_side = "left"
+    tokens = TokenTexts.of(tokenizer) if extractive else None
     out = []
     model.eval()
     for passage in passages:
         prompts = [tokenizer.apply_chat_template(query_messages(passage, t), tokenize=False,
                                                  add_generation_prompt=True) for t in TYPES]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        constraint = (ExtractiveListDecoding(tokens, passage, enc["input_ids"].shape[1])
+                      if tokens is not None else None)
         with torch.inference_mode():
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 prefix_allowed_tokens_fn=constraint)
         answers = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         out.append({t: parse_answer(a) for t, a in zip(TYPES, answers, strict=True)})
     return out
@@ -221,14 +229,19 @@ def scores(predicted: list[dict], held: list[dict]) -> dict[str, Any]:
             "per_source": per_source}
 
 
-def score(model: Any, tokenizer: Any, held: list[dict]) -> dict[str, Any]:
-    """The raw answers' scores, and under "extractive" the scores of the mentions that occur in their passage."""
+def score(model: Any, tokenizer: Any, held: list[dict], *, extractive_decoding: bool = False) -> dict[str, Any]:
+    """The raw answers' scores, under "extractive" the scores of the mentions that occur in their passage, and
+    with `extractive_decoding` under "extractive_decoding" the scores of answers decoded under that constraint."""
     from potstill.data.universal_ner import mentions_in_passage
 
     predicted = predict(model, tokenizer, [h["passage"] for h in held])
     extractive = [{t: mentions_in_passage(m, h["passage"]) for t, m in answers.items()}
                   for answers, h in zip(predicted, held, strict=True)]
-    return {**scores(predicted, held), "extractive": scores(extractive, held), "predicted": predicted}
+    result = {**scores(predicted, held), "extractive": scores(extractive, held), "predicted": predicted}
+    if extractive_decoding:
+        constrained = predict(model, tokenizer, [h["passage"] for h in held], extractive=True)
+        result["extractive_decoding"] = {**scores(constrained, held), "predicted": constrained}
+    return result
 
 
 def main() -> None:
@@ -245,6 +258,8 @@ def main() -> None:
                         help="with --pool: the share of kept passages without any mention")
     parser.add_argument("--forms", action="store_true",
                         help="with --pool: within a type, its mentions' surface forms take turns too")
+    parser.add_argument("--mentions", action="store_true",
+                        help="with --pool: within a type (or form), its distinct mention strings take turns too")
     parser.add_argument("--lr", type=float, default=None, help="the recipe's trainer.lr unless given")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=None, help="the recipe's data.max_length unless given")
@@ -253,13 +268,17 @@ def main() -> None:
     parser.add_argument("--skip-zero-shot", action="store_true")
     parser.add_argument("--student", default=None,
                         help="score this trained student folder (same --out data) instead of training one")
+    parser.add_argument("--extractive-decoding", action="store_true",
+                        help="also score the trained student's answers decoded so that every mention is a span of "
+                             "its passage (potstill.data.extractive_decoding)")
     parser.add_argument("--write-recipe-data", action="store_true")
     parser.add_argument("--out", default="runs/universal_ner")
     args = parser.parse_args()
     if args.write_recipe_data:
         print(write_data(RECIPE_DATA, train=args.train, heldout=args.heldout, negatives=args.negatives,
                          seed=args.seed, sources=tuple(args.train_sources), pool=args.pool,
-                         empty_share=args.empty_share, forms=args.forms))
+                         empty_share=args.empty_share, forms=args.forms,
+                         mentions=args.mentions))
         return
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -273,7 +292,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     data = write_data(out / "data", train=args.train, heldout=args.heldout, negatives=args.negatives,
                       seed=args.seed, sources=tuple(args.train_sources), pool=args.pool,
-                      empty_share=args.empty_share, forms=args.forms)
+                      empty_share=args.empty_share, forms=args.forms, mentions=args.mentions)
     print(data, flush=True)
     held = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
@@ -294,7 +313,7 @@ def main() -> None:
         result["train_seconds"] = time.perf_counter() - train_started
         result["run_table"] = summary.get("table")
     student = AutoModelForCausalLM.from_pretrained(args.student or out / "runs" / recipe.name / "student")
-    result["student"] = score(student, tokenizer, held)
+    result["student"] = score(student, tokenizer, held, extractive_decoding=args.extractive_decoding)
     result["steps"] = None if args.student else args.steps
     result["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -303,7 +322,10 @@ def main() -> None:
     trained = "student (given)" if args.student else f"student ({args.steps} steps)"
     for name, key in (("SmolLM2 zero-shot", "zero_shot"), (trained, "student")):
         if key in result:
-            for label, r in ((name, result[key]), ("  extractive", result[key]["extractive"])):
+            rows = [(name, result[key]), ("  extractive", result[key]["extractive"])]
+            if "extractive_decoding" in result[key]:
+                rows.append(("  extractive decoding", result[key]["extractive_decoding"]))
+            for label, r in rows:
                 print(f"{label:<28}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}{r['tp']:>5}"
                       f"{r['fp']:>5}{r['fn']:>5}")
     print("student per type:", result["student"]["per_type"])

@@ -94,6 +94,25 @@ def test_with_forms_a_types_rare_surface_form_gets_its_own_turn():
     assert select_passages_by_type([{"percentage": ["5%", "6 per cent"]}], 3, forms=True) == [0]
 
 
+def test_with_mentions_a_rare_name_gets_its_own_turn_inside_its_form():
+    # country: "US" (form "A") in four passages, "Peru" in two and "Chad" in one (both form "Aa"); city: "Lima"
+    pool = [{"country": ["US"]}, {"country": ["US"]}, {"country": ["US"]}, {"country": ["US"]},
+            {"country": ["Peru"]}, {"country": ["Peru"]}, {"country": ["Chad"]},
+            {"city": ["Lima"]}, {"city": ["Lima"]}, {"city": ["Lima"]}]
+    for seed in range(6):
+        # types alternate (city, country, city, country, ...): 3 country picks; with forms the first goes to
+        # form "Aa" (3 passages) before "A" (4), and within "Aa" to "Chad" (1) before "Peru" (2)
+        chosen = set(select_passages_by_type(pool, 6, empty_share=0.0, seed=seed, forms=True, mentions=True))
+        assert 6 in chosen and len({4, 5} & chosen) == 1 and len({0, 1, 2, 3} & chosen) == 1
+        # mentions alone: the three names take turns, rarest first
+        chosen = set(select_passages_by_type(pool, 6, empty_share=0.0, seed=seed, mentions=True))
+        assert 6 in chosen and len({4, 5} & chosen) == 1 and len({0, 1, 2, 3} & chosen) == 1
+    # with forms only "Chad" is one of three "Aa" passages, so some seed leaves it out
+    assert any(6 not in select_passages_by_type(pool, 6, empty_share=0.0, seed=seed, forms=True) for seed in range(6))
+    # a passage naming two countries is in both names' queues, and chosen once; a name repeated counts once
+    assert select_passages_by_type([{"country": ["US", "Chad", "US"]}], 3, mentions=True) == [0]
+
+
 def test_labels_count_only_the_assistant_turns():
     tok = make_tokenizer(sentences=PASSAGES + ["What describes city in the text?", ACKNOWLEDGEMENT])
     record = universal_ner_conversations(PASSAGES[1:2], ANNOTATIONS[1:2], negatives=0, seed=0)[0]

@@ -21,7 +21,8 @@ lr 2e-5, cosine, 4 % warm-up, max length 1024) are for its scale; the recipe her
 The teacher's answer is parsed by `parse_teacher_entities`: a JSON list of [mention, type] pairs (or
 {"entity", "type"} objects), the format the paper prompts for; anything else is a `UserError` naming the passage.
 `parse_answer` reads a student's answer to one question (a JSON list of strings; unreadable → no mentions);
-`mentions_in_passage` keeps the ones that occur in the passage.
+`mentions_in_passage` keeps the ones that occur in the passage (`potstill.data.extractive_decoding` constrains the
+decoding instead, so that only such mentions can be written).
 """
 
 from __future__ import annotations
@@ -108,8 +109,39 @@ def mention_form(mention: str) -> str:
     return mention
 
 
+PassageTree = dict[str, "PassageTree"] | list[int]
+Rotation = deque[tuple[str, "Rotation"]] | list[int]
+
+
+def _passages_in(tree: PassageTree) -> set[int]:
+    return set(tree) if isinstance(tree, list) else set().union(*map(_passages_in, tree.values()))
+
+
+def _rotation(tree: PassageTree) -> Rotation:
+    """A tree's branches as a queue, the branch with the fewest passages first (ties by name)."""
+    if isinstance(tree, list):
+        return tree
+    return deque((key, _rotation(branch)) for key, branch in
+                 sorted(tree.items(), key=lambda kv: (len(_passages_in(kv[1])), kv[0])))
+
+
+def _next_passage(rotation: Rotation, chosen: set[int]) -> int | None:
+    """The next passage not chosen yet, taken from the front branch, which then goes to the back; a branch with
+    none left is dropped. None when every branch is used up."""
+    if isinstance(rotation, list):
+        return next((k for k in rotation if k not in chosen), None)
+    while rotation:
+        key, branch = rotation.popleft()
+        pick = _next_passage(branch, chosen)
+        if pick is not None:
+            rotation.append((key, branch))
+            return pick
+    return None
+
+
 def select_passages_by_type(annotations: Sequence[Mapping[str, Sequence[str]]], n: int, *,
-                            empty_share: float = 0.2, seed: int = 0, forms: bool = False) -> list[int]:
+                            empty_share: float = 0.2, seed: int = 0, forms: bool = False,
+                            mentions: bool = False) -> list[int]:
     """Indices of `n` passages of a labelled pool, chosen so that rare types are seen as often as common ones.
 
     Not in the paper (it annotates random passages at a scale where every type recurs): at small scale most
@@ -118,35 +150,37 @@ def select_passages_by_type(annotations: Sequence[Mapping[str, Sequence[str]]], 
     that holds that type and is not chosen yet, until `n` minus the empty share is reached or every type's
     passages are used up; then passages without any mention fill the rest (about `empty_share` of `n`, so the
     student still sees texts with nothing to extract). With `forms`, a type's turns go in turn to its mentions'
-    surface forms (`mention_form`), rarest first, so that "19 per cent" is seen beside the common "19%".
-    Returned in pool order; fewer than `n` when the pool is short of passages."""
+    surface forms (`mention_form`), rarest first, so that "19 per cent" is seen beside the common "19%". With
+    `mentions`, the turns of a type (or of a form) go in turn to its distinct mention strings, rarest first, so
+    that a name the pool holds four times ("Zimbabwe") is seen beside "US": the student of a teacher with a
+    closed list of names can only learn the names it is shown. Returned in pool order; fewer than `n` when the
+    pool is short of passages."""
     if not 0.0 <= empty_share <= 1.0:
         raise UserError(f"universal_ner: empty_share is {empty_share}; expected a fraction in [0, 1]")
     rng = random.Random(seed)
     order = list(range(len(annotations)))
     rng.shuffle(order)
-    groups: dict[str, dict[str, list[int]]] = {}
+    trees: dict[str, Any] = {}
     empty: list[int] = []
     for k in order:
         present = {t: m for t, m in annotations[k].items() if m}
-        for t, mentions in present.items():
-            for form in dict.fromkeys(mention_form(m) if forms else "" for m in mentions):
-                groups.setdefault(t, {}).setdefault(form, []).append(k)
+        for t, found in present.items():
+            for m in dict.fromkeys(found):
+                path = [mention_form(m)] * forms + [m] * mentions
+                node = trees.setdefault(t, {} if path else [])
+                for depth, key in enumerate(path):
+                    node = node.setdefault(key, {} if depth < len(path) - 1 else [])
+                if not node or node[-1] != k:
+                    node.append(k)
         if not present:
             empty.append(k)
-    chosen: set[int] = set()
     frequencies = type_frequencies(annotations)
-    rotations = {t: deque((f, iter(groups[t][f])) for f in sorted(groups[t], key=lambda f: (len(groups[t][f]), f)))
-                 for t in sorted(groups, key=lambda t: (frequencies[t], t))}
+    rotations = {t: _rotation(trees[t]) for t in sorted(trees, key=lambda t: (frequencies[t], t))}
+    chosen: set[int] = set()
     rich = n - round(n * empty_share)
     while rotations and len(chosen) < rich:
         for t in list(rotations):
-            rotation, pick = rotations[t], None
-            while pick is None and rotation:
-                form, passages = rotation.popleft()
-                pick = next((k for k in passages if k not in chosen), None)
-                if pick is not None:
-                    rotation.append((form, passages))
+            pick = _next_passage(rotations[t], chosen)
             if pick is None:
                 del rotations[t]
             elif len(chosen) < rich:
