@@ -27,6 +27,8 @@ from typing import Any
 START, OPENED, STRING, ESCAPE, CLOSED, COMMA, SEPARATED, DONE = range(8)
 State = tuple[int, str]
 ESCAPES = {'"': '"', "\\": "\\"}
+STRUCTURE = {(START, "["): OPENED, (OPENED, '"'): STRING, (OPENED, "]"): DONE, (CLOSED, ","): COMMA,
+             (CLOSED, "]"): DONE, (COMMA, " "): SEPARATED, (SEPARATED, '"'): STRING}
 
 
 def advance(state: State, text: str, passage: str) -> State | None:
@@ -54,10 +56,6 @@ def advance(state: State, text: str, passage: str) -> State | None:
         else:
             return None
     return kind, content
-
-
-STRUCTURE = {(START, "["): OPENED, (OPENED, '"'): STRING, (OPENED, "]"): DONE, (CLOSED, ","): COMMA,
-             (CLOSED, "]"): DONE, (COMMA, " "): SEPARATED, (SEPARATED, '"'): STRING}
 
 
 @dataclass(frozen=True)
