@@ -25,7 +25,7 @@ passage (post-processing, not in the paper, which scores the raw answers: the ra
 Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2] [--lr 3e-4]
        [--train-sources bbc [wikipedia] [lee-background]] [--pool N [--empty-share 0.2] [--forms] [--mentions]]
        [--threads 2]
-       [--seed 0] [--max-length N] [--out runs/universal_ner]
+       [--seed 0] [--max-length N] [--out runs/universal_ner] [--student FOLDER | --soup FOLDER FOLDER …]
        python benchmarks/universal_ner.py --write-recipe-data    # rewrites src/potstill/recipes/universal-ner/
 """
 
@@ -271,6 +271,9 @@ def main() -> None:
     parser.add_argument("--extractive-decoding", action="store_true",
                         help="also score the trained student's answers decoded so that every mention is a span of "
                              "its passage (potstill.data.extractive_decoding)")
+    parser.add_argument("--soup", nargs="+", default=None, metavar="FOLDER",
+                        help="score the uniform soup of these trained student folders (potstill.students.soup; "
+                             "same --out data) instead of training one")
     parser.add_argument("--write-recipe-data", action="store_true")
     parser.add_argument("--out", default="runs/universal_ner")
     args = parser.parse_args()
@@ -307,6 +310,11 @@ def main() -> None:
                                   *([f"trainer.lr={args.lr}"] if args.lr is not None else []),
                                   *([f"data.max_length={args.max_length}"] if args.max_length is not None else [])])
     result["train_seconds"] = 0.0
+    if args.soup:
+        from potstill.students.soup import uniform_soup
+
+        args.student = str(uniform_soup(args.soup, out / "soup"))
+        result["soup_of"] = args.soup
     if args.student is None:
         train_started = time.perf_counter()
         summary = run_recipe(recipe)

@@ -265,6 +265,10 @@ METHODS: dict[str, MethodInfo] = {
                    'Leads to Wider Optima and Better Generalization"', 2018, "loop hook",
                    "potstill.train.weight_average", "WeightAverage", _RECIPES + "minilm-general.yaml",
                    _RESULTS + "a-general-student-in-30-minutes-recipesminilm-generalyaml-6-dec"),
+        MethodInfo("Model soups (uniform average of fine-tuned students)", 'Wortsman et al., "Model soups: averaging '
+                   'weights of multiple fine-tuned models improves accuracy without increasing inference time"', 2022,
+                   "student builder", "potstill.students.soup", "uniform_soup", "benchmarks/universal_ner.py",
+                   _UNIVERSAL_NER),
         MethodInfo("Interpolation / extrapolation splits", 'Zhan et al., "Evaluating Interpolation and '
                    'Extrapolation Performance of Neural Retrieval Models"', 2022, "evaluation", "potstill.data.splits",
                    "interpolation_extrapolation_splits", "benchmarks/ranking_study.py", _RESTTEST),
