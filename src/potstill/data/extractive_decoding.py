@@ -66,7 +66,7 @@ class TokenTexts:
 
     texts: tuple[str | None, ...]
     ids_by_text: dict[str, list[int]]
-    structural: tuple[int, ...]
+    structural: frozenset[int]
     eos_token_id: int
     longest: int
 
@@ -81,8 +81,8 @@ class TokenTexts:
         for token_id, text in enumerate(texts):
             if text is not None:
                 ids_by_text.setdefault(text, []).append(token_id)
-        structural = tuple(k for k, t in enumerate(texts)
-                           if t is not None and (set(t) & set('[]",\\') or not t.strip(" ")))
+        structural = frozenset(k for k, t in enumerate(texts)
+                               if t is not None and (set(t) & set('[]",\\') or not t.strip(" ")))
         return cls(tuple(texts), ids_by_text, structural, tokenizer.eos_token_id,
                    max((len(t) for t in texts if t is not None), default=1))
 
@@ -105,8 +105,9 @@ class ExtractiveListDecoding:
 
     def allowed(self, state: State | None) -> list[int]:
         """The token ids that may follow `state`: inside a string the tokens that continue the span as the
-        passage does (found by looking up each prefix of what follows the span's occurrences), and in any state
-        the structural tokens the automaton accepts; only end-of-sequence after the list closes."""
+        passage does (found by looking up each prefix of what follows the span's occurrences: a plain token found
+        so continues a span of the passage by construction, so only structural ones need the automaton, and those
+        are checked in any state); only end-of-sequence after the list closes."""
         if state is None or state[0] == DONE:
             return [self.tokens.eos_token_id]
         kind, content = state
@@ -116,9 +117,8 @@ class ExtractiveListDecoding:
             while start != -1:
                 rest = self.passage[start + len(content):start + len(content) + self.tokens.longest]
                 for end in range(1, len(rest) + 1):
-                    for k in self.tokens.ids_by_text.get(rest[:end], ()):
-                        if advance(state, self.tokens.texts[k] or "", self.passage):
-                            allowed.add(k)
+                    allowed.update(k for k in self.tokens.ids_by_text.get(rest[:end], ())
+                                   if k not in self.tokens.structural)
                 start = self.passage.find(content, start + 1)
         return sorted(allowed) or [self.tokens.eos_token_id]
 
