@@ -25,7 +25,8 @@ passage (post-processing, not in the paper, which scores the raw answers: the ra
 Usage: python benchmarks/universal_ner.py [--train 600] [--heldout 40] [--steps 60] [--negatives 2] [--lr 3e-4]
        [--train-sources bbc [wikipedia] [lee-background]] [--pool N [--empty-share 0.2] [--forms] [--mentions]]
        [--threads 2]
-       [--seed 0] [--max-length N] [--out runs/universal_ner] [--student FOLDER | --soup FOLDER FOLDER …]
+       [--seed 0] [--max-length N] [--out runs/universal_ner] [--student FOLDER | --soup FOLDER FOLDER … | --members N]
+       [--set KEY=VALUE …]
        python benchmarks/universal_ner.py --write-recipe-data    # rewrites src/potstill/recipes/universal-ner/
 """
 
@@ -244,6 +245,17 @@ def score(model: Any, tokenizer: Any, held: list[dict], *, extractive_decoding: 
     return result
 
 
+def train_member(overrides: list[str], name: str, k: int, seed: int) -> Path:
+    """Train soup member `k`: the recipe with `overrides`, named <name>-member<k>, with run seed `seed` + 100·k (the
+    batch order differs; the data is the same) and no evaluation during training; its student folder."""
+    from potstill.config import load_recipe
+    from potstill.train import run_recipe
+
+    member = load_recipe(RECIPE, [*overrides, f"name={name}-member{k}", f"seed={seed + 100 * k}", "data.eval=null"])
+    run_recipe(member)
+    return member.run_dir / "student"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", type=int, default=600)
@@ -274,6 +286,12 @@ def main() -> None:
     parser.add_argument("--soup", nargs="+", default=None, metavar="FOLDER",
                         help="score the uniform soup of these trained student folders (potstill.students.soup; "
                              "same --out data) instead of training one")
+    parser.add_argument("--members", type=int, default=1,
+                        help="train this many runs of --steps each on the same data (run seeds S, S+100, …) and score "
+                             "their uniform soup (potstill.students.soup): a soup within one run's budget when "
+                             "--steps is the budget's share")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="more recipe overrides, e.g. trainer.weight_average={method: swa, start: 0.5}")
     parser.add_argument("--write-recipe-data", action="store_true")
     parser.add_argument("--out", default="runs/universal_ner")
     args = parser.parse_args()
@@ -303,13 +321,17 @@ def main() -> None:
     if not args.skip_zero_shot:
         result["zero_shot"] = score(AutoModelForCausalLM.from_pretrained(smollm2_path()), tokenizer, held)
         print("zero-shot", result["zero_shot"], flush=True)
-    recipe = load_recipe(RECIPE, [f"output_dir={out / 'runs'}", f"trainer.max_steps={args.steps}", f"seed={args.seed}",
-                                  f"trainer.num_threads={args.threads}",
-                                  f"data.train.path={out / 'data' / 'train.jsonl'}",
-                                  f"data.eval.path={out / 'data' / 'eval.jsonl'}",
-                                  *([f"trainer.lr={args.lr}"] if args.lr is not None else []),
-                                  *([f"data.max_length={args.max_length}"] if args.max_length is not None else [])])
+    overrides = [f"output_dir={out / 'runs'}", f"trainer.max_steps={args.steps}", f"seed={args.seed}",
+                 f"trainer.num_threads={args.threads}", f"data.train.path={out / 'data' / 'train.jsonl'}",
+                 f"data.eval.path={out / 'data' / 'eval.jsonl'}",
+                 *([f"trainer.lr={args.lr}"] if args.lr is not None else []),
+                 *([f"data.max_length={args.max_length}"] if args.max_length is not None else []), *args.overrides]
+    recipe = load_recipe(RECIPE, overrides)
     result["train_seconds"] = 0.0
+    if args.student is None and not args.soup and args.members > 1:
+        train_started = time.perf_counter()
+        args.soup = [str(train_member(overrides, recipe.name, k, args.seed)) for k in range(args.members)]
+        result["train_seconds"] = time.perf_counter() - train_started
     if args.soup:
         from potstill.students.soup import uniform_soup
 

@@ -65,3 +65,16 @@ def test_write_data_keeps_a_type_balanced_share_of_a_labelled_pool(tmp_path):
     assert balanced["train_mentions"] > plain["train_mentions"]
     pool = set(bench.training_passages(400, ("bbc", "wikipedia")))
     assert {r["messages"][0]["content"].removeprefix("Text: ") for r in records} <= pool
+
+
+def test_soup_members_share_the_data_and_differ_in_run_seed_and_folder(monkeypatch, tmp_path):
+    import potstill.train
+
+    trained = []
+    monkeypatch.setattr(potstill.train, "run_recipe", trained.append)
+    overrides = [f"output_dir={tmp_path}", "trainer.max_steps=67", "seed=3", "data.train.path=/data/train.jsonl"]
+    folders = [bench.train_member(overrides, "ner", k, 3) for k in range(3)]
+    assert folders == [tmp_path / f"ner-member{k}" / "student" for k in range(3)]
+    assert [r.seed for r in trained] == [3, 103, 203]
+    assert {str(r.data.train.path) for r in trained} == {"/data/train.jsonl"}
+    assert all(r.data.eval is None and r.trainer.max_steps == 67 for r in trained)
