@@ -295,6 +295,8 @@ def main() -> None:
     parser.add_argument("--write-recipe-data", action="store_true")
     parser.add_argument("--out", default="runs/universal_ner")
     args = parser.parse_args()
+    if args.members > 1 and (args.student or args.soup):
+        parser.error("--members trains the soup's members: it cannot go with --student or --soup")
     if args.write_recipe_data:
         print(write_data(RECIPE_DATA, train=args.train, heldout=args.heldout, negatives=args.negatives,
                          seed=args.seed, sources=tuple(args.train_sources), pool=args.pool,
@@ -344,12 +346,13 @@ def main() -> None:
         result["run_table"] = summary.get("table")
     student = AutoModelForCausalLM.from_pretrained(args.student or out / "runs" / recipe.name / "student")
     result["student"] = score(student, tokenizer, held, extractive_decoding=args.extractive_decoding)
-    result["steps"] = None if args.student else args.steps
+    result["steps"] = args.steps if args.members > 1 or not args.student else None
     result["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"{'model':<28}{'precision':>10}{'recall':>8}{'F1':>7}{'tp':>5}{'fp':>5}{'fn':>5}")
     print(f"{'teacher (scripted)':<28}{1:>10.3f}{1:>8.3f}{1:>7.3f}")
-    trained = "student (given)" if args.student else f"student ({args.steps} steps)"
+    trained = (f"soup of {args.members} × {args.steps} steps" if args.members > 1
+               else "student (given)" if args.student else f"student ({args.steps} steps)")
     for name, key in (("SmolLM2 zero-shot", "zero_shot"), (trained, "student")):
         if key in result:
             rows = [(name, result[key]), ("  extractive", result[key]["extractive"])]
