@@ -329,30 +329,29 @@ def main() -> None:
                  *([f"trainer.lr={args.lr}"] if args.lr is not None else []),
                  *([f"data.max_length={args.max_length}"] if args.max_length is not None else []), *args.overrides]
     recipe = load_recipe(RECIPE, overrides)
+    trains = args.student is None and not args.soup
     result["train_seconds"] = 0.0
-    if args.student is None and not args.soup and args.members > 1:
+    if trains:
         train_started = time.perf_counter()
-        args.soup = [str(train_member(overrides, recipe.name, k, args.seed)) for k in range(args.members)]
+        if args.members > 1:
+            args.soup = [str(train_member(overrides, recipe.name, k, args.seed)) for k in range(args.members)]
+        else:
+            result["run_table"] = run_recipe(recipe).get("table")
         result["train_seconds"] = time.perf_counter() - train_started
     if args.soup:
         from potstill.students.soup import uniform_soup
 
         args.student = str(uniform_soup(args.soup, out / "soup"))
         result["soup_of"] = args.soup
-    if args.student is None:
-        train_started = time.perf_counter()
-        summary = run_recipe(recipe)
-        result["train_seconds"] = time.perf_counter() - train_started
-        result["run_table"] = summary.get("table")
     student = AutoModelForCausalLM.from_pretrained(args.student or out / "runs" / recipe.name / "student")
     result["student"] = score(student, tokenizer, held, extractive_decoding=args.extractive_decoding)
-    result["steps"] = args.steps if args.members > 1 or not args.student else None
+    result["steps"] = args.steps if trains else None
     result["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"{'model':<28}{'precision':>10}{'recall':>8}{'F1':>7}{'tp':>5}{'fp':>5}{'fn':>5}")
     print(f"{'teacher (scripted)':<28}{1:>10.3f}{1:>8.3f}{1:>7.3f}")
-    trained = (f"soup of {args.members} × {args.steps} steps" if args.members > 1
-               else "student (given)" if args.student else f"student ({args.steps} steps)")
+    trained = ("student (given)" if not trains else f"soup of {args.members} × {args.steps} steps"
+               if args.members > 1 else f"student ({args.steps} steps)")
     for name, key in (("SmolLM2 zero-shot", "zero_shot"), (trained, "student")):
         if key in result:
             rows = [(name, result[key]), ("  extractive", result[key]["extractive"])]
