@@ -12,7 +12,10 @@ Rows (every row: the recipe's optimizer, batch 8, lr 3e-3 constant after 5 warm-
 - gold: GOLD's hybrid (JSD β 0.5 on the same-string tokens, weighted by their share of the teacher's vocabulary,
   sorted L1 on the rest) + cross-entropy;
 - sft: cross-entropy only (plain fine-tuning on the same text; the teacher is loaded but never run in training);
-- uld_only (not run by default): ULD without the cross-entropy, to see what the teacher's signal alone teaches.
+- uld_only (not run by default): ULD without the cross-entropy, to see what the teacher's signal alone teaches;
+- uld_cached / gold_cached: uld / gold read from a top-k cache of the teacher's span rows (`potstill cache`, k =
+  `--cache-k`, built by the row itself) instead of running the teacher each step. The cache's build time counts
+  against the row's budget: it trains for `--budget-seconds` minus the build.
 
 Held-out score: bits per byte (summed next-token NLL / ln 2 / UTF-8 bytes) on `--eval-records` BBC validation
 articles, cut where both tokenizations fit 128 tokens, so teacher and students score the same bytes; also each
@@ -27,7 +30,8 @@ nothing.
 the equal-steps control (does the teacher's signal help per step?). Use another `--out` for it.
 
 Usage: python benchmarks/cross_tokenizer.py [--budget-seconds 240] [--seeds 0 1 2] [--rows uld gold sft]
-       [--records 256] [--eval-records 16] [--jobs 3] [--threads 1] [--max-steps 0] [--out runs/cross_tokenizer]
+       [--records 256] [--eval-records 16] [--jobs 3] [--threads 1] [--max-steps 0] [--cache-k 64]
+       [--out runs/cross_tokenizer]
        [--quick]
 """
 
@@ -43,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROWS = ("uld", "gold", "sft", "uld_only")
+ROWS = ("uld", "gold", "sft", "uld_only", "uld_cached", "gold_cached")
 RECIPE = Path(__file__).resolve().parents[1] / "src" / "potstill" / "recipes" / "smollm2-cross-tokenizer.yaml"
 MARK = "@@ROW "
 
@@ -56,7 +60,7 @@ def _recipe(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     raw["output_dir"] = str(Path(args.out).resolve() / "runs")
     raw["seed"] = seed
     raw["objectives"] = {"uld": [{"name": "uld"}], "gold": [{"name": "gold"}], "sft": [],
-                         "uld_only": [{"name": "uld"}]}[row]
+                         "uld_only": [{"name": "uld"}]}[row.removesuffix("_cached")]
     if row == "uld_only":
         raw["trainer"]["hard_label_weight"] = 0.0
     raw["data"]["train"]["limit"] = args.records
@@ -85,17 +89,29 @@ def _worker(args: argparse.Namespace) -> None:
     from potstill.train import run_recipe
 
     torch.set_num_threads(args.threads)
-    summary = run_recipe(validate_recipe(_recipe(args, args.row, args.seed)), overwrite=True)
+    raw = _recipe(args, args.row, args.seed)
+    cache_s = 0.0
+    if args.row.endswith("_cached"):  # build the span cache first; its time comes out of the training budget
+        from potstill.train.cache_processes import capture_cache
+
+        target = Path(args.out).resolve() / "caches" / f"{args.row}-seed{args.seed}"
+        manifest = capture_cache(validate_recipe(raw), target, k=args.cache_k, temperature=1.0, batch_size=8,
+                                 overwrite=True)
+        cache_s = manifest["seconds"]
+        raw["teacher"]["cache"] = str(target)
+        raw["trainer"]["max_seconds"] = max(1.0, args.budget_seconds - cache_s)
+    summary = run_recipe(validate_recipe(raw), overwrite=True)
     teacher, before, after = summary["table"]
     print(MARK + json.dumps({"row": args.row, "seed": args.seed, "steps": summary["steps"],
-                             "train_s": summary["train_seconds"], "before": before, "after": after,
-                             "teacher": teacher}), flush=True)
+                             "train_s": summary["train_seconds"], "cache_s": cache_s, "before": before,
+                             "after": after, "teacher": teacher}), flush=True)
 
 
 def _launch(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", "--row", row, "--seed", str(seed), "--out", args.out,
            "--budget-seconds", str(args.budget_seconds), "--records", str(args.records), "--eval-records",
-           str(args.eval_records), "--threads", str(args.threads), "--max-steps", str(args.max_steps)] + (
+           str(args.eval_records), "--threads", str(args.threads), "--max-steps", str(args.max_steps),
+           "--cache-k", str(args.cache_k)] + (
                ["--quick"] if args.quick else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -113,22 +129,24 @@ def _mean(values: list[float]) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: one line per row (mean ± std over seeds), the untrained student and the teacher."""
-    lines = ["| row | seeds | steps | train s | bits/byte held-out | ppl (own tokens) |", "|---|---|---|---|---|---|"]
+    lines = ["| row | seeds | steps | cache s | train s | bits/byte held-out | ppl (own tokens) |",
+             "|---|---|---|---|---|---|---|"]
     by_row: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_row.setdefault(r["row"], []).append(r)
     for row in [r for r in ROWS if r in by_row]:
         rs = by_row[row]
         lines.append(f"| {row} | {len(rs)} | {'/'.join(str(r['steps']) for r in rs)} | "
+                     f"{statistics.mean(r.get('cache_s', 0.0) for r in rs):.0f} | "
                      f"{statistics.mean(r['train_s'] for r in rs):.0f} | "
                      f"{_mean([r['after']['bits_per_byte'] for r in rs])} | "
                      f"{statistics.mean(r['after']['perplexity'] for r in rs):.1f} |")
     first = results[0]
     before = {r["seed"]: r["before"] for r in results}  # the same initial student in every row of a seed
-    lines.append(f"| student before training | {len(before)} | 0 | | "
+    lines.append(f"| student before training | {len(before)} | 0 | | | "
                  f"{_mean([b['bits_per_byte'] for b in before.values()])} | "
                  f"{statistics.mean(b['perplexity'] for b in before.values()):.1f} |")
-    lines.append(f"| teacher (SmolLM2-135M) | | | | {first['teacher']['bits_per_byte']:.4f} | "
+    lines.append(f"| teacher (SmolLM2-135M) | | | | | {first['teacher']['bits_per_byte']:.4f} | "
                  f"{first['teacher']['perplexity']:.1f} |")
     return "\n".join(lines)
 
@@ -144,6 +162,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=0, help="also stop after this many steps (0: the "
                         "recipe's 2,000): the equal-steps control")
+    parser.add_argument("--cache-k", type=int, default=64, help="top-k of the *_cached rows' span cache")
     parser.add_argument("--out", default="runs/cross_tokenizer")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -161,7 +180,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "results.json"
     key = {"budget_seconds": args.budget_seconds, "records": args.records, "eval_records": args.eval_records,
-           "quick": args.quick, "max_steps": args.max_steps}
+           "quick": args.quick, "max_steps": args.max_steps, "cache_k": args.cache_k}
     saved = json.loads(store.read_text()) if store.exists() else {}
     results = saved.get("results", []) if saved.get("key") == key else []
     done = {(r["row"], r["seed"]) for r in results}

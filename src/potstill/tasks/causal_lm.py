@@ -164,7 +164,7 @@ class CausalLMTask(Task):
             from potstill.teachers.capture import check_objectives_for_cache, expected_cache_meta
 
             cache.check_expect(expected_cache_meta(self))
-            check_objectives_for_cache(r.objectives, cache)
+            check_objectives_for_cache(r.objectives, cache, cross_tokenizer=self.cross is not None)
             self.topk_cache = cache
         rows = flat_rows(self.train_records) if self.train_format == "icl" else self.train_records
         if not any(t != -100 for ex in rows for t in ex["targets"]):
@@ -297,7 +297,7 @@ class CausalLMTask(Task):
         """The live teacher's logits `[B, T, V]`, or with `teacher.cache` its cached top-k (`TopKTeacher`);
         cross-tokenizer: its `SpanLogits`."""
         if self.cross is not None:
-            return self.cross.teacher_signal(self.teacher, batch)
+            return self.cross.teacher_signal(self.teacher, batch, cache=self.topk_cache)
         if self.topk_cache is not None:
             lengths = batch["attention_mask"].sum(1).tolist()
             cached = self.topk_cache.get(batch["index"].tolist(), length=batch["input_ids"].shape[1],

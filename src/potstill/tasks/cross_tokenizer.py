@@ -14,15 +14,20 @@ refused with the shared-tokenizer message). Then:
   (`vocab_mapping`) for gold;
 - the loop divides by the batch's aligned spans (`count_rows`); the hard-label term's token sum is rescaled
   by spans / tokens so that it stays a per-token mean;
+- with `teacher.cache` (`potstill cache`), the teacher is read instead of run: the cache holds one row per
+  aligned span, the top k of the span's merged distribution (its log scale added to the k log-probs and to
+  the tail). A step rebuilds each row as a full teacher vector, the tail mass spread evenly over the other
+  V_t − k ids, so uld and gold run unchanged (exact for k = V_t);
 - evaluation reports each model on its own tokens, plus `bits_per_byte` (summed NLL / ln 2 / bytes of target
   text), which does not depend on the tokenizer and so compares teacher and student.
 
-Not combined with: teacher.cache, generation (lmbda, seq_kd), data.packing, chat `messages` records,
+Not combined with: generation (lmbda, seq_kd), data.packing, chat `messages` records,
 step_by_step, trainer.fused_lm_head, data.domains, student.init layers_from_teacher.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +44,7 @@ from potstill.errors import UserError
 from potstill.signals import SpanLogits
 from potstill.students.tokenizer import BPE_PREFIX, bpe_vocab_size, train_byte_level_bpe
 from potstill.tasks.models import resolve_model_path
+from potstill.teachers.cache_format import top_k_of_dense_rows
 
 CROSS_OBJECTIVES = ("uld", "gold")
 Batch = dict[str, Any]
@@ -101,7 +107,6 @@ def cross_tokenizer_for(recipe: Recipe, tokenizer: Any, device: torch.device, *,
 def check_cross_recipe(recipe: Recipe) -> None:
     """The settings a cross-tokenizer run cannot combine with, each refused by its field."""
     refused = {
-        "teacher.cache": recipe.teacher.cache is not None,
         "generation.lmbda": bool(recipe.generation.lmbda),
         "generation.seq_kd": recipe.generation.seq_kd,
         "data.packing": recipe.data.packing,
@@ -128,6 +133,15 @@ def _temperatures(recipe: Recipe) -> tuple[float, float]:
         raise UserError("objectives: uld / gold objectives of one run must share temperature and "
                         "teacher_temperature (the merged spans are computed once per batch)")
     return pairs.pop() if pairs else (1.0, 1.0)
+
+
+def spread_tail(ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, vocab: int) -> torch.Tensor:
+    """`[n, vocab]` log-probs from top-k rows (`ids`, `logprobs` `[n, k]`, log `tail` mass `[n]`): the k
+    log-probs at their ids and the tail mass shared evenly by the other vocab − k ids."""
+    k = ids.shape[-1]
+    fill = tail - math.log(vocab - k) if k < vocab else torch.full_like(tail, -math.inf)
+    dense = fill[:, None].expand(len(ids), vocab).contiguous()
+    return dense.scatter_(1, ids, logprobs)
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -181,7 +195,8 @@ class CrossTokenizer:
         first token), `*_later_rows` / `*_later_tokens` / `*_later_span` (each later token of a span)."""
         teacher_ids = _pad([ex["teacher_ids"] for ex in rows], self.teacher_pad)
         teacher_mask = _pad([[1] * len(ex["teacher_ids"]) for ex in rows], 0)
-        batch: Batch = {"teacher_input_ids": teacher_ids, "teacher_attention_mask": teacher_mask}
+        batch: Batch = {"teacher_input_ids": teacher_ids, "teacher_attention_mask": teacher_mask,
+                        "spans_per_record": torch.tensor([len(ex["spans"]) for ex in rows], dtype=torch.long)}
         for side, ids_key, width, lo in (("s", "input_ids", student_width, 0), ("t", "teacher_ids",
                                                                                 teacher_ids.shape[1], 2)):
             first, later_rows, later_tokens, later_span = [], [], [], []
@@ -227,11 +242,50 @@ class CrossTokenizer:
 
         return causal_logits(teacher, ids, mask)[..., :self.teacher_vocab]
 
-    def teacher_signal(self, teacher: nn.Module, batch: Batch) -> SpanLogits:
+    def teacher_signal(self, teacher: nn.Module, batch: Batch, cache: Any = None) -> SpanLogits:
+        """The teacher's span rows: run live, or read from a `TopKCache` of span rows (`teacher_topk_spans`)."""
+        if cache is not None:
+            return self._cached_signal(cache, batch)
         with torch.inference_mode():
             logits = self.teacher_logits(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
             rows, scale = self._spans(logits, batch, "t", self.teacher_temperature)
         return SpanLogits(rows, scale, self.matched_ids)
+
+    # ------------------------------------------------------------------ top-k cache of span rows
+    def cache_meta(self, examples: list[dict]) -> dict[str, Any]:
+        """What the cached span rows depend on besides the student's ids: the teacher's tokenizer and vocabulary,
+        and the teacher's ids and aligned spans of every training example."""
+        h = hashlib.sha256()
+        for ex in examples:
+            for part in (ex["teacher_ids"], [i for span in ex["spans"] for i in span]):
+                h.update(torch.tensor(part, dtype=torch.int64).numpy().tobytes())
+                h.update(b"|")
+        return {"teacher_tokenizer_sha256": tokenizer_fingerprint(self.teacher_tokenizer),
+                "alignment_sha256": h.hexdigest(), "vocab_size": self.teacher_vocab, "rows": "aligned spans"}
+
+    def teacher_topk_spans(self, teacher: nn.Module, batch: Batch, k: int, temperature: float
+                           ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per record of `batch`, one cache row per aligned span: the top `k` ids of the span's merged teacher
+        distribution at `temperature`, their log-probs and the log tail mass, both plus the span's log scale."""
+        logits = self.teacher_logits(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
+        rows, scale = self._spans(logits, batch, "t", temperature)
+        ids, logprobs, tail = top_k_of_dense_rows(rows, k, temperature)
+        counts = batch["spans_per_record"].tolist()
+        return list(zip(ids.split(counts), (logprobs + scale[:, None]).split(counts), (tail + scale).split(counts),
+                        strict=True))
+
+    def _cached_signal(self, cache: Any, batch: Batch) -> SpanLogits:
+        top, mask = cache.get(batch["index"].tolist(), expect_lengths=batch["spans_per_record"].tolist(),
+                              return_mask=True)
+        keep = mask.reshape(-1)
+        k = top.k
+        logprobs, tail = top.logprobs.reshape(-1, k)[keep], top.tail().reshape(-1)[keep]
+        log_scale = torch.logsumexp(torch.cat([logprobs, tail[:, None]], 1), 1)  # the span's mass, ≤ 0
+        dense = spread_tail(top.ids.reshape(-1, k)[keep], logprobs - log_scale[:, None], tail - log_scale,
+                            self.teacher_vocab)
+        device = self.matched_ids.device
+        # log_softmax(dense · T / T) = dense: the rows are the cached distribution at the objectives' temperature
+        return SpanLogits((dense * self.teacher_temperature).to(device), log_scale.to(device), self.matched_ids)
 
     # ------------------------------------------------------------------ evaluation
     def teacher_examples(self, examples: list[dict]) -> list[dict[str, list[int]]]:

@@ -4,10 +4,11 @@ The cache is keyed by training-sequence index (the task's `train_records`), so a
 rows of exactly the sequences in its batch, whatever the shuffling, accumulation or number of processes. Its
 manifest records what the rows depend on; a run whose teacher, tokenizer, data, k, temperature or vocabulary
 differ is refused (`expected_cache_meta` is what both sides compute), and so is an objective that needs
-the teacher's full logits or another temperature (`check_objectives_for_cache`).
+the teacher's full logits or another temperature (`check_objectives_for_cache`). A cross-tokenizer run (the
+task's `cross`) stores one row per aligned span instead of per token (`CrossTokenizer.teacher_topk_spans`).
 
 The task is used through its duck-typed surface only (`train_records`, `collate`, `to_device`, `logits`,
-`teacher`, `tokenizer`, `vocab_size`, `recipe`, `seq_kd_file`), so this module imports no task.
+`teacher`, `tokenizer`, `vocab_size`, `recipe`, `seq_kd_file`, `cross`), so this module imports no task.
 """
 
 from __future__ import annotations
@@ -55,29 +56,35 @@ def teacher_name(task: Any) -> str:
 
 
 def expected_cache_meta(task: Any) -> dict[str, Any]:
-    """The facts a cache must match to feed this task's training run."""
-    return {"teacher": teacher_name(task), "teacher_weights_sha256": weights_fingerprint(task.teacher),
+    """The facts a cache must match to feed this task's training run (a cross-tokenizer task's `cross` adds
+    the teacher's tokenizer and the aligned spans; its `tokenizer` is then the student's)."""
+    meta = {"teacher": teacher_name(task), "teacher_weights_sha256": weights_fingerprint(task.teacher),
             "tokenizer_sha256": tokenizer_fingerprint(task.tokenizer),
             "data_sha256": sequences_fingerprint(task.train_records), "max_length": task.recipe.data.max_length,
             "vocab_size": task.vocab_size, "num_records": len(task.train_records)}
+    cross = getattr(task, "cross", None)
+    return meta if cross is None else {**meta, **cross.cache_meta(task.train_records)}
 
 
-def check_objectives_for_cache(objectives: list[Any], cache: Any) -> None:
+def check_objectives_for_cache(objectives: list[Any], cache: Any, *, cross_tokenizer: bool = False) -> None:
     """A cache holds top-k log-probs at one temperature: only divergences with a sparse form, at that T, and
-    objectives that read the student alone (a mixture-of-experts student's router loss)."""
+    objectives that read the student alone (a mixture-of-experts student's router loss). A cross-tokenizer
+    run's cache holds span rows for uld / gold (the task checks the objectives), at their teacher temperature."""
     from potstill.losses.catalogue import OBJECTIVES, STUDENT_ONLY_KINDS
     from potstill.losses.sparse import sparse_version
 
     for i, objective in enumerate(objectives):
         if objective.name in OBJECTIVES and OBJECTIVES[objective.name].kind in STUDENT_ONLY_KINDS:
             continue
-        if sparse_version(objective.name) is None:
+        if not cross_tokenizer and sparse_version(objective.name) is None:
             raise UserError(f"field objectives.{i}.name: {objective.name} needs the teacher's full logits; with "
                             f"teacher.cache use forward_kl, reverse_kl, soft_cross_entropy, generalized_jsd, "
                             f"skew_kl, skew_reverse_kl or tvd (they switch to their top-k forms)")
-        t = float(objective.params.get("temperature", 1.0))
+        field = "teacher_temperature" if cross_tokenizer and objective.params.get("teacher_temperature") else \
+            "temperature"
+        t = float(objective.params.get(field, 1.0))
         if t != cache.temperature:
-            raise UserError(f"field objectives.{i}.params.temperature: {t:g}, but {cache.path} holds the "
+            raise UserError(f"field objectives.{i}.params.{field}: {t:g}, but {cache.path} holds the "
                             f"teacher's log-probs at temperature {cache.temperature:g}; use that temperature, or "
                             f"rebuild the cache with `potstill cache --temperature {t:g}`")
 
@@ -99,8 +106,10 @@ def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, tempera
     """
     import math
 
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= task.vocab_size:
-        raise UserError(f"--k: expected a whole number from 1 to the vocabulary size {task.vocab_size}, got {k!r}")
+    cross = getattr(task, "cross", None)  # cross-tokenizer: one row per aligned span, over the teacher's vocabulary
+    vocab = task.vocab_size if cross is None else cross.teacher_vocab
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
+        raise UserError(f"--k: expected a whole number from 1 to the vocabulary size {vocab}, got {k!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise UserError(f"--temperature: expected a finite number > 0 (the teacher's logits are divided by it), got "
                         f"{temperature!r}")
@@ -117,7 +126,7 @@ def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, tempera
         shutil.rmtree(target, ignore_errors=True)  # a part left by an interrupted earlier attempt
     mine = batches[rank::world_size]
     rounds = -(-len(batches) // world_size) if same_forwards else len(mine)
-    with TopKCacheWriter(target, k=k, temperature=temperature, vocab_size=task.vocab_size, meta=meta,
+    with TopKCacheWriter(target, k=k, temperature=temperature, vocab_size=vocab, meta=meta,
                          overwrite=overwrite) as writer:
         if getattr(task, "seq_kd_file", None) is not None and rank == 0:  # seq-KD completions live with the cache
             writer.add_file(SEQ_KD_FILE, json.dumps(task.seq_kd_file).encode())
@@ -125,11 +134,15 @@ def capture_teacher_topk(task: Any, out_dir: str | Path, *, k: int = 64, tempera
             idx = mine[j] if j < len(mine) else batches[0]
             batch = task.to_device(task.collate([records[i] for i in idx], idx))
             with torch.inference_mode():
-                ids, logprobs, tail = top_k_of_dense_rows(task.logits(task.teacher, batch), k, temperature)
+                if cross is not None:
+                    rows = cross.teacher_topk_spans(task.teacher, batch, k, temperature)
+                else:
+                    ids, logprobs, tail = top_k_of_dense_rows(task.logits(task.teacher, batch), k, temperature)
+                    rows = [(ids[row, :n], logprobs[row, :n], tail[row, :n])
+                            for row, n in enumerate(len(records[i]["input_ids"]) for i in idx)]
             if j < len(mine):
-                for row, i in enumerate(idx):
-                    n = len(records[i]["input_ids"])
-                    writer.add(i, (ids[row, :n].cpu(), logprobs[row, :n].cpu(), tail[row, :n].cpu()))
+                for i, (ids_i, logprobs_i, tail_i) in zip(idx, rows, strict=True):
+                    writer.add(i, (ids_i.cpu(), logprobs_i.cpu(), tail_i.cpu()))
             if on_batch is not None:
                 on_batch(min((j + 1) * batch_size * world_size, len(order)), len(order))
         manifest = writer.close()
