@@ -31,6 +31,7 @@ the equal-steps control (does the teacher's signal help per step?). Use another 
 
 Usage: python benchmarks/cross_tokenizer.py [--budget-seconds 240] [--seeds 0 1 2] [--rows uld gold sft]
        [--records 256] [--eval-records 16] [--jobs 3] [--threads 1] [--max-steps 0] [--cache-k 64]
+       [--matched-weight W]
        [--out runs/cross_tokenizer]
        [--quick]
 """
@@ -61,6 +62,10 @@ def _recipe(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     raw["seed"] = seed
     raw["objectives"] = {"uld": [{"name": "uld"}], "gold": [{"name": "gold"}], "sft": [],
                          "uld_only": [{"name": "uld"}]}[row.removesuffix("_cached")]
+    if args.matched_weight is not None:
+        for objective in raw["objectives"]:
+            if objective["name"] == "gold":
+                objective["params"] = {"matched_weight": args.matched_weight}
     if row == "uld_only":
         raw["trainer"]["hard_label_weight"] = 0.0
     raw["data"]["train"]["limit"] = args.records
@@ -112,6 +117,7 @@ def _launch(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
            "--budget-seconds", str(args.budget_seconds), "--records", str(args.records), "--eval-records",
            str(args.eval_records), "--threads", str(args.threads), "--max-steps", str(args.max_steps),
            "--cache-k", str(args.cache_k)] + (
+               ["--matched-weight", str(args.matched_weight)] if args.matched_weight is not None else []) + (
                ["--quick"] if args.quick else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -163,6 +169,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="also stop after this many steps (0: the "
                         "recipe's 2,000): the equal-steps control")
     parser.add_argument("--cache-k", type=int, default=64, help="top-k of the *_cached rows' span cache")
+    parser.add_argument("--matched-weight", type=float, help="gold rows: the weight w of the matched-token JSD "
+                        "(default: GOLD's M / V_t)")
     parser.add_argument("--out", default="runs/cross_tokenizer")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -180,7 +188,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "results.json"
     key = {"budget_seconds": args.budget_seconds, "records": args.records, "eval_records": args.eval_records,
-           "quick": args.quick, "max_steps": args.max_steps, "cache_k": args.cache_k}
+           "quick": args.quick, "max_steps": args.max_steps, "cache_k": args.cache_k,
+           "matched_weight": args.matched_weight}
     saved = json.loads(store.read_text()) if store.exists() else {}
     results = saved.get("results", []) if saved.get("key") == key else []
     done = {(r["row"], r["seed"]) for r in results}

@@ -4,29 +4,18 @@ with a small k its top entries do and the tail is spread evenly; caches of other
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from test_causal_lm import setup_task
 from test_cross_tokenizer import _task
 
 from potstill.errors import UserError
+from potstill.losses.sparse import TopKTeacher
 from potstill.losses.uld import gold, uld
+from potstill.losses.uld_topk import spread_tail
 from potstill.tasks import build_task
-from potstill.tasks.cross_tokenizer import spread_tail
 from potstill.teachers.capture import capture_teacher_topk
 from potstill.train import run_recipe
-
-
-def test_spread_tail_places_the_top_k_and_shares_the_tail_evenly():
-    ids = torch.tensor([[3, 0]])
-    logprobs = torch.tensor([[math.log(0.5), math.log(0.2)]])
-    dense = spread_tail(ids, logprobs, torch.tensor([math.log(0.3)]), vocab=5)
-    torch.testing.assert_close(dense.exp(), torch.tensor([[0.2, 0.1, 0.1, 0.5, 0.1]]))
-    full = spread_tail(torch.tensor([[1, 0]]), torch.tensor([[math.log(0.75), math.log(0.25)]]),
-                       torch.tensor([-math.inf]), vocab=2)
-    torch.testing.assert_close(full.exp(), torch.tensor([[0.25, 0.75]]))
 
 
 def _cached_task(tmp_path, k, objectives=({"name": "gold"},), temperature=1.0, **kw):
@@ -45,6 +34,13 @@ def _signals(task, live, indices):
     return batch, task.teacher_signal(batch), live.cross.teacher_signal(live.teacher, batch)
 
 
+def _dense(signal) -> torch.Tensor:
+    """The cached teacher's span rows as full log-probs (the tail spread evenly), without the span's factor."""
+    top = signal.logits
+    assert isinstance(top, TopKTeacher) and signal.vocab is not None
+    return spread_tail(top.ids, top.logprobs, top.tail(), signal.vocab)
+
+
 def _vocab(tmp_path) -> int:
     from test_causal_lm import make_tokenizer
 
@@ -56,18 +52,18 @@ def test_a_full_width_cache_gives_the_live_teachers_span_signal_and_losses(tmp_p
     vocab = len(teacher_tok)
     assert task.topk_cache is not None and task.topk_cache.num_records == len(task.train_records)
     batch, cached, direct = _signals(task, live, [2, 0, 1])
-    assert cached.logits.shape == direct.logits.shape == (task.count_rows(batch), vocab)
+    assert cached.logits.shape == (task.count_rows(batch),) and cached.vocab == vocab
     # float16 storage: log-probs to a relative 1e-3
-    torch.testing.assert_close(torch.log_softmax(cached.logits, -1), torch.log_softmax(direct.logits.float(), -1),
-                               atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(_dense(cached), torch.log_softmax(direct.logits.float(), -1), atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(cached.log_scale, direct.log_scale, atol=5e-3, rtol=0)
     student = task.student_signal(task.student, batch)
+    from potstill.train.objective import Objective
+
     for loss in (uld, gold):
         args = {"matched_ids": direct.matched_ids} if loss is gold else {}
         want = loss(student.logits, direct.logits, student_log_scale=student.log_scale,
-                    teacher_log_scale=direct.log_scale, **args)
-        got = loss(student.logits, cached.logits, student_log_scale=student.log_scale,
-                   teacher_log_scale=cached.log_scale, **args)
+                    teacher_log_scale=direct.log_scale, reduction="sum", **args)
+        got = Objective.from_name(loss.__name__)(student, cached, None)  # the objective takes the top-k form
         assert got.item() == pytest.approx(want.item(), rel=2e-3)
 
 
@@ -76,7 +72,7 @@ def test_a_top_k_cache_keeps_each_spans_top_entries_and_its_mass(tmp_path):
                                     objectives=[{"name": "uld", "params": {"temperature": 2.0}}])
     batch, cached, direct = _signals(task, live, [0, 1])
     true = torch.log_softmax(direct.logits.float() / 2.0, -1) + direct.log_scale[:, None]
-    got = torch.log_softmax(cached.logits / 2.0, -1) + cached.log_scale[:, None]
+    got = _dense(cached) + cached.log_scale[:, None]
     top = true.topk(4, -1)
     torch.testing.assert_close(got.gather(1, top.indices), top.values, atol=1e-2, rtol=0)
     # the rest of each span's mass is shared evenly by the other ids, and the total mass is the span's

@@ -64,13 +64,15 @@ class SpanLogits:
     """Cross-tokenizer signal (`potstill.tasks.cross_tokenizer`): one side's logits at the first position of each
     aligned span, `logits` `[N, V]` (its own vocabulary), and `log_scale` `[N]`, the summed log-probabilities
     of the span's later tokens (0 for a one-token span). The teacher's also carries `matched_ids` `(M, 2)`,
-    the (teacher id, student id) pairs of tokens both vocabularies share (GOLD's hybrid loss); the student's
-    also carries its `token_logits` `[B, T, V]`, for the hard-label loss."""
+    the (teacher id, student id) pairs of tokens both vocabularies share (GOLD's hybrid loss); read from a
+    top-k cache, its `logits` are a `TopKTeacher` `[N, k]` (the first token's normalised log-probs) and `vocab`
+    is its vocabulary size. The student's also carries its `token_logits` `[B, T, V]`, for the hard-label loss."""
 
-    logits: Tensor
+    logits: Tensor | TopKTeacher
     log_scale: Tensor
     matched_ids: Tensor | None = None
     token_logits: Tensor | None = None
+    vocab: int | None = None
 
 
 @dataclass

@@ -168,14 +168,16 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "Σ_k |sort↓(p_s)_k − sort↓(p_t)_k| per aligned span, narrower vocabulary zero-padded",
             'Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss '
             'for LLMs"',
-            "teacher and student tokenizers may differ (causal_lm: spans aligned by byte offsets, split tokens merged)",
+            "teacher and student tokenizers may differ (causal_lm: spans aligned by byte offsets, split tokens "
+            "merged); with teacher.cache its top-k form, uld_topk",
         ),
         _entry(
             gold,
             "logits",
             "w·JSD_β(p_s^M, p_t^M) + (1−w)·sorted-L1(p_s^U, p_t^U), M = same-string ids, w = |M| / V_t",
             "TRL GOLDTrainer (hybrid ULD); Boizard et al. 2024 (ULD), Agarwal et al. 2024 (GKD)",
-            "cross-tokenizer like uld; the task fills matched_ids from the two vocabularies",
+            "cross-tokenizer like uld; the task fills matched_ids from the two vocabularies; with teacher.cache "
+            "gold_topk",
         ),
         _entry(
             TAID,

@@ -16,8 +16,9 @@ refused with the shared-tokenizer message). Then:
   by spans / tokens so that it stays a per-token mean;
 - with `teacher.cache` (`potstill cache`), the teacher is read instead of run: the cache holds one row per
   aligned span, the top k of the span's merged distribution (its log scale added to the k log-probs and to
-  the tail). A step rebuilds each row as a full teacher vector, the tail mass spread evenly over the other
-  V_t − k ids, so uld and gold run unchanged (exact for k = V_t);
+  the tail). A step hands the objectives a `TopKTeacher` (the first token's normalised log-probs) and the
+  log scale, and uld / gold take their top-k forms (`potstill.losses.uld_topk`: the tail mass spread evenly
+  over the other V_t − k ids; exact for k = V_t);
 - evaluation reports each model on its own tokens, plus `bits_per_byte` (summed NLL / ln 2 / bytes of target
   text), which does not depend on the tokenizer and so compares teacher and student.
 
@@ -41,6 +42,7 @@ from potstill.data.cross_tokenizer import PairedEncoder
 from potstill.data.lm_records import tokenizer_fingerprint, tokenizer_name
 from potstill.data.token_alignment import matched_ids, merge_spans, vocab_mapping
 from potstill.errors import UserError
+from potstill.losses.sparse import TopKTeacher
 from potstill.signals import SpanLogits
 from potstill.students.tokenizer import BPE_PREFIX, bpe_vocab_size, train_byte_level_bpe
 from potstill.tasks.models import resolve_model_path
@@ -133,15 +135,6 @@ def _temperatures(recipe: Recipe) -> tuple[float, float]:
         raise UserError("objectives: uld / gold objectives of one run must share temperature and "
                         "teacher_temperature (the merged spans are computed once per batch)")
     return pairs.pop() if pairs else (1.0, 1.0)
-
-
-def spread_tail(ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, vocab: int) -> torch.Tensor:
-    """`[n, vocab]` log-probs from top-k rows (`ids`, `logprobs` `[n, k]`, log `tail` mass `[n]`): the k
-    log-probs at their ids and the tail mass shared evenly by the other vocab − k ids."""
-    k = ids.shape[-1]
-    fill = tail - math.log(vocab - k) if k < vocab else torch.full_like(tail, -math.inf)
-    dense = fill[:, None].expand(len(ids), vocab).contiguous()
-    return dense.scatter_(1, ids, logprobs)
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -281,11 +274,9 @@ class CrossTokenizer:
         k = top.k
         logprobs, tail = top.logprobs.reshape(-1, k)[keep], top.tail().reshape(-1)[keep]
         log_scale = torch.logsumexp(torch.cat([logprobs, tail[:, None]], 1), 1)  # the span's mass, ≤ 0
-        dense = spread_tail(top.ids.reshape(-1, k)[keep], logprobs - log_scale[:, None], tail - log_scale,
-                            self.teacher_vocab)
+        first = TopKTeacher(top.ids.reshape(-1, k)[keep], logprobs - log_scale[:, None], tail - log_scale)
         device = self.matched_ids.device
-        # log_softmax(dense · T / T) = dense: the rows are the cached distribution at the objectives' temperature
-        return SpanLogits((dense * self.teacher_temperature).to(device), log_scale.to(device), self.matched_ids)
+        return SpanLogits(first.to(device), log_scale.to(device), self.matched_ids, vocab=self.teacher_vocab)
 
     # ------------------------------------------------------------------ evaluation
     def teacher_examples(self, examples: list[dict]) -> list[dict[str, list[int]]]:

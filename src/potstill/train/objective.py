@@ -8,7 +8,8 @@ parameters. `Objective.__call__` picks the form the signals call for, one typed 
 - a student given as its lm_head inputs (`LMHeadInputs`, `trainer.fused_lm_head`) takes the fused form, which
   never builds the student's full logits;
 - a cached top-k teacher (`TopKTeacher`) takes the sparse form over the teacher's top-k ids plus a tail bucket;
-- aligned spans of two tokenizers (`SpanLogits`, cross-tokenizer runs) go to uld / gold with their merge factors;
+- aligned spans of two tokenizers (`SpanLogits`, cross-tokenizer runs) go to uld / gold with their merge factors
+  (their top-k forms, `potstill.losses.uld_topk`, when the teacher's spans come from a cache);
 - otherwise the loss itself, on the main signal.
 
 The protocols below are structural: the losses satisfy them by having the methods, without importing this file.
@@ -27,6 +28,7 @@ from torch import nn
 from potstill.errors import UserError
 from potstill.losses.fused import FUSED_DIVERGENCES, LMHeadInputs, fused_linear_divergence
 from potstill.losses.sparse import TopKTeacher, sparse_version
+from potstill.losses.uld_topk import TOPK_FORMS
 from potstill.signals import Signal, Signals, SpanLogits
 
 if TYPE_CHECKING:
@@ -136,6 +138,11 @@ class Objective:
         kwargs.pop("mask", None)
         if "matched_ids" in params and teacher.matched_ids is not None:
             kwargs["matched_ids"] = teacher.matched_ids
+        if isinstance(teacher.logits, TopKTeacher):  # a cached teacher: the top-k form of uld / gold
+            kwargs.pop("teacher_temperature", None)  # the cache's, checked against it at set-up
+            return TOPK_FORMS[self.name](student.logits, teacher.logits, teacher_vocab=teacher.vocab,
+                                         student_log_scale=student.log_scale, teacher_log_scale=teacher.log_scale,
+                                         reduction="sum", **kwargs)
         return self.fn(student.logits, teacher.logits, student_log_scale=student.log_scale,
                        teacher_log_scale=teacher.log_scale, reduction="sum", **kwargs)
 
