@@ -31,7 +31,7 @@ the equal-steps control (does the teacher's signal help per step?). Use another 
 
 Usage: python benchmarks/cross_tokenizer.py [--budget-seconds 240] [--seeds 0 1 2] [--rows uld gold sft]
        [--records 256] [--eval-records 16] [--jobs 3] [--threads 1] [--max-steps 0] [--cache-k 64]
-       [--matched-weight W]
+       [--matched-weight W] [--eval-every 0]
        [--out runs/cross_tokenizer]
        [--quick]
 """
@@ -73,6 +73,8 @@ def _recipe(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     raw["trainer"].update(max_seconds=args.budget_seconds, num_threads=args.threads)
     if args.max_steps:
         raw["trainer"]["max_steps"] = args.max_steps
+    if args.eval_every:  # held-out curves in the run's metrics.jsonl (their time counts against the budget)
+        raw["eval"]["every"] = args.eval_every
     if args.quick:
         from _llm_common import tiny_llama_teacher
 
@@ -116,7 +118,7 @@ def _launch(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", "--row", row, "--seed", str(seed), "--out", args.out,
            "--budget-seconds", str(args.budget_seconds), "--records", str(args.records), "--eval-records",
            str(args.eval_records), "--threads", str(args.threads), "--max-steps", str(args.max_steps),
-           "--cache-k", str(args.cache_k)] + (
+           "--cache-k", str(args.cache_k), "--eval-every", str(args.eval_every)] + (
                ["--matched-weight", str(args.matched_weight)] if args.matched_weight is not None else []) + (
                ["--quick"] if args.quick else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -168,6 +170,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=0, help="also stop after this many steps (0: the "
                         "recipe's 2,000): the equal-steps control")
+    parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (curves in each "
+                        "run's metrics.jsonl; the time counts against the budget)")
     parser.add_argument("--cache-k", type=int, default=64, help="top-k of the *_cached rows' span cache")
     parser.add_argument("--matched-weight", type=float, help="gold rows: the weight w of the matched-token JSD "
                         "(default: GOLD's M / V_t)")
@@ -188,7 +192,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "results.json"
     key = {"budget_seconds": args.budget_seconds, "records": args.records, "eval_records": args.eval_records,
-           "quick": args.quick, "max_steps": args.max_steps, "cache_k": args.cache_k,
+           "quick": args.quick, "max_steps": args.max_steps, "cache_k": args.cache_k, "eval_every": args.eval_every,
            "matched_weight": args.matched_weight}
     saved = json.loads(store.read_text()) if store.exists() else {}
     results = saved.get("results", []) if saved.get("key") == key else []

@@ -98,7 +98,8 @@ class CausalLMTeacherConfig(TextTeacherConfig):
                                             "(black-box sequence-level KD); no teacher model, no KD objectives")
     cache: RelPath | None = Field(None, description="top-k cache folder. `potstill cache RECIPE` writes the "
                                   "teacher's top-k log-probs there once; `potstill run` then reads them instead of "
-                                  "running the teacher each step (sparse divergences: top-k ids + one tail bucket)")
+                                  "running the teacher each step (sparse divergences: top-k ids + one tail bucket; "
+                                  "cross-tokenizer uld / gold: one row per aligned span, the tail spread evenly)")
 
 
 class CausalLMStudentConfig(StudentConfig):
