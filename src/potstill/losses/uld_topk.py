@@ -62,8 +62,8 @@ def _l1_to_spread(p_s: Tensor, kept: Tensor, n_kept: Tensor, share: Tensor, size
     return sorted_l1(p_s, t_top) + t_rest  # the student is wider: its top `width` against t_top, plus its rest
 
 
-def _check(student_logits: Tensor, teacher: TopKTeacher, teacher_vocab: int, scale: Tensor | None,
-           name: str) -> None:
+def _check(student_logits: Tensor, teacher: TopKTeacher, teacher_vocab: int,
+           scales: dict[str, Tensor | None]) -> None:
     if not isinstance(teacher, TopKTeacher):
         raise TypeError(f"teacher must be a TopKTeacher, got {type(teacher).__name__}")
     if teacher.shape != student_logits.shape[:-1]:
@@ -71,17 +71,17 @@ def _check(student_logits: Tensor, teacher: TopKTeacher, teacher_vocab: int, sca
                          f"{tuple(teacher.shape)} must have the same row shape")
     if not isinstance(teacher_vocab, int) or not teacher.k <= teacher_vocab:
         raise ValueError(f"teacher_vocab must be an int >= k = {teacher.k}, got {teacher_vocab!r}")
-    for which, value in ((name, scale),):
-        if value is not None and value.shape != teacher.shape:
-            raise ValueError(f"{which} must have the row shape {tuple(teacher.shape)}, got {tuple(value.shape)}")
+    for name, scale in scales.items():
+        if scale is not None and scale.shape != teacher.shape:
+            raise ValueError(f"{name} must have the row shape {tuple(teacher.shape)}, got {tuple(scale.shape)}")
 
 
 def _topk_rows(per_row, student_logits: Tensor, teacher: TopKTeacher, teacher_vocab: int, *, temperature: float,
                student_log_scale: Tensor | None, teacher_log_scale: Tensor | None, mask: Tensor | None,
                labels: Tensor | None, reduction: str, chunk_size: int | None) -> Tensor:
     temperature = check_temperature(temperature)
-    _check(student_logits, teacher, teacher_vocab, student_log_scale, "student_log_scale")
-    _check(student_logits, teacher, teacher_vocab, teacher_log_scale, "teacher_log_scale")
+    _check(student_logits, teacher, teacher_vocab,
+           {"student_log_scale": student_log_scale, "teacher_log_scale": teacher_log_scale})
     zeros = torch.zeros(teacher.shape, dtype=torch.float32, device=student_logits.device)
     t_scale = zeros if teacher_log_scale is None else teacher_log_scale.float()
     s_scale = zeros if student_log_scale is None else student_log_scale.float()
