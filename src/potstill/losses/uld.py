@@ -176,6 +176,19 @@ def check_matched_ids(matched_ids: Tensor, student_vocab: int, teacher_vocab: in
             raise ValueError("matched_ids: every teacher id and every student id may appear at most once")
 
 
+def gold_settings(beta: float, matched_weight: float | None, matched_ids: Tensor | None, student_vocab: int,
+                  teacher_vocab: int) -> tuple[float, Tensor, float]:
+    """GOLD's checked (β, matched ids, matched weight w): no `matched_ids` is none matched, w = M / V_t unless
+    `matched_weight` is given."""
+    beta = check_weight("beta", beta)
+    if matched_ids is None:
+        matched_ids = torch.zeros((0, 2), dtype=torch.long)
+    check_matched_ids(matched_ids, student_vocab, teacher_vocab)
+    if matched_weight is None:
+        return beta, matched_ids, len(matched_ids) / teacher_vocab
+    return beta, matched_ids, check_weight("matched_weight", matched_weight)
+
+
 def gold(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -200,19 +213,13 @@ def gold(
     TRL `GOLDTrainer` (`uld_use_hybrid_loss=True`), after Boizard et al. 2024 (ULD) and Agarwal et al. 2024 (GKD).
     Defaults: beta=0.5, matched_weight=None (M / V_t), temperature=1.0, reduction="mean", chunk_size=None.
     """
-    beta = check_weight("beta", beta)
-    if matched_weight is not None:
-        matched_weight = check_weight("matched_weight", matched_weight)
     v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
-    if matched_ids is None:
-        matched_ids = torch.zeros((0, 2), dtype=torch.long)
-    check_matched_ids(matched_ids, v_s, v_t)
+    beta, matched_ids, w = gold_settings(beta, matched_weight, matched_ids, v_s, v_t)
     device = student_logits.device
     t_matched = matched_ids[:, 0].to(device)
     s_matched = matched_ids[:, 1].to(device)
     t_rest = torch.ones(v_t, dtype=torch.bool, device=device).index_fill_(0, t_matched, False)
     s_rest = torch.ones(v_s, dtype=torch.bool, device=device).index_fill_(0, s_matched, False)
-    w = len(matched_ids) / v_t if matched_weight is None else matched_weight
 
     def per_row(p_s: Tensor, p_t: Tensor) -> Tensor:
         value = p_s.new_zeros(p_s.shape[0])

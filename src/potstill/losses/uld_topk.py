@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._rows import check_temperature, check_weight, rowwise
+from ._rows import check_temperature, rowwise
 from .sparse import TopKTeacher
-from .uld import check_matched_ids, matched_jsd, sorted_l1
+from .uld import gold_settings, matched_jsd, sorted_l1
 
 __all__ = ["gold_topk", "spread_tail", "uld_topk"]
 
@@ -145,13 +145,8 @@ def gold_topk(
     vocabulary, the teacher vector being the k cached probabilities with the tail mass shared evenly by the
     other V_t − k ids. TRL `GOLDTrainer` (`uld_use_hybrid_loss=True`).
     Defaults: beta=0.5, matched_weight=None (M / V_t), temperature=1.0, reduction="mean", chunk_size=None."""
-    beta = check_weight("beta", beta)
-    if matched_weight is not None:
-        matched_weight = check_weight("matched_weight", matched_weight)
     v_s = student_logits.shape[-1]
-    if matched_ids is None:
-        matched_ids = torch.zeros((0, 2), dtype=torch.long)
-    check_matched_ids(matched_ids, v_s, teacher_vocab)
+    beta, matched_ids, w = gold_settings(beta, matched_weight, matched_ids, v_s, teacher_vocab)
     device = student_logits.device
     n_matched = len(matched_ids)
     s_matched = matched_ids[:, 1].to(device)
@@ -159,7 +154,6 @@ def gold_topk(
     where[matched_ids[:, 0].to(device)] = torch.arange(n_matched, device=device)
     s_rest = torch.ones(v_s, dtype=torch.bool, device=device).index_fill_(0, s_matched, False)
     t_rest_size = teacher_vocab - n_matched
-    w = n_matched / teacher_vocab if matched_weight is None else matched_weight
 
     def per_row(p_s: Tensor, ids: Tensor, top: Tensor, share: Tensor) -> Tensor:
         pair = where[ids]  # n_matched for an unmatched id
