@@ -32,12 +32,15 @@ from .uld import gold_settings, matched_jsd, sorted_l1
 __all__ = ["gold_topk", "spread_tail", "uld_topk"]
 
 
+def _share_log(tail: Tensor, k: int, vocab: int) -> Tensor:
+    """The log of each of the other vocab − k ids' even share of the `tail` mass (−inf when k = vocab)."""
+    return tail - math.log(vocab - k) if k < vocab else torch.full_like(tail, -math.inf)
+
+
 def spread_tail(ids: Tensor, logprobs: Tensor, tail: Tensor, vocab: int) -> Tensor:
     """`[n, vocab]` log-probs from top-k rows (`ids`, `logprobs` `[n, k]`, log `tail` mass `[n]`): the k
     log-probs at their ids and the tail mass shared evenly by the other vocab − k ids."""
-    k = ids.shape[-1]
-    fill = tail - math.log(vocab - k) if k < vocab else torch.full_like(tail, -math.inf)
-    dense = fill[:, None].expand(len(ids), vocab).contiguous()
+    dense = _share_log(tail, ids.shape[-1], vocab)[:, None].expand(len(ids), vocab).contiguous()
     return dense.scatter_(1, ids, logprobs)
 
 
@@ -85,9 +88,7 @@ def _topk_rows(per_row, student_logits: Tensor, teacher: TopKTeacher, teacher_vo
     zeros = torch.zeros(teacher.shape, dtype=torch.float32, device=student_logits.device)
     t_scale = zeros if teacher_log_scale is None else teacher_log_scale.float()
     s_scale = zeros if student_log_scale is None else student_log_scale.float()
-    k = teacher.k
-    share_log = teacher.tail().float() - math.log(teacher_vocab - k) if k < teacher_vocab else \
-        torch.full(teacher.shape, -math.inf, device=student_logits.device)
+    share_log = _share_log(teacher.tail().float(), teacher.k, teacher_vocab)
 
     def rows(s: Tensor, packed: tuple[Tensor, ...]) -> Tensor:
         ids, logprobs, share_lp, t_sc, s_sc = packed
