@@ -164,7 +164,10 @@ class CausalLMTask(Task):
             from potstill.teachers.capture import check_objectives_for_cache, expected_cache_meta
 
             cache.check_expect(expected_cache_meta(self))
-            check_objectives_for_cache(r.objectives, cache, cross_tokenizer=self.cross is not None)
+            if self.cross is not None:
+                self.cross.check_cache(cache)
+            else:
+                check_objectives_for_cache(r.objectives, cache)
             self.topk_cache = cache
         rows = flat_rows(self.train_records) if self.train_format == "icl" else self.train_records
         if not any(t != -100 for ex in rows for t in ex["targets"]):

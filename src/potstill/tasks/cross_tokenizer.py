@@ -256,6 +256,17 @@ class CrossTokenizer:
         return {"teacher_tokenizer_sha256": tokenizer_fingerprint(self.teacher_tokenizer),
                 "alignment_sha256": h.hexdigest(), "vocab_size": self.teacher_vocab, "rows": "aligned spans"}
 
+    def check_cache(self, cache: Any) -> None:
+        """A span cache holds the teacher's rows at one temperature, which must be the objectives' teacher
+        temperature (`_temperatures`: one for all uld / gold objectives)."""
+        if self.recipe.objectives and cache.temperature != self.teacher_temperature:
+            params = self.recipe.objectives[0].params
+            field = "teacher_temperature" if params.get("teacher_temperature") else "temperature"
+            raise UserError(f"field objectives.0.params.{field}: {self.teacher_temperature:g}, but {cache.path} "
+                            f"holds the teacher's span rows at temperature {cache.temperature:g}; use that "
+                            f"temperature, or rebuild the cache with `potstill cache --temperature "
+                            f"{self.teacher_temperature:g}`")
+
     def teacher_topk_spans(self, teacher: nn.Module, batch: Batch, k: int, temperature: float
                            ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per record of `batch`, one cache row per aligned span: the top `k` ids of the span's merged teacher

@@ -66,25 +66,23 @@ def expected_cache_meta(task: Any) -> dict[str, Any]:
     return meta if cross is None else {**meta, **cross.cache_meta(task.train_records)}
 
 
-def check_objectives_for_cache(objectives: list[Any], cache: Any, *, cross_tokenizer: bool = False) -> None:
+def check_objectives_for_cache(objectives: list[Any], cache: Any) -> None:
     """A cache holds top-k log-probs at one temperature: only divergences with a sparse form, at that T, and
-    objectives that read the student alone (a mixture-of-experts student's router loss). A cross-tokenizer
-    run's cache holds span rows for uld / gold (the task checks the objectives), at their teacher temperature."""
+    objectives that read the student alone (a mixture-of-experts student's router loss). (A cross-tokenizer
+    run checks its span cache itself: `CrossTokenizer.check_cache`.)"""
     from potstill.losses.catalogue import OBJECTIVES, STUDENT_ONLY_KINDS
     from potstill.losses.sparse import sparse_version
 
     for i, objective in enumerate(objectives):
         if objective.name in OBJECTIVES and OBJECTIVES[objective.name].kind in STUDENT_ONLY_KINDS:
             continue
-        if not cross_tokenizer and sparse_version(objective.name) is None:
+        if sparse_version(objective.name) is None:
             raise UserError(f"field objectives.{i}.name: {objective.name} needs the teacher's full logits; with "
                             f"teacher.cache use forward_kl, reverse_kl, soft_cross_entropy, generalized_jsd, "
                             f"skew_kl, skew_reverse_kl or tvd (they switch to their top-k forms)")
-        field = "teacher_temperature" if cross_tokenizer and objective.params.get("teacher_temperature") else \
-            "temperature"
-        t = float(objective.params.get(field, 1.0))
+        t = float(objective.params.get("temperature", 1.0))
         if t != cache.temperature:
-            raise UserError(f"field objectives.{i}.params.{field}: {t:g}, but {cache.path} holds the "
+            raise UserError(f"field objectives.{i}.params.temperature: {t:g}, but {cache.path} holds the "
                             f"teacher's log-probs at temperature {cache.temperature:g}; use that temperature, or "
                             f"rebuild the cache with `potstill cache --temperature {t:g}`")
 
