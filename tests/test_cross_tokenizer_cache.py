@@ -113,3 +113,30 @@ def test_a_run_from_the_cache_trains_without_running_the_teacher(tmp_path, monke
     _, before, after = summary["table"]
     assert summary["steps"] == 8 and len(read) == 8 and not any(live)
     assert after["bits_per_byte"] < before["bits_per_byte"]
+
+
+def test_the_cache_command_on_a_cross_tokenizer_recipe_writes_what_its_run_reads(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from potstill.cli import main
+
+    r, _, _ = _task(tmp_path, [{"name": "gold"}])
+    raw = r.model_dump(mode="json", exclude_none=True)
+    raw["trainer"]["max_steps"] = 3
+    path = tmp_path / "cross.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["cache", str(path), "--k", "4", "--out", str(tmp_path / "cli-cache")]) == 0
+    from test_causal_lm import SENTENCES
+
+    manifest = json.loads((tmp_path / "cli-cache" / "manifest.json").read_text())
+    assert manifest["num_records"] == len(SENTENCES) and manifest["k"] == 4
+    assert manifest["meta"]["rows"] == "aligned spans" and "alignment_sha256" in manifest["meta"]
+    raw["teacher"]["cache"] = str(tmp_path / "cli-cache")
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path)]) == 0
+    # a cache of other alignments (a shorter max_length cuts the spans) is refused in one line, exit code 2
+    capsys.readouterr()
+    assert main(["run", str(path), "--set", "data.max_length=12", "--overwrite"]) == 2
+    assert "alignment_sha256" in capsys.readouterr().err
