@@ -16,6 +16,13 @@ Rows (every row: the recipe's optimizer, batch 8, lr 3e-3 constant after 5 warm-
 - uld_cached / gold_cached: uld / gold read from a top-k cache of the teacher's span rows (`potstill cache`, k =
   `--cache-k`, built by the row itself) instead of running the teacher each step. The cache's build time counts
   against the row's budget: it trains for `--budget-seconds` minus the build.
+- sft_teacher: fine-tuning on teacher text (the issue's baseline, sequence-level KD through text): the teacher
+  continues the first 32 of its tokens of each training article by 96 sampled tokens (temperature 0.9, 32
+  prompts a batch), and the student is fine-tuned on prompt + continuation. Generation counts against the
+  budget: it stops at the first batch past `--teacher-text-share` of the budget, and the student trains for
+  the rest. `--teacher-text-free` generates for every record and does not count it (a generous control). The
+  student's BPE is trained on the real articles, as in every other row, so its tokenizer and initial weights
+  are the other rows'.
 
 Held-out score: bits per byte (summed next-token NLL / ln 2 / UTF-8 bytes) on `--eval-records` BBC validation
 articles, cut where both tokenizations fit 128 tokens, so teacher and students score the same bytes; also each
@@ -26,12 +33,20 @@ they share the machine alike); `<out>/results.json` keeps every finished row and
 `--quick`: a tiny random teacher with SmolLM2's tokenizer, 16 records, a 5 s budget: a smoke test, numbers mean
 nothing.
 
+`--pretrain-seconds S`: every row starts from a student that already models text instead of a random one. Before
+the rows, the recipe's student (the BPE trained on the training articles, as in every row) is fine-tuned for S
+seconds on the `builtin:general` training texts of its non-BBC sources (Wikipedia, Lee background, chatterbot),
+packed into passages of about 600 characters; it is stored in `--pretrained DIR` (default `<out>/pretrained`;
+built once, reused by every row and seed and by other runs given the same DIR, its time in no row's budget),
+and each row loads it (`student.init: pretrained`).
+
 `--max-steps N` also stops every row after N optimizer steps: with `--rows sft` and the KD rows' step count it is
 the equal-steps control (does the teacher's signal help per step?). Use another `--out` for it.
 
 Usage: python benchmarks/cross_tokenizer.py [--budget-seconds 240] [--seeds 0 1 2] [--rows uld gold sft]
        [--records 256] [--eval-records 16] [--jobs 3] [--threads 1] [--max-steps 0] [--cache-k 64]
-       [--matched-weight W] [--eval-every 0]
+       [--matched-weight W] [--eval-every 0] [--teacher-text-share 0.5] [--teacher-text-free]
+       [--pretrain-seconds 0] [--pretrained DIR]
        [--out runs/cross_tokenizer]
        [--quick]
 """
@@ -48,7 +63,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROWS = ("uld", "gold", "sft", "uld_only", "uld_cached", "gold_cached")
+ROWS = ("uld", "gold", "sft", "uld_only", "uld_cached", "gold_cached", "sft_teacher")
+PROMPT_TOKENS, NEW_TOKENS, GENERATION_BATCH = 32, 96, 32
 RECIPE = Path(__file__).resolve().parents[1] / "src" / "potstill" / "recipes" / "smollm2-cross-tokenizer.yaml"
 MARK = "@@ROW "
 
@@ -60,8 +76,8 @@ def _recipe(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     raw["name"] = f"{row}-seed{seed}"
     raw["output_dir"] = str(Path(args.out).resolve() / "runs")
     raw["seed"] = seed
-    raw["objectives"] = {"uld": [{"name": "uld"}], "gold": [{"name": "gold"}], "sft": [],
-                         "uld_only": [{"name": "uld"}]}[row.removesuffix("_cached")]
+    kd = {"uld": [{"name": "uld"}], "gold": [{"name": "gold"}], "uld_only": [{"name": "uld"}]}
+    raw["objectives"] = kd.get(row.removesuffix("_cached"), [])  # sft, sft_teacher, pretrain: fine-tuning
     if args.matched_weight is not None:
         for objective in raw["objectives"]:
             if objective["name"] == "gold":
@@ -75,17 +91,109 @@ def _recipe(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
         raw["trainer"]["max_steps"] = args.max_steps
     if args.eval_every:  # held-out curves in the run's metrics.jsonl (their time counts against the budget)
         raw["eval"]["every"] = args.eval_every
+    if args.pretrain_seconds and row != "pretrain":
+        raw["student"] = {"init": "pretrained", "path": str(_pretrained_dir(args) / "student")}
     if args.quick:
         from _llm_common import tiny_llama_teacher
 
         raw["teacher"]["path"] = str(tiny_llama_teacher(Path(args.out).resolve() / "tiny-teacher", layers=2,
                                                         max_positions=256))
-        raw["student"]["tokenizer"] = "bpe:512"
-        raw["student"]["config"] = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
-                                    "num_attention_heads": 2, "num_key_value_heads": 2}
+        if raw["student"]["init"] != "pretrained":
+            raw["student"]["tokenizer"] = "bpe:512"
+            raw["student"]["config"] = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+                                        "num_attention_heads": 2, "num_key_value_heads": 2}
         raw["data"]["max_length"] = 32
         raw["trainer"]["batch_size"] = 4
     return raw
+
+
+def _articles(raw: dict[str, Any]) -> list[str]:
+    from potstill.data.loaders import load_source
+
+    train = raw["data"]["train"]
+    return [r["text"] for r in load_source(train["path"], split=train["split"], limit=train["limit"])]
+
+
+def _pretrained_dir(args: argparse.Namespace) -> Path:
+    return Path(args.pretrained or Path(args.out) / "pretrained").resolve()
+
+
+def _pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """The --pretrain-seconds student: the recipe's, fine-tuned on non-BBC general text (see the module's doc)."""
+    import random
+    import shutil
+
+    from potstill.config import validate_recipe
+    from potstill.data.loaders import load_source
+    from potstill.io import atomic_write_json
+    from potstill.students.tokenizer import bpe_vocab_size, train_byte_level_bpe
+    from potstill.train import run_recipe
+
+    folder = _pretrained_dir(args)
+    raw = _recipe(args, "pretrain", 0)
+    texts = [r["text"] for r in load_source("builtin:general", split="train") if r["source"] != "bbc"]
+    random.Random(0).shuffle(texts)
+    passages, current = [], ""
+    for text in texts:
+        current = f"{current} {text}" if current else text
+        if len(current) >= 600:
+            passages.append(current)
+            current = ""
+    records = folder / "passages.jsonl"
+    records.parent.mkdir(parents=True, exist_ok=True)
+    records.write_text("".join(json.dumps({"text": t}) + "\n" for t in passages), encoding="utf-8")
+    train_byte_level_bpe(_articles(raw), bpe_vocab_size(raw["student"]["tokenizer"]), folder / "tokenizer")
+    raw.update(name="run", output_dir=str(folder))
+    raw["student"]["tokenizer"] = str(folder / "tokenizer")
+    raw["data"]["train"] = {"path": str(records)}
+    raw["trainer"].update(max_seconds=args.pretrain_seconds, max_steps=1_000_000)
+    summary = run_recipe(validate_recipe(raw), overwrite=True)
+    shutil.rmtree(folder / "student", ignore_errors=True)  # a student of an interrupted build
+    (folder / "run" / "student").replace(folder / "student")
+    done = {"pretrain_seconds": args.pretrain_seconds, "passages": len(passages), "steps": summary["steps"],
+            "after": summary["table"][-1]}
+    atomic_write_json(folder / "done.json", done)
+    return done
+
+
+def _teacher_text(args: argparse.Namespace, raw: dict[str, Any], seed: int) -> tuple[Path, Path | None, float, int]:
+    """The sft_teacher row's training text and student tokenizer: (records file, tokenizer folder (None for a
+    pretrained student), seconds spent generating, records generated)."""
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from potstill.data.sampling import SamplingSettings, sample_completions
+    from potstill.students.loading import resolve_model_path
+    from potstill.students.tokenizer import bpe_vocab_size, train_byte_level_bpe
+
+    folder = Path(args.out).resolve() / "teacher_text" / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    articles = _articles(raw)
+    tok_dir = None
+    if raw["student"]["init"] != "pretrained":  # a pretrained student brings its own tokenizer
+        tok_dir = folder / "student_tokenizer"
+        train_byte_level_bpe(articles, bpe_vocab_size(raw["student"]["tokenizer"]), tok_dir)
+    path = resolve_model_path(raw["teacher"]["path"], field="teacher.path")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path).eval()
+    settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    limit = float("inf") if args.teacher_text_free else args.teacher_text_share * args.budget_seconds
+    texts: list[str] = []
+    start = time.perf_counter()
+    for first in range(0, len(articles), GENERATION_BATCH):
+        prompts = [tokenizer(a, add_special_tokens=False)["input_ids"][:PROMPT_TOKENS]
+                   for a in articles[first:first + GENERATION_BATCH]]
+        completions = sample_completions(teacher, prompts, settings=settings, pad_token_id=pad_id,
+                                         eos_token_id=tokenizer.eos_token_id, seed=seed * 1_000_003 + first)
+        texts += [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompts, completions, strict=True)]
+        if time.perf_counter() - start >= limit:
+            break
+    seconds = time.perf_counter() - start
+    records = folder / "teacher_text.jsonl"
+    records.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return records, tok_dir, (0.0 if args.teacher_text_free else seconds), len(texts)
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -107,6 +215,13 @@ def _worker(args: argparse.Namespace) -> None:
         cache_s = manifest["seconds"]
         raw["teacher"]["cache"] = str(target)
         raw["trainer"]["max_seconds"] = max(1.0, args.budget_seconds - cache_s)
+    if args.row == "sft_teacher":
+        records, tok_dir, cache_s, count = _teacher_text(args, raw, args.seed)
+        raw["data"]["train"] = {"path": str(records)}
+        if tok_dir is not None:
+            raw["student"]["tokenizer"] = str(tok_dir)
+        raw["trainer"]["max_seconds"] = max(1.0, args.budget_seconds - cache_s)
+        print(f"sft_teacher seed {args.seed}: {count} teacher texts in {cache_s:.0f} s", file=sys.stderr, flush=True)
     summary = run_recipe(validate_recipe(raw), overwrite=True)
     teacher, before, after = summary["table"]
     print(MARK + json.dumps({"row": args.row, "seed": args.seed, "steps": summary["steps"],
@@ -118,7 +233,10 @@ def _launch(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", "--row", row, "--seed", str(seed), "--out", args.out,
            "--budget-seconds", str(args.budget_seconds), "--records", str(args.records), "--eval-records",
            str(args.eval_records), "--threads", str(args.threads), "--max-steps", str(args.max_steps),
-           "--cache-k", str(args.cache_k), "--eval-every", str(args.eval_every)] + (
+           "--cache-k", str(args.cache_k), "--eval-every", str(args.eval_every),
+           "--teacher-text-share", str(args.teacher_text_share), "--pretrain-seconds", str(args.pretrain_seconds)] + (
+               ["--pretrained", args.pretrained] if args.pretrained else []) + (
+               ["--teacher-text-free"] if args.teacher_text_free else []) + (
                ["--matched-weight", str(args.matched_weight)] if args.matched_weight is not None else []) + (
                ["--quick"] if args.quick else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -137,7 +255,7 @@ def _mean(values: list[float]) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: one line per row (mean ± std over seeds), the untrained student and the teacher."""
-    lines = ["| row | seeds | steps | cache s | train s | bits/byte held-out | ppl (own tokens) |",
+    lines = ["| row | seeds | steps | cache / text s | train s | bits/byte held-out | ppl (own tokens) |",
              "|---|---|---|---|---|---|---|"]
     by_row: dict[str, list[dict[str, Any]]] = {}
     for r in results:
@@ -175,6 +293,13 @@ def main() -> None:
     parser.add_argument("--cache-k", type=int, default=64, help="top-k of the *_cached rows' span cache")
     parser.add_argument("--matched-weight", type=float, help="gold rows: the weight w of the matched-token JSD "
                         "(default: GOLD's M / V_t)")
+    parser.add_argument("--teacher-text-share", type=float, default=0.5, help="sft_teacher: the share of the "
+                        "budget spent generating teacher text (generation stops at the first batch past it)")
+    parser.add_argument("--teacher-text-free", action="store_true", help="sft_teacher: generate for every record, "
+                        "outside the budget (a generous control)")
+    parser.add_argument("--pretrain-seconds", type=float, default=0.0, help="start every row from a student "
+                        "fine-tuned this long on non-BBC general text (built once in <out>/pretrained)")
+    parser.add_argument("--pretrained", help="where the pretrained student is kept (default <out>/pretrained)")
     parser.add_argument("--out", default="runs/cross_tokenizer")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -193,9 +318,14 @@ def main() -> None:
     store = out / "results.json"
     key = {"budget_seconds": args.budget_seconds, "records": args.records, "eval_records": args.eval_records,
            "quick": args.quick, "max_steps": args.max_steps, "cache_k": args.cache_k, "eval_every": args.eval_every,
-           "matched_weight": args.matched_weight}
+           "matched_weight": args.matched_weight, "teacher_text_share": args.teacher_text_share,
+           "teacher_text_free": args.teacher_text_free, "pretrain_seconds": args.pretrain_seconds}
     saved = json.loads(store.read_text()) if store.exists() else {}
     results = saved.get("results", []) if saved.get("key") == key else []
+    if args.pretrain_seconds and not (_pretrained_dir(args) / "done.json").exists():
+        pretrained = _pretrain(args)
+        print(f"pretrained student: {pretrained['steps']} steps on {pretrained['passages']} passages, bits/byte "
+              f"{pretrained['after']['bits_per_byte']:.4f}", flush=True)
     done = {(r["row"], r["seed"]) for r in results}
     todo = [(row, seed) for seed in args.seeds for row in args.rows if (row, seed) not in done]
     with ThreadPoolExecutor(max_workers=args.jobs or len(args.rows)) as pool:
