@@ -1,4 +1,5 @@
-"""benchmarks/cross_tokenizer.py's sft_teacher row: the teacher text it trains on and the budget it spends."""
+"""benchmarks/cross_tokenizer.py (the sft_teacher row's teacher text and budget, the pretrained student) and
+benchmarks/cross_tokenizer_spans.py (what GOLD's matched term compares on one-to-many spans)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 
 import pytest
+import torch
 from conftest import load_benchmark
 
 
@@ -58,3 +60,22 @@ def test_rows_start_from_the_student_pretrained_on_other_text(bench, tmp_path):
     assert raw["student"] == {"init": "pretrained", "path": str(tmp_path / "pretrained" / "student")}
     # the pretrained student keeps the BPE of the training articles, which every from-scratch row trains too
     assert len(AutoTokenizer.from_pretrained(raw["student"]["path"])) == 512
+
+
+def test_span_stats_count_span_shapes_and_read_the_teachers_first_string_probability():
+    from test_causal_lm import llama
+    from test_cross_tokenizer import _byte_tokenizer
+
+    spans = load_benchmark("cross_tokenizer_spans")
+    student_tok, teacher_tok = _byte_tokenizer([]), _byte_tokenizer([("h", "e"), ("Ġ", "w")])
+    student, teacher = llama(len(student_tok), init=0.5).eval(), llama(len(teacher_tok), seed=1, init=0.5).eval()
+    stats = spans.span_stats(student, student_tok, teacher, teacher_tok, ["he w"], max_length=16)
+    # "he w": teacher <bos> he Ġw <eos>, student <bos> h e Ġ w <eos>: two one-to-many spans and the EOS
+    assert stats["spans"] == {"1:many": 2, "1:1": 1} and stats["one_to_many"] == 2
+    assert stats["first_string_is_teacher_token"] == 1.0  # "h" and "Ġ" are teacher tokens too
+    ids = teacher_tok.convert_tokens_to_ids(["<bos>", "he", "Ġw"])
+    p_t = torch.softmax(teacher(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    want = (p_t[0, teacher_tok.convert_tokens_to_ids("h")] + p_t[1, teacher_tok.convert_tokens_to_ids("Ġ")]) / 2
+    assert stats["teacher_p_first_string"] == pytest.approx(want.item(), rel=1e-5)
+    assert stats["teacher_p_own_token"] == pytest.approx(((p_t[0, ids[1]] + p_t[1, ids[2]]) / 2).item(), rel=1e-5)
+    assert 0 < stats["student_p_span"] < stats["student_p_first_token"] < 1
