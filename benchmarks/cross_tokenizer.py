@@ -205,7 +205,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     raw = _recipe(args, args.row, args.seed)
-    cache_s = 0.0
+    cache_s, teacher_texts = 0.0, 0
     if args.row.endswith("_cached"):  # build the span cache first; its time comes out of the training budget
         from potstill.train.cache_processes import capture_cache
 
@@ -216,17 +216,16 @@ def _worker(args: argparse.Namespace) -> None:
         raw["teacher"]["cache"] = str(target)
         raw["trainer"]["max_seconds"] = max(1.0, args.budget_seconds - cache_s)
     if args.row == "sft_teacher":
-        records, tok_dir, cache_s, count = _teacher_text(args, raw, args.seed)
+        records, tok_dir, cache_s, teacher_texts = _teacher_text(args, raw, args.seed)
         raw["data"]["train"] = {"path": str(records)}
         if tok_dir is not None:
             raw["student"]["tokenizer"] = str(tok_dir)
         raw["trainer"]["max_seconds"] = max(1.0, args.budget_seconds - cache_s)
-        print(f"sft_teacher seed {args.seed}: {count} teacher texts in {cache_s:.0f} s", file=sys.stderr, flush=True)
     summary = run_recipe(validate_recipe(raw), overwrite=True)
     teacher, before, after = summary["table"]
     print(MARK + json.dumps({"row": args.row, "seed": args.seed, "steps": summary["steps"],
-                             "train_s": summary["train_seconds"], "cache_s": cache_s, "before": before,
-                             "after": after, "teacher": teacher}), flush=True)
+                             "train_s": summary["train_seconds"], "cache_s": cache_s, "teacher_texts": teacher_texts,
+                             "before": before, "after": after, "teacher": teacher}), flush=True)
 
 
 def _launch(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
@@ -319,7 +318,8 @@ def main() -> None:
     key = {"budget_seconds": args.budget_seconds, "records": args.records, "eval_records": args.eval_records,
            "quick": args.quick, "max_steps": args.max_steps, "cache_k": args.cache_k, "eval_every": args.eval_every,
            "matched_weight": args.matched_weight, "teacher_text_share": args.teacher_text_share,
-           "teacher_text_free": args.teacher_text_free, "pretrain_seconds": args.pretrain_seconds}
+           "teacher_text_free": args.teacher_text_free, "pretrain_seconds": args.pretrain_seconds,
+           "pretrained": str(_pretrained_dir(args)) if args.pretrain_seconds else None}
     saved = json.loads(store.read_text()) if store.exists() else {}
     results = saved.get("results", []) if saved.get("key") == key else []
     if args.pretrain_seconds and not (_pretrained_dir(args) / "done.json").exists():
@@ -332,7 +332,8 @@ def main() -> None:
         for result in pool.map(lambda rs: _launch(args, *rs), todo):
             results.append(result)
             atomic_write_text(store, json.dumps({"key": key, "results": results}, indent=1))
-            print(f"{result['row']} seed {result['seed']}: {result['steps']} steps, bits/byte "
+            texts = f" on {result['teacher_texts']} teacher texts" if result.get("teacher_texts") else ""
+            print(f"{result['row']} seed {result['seed']}: {result['steps']} steps{texts}, bits/byte "
                   f"{result['after']['bits_per_byte']:.4f}", flush=True)
     wanted = [r for r in results if r["row"] in args.rows and r["seed"] in args.seeds]
     print(table(wanted))
