@@ -32,10 +32,10 @@ def span_stats(student: Any, student_tok: Any, teacher: Any, teacher_tok: Any, t
                max_length: int) -> dict[str, Any]:
     """The counts and means described in the module's doc, for `texts`."""
     from potstill.data.cross_tokenizer import PairedEncoder
+    from potstill.data.token_alignment import vocab_mapping
 
     encoder = PairedEncoder(student_tok, teacher_tok, max_length=max_length)
-    teacher_ids = teacher_tok.get_vocab()
-    student_strings = {i: s for s, i in student_tok.get_vocab().items()}
+    teacher_of = {s_id: t_id for t_id, s_id in vocab_mapping(teacher_tok, student_tok).items()}  # GOLD's matches
     shapes: Counter[str] = Counter()
     rows: list[tuple[float, float, float, float, bool]] = []
     with torch.no_grad():
@@ -48,7 +48,7 @@ def span_stats(student: Any, student_tok: Any, teacher: Any, teacher_tok: Any, t
                 if t1 - t0 != 1 or s1 - s0 == 1:
                     continue
                 first = ex["input_ids"][s0]
-                same_string = teacher_ids.get(student_strings[first])
+                same_string = teacher_of.get(first)
                 whole = 1.0
                 for k in range(s0, s1):
                     whole *= p_s[k - 1, ex["input_ids"][k]].item()
