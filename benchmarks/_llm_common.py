@@ -10,6 +10,7 @@
   background sentences of potstill's general corpus, test split, from gensim's test data), cut into blocks of
   tokens, and a student's perplexity, KL(teacher ‖ student) per token and top-1 agreement with the teacher on
   them. Written to be replaced by `potstill eval RUN --suite lm` once that exists.
+- `write_jsonl`: records as JSON lines, for the data files the benchmarks write.
 """
 
 from __future__ import annotations
@@ -195,6 +196,12 @@ def tiny_llama_teacher(folder: Path, *, layers: int, max_positions: int) -> Path
             tok.save_pretrained(tmp)
     return folder
 
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """`rows` as JSON lines (UTF-8, the folder made first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 def write_bbc_prompt_records(path: Path, shape: dict[str, int]) -> None:
     """`shape["records"]` BBC training articles as prompt / completion JSONL in SmolLM2's tokens (the first

@@ -114,6 +114,14 @@ def _articles(raw: dict[str, Any]) -> list[str]:
     return [r["text"] for r in load_source(train["path"], split=train["split"], limit=train["limit"])]
 
 
+def _article_tokenizer(raw: dict[str, Any], articles: list[str], folder: Path) -> Path:
+    """The student's byte-level BPE trained on the training articles (what `bpe:<size>` trains in every row)."""
+    from potstill.students.tokenizer import bpe_vocab_size, train_byte_level_bpe
+
+    train_byte_level_bpe(articles, bpe_vocab_size(raw["student"]["tokenizer"]), folder)
+    return folder
+
+
 def _pretrained_dir(args: argparse.Namespace) -> Path:
     return Path(args.pretrained or Path(args.out) / "pretrained").resolve()
 
@@ -123,10 +131,11 @@ def _pretrain(args: argparse.Namespace) -> dict[str, Any]:
     import random
     import shutil
 
+    from _llm_common import write_jsonl
+
     from potstill.config import validate_recipe
     from potstill.data.loaders import load_source
     from potstill.io import atomic_write_json
-    from potstill.students.tokenizer import bpe_vocab_size, train_byte_level_bpe
     from potstill.train import run_recipe
 
     folder = _pretrained_dir(args)
@@ -140,11 +149,9 @@ def _pretrain(args: argparse.Namespace) -> dict[str, Any]:
             passages.append(current)
             current = ""
     records = folder / "passages.jsonl"
-    records.parent.mkdir(parents=True, exist_ok=True)
-    records.write_text("".join(json.dumps({"text": t}) + "\n" for t in passages), encoding="utf-8")
-    train_byte_level_bpe(_articles(raw), bpe_vocab_size(raw["student"]["tokenizer"]), folder / "tokenizer")
+    write_jsonl(records, [{"text": t} for t in passages])
     raw.update(name="run", output_dir=str(folder))
-    raw["student"]["tokenizer"] = str(folder / "tokenizer")
+    raw["student"]["tokenizer"] = str(_article_tokenizer(raw, _articles(raw), folder / "tokenizer"))
     raw["data"]["train"] = {"path": str(records)}
     raw["trainer"].update(max_seconds=args.pretrain_seconds, max_steps=1_000_000)
     summary = run_recipe(validate_recipe(raw), overwrite=True)
@@ -161,19 +168,17 @@ def _teacher_text(args: argparse.Namespace, raw: dict[str, Any], seed: int) -> t
     pretrained student), seconds spent generating, records generated)."""
     import time
 
+    from _llm_common import write_jsonl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from potstill.data.sampling import SamplingSettings, sample_completions
     from potstill.students.loading import resolve_model_path
-    from potstill.students.tokenizer import bpe_vocab_size, train_byte_level_bpe
 
     folder = Path(args.out).resolve() / "teacher_text" / f"seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
     articles = _articles(raw)
-    tok_dir = None
-    if raw["student"]["init"] != "pretrained":  # a pretrained student brings its own tokenizer
-        tok_dir = folder / "student_tokenizer"
-        train_byte_level_bpe(articles, bpe_vocab_size(raw["student"]["tokenizer"]), tok_dir)
+    tok_dir = None  # a pretrained student brings its own tokenizer
+    if raw["student"]["init"] != "pretrained":
+        tok_dir = _article_tokenizer(raw, articles, folder / "student_tokenizer")
     path = resolve_model_path(raw["teacher"]["path"], field="teacher.path")
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -192,7 +197,7 @@ def _teacher_text(args: argparse.Namespace, raw: dict[str, Any], seed: int) -> t
             break
     seconds = time.perf_counter() - start
     records = folder / "teacher_text.jsonl"
-    records.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    write_jsonl(records, [{"text": t} for t in texts])
     return records, tok_dir, (0.0 if args.teacher_text_free else seconds), len(texts)
 
 
@@ -214,12 +219,12 @@ def _worker(args: argparse.Namespace) -> None:
                                  overwrite=True)
         cache_s = manifest["seconds"]
         raw["teacher"]["cache"] = str(target)
-        raw["trainer"]["max_seconds"] = max(1.0, args.budget_seconds - cache_s)
-    if args.row == "sft_teacher":
+    if args.row == "sft_teacher":  # the teacher's text first; its generation comes out of the budget
         records, tok_dir, cache_s, teacher_texts = _teacher_text(args, raw, args.seed)
         raw["data"]["train"] = {"path": str(records)}
         if tok_dir is not None:
             raw["student"]["tokenizer"] = str(tok_dir)
+    if cache_s:
         raw["trainer"]["max_seconds"] = max(1.0, args.budget_seconds - cache_s)
     summary = run_recipe(validate_recipe(raw), overwrite=True)
     teacher, before, after = summary["table"]

@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _llm_common import write_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "src" / "potstill" / "recipes" / "smollm2-universal-ner.yaml"
 RECIPE_DATA = ROOT / "src" / "potstill" / "recipes" / "universal-ner"
@@ -154,11 +156,6 @@ def annotate(passages: list[str], source: str) -> list[dict[str, list[str]]]:
     from potstill.data.universal_ner import parse_teacher_entities
 
     return [parse_teacher_entities(scripted_teacher(p), where=f"{source} passage {k}") for k, p in enumerate(passages)]
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def write_data(folder: Path, *, train: int, heldout: int, negatives: int, seed: int = 0,
