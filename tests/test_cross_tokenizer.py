@@ -100,8 +100,27 @@ def test_signals_are_the_merged_spans_of_each_model(tmp_path):
     want = gold(s_sig.logits, t_sig.logits, matched_ids=t_sig.matched_ids, student_log_scale=s_sig.log_scale,
                 teacher_log_scale=t_sig.log_scale, reduction="sum")
     torch.testing.assert_close(value, want)
-    with pytest.raises(UserError, match="uld or gold"):
+    with pytest.raises(UserError, match="uld, gold, first_token_kl"):
         Objective.from_name("forward_kl")(s_sig, t_sig, None)
+
+
+def test_first_token_kl_reads_the_first_rows_with_the_vocabularies_map(tmp_path):
+    from potstill.data.token_alignment import first_token_map
+    from potstill.losses.first_token_kl import first_token_kl
+    from potstill.train.objective import Objective
+
+    r, teacher_tok, student_tok = _task(tmp_path, [{"name": "first_token_kl", "params": {"temperature": 2.0}}])
+    task = setup_task(r)
+    batch = task.to_device(task.collate(task.train_records[:2], [0, 1]))
+    s_sig, t_sig = task.student_signal(task.student, batch), task.teacher_signal(batch)
+    assert torch.equal(t_sig.first_token_of, first_token_map(teacher_tok, student_tok, len(teacher_tok)))
+    value = Objective.from_name("first_token_kl", temperature=2.0)(s_sig, t_sig, task.signal_mask(batch))
+    want = first_token_kl(s_sig.logits, t_sig.logits, first_token_of=t_sig.first_token_of, temperature=2.0,
+                          reduction="sum")  # the unmerged first rows: no span factor
+    torch.testing.assert_close(value, want)
+    summary = run_recipe(r.model_copy(update={"trainer": r.trainer.model_copy(update={"max_steps": 8, "lr": 1e-2})}))
+    _, before, after = summary["table"]
+    assert after["bits_per_byte"] < before["bits_per_byte"]
 
 
 def test_other_objectives_and_settings_are_refused(tmp_path):

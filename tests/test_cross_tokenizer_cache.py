@@ -10,6 +10,7 @@ from test_causal_lm import setup_task
 from test_cross_tokenizer import _task
 
 from potstill.errors import UserError
+from potstill.losses.first_token_kl import first_token_kl
 from potstill.losses.sparse import TopKTeacher
 from potstill.losses.uld import gold, uld
 from potstill.losses.uld_topk import spread_tail
@@ -48,7 +49,8 @@ def _vocab(tmp_path) -> int:
 
 
 def test_a_full_width_cache_gives_the_live_teachers_span_signal_and_losses(tmp_path):
-    r, live, task, teacher_tok = _cached_task(tmp_path, k=_vocab(tmp_path))
+    r, live, task, teacher_tok = _cached_task(tmp_path, k=_vocab(tmp_path),
+                                              objectives=({"name": "gold"}, {"name": "first_token_kl"}))
     vocab = len(teacher_tok)
     assert task.topk_cache is not None and task.topk_cache.num_records == len(task.train_records)
     batch, cached, direct = _signals(task, live, [2, 0, 1])
@@ -65,6 +67,10 @@ def test_a_full_width_cache_gives_the_live_teachers_span_signal_and_losses(tmp_p
                     teacher_log_scale=direct.log_scale, reduction="sum", **args)
         got = Objective.from_name(loss.__name__)(student, cached, None)  # the objective takes the top-k form
         assert got.item() == pytest.approx(want.item(), rel=2e-3)
+    want = first_token_kl(student.logits, direct.logits, first_token_of=direct.first_token_of, reduction="sum")
+    got = Objective.from_name("first_token_kl")(student, cached, None)
+    assert cached.first_token_of is direct.first_token_of or torch.equal(cached.first_token_of, direct.first_token_of)
+    assert got.item() == pytest.approx(want.item(), rel=2e-3)
 
 
 def test_a_top_k_cache_keeps_each_spans_top_entries_and_its_mass(tmp_path):

@@ -24,8 +24,8 @@ def test_catalogue_entries():
     hidden = {"hidden_mse", "hidden_cosine", "squarehead", "dmae_align", "mi_alpha"}
     attention = {"attention_kl", "minilm_relations", "attention_mse"}
     stateful = {"taid", "sparse_flops", "moe_router_aux", "dac_kl"} | hidden | attention
-    logits = set(NAMES) | {"taid", "sinkhorn", "uld", "gold", "dac_kl", "span_correlation", "dcd_logits",
-                           "self_judge", "logit_std_kd", "logit_std_js"}
+    logits = set(NAMES) | {"taid", "sinkhorn", "uld", "gold", "first_token_kl", "dac_kl", "span_correlation",
+                           "dcd_logits", "self_judge", "logit_std_kd", "logit_std_js"}
     scores = {"margin_mse", "listwise_kl", "in_batch_margin_mse", "pointwise_mse", "sparse_flops", "dcd_loss"}
     embedding = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl", "further_pretraining_sd"}
     preference = {"dpo_teacher_ref"}
@@ -139,6 +139,8 @@ def test_every_objective_trains_on_an_inference_mode_teacher():
                 out = fn(s[:3], teacher[:3])
             elif name == "dcd_logits":  # (B, C) class logits with gold labels
                 out = fn(s[:, 0], teacher[:, 0], labels=torch.tensor([0, 4, 10]))
+            elif name == "first_token_kl":  # the task's teacher → student first-token map
+                out = fn(s, teacher, first_token_of=torch.randint(-1, shape[-1], (shape[-1],), generator=g), **kw)
             elif info.kind in ("preference", "demo_sets"):  # pair / demo-set rows, scored at their token ids
                 out = fn(s, teacher, labels=torch.randint(0, shape[-1], shape[:-1], generator=g))
             else:

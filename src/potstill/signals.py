@@ -7,7 +7,8 @@ A teacher's or a student's signal for one batch is one of:
 - `RankingScores`: the ranking task's candidate and in-batch score matrices;
 - `potstill.losses.fused.LMHeadInputs`: a student's lm_head inputs (`trainer.fused_lm_head`);
 - `potstill.losses.sparse.TopKTeacher`: a cached teacher's top-k log-probs;
-- `SpanLogits`: one side's logits per aligned span when teacher and student tokenizers differ (uld / gold);
+- `SpanLogits`: one side's logits per aligned span when teacher and student tokenizers differ (uld, gold,
+  first_token_kl);
 - `VisionLanguageSignal`: the vision_language task's zero-shot logits with the image vectors and class text
   they come from, for objectives that compare embeddings (VL2V-ADiP, the large-VLM OOD losses);
 - `GraphSignal`: the graph task's node logits with the node vectors (and, the teacher's, its codebook) that
@@ -66,13 +67,16 @@ class SpanLogits:
     of the span's later tokens (0 for a one-token span). The teacher's also carries `matched_ids` `(M, 2)`,
     the (teacher id, student id) pairs of tokens both vocabularies share (GOLD's hybrid loss); read from a
     top-k cache, its `logits` are a `TopKTeacher` `[N, k]` (the first token's normalised log-probs) and `vocab`
-    is its vocabulary size. The student's also carries its `token_logits` `[B, T, V]`, for the hard-label loss."""
+    is its vocabulary size. The student's also carries its `token_logits` `[B, T, V]`, for the hard-label loss.
+    `first_token_of` `[V_t]` (teacher's side, when an objective asks for it): each teacher id → the student
+    token its text starts with (`first_token_kl`)."""
 
     logits: Tensor | TopKTeacher
     log_scale: Tensor
     matched_ids: Tensor | None = None
     token_logits: Tensor | None = None
     vocab: int | None = None
+    first_token_of: Tensor | None = None
 
 
 @dataclass

@@ -99,15 +99,16 @@ class CausalLMTeacherConfig(TextTeacherConfig):
     cache: RelPath | None = Field(None, description="top-k cache folder. `potstill cache RECIPE` writes the "
                                   "teacher's top-k log-probs there once; `potstill run` then reads them instead of "
                                   "running the teacher each step (sparse divergences: top-k ids + one tail bucket; "
-                                  "cross-tokenizer uld / gold: one row per aligned span, the tail spread evenly)")
+                                  "cross-tokenizer uld / gold / first_token_kl: one row per aligned span, the tail "
+                                  "spread evenly)")
 
 
 class CausalLMStudentConfig(StudentConfig):
     tokenizer: ModelPath | None = Field(None, description="the student's own tokenizer when it differs from the "
-                                        "teacher's (cross-tokenizer distillation, objectives uld / gold only): a "
-                                        "folder, or bpe:<size> (a byte-level BPE trained on data.train's text, kept "
-                                        "in <run>/student_tokenizer); default: the teacher's (a pretrained "
-                                        "student: its folder's)")
+                                        "teacher's (cross-tokenizer distillation, objectives uld / gold / "
+                                        "first_token_kl only): a folder, or bpe:<size> (a byte-level BPE trained on "
+                                        "data.train's text, kept in <run>/student_tokenizer); default: the teacher's "
+                                        "(a pretrained student: its folder's)")
 
 
 class Seq2SeqData(NoDomains, DataConfig):

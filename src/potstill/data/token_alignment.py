@@ -19,7 +19,8 @@ Teacher and student cut the same text into different tokens. Three pieces make t
 vocabularies, for GOLD's hybrid loss. Tokens are compared as the bytes they stand for, so a byte-level `Ġ` (space)
 and a SentencePiece `▁` match, and `<0x0A>` byte-fallback pieces match a newline; special and added tokens match
 by their exact string. TRL compares raw token strings; the normalisation only adds matches between tokenizers
-that write spaces differently.
+that write spaces differently. `first_token_map(teacher_tokenizer, student_tokenizer)` sends every teacher id to
+the longest student token its bytes start with, for `potstill.losses.first_token_kl`.
 """
 
 from __future__ import annotations
@@ -159,15 +160,23 @@ def merge_spans(
     return first, scale
 
 
-def _vocab_keys(tokenizer: Any) -> dict[Any, int]:
-    """Each token's key (the bytes it stands for; special / added tokens: their string) → its lowest id."""
+def _id_keys(tokenizer: Any) -> list[tuple[int, Any]]:
+    """(id, key) for every token in id order; the key is the bytes it stands for, or `("token", piece)` for a
+    special / added token or a piece with no byte form."""
     byte_level = is_byte_level(tokenizer)
     added = set(getattr(tokenizer, "get_added_vocab", dict)())
     added |= set(getattr(tokenizer, "all_special_tokens", []))
-    keys: dict[Any, int] = {}
+    out = []
     for piece, token_id in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
         data = None if piece in added else _piece_bytes(piece, byte_level)
-        key: Any = ("token", piece) if data is None else data
+        out.append((token_id, ("token", piece) if data is None else data))
+    return out
+
+
+def _vocab_keys(tokenizer: Any) -> dict[Any, int]:
+    """Each token's key (`_id_keys`) → its lowest id."""
+    keys: dict[Any, int] = {}
+    for token_id, key in _id_keys(tokenizer):
         keys.setdefault(key, token_id)
     return keys
 
@@ -184,3 +193,32 @@ def matched_ids(mapping: dict[int, int]) -> torch.Tensor:
     if not mapping:
         return torch.zeros((0, 2), dtype=torch.long)
     return torch.tensor(sorted(mapping.items()), dtype=torch.long)
+
+
+def first_token_map(teacher_tokenizer: Any, student_tokenizer: Any, teacher_vocab: int | None = None
+                    ) -> torch.Tensor:
+    """`[V_t]` long: each teacher id → the student token its text starts with, for `first_token_kl`.
+
+    The student token is the longest one whose bytes are a prefix of the teacher token's bytes (a byte-level
+    student has every single byte, so every teacher token with a byte form gets one). A special or added
+    teacher token maps to the student token of the same string; one the student lacks, an empty piece, or an id
+    outside the teacher's vocabulary listing maps to -1 (its probability is left out). `teacher_vocab`
+    (default: the teacher's largest id + 1) sets the length."""
+    student = _vocab_keys(student_tokenizer)
+    by_length: dict[int, dict[bytes, int]] = {}
+    for key, s_id in student.items():
+        if isinstance(key, bytes) and key:
+            by_length.setdefault(len(key), {})[key] = s_id
+    lengths = sorted(by_length, reverse=True)
+    pairs = _id_keys(teacher_tokenizer)
+    size = teacher_vocab if teacher_vocab is not None else max(i for i, _ in pairs) + 1
+    out = torch.full((size,), -1, dtype=torch.long)
+    for t_id, key in pairs:
+        if t_id >= size:
+            continue
+        if not isinstance(key, bytes):
+            out[t_id] = student.get(key, -1)
+            continue
+        out[t_id] = next((by_length[n][key[:n]] for n in lengths if n <= len(key) and key[:n] in by_length[n]),
+                         -1)
+    return out

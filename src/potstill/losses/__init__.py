@@ -16,6 +16,7 @@ from .divergences import (
     tvd,
 )
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
+from .first_token_kl import first_token_kl, first_token_kl_topk
 from .further_pretraining import further_pretraining_sd
 from .fused import fused_linear_divergence
 from .logit_standardization import logit_std_js, logit_std_kd, standardize_logits
@@ -48,6 +49,8 @@ __all__ = [
     "embedding_mse",
     "embedding_similarity_kl",
     "further_pretraining_sd",
+    "first_token_kl",
+    "first_token_kl_topk",
     "forward_kl",
     "fused_linear_divergence",
     "dac_kl",

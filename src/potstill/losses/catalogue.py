@@ -20,6 +20,7 @@ from .divergences import (
     tvd,
 )
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
+from .first_token_kl import first_token_kl
 from .further_pretraining import further_pretraining_sd
 from .intermediate import AttentionMSE, DMAEAlign, HiddenCosine, HiddenMSE, SquareHead
 from .logit_standardization import logit_std_js, logit_std_kd
@@ -52,6 +53,8 @@ KINDS = ("logits", "preference", "demo_sets", "router", "scores", "embedding", "
 INTERNAL_KINDS = ("hidden_states", "attention")
 # Kinds that read the student's signal only: they need no teacher logits (a top-k teacher cache serves them).
 STUDENT_ONLY_KINDS = ("router",)
+# Logit objectives that compare two vocabularies on aligned spans of text (a cross-tokenizer causal_lm run).
+CROSS_TOKENIZER_OBJECTIVES = ("uld", "gold", "first_token_kl")
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,10 @@ class ObjectiveInfo:
     stateful: bool = False
 
 
-# Filled in by the task from the batch, never by a recipe (uld / gold: merged spans, matched vocabulary).
-_DATA_ARGS = ("mask", "labels", "student_log_scale", "teacher_log_scale", "matched_ids", "span_ids", "target_ids",
-              "num_sets", "teacher_scores")
+# Filled in by the task from the batch, never by a recipe (uld / gold / first_token_kl: merged spans, matched
+# vocabulary, first-token map).
+_DATA_ARGS = ("mask", "labels", "student_log_scale", "teacher_log_scale", "matched_ids", "first_token_of", "span_ids",
+              "target_ids", "num_sets", "teacher_scores")
 
 
 def _defaults(fn: Callable) -> dict:
@@ -178,6 +182,16 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
             "TRL GOLDTrainer (hybrid ULD); Boizard et al. 2024 (ULD), Agarwal et al. 2024 (GKD)",
             "cross-tokenizer like uld; the task fills matched_ids from the two vocabularies; with teacher.cache "
             "gold_topk",
+        ),
+        _entry(
+            first_token_kl,
+            "logits",
+            "KL(q ‖ p_s) per aligned span, q(s) = Σ_{t: π(t) = s} p_t(t), π(t) = the student token t's text starts "
+            "with",
+            "potstill's own; the prefix mass of Phan et al. 2024, \"Exact Byte-Level Probabilities from Tokenized "
+            "Language Models\"",
+            "cross-tokenizer like uld; the task fills first_token_of from the two vocabularies; with teacher.cache "
+            "first_token_kl_topk",
         ),
         _entry(
             TAID,

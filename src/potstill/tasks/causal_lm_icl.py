@@ -26,7 +26,6 @@ between the teacher's and the student's M demo-set scores, averaged over queries
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -138,12 +137,12 @@ def adapt_icl_objective(name: str, fn: Any) -> Any:
     """`fn` (objective `name`'s function, or another task adapter's wrapper of it) as a `DemoSetObjective` when it
     is a demo-set objective or a stateless logit divergence; other objectives unchanged (`check_icl_objectives`
     refuses them on ICL records). The task does not know its records yet, so the wrapper serves both."""
-    from potstill.losses.catalogue import OBJECTIVES
+    from potstill.losses.catalogue import CROSS_TOKENIZER_OBJECTIVES, OBJECTIVES
 
     info = OBJECTIVES.get(name)
     if info is None or info.kind not in ("logits", "demo_sets") or info.stateful:
         return fn
-    if "student_log_scale" in inspect.signature(info.fn).parameters:  # uld / gold: span losses
+    if name in CROSS_TOKENIZER_OBJECTIVES:  # span losses
         return fn
     return DemoSetObjective(name, fn, info.kind)
 
@@ -151,15 +150,14 @@ def adapt_icl_objective(name: str, fn: Any) -> Any:
 def check_icl_objectives(objectives: list[Any], *, icl: bool) -> None:
     """Refuse a demo-set objective on records that are not ICL records, and on ICL records any objective other
     than demo-set objectives and stateless logit divergences (`objectives`: the recipe's entries, with `name`)."""
-    from potstill.losses.catalogue import OBJECTIVES
+    from potstill.losses.catalogue import CROSS_TOKENIZER_OBJECTIVES, OBJECTIVES
 
     for i, objective in enumerate(objectives):
         name, info = objective.name, OBJECTIVES[objective.name]
         if info.kind == "demo_sets" and not icl:
             raise UserError(f"field objectives.{i}.name: {name} ranks demonstration sets; it needs data.format: icl "
                             f"(records with query, target and a demo pool or demo_sets)")
-        uld_like = "student_log_scale" in inspect.signature(info.fn).parameters
-        if icl and (info.kind not in ("logits", "demo_sets") or info.stateful or uld_like):
+        if icl and (info.kind not in ("logits", "demo_sets") or info.stateful or name in CROSS_TOKENIZER_OBJECTIVES):
             raise UserError(f"field objectives.{i}.name: with ICL records (data.format: icl) the objectives are "
                             f"bialign and stateless logit divergences on the targets (e.g. forward_kl), not {name}")
 

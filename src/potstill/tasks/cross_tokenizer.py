@@ -1,24 +1,25 @@
 """Cross-tokenizer distillation in the causal_lm task: a student whose tokenizer differs from the teacher's,
-trained with the objectives `uld` / `gold` (`potstill.losses.uld`) on aligned spans of text.
+trained with the objectives `uld` / `gold` (`potstill.losses.uld`) or `first_token_kl`
+(`potstill.losses.first_token_kl`) on aligned spans of text.
 
 The student's tokenizer is `student.tokenizer` (a folder, or `bpe:<size>`: trained on data.train's text,
 `potstill.students.tokenizer`), or a pretrained student's own (`student.path`). When it differs
-from the teacher's, every objective must be uld or gold (others compare token ids of one vocabulary and are
-refused with the shared-tokenizer message). Then:
+from the teacher's, every objective must be uld, gold or first_token_kl (others compare token ids of one
+vocabulary and are refused with the shared-tokenizer message). Then:
 
 - each record is tokenized by both tokenizers (`potstill.data.cross_tokenizer.PairedEncoder`); the student
   trains on its own ids and the teacher runs on its own;
 - a batch carries, per side, the row predicting each span's first token and the rows / ids of its later tokens;
   each side's signal is `SpanLogits` (`potstill.data.token_alignment.merge_spans`: the first row's logits and
   the later tokens' log-probabilities at the objectives' temperature), and the teacher's carries `matched_ids`
-  (`vocab_mapping`) for gold;
+  (`vocab_mapping`) for gold and, when first_token_kl is asked for, `first_token_of` (`first_token_map`);
 - the loop divides by the batch's aligned spans (`count_rows`); the hard-label term's token sum is rescaled
   by spans / tokens so that it stays a per-token mean;
 - with `teacher.cache` (`potstill cache`), the teacher is read instead of run: the cache holds one row per
   aligned span, the top k of the span's merged distribution (its log scale added to the k log-probs and to
   the tail). A step hands the objectives a `TopKTeacher` (the first token's normalised log-probs) and the
-  log scale, and uld / gold take their top-k forms (`potstill.losses.uld_topk`: the tail mass spread evenly
-  over the other V_t − k ids; exact for k = V_t);
+  log scale, and the objectives take their top-k forms (`potstill.losses.uld_topk`, `first_token_kl_topk`: the
+  tail mass spread evenly over the other V_t − k ids; exact for k = V_t);
 - evaluation reports each model on its own tokens, plus `bits_per_byte` (summed NLL / ln 2 / bytes of target
   text), which does not depend on the tokenizer and so compares teacher and student.
 
@@ -40,15 +41,15 @@ from torch import nn
 from potstill.config import Recipe
 from potstill.data.cross_tokenizer import PairedEncoder
 from potstill.data.lm_records import tokenizer_fingerprint, tokenizer_name
-from potstill.data.token_alignment import matched_ids, merge_spans, vocab_mapping
+from potstill.data.token_alignment import first_token_map, matched_ids, merge_spans, vocab_mapping
 from potstill.errors import UserError
+from potstill.losses.catalogue import CROSS_TOKENIZER_OBJECTIVES as CROSS_OBJECTIVES
 from potstill.losses.sparse import TopKTeacher
 from potstill.signals import SpanLogits
 from potstill.students.tokenizer import BPE_PREFIX, bpe_vocab_size, train_byte_level_bpe
 from potstill.tasks.models import resolve_model_path
 from potstill.teachers.cache_format import top_k_of_dense_rows
 
-CROSS_OBJECTIVES = ("uld", "gold")
 Batch = dict[str, Any]
 
 
@@ -91,7 +92,7 @@ def cross_tokenizer_for(recipe: Recipe, tokenizer: Any, device: torch.device, *,
                         train_texts: Callable[[], list[str]]) -> CrossTokenizer | None:
     """The cross-tokenizer set-up when the student's tokenizer differs from the teacher's `tokenizer`, else None.
 
-    A differing tokenizer is refused unless every objective is uld or gold (no objective at all is plain
+    A differing tokenizer is refused unless every objective is uld, gold or first_token_kl (no objective at all is plain
     fine-tuning of the student on its own tokens, the teacher then only evaluated)."""
     own = student_tokenizer(recipe, run_dir=run_dir, train_texts=train_texts)
     if own is None or tokenizer_fingerprint(own[0]) == tokenizer_fingerprint(tokenizer):
@@ -120,7 +121,7 @@ def check_cross_recipe(recipe: Recipe) -> None:
     for field, on in refused.items():
         if on:
             raise UserError(f"field {field}: not supported when teacher and student tokenizers differ "
-                            f"(cross-tokenizer uld / gold); remove it")
+                            f"(cross-tokenizer distillation); remove it")
     if recipe.data.format == "messages":
         raise UserError("field data.format: cross-tokenizer distillation reads `text` or `prompt` + `completion` "
                         "records, not chat `messages`")
@@ -132,7 +133,7 @@ def _temperatures(recipe: Recipe) -> tuple[float, float]:
               float(o.params.get("teacher_temperature") or o.params.get("temperature", 1.0)))
              for o in recipe.objectives}
     if len(pairs) > 1:
-        raise UserError("objectives: uld / gold objectives of one run must share temperature and "
+        raise UserError("objectives: the cross-tokenizer objectives of one run must share temperature and "
                         "teacher_temperature (the merged spans are computed once per batch)")
     return pairs.pop() if pairs else (1.0, 1.0)
 
@@ -163,6 +164,9 @@ class CrossTokenizer:
         self.temperature, self.teacher_temperature = _temperatures(recipe)
         self.teacher_vocab = len(teacher_tokenizer)
         self.teacher_pad = _pad_id(teacher_tokenizer)
+        self.first_token_of = None
+        if any(o.name == "first_token_kl" for o in recipe.objectives):
+            self.first_token_of = first_token_map(teacher_tokenizer, student_tokenizer, self.teacher_vocab).to(device)
 
     # ------------------------------------------------------------------ student
     def build_student(self, teacher: nn.Module | None, auto_cls: Any) -> nn.Module:
@@ -242,7 +246,7 @@ class CrossTokenizer:
         with torch.inference_mode():
             logits = self.teacher_logits(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
             rows, scale = self._spans(logits, batch, "t", self.teacher_temperature)
-        return SpanLogits(rows, scale, self.matched_ids)
+        return SpanLogits(rows, scale, self.matched_ids, first_token_of=self.first_token_of)
 
     # ------------------------------------------------------------------ top-k cache of span rows
     def cache_meta(self, examples: list[dict]) -> dict[str, Any]:
@@ -258,7 +262,7 @@ class CrossTokenizer:
 
     def check_cache(self, cache: Any) -> None:
         """A span cache holds the teacher's rows at one temperature, which must be the objectives' teacher
-        temperature (`_temperatures`: one for all uld / gold objectives)."""
+        temperature (`_temperatures`: one for all cross-tokenizer objectives)."""
         if self.recipe.objectives and cache.temperature != self.teacher_temperature:
             params = self.recipe.objectives[0].params
             field = "teacher_temperature" if params.get("teacher_temperature") else "temperature"
@@ -287,7 +291,8 @@ class CrossTokenizer:
         log_scale = torch.logsumexp(torch.cat([logprobs, tail[:, None]], 1), 1)  # the span's mass, ≤ 0
         first = TopKTeacher(top.ids.reshape(-1, k)[keep], logprobs - log_scale[:, None], tail - log_scale)
         device = self.matched_ids.device
-        return SpanLogits(first.to(device), log_scale.to(device), self.matched_ids, vocab=self.teacher_vocab)
+        return SpanLogits(first.to(device), log_scale.to(device), self.matched_ids, vocab=self.teacher_vocab,
+                          first_token_of=self.first_token_of)
 
     # ------------------------------------------------------------------ evaluation
     def teacher_examples(self, examples: list[dict]) -> list[dict[str, list[int]]]:

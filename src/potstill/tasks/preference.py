@@ -14,7 +14,6 @@ pairs, and a divergence or the hard-label term is the sum over the chosen comple
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,12 +65,12 @@ class PreferenceObjective:
 def adapt_preference_objective(name: str, fn: Any) -> Any:
     """`fn` as a `PreferenceObjective` when it is a preference objective or a stateless logit divergence; other
     objectives unchanged (`check_preference_objectives` refuses them on pairs)."""
-    from potstill.losses.catalogue import OBJECTIVES
+    from potstill.losses.catalogue import CROSS_TOKENIZER_OBJECTIVES, OBJECTIVES
 
     info = OBJECTIVES.get(name)
     if info is None or info.kind not in ("logits", "preference") or info.stateful:
         return fn
-    if "student_log_scale" in inspect.signature(fn).parameters:  # uld / gold: span losses, not for pairs
+    if name in CROSS_TOKENIZER_OBJECTIVES:  # span losses, not for pairs
         return fn
     return PreferenceObjective(name, fn, info.kind)
 

@@ -8,8 +8,9 @@ parameters. `Objective.__call__` picks the form the signals call for, one typed 
 - a student given as its lm_head inputs (`LMHeadInputs`, `trainer.fused_lm_head`) takes the fused form, which
   never builds the student's full logits;
 - a cached top-k teacher (`TopKTeacher`) takes the sparse form over the teacher's top-k ids plus a tail bucket;
-- aligned spans of two tokenizers (`SpanLogits`, cross-tokenizer runs) go to uld / gold with their merge factors
-  (their top-k forms, `potstill.losses.uld_topk`, when the teacher's spans come from a cache);
+- aligned spans of two tokenizers (`SpanLogits`, cross-tokenizer runs) go to uld / gold with their merge factors,
+  or to first_token_kl with the teacher's first-token map (their top-k forms, `potstill.losses.uld_topk` and
+  `first_token_kl_topk`, when the teacher's spans come from a cache);
 - otherwise the loss itself, on the main signal.
 
 The protocols below are structural: the losses satisfy them by having the methods, without importing this file.
@@ -26,6 +27,8 @@ import torch
 from torch import nn
 
 from potstill.errors import UserError
+from potstill.losses.catalogue import CROSS_TOKENIZER_OBJECTIVES, get_objective
+from potstill.losses.first_token_kl import first_token_kl_topk
 from potstill.losses.fused import FUSED_DIVERGENCES, LMHeadInputs, fused_linear_divergence
 from potstill.losses.sparse import TopKTeacher, sparse_version
 from potstill.losses.uld_topk import TOPK_FORMS
@@ -33,6 +36,8 @@ from potstill.signals import Signal, Signals, SpanLogits
 
 if TYPE_CHECKING:
     from potstill.tasks.base import Task
+
+SPAN_TOPK_FORMS: dict[str, Callable[..., torch.Tensor]] = {**TOPK_FORMS, "first_token_kl": first_token_kl_topk}
 
 
 @runtime_checkable
@@ -131,20 +136,24 @@ class Objective:
                                        reduction="sum", **kwargs)
 
     def _spans(self, student: Any, teacher: SpanLogits, kwargs: dict[str, Any]) -> torch.Tensor:
-        params = inspect.signature(self.fn).parameters
-        if not isinstance(student, SpanLogits) or "student_log_scale" not in params:
+        params = inspect.signature(get_objective(self.name).fn).parameters
+        merged = "student_log_scale" in params  # uld / gold read the merged spans; first_token_kl the first rows
+        if not isinstance(student, SpanLogits) or self.name not in CROSS_TOKENIZER_OBJECTIVES:
             raise UserError(f"objective {self.name!r} compares logits over one shared vocabulary, and teacher and "
-                            f"student tokenizers differ here; use the cross-tokenizer objectives uld or gold")
+                            f"student tokenizers differ here; use the cross-tokenizer objectives "
+                            f"{', '.join(CROSS_TOKENIZER_OBJECTIVES)}")
         kwargs.pop("mask", None)
         if "matched_ids" in params and teacher.matched_ids is not None:
             kwargs["matched_ids"] = teacher.matched_ids
-        if isinstance(teacher.logits, TopKTeacher):  # a cached teacher: the top-k form of uld / gold
+        if "first_token_of" in params:
+            kwargs["first_token_of"] = teacher.first_token_of
+        if merged:
+            kwargs.update(student_log_scale=student.log_scale, teacher_log_scale=teacher.log_scale)
+        if isinstance(teacher.logits, TopKTeacher):  # a cached teacher: the objective's top-k form
             kwargs.pop("teacher_temperature", None)  # the cache's, checked against it at set-up
-            return TOPK_FORMS[self.name](student.logits, teacher.logits, teacher_vocab=teacher.vocab,
-                                         student_log_scale=student.log_scale, teacher_log_scale=teacher.log_scale,
-                                         reduction="sum", **kwargs)
-        return self.fn(student.logits, teacher.logits, student_log_scale=student.log_scale,
-                       teacher_log_scale=teacher.log_scale, reduction="sum", **kwargs)
+            return SPAN_TOPK_FORMS[self.name](student.logits, teacher.logits, teacher_vocab=teacher.vocab,
+                                              reduction="sum", **kwargs)
+        return self.fn(student.logits, teacher.logits, reduction="sum", **kwargs)
 
     def _sparse(self) -> Callable[..., torch.Tensor]:
         fn = sparse_version(self.name)
