@@ -13,9 +13,11 @@ Rows (every row: the recipe's optimizer, batch 8, lr 3e-3 constant after 5 warm-
   sorted L1 on the rest) + cross-entropy;
 - sft: cross-entropy only (plain fine-tuning on the same text; the teacher is loaded but never run in training);
 - uld_only (not run by default): ULD without the cross-entropy, to see what the teacher's signal alone teaches;
-- uld_cached / gold_cached: uld / gold read from a top-k cache of the teacher's span rows (`potstill cache`, k =
-  `--cache-k`, built by the row itself) instead of running the teacher each step. The cache's build time counts
-  against the row's budget: it trains for `--budget-seconds` minus the build.
+- ftkl: `first_token_kl` (the teacher's next-token distribution summed onto the student token each teacher
+  token's text starts with, KL to the student's first-token row of each span) + cross-entropy;
+- uld_cached / gold_cached / ftkl_cached: uld / gold / ftkl read from a top-k cache of the teacher's span rows
+  (`potstill cache`, k = `--cache-k`, built by the row itself) instead of running the teacher each step. The
+  cache's build time counts against the row's budget: it trains for `--budget-seconds` minus the build.
 - sft_teacher: fine-tuning on teacher text (the issue's baseline, sequence-level KD through text): the teacher
   continues the first 32 of its tokens of each training article by 96 sampled tokens (temperature 0.9, 32
   prompts a batch), and the student is fine-tuned on prompt + continuation. Generation counts against the
@@ -63,7 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROWS = ("uld", "gold", "sft", "uld_only", "uld_cached", "gold_cached", "sft_teacher")
+ROWS = ("uld", "gold", "sft", "uld_only", "uld_cached", "gold_cached", "sft_teacher", "ftkl", "ftkl_cached")
 PROMPT_TOKENS, NEW_TOKENS, GENERATION_BATCH = 32, 96, 32
 RECIPE = Path(__file__).resolve().parents[1] / "src" / "potstill" / "recipes" / "smollm2-cross-tokenizer.yaml"
 MARK = "@@ROW "
@@ -76,7 +78,8 @@ def _recipe(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     raw["name"] = f"{row}-seed{seed}"
     raw["output_dir"] = str(Path(args.out).resolve() / "runs")
     raw["seed"] = seed
-    kd = {"uld": [{"name": "uld"}], "gold": [{"name": "gold"}], "uld_only": [{"name": "uld"}]}
+    kd = {"uld": [{"name": "uld"}], "gold": [{"name": "gold"}], "uld_only": [{"name": "uld"}],
+          "ftkl": [{"name": "first_token_kl"}]}
     raw["objectives"] = kd.get(row.removesuffix("_cached"), [])  # sft, sft_teacher, pretrain: fine-tuning
     if args.matched_weight is not None:
         for objective in raw["objectives"]:
