@@ -6,7 +6,11 @@ layer-drop student (all-MiniLM-L6-v2's layers `--layers`, default 0 and 3: the d
 student folder of the same shape; each mix is scored on the general suite (`potstill.eval.suite.run_suite`, with
 the teacher as the fidelity reference).
 
-Usage: python benchmarks/embedding_interpolation.py STUDENT_DIR [--alphas 0 0.5 0.7 1] [--json OUT]
+`--alpha-for PREFIX=A` gives the parameters whose names start with PREFIX (e.g. `embeddings.` or
+`encoder.layer.1.`) their own a, the same in every mix; the longest matching prefix wins.
+
+Usage: python benchmarks/embedding_interpolation.py STUDENT_DIR [--alphas 0 0.5 0.7 1] [--alpha-for PREFIX=A ...]
+       [--json OUT]
 Measured: docs/results.md, "General embedding suite" (the interpolation bullet).
 """
 
@@ -40,11 +44,26 @@ def layer_drop_student(layers: list[int], max_length: int):
     return model
 
 
-def interpolated(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], a: float) -> dict[str, torch.Tensor]:
-    """(1 − a)·start + a·end for float tensors; integer buffers (position ids) are taken from `end`."""
+def interpolated(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], a: float,
+                 alpha_for: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """(1 − a)·start + a·end for float tensors, a replaced by `alpha_for[prefix]` for the names starting with the
+    longest such prefix; integer buffers (position ids) are taken from `end`."""
     if start.keys() != end.keys():
         raise SystemExit("the student and the layer-drop init have different parameters: check --layers")
-    return {k: (1 - a) * start[k] + a * end[k] if end[k].is_floating_point() else end[k] for k in end}
+    prefixes = sorted(alpha_for or {}, key=len, reverse=True)
+
+    def alpha(name: str) -> float:
+        return next(((alpha_for or {})[p] for p in prefixes if name.startswith(p)), a)
+
+    return {k: (1 - alpha(k)) * start[k] + alpha(k) * end[k] if end[k].is_floating_point() else end[k] for k in end}
+
+
+def _prefix_alpha(text: str) -> tuple[str, float]:
+    prefix, sep, value = text.rpartition("=")
+    try:
+        return prefix, float(value) if sep and prefix else float("nan")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PREFIX=A (e.g. embeddings.=0), got {text!r}") from None
 
 
 def main() -> int:
@@ -53,8 +72,13 @@ def main() -> int:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.7, 1.0])
     p.add_argument("--layers", type=int, nargs="+", default=[0, 3])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--alpha-for", type=_prefix_alpha, nargs="+", default=[], metavar="PREFIX=A",
+                   help="own a for parameter names starting with PREFIX")
     p.add_argument("--json", type=Path, help="also write every suite result here")
     args = p.parse_args()
+    alpha_for = dict(args.alpha_for)
+    if any(v != v for v in alpha_for.values()):
+        p.error("--alpha-for takes PREFIX=A")
     torch.set_num_threads(args.threads)
     from sentence_transformers import SentenceTransformer
 
@@ -67,7 +91,7 @@ def main() -> int:
                                  "cos→teacher", "recall@10")) + " |\n|" + "---|" * 10, flush=True)
     for a in args.alphas:
         model = layer_drop_student(args.layers, trained.max_seq_length)
-        model[0].auto_model.load_state_dict(interpolated(start, end, a))
+        model[0].auto_model.load_state_dict(interpolated(start, end, a, alpha_for))
         result = json.loads(run_suite(encoder_for(model), teacher_encode=teacher, progress=False).to_json())
         rows[str(a)] = result
         types = [result["per_type"][t] for t in ("classification", "clustering", "pair_classification",
