@@ -36,14 +36,13 @@ Float32 throughout. Defaults: temperature=1.0, reduction="mean", chunk_size=None
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._rows import check_temperature, rowwise
 from .sparse import TopKTeacher
+from .uld_topk import check_topk_teacher, share_log
 
 __all__ = ["first_token_kl", "first_token_kl_topk", "project_to_first_tokens"]
 
@@ -119,18 +118,11 @@ def first_token_kl_topk(
     shared evenly by the other V_t − k ids before the map. Defaults: temperature=1.0 (the student's),
     reduction="mean", chunk_size=None."""
     temperature = check_temperature(temperature)
-    if not isinstance(teacher, TopKTeacher):
-        raise TypeError(f"teacher must be a TopKTeacher, got {type(teacher).__name__}")
-    if teacher.shape != student_logits.shape[:-1]:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and the top-k teacher's rows "
-                         f"{tuple(teacher.shape)} must have the same row shape")
-    if not isinstance(teacher_vocab, int) or not teacher.k <= teacher_vocab:
-        raise ValueError(f"teacher_vocab must be an int >= k = {teacher.k}, got {teacher_vocab!r}")
-    v_s, k = student_logits.shape[-1], teacher.k
+    check_topk_teacher(student_logits, teacher, teacher_vocab, {})
+    v_s = student_logits.shape[-1]
     routes = _routes(first_token_of, teacher_vocab, v_s, student_logits.device)
     per_student_id = torch.bincount(routes, minlength=v_s + 1).float()  # teacher ids behind each student id
-    tail = teacher.tail().float()
-    share = (tail - math.log(teacher_vocab - k)).exp() if k < teacher_vocab else torch.zeros_like(tail)
+    share = share_log(teacher.tail().float(), teacher.k, teacher_vocab).exp()  # 0 when k = V_t
 
     def rows(s: Tensor, packed: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         ids, logprobs, share_n = packed

@@ -29,10 +29,10 @@ from ._rows import check_temperature, rowwise
 from .sparse import TopKTeacher
 from .uld import gold_settings, matched_jsd, sorted_l1
 
-__all__ = ["gold_topk", "spread_tail", "uld_topk"]
+__all__ = ["check_topk_teacher", "gold_topk", "share_log", "spread_tail", "uld_topk"]
 
 
-def _share_log(tail: Tensor, k: int, vocab: int) -> Tensor:
+def share_log(tail: Tensor, k: int, vocab: int) -> Tensor:
     """The log of each of the other vocab − k ids' even share of the `tail` mass (−inf when k = vocab)."""
     return tail - math.log(vocab - k) if k < vocab else torch.full_like(tail, -math.inf)
 
@@ -40,7 +40,7 @@ def _share_log(tail: Tensor, k: int, vocab: int) -> Tensor:
 def spread_tail(ids: Tensor, logprobs: Tensor, tail: Tensor, vocab: int) -> Tensor:
     """`[n, vocab]` log-probs from top-k rows (`ids`, `logprobs` `[n, k]`, log `tail` mass `[n]`): the k
     log-probs at their ids and the tail mass shared evenly by the other vocab − k ids."""
-    dense = _share_log(tail, ids.shape[-1], vocab)[:, None].expand(len(ids), vocab).contiguous()
+    dense = share_log(tail, ids.shape[-1], vocab)[:, None].expand(len(ids), vocab).contiguous()
     return dense.scatter_(1, ids, logprobs)
 
 
@@ -65,8 +65,9 @@ def _l1_to_spread(p_s: Tensor, kept: Tensor, n_kept: Tensor, share: Tensor, size
     return sorted_l1(p_s, t_top) + t_rest  # the student is wider: its top `width` against t_top, plus its rest
 
 
-def _check(student_logits: Tensor, teacher: TopKTeacher, teacher_vocab: int,
-           scales: dict[str, Tensor | None]) -> None:
+def check_topk_teacher(student_logits: Tensor, teacher: TopKTeacher, teacher_vocab: int,
+                       scales: dict[str, Tensor | None]) -> None:
+    """A `TopKTeacher` with the student's row shape, k ≤ `teacher_vocab`, and each of `scales` of that shape."""
     if not isinstance(teacher, TopKTeacher):
         raise TypeError(f"teacher must be a TopKTeacher, got {type(teacher).__name__}")
     if teacher.shape != student_logits.shape[:-1]:
@@ -83,19 +84,19 @@ def _topk_rows(per_row, student_logits: Tensor, teacher: TopKTeacher, teacher_vo
                student_log_scale: Tensor | None, teacher_log_scale: Tensor | None, mask: Tensor | None,
                labels: Tensor | None, reduction: str, chunk_size: int | None) -> Tensor:
     temperature = check_temperature(temperature)
-    _check(student_logits, teacher, teacher_vocab,
-           {"student_log_scale": student_log_scale, "teacher_log_scale": teacher_log_scale})
+    check_topk_teacher(student_logits, teacher, teacher_vocab,
+                       {"student_log_scale": student_log_scale, "teacher_log_scale": teacher_log_scale})
     zeros = torch.zeros(teacher.shape, dtype=torch.float32, device=student_logits.device)
     t_scale = zeros if teacher_log_scale is None else teacher_log_scale.float()
     s_scale = zeros if student_log_scale is None else student_log_scale.float()
-    share_log = _share_log(teacher.tail().float(), teacher.k, teacher_vocab)
+    tail_share = share_log(teacher.tail().float(), teacher.k, teacher_vocab)
 
     def rows(s: Tensor, packed: tuple[Tensor, ...]) -> Tensor:
         ids, logprobs, share_lp, t_sc, s_sc = packed
         p_s = (F.log_softmax(s.float() / temperature, dim=-1) + s_sc[:, None]).exp()
         return per_row(p_s, ids, (logprobs.float() + t_sc[:, None]).exp(), (share_lp + t_sc).exp())
 
-    packed = (teacher.ids, teacher.logprobs, share_log, t_scale, s_scale)
+    packed = (teacher.ids, teacher.logprobs, tail_share, t_scale, s_scale)
     return rowwise(rows, student_logits, packed, mask=mask, labels=labels, reduction=reduction,
                    chunk_size=chunk_size)
 
