@@ -79,3 +79,14 @@ def test_span_stats_count_span_shapes_and_read_the_teachers_first_string_probabi
     assert stats["teacher_p_first_string"] == pytest.approx(want.item(), rel=1e-5)
     assert stats["teacher_p_own_token"] == pytest.approx(((p_t[0, ids[1]] + p_t[1, ids[2]]) / 2).item(), rel=1e-5)
     assert 0 < stats["student_p_span"] < stats["student_p_first_token"] < 1
+
+
+def test_the_ftkl_rows_train_first_token_kl_next_to_the_cross_entropy(bench, tmp_path):
+    from potstill.config import validate_recipe
+
+    args = _args(tmp_path, records=4, budget=2.0, free=False)
+    for row in ("ftkl", "ftkl_cached"):
+        raw = bench._recipe(args, row, 0)
+        assert raw["objectives"] == [{"name": "first_token_kl"}] and raw["trainer"]["hard_label_weight"] == 1.0
+        assert validate_recipe(raw).objectives[0].name == "first_token_kl"
+    assert bench._recipe(args, "sft", 0)["objectives"] == []
