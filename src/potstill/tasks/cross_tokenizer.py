@@ -43,7 +43,7 @@ from potstill.data.cross_tokenizer import PairedEncoder
 from potstill.data.lm_records import tokenizer_fingerprint, tokenizer_name
 from potstill.data.token_alignment import first_token_map, matched_ids, merge_spans, vocab_mapping
 from potstill.errors import UserError
-from potstill.losses.catalogue import CROSS_TOKENIZER_OBJECTIVES as CROSS_OBJECTIVES
+from potstill.losses.catalogue import CROSS_TOKENIZER_OBJECTIVES
 from potstill.losses.sparse import TopKTeacher
 from potstill.signals import SpanLogits
 from potstill.students.tokenizer import BPE_PREFIX, bpe_vocab_size, train_byte_level_bpe
@@ -98,12 +98,12 @@ def cross_tokenizer_for(recipe: Recipe, tokenizer: Any, device: torch.device, *,
     if own is None or tokenizer_fingerprint(own[0]) == tokenizer_fingerprint(tokenizer):
         return None
     student_tok, field = own
-    others = [o.name for o in recipe.objectives if o.name not in CROSS_OBJECTIVES]
+    others = [o.name for o in recipe.objectives if o.name not in CROSS_TOKENIZER_OBJECTIVES]
     if others:
         raise UserError(f"field {field}: the student's tokenizer {tokenizer_name(student_tok)} differs from the "
                         f"teacher's {tokenizer_name(tokenizer)}; cross-tokenizer distillation is not supported by "
                         f"{', '.join(others)}: teacher and student must share one tokenizer, or use the objectives "
-                        f"{' / '.join(CROSS_OBJECTIVES)} only")
+                        f"{' / '.join(CROSS_TOKENIZER_OBJECTIVES)} only")
     return CrossTokenizer(recipe, tokenizer, student_tok, device)
 
 
