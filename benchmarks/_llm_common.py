@@ -197,11 +197,11 @@ def tiny_llama_teacher(folder: Path, *, layers: int, max_positions: int) -> Path
     return folder
 
 
-
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """`rows` as JSON lines (UTF-8, the folder made first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
 
 def write_bbc_prompt_records(path: Path, shape: dict[str, int]) -> None:
     """`shape["records"]` BBC training articles as prompt / completion JSONL in SmolLM2's tokens (the first

@@ -20,7 +20,7 @@ from .divergences import (
     tvd,
 )
 from .embedding import embedding_cosine, embedding_mse, embedding_similarity_kl
-from .first_token_kl import first_token_kl
+from .first_token_kl import first_token_kl, first_token_kl_topk
 from .further_pretraining import further_pretraining_sd
 from .intermediate import AttentionMSE, DMAEAlign, HiddenCosine, HiddenMSE, SquareHead
 from .logit_standardization import logit_std_js, logit_std_kd
@@ -35,6 +35,7 @@ from .self_judge import self_judge
 from .sinkhorn import sinkhorn
 from .taid import TAID
 from .uld import gold, uld
+from .uld_topk import gold_topk, uld_topk
 from .vl2v_adip import vl2v_adip
 from .vlm_ood import vlm_ood_coherence, vlm_ood_label_ce, vlm_ood_visual_contrastive, vlm_ood_visual_mse
 from .vqgraph import vqgraph_code_kl
@@ -53,8 +54,10 @@ KINDS = ("logits", "preference", "demo_sets", "router", "scores", "embedding", "
 INTERNAL_KINDS = ("hidden_states", "attention")
 # Kinds that read the student's signal only: they need no teacher logits (a top-k teacher cache serves them).
 STUDENT_ONLY_KINDS = ("router",)
-# Logit objectives that compare two vocabularies on aligned spans of text (a cross-tokenizer causal_lm run).
-CROSS_TOKENIZER_OBJECTIVES = ("uld", "gold", "first_token_kl")
+# Logit objectives that compare two vocabularies on aligned spans of text (a cross-tokenizer causal_lm run), each
+# with its form against a cached top-k teacher (`teacher.cache`), which the objective switches to.
+CROSS_TOKENIZER_OBJECTIVES: dict[str, Callable] = {"uld": uld_topk, "gold": gold_topk,
+                                                   "first_token_kl": first_token_kl_topk}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ the full vocabulary) and `teacher_vocab` (V_t). Float32 throughout.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -175,5 +174,3 @@ def gold_topk(
                       student_log_scale=student_log_scale, teacher_log_scale=teacher_log_scale, mask=mask,
                       labels=labels, reduction=reduction, chunk_size=chunk_size)
 
-
-TOPK_FORMS: dict[str, Callable[..., Tensor]] = {"uld": uld_topk, "gold": gold_topk}  # by objective name

@@ -9,8 +9,8 @@ parameters. `Objective.__call__` picks the form the signals call for, one typed 
   never builds the student's full logits;
 - a cached top-k teacher (`TopKTeacher`) takes the sparse form over the teacher's top-k ids plus a tail bucket;
 - aligned spans of two tokenizers (`SpanLogits`, cross-tokenizer runs) go to uld / gold with their merge factors,
-  or to first_token_kl with the teacher's first-token map (their top-k forms, `potstill.losses.uld_topk` and
-  `first_token_kl_topk`, when the teacher's spans come from a cache);
+  or to first_token_kl with the teacher's first-token map (their top-k forms, `CROSS_TOKENIZER_OBJECTIVES[name]`,
+  when the teacher's spans come from a cache);
 - otherwise the loss itself, on the main signal.
 
 The protocols below are structural: the losses satisfy them by having the methods, without importing this file.
@@ -28,16 +28,12 @@ from torch import nn
 
 from potstill.errors import UserError
 from potstill.losses.catalogue import CROSS_TOKENIZER_OBJECTIVES, get_objective
-from potstill.losses.first_token_kl import first_token_kl_topk
 from potstill.losses.fused import FUSED_DIVERGENCES, LMHeadInputs, fused_linear_divergence
 from potstill.losses.sparse import TopKTeacher, sparse_version
-from potstill.losses.uld_topk import TOPK_FORMS
 from potstill.signals import Signal, Signals, SpanLogits
 
 if TYPE_CHECKING:
     from potstill.tasks.base import Task
-
-SPAN_TOPK_FORMS: dict[str, Callable[..., torch.Tensor]] = {**TOPK_FORMS, "first_token_kl": first_token_kl_topk}
 
 
 @runtime_checkable
@@ -151,8 +147,8 @@ class Objective:
             kwargs.update(student_log_scale=student.log_scale, teacher_log_scale=teacher.log_scale)
         if isinstance(teacher.logits, TopKTeacher):  # a cached teacher: the objective's top-k form
             kwargs.pop("teacher_temperature", None)  # the cache's, checked against it at set-up
-            return SPAN_TOPK_FORMS[self.name](student.logits, teacher.logits, teacher_vocab=teacher.vocab,
-                                              reduction="sum", **kwargs)
+            return CROSS_TOKENIZER_OBJECTIVES[self.name](student.logits, teacher.logits, teacher_vocab=teacher.vocab,
+                                                         reduction="sum", **kwargs)
         return self.fn(student.logits, teacher.logits, reduction="sum", **kwargs)
 
     def _sparse(self) -> Callable[..., torch.Tensor]:
