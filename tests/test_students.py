@@ -357,3 +357,44 @@ def test_real_minilm_student_and_sentence_transformer(tmp_path):
     got = SentenceTransformer(str(path), device="cpu").encode(sentences, convert_to_tensor=True)
     expected = torch.nn.functional.normalize(_mean_pool(student, tokenizer, sentences), dim=-1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_set_dropout_makes_a_training_student_deterministic():
+    from potstill.students.build import set_dropout
+
+    student = layers_from_teacher(tiny_bert(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3), [0, 3])
+    student.train()
+    ids, mask = _inputs()
+    assert not torch.equal(_out(student, ids, mask), _out(student, ids, mask))  # dropout is on
+    assert set_dropout(student, 0.0) > 0
+    train_out = _out(student, ids, mask)
+    assert torch.equal(train_out, _out(student, ids, mask))
+    assert torch.allclose(train_out, _out(student.eval(), ids, mask), atol=1e-6)
+    assert student.config.hidden_dropout_prob == 0.0 and student.config.attention_probs_dropout_prob == 0.0
+
+
+def test_set_dropout_reaches_llama_attention_and_config():
+    from potstill.students.build import set_dropout
+
+    student = layers_from_teacher(tiny_llama(), [0, 2])
+    set_dropout(student, 0.25)
+    rates = [m.attention_dropout for m in student.modules() if isinstance(getattr(m, "attention_dropout", None),
+                                                                            float)]
+    assert len(rates) == 2 and all(r == 0.25 for r in rates)
+    assert student.config.attention_dropout == 0.25
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        set_dropout(student, 1.0)
+
+
+def test_build_student_applies_the_recipe_dropout():
+    from potstill.config import StudentConfig
+    from potstill.students.loading import build_student
+
+    teacher = tiny_bert()
+    default = build_student(StudentConfig(layers=[0, 1]), teacher, seed=0)
+    assert {m.p for m in default.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}  # the teacher's rate
+    student = build_student(StudentConfig(layers=[0, 1], dropout=0.05), teacher, seed=0)
+    assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {0.05}
+    assert {m.p for m in teacher.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}  # the teacher is untouched
+    with pytest.raises(ValueError, match="swiftkv has no dropout"):
+        StudentConfig(init="swiftkv", dropout=0.0)

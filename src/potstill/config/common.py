@@ -119,6 +119,9 @@ class StudentConfig(Strict):
                                    description="config overrides for from_config, e.g. {num_hidden_layers: 2}; for "
                                    "pruned the target dims: " + ", ".join(PRUNABLE_FIELDS) + "; for swiftkv "
                                    "cut_layer (default half the depth) and across_kv (default 1)")
+    dropout: float | None = Field(None, ge=0, lt=1, description="set every dropout rate of the student (hidden "
+                                  "states, attention; a LoRA adapter's own dropout aside) to this value; null "
+                                  "keeps the rates its init gives it (e.g. the teacher's config)")
     calibration_batches: int = Field(8, ge=1, description="init pruned: training batches the importance is "
                                      "averaged over (the first texts of data.train)")
     calibration_batch_size: int = Field(8, ge=1, description="init pruned: texts per calibration batch")
@@ -148,6 +151,9 @@ class StudentConfig(Strict):
             if unknown or not (self.config or self.layers):
                 raise ValueError(f"student.config for init pruned takes the target dims {', '.join(PRUNABLE_FIELDS)}"
                                  f"{'; got ' + ', '.join(unknown) if unknown else ' (give at least one)'}")
+        if self.dropout is not None and self.init in ("static", "swiftkv"):
+            raise SubFieldError(("dropout",), f"init {self.init} has no dropout of its own to set (static: no "
+                                "layers; swiftkv: the teacher's own frozen layers); remove student.dropout")
         if self.init == "swiftkv" and set(self.config) - {"cut_layer", "across_kv"}:
             raise ValueError(f"student.config for init swiftkv takes cut_layer and across_kv; got "
                              f"{', '.join(sorted(set(self.config) - {'cut_layer', 'across_kv'}))}")

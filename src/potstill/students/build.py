@@ -15,6 +15,10 @@ from potstill.errors import did_you_mean
 
 # Config attributes that may hold the number of layers (transformers maps most aliases to num_hidden_layers).
 _LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# Config fields that hold a dropout rate, across the common architectures (BERT, Llama, GPT-2, T5, BART, ...).
+DROPOUT_CONFIG_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout",
+                         "hidden_dropout", "activation_dropout", "dropout", "dropout_rate", "resid_pdrop",
+                         "embd_pdrop", "attn_pdrop")
 # Config lists with one entry per layer, sliced along with the layers.
 _PER_LAYER_LIST_ATTRS = ("layer_types", "no_rope_layers", "block_types", "attention_types_per_layer")
 
@@ -153,6 +157,31 @@ def layers_from_teacher(teacher: PreTrainedModel, layers: Sequence[int]) -> PreT
         student.generation_config = copy.deepcopy(teacher.generation_config)
     student.train()
     return student
+
+
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set every dropout rate of `model` to `p` in place; return how many modules and config fields changed.
+
+    Covers `nn.Dropout`-style modules (BERT and GPT-2 read their attention dropout from one), float
+    `attention_dropout` attributes (Llama-style attention reads that instead), and the config fields of
+    DROPOUT_CONFIG_FIELDS, so that a saved student records the rate it trained with. A LoRA adapter's own
+    dropout is added later and is not touched.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"a dropout rate is in [0, 1), got {p}")
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p, changed = p, changed + 1
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout, changed = p, changed + 1
+    config = getattr(model, "config", None)
+    for name in DROPOUT_CONFIG_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(config, name, p)
+            changed += 1
+    return changed
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
