@@ -398,3 +398,23 @@ def test_build_student_applies_the_recipe_dropout():
     assert {m.p for m in teacher.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}  # the teacher is untouched
     with pytest.raises(ValueError, match="swiftkv has no dropout"):
         StudentConfig(init="swiftkv", dropout=0.0)
+
+
+def test_a_student_of_its_own_model_type_takes_the_recipe_dropout():
+    from types import SimpleNamespace
+
+    from potstill.config import StudentConfig
+    from potstill.tasks.lm_models import build_text_student
+
+    class Tokenizer:
+        pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+        def __len__(self) -> int:
+            return 50
+
+    llama = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1}
+    cfg = StudentConfig(init="from_config", config=llama, dropout=0.2)
+    student = build_text_student(SimpleNamespace(student=cfg, seed=0), None, Tokenizer(), AutoModelForCausalLM)
+    assert student.config.attention_dropout == 0.2
+    assert [m.attention_dropout for m in student.modules() if hasattr(m, "attention_dropout")] == [0.2]

@@ -86,13 +86,19 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, *, seed: int, field_pr
     if not isinstance(student, nn.Module):
         raise UserError(f"field {field_prefix}.factory returned {type(student).__name__}, expected a torch.nn.Module")
     warn_if_deeper(student, teacher, field=f"{field_prefix}.init")
+    with_recipe_dropout(student, cfg)
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
+
+
+def with_recipe_dropout(student: nn.Module, cfg: StudentConfig) -> nn.Module:
+    """`student` with its dropout rates set to `student.dropout` when the recipe gives one (in place)."""
     if cfg.dropout is not None:
         from potstill.students.build import set_dropout
 
         set_dropout(student, cfg.dropout)
-    student.train()
-    for p in student.parameters():
-        p.requires_grad_(True)
     return student
 
 

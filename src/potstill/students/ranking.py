@@ -27,7 +27,7 @@ from potstill.encoder_inputs import encoder_inputs
 from potstill.errors import UserError
 from potstill.signals import RankingScores
 from potstill.students.encode import encode_texts, pool
-from potstill.students.loading import build_student, freeze_pooler, resolve_model_path
+from potstill.students.loading import build_student, freeze_pooler, resolve_model_path, with_recipe_dropout
 
 
 class DualEncoder(nn.Module):
@@ -197,7 +197,8 @@ def build_ranking_student(cfg: Any, ranking: Any, *, student_type: str, teacher:
         from potstill.students.splade_inference_free import InferenceFreeQuery
 
         if cfg.init == "pretrained":
-            student = splade_from_encoder(resolve_model_path(cfg.path, field="student.path"))
+            student = with_recipe_dropout(splade_from_encoder(resolve_model_path(cfg.path, field="student.path")),
+                                          cfg)
         elif teacher_type != "bi_encoder":
             raise UserError(f"field student.init: {cfg.init} builds a splade student from a bi-encoder teacher's "
                             f"encoder; the teacher here is a {teacher_type.replace('_', '-')}: use init: "
@@ -221,7 +222,7 @@ def build_ranking_student(cfg: Any, ranking: Any, *, student_type: str, teacher:
             student = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         except (OSError, ValueError) as exc:
             raise UserError(f"field student.path: cannot load a cross-encoder from {path}: {exc}") from None
-        return student.train()
+        return with_recipe_dropout(student, cfg).train()
     auto_cls = AutoModelForSequenceClassification if student_type == "cross_encoder" else AutoModel
     student = build_student(cfg, teacher, seed=seed, auto_cls=auto_cls)
     if student_type == "cross_encoder":

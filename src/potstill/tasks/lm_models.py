@@ -24,6 +24,7 @@ from potstill.config import Recipe
 from potstill.data.lm_records import tokenizer_name
 from potstill.errors import UserError
 from potstill.losses.fused import LMHeadInputs, fused_linear_cross_entropy
+from potstill.students.loading import with_recipe_dropout
 from potstill.students.pruning import Calibration
 from potstill.tasks.models import build_student, resolve_model_path
 
@@ -94,7 +95,7 @@ def build_text_student(recipe: Recipe, teacher: nn.Module | None, tokenizer: Any
         raise UserError(f"field student.config: cannot build the student: {exc}") from None
     for p in student.parameters():
         p.requires_grad_(True)
-    return student
+    return with_recipe_dropout(student, cfg)
 
 
 def pad_id_of(tokenizer: Any) -> int:
