@@ -494,3 +494,15 @@ def test_collection_file_and_query_level_relevance(tmp_path):
     raw["data"]["collection"] = {"path": str(bad)}
     with pytest.raises(UserError, match="data.collection: record 1"):
         build_task(validate_recipe(raw), run_dir=tmp_path / "r3").setup()
+
+
+def test_pretrained_cross_encoder_student_takes_the_recipe_dropout(tmp_path):
+    from potstill.config import StudentConfig
+    from potstill.students.ranking import build_ranking_student
+
+    folder = _tiny(tmp_path, "ce", cross=True, layers=1)  # saved with dropout 0
+    cfg = StudentConfig(init="pretrained", path=str(folder), dropout=0.3)
+    student = build_ranking_student(cfg, None, student_type="cross_encoder", teacher=None,
+                                    teacher_type="cross_encoder", tokenizer=None, seed=0)
+    assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert student.config.hidden_dropout_prob == 0.3 and student.training
